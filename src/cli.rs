@@ -1,0 +1,309 @@
+//! The command line: `sunopoll daemon`, the client commands, and `check-config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::client::{self, EXIT_REFUSED, EXIT_USAGE, Output};
+use crate::config::{Config, Environment};
+use crate::daemon::Daemon;
+use crate::protocol::{AddRequest, EventsRequest, Request, StatusRequest};
+
+/// Stands in for the Suno API's callbacks on hosts that cannot receive them: polls task state and
+/// delivers the text / first / complete / error events locally.
+#[derive(Debug, Parser)]
+#[command(name = "sunopoll", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every client command takes.
+#[derive(Debug, Clone, Args)]
+pub struct ClientOptions {
+    /// The daemon's control socket (default: $SUNOPOLL_SOCKET, the config's control.socket,
+    /// the per-user socket, then /run/sunopoll.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Read control.socket from this config file.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Print JSON for scripts instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which tasks `list` shows.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StateFilter {
+    /// Still being polled.
+    Active,
+    /// Completed.
+    Done,
+    /// Ended with an error.
+    Failed,
+    /// Removed with `sunopoll remove`.
+    Removed,
+    /// Everything.
+    All,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (systemd runs it so).
+    Daemon {
+        /// Config file (default: built-in defaults).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Start tracking task IDs (`-` reads IDs from standard input).
+    Add {
+        /// Task IDs as the API returned them.
+        #[arg(required = true, value_name = "TASK_ID")]
+        task_ids: Vec<String>,
+        /// Also deliver this task's events to this URL.
+        #[arg(long, value_name = "URL")]
+        callback_url: Option<String>,
+        /// A label shown in `list` and `show`.
+        #[arg(long, value_name = "TEXT")]
+        label: Option<String>,
+        /// Socket and output options.
+        #[command(flatten)]
+        opts: ClientOptions,
+    },
+    /// List tasks, newest first.
+    List {
+        /// Only tasks in this state.
+        #[arg(long, value_enum, default_value = "all")]
+        state: StateFilter,
+        /// Socket and output options.
+        #[command(flatten)]
+        opts: ClientOptions,
+    },
+    /// Show one task: its state, last status and events with their bodies.
+    Show {
+        /// The task.
+        task_id: String,
+        /// Socket and output options.
+        #[command(flatten)]
+        opts: ClientOptions,
+    },
+    /// Stop tracking a task (its events are kept).
+    Remove {
+        /// The task.
+        task_id: String,
+        /// Socket and output options.
+        #[command(flatten)]
+        opts: ClientOptions,
+    },
+    /// Print stored events; with --follow, keep printing new ones.
+    Events {
+        /// Keep the connection open and print events as they happen.
+        #[arg(long)]
+        follow: bool,
+        /// Only events after this sequence number.
+        #[arg(long, value_name = "SEQ")]
+        since: Option<i64>,
+        /// Only this task's events.
+        #[arg(long, value_name = "TASK_ID")]
+        task: Option<String>,
+        /// Socket and output options.
+        #[command(flatten)]
+        opts: ClientOptions,
+    },
+    /// Daemon health: queue depth, pause state, last API answer. Exits 1 when unhealthy.
+    Status {
+        /// Socket and output options.
+        #[command(flatten)]
+        opts: ClientOptions,
+    },
+    /// Check a config file (and say where the API key would come from). Exits 2 on problems.
+    CheckConfig {
+        /// Config file (default: check the built-in defaults).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// The binary's entry point.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = Environment::from_process();
+    match cli.command {
+        Command::Daemon { config } => run_daemon(config, &env),
+        Command::CheckConfig { config } => check_config(config, &env),
+        Command::Add {
+            task_ids,
+            callback_url,
+            label,
+            opts,
+        } => {
+            let task_ids = if task_ids == ["-"] {
+                match client::read_ids(std::io::stdin()) {
+                    Ok(ids) if !ids.is_empty() => ids,
+                    Ok(_) => {
+                        eprintln!("sunopoll: no task IDs on standard input");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                    Err(e) => {
+                        eprintln!("sunopoll: cannot read task IDs from standard input: {e}");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                }
+            } else {
+                task_ids
+            };
+            if let Err(e) = crate::protocol::check_task_ids(&task_ids) {
+                eprintln!("sunopoll: {}", e.message);
+                return ExitCode::from(EXIT_USAGE);
+            }
+            run_client(
+                &opts,
+                &env,
+                Request::Add(AddRequest {
+                    task_ids,
+                    callback_url,
+                    label,
+                }),
+            )
+        }
+        Command::List { state, opts } => {
+            let state = match state {
+                StateFilter::All => None,
+                s => Some(format!("{s:?}").to_lowercase()),
+            };
+            run_client(&opts, &env, client::list_request(state))
+        }
+        Command::Show { task_id, opts } => run_client(&opts, &env, client::show_request(task_id)),
+        Command::Remove { task_id, opts } => run_client(&opts, &env, client::remove_request(task_id)),
+        Command::Events {
+            follow,
+            since,
+            task,
+            opts,
+        } => run_client(
+            &opts,
+            &env,
+            Request::Events(EventsRequest {
+                since,
+                follow,
+                task_id: task,
+                limit: None,
+            }),
+        ),
+        Command::Status { opts } => run_client(&opts, &env, Request::Status(StatusRequest {})),
+    }
+}
+
+fn run_client(opts: &ClientOptions, env: &Environment, request: Request) -> ExitCode {
+    let config = match &opts.config {
+        Some(path) => match Config::load(Some(path), env) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("sunopoll: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => None,
+    };
+    let env_socket = std::env::var_os("SUNOPOLL_SOCKET")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let socket = client::find_socket(opts.socket.as_deref(), env_socket.as_deref(), config.as_ref(), env);
+    client::run(&socket, request, Output { json: opts.json })
+}
+
+fn check_config(path: Option<PathBuf>, env: &Environment) -> ExitCode {
+    match Config::load(path.as_deref(), env) {
+        Ok(config) => {
+            println!("{}", config.summary());
+            match config.api_key(env) {
+                Ok(_) => println!("api key: found"),
+                Err(e) => println!("api key: not available here ({e})"),
+            }
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sunopoll: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
+    let config = match Config::load(path.as_deref(), env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sunopoll: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let key = match config.api_key(env) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("sunopoll: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    crate::logging::init(&config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sunopoll: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    runtime.block_on(async move {
+        let signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                return ExitCode::from(EXIT_REFUSED);
+            }
+        };
+        let daemon = match Daemon::start(config, key, None).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("cannot start: {e:#}");
+                return ExitCode::from(EXIT_REFUSED);
+            }
+        };
+        let mut signals = signals;
+        let which = signals.next().await;
+        tracing::info!(signal = which, "received {which}");
+        tokio::select! {
+            () = daemon.shutdown() => ExitCode::SUCCESS,
+            again = signals.next() => {
+                tracing::warn!(signal = again, "second signal during shutdown; exiting at once");
+                ExitCode::from(EXIT_REFUSED)
+            }
+        }
+    })
+}
+
+/// SIGTERM and SIGINT, installed before the daemon reports itself ready.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}

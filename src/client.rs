@@ -1,0 +1,466 @@
+//! The CLI side of the control socket: find the socket, send one request, print the answer for
+//! a person (or as JSON with `--json`), and exit with the documented code.
+//!
+//! Deliberately synchronous (plain `std` sockets, no async runtime): a CLI call is one round
+//! trip, and starting no runtime keeps it fast.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::config::{Config, Environment, SYSTEM_SOCKET};
+use crate::protocol::{
+    ADD_BATCH, AddRequest, ErrorBody, EventsRequest, ListRequest, RemoveRequest, Request, ShowRequest,
+    StatusRequest,
+};
+
+/// Exit code: the daemon refused or failed the request (or reports itself unhealthy).
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit code: bad usage or configuration.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: the daemon could not be reached.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// How long to wait for an answer to an ordinary request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a client call failed.
+#[derive(Debug)]
+pub enum ClientError {
+    /// No daemon answers at the socket.
+    Unreachable(String),
+    /// The daemon answered with an error.
+    Refused(ErrorBody),
+    /// The answer made no sense, or the connection broke mid-answer.
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Unreachable(_) => EXIT_UNREACHABLE,
+            ClientError::Refused(_) | ClientError::Protocol(_) => EXIT_REFUSED,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Unreachable(m) | ClientError::Protocol(m) => f.write_str(m),
+            ClientError::Refused(e) => write!(f, "{} ({})", e.message, e.code),
+        }
+    }
+}
+
+/// A connection to the daemon.
+pub struct Connection {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    path: PathBuf,
+}
+
+impl Connection {
+    /// Connects to the daemon's socket.
+    pub fn open(path: &Path) -> Result<Connection, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    " (is the daemon running? start it with `sunopoll daemon`, or point --socket at its socket)"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    " (permission denied: for the system service, join the sunopoll-admin group)"
+                }
+                _ => "",
+            };
+            ClientError::Unreachable(format!(
+                "cannot reach the sunopoll daemon at {}: {e}{hint}",
+                path.display()
+            ))
+        })?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| ClientError::Unreachable(format!("{}: {e}", path.display())))?;
+        Ok(Connection {
+            reader: BufReader::new(stream),
+            writer,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Sends one request line.
+    pub fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+        self.writer
+            .write_all(request.to_line().as_bytes())
+            .map_err(|e| ClientError::Protocol(format!("cannot send to {}: {e}", self.path.display())))
+    }
+
+    /// Reads one response line; `None` at end of stream. `timeout` bounds the wait.
+    pub fn receive(&mut self, timeout: Option<Duration>) -> Result<Option<Value>, ClientError> {
+        let _ = self.reader.get_ref().set_read_timeout(timeout);
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(ClientError::Protocol(format!(
+                    "the daemon did not answer within {}",
+                    crate::clock::format_duration(timeout.unwrap_or_default())
+                )));
+            }
+            Err(e) => return Err(ClientError::Protocol(format!("reading the answer: {e}"))),
+        }
+        let value: Value = serde_json::from_str(&line)
+            .map_err(|e| ClientError::Protocol(format!("the daemon sent something that is not JSON: {e}")))?;
+        if value.get("ok") == Some(&Value::Bool(false)) {
+            let error: ErrorBody = serde_json::from_value(value["error"].clone()).unwrap_or_else(|_| {
+                ErrorBody::new("unknown", value["error"].to_string())
+            });
+            return Err(ClientError::Refused(error));
+        }
+        Ok(Some(value))
+    }
+
+    /// One request, one answer.
+    pub fn call(&mut self, request: &Request) -> Result<Value, ClientError> {
+        self.send(request)?;
+        self.receive(Some(ANSWER_TIMEOUT))?
+            .ok_or_else(|| ClientError::Protocol("the daemon closed the connection without answering".to_owned()))
+    }
+}
+
+/// Where the CLI looks for the daemon: `--socket`, then `$SUNOPOLL_SOCKET`, then the config
+/// file's `control.socket`, then the built-in default for this user, then the system service's
+/// socket. The first existing candidate among the defaults wins.
+pub fn find_socket(
+    explicit: Option<&Path>,
+    env_socket: Option<&Path>,
+    config: Option<&Config>,
+    env: &Environment,
+) -> PathBuf {
+    if let Some(p) = explicit.or(env_socket) {
+        return p.to_owned();
+    }
+    if let Some(c) = config.filter(|c| c.control.socket_configured) {
+        return c.control.socket.clone();
+    }
+    let candidates = [env.default_socket_path(), PathBuf::from(SYSTEM_SOCKET)];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| candidates[0].clone())
+}
+
+/// How a client command prints.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    /// Print JSON instead of text.
+    pub json: bool,
+}
+
+/// Runs one client command and returns the exit code.
+pub fn run(socket: &Path, request: Request, out: Output) -> ExitCode {
+    let result = match request {
+        Request::Add(req) => add(socket, req, out),
+        Request::Events(req) if req.follow => follow(socket, req, out),
+        Request::Events(req) => events(socket, req, out),
+        Request::Status(req) => status(socket, req, out),
+        other => Connection::open(socket).and_then(|mut c| c.call(&other)).map(|v| {
+            print_answer(&other, &v, out);
+            0
+        }),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("sunopoll: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
+    let mut conn = Connection::open(socket)?;
+    let (mut added, mut existing) = (0u64, 0u64);
+    let mut all = Vec::new();
+    for chunk in req.task_ids.chunks(ADD_BATCH) {
+        let answer = conn.call(&Request::Add(AddRequest {
+            task_ids: chunk.to_vec(),
+            callback_url: req.callback_url.clone(),
+            label: req.label.clone(),
+        }))?;
+        added += answer["added"].as_u64().unwrap_or(0);
+        existing += answer["existing"].as_u64().unwrap_or(0);
+        if let Some(tasks) = answer["tasks"].as_array() {
+            all.extend(tasks.iter().cloned());
+        }
+    }
+    if out.json {
+        println!("{}", serde_json::json!({"ok": true, "added": added, "existing": existing, "tasks": all}));
+        return Ok(0);
+    }
+    for t in &all {
+        let id = t["task_id"].as_str().unwrap_or("?");
+        match t["result"].as_str() {
+            Some("added") => println!("added     {id}"),
+            Some("readded") => println!("re-added  {id}"),
+            _ => println!(
+                "known     {id}  ({}{})",
+                t["state"].as_str().unwrap_or("?"),
+                t["stage"].as_str().map(|s| format!(", last event {s}")).unwrap_or_default()
+            ),
+        }
+    }
+    if all.len() > 1 {
+        println!("{added} added, {existing} already known");
+    }
+    Ok(0)
+}
+
+fn events(socket: &Path, mut req: EventsRequest, out: Output) -> Result<u8, ClientError> {
+    let mut conn = Connection::open(socket)?;
+    loop {
+        let answer = conn.call(&Request::Events(req.clone()))?;
+        let list = answer["events"].as_array().cloned().unwrap_or_default();
+        for ev in &list {
+            print_event(ev, out);
+            req.since = ev["seq"].as_i64().or(req.since);
+        }
+        if answer["more"] != Value::Bool(true) || list.is_empty() {
+            return Ok(0);
+        }
+    }
+}
+
+fn follow(socket: &Path, req: EventsRequest, out: Output) -> Result<u8, ClientError> {
+    let mut conn = Connection::open(socket)?;
+    conn.send(&Request::Events(req))?;
+    while let Some(line) = conn.receive(None)? {
+        print_event(&line["event"], out);
+        let _ = std::io::stdout().flush();
+    }
+    Err(ClientError::Unreachable("the daemon closed the event stream (it is stopping)".to_owned()))
+}
+
+fn status(socket: &Path, req: StatusRequest, out: Output) -> Result<u8, ClientError> {
+    let v = Connection::open(socket)?.call(&Request::Status(req))?;
+    let healthy = v["healthy"] == Value::Bool(true);
+    if out.json {
+        println!("{v}");
+    } else {
+        print_status(&v);
+    }
+    Ok(if healthy { 0 } else { EXIT_REFUSED })
+}
+
+fn print_event(ev: &Value, out: Output) {
+    if out.json {
+        println!("{ev}");
+        return;
+    }
+    let tracks = ev["body"]["data"]["data"].as_array().map_or(0, Vec::len);
+    let msg = ev["body"]["msg"].as_str().unwrap_or("");
+    println!(
+        "#{:<6} {}  {}  {:<8} {}  {}",
+        ev["seq"],
+        ev["created_at"].as_str().unwrap_or("?"),
+        ev["task_id"].as_str().unwrap_or("?"),
+        ev["stage"].as_str().unwrap_or("?"),
+        ev["code"],
+        if ev["stage"] == "error" {
+            crate::api::clip(msg, 120)
+        } else {
+            format!("{tracks} track{}", if tracks == 1 { "" } else { "s" })
+        }
+    );
+}
+
+fn field<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("-")
+}
+
+fn print_answer(request: &Request, v: &Value, out: Output) {
+    if out.json {
+        println!("{v}");
+        return;
+    }
+    match request {
+        Request::List(_) => {
+            let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+            if tasks.is_empty() {
+                println!("no tasks");
+                return;
+            }
+            println!(
+                "{:<34} {:<8} {:<9} {:<22} {:<21} LABEL",
+                "TASK ID", "STATE", "STAGE", "LAST STATUS", "NEXT POLL"
+            );
+            for t in tasks {
+                println!(
+                    "{:<34} {:<8} {:<9} {:<22} {:<21} {}",
+                    field(&t, "task_id"),
+                    field(&t, "state"),
+                    field(&t, "stage"),
+                    field(&t, "last_status"),
+                    field(&t, "next_poll_at"),
+                    t["label"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Request::Show(_) => {
+            let t = &v["task"];
+            for (name, key) in [
+                ("task", "task_id"),
+                ("state", "state"),
+                ("last event", "stage"),
+                ("last status", "last_status"),
+                ("polls", "polls"),
+                ("added", "added_at"),
+                ("next poll", "next_poll_at"),
+                ("deadline", "deadline_at"),
+                ("finished", "finished_at"),
+                ("callback url", "callback_url"),
+                ("label", "label"),
+                ("last error", "last_error"),
+            ] {
+                let value = match &t[key] {
+                    Value::Null => continue,
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                println!("{name:<13} {value}");
+            }
+            let events = v["events"].as_array().cloned().unwrap_or_default();
+            println!("events        {}", events.len());
+            for ev in events {
+                println!();
+                print_event(&ev, Output { json: false });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&ev["body"]).unwrap_or_default()
+                );
+            }
+        }
+        Request::Remove(_) => {
+            let id = field(v, "task_id");
+            if v["removed"] == Value::Bool(true) {
+                println!("removed {id}; it is no longer polled (its events are kept)");
+            } else {
+                println!("{id} was already {}; nothing to do", field(v, "was"));
+            }
+        }
+        _ => println!("{v}"),
+    }
+}
+
+fn print_status(v: &Value) {
+    let healthy = v["healthy"] == Value::Bool(true);
+    println!(
+        "sunopoll {} — {}",
+        field(v, "version"),
+        if healthy { "healthy" } else { "UNHEALTHY" }
+    );
+    for p in v["problems"].as_array().into_iter().flatten() {
+        println!("  problem: {}", p.as_str().unwrap_or(""));
+    }
+    let poll = &v["poll"];
+    let state = field(poll, "state");
+    match state {
+        "polling" => println!(
+            "polling:      yes ({} in flight, {} requests since start)",
+            poll["in_flight"], poll["requests"]
+        ),
+        _ => println!(
+            "polling:      {state} — {} (pause #{}, until {}): {}",
+            field(poll, "pause_kind"),
+            poll["pause_attempt"],
+            field(poll, "paused_until"),
+            field(poll, "pause_cause")
+        ),
+    }
+    println!(
+        "last answer:  {} at {}",
+        field(poll, "last_answer"),
+        field(poll, "last_answer_at")
+    );
+    let t = &v["tasks"];
+    println!(
+        "tasks:        {} active, {} done, {} failed, {} removed",
+        t["active"], t["done"], t["failed"], t["removed"]
+    );
+    println!("events:       {} stored, last #{}", t["events"], t["last_seq"]);
+    println!("started:      {}", field(v, "started_at"));
+    println!("store:        {}", field(v, "store"));
+    println!("socket:       {}", field(v, "socket"));
+    println!(
+        "config:       {}",
+        v["config"].as_str().unwrap_or("built-in defaults")
+    );
+}
+
+/// Reads task IDs from standard input (for `sunopoll add -`): separated by whitespace or commas.
+pub fn read_ids(input: impl Read) -> std::io::Result<Vec<String>> {
+    let mut text = String::new();
+    BufReader::new(input).read_to_string(&mut text)?;
+    Ok(text
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Builds the request for a `list`.
+pub fn list_request(state: Option<String>) -> Request {
+    Request::List(ListRequest { state, limit: None })
+}
+
+/// Builds the request for a `show`.
+pub fn show_request(task_id: String) -> Request {
+    Request::Show(ShowRequest { task_id })
+}
+
+/// Builds the request for a `remove`.
+pub fn remove_request(task_id: String) -> Request {
+    Request::Remove(RemoveRequest { task_id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_from_stdin_split_on_whitespace_and_commas() {
+        let ids = read_ids(&b"a1 b2\nc3,d4\n\n"[..]).expect("read");
+        assert_eq!(ids, ["a1", "b2", "c3", "d4"]);
+    }
+
+    #[test]
+    fn socket_search_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = Environment {
+            uid: 1000,
+            xdg_runtime_dir: Some(dir.path().to_owned()),
+            ..Environment::default()
+        };
+        let explicit = Path::new("/x/explicit.sock");
+        let from_env = Path::new("/x/env.sock");
+        assert_eq!(find_socket(Some(explicit), Some(from_env), None, &env), explicit);
+        assert_eq!(find_socket(None, Some(from_env), None, &env), from_env);
+        let mut config = Config::defaults(&env);
+        config.control.socket = "/x/config.sock".into();
+        config.control.socket_configured = true;
+        assert_eq!(find_socket(None, None, Some(&config), &env), Path::new("/x/config.sock"));
+        // Nothing exists: the per-user default (unless the system socket exists on this host).
+        let found = find_socket(None, None, None, &env);
+        let user = dir.path().join("sunopoll.sock");
+        assert!(found == user || found == Path::new(SYSTEM_SOCKET));
+        std::fs::write(&user, "").expect("touch");
+        assert_eq!(find_socket(None, None, None, &env), user);
+    }
+}

@@ -1,0 +1,39 @@
+//! sunopoll stands in for the Suno API's HTTP callbacks on hosts that cannot receive them.
+//!
+//! Applications hand it task IDs over a local Unix socket; it keeps them in a durable SQLite
+//! queue, polls the API's record-info endpoint, and turns what it sees into exactly the
+//! `text` / `first` / `complete` / `error` events a callback would have delivered.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file, defaults, and where the API key comes from.
+//! - [`api`]: the record-info client and the pure [`api::classify`] of its answers.
+//! - [`events`]: the pure mapping from an answer to callback events.
+//! - [`store`]: the SQLite queue, owned by one thread, with group commit.
+//! - [`scheduler`]: the polling loop, the global pause, and the pure [`scheduler::decide`].
+//! - [`control`]: the Unix socket server; [`protocol`]: its requests and answers.
+//! - [`client`]: the CLI side of the socket; [`cli`]: the command line.
+//! - [`housekeeping`]: pruning on a cron schedule.
+//! - [`daemon`]: wiring it all together, start-up and shutdown.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod events;
+pub mod housekeeping;
+pub mod logging;
+pub mod protocol;
+pub mod scheduler;
+pub mod store;
+
+/// This build's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The `User-Agent` of every request sunopoll makes.
+pub const USER_AGENT: &str = concat!("sunopoll/", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,456 @@
+//! The control protocol, shared by the daemon and the CLI: newline-delimited JSON over a Unix
+//! socket, one request object per line and one response object per line.
+//!
+//! ```text
+//! → {"cmd":"add","task_ids":["5c79…"],"callback_url":"http://127.0.0.1:3000/suno","label":"demo"}
+//! ← {"ok":true,"tasks":[{"task_id":"5c79…","result":"added","state":"active",…}]}
+//! ← {"ok":false,"error":{"code":"invalid_task_id","message":"…"}}
+//! ```
+//!
+//! `events` with `"follow":true` answers with one `{"ok":true,"event":{…}}` line per event, for
+//! as long as the client stays connected.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::events::Stage;
+
+/// Longest request line accepted. A batch of ~1 800 32-character IDs fits; the CLI splits larger
+/// batches. Anything longer is a mistake or an attack, and is refused before it costs memory.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Task IDs per `add` request that the CLI sends at once (well under [`MAX_LINE`]).
+pub const ADD_BATCH: usize = 1000;
+
+/// Longest task ID accepted (real ones are 32 hex characters).
+pub const MAX_TASK_ID: usize = 128;
+
+/// Longest label accepted.
+pub const MAX_LABEL: usize = 256;
+
+/// Longest per-task callback URL accepted.
+pub const MAX_URL: usize = 2048;
+
+/// Every command the daemon understands.
+pub const COMMANDS: &[&str] = &["add", "list", "show", "remove", "events", "status"];
+
+/// `add`: start tracking one or more task IDs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddRequest {
+    /// The IDs, as the API returned them.
+    pub task_ids: Vec<String>,
+    /// Also deliver this task's events to this URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    /// A free-text label shown in `list` and `show`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// `list`: tasks, optionally filtered by state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListRequest {
+    /// `active`, `done`, `failed`, `removed` or `all` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// At most this many (the most recently added first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// `show`: one task with its events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShowRequest {
+    /// The task.
+    pub task_id: String,
+}
+
+/// `remove`: stop tracking a task; its events are kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveRequest {
+    /// The task.
+    pub task_id: String,
+}
+
+/// `events`: the event log, optionally followed live.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsRequest {
+    /// Only events with a sequence number above this. Without it, `follow` starts at the newest
+    /// event and a one-off listing starts at the beginning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    /// Keep the connection open and stream new events as they happen.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow: bool,
+    /// Only this task's events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// At most this many events in a one-off listing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// `status`: daemon health.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {}
+
+/// A request, as sent on the wire (`{"cmd": "...", ...}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// See [`AddRequest`].
+    Add(AddRequest),
+    /// See [`ListRequest`].
+    List(ListRequest),
+    /// See [`ShowRequest`].
+    Show(ShowRequest),
+    /// See [`RemoveRequest`].
+    Remove(RemoveRequest),
+    /// See [`EventsRequest`].
+    Events(EventsRequest),
+    /// See [`StatusRequest`].
+    Status(StatusRequest),
+}
+
+/// Why a request line was refused. `code` is stable for scripts; `message` is for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable identifier, e.g. `invalid_json`, `invalid_task_id`, `not_found`.
+    pub code: String,
+    /// What went wrong, in words.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// Builds an error body.
+    pub fn new(code: &str, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// The response line for this error.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::json!({"ok": false, "error": self}).to_string();
+        s.push('\n');
+        s
+    }
+}
+
+impl Request {
+    /// Parses one request line (without its newline). Every refusal says what was wrong.
+    pub fn parse(line: &[u8]) -> Result<Request, ErrorBody> {
+        let text = std::str::from_utf8(line)
+            .map_err(|e| ErrorBody::new("invalid_json", format!("the request is not UTF-8 ({e})")))?;
+        let mut value: Value = serde_json::from_str(text)
+            .map_err(|e| ErrorBody::new("invalid_json", format!("the request is not valid JSON: {e}")))?;
+        let Some(obj) = value.as_object_mut() else {
+            return Err(ErrorBody::new(
+                "bad_request",
+                "the request must be a JSON object like {\"cmd\":\"status\"}",
+            ));
+        };
+        let cmd = match obj.remove("cmd") {
+            Some(Value::String(s)) => s,
+            Some(_) => return Err(ErrorBody::new("bad_request", "`cmd` must be a string")),
+            None => {
+                return Err(ErrorBody::new(
+                    "bad_request",
+                    format!("the request has no `cmd`; commands: {}", COMMANDS.join(", ")),
+                ));
+            }
+        };
+        fn body<T: serde::de::DeserializeOwned>(cmd: &str, v: Value) -> Result<T, ErrorBody> {
+            serde_json::from_value(v)
+                .map_err(|e| ErrorBody::new("bad_request", format!("bad `{cmd}` request: {e}")))
+        }
+        Ok(match cmd.as_str() {
+            "add" => Request::Add(body(&cmd, value)?),
+            "list" => Request::List(body(&cmd, value)?),
+            "show" => Request::Show(body(&cmd, value)?),
+            "remove" => Request::Remove(body(&cmd, value)?),
+            "events" => Request::Events(body(&cmd, value)?),
+            "status" => Request::Status(body(&cmd, value)?),
+            other => {
+                return Err(ErrorBody::new(
+                    "unknown_command",
+                    format!(
+                        "unknown command {:?}; commands: {}",
+                        crate::api::clip(other, 64),
+                        COMMANDS.join(", ")
+                    ),
+                ));
+            }
+        })
+    }
+
+    /// The request as one line, newline included.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("requests always serialise");
+        s.push('\n');
+        s
+    }
+}
+
+/// Checks one task ID: non-empty, at most [`MAX_TASK_ID`] characters of `[A-Za-z0-9_-]`.
+pub fn check_task_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("\"\" is empty".to_owned());
+    }
+    let shown = || format!("\"{}\"", crate::api::clip(&id.escape_debug().to_string(), 48));
+    if id.chars().count() > MAX_TASK_ID {
+        return Err(format!("{} is longer than {MAX_TASK_ID} characters", shown()));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(format!(
+            "{} contains {:?} (allowed: letters, digits, '-' and '_')",
+            shown(),
+            c
+        ));
+    }
+    Ok(())
+}
+
+/// Checks every ID and names each bad one in a single error.
+pub fn check_task_ids(ids: &[String]) -> Result<(), ErrorBody> {
+    if ids.is_empty() {
+        return Err(ErrorBody::new("invalid_task_id", "no task IDs given"));
+    }
+    let bad: Vec<String> = ids.iter().filter_map(|id| check_task_id(id).err()).collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = bad.iter().take(20).map(String::as_str).collect();
+    let more = if bad.len() > 20 {
+        format!("; and {} more", bad.len() - 20)
+    } else {
+        String::new()
+    };
+    Err(ErrorBody::new(
+        "invalid_task_id",
+        format!(
+            "{} bad task ID{}: {}{more}",
+            bad.len(),
+            if bad.len() == 1 { "" } else { "s" },
+            shown.join("; ")
+        ),
+    ))
+}
+
+/// Checks a label: at most [`MAX_LABEL`] characters and no control characters (so it cannot
+/// forge lines in logs or in `list`).
+pub fn check_label(label: &str) -> Result<(), ErrorBody> {
+    if label.chars().count() > MAX_LABEL {
+        return Err(ErrorBody::new(
+            "invalid_label",
+            format!("the label is longer than {MAX_LABEL} characters"),
+        ));
+    }
+    if label.chars().any(char::is_control) {
+        return Err(ErrorBody::new(
+            "invalid_label",
+            "the label contains control characters (newlines, tabs, escapes)",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a per-task callback URL: absolute `http`/`https`, at most [`MAX_URL`] characters.
+pub fn check_callback_url(url: &str) -> Result<(), ErrorBody> {
+    let bad = |why: String| ErrorBody::new("invalid_callback_url", why);
+    if url.len() > MAX_URL {
+        return Err(bad(format!("the callback URL is longer than {MAX_URL} characters")));
+    }
+    match url::Url::parse(url) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => Ok(()),
+        Ok(u) => Err(bad(format!(
+            "the callback URL must be http:// or https://, not {}:",
+            u.scheme()
+        ))),
+        Err(e) => Err(bad(format!(
+            "\"{}\" is not a URL: {e}",
+            crate::api::clip(&url.escape_debug().to_string(), 80)
+        ))),
+    }
+}
+
+/// A task's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Being polled.
+    Active,
+    /// Reached `complete`.
+    Done,
+    /// Ended with `error`.
+    Failed,
+    /// Removed by `sunopoll remove`; its events are kept.
+    Removed,
+}
+
+impl TaskState {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Active => "active",
+            TaskState::Done => "done",
+            TaskState::Failed => "failed",
+            TaskState::Removed => "removed",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<TaskState> {
+        [
+            TaskState::Active,
+            TaskState::Done,
+            TaskState::Failed,
+            TaskState::Removed,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
+    }
+}
+
+/// A task as `list`, `show` and `add` report it. Times are RFC 3339 UTC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    /// The API's task ID.
+    pub task_id: String,
+    /// Lifecycle state.
+    pub state: TaskState,
+    /// The last stage emitted, if any.
+    pub stage: Option<Stage>,
+    /// The status record-info last reported.
+    pub last_status: Option<String>,
+    /// The last problem polling this task, if the last poll had one.
+    pub last_error: Option<String>,
+    /// Polls made for this task.
+    pub polls: i64,
+    /// When it was added.
+    pub added_at: String,
+    /// When its row last changed.
+    pub updated_at: String,
+    /// When it will next be polled (active tasks only).
+    pub next_poll_at: Option<String>,
+    /// When it will be given up with a 408 `error`.
+    pub deadline_at: String,
+    /// When it ended (done, failed or removed).
+    pub finished_at: Option<String>,
+    /// Per-task callback URL.
+    pub callback_url: Option<String>,
+    /// Free-text label.
+    pub label: Option<String>,
+}
+
+/// One stored event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventView {
+    /// Sequence number: increasing, never reused.
+    pub seq: i64,
+    /// The task.
+    pub task_id: String,
+    /// The stage.
+    pub stage: Stage,
+    /// The callback `code`.
+    pub code: i64,
+    /// When it was stored (RFC 3339 UTC).
+    pub created_at: String,
+    /// The exact callback body, as JSON.
+    pub body: Box<serde_json::value::RawValue>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let reqs = [
+            Request::Add(AddRequest {
+                task_ids: vec!["a".into(), "b".into()],
+                callback_url: Some("http://127.0.0.1:1/x".into()),
+                label: Some("l".into()),
+            }),
+            Request::List(ListRequest {
+                state: Some("active".into()),
+                limit: None,
+            }),
+            Request::Show(ShowRequest { task_id: "a".into() }),
+            Request::Remove(RemoveRequest { task_id: "a".into() }),
+            Request::Events(EventsRequest {
+                since: Some(3),
+                follow: true,
+                task_id: None,
+                limit: None,
+            }),
+            Request::Status(StatusRequest {}),
+        ];
+        for r in reqs {
+            let line = r.to_line();
+            assert!(line.ends_with('\n'));
+            assert_eq!(Request::parse(line.trim_end().as_bytes()), Ok(r));
+        }
+        assert_eq!(
+            Request::Status(StatusRequest {}).to_line(),
+            "{\"cmd\":\"status\"}\n"
+        );
+    }
+
+    #[test]
+    fn bad_lines_get_clear_errors() {
+        let code = |line: &[u8]| Request::parse(line).expect_err("should fail").code;
+        assert_eq!(code(b"\xff\xfe"), "invalid_json");
+        assert_eq!(code(b"{not json"), "invalid_json");
+        assert_eq!(code(b"[1]"), "bad_request");
+        assert_eq!(code(b"{}"), "bad_request");
+        assert_eq!(code(br#"{"cmd":7}"#), "bad_request");
+        assert_eq!(code(br#"{"cmd":"fly"}"#), "unknown_command");
+        assert_eq!(code(br#"{"cmd":"add"}"#), "bad_request");
+        assert_eq!(code(br#"{"cmd":"add","task_id":"x"}"#), "bad_request");
+        assert_eq!(code(br#"{"cmd":"status","verbose":true}"#), "bad_request");
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(code(deep.as_bytes()), "invalid_json");
+    }
+
+    #[test]
+    fn task_ids_are_checked_and_each_bad_one_named() {
+        assert!(check_task_id("a3f9c2e17b4d4e8f9c0b5d6e7f8a9b10").is_ok());
+        assert!(check_task_id("A-b_9").is_ok());
+        assert!(check_task_id(&"x".repeat(128)).is_ok());
+        assert!(check_task_id(&"x".repeat(129)).is_err());
+        assert!(check_task_id("").is_err());
+        assert!(check_task_id("a b").is_err());
+        assert!(check_task_id("a\nINFO forged").is_err());
+        assert!(check_task_id("é").is_err());
+        let e = check_task_ids(&["ok1".into(), "bad one".into(), "".into(), "x/y".into()])
+            .expect_err("bad");
+        assert_eq!(e.code, "invalid_task_id");
+        assert!(e.message.starts_with("3 bad task IDs"), "{}", e.message);
+        for part in ["\"bad one\"", "\"\" is empty", "\"x/y\""] {
+            assert!(e.message.contains(part), "{}", e.message);
+        }
+        assert!(!e.message.contains('\n'));
+        assert!(check_task_ids(&[]).is_err());
+    }
+
+    #[test]
+    fn labels_and_urls() {
+        assert!(check_label("release 2 / take 3").is_ok());
+        assert!(check_label("a\nb").is_err());
+        assert!(check_label(&"x".repeat(300)).is_err());
+        assert!(check_callback_url("http://127.0.0.1:3000/suno").is_ok());
+        assert!(check_callback_url("ftp://x/y").is_err());
+        assert!(check_callback_url("not a url").is_err());
+    }
+}

@@ -1,0 +1,948 @@
+//! The durable queue: one SQLite database owned by one thread.
+//!
+//! Every read and write is a job sent to that thread. The thread takes whatever jobs are waiting,
+//! runs them in one transaction (each inside its own savepoint, so one failing job undoes only
+//! itself), commits once, and only then answers each caller. That is group commit: with
+//! `synchronous=FULL` every commit is an fsync, and sharing it between concurrent polls is what
+//! lets a small machine write thousands of results a second while an acknowledged `add` is
+//! still on disk before the caller hears "ok".
+//!
+//! The schedule is the `next_poll_at` column, not timers in memory, so 100 000 queued tasks cost
+//! disk, not RAM, and a restart resumes exactly where the last commit left off.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::format_utc;
+use crate::events::{NewEvent, Stage};
+use crate::protocol::{EventView, TaskState, TaskView};
+
+/// Jobs waiting for the store thread. Bounded so a flood of requests queues in the callers
+/// (as backpressure), not in memory here.
+const QUEUE: usize = 1024;
+
+/// Most jobs in one transaction. Large enough to share an fsync among a burst of polls, small
+/// enough that one commit never holds the thread for long.
+const MAX_BATCH: usize = 256;
+
+/// How long SQLite waits for a lock held by another process before failing.
+const BUSY_TIMEOUT_MS: u32 = 5000;
+
+/// The schema, one entry per version. `PRAGMA user_version` says how many have been applied.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE tasks (
+    id           TEXT PRIMARY KEY NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('active', 'done', 'failed', 'removed')),
+    stage        TEXT CHECK (stage IN ('text', 'first', 'complete', 'error')),
+    last_status  TEXT,
+    last_error   TEXT,
+    polls        INTEGER NOT NULL DEFAULT 0,
+    failures     INTEGER NOT NULL DEFAULT 0,
+    rejections   INTEGER NOT NULL DEFAULT 0,
+    added_at     INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    next_poll_at INTEGER NOT NULL,
+    deadline_at  INTEGER NOT NULL,
+    finished_at  INTEGER,
+    callback_url TEXT,
+    label        TEXT
+);
+CREATE INDEX tasks_due ON tasks (next_poll_at) WHERE state = 'active';
+CREATE INDEX tasks_finished ON tasks (finished_at) WHERE state <> 'active';
+CREATE TABLE events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id    TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    stage      TEXT NOT NULL CHECK (stage IN ('text', 'first', 'complete', 'error')),
+    code       INTEGER NOT NULL,
+    body       TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (task_id, stage)
+);
+CREATE TABLE gate (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    kind         TEXT NOT NULL,
+    attempt      INTEGER NOT NULL,
+    paused_until INTEGER NOT NULL,
+    since        INTEGER NOT NULL,
+    cause        TEXT NOT NULL
+);
+"];
+
+/// A store failure. Cloneable because one failed commit answers every job in its batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database said no.
+    #[error("store error: {0}")]
+    Sqlite(String),
+    /// The store could not be opened.
+    #[error("{0}")]
+    Open(String),
+    /// The store thread has stopped (the daemon is shutting down).
+    #[error("the store has shut down")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e.to_string())
+    }
+}
+
+/// The last store failure, for `status` and health checks.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    last_error: Mutex<Option<(i64, String)>>,
+}
+
+impl StoreHealth {
+    /// The last error and when it happened, if the last commit failed.
+    pub fn last_error(&self) -> Option<(i64, String)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, e: Option<&StoreError>) {
+        let mut slot = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = e.map(|e| (crate::clock::now_ms(), e.to_string()));
+    }
+}
+
+type Completion = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+
+/// A handle on the store thread. Cheap to clone; the thread stops when the last handle is gone.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    path: Arc<PathBuf>,
+    health: Arc<StoreHealth>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// What `add` did with one ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddResult {
+    /// New: it will be polled now.
+    Added,
+    /// It was removed earlier and is tracked again.
+    Readded,
+    /// Already known; nothing changed.
+    Exists,
+}
+
+/// A task as the scheduler needs it to decide what a poll means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRow {
+    /// The task ID.
+    pub id: String,
+    /// Lifecycle state.
+    pub state: TaskState,
+    /// Last stage emitted.
+    pub stage: Option<Stage>,
+    /// Last status seen.
+    pub last_status: Option<String>,
+    /// Consecutive broken answers.
+    pub failures: u32,
+    /// Consecutive rejections.
+    pub rejections: u32,
+    /// When it was added (Unix ms).
+    pub added_at: i64,
+    /// When it gives up (Unix ms).
+    pub deadline_at: i64,
+}
+
+/// The new state of a task after a poll, decided by the scheduler from a [`TaskRow`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskUpdate {
+    /// New lifecycle state.
+    pub state: TaskState,
+    /// Status to record as last seen (`None` keeps the old one).
+    pub last_status: Option<String>,
+    /// Problem to record (`None` clears it).
+    pub last_error: Option<String>,
+    /// Consecutive broken answers.
+    pub failures: u32,
+    /// Consecutive rejections.
+    pub rejections: u32,
+    /// Next poll (ignored unless active).
+    pub next_poll_at: i64,
+    /// Events to store, in order.
+    pub events: Vec<NewEvent>,
+}
+
+/// What a committed poll stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The update that was written.
+    pub update: TaskUpdate,
+    /// The task as it was before.
+    pub before: TaskRow,
+    /// Sequence numbers of the stored events, in the order of `update.events`.
+    pub seqs: Vec<i64>,
+}
+
+/// The earliest active tasks by `next_poll_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueRow {
+    /// The task ID.
+    pub id: String,
+    /// When it is due (Unix ms).
+    pub next_poll_at: i64,
+}
+
+/// Task counts by state, for `status` and start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counts {
+    /// Being polled.
+    pub active: i64,
+    /// Completed.
+    pub done: i64,
+    /// Failed.
+    pub failed: i64,
+    /// Removed.
+    pub removed: i64,
+    /// Events stored.
+    pub events: i64,
+    /// Highest event sequence number ever assigned.
+    pub last_seq: i64,
+}
+
+/// The persisted global pause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateRow {
+    /// `throttled`, `unavailable` or `unauthorized`.
+    pub kind: String,
+    /// Consecutive pauses.
+    pub attempt: u32,
+    /// Polling may resume (with one probe) at this time (Unix ms).
+    pub paused_until: i64,
+    /// When the first of these pauses began.
+    pub since: i64,
+    /// What the API said.
+    pub cause: String,
+}
+
+/// What housekeeping removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Tasks deleted.
+    pub tasks: usize,
+    /// Events deleted with them.
+    pub events: usize,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`, takes its lock so no second daemon can
+    /// use it, migrates the schema, and starts the store thread. Blocking: call it from
+    /// `spawn_blocking` or before the runtime is busy.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |what: String| StoreError::Open(format!("store {}: {what}", path.display()));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| open_err(format!("cannot create directory {}: {e}", dir.display())))?;
+        }
+        let lock = lock_store(path).map_err(open_err)?;
+        let conn = Connection::open(path).map_err(|e| open_err(format!("cannot open: {e}")))?;
+        configure(&conn).map_err(|e| open_err(explain_open_error(&e)))?;
+        migrate(&conn).map_err(open_err)?;
+
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let health = Arc::new(StoreHealth::default());
+        let thread_health = health.clone();
+        std::thread::Builder::new()
+            .name("sunopoll-store".to_owned())
+            .spawn(move || {
+                run_jobs(&conn, rx, &thread_health);
+                drop(conn);
+                drop(lock);
+            })
+            .map_err(|e| open_err(format!("cannot start the store thread: {e}")))?;
+        Ok(Store {
+            jobs: tx,
+            path: Arc::new(path.to_owned()),
+            health,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The last store error, if the last commit failed.
+    pub fn health(&self) -> &StoreHealth {
+        &self.health
+    }
+
+    /// Runs `f` on the store thread inside the next transaction and returns its result once
+    /// that transaction has committed. If `f` fails, its own writes are rolled back.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let done: Completion = Box::new(move |commit| {
+                let _ = tx.send(match commit {
+                    Ok(()) => result,
+                    Err(e) => Err(e.clone()),
+                });
+            });
+            (ok, done)
+        });
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Adds task IDs. Known IDs are left as they are (and reported); removed ones are tracked
+    /// again. New tasks are due at once.
+    pub async fn add(
+        &self,
+        ids: Vec<String>,
+        callback_url: Option<String>,
+        label: Option<String>,
+        now: i64,
+        deadline_after: i64,
+    ) -> Result<Vec<(AddResult, TaskView)>, StoreError> {
+        self.call(move |conn| {
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO tasks (id, state, added_at, updated_at, next_poll_at, deadline_at, callback_url, label)
+                 VALUES (?1, 'active', ?2, ?2, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
+            )?;
+            let mut readd = conn.prepare_cached(
+                "UPDATE tasks SET state = 'active', added_at = ?2, updated_at = ?2, next_poll_at = ?2,
+                        deadline_at = ?3, finished_at = NULL, failures = 0, rejections = 0, last_error = NULL,
+                        callback_url = COALESCE(?4, callback_url), label = COALESCE(?5, label)
+                 WHERE id = ?1 AND state = 'removed' AND (stage IS NULL OR stage IN ('text', 'first'))",
+            )?;
+            let deadline = now.saturating_add(deadline_after);
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
+                let result = if insert.execute(params![id, now, deadline, callback_url, label])? == 1 {
+                    AddResult::Added
+                } else if readd.execute(params![id, now, deadline, callback_url, label])? == 1 {
+                    AddResult::Readded
+                } else {
+                    AddResult::Exists
+                };
+                let view = task_view(conn, id)?.ok_or_else(|| StoreError::Sqlite(format!("task {id} vanished")))?;
+                out.push((result, view));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The first `limit` active tasks by `next_poll_at` (due or not), for the scheduler.
+    pub async fn due_window(&self, limit: usize) -> Result<Vec<DueRow>, StoreError> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, next_poll_at FROM tasks WHERE state = 'active'
+                 ORDER BY next_poll_at, id LIMIT ?1",
+            )?;
+            let rows = stmt
+                .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                    Ok(DueRow {
+                        id: r.get(0)?,
+                        next_poll_at: r.get(1)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Applies one poll's result to an active task: `decide` sees the task as stored now and
+    /// returns its new state and events, which are written in the same transaction. Returns
+    /// `None` (and writes nothing) if the task is no longer active, e.g. removed meanwhile.
+    pub async fn apply_poll<F>(&self, id: String, now: i64, decide: F) -> Result<Option<Applied>, StoreError>
+    where
+        F: FnOnce(&TaskRow) -> TaskUpdate + Send + 'static,
+    {
+        self.call(move |conn| {
+            let Some(before) = task_row(conn, &id)? else {
+                return Ok(None);
+            };
+            if before.state != TaskState::Active {
+                return Ok(None);
+            }
+            let update = decide(&before);
+            let mut stage = before.stage;
+            let mut seqs = Vec::with_capacity(update.events.len());
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO events (task_id, stage, code, body, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (task_id, stage) DO NOTHING",
+            )?;
+            for ev in &update.events {
+                if stage.is_some_and(|s| s >= ev.stage) {
+                    return Err(StoreError::Sqlite(format!(
+                        "refusing to store {} after {} for task {id}",
+                        ev.stage,
+                        stage.map_or("nothing", Stage::as_str)
+                    )));
+                }
+                if insert.execute(params![id, ev.stage.as_str(), ev.code, ev.body, now])? != 1 {
+                    return Err(StoreError::Sqlite(format!("task {id} already has a {} event", ev.stage)));
+                }
+                seqs.push(conn.last_insert_rowid());
+                stage = Some(ev.stage);
+            }
+            let finished = (update.state != TaskState::Active).then_some(now);
+            conn.prepare_cached(
+                "UPDATE tasks SET state = ?2, stage = ?3, last_status = COALESCE(?4, last_status), last_error = ?5,
+                        polls = polls + 1, failures = ?6, rejections = ?7, updated_at = ?8, next_poll_at = ?9,
+                        finished_at = ?10
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                update.state.as_str(),
+                stage.map(Stage::as_str),
+                update.last_status,
+                update.last_error,
+                update.failures,
+                update.rejections,
+                now,
+                update.next_poll_at,
+                finished,
+            ])?;
+            Ok(Some(Applied { update, before, seqs }))
+        })
+        .await
+    }
+
+    /// Tasks, newest first, optionally only those in `state`.
+    pub async fn list(&self, state: Option<TaskState>, limit: Option<u32>) -> Result<Vec<TaskView>, StoreError> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE (?1 IS NULL OR state = ?1) ORDER BY rowid DESC LIMIT ?2"
+            ))?;
+            let limit = limit.map_or(-1, i64::from);
+            let rows = stmt
+                .query_map(params![state.map(TaskState::as_str), limit], view_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// One task and its events, or `None` if it is unknown.
+    pub async fn show(&self, id: String) -> Result<Option<(TaskView, Vec<EventView>)>, StoreError> {
+        self.call(move |conn| {
+            let Some(view) = task_view(conn, &id)? else {
+                return Ok(None);
+            };
+            let events = events_query(conn, 0, Some(&id), None)?;
+            Ok(Some((view, events)))
+        })
+        .await
+    }
+
+    /// Stops tracking a task. Returns its state before, or `None` if it is unknown.
+    pub async fn remove(&self, id: String, now: i64) -> Result<Option<TaskState>, StoreError> {
+        self.call(move |conn| {
+            let Some(row) = task_row(conn, &id)? else {
+                return Ok(None);
+            };
+            if row.state == TaskState::Active {
+                conn.execute(
+                    "UPDATE tasks SET state = 'removed', updated_at = ?2, finished_at = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
+            }
+            Ok(Some(row.state))
+        })
+        .await
+    }
+
+    /// Events with a sequence number above `since`, oldest first.
+    pub async fn events(&self, since: i64, task: Option<String>, limit: Option<u32>) -> Result<Vec<EventView>, StoreError> {
+        self.call(move |conn| events_query(conn, since, task.as_deref(), limit)).await
+    }
+
+    /// Task counts and the event sequence high-water mark.
+    pub async fn counts(&self) -> Result<Counts, StoreError> {
+        self.call(|conn| {
+            let mut c = Counts::default();
+            let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (state, n) = row?;
+                match TaskState::parse(&state) {
+                    Some(TaskState::Active) => c.active = n,
+                    Some(TaskState::Done) => c.done = n,
+                    Some(TaskState::Failed) => c.failed = n,
+                    Some(TaskState::Removed) => c.removed = n,
+                    None => {}
+                }
+            }
+            c.events = conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
+            c.last_seq = last_seq(conn)?;
+            Ok(c)
+        })
+        .await
+    }
+
+    /// The highest event sequence number ever assigned (0 if none).
+    pub async fn last_seq(&self) -> Result<i64, StoreError> {
+        self.call(|conn| last_seq(conn)).await
+    }
+
+    /// The persisted global pause, if any.
+    pub async fn load_gate(&self) -> Result<Option<GateRow>, StoreError> {
+        self.call(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT kind, attempt, paused_until, since, cause FROM gate WHERE id = 1",
+                    [],
+                    |r| {
+                        Ok(GateRow {
+                            kind: r.get(0)?,
+                            attempt: r.get(1)?,
+                            paused_until: r.get(2)?,
+                            since: r.get(3)?,
+                            cause: r.get(4)?,
+                        })
+                    },
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Persists (or, with `None`, clears) the global pause.
+    pub async fn save_gate(&self, gate: Option<GateRow>) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            match gate {
+                None => conn.execute("DELETE FROM gate", [])?,
+                Some(g) => conn.execute(
+                    "INSERT INTO gate (id, kind, attempt, paused_until, since, cause) VALUES (1, ?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (id) DO UPDATE SET kind = ?1, attempt = ?2, paused_until = ?3, since = ?4, cause = ?5",
+                    params![g.kind, g.attempt, g.paused_until, g.since, g.cause],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes tasks that finished (done, failed or removed) before `before`, with their events.
+    pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
+        self.call(move |conn| {
+            let events = conn.execute(
+                "DELETE FROM events WHERE task_id IN
+                   (SELECT id FROM tasks WHERE state <> 'active' AND finished_at < ?1)",
+                [before],
+            )?;
+            let tasks = conn.execute("DELETE FROM tasks WHERE state <> 'active' AND finished_at < ?1", [before])?;
+            Ok(Pruned { tasks, events })
+        })
+        .await
+    }
+}
+
+const TASK_COLUMNS: &str = "id, state, stage, last_status, last_error, polls, added_at, updated_at, next_poll_at, \
+                            deadline_at, finished_at, callback_url, label";
+
+fn view_from_row(r: &Row<'_>) -> rusqlite::Result<TaskView> {
+    let state: String = r.get(1)?;
+    let state = TaskState::parse(&state).unwrap_or(TaskState::Failed);
+    let stage: Option<String> = r.get(2)?;
+    Ok(TaskView {
+        task_id: r.get(0)?,
+        state,
+        stage: stage.as_deref().and_then(Stage::parse),
+        last_status: r.get(3)?,
+        last_error: r.get(4)?,
+        polls: r.get(5)?,
+        added_at: format_utc(r.get(6)?),
+        updated_at: format_utc(r.get(7)?),
+        next_poll_at: (state == TaskState::Active).then(|| r.get::<_, i64>(8).map(format_utc)).transpose()?,
+        deadline_at: format_utc(r.get(9)?),
+        finished_at: r.get::<_, Option<i64>>(10)?.map(format_utc),
+        callback_url: r.get(11)?,
+        label: r.get(12)?,
+    })
+}
+
+fn task_view(conn: &Connection, id: &str) -> Result<Option<TaskView>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?
+        .query_row([id], view_from_row)
+        .optional()?)
+}
+
+fn task_row(conn: &Connection, id: &str) -> Result<Option<TaskRow>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id, state, stage, last_status, failures, rejections, added_at, deadline_at
+             FROM tasks WHERE id = ?1",
+        )?
+        .query_row([id], |r| {
+            let state: String = r.get(1)?;
+            let stage: Option<String> = r.get(2)?;
+            Ok(TaskRow {
+                id: r.get(0)?,
+                state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+                stage: stage.as_deref().and_then(Stage::parse),
+                last_status: r.get(3)?,
+                failures: r.get(4)?,
+                rejections: r.get(5)?,
+                added_at: r.get(6)?,
+                deadline_at: r.get(7)?,
+            })
+        })
+        .optional()?)
+}
+
+fn events_query(conn: &Connection, since: i64, task: Option<&str>, limit: Option<u32>) -> Result<Vec<EventView>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, task_id, stage, code, created_at, body FROM events
+         WHERE seq > ?1 AND (?2 IS NULL OR task_id = ?2) ORDER BY seq LIMIT ?3",
+    )?;
+    let rows = stmt
+        .query_map(params![since, task, limit.map_or(-1, i64::from)], |r| {
+            let stage: String = r.get(2)?;
+            let body: String = r.get(5)?;
+            Ok((r.get(0)?, r.get(1)?, stage, r.get(3)?, r.get(4)?, body))
+        })?
+        .collect::<Result<Vec<(i64, String, String, i64, i64, String)>, _>>()?;
+    rows.into_iter()
+        .map(|(seq, task_id, stage, code, created_at, body)| {
+            Ok(EventView {
+                seq,
+                task_id,
+                stage: Stage::parse(&stage).ok_or_else(|| StoreError::Sqlite(format!("event {seq} has stage {stage:?}")))?,
+                code,
+                created_at: format_utc(created_at),
+                body: RawValue::from_string(body).map_err(|e| StoreError::Sqlite(format!("event {seq} body: {e}")))?,
+            })
+        })
+        .collect()
+}
+
+fn last_seq(conn: &Connection) -> Result<i64, StoreError> {
+    // AUTOINCREMENT keeps the high-water mark in sqlite_sequence even after events are pruned.
+    Ok(conn
+        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'events'", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Takes an exclusive lock on `<store>.lock`, so two daemons never poll from one queue. The
+/// lock is released by the kernel when the process dies, so a crash never leaves it stale.
+fn lock_store(path: &Path) -> Result<File, String> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open lock file {}: {e}", lock_path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "it is in use by another sunopoll daemon (lock {} is held); stop that one first",
+            lock_path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", lock_path.display())),
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "journal_mode stayed {mode}; WAL is required"
+        )));
+    }
+    // FULL: an acknowledged add survives a power cut (WAL + NORMAL may lose the last commits).
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA temp_store = MEMORY;",
+    )?;
+    Ok(())
+}
+
+fn explain_open_error(e: &rusqlite::Error) -> String {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => {
+            "the file is not a SQLite database (corrupted, or the wrong file); it was left untouched".to_owned()
+        }
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            "the database is locked by another process".to_owned()
+        }
+        Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::PermissionDenied) => {
+            format!("cannot write it ({e}); check the permissions of the file and its directory")
+        }
+        _ => e.to_string(),
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), String> {
+    let version: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(|e| explain_open_error(&e))?
+        .try_into()
+        .unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(format!(
+            "it has schema version {version}, newer than this sunopoll knows ({}); upgrade sunopoll",
+            MIGRATIONS.len()
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let step = format!("BEGIN IMMEDIATE; {sql} PRAGMA user_version = {}; COMMIT;", i + 1);
+        if let Err(e) = conn.execute_batch(&step) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(format!("migration to schema {} failed: {}", i + 1, explain_open_error(&e)));
+        }
+    }
+    Ok(())
+}
+
+/// The store thread: batches waiting jobs into one transaction each.
+fn run_jobs(conn: &Connection, mut rx: mpsc::Receiver<Job>, health: &StoreHealth) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let e = StoreError::from(e);
+            health.set(Some(&e));
+            tracing::error!(error = %e, "store: cannot begin a transaction");
+            for job in batch.drain(..) {
+                let (_, done) = job(conn);
+                done(Err(&e));
+            }
+            continue;
+        }
+        let mut completions = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            let savepoint = conn.execute_batch("SAVEPOINT job");
+            let (ok, done) = job(conn);
+            if savepoint.is_ok() {
+                let end = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+                if let Err(e) = conn.execute_batch(end) {
+                    tracing::error!(error = %e, "store: cannot close a savepoint");
+                }
+            }
+            completions.push(done);
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "store: commit failed; the batch was rolled back");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        health.set(commit.as_ref().err());
+        for done in completions {
+            done(commit.as_ref().map(|_| ()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::error_event;
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("q.db")).expect("open");
+        (dir, store)
+    }
+
+    fn update(state: TaskState, events: Vec<NewEvent>) -> TaskUpdate {
+        TaskUpdate {
+            state,
+            last_status: Some("X".into()),
+            last_error: None,
+            failures: 0,
+            rejections: 0,
+            next_poll_at: 5000,
+            events,
+        }
+    }
+
+    #[tokio::test]
+    async fn add_is_idempotent_and_reports_state() {
+        let (_d, s) = open();
+        let r = s.add(vec!["a".into(), "b".into()], None, Some("l".into()), 1000, 10).await.expect("add");
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), [AddResult::Added, AddResult::Added]);
+        assert_eq!(r[0].1.label.as_deref(), Some("l"));
+        let r = s.add(vec!["a".into()], None, None, 2000, 10).await.expect("add");
+        assert_eq!(r[0].0, AddResult::Exists);
+        assert_eq!(r[0].1.added_at, format_utc(1000));
+        let c = s.counts().await.expect("counts");
+        assert_eq!(c.active, 2);
+    }
+
+    #[tokio::test]
+    async fn synchronous_full_and_wal_are_set() {
+        let (dir, s) = open();
+        let (sync, mode): (i64, String) = s
+            .call(|c| {
+                Ok((
+                    c.query_row("PRAGMA synchronous", [], |r| r.get(0))?,
+                    c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?,
+                ))
+            })
+            .await
+            .expect("pragmas");
+        assert_eq!(sync, 2, "synchronous=FULL");
+        assert_eq!(mode, "wal");
+        drop(s);
+        drop(dir);
+    }
+
+    #[tokio::test]
+    async fn due_window_orders_by_next_poll() {
+        let (_d, s) = open();
+        s.add(vec!["late".into()], None, None, 3000, 10).await.expect("add");
+        s.add(vec!["early".into()], None, None, 1000, 10).await.expect("add");
+        let w = s.due_window(10).await.expect("due");
+        assert_eq!(w.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["early", "late"]);
+    }
+
+    #[tokio::test]
+    async fn apply_poll_writes_events_once_and_in_order() {
+        let (_d, s) = open();
+        s.add(vec!["t".into()], None, None, 1000, 10_000).await.expect("add");
+        let ev = error_event("t", 501, "failed");
+        let applied = s
+            .apply_poll("t".into(), 2000, move |row| {
+                assert_eq!(row.state, TaskState::Active);
+                update(TaskState::Failed, vec![ev])
+            })
+            .await
+            .expect("apply")
+            .expect("active");
+        assert_eq!(applied.seqs, [1]);
+        // A finished task is not touched again.
+        let again = s
+            .apply_poll("t".into(), 3000, |_| update(TaskState::Failed, vec![error_event("t", 1, "x")]))
+            .await
+            .expect("apply");
+        assert!(again.is_none());
+        let (view, events) = s.show("t".into()).await.expect("show").expect("known");
+        assert_eq!(view.state, TaskState::Failed);
+        assert_eq!(view.stage, Some(Stage::Error));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].body.get(), error_event("t", 501, "failed").body);
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_undoes_only_itself() {
+        let (_d, s) = open();
+        s.add(vec!["t".into()], None, None, 1000, 10_000).await.expect("add");
+        let text = || NewEvent {
+            stage: Stage::Text,
+            code: 200,
+            body: "{}".into(),
+            tracks: 0,
+            filled: false,
+        };
+        let t1 = text();
+        s.apply_poll("t".into(), 2000, move |_| update(TaskState::Active, vec![t1]))
+            .await
+            .expect("first text")
+            .expect("active");
+        // Storing `text` again must fail and leave the task as it was.
+        let t2 = text();
+        let e = s
+            .apply_poll("t".into(), 3000, move |_| update(TaskState::Active, vec![t2]))
+            .await
+            .expect_err("duplicate stage");
+        assert!(e.to_string().contains("refusing"), "{e}");
+        let (view, events) = s.show("t".into()).await.expect("show").expect("known");
+        assert_eq!(view.polls, 1);
+        assert_eq!(events.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn remove_and_readd() {
+        let (_d, s) = open();
+        s.add(vec!["t".into()], None, None, 1000, 10).await.expect("add");
+        assert_eq!(s.remove("t".into(), 2000).await.expect("rm"), Some(TaskState::Active));
+        assert_eq!(s.remove("nope".into(), 2000).await.expect("rm"), None);
+        assert!(s.due_window(10).await.expect("due").is_empty());
+        let r = s.add(vec!["t".into()], None, None, 3000, 10).await.expect("add");
+        assert_eq!(r[0].0, AddResult::Readded);
+        assert_eq!(s.due_window(10).await.expect("due").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn gate_round_trips_and_prune_keeps_active_tasks() {
+        let (_d, s) = open();
+        let g = GateRow {
+            kind: "throttled".into(),
+            attempt: 3,
+            paused_until: 99,
+            since: 1,
+            cause: "HTTP 200, code 430".into(),
+        };
+        s.save_gate(Some(g.clone())).await.expect("save");
+        assert_eq!(s.load_gate().await.expect("load"), Some(g));
+        s.save_gate(None).await.expect("clear");
+        assert_eq!(s.load_gate().await.expect("load"), None);
+
+        s.add(vec!["old".into(), "live".into()], None, None, 1000, 10_000).await.expect("add");
+        s.apply_poll("old".into(), 1500, |_| update(TaskState::Failed, vec![error_event("old", 500, "x")]))
+            .await
+            .expect("apply");
+        let p = s.prune(2000).await.expect("prune");
+        assert_eq!(p, Pruned { tasks: 1, events: 1 });
+        let c = s.counts().await.expect("counts");
+        assert_eq!((c.active, c.failed, c.events, c.last_seq), (1, 0, 0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_second_daemon_cannot_open_the_same_store() {
+        let (dir, _s) = open();
+        let e = Store::open(&dir.path().join("q.db")).expect_err("locked");
+        assert!(e.to_string().contains("in use by another sunopoll"), "{e}");
+    }
+
+    #[test]
+    fn garbage_files_are_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.db");
+        let garbage = vec![0x5a_u8; 8192];
+        std::fs::write(&path, &garbage).expect("write");
+        let e = Store::open(&path).expect_err("garbage");
+        assert!(e.to_string().contains("not a SQLite database"), "{e}");
+        assert_eq!(std::fs::read(&path).expect("read"), garbage);
+    }
+}
