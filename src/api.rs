@@ -323,7 +323,10 @@ fn json_kind(v: &Value) -> &'static str {
 pub fn classify(http_status: u16, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
     let retry_after = retry_after.map(|d| d.min(MAX_RETRY_AFTER));
     let envelope: Option<Value> = serde_json::from_slice(body).ok();
-    let code = envelope.as_ref().and_then(|v| v.get("code")).and_then(int_of);
+    let code = envelope
+        .as_ref()
+        .and_then(|v| v.get("code"))
+        .and_then(int_of);
     let msg = envelope
         .as_ref()
         .and_then(|v| str_of(v.get("msg")))
@@ -487,9 +490,9 @@ impl ApiClient {
     /// Builds a client for `base_url` (e.g. `https://api.sunoapi.org`).
     pub fn new(base_url: &url::Url, key: ApiKey, timeout: Duration) -> anyhow::Result<ApiClient> {
         install_crypto_provider();
-        let endpoint = base_url
-            .join("api/v1/generate/record-info")
-            .map_err(|e| anyhow::anyhow!("cannot build the record-info URL from {base_url}: {e}"))?;
+        let endpoint = base_url.join("api/v1/generate/record-info").map_err(|e| {
+            anyhow::anyhow!("cannot build the record-info URL from {base_url}: {e}")
+        })?;
         let http = reqwest::Client::builder()
             .user_agent(crate::USER_AGENT)
             .timeout(timeout)
@@ -617,17 +620,33 @@ mod tests {
     fn every_record_info_fixture_classifies_to_its_status() {
         let cases = [
             ("record-info.PENDING.json", "pending", "PENDING"),
-            ("record-info.PENDING.empty-sunoData.json", "pending", "PENDING"),
+            (
+                "record-info.PENDING.empty-sunoData.json",
+                "pending",
+                "PENDING",
+            ),
             ("record-info.TEXT_SUCCESS.json", "progress", "TEXT_SUCCESS"),
-            ("record-info.FIRST_SUCCESS.json", "progress", "FIRST_SUCCESS"),
+            (
+                "record-info.FIRST_SUCCESS.json",
+                "progress",
+                "FIRST_SUCCESS",
+            ),
             ("record-info.SUCCESS.json", "progress", "SUCCESS"),
-            ("record-info.CALLBACK_EXCEPTION.json", "progress", "CALLBACK_EXCEPTION"),
+            (
+                "record-info.CALLBACK_EXCEPTION.json",
+                "progress",
+                "CALLBACK_EXCEPTION",
+            ),
             (
                 "record-info.CALLBACK_EXCEPTION.no-audio.json",
                 "progress",
                 "CALLBACK_EXCEPTION",
             ),
-            ("record-info.CREATE_TASK_FAILED.json", "progress", "CREATE_TASK_FAILED"),
+            (
+                "record-info.CREATE_TASK_FAILED.json",
+                "progress",
+                "CREATE_TASK_FAILED",
+            ),
             (
                 "record-info.GENERATE_AUDIO_FAILED.json",
                 "progress",
@@ -668,9 +687,11 @@ mod tests {
             Some("https://hooks.example.com/suno/callback")
         );
 
-        let Outcome::Progress(r) =
-            classify(200, None, &fixture("record-info.GENERATE_AUDIO_FAILED.json"))
-        else {
+        let Outcome::Progress(r) = classify(
+            200,
+            None,
+            &fixture("record-info.GENERATE_AUDIO_FAILED.json"),
+        ) else {
             panic!("not progress")
         };
         assert_eq!(r.error_code, Some(501));
@@ -736,7 +757,11 @@ mod tests {
     #[test]
     fn rejection_carries_code_and_message() {
         assert_eq!(
-            classify(200, None, &fixture("error.422.missing-callback-url.kie.json")),
+            classify(
+                200,
+                None,
+                &fixture("error.422.missing-callback-url.kie.json")
+            ),
             Outcome::Rejected {
                 code: 422,
                 message: "Please enter callBackUrl.".to_owned()
@@ -755,7 +780,10 @@ mod tests {
             }
         );
         assert_eq!(classify(503, ra, b"<html>busy</html>").kind(), "throttled");
-        assert_eq!(classify(503, None, b"<html>busy</html>").kind(), "unavailable");
+        assert_eq!(
+            classify(503, None, b"<html>busy</html>").kind(),
+            "unavailable"
+        );
         assert_eq!(classify(500, None, b"").kind(), "unavailable");
         assert_eq!(classify(502, None, b"Bad Gateway").kind(), "unavailable");
         assert_eq!(classify(408, None, b"").kind(), "unavailable");
@@ -813,9 +841,15 @@ mod tests {
             }
         );
         let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
-        assert_eq!(parse_retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
         let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(90)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 

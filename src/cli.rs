@@ -178,7 +178,9 @@ pub fn main() -> ExitCode {
             run_client(&opts, &env, client::list_request(state))
         }
         Command::Show { task_id, opts } => run_client(&opts, &env, client::show_request(task_id)),
-        Command::Remove { task_id, opts } => run_client(&opts, &env, client::remove_request(task_id)),
+        Command::Remove { task_id, opts } => {
+            run_client(&opts, &env, client::remove_request(task_id))
+        }
         Command::Events {
             follow,
             since,
@@ -212,7 +214,12 @@ fn run_client(opts: &ClientOptions, env: &Environment, request: Request) -> Exit
     let env_socket = std::env::var_os("SUNOPOLL_SOCKET")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
-    let socket = client::find_socket(opts.socket.as_deref(), env_socket.as_deref(), config.as_ref(), env);
+    let socket = client::find_socket(
+        opts.socket.as_deref(),
+        env_socket.as_deref(),
+        config.as_ref(),
+        env,
+    );
     client::run(&socket, request, Output { json: opts.json })
 }
 
@@ -250,7 +257,10 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
         }
     };
     crate::logging::init(&config.log.level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sunopoll: cannot start the async runtime: {e}");

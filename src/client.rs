@@ -14,9 +14,23 @@ use serde_json::Value;
 
 use crate::config::{Config, Environment, SYSTEM_SOCKET};
 use crate::protocol::{
-    ADD_BATCH, AddRequest, ErrorBody, EventsRequest, ListRequest, RemoveRequest, Request, ShowRequest,
-    StatusRequest,
+    ADD_BATCH, AddRequest, ErrorBody, EventsRequest, ListRequest, RemoveRequest, Request,
+    ShowRequest, StatusRequest,
 };
+
+/// Prints a line to stdout. A closed stdout (`sunopoll events | head`) ends the process
+/// quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = writeln!(stdout, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
 
 /// Exit code: the daemon refused or failed the request (or reports itself unhealthy).
 pub const EXIT_REFUSED: u8 = 1;
@@ -97,7 +111,9 @@ impl Connection {
     pub fn send(&mut self, request: &Request) -> Result<(), ClientError> {
         self.writer
             .write_all(request.to_line().as_bytes())
-            .map_err(|e| ClientError::Protocol(format!("cannot send to {}: {e}", self.path.display())))
+            .map_err(|e| {
+                ClientError::Protocol(format!("cannot send to {}: {e}", self.path.display()))
+            })
     }
 
     /// Reads one response line; `None` at end of stream. `timeout` bounds the wait.
@@ -107,7 +123,12 @@ impl Connection {
         match self.reader.read_line(&mut line) {
             Ok(0) => return Ok(None),
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(ClientError::Protocol(format!(
                     "the daemon did not answer within {}",
                     crate::clock::format_duration(timeout.unwrap_or_default())
@@ -115,12 +136,12 @@ impl Connection {
             }
             Err(e) => return Err(ClientError::Protocol(format!("reading the answer: {e}"))),
         }
-        let value: Value = serde_json::from_str(&line)
-            .map_err(|e| ClientError::Protocol(format!("the daemon sent something that is not JSON: {e}")))?;
+        let value: Value = serde_json::from_str(&line).map_err(|e| {
+            ClientError::Protocol(format!("the daemon sent something that is not JSON: {e}"))
+        })?;
         if value.get("ok") == Some(&Value::Bool(false)) {
-            let error: ErrorBody = serde_json::from_value(value["error"].clone()).unwrap_or_else(|_| {
-                ErrorBody::new("unknown", value["error"].to_string())
-            });
+            let error: ErrorBody = serde_json::from_value(value["error"].clone())
+                .unwrap_or_else(|_| ErrorBody::new("unknown", value["error"].to_string()));
             return Err(ClientError::Refused(error));
         }
         Ok(Some(value))
@@ -129,8 +150,9 @@ impl Connection {
     /// One request, one answer.
     pub fn call(&mut self, request: &Request) -> Result<Value, ClientError> {
         self.send(request)?;
-        self.receive(Some(ANSWER_TIMEOUT))?
-            .ok_or_else(|| ClientError::Protocol("the daemon closed the connection without answering".to_owned()))
+        self.receive(Some(ANSWER_TIMEOUT))?.ok_or_else(|| {
+            ClientError::Protocol("the daemon closed the connection without answering".to_owned())
+        })
     }
 }
 
@@ -171,10 +193,12 @@ pub fn run(socket: &Path, request: Request, out: Output) -> ExitCode {
         Request::Events(req) if req.follow => follow(socket, req, out),
         Request::Events(req) => events(socket, req, out),
         Request::Status(req) => status(socket, req, out),
-        other => Connection::open(socket).and_then(|mut c| c.call(&other)).map(|v| {
-            print_answer(&other, &v, out);
-            0
-        }),
+        other => Connection::open(socket)
+            .and_then(|mut c| c.call(&other))
+            .map(|v| {
+                print_answer(&other, &v, out);
+                0
+            }),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -202,23 +226,29 @@ fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
         }
     }
     if out.json {
-        println!("{}", serde_json::json!({"ok": true, "added": added, "existing": existing, "tasks": all}));
+        out!(
+            "{}",
+            serde_json::json!({"ok": true, "added": added, "existing": existing, "tasks": all})
+        );
         return Ok(0);
     }
     for t in &all {
         let id = t["task_id"].as_str().unwrap_or("?");
         match t["result"].as_str() {
-            Some("added") => println!("added     {id}"),
-            Some("readded") => println!("re-added  {id}"),
-            _ => println!(
+            Some("added") => out!("added     {id}"),
+            Some("readded") => out!("re-added  {id}"),
+            _ => out!(
                 "known     {id}  ({}{})",
                 t["state"].as_str().unwrap_or("?"),
-                t["stage"].as_str().map(|s| format!(", last event {s}")).unwrap_or_default()
+                t["stage"]
+                    .as_str()
+                    .map(|s| format!(", last event {s}"))
+                    .unwrap_or_default()
             ),
         }
     }
     if all.len() > 1 {
-        println!("{added} added, {existing} already known");
+        out!("{added} added, {existing} already known");
     }
     Ok(0)
 }
@@ -245,14 +275,16 @@ fn follow(socket: &Path, req: EventsRequest, out: Output) -> Result<u8, ClientEr
         print_event(&line["event"], out);
         let _ = std::io::stdout().flush();
     }
-    Err(ClientError::Unreachable("the daemon closed the event stream (it is stopping)".to_owned()))
+    Err(ClientError::Unreachable(
+        "the daemon closed the event stream (it is stopping)".to_owned(),
+    ))
 }
 
 fn status(socket: &Path, req: StatusRequest, out: Output) -> Result<u8, ClientError> {
     let v = Connection::open(socket)?.call(&Request::Status(req))?;
     let healthy = v["healthy"] == Value::Bool(true);
     if out.json {
-        println!("{v}");
+        out!("{v}");
     } else {
         print_status(&v);
     }
@@ -261,12 +293,12 @@ fn status(socket: &Path, req: StatusRequest, out: Output) -> Result<u8, ClientEr
 
 fn print_event(ev: &Value, out: Output) {
     if out.json {
-        println!("{ev}");
+        out!("{ev}");
         return;
     }
     let tracks = ev["body"]["data"]["data"].as_array().map_or(0, Vec::len);
     let msg = ev["body"]["msg"].as_str().unwrap_or("");
-    println!(
+    out!(
         "#{:<6} {}  {}  {:<8} {}  {}",
         ev["seq"],
         ev["created_at"].as_str().unwrap_or("?"),
@@ -287,22 +319,26 @@ fn field<'a>(v: &'a Value, key: &str) -> &'a str {
 
 fn print_answer(request: &Request, v: &Value, out: Output) {
     if out.json {
-        println!("{v}");
+        out!("{v}");
         return;
     }
     match request {
         Request::List(_) => {
             let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
             if tasks.is_empty() {
-                println!("no tasks");
+                out!("no tasks");
                 return;
             }
-            println!(
+            out!(
                 "{:<34} {:<8} {:<9} {:<22} {:<21} LABEL",
-                "TASK ID", "STATE", "STAGE", "LAST STATUS", "NEXT POLL"
+                "TASK ID",
+                "STATE",
+                "STAGE",
+                "LAST STATUS",
+                "NEXT POLL"
             );
             for t in tasks {
-                println!(
+                out!(
                     "{:<34} {:<8} {:<9} {:<22} {:<21} {}",
                     field(&t, "task_id"),
                     field(&t, "state"),
@@ -334,14 +370,14 @@ fn print_answer(request: &Request, v: &Value, out: Output) {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                println!("{name:<13} {value}");
+                out!("{name:<13} {value}");
             }
             let events = v["events"].as_array().cloned().unwrap_or_default();
-            println!("events        {}", events.len());
+            out!("events        {}", events.len());
             for ev in events {
-                println!();
+                out!("");
                 print_event(&ev, Output { json: false });
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&ev["body"]).unwrap_or_default()
                 );
@@ -350,33 +386,34 @@ fn print_answer(request: &Request, v: &Value, out: Output) {
         Request::Remove(_) => {
             let id = field(v, "task_id");
             if v["removed"] == Value::Bool(true) {
-                println!("removed {id}; it is no longer polled (its events are kept)");
+                out!("removed {id}; it is no longer polled (its events are kept)");
             } else {
-                println!("{id} was already {}; nothing to do", field(v, "was"));
+                out!("{id} was already {}; nothing to do", field(v, "was"));
             }
         }
-        _ => println!("{v}"),
+        _ => out!("{v}"),
     }
 }
 
 fn print_status(v: &Value) {
     let healthy = v["healthy"] == Value::Bool(true);
-    println!(
+    out!(
         "sunopoll {} — {}",
         field(v, "version"),
         if healthy { "healthy" } else { "UNHEALTHY" }
     );
     for p in v["problems"].as_array().into_iter().flatten() {
-        println!("  problem: {}", p.as_str().unwrap_or(""));
+        out!("  problem: {}", p.as_str().unwrap_or(""));
     }
     let poll = &v["poll"];
     let state = field(poll, "state");
     match state {
-        "polling" => println!(
+        "polling" => out!(
             "polling:      yes ({} in flight, {} requests since start)",
-            poll["in_flight"], poll["requests"]
+            poll["in_flight"],
+            poll["requests"]
         ),
-        _ => println!(
+        _ => out!(
             "polling:      {state} — {} (pause #{}, until {}): {}",
             field(poll, "pause_kind"),
             poll["pause_attempt"],
@@ -384,21 +421,28 @@ fn print_status(v: &Value) {
             field(poll, "pause_cause")
         ),
     }
-    println!(
+    out!(
         "last answer:  {} at {}",
         field(poll, "last_answer"),
         field(poll, "last_answer_at")
     );
     let t = &v["tasks"];
-    println!(
+    out!(
         "tasks:        {} active, {} done, {} failed, {} removed",
-        t["active"], t["done"], t["failed"], t["removed"]
+        t["active"],
+        t["done"],
+        t["failed"],
+        t["removed"]
     );
-    println!("events:       {} stored, last #{}", t["events"], t["last_seq"]);
-    println!("started:      {}", field(v, "started_at"));
-    println!("store:        {}", field(v, "store"));
-    println!("socket:       {}", field(v, "socket"));
-    println!(
+    out!(
+        "events:       {} stored, last #{}",
+        t["events"],
+        t["last_seq"]
+    );
+    out!("started:      {}", field(v, "started_at"));
+    out!("store:        {}", field(v, "store"));
+    out!("socket:       {}", field(v, "socket"));
+    out!(
         "config:       {}",
         v["config"].as_str().unwrap_or("built-in defaults")
     );
@@ -450,12 +494,18 @@ mod tests {
         };
         let explicit = Path::new("/x/explicit.sock");
         let from_env = Path::new("/x/env.sock");
-        assert_eq!(find_socket(Some(explicit), Some(from_env), None, &env), explicit);
+        assert_eq!(
+            find_socket(Some(explicit), Some(from_env), None, &env),
+            explicit
+        );
         assert_eq!(find_socket(None, Some(from_env), None, &env), from_env);
         let mut config = Config::defaults(&env);
         config.control.socket = "/x/config.sock".into();
         config.control.socket_configured = true;
-        assert_eq!(find_socket(None, None, Some(&config), &env), Path::new("/x/config.sock"));
+        assert_eq!(
+            find_socket(None, None, Some(&config), &env),
+            Path::new("/x/config.sock")
+        );
         // Nothing exists: the per-user default (unless the system socket exists on this host).
         let found = find_socket(None, None, None, &env);
         let user = dir.path().join("sunopoll.sock");

@@ -45,15 +45,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("`{s}` is not a duration (write it like \"30s\", \"10m\" or \"2h\")"));
+            return Err(format!(
+                "`{s}` is not a duration (write it like \"30s\", \"10m\" or \"2h\")"
+            ));
         }
         let value: u64 = rest[..digits]
             .parse()
             .map_err(|_| format!("`{s}`: number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let one = match unit {
@@ -62,8 +68,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "m" => Duration::from_secs(60),
             "h" => Duration::from_secs(3600),
             "d" => Duration::from_secs(86_400),
-            "" => return Err(format!("`{s}` needs a unit: ms, s, m, h or d (e.g. \"30s\")")),
-            other => return Err(format!("`{s}`: unknown unit `{other}` (use ms, s, m, h or d)")),
+            "" => {
+                return Err(format!(
+                    "`{s}` needs a unit: ms, s, m, h or d (e.g. \"30s\")"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "`{s}`: unknown unit `{other}` (use ms, s, m, h or d)"
+                ));
+            }
         };
         let part = one
             .checked_mul(u32::try_from(value).map_err(|_| format!("`{s}`: number too large"))?)
@@ -81,7 +95,7 @@ pub fn format_duration(d: Duration) -> String {
     if total_ms == 0 {
         return "0s".to_owned();
     }
-    if total_ms % 1000 != 0 && total_ms < 60_000 {
+    if !total_ms.is_multiple_of(1000) && total_ms < 60_000 {
         return if total_ms < 1000 {
             format!("{total_ms}ms")
         } else {
@@ -112,7 +126,16 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration(" 0s "), Ok(Duration::ZERO));
-        for bad in ["", "30", "s", "3x", "1.5h", "-1s", "30 s", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "30",
+            "s",
+            "3x",
+            "1.5h",
+            "-1s",
+            "30 s",
+            "99999999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }

@@ -38,6 +38,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// Prune once a day at 04:17 UTC (off the hour, when little else runs).
 pub const DEFAULT_PRUNE_SCHEDULE: &str = "17 4 * * *";
+/// How long a control connection may sit without sending a complete request line: long
+/// enough for a person typing into `socat`, short enough that forgotten connections do not pile up.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The store's file name inside its directory.
 pub const STORE_FILE: &str = "sunopoll.db";
 /// The control socket's file name inside its directory.
@@ -128,7 +131,9 @@ impl Environment {
 /// The effective uid, read without `unsafe`: `/proc/self` is owned by the process's user.
 pub fn current_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
 }
 
 /// The whole configuration, with defaults filled in.
@@ -196,6 +201,8 @@ pub struct ControlConfig {
     pub mode: u32,
     /// `group`: group owner (name or number), for shared access.
     pub group: Option<String>,
+    /// `idle-timeout`: how long a connection may wait without sending a complete request.
+    pub idle_timeout: Duration,
 }
 
 /// `[log]`
@@ -233,7 +240,11 @@ impl fmt::Display for ConfigError {
                 file.display(),
                 if n == 1 { "" } else { "s" }
             )?,
-            None => write!(f, "configuration: {n} problem{}", if n == 1 { "" } else { "s" })?,
+            None => write!(
+                f,
+                "configuration: {n} problem{}",
+                if n == 1 { "" } else { "s" }
+            )?,
         }
         for p in &self.problems {
             write!(f, "\n  - {p}")?;
@@ -270,6 +281,7 @@ impl Config {
                 socket_configured: false,
                 mode: 0o600,
                 group: None,
+                idle_timeout: DEFAULT_IDLE_TIMEOUT,
             },
             log: LogConfig {
                 level: "info".to_owned(),
@@ -291,12 +303,17 @@ impl Config {
             file: Some(path.to_owned()),
             problems: vec![problem],
         };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
         Config::parse(&text, Some(path), env)
     }
 
     /// Parses config text. `path` names the file in errors and anchors relative paths.
-    pub fn parse(text: &str, path: Option<&Path>, env: &Environment) -> Result<Config, ConfigError> {
+    pub fn parse(
+        text: &str,
+        path: Option<&Path>,
+        env: &Environment,
+    ) -> Result<Config, ConfigError> {
         let mut config = Config::defaults(env);
         config.source = path.map(Path::to_owned);
         let root: Table = match text.parse() {
@@ -316,7 +333,11 @@ impl Config {
             problems: Vec::new(),
             base_dir,
         };
-        r.check_keys("", &root, &["api", "poll", "store", "control", "log", "housekeeping"]);
+        r.check_keys(
+            "",
+            &root,
+            &["api", "poll", "store", "control", "log", "housekeeping"],
+        );
 
         if let Some(t) = r.section(&root, "api", &["base-url", "key-file", "request-timeout"]) {
             if let Some(s) = r.string(t, "api", "base-url") {
@@ -330,7 +351,10 @@ impl Config {
                         }
                         config.api.base_url = u;
                     }
-                    Ok(_) => r.problem("api.base-url", format!("`{s}` must be an http:// or https:// URL")),
+                    Ok(_) => r.problem(
+                        "api.base-url",
+                        format!("`{s}` must be an http:// or https:// URL"),
+                    ),
                     Err(e) => r.problem("api.base-url", format!("`{s}` is not a URL: {e}")),
                 }
             }
@@ -360,14 +384,19 @@ impl Config {
             }
             match t.get("max-requests-per-second") {
                 None => {}
-                Some(Value::String(s)) if s == "unlimited" => config.poll.max_requests_per_second = None,
+                Some(Value::String(s)) if s == "unlimited" => {
+                    config.poll.max_requests_per_second = None
+                }
                 Some(v) => match v.as_float().or_else(|| v.as_integer().map(|i| i as f64)) {
                     Some(x) if x > 0.0 && x.is_finite() => {
                         config.poll.max_requests_per_second = Some(x);
                     }
                     _ => r.problem(
                         "poll.max-requests-per-second",
-                        format!("expected a number above 0 (like 2 or 0.5) or \"unlimited\", got {}", show(v)),
+                        format!(
+                            "expected a number above 0 (like 2 or 0.5) or \"unlimited\", got {}",
+                            show(v)
+                        ),
                     ),
                 },
             }
@@ -398,7 +427,11 @@ impl Config {
             config.store.path = p;
         }
 
-        if let Some(t) = r.section(&root, "control", &["socket", "mode", "group"]) {
+        if let Some(t) = r.section(
+            &root,
+            "control",
+            &["socket", "mode", "group", "idle-timeout"],
+        ) {
             if let Some(p) = r.path(t, "control", "socket") {
                 config.control.socket = p;
                 config.control.socket_configured = true;
@@ -412,9 +445,17 @@ impl Config {
             }
             match t.get("group") {
                 None => {}
-                Some(Value::String(s)) if !s.trim().is_empty() => config.control.group = Some(s.trim().to_owned()),
+                Some(Value::String(s)) if !s.trim().is_empty() => {
+                    config.control.group = Some(s.trim().to_owned())
+                }
                 Some(Value::Integer(i)) if *i >= 0 => config.control.group = Some(i.to_string()),
-                Some(v) => r.problem("control.group", format!("expected a group name or number, got {}", show(v))),
+                Some(v) => r.problem(
+                    "control.group",
+                    format!("expected a group name or number, got {}", show(v)),
+                ),
+            }
+            if let Some(d) = r.duration(t, "control", "idle-timeout", Duration::from_millis(10)) {
+                config.control.idle_timeout = d;
             }
         }
 
@@ -425,7 +466,10 @@ impl Config {
             if ["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
                 config.log.level = level;
             } else {
-                r.problem("log.level", format!("`{s}` is not one of error, warn, info, debug, trace"));
+                r.problem(
+                    "log.level",
+                    format!("`{s}` is not one of error, warn, info, debug, trace"),
+                );
             }
         }
 
@@ -461,43 +505,60 @@ impl Config {
             let file = dir.join("api-key");
             match std::fs::read_to_string(&file) {
                 Ok(text) => {
-                    return ApiKey::new(&text)
-                        .ok_or_else(|| format!("the API key credential {} is empty", file.display()));
+                    return ApiKey::new(&text).ok_or_else(|| {
+                        format!("the API key credential {} is empty", file.display())
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("cannot read the API key credential {}: {e}", file.display())),
+                Err(e) => {
+                    return Err(format!(
+                        "cannot read the API key credential {}: {e}",
+                        file.display()
+                    ));
+                }
             }
         }
         if let Some(file) = &self.api.key_file {
             return match std::fs::read_to_string(file) {
-                Ok(text) => ApiKey::new(&text)
-                    .ok_or_else(|| format!("the API key file {} (api.key-file) is empty", file.display())),
-                Err(e) => Err(format!("cannot read the API key file {} (api.key-file): {e}", file.display())),
+                Ok(text) => ApiKey::new(&text).ok_or_else(|| {
+                    format!(
+                        "the API key file {} (api.key-file) is empty",
+                        file.display()
+                    )
+                }),
+                Err(e) => Err(format!(
+                    "cannot read the API key file {} (api.key-file): {e}",
+                    file.display()
+                )),
             };
         }
         if let Some(key) = env.suno_api_key.as_deref().and_then(ApiKey::new) {
             return Ok(key);
         }
-        Err("no API key found: sunopoll looks in $CREDENTIALS_DIRECTORY/api-key (systemd \
+        Err(
+            "no API key found: sunopoll looks in $CREDENTIALS_DIRECTORY/api-key (systemd \
              LoadCredential=api-key:…), then in the file named by `key-file` in [api], then in the \
              SUNO_API_KEY environment variable"
-            .to_owned())
+                .to_owned(),
+        )
     }
 
     /// A short human summary, for `check-config` and the startup log.
     pub fn summary(&self) -> String {
         format!(
             "config: {}\napi: {} (timeout {})\npoll: every {}, at most {} in flight, {}, backoff up to {}, deadline {}, fill skipped stages: {}\nstore: {}\nsocket: {} (mode {:04o}{})\nlog level: {}\nhousekeeping: keep {}, prune on \"{}\" (UTC)",
-            self.source
-                .as_ref()
-                .map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string()),
+            self.source.as_ref().map_or_else(
+                || "built-in defaults".to_owned(),
+                |p| p.display().to_string()
+            ),
             self.api.base_url,
             format_duration(self.api.request_timeout),
             format_duration(self.poll.interval),
             self.poll.max_in_flight,
-            self.poll
-                .max_requests_per_second
-                .map_or_else(|| "no request rate limit".to_owned(), |r| format!("at most {r} requests/s")),
+            self.poll.max_requests_per_second.map_or_else(
+                || "no request rate limit".to_owned(),
+                |r| format!("at most {r} requests/s")
+            ),
             format_duration(self.poll.backoff_max),
             format_duration(self.poll.task_deadline),
             self.poll.fill_skipped_stages,
@@ -521,13 +582,20 @@ fn parse_mode(v: &Value) -> Result<u32, String> {
         Value::String(s) => u32::from_str_radix(s.trim().trim_start_matches("0o"), 8)
             .map_err(|_| format!("`{s}` is not an octal mode like \"0660\""))?,
         Value::Integer(i) => u32::try_from(*i).map_err(|_| format!("{i} is not a file mode"))?,
-        other => return Err(format!("expected an octal mode like \"0660\", got {}", show(other))),
+        other => {
+            return Err(format!(
+                "expected an octal mode like \"0660\", got {}",
+                show(other)
+            ));
+        }
     };
     if mode & !0o777 != 0 {
         return Err(format!("{mode:o} has bits outside 0777"));
     }
     if mode & 0o600 != 0o600 {
-        return Err(format!("{mode:04o} does not let the daemon's own user read and write the socket"));
+        return Err(format!(
+            "{mode:04o} does not let the daemon's own user read and write the socket"
+        ));
     }
     Ok(mode)
 }
@@ -566,10 +634,18 @@ impl Reader {
                 let hint = closest(key, known)
                     .map(|k| format!(" (did you mean `{k}`?)"))
                     .unwrap_or_default();
-                let kind = if section.is_empty() { "unknown section" } else { "unknown key" };
+                let kind = if section.is_empty() {
+                    "unknown section"
+                } else {
+                    "unknown key"
+                };
                 self.problems.push(format!(
                     "{name}: {kind}{hint}; known {}: {}",
-                    if section.is_empty() { "sections" } else { "keys" },
+                    if section.is_empty() {
+                        "sections"
+                    } else {
+                        "keys"
+                    },
                     known.join(", ")
                 ));
             }
@@ -583,7 +659,10 @@ impl Reader {
                 Some(t)
             }
             other => {
-                self.problem(name, format!("expected a [{name}] table, got {}", show(other)));
+                self.problem(
+                    name,
+                    format!("expected a [{name}] table, got {}", show(other)),
+                );
                 None
             }
         }
@@ -593,7 +672,10 @@ impl Reader {
         match t.get(key)? {
             Value::String(s) => Some(s.clone()),
             other => {
-                self.problem(&format!("{section}.{key}"), format!("expected a string, got {}", show(other)));
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("expected a string, got {}", show(other)),
+                );
                 None
             }
         }
@@ -606,14 +688,21 @@ impl Reader {
             return None;
         }
         let p = PathBuf::from(s);
-        Some(if p.is_absolute() { p } else { self.base_dir.join(p) })
+        Some(if p.is_absolute() {
+            p
+        } else {
+            self.base_dir.join(p)
+        })
     }
 
     fn boolean(&mut self, t: &Table, section: &str, key: &str) -> Option<bool> {
         match t.get(key)? {
             Value::Boolean(b) => Some(*b),
             other => {
-                self.problem(&format!("{section}.{key}"), format!("expected true or false, got {}", show(other)));
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("expected true or false, got {}", show(other)),
+                );
                 None
             }
         }
@@ -623,11 +712,17 @@ impl Reader {
         match t.get(key)? {
             Value::Integer(i) if (min..=max).contains(i) => Some(*i),
             Value::Integer(i) => {
-                self.problem(&format!("{section}.{key}"), format!("{i} is outside {min}..={max}"));
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("{i} is outside {min}..={max}"),
+                );
                 None
             }
             other => {
-                self.problem(&format!("{section}.{key}"), format!("expected an integer, got {}", show(other)));
+                self.problem(
+                    &format!("{section}.{key}"),
+                    format!("expected an integer, got {}", show(other)),
+                );
                 None
             }
         }
@@ -639,7 +734,14 @@ impl Reader {
             Value::String(s) => match parse_duration(s) {
                 Ok(d) if d >= min => Some(d),
                 Ok(d) => {
-                    self.problem(&name, format!("{} is too short (at least {})", format_duration(d), format_duration(min)));
+                    self.problem(
+                        &name,
+                        format!(
+                            "{} is too short (at least {})",
+                            format_duration(d),
+                            format_duration(min)
+                        ),
+                    );
                     None
                 }
                 Err(e) => {
@@ -648,7 +750,13 @@ impl Reader {
                 }
             },
             other => {
-                self.problem(&name, format!("expected a duration string like \"30s\" or \"2h\", got {}", show(other)));
+                self.problem(
+                    &name,
+                    format!(
+                        "expected a duration string like \"30s\" or \"2h\", got {}",
+                        show(other)
+                    ),
+                );
                 None
             }
         }
@@ -709,8 +817,14 @@ mod tests {
         assert!(c.poll.fill_skipped_stages);
         assert_eq!(c.control.mode, 0o600);
         assert_eq!(c.housekeeping.retention, Duration::from_secs(30 * 86400));
-        assert_eq!(c.store.path, PathBuf::from("/home/u/.local/state/sunopoll/sunopoll.db"));
-        assert_eq!(c.control.socket, PathBuf::from("/tmp/sunopoll-1000/sunopoll.sock"));
+        assert_eq!(
+            c.store.path,
+            PathBuf::from("/home/u/.local/state/sunopoll/sunopoll.db")
+        );
+        assert_eq!(
+            c.control.socket,
+            PathBuf::from("/tmp/sunopoll-1000/sunopoll.sock")
+        );
     }
 
     #[test]
@@ -760,14 +874,22 @@ mod tests {
         assert_eq!(c.control.group.as_deref(), Some("sunopoll-admin"));
         assert_eq!(c.log.level, "debug");
         assert_eq!(c.housekeeping.retention, Duration::from_secs(7 * 86400));
-        assert_eq!(c.housekeeping.prune_schedule.pattern.to_string(), "0 3 * * *");
+        assert_eq!(
+            c.housekeeping.prune_schedule.pattern.to_string(),
+            "0 3 * * *"
+        );
     }
 
     #[test]
     fn integer_rate_and_unlimited_are_accepted() {
         let c = Config::parse("[poll]\nmax-requests-per-second = 2", None, &env()).expect("ok");
         assert_eq!(c.poll.max_requests_per_second, Some(2.0));
-        let c = Config::parse("[poll]\nmax-requests-per-second = \"unlimited\"", None, &env()).expect("ok");
+        let c = Config::parse(
+            "[poll]\nmax-requests-per-second = \"unlimited\"",
+            None,
+            &env(),
+        )
+        .expect("ok");
         assert_eq!(c.poll.max_requests_per_second, None);
     }
 
@@ -833,15 +955,33 @@ mod tests {
         let mut e = env();
         e.xdg_state_home = Some("/xdg/state".into());
         e.xdg_runtime_dir = Some("/run/user/1000".into());
-        assert_eq!(e.default_store_path(), PathBuf::from("/xdg/state/sunopoll/sunopoll.db"));
-        assert_eq!(e.default_socket_path(), PathBuf::from("/run/user/1000/sunopoll.sock"));
+        assert_eq!(
+            e.default_store_path(),
+            PathBuf::from("/xdg/state/sunopoll/sunopoll.db")
+        );
+        assert_eq!(
+            e.default_socket_path(),
+            PathBuf::from("/run/user/1000/sunopoll.sock")
+        );
         e.state_directory = Some("/var/lib/sunopoll".into());
         e.runtime_directory = Some("/run/sunopoll".into());
-        assert_eq!(e.default_store_path(), PathBuf::from("/var/lib/sunopoll/sunopoll.db"));
-        assert_eq!(e.default_socket_path(), PathBuf::from("/run/sunopoll/sunopoll.sock"));
+        assert_eq!(
+            e.default_store_path(),
+            PathBuf::from("/var/lib/sunopoll/sunopoll.db")
+        );
+        assert_eq!(
+            e.default_socket_path(),
+            PathBuf::from("/run/sunopoll/sunopoll.sock")
+        );
         let root = Environment::default();
-        assert_eq!(root.default_store_path(), PathBuf::from("/var/lib/sunopoll/sunopoll.db"));
-        assert_eq!(root.default_socket_path(), PathBuf::from("/run/sunopoll.sock"));
+        assert_eq!(
+            root.default_store_path(),
+            PathBuf::from("/var/lib/sunopoll/sunopoll.db")
+        );
+        assert_eq!(
+            root.default_socket_path(),
+            PathBuf::from("/run/sunopoll.sock")
+        );
     }
 
     #[test]
@@ -862,12 +1002,18 @@ mod tests {
         e.credentials_directory = Some(creds);
         assert_eq!(c.api_key(&e).expect("creds").expose(), "from-credentials");
 
-        let none = Config::defaults(&env()).api_key(&env()).expect_err("no key");
+        let none = Config::defaults(&env())
+            .api_key(&env())
+            .expect_err("no key");
         for place in ["CREDENTIALS_DIRECTORY", "key-file", "SUNO_API_KEY"] {
             assert!(none.contains(place), "{none}");
         }
         let mut c = Config::defaults(&env());
         c.api.key_file = Some(dir.path().join("missing"));
-        assert!(c.api_key(&env()).expect_err("missing").contains("api.key-file"));
+        assert!(
+            c.api_key(&env())
+                .expect_err("missing")
+                .contains("api.key-file")
+        );
     }
 }

@@ -6,8 +6,8 @@
 //! it is never reachable with looser permissions than configured.
 //!
 //! Serving: one task per connection, behind a semaphore. Each line is capped at
-//! [`MAX_LINE`](crate::protocol::MAX_LINE) and each wait for a line at [`IDLE_TIMEOUT`]; a bad line
-//! gets an error response and never affects other clients.
+//! [`MAX_LINE`](crate::protocol::MAX_LINE) and each wait for a line by `control.idle-timeout`;
+//! a bad line gets an error response and never affects other clients.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -26,15 +26,11 @@ use tracing::{debug, info, warn};
 use crate::clock::{format_duration, format_utc, ms, now_ms};
 use crate::config::PollConfig;
 use crate::protocol::{
-    AddRequest, ErrorBody, EventsRequest, ListRequest, MAX_LINE, Request, TaskState, check_callback_url,
-    check_label, check_task_id, check_task_ids,
+    AddRequest, ErrorBody, EventsRequest, ListRequest, MAX_LINE, Request, TaskState,
+    check_callback_url, check_label, check_task_id, check_task_ids,
 };
 use crate::scheduler::{PauseKind, SharedStatus};
 use crate::store::{AddResult, Store};
-
-/// How long a connection may sit without sending a complete line. Long enough for a person
-/// typing into `socat`, short enough that forgotten connections do not pile up.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long writing one response may take before the client is considered gone.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -62,7 +58,10 @@ pub struct ControlSocket {
 impl ControlSocket {
     /// A socket that was passed in (socket activation): never removed by us.
     pub fn passed(path: PathBuf) -> ControlSocket {
-        ControlSocket { path, created: None }
+        ControlSocket {
+            path,
+            created: None,
+        }
     }
 
     /// Removes the socket file, if it is still the one we created.
@@ -88,7 +87,11 @@ impl FileId {
 }
 
 /// Creates the control socket at `path` with `mode` and optional `group`.
-pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<(UnixListener, ControlSocket), String> {
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<(UnixListener, ControlSocket), String> {
     let shown = path.display();
     let gid = group.map(resolve_group).transpose()?;
     let dir = path
@@ -117,7 +120,8 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<(UnixListener
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 info!(socket = %shown, "replacing a stale control socket left by an earlier run");
-                std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {shown}: {e}"))?;
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("cannot remove the stale socket {shown}: {e}"))?;
             }
             Err(e) => return Err(format!("{shown} exists and cannot be checked: {e}")),
         },
@@ -130,16 +134,21 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<(UnixListener
         .unwrap_or_else(|| "sunopoll.sock".to_owned());
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let listener =
-        std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| format!("cannot create the socket {shown}: {e}"))?;
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)
+        .map_err(|e| format!("cannot create the socket {shown}: {e}"))?;
     let finish = || -> Result<(), String> {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
             .map_err(|e| format!("cannot set mode {mode:04o} on {shown}: {e}"))?;
         if let Some(gid) = gid {
-            std::os::unix::fs::chown(&tmp, None, Some(gid))
-                .map_err(|e| format!("cannot give {shown} to group {}: {e}", group.unwrap_or_default()))?;
+            std::os::unix::fs::chown(&tmp, None, Some(gid)).map_err(|e| {
+                format!(
+                    "cannot give {shown} to group {}: {e}",
+                    group.unwrap_or_default()
+                )
+            })?;
         }
-        std::fs::rename(&tmp, path).map_err(|e| format!("cannot move the socket into place at {shown}: {e}"))
+        std::fs::rename(&tmp, path)
+            .map_err(|e| format!("cannot move the socket into place at {shown}: {e}"))
     };
     if let Err(e) = finish() {
         let _ = std::fs::remove_file(&tmp);
@@ -164,7 +173,8 @@ fn resolve_group(group: &str) -> Result<u32, String> {
     if let Ok(gid) = group.parse::<u32>() {
         return Ok(gid);
     }
-    let text = std::fs::read_to_string("/etc/group").map_err(|e| format!("cannot read /etc/group: {e}"))?;
+    let text = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("cannot read /etc/group: {e}"))?;
     text.lines()
         .filter_map(|l| {
             let mut f = l.split(':');
@@ -173,7 +183,9 @@ fn resolve_group(group: &str) -> Result<u32, String> {
             (name == group).then_some(gid)
         })
         .next()
-        .ok_or_else(|| format!("control.group: no group named {group:?} in /etc/group (a number works too)"))
+        .ok_or_else(|| {
+            format!("control.group: no group named {group:?} in /etc/group (a number works too)")
+        })
 }
 
 /// Facts about the running daemon that `status` reports.
@@ -203,10 +215,17 @@ pub struct Control {
     pub policy: PollConfig,
     /// Facts for `status`.
     pub info: DaemonInfo,
+    /// How long a connection may wait without sending a complete request.
+    pub idle_timeout: Duration,
 }
 
 /// Accepts connections until `cancel` fires. Every connection is a task in `tracker`.
-pub async fn serve(listener: UnixListener, ctx: Arc<Control>, cancel: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: UnixListener,
+    ctx: Arc<Control>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut accept_errors = 0u32;
     loop {
@@ -242,8 +261,11 @@ pub async fn serve(listener: UnixListener, ctx: Arc<Control>, cancel: Cancellati
             Err(_) => {
                 tracker.spawn(async move {
                     let mut stream = stream;
-                    let line = ErrorBody::new("busy", "too many control connections; try again shortly").to_line();
-                    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(line.as_bytes())).await;
+                    let line =
+                        ErrorBody::new("busy", "too many control connections; try again shortly")
+                            .to_line();
+                    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(line.as_bytes()))
+                        .await;
                 });
             }
         }
@@ -263,11 +285,19 @@ pub enum LineRead {
 }
 
 /// Reads one `\n`-terminated line into `buf`, never holding more than `max` bytes of it.
-pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: usize) -> io::Result<LineRead> {
+pub async fn read_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<LineRead> {
     loop {
         let available = r.fill_buf().await?;
         if available.is_empty() {
-            return Ok(if buf.is_empty() { LineRead::Eof } else { LineRead::Line });
+            return Ok(if buf.is_empty() {
+                LineRead::Eof
+            } else {
+                LineRead::Line
+            });
         }
         if let Some(i) = available.iter().position(|b| *b == b'\n') {
             if buf.len() + i > max {
@@ -292,7 +322,11 @@ async fn write_line(w: &mut (impl AsyncWriteExt + Unpin), line: &str) -> io::Res
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))?
 }
 
-async fn handle_connection(stream: UnixStream, ctx: &Control, cancel: &CancellationToken) -> io::Result<()> {
+async fn handle_connection(
+    stream: UnixStream,
+    ctx: &Control,
+    cancel: &CancellationToken,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(8 * 1024, read);
     let mut buf = Vec::new();
@@ -303,18 +337,23 @@ async fn handle_connection(stream: UnixStream, ctx: &Control, cancel: &Cancellat
                 let _ = write_line(&mut write, &ErrorBody::new("shutting_down", "the daemon is stopping").to_line()).await;
                 return Ok(());
             }
-            r = tokio::time::timeout(IDLE_TIMEOUT, read_line(&mut reader, &mut buf, MAX_LINE)) => r,
+            r = tokio::time::timeout(ctx.idle_timeout, read_line(&mut reader, &mut buf, MAX_LINE)) => r,
         };
         match read {
             Err(_) => {
-                let msg = format!("no complete request within {}; closing", format_duration(IDLE_TIMEOUT));
+                let msg = format!(
+                    "no complete request within {}; closing",
+                    format_duration(ctx.idle_timeout)
+                );
                 write_line(&mut write, &ErrorBody::new("timeout", msg).to_line()).await?;
                 return Ok(());
             }
             Ok(Err(e)) => return Err(e),
             Ok(Ok(LineRead::Eof)) => return Ok(()),
             Ok(Ok(LineRead::TooLong)) => {
-                let msg = format!("request line longer than {MAX_LINE} bytes; split large adds into batches");
+                let msg = format!(
+                    "request line longer than {MAX_LINE} bytes; split large adds into batches"
+                );
                 write_line(&mut write, &ErrorBody::new("line_too_long", msg).to_line()).await?;
                 return Ok(());
             }
@@ -337,16 +376,23 @@ async fn handle_connection(stream: UnixStream, ctx: &Control, cancel: &Cancellat
             return follow_events(req, ctx, &mut reader, &mut write, cancel).await;
         }
         let response = match handle(request, ctx).await {
-            Ok(mut v) => {
-                v["ok"] = json!(true);
-                let mut s = v.to_string();
-                s.push('\n');
-                s
-            }
+            Ok(v) => ok_line(v),
             Err(e) => e.to_line(),
         };
         write_line(&mut write, &response).await?;
     }
+}
+
+/// `{"ok":true, ...fields of v}` as one line, `ok` first.
+fn ok_line(v: serde_json::Value) -> String {
+    let mut out = serde_json::Map::new();
+    out.insert("ok".to_owned(), json!(true));
+    if let serde_json::Value::Object(fields) = v {
+        out.extend(fields);
+    }
+    let mut s = serde_json::Value::Object(out).to_string();
+    s.push('\n');
+    s
 }
 
 fn store_error(e: &crate::store::StoreError) -> ErrorBody {
@@ -359,7 +405,12 @@ async fn handle(request: Request, ctx: &Control) -> Result<serde_json::Value, Er
         Request::List(req) => list(req, ctx).await,
         Request::Show(req) => {
             check_task_id(&req.task_id).map_err(|e| ErrorBody::new("invalid_task_id", e))?;
-            match ctx.store.show(req.task_id.clone()).await.map_err(|e| store_error(&e))? {
+            match ctx
+                .store
+                .show(req.task_id.clone())
+                .await
+                .map_err(|e| store_error(&e))?
+            {
                 Some((task, events)) => Ok(json!({"task": task, "events": events})),
                 None => Err(not_found(&req.task_id)),
             }
@@ -401,7 +452,10 @@ async fn handle(request: Request, ctx: &Control) -> Result<serde_json::Value, Er
 }
 
 fn not_found(id: &str) -> ErrorBody {
-    ErrorBody::new("not_found", format!("no task {id} (add it with `sunopoll add {id}`)"))
+    ErrorBody::new(
+        "not_found",
+        format!("no task {id} (add it with `sunopoll add {id}`)"),
+    )
 }
 
 async fn add(req: AddRequest, ctx: &Control) -> Result<serde_json::Value, ErrorBody> {
@@ -413,10 +467,20 @@ async fn add(req: AddRequest, ctx: &Control) -> Result<serde_json::Value, ErrorB
         check_callback_url(url)?;
     }
     let mut seen = std::collections::HashSet::with_capacity(req.task_ids.len());
-    let ids: Vec<String> = req.task_ids.into_iter().filter(|id| seen.insert(id.clone())).collect();
+    let ids: Vec<String> = req
+        .task_ids
+        .into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect();
     let results = ctx
         .store
-        .add(ids, req.callback_url, req.label, now_ms(), ms(ctx.policy.task_deadline))
+        .add(
+            ids,
+            req.callback_url,
+            req.label,
+            now_ms(),
+            ms(ctx.policy.task_deadline),
+        )
         .await
         .map_err(|e| store_error(&e))?;
     let added: Vec<&str> = results
@@ -454,7 +518,11 @@ async fn list(req: ListRequest, ctx: &Control) -> Result<serde_json::Value, Erro
             )
         })?),
     };
-    let tasks = ctx.store.list(state, req.limit).await.map_err(|e| store_error(&e))?;
+    let tasks = ctx
+        .store
+        .list(state, req.limit)
+        .await
+        .map_err(|e| store_error(&e))?;
     Ok(json!({"tasks": tasks}))
 }
 
@@ -516,7 +584,11 @@ async fn follow_events(
     let mut scratch = [0u8; 256];
     loop {
         latest.mark_unchanged();
-        let batch = match ctx.store.events(since, req.task_id.clone(), Some(EVENTS_PAGE)).await {
+        let batch = match ctx
+            .store
+            .events(since, req.task_id.clone(), Some(EVENTS_PAGE))
+            .await
+        {
             Ok(b) => b,
             Err(e) => return write_line(write, &store_error(&e).to_line()).await,
         };
@@ -547,16 +619,28 @@ mod tests {
     async fn lines_are_capped() {
         let mut buf = Vec::new();
         let mut r = BufReader::with_capacity(4, &b"abc\ndefghij\nxyz"[..]);
-        assert_eq!(read_line(&mut r, &mut buf, 5).await.expect("io"), LineRead::Line);
+        assert_eq!(
+            read_line(&mut r, &mut buf, 5).await.expect("io"),
+            LineRead::Line
+        );
         assert_eq!(buf, b"abc");
         buf.clear();
-        assert_eq!(read_line(&mut r, &mut buf, 5).await.expect("io"), LineRead::TooLong);
+        assert_eq!(
+            read_line(&mut r, &mut buf, 5).await.expect("io"),
+            LineRead::TooLong
+        );
         let mut r = BufReader::new(&b"tail"[..]);
         buf.clear();
-        assert_eq!(read_line(&mut r, &mut buf, 5).await.expect("io"), LineRead::Line);
+        assert_eq!(
+            read_line(&mut r, &mut buf, 5).await.expect("io"),
+            LineRead::Line
+        );
         assert_eq!(buf, b"tail");
         buf.clear();
-        assert_eq!(read_line(&mut r, &mut buf, 5).await.expect("io"), LineRead::Eof);
+        assert_eq!(
+            read_line(&mut r, &mut buf, 5).await.expect("io"),
+            LineRead::Eof
+        );
     }
 
     #[tokio::test]
@@ -570,12 +654,18 @@ mod tests {
 
         let path = dir.path().join("s.sock");
         let (live, sock) = bind(&path, 0o600, None).expect("bind");
-        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
         let e = bind(&path, 0o600, None).expect_err("live");
         assert!(e.contains("already listening"), "{e}");
         drop(live);
         let (_again, sock2) = bind(&path, 0o660, None).expect("stale replaced");
-        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o660);
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o660
+        );
         // The first daemon's cleanup must not remove the second daemon's socket.
         sock.remove();
         assert!(path.exists());

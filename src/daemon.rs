@@ -47,7 +47,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts everything and returns when the daemon is ready to serve. Fails, with a message
     /// that says what and where, if the store or socket cannot be set up.
-    pub async fn start(config: Config, key: ApiKey, passed: Option<PassedSocket>) -> anyhow::Result<Daemon> {
+    pub async fn start(
+        config: Config,
+        key: ApiKey,
+        passed: Option<PassedSocket>,
+    ) -> anyhow::Result<Daemon> {
         let started_at = now_ms();
         let store_path = config.store.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
@@ -63,7 +67,8 @@ impl Daemon {
                 p.listener
                     .set_nonblocking(true)
                     .context("preparing the passed control socket")?;
-                let l = tokio::net::UnixListener::from_std(p.listener).context("using the passed control socket")?;
+                let l = tokio::net::UnixListener::from_std(p.listener)
+                    .context("using the passed control socket")?;
                 info!(socket = %p.path.display(), "using the control socket passed by systemd");
                 (l, ControlSocket::passed(p.path))
             }
@@ -89,7 +94,8 @@ impl Daemon {
             events: events_tx,
             status: status.clone(),
         };
-        tracker.spawn(scheduler.run(cancel.clone(), tracker.clone()));
+        let gate = scheduler.load_gate().await;
+        tracker.spawn(scheduler.run(gate, cancel.clone(), tracker.clone()));
 
         let ctx = Arc::new(Control {
             store: store.clone(),
@@ -103,8 +109,14 @@ impl Daemon {
                 socket: socket.path.clone(),
                 started_at,
             },
+            idle_timeout: config.control.idle_timeout,
         });
-        tracker.spawn(control::serve(listener, ctx, cancel.clone(), tracker.clone()));
+        tracker.spawn(control::serve(
+            listener,
+            ctx,
+            cancel.clone(),
+            tracker.clone(),
+        ));
         tracker.spawn(crate::housekeeping::run(
             store.clone(),
             config.housekeeping.prune_schedule.clone(),
@@ -161,13 +173,17 @@ impl Daemon {
         info!("shutting down: no new polls or connections; waiting for polls in flight");
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(self.drain, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(self.drain, self.tracker.wait())
+            .await
+            .is_err()
+        {
             warn!(
                 drain = %format_duration(self.drain),
                 "some work did not finish within the drain time; unfinished polls are repeated at the next start"
             );
         }
         self.socket.remove();
+        self.store.close().await;
         info!("stopped");
     }
 }

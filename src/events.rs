@@ -14,7 +14,9 @@ use serde_json::Value;
 use crate::api::{Record, TaskStatus, Track};
 
 /// A callback stage. The order of the variants is the order a task goes through them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
     /// Text (lyrics) generated.
@@ -150,7 +152,12 @@ pub fn map_record(
             let filled = stage != target;
             let tracks: Vec<&Track> = match stage {
                 Stage::Text => Vec::new(),
-                Stage::First if filled => record.tracks.iter().filter(|t| t.has_audio()).take(1).collect(),
+                Stage::First if filled => record
+                    .tracks
+                    .iter()
+                    .filter(|t| t.has_audio())
+                    .take(1)
+                    .collect(),
                 Stage::First => record.tracks.iter().filter(|t| t.has_audio()).collect(),
                 _ => record.tracks.iter().collect(),
             };
@@ -257,7 +264,13 @@ fn callback_create_time(v: &Value) -> Option<String> {
 }
 
 /// Serialises one callback body. Key order and spelling follow the API's callbacks exactly.
-pub fn callback_body(task_id: &str, stage: Stage, code: i64, msg: &str, tracks: &[&Track]) -> String {
+pub fn callback_body(
+    task_id: &str,
+    stage: Stage,
+    code: i64,
+    msg: &str,
+    tracks: &[&Track],
+) -> String {
     let body = CallbackBody {
         code,
         msg,
@@ -379,7 +392,12 @@ mod tests {
 
     #[test]
     fn text_to_success_fills_only_first() {
-        let ev = map_record(TASK, Some(Stage::Text), &record("record-info.SUCCESS.json"), true);
+        let ev = map_record(
+            TASK,
+            Some(Stage::Text),
+            &record("record-info.SUCCESS.json"),
+            true,
+        );
         assert_eq!(stages(&ev), [Stage::First, Stage::Complete]);
     }
 
@@ -405,8 +423,13 @@ mod tests {
     fn pending_and_unknown_statuses_emit_nothing() {
         assert!(map_record(TASK, None, &record("record-info.PENDING.json"), true).is_empty());
         assert!(
-            map_record(TASK, None, &record("record-info.PENDING.empty-sunoData.json"), true)
-                .is_empty()
+            map_record(
+                TASK,
+                None,
+                &record("record-info.PENDING.empty-sunoData.json"),
+                true
+            )
+            .is_empty()
         );
         let mut r = record("record-info.SUCCESS.json");
         r.status = TaskStatus::Other("RENDERING_VIDEO".to_owned());
@@ -416,11 +439,31 @@ mod tests {
     #[test]
     fn failures_give_one_error_with_the_right_code() {
         let cases = [
-            ("record-info.GENERATE_AUDIO_FAILED.json", 501, "Generation failed, please try again or contact support"),
-            ("record-info.GENERATE_AUDIO_FAILED.531.json", 531, "Sorry, generation failed due to an issue. Your credits have been refunded. Please try again."),
-            ("record-info.SENSITIVE_WORD_ERROR.json", 400, "Your lyrics contain words that are not allowed. Please revise and try again."),
-            ("record-info.CREATE_TASK_FAILED.json", 500, "Failed to create task: upstream rejected the request"),
-            ("record-info.CALLBACK_EXCEPTION.no-audio.json", 500, "Callback request to https://hooks.example.com/suno/callback failed"),
+            (
+                "record-info.GENERATE_AUDIO_FAILED.json",
+                501,
+                "Generation failed, please try again or contact support",
+            ),
+            (
+                "record-info.GENERATE_AUDIO_FAILED.531.json",
+                531,
+                "Sorry, generation failed due to an issue. Your credits have been refunded. Please try again.",
+            ),
+            (
+                "record-info.SENSITIVE_WORD_ERROR.json",
+                400,
+                "Your lyrics contain words that are not allowed. Please revise and try again.",
+            ),
+            (
+                "record-info.CREATE_TASK_FAILED.json",
+                500,
+                "Failed to create task: upstream rejected the request",
+            ),
+            (
+                "record-info.CALLBACK_EXCEPTION.no-audio.json",
+                500,
+                "Callback request to https://hooks.example.com/suno/callback failed",
+            ),
         ];
         for (file, code, msg) in cases {
             for reached in [None, Some(Stage::Text), Some(Stage::First)] {
@@ -438,14 +481,32 @@ mod tests {
 
     #[test]
     fn error_fixtures_match_where_the_message_agrees() {
-        let ev = map_record(TASK, None, &record("record-info.GENERATE_AUDIO_FAILED.531.json"), true);
+        let ev = map_record(
+            TASK,
+            None,
+            &record("record-info.GENERATE_AUDIO_FAILED.531.json"),
+            true,
+        );
         assert_eq!(json(&ev[0].body), expected("callback.error.531.json"));
-        let ev = map_record(TASK, None, &record("record-info.SENSITIVE_WORD_ERROR.json"), true);
-        assert_eq!(json(&ev[0].body), expected("callback.error.sensitive-word.json"));
+        let ev = map_record(
+            TASK,
+            None,
+            &record("record-info.SENSITIVE_WORD_ERROR.json"),
+            true,
+        );
+        assert_eq!(
+            json(&ev[0].body),
+            expected("callback.error.sensitive-word.json")
+        );
         // callback.error.json shows kie.ai's generic message for code 501; record-info carries
         // its own errorMessage, which we pass through (design: `errorMessage` or default). Only
         // the message differs.
-        let ev = map_record(TASK, None, &record("record-info.GENERATE_AUDIO_FAILED.json"), true);
+        let ev = map_record(
+            TASK,
+            None,
+            &record("record-info.GENERATE_AUDIO_FAILED.json"),
+            true,
+        );
         let mut want = expected("callback.error.json");
         want["msg"] = json(r#""Generation failed, please try again or contact support""#);
         assert_eq!(json(&ev[0].body), want);

@@ -23,7 +23,11 @@ pub fn next_run(schedule: &croner::Cron, after: DateTime<Utc>) -> Option<DateTim
 }
 
 /// Prunes once: tasks that finished more than `retention` before `now`.
-pub async fn prune_once(store: &Store, retention: Duration, now: i64) -> Result<Pruned, crate::store::StoreError> {
+pub async fn prune_once(
+    store: &Store,
+    retention: Duration,
+    now: i64,
+) -> Result<Pruned, crate::store::StoreError> {
     let before = now.saturating_sub(ms(retention));
     let pruned = store.prune(before).await?;
     info!(
@@ -37,7 +41,12 @@ pub async fn prune_once(store: &Store, retention: Duration, now: i64) -> Result<
 }
 
 /// Runs the schedule until `cancel` fires.
-pub async fn run(store: Store, schedule: croner::Cron, retention: Duration, cancel: CancellationToken) {
+pub async fn run(
+    store: Store,
+    schedule: croner::Cron,
+    retention: Duration,
+    cancel: CancellationToken,
+) {
     loop {
         let now = Utc::now();
         let Some(next) = next_run(&schedule, now) else {
@@ -67,7 +76,9 @@ mod tests {
     #[test]
     fn next_run_follows_the_cron_expression_in_utc() {
         let cron = croner::Cron::from_str("17 4 * * *").expect("cron");
-        let at = DateTime::parse_from_rfc3339("2026-11-26T19:30:00Z").expect("time").with_timezone(&Utc);
+        let at = DateTime::parse_from_rfc3339("2026-11-26T19:30:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
         let next = next_run(&cron, at).expect("next");
         assert_eq!(next.to_rfc3339(), "2026-11-27T04:17:00+00:00");
         let six = croner::Cron::from_str("*/10 * * * * *").expect("seconds cron");

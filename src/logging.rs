@@ -1,6 +1,8 @@
 //! Log output: human lines with timestamps on stderr. `RUST_LOG`, when set, overrides the
 //! configured level (e.g. `RUST_LOG=sunopoll=debug`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber at `level` (error, warn, info, debug or trace). Safe to call
@@ -11,5 +13,6 @@ pub fn init(level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

@@ -147,10 +147,15 @@ impl ErrorBody {
 impl Request {
     /// Parses one request line (without its newline). Every refusal says what was wrong.
     pub fn parse(line: &[u8]) -> Result<Request, ErrorBody> {
-        let text = std::str::from_utf8(line)
-            .map_err(|e| ErrorBody::new("invalid_json", format!("the request is not UTF-8 ({e})")))?;
-        let mut value: Value = serde_json::from_str(text)
-            .map_err(|e| ErrorBody::new("invalid_json", format!("the request is not valid JSON: {e}")))?;
+        let text = std::str::from_utf8(line).map_err(|e| {
+            ErrorBody::new("invalid_json", format!("the request is not UTF-8 ({e})"))
+        })?;
+        let mut value: Value = serde_json::from_str(text).map_err(|e| {
+            ErrorBody::new(
+                "invalid_json",
+                format!("the request is not valid JSON: {e}"),
+            )
+        })?;
         let Some(obj) = value.as_object_mut() else {
             return Err(ErrorBody::new(
                 "bad_request",
@@ -163,7 +168,10 @@ impl Request {
             None => {
                 return Err(ErrorBody::new(
                     "bad_request",
-                    format!("the request has no `cmd`; commands: {}", COMMANDS.join(", ")),
+                    format!(
+                        "the request has no `cmd`; commands: {}",
+                        COMMANDS.join(", ")
+                    ),
                 ));
             }
         };
@@ -204,9 +212,17 @@ pub fn check_task_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
         return Err("\"\" is empty".to_owned());
     }
-    let shown = || format!("\"{}\"", crate::api::clip(&id.escape_debug().to_string(), 48));
+    let shown = || {
+        format!(
+            "\"{}\"",
+            crate::api::clip(&id.escape_debug().to_string(), 48)
+        )
+    };
     if id.chars().count() > MAX_TASK_ID {
-        return Err(format!("{} is longer than {MAX_TASK_ID} characters", shown()));
+        return Err(format!(
+            "{} is longer than {MAX_TASK_ID} characters",
+            shown()
+        ));
     }
     if let Some(c) = id
         .chars()
@@ -226,7 +242,10 @@ pub fn check_task_ids(ids: &[String]) -> Result<(), ErrorBody> {
     if ids.is_empty() {
         return Err(ErrorBody::new("invalid_task_id", "no task IDs given"));
     }
-    let bad: Vec<String> = ids.iter().filter_map(|id| check_task_id(id).err()).collect();
+    let bad: Vec<String> = ids
+        .iter()
+        .filter_map(|id| check_task_id(id).err())
+        .collect();
     if bad.is_empty() {
         return Ok(());
     }
@@ -269,7 +288,9 @@ pub fn check_label(label: &str) -> Result<(), ErrorBody> {
 pub fn check_callback_url(url: &str) -> Result<(), ErrorBody> {
     let bad = |why: String| ErrorBody::new("invalid_callback_url", why);
     if url.len() > MAX_URL {
-        return Err(bad(format!("the callback URL is longer than {MAX_URL} characters")));
+        return Err(bad(format!(
+            "the callback URL is longer than {MAX_URL} characters"
+        )));
     }
     match url::Url::parse(url) {
         Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => Ok(()),
@@ -386,8 +407,12 @@ mod tests {
                 state: Some("active".into()),
                 limit: None,
             }),
-            Request::Show(ShowRequest { task_id: "a".into() }),
-            Request::Remove(RemoveRequest { task_id: "a".into() }),
+            Request::Show(ShowRequest {
+                task_id: "a".into(),
+            }),
+            Request::Remove(RemoveRequest {
+                task_id: "a".into(),
+            }),
             Request::Events(EventsRequest {
                 since: Some(3),
                 follow: true,

@@ -47,7 +47,12 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -
 
 /// The global pause after the `attempt`-th throttled or unavailable answer in a row, honouring
 /// the server's `Retry-After` when it asks for longer.
-pub fn pause_delay(attempt: u32, policy: &PollConfig, retry_after: Option<Duration>, jitter: f64) -> Duration {
+pub fn pause_delay(
+    attempt: u32,
+    policy: &PollConfig,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Duration {
     let d = backoff_delay(attempt, policy.interval, policy.backoff_max, jitter);
     retry_after.map_or(d, |ra| d.max(ra))
 }
@@ -57,8 +62,16 @@ pub fn pause_delay(attempt: u32, policy: &PollConfig, retry_after: Option<Durati
 ///
 /// Global outcomes (throttled, unavailable, unauthorized) are the gate's business and must not
 /// be passed here; they leave the task untouched.
-pub fn decide(task: &TaskRow, outcome: &Outcome, now: i64, policy: &PollConfig, jitter: f64) -> TaskUpdate {
-    let next_regular = now.saturating_add(ms(policy.interval)).min(task.deadline_at.max(now));
+pub fn decide(
+    task: &TaskRow,
+    outcome: &Outcome,
+    now: i64,
+    policy: &PollConfig,
+    jitter: f64,
+) -> TaskUpdate {
+    let next_regular = now
+        .saturating_add(ms(policy.interval))
+        .min(task.deadline_at.max(now));
     let past_deadline = now >= task.deadline_at;
     let deadline_event = || {
         let after = format_duration(Duration::from_millis(
@@ -88,11 +101,19 @@ pub fn decide(task: &TaskRow, outcome: &Outcome, now: i64, policy: &PollConfig, 
         }
         Outcome::Rejected { code, message } => {
             update.rejections = task.rejections.saturating_add(1);
-            update.last_error = Some(format!("rejected by the API: code {code}: {}", clip(message, 200)));
+            update.last_error = Some(format!(
+                "rejected by the API: code {code}: {}",
+                clip(message, 200)
+            ));
             if update.rejections >= REJECTION_LIMIT {
                 update.events = vec![error_event(&task.id, *code, message)];
             } else {
-                let delay = backoff_delay(update.rejections, policy.interval, policy.backoff_max, jitter);
+                let delay = backoff_delay(
+                    update.rejections,
+                    policy.interval,
+                    policy.backoff_max,
+                    jitter,
+                );
                 update.next_poll_at = now.saturating_add(ms(delay));
             }
         }
@@ -271,17 +292,20 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Runs until `cancel` fires, then stops starting polls. Polls already started keep running
-    /// in `tracker` and commit their results; the caller waits for them.
-    pub async fn run(self, cancel: CancellationToken, tracker: TaskTracker) {
-        let mut gate = match self.store.load_gate().await {
+    /// Loads the persisted pause (if any) and publishes the initial status. Call before
+    /// [`Scheduler::run`] so `status` is right from the first request.
+    pub async fn load_gate(&self) -> Gate {
+        let gate = match self.store.load_gate().await {
             Ok(row) => Gate::from_row(row),
             Err(e) => {
                 error!(error = %e, "cannot read the saved pause state; starting unpaused");
                 Gate::Open
             }
         };
-        if let Gate::Paused { kind, until, cause, .. } = &gate {
+        if let Gate::Paused {
+            kind, until, cause, ..
+        } = &gate
+        {
             let wait = (*until - now_ms()).max(0);
             warn!(
                 pause = kind.as_str(),
@@ -290,6 +314,13 @@ impl Scheduler {
                 "polling was paused before the restart; honouring the pause, then probing with one request"
             );
         }
+        self.publish(&gate, 0, now_ms());
+        gate
+    }
+
+    /// Runs from `gate` until `cancel` fires, then stops starting polls. Polls already started
+    /// keep running in `tracker` and commit their results; the caller waits for them.
+    pub async fn run(self, mut gate: Gate, cancel: CancellationToken, tracker: TaskTracker) {
         let capacity = self.policy.max_in_flight;
         let (done_tx, mut done_rx) = mpsc::channel::<Finished>(capacity * 2 + 1);
         let mut in_flight: HashSet<String> = HashSet::new();
@@ -304,8 +335,14 @@ impl Scheduler {
         loop {
             // Take in every finished poll first: they free slots and may move the gate.
             while let Ok(f) = done_rx.try_recv() {
-                self.finish(f, &mut gate, &mut epoch, &mut in_flight, &mut probe_in_flight)
-                    .await;
+                self.finish(
+                    f,
+                    &mut gate,
+                    &mut epoch,
+                    &mut in_flight,
+                    &mut probe_in_flight,
+                )
+                .await;
             }
             if cancel.is_cancelled() {
                 break;
@@ -321,7 +358,9 @@ impl Scheduler {
                     wake_at = Some(instant_at(*until, now));
                     (0, false)
                 }
-                Gate::Paused { .. } => (usize::from(!probe_in_flight && in_flight.is_empty()), true),
+                Gate::Paused { .. } => {
+                    (usize::from(!probe_in_flight && in_flight.is_empty()), true)
+                }
             };
             if slots > 0 {
                 match self.store.due_window(slots + in_flight.len() + 1).await {
@@ -379,10 +418,20 @@ impl Scheduler {
                 () = sleep => {}
             }
         }
-        debug!(in_flight = in_flight.len(), "scheduler stopped starting polls");
+        debug!(
+            in_flight = in_flight.len(),
+            "scheduler stopped starting polls"
+        );
     }
 
-    fn spawn_poll(&self, tracker: &TaskTracker, id: String, probe: bool, epoch: u64, done: mpsc::Sender<Finished>) {
+    fn spawn_poll(
+        &self,
+        tracker: &TaskTracker,
+        id: String,
+        probe: bool,
+        epoch: u64,
+        done: mpsc::Sender<Finished>,
+    ) {
         let api = self.api.clone();
         let store = self.store.clone();
         let policy = self.policy.clone();
@@ -393,13 +442,14 @@ impl Scheduler {
         tracker.spawn(async move {
             let outcome = api.record_info(&id).await;
             let summary = apply_outcome(&store, &policy, &events, &id, outcome).await;
-            let _ = done.send(Finished {
-                id,
-                probe,
-                epoch,
-                outcome: summary,
-            })
-            .await;
+            let _ = done
+                .send(Finished {
+                    id,
+                    probe,
+                    epoch,
+                    outcome: summary,
+                })
+                .await;
         });
     }
 
@@ -417,7 +467,11 @@ impl Scheduler {
         }
         let now = now_ms();
         match f.outcome {
-            OutcomeSummary::Global { kind, retry_after, cause } => {
+            OutcomeSummary::Global {
+                kind,
+                retry_after,
+                cause,
+            } => {
                 self.record_answer(kind.as_str(), now);
                 let counts = f.probe || (*gate == Gate::Open && f.epoch == *epoch);
                 if !counts {
@@ -491,7 +545,9 @@ impl Scheduler {
     }
 
     fn publish(&self, gate: &Gate, in_flight: usize, now: i64) {
-        let Ok(mut s) = self.status.lock() else { return };
+        let Ok(mut s) = self.status.lock() else {
+            return;
+        };
         s.in_flight = in_flight;
         match gate {
             Gate::Open => {
@@ -561,7 +617,9 @@ async fn apply_outcome(
     let decide_policy = policy.clone();
     let logged = outcome.clone();
     let applied = store
-        .apply_poll(id.to_owned(), now, move |row| decide(row, &outcome, now, &decide_policy, jitter))
+        .apply_poll(id.to_owned(), now, move |row| {
+            decide(row, &outcome, now, &decide_policy, jitter)
+        })
         .await;
     let applied = match applied {
         Ok(Some(a)) => a,
@@ -585,7 +643,11 @@ async fn apply_outcome(
 }
 
 fn log_poll(id: &str, outcome: &Outcome, before: &TaskRow, update: &TaskUpdate, now: i64) {
-    let retry_in = || format_duration(Duration::from_millis((update.next_poll_at - now).max(0).unsigned_abs()));
+    let retry_in = || {
+        format_duration(Duration::from_millis(
+            (update.next_poll_at - now).max(0).unsigned_abs(),
+        ))
+    };
     match outcome {
         Outcome::Pending(record) | Outcome::Progress(record) => {
             let status = record.status.as_str();
@@ -694,15 +756,27 @@ mod tests {
         assert_eq!(backoff_delay(2, base, max, 0.5), Duration::from_secs(60));
         assert_eq!(backoff_delay(3, base, max, 0.5), Duration::from_secs(120));
         assert_eq!(backoff_delay(6, base, max, 0.5), Duration::from_secs(600));
-        assert_eq!(backoff_delay(u32::MAX, base, max, 0.5), Duration::from_secs(600));
+        assert_eq!(
+            backoff_delay(u32::MAX, base, max, 0.5),
+            Duration::from_secs(600)
+        );
     }
 
     #[test]
     fn retry_after_lengthens_a_pause_but_never_shortens_it() {
         let p = policy();
-        assert_eq!(pause_delay(1, &p, Some(Duration::from_secs(90)), 0.5), Duration::from_secs(90));
-        assert_eq!(pause_delay(1, &p, Some(Duration::from_secs(1)), 0.5), Duration::from_secs(30));
-        assert_eq!(pause_delay(9, &p, Some(Duration::from_secs(3600)), 0.5), Duration::from_secs(3600));
+        assert_eq!(
+            pause_delay(1, &p, Some(Duration::from_secs(90)), 0.5),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            pause_delay(1, &p, Some(Duration::from_secs(1)), 0.5),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            pause_delay(9, &p, Some(Duration::from_secs(3600)), 0.5),
+            Duration::from_secs(3600)
+        );
     }
 
     #[test]
@@ -710,7 +784,13 @@ mod tests {
         let mut t = task(None);
         t.failures = 2;
         t.rejections = 1;
-        let u = decide(&t, &Outcome::Pending(record(TaskStatus::Pending)), 1000, &policy(), 0.5);
+        let u = decide(
+            &t,
+            &Outcome::Pending(record(TaskStatus::Pending)),
+            1000,
+            &policy(),
+            0.5,
+        );
         assert_eq!((u.failures, u.rejections), (0, 0));
         assert_eq!(u.next_poll_at, 31_000);
         assert_eq!(u.state, TaskState::Active);
@@ -720,7 +800,13 @@ mod tests {
 
     #[test]
     fn the_next_poll_is_never_after_the_deadline() {
-        let u = decide(&task(None), &Outcome::Pending(record(TaskStatus::Pending)), 7_190_000, &policy(), 0.5);
+        let u = decide(
+            &task(None),
+            &Outcome::Pending(record(TaskStatus::Pending)),
+            7_190_000,
+            &policy(),
+            0.5,
+        );
         assert_eq!(u.next_poll_at, 7_200_000);
     }
 
@@ -737,12 +823,22 @@ mod tests {
         assert_eq!(u.events.len(), 1);
         assert_eq!(u.events[0].stage, Stage::Error);
         assert_eq!(u.events[0].code, 408);
-        assert!(u.events[0].body.contains("within 2h"), "{}", u.events[0].body);
+        assert!(
+            u.events[0].body.contains("within 2h"),
+            "{}",
+            u.events[0].body
+        );
     }
 
     #[test]
     fn a_final_answer_past_the_deadline_wins_over_the_timeout() {
-        let u = decide(&task(None), &Outcome::Progress(record(TaskStatus::Success)), 9_000_000, &policy(), 0.5);
+        let u = decide(
+            &task(None),
+            &Outcome::Progress(record(TaskStatus::Success)),
+            9_000_000,
+            &policy(),
+            0.5,
+        );
         assert_eq!(u.state, TaskState::Done);
         assert_eq!(
             u.events.iter().map(|e| e.stage).collect::<Vec<_>>(),
@@ -775,7 +871,15 @@ mod tests {
     fn broken_answers_back_off_the_task_only() {
         let mut t = task(None);
         t.failures = 2;
-        let u = decide(&t, &Outcome::Broken { cause: "bad".into() }, 1000, &policy(), 0.5);
+        let u = decide(
+            &t,
+            &Outcome::Broken {
+                cause: "bad".into(),
+            },
+            1000,
+            &policy(),
+            0.5,
+        );
         assert_eq!(u.failures, 3);
         assert_eq!(u.next_poll_at, 1000 + 120_000);
         assert_eq!(u.state, TaskState::Active);

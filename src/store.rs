@@ -117,10 +117,17 @@ impl StoreHealth {
 type Completion = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
 
+/// What the store thread receives.
+enum Message {
+    Job(Job),
+    /// Finish, close the database, release the lock, then answer.
+    Close(oneshot::Sender<()>),
+}
+
 /// A handle on the store thread. Cheap to clone; the thread stops when the last handle is gone.
 #[derive(Clone)]
 pub struct Store {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Message>,
     path: Arc<PathBuf>,
     health: Arc<StoreHealth>,
 }
@@ -271,9 +278,12 @@ impl Store {
         std::thread::Builder::new()
             .name("sunopoll-store".to_owned())
             .spawn(move || {
-                run_jobs(&conn, rx, &thread_health);
+                let closed = run_jobs(&conn, rx, &thread_health);
                 drop(conn);
                 drop(lock);
+                if let Some(ack) = closed {
+                    let _ = ack.send(());
+                }
             })
             .map_err(|e| open_err(format!("cannot start the store thread: {e}")))?;
         Ok(Store {
@@ -312,8 +322,20 @@ impl Store {
             });
             (ok, done)
         });
-        self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
+        self.jobs
+            .send(Message::Job(job))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Closes the database and releases its lock once the jobs already queued are done. Later
+    /// calls on any handle fail with [`StoreError::Closed`].
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Message::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Adds task IDs. Known IDs are left as they are (and reported); removed ones are tracked
@@ -378,7 +400,12 @@ impl Store {
     /// Applies one poll's result to an active task: `decide` sees the task as stored now and
     /// returns its new state and events, which are written in the same transaction. Returns
     /// `None` (and writes nothing) if the task is no longer active, e.g. removed meanwhile.
-    pub async fn apply_poll<F>(&self, id: String, now: i64, decide: F) -> Result<Option<Applied>, StoreError>
+    pub async fn apply_poll<F>(
+        &self,
+        id: String,
+        now: i64,
+        decide: F,
+    ) -> Result<Option<Applied>, StoreError>
     where
         F: FnOnce(&TaskRow) -> TaskUpdate + Send + 'static,
     {
@@ -435,7 +462,11 @@ impl Store {
     }
 
     /// Tasks, newest first, optionally only those in `state`.
-    pub async fn list(&self, state: Option<TaskState>, limit: Option<u32>) -> Result<Vec<TaskView>, StoreError> {
+    pub async fn list(
+        &self,
+        state: Option<TaskState>,
+        limit: Option<u32>,
+    ) -> Result<Vec<TaskView>, StoreError> {
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {TASK_COLUMNS} FROM tasks WHERE (?1 IS NULL OR state = ?1) ORDER BY rowid DESC LIMIT ?2"
@@ -479,15 +510,22 @@ impl Store {
     }
 
     /// Events with a sequence number above `since`, oldest first.
-    pub async fn events(&self, since: i64, task: Option<String>, limit: Option<u32>) -> Result<Vec<EventView>, StoreError> {
-        self.call(move |conn| events_query(conn, since, task.as_deref(), limit)).await
+    pub async fn events(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<Vec<EventView>, StoreError> {
+        self.call(move |conn| events_query(conn, since, task.as_deref(), limit))
+            .await
     }
 
     /// Task counts and the event sequence high-water mark.
     pub async fn counts(&self) -> Result<Counts, StoreError> {
         self.call(|conn| {
             let mut c = Counts::default();
-            let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+            let mut stmt =
+                conn.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
                 let (state, n) = row?;
@@ -508,7 +546,7 @@ impl Store {
 
     /// The highest event sequence number ever assigned (0 if none).
     pub async fn last_seq(&self) -> Result<i64, StoreError> {
-        self.call(|conn| last_seq(conn)).await
+        self.call(last_seq).await
     }
 
     /// The persisted global pause, if any.
@@ -557,7 +595,10 @@ impl Store {
                    (SELECT id FROM tasks WHERE state <> 'active' AND finished_at < ?1)",
                 [before],
             )?;
-            let tasks = conn.execute("DELETE FROM tasks WHERE state <> 'active' AND finished_at < ?1", [before])?;
+            let tasks = conn.execute(
+                "DELETE FROM tasks WHERE state <> 'active' AND finished_at < ?1",
+                [before],
+            )?;
             Ok(Pruned { tasks, events })
         })
         .await
@@ -580,7 +621,9 @@ fn view_from_row(r: &Row<'_>) -> rusqlite::Result<TaskView> {
         polls: r.get(5)?,
         added_at: format_utc(r.get(6)?),
         updated_at: format_utc(r.get(7)?),
-        next_poll_at: (state == TaskState::Active).then(|| r.get::<_, i64>(8).map(format_utc)).transpose()?,
+        next_poll_at: (state == TaskState::Active)
+            .then(|| r.get::<_, i64>(8).map(format_utc))
+            .transpose()?,
         deadline_at: format_utc(r.get(9)?),
         finished_at: r.get::<_, Option<i64>>(10)?.map(format_utc),
         callback_url: r.get(11)?,
@@ -618,7 +661,12 @@ fn task_row(conn: &Connection, id: &str) -> Result<Option<TaskRow>, StoreError> 
         .optional()?)
 }
 
-fn events_query(conn: &Connection, since: i64, task: Option<&str>, limit: Option<u32>) -> Result<Vec<EventView>, StoreError> {
+fn events_query(
+    conn: &Connection,
+    since: i64,
+    task: Option<&str>,
+    limit: Option<u32>,
+) -> Result<Vec<EventView>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, task_id, stage, code, created_at, body FROM events
          WHERE seq > ?1 AND (?2 IS NULL OR task_id = ?2) ORDER BY seq LIMIT ?3",
@@ -635,10 +683,13 @@ fn events_query(conn: &Connection, since: i64, task: Option<&str>, limit: Option
             Ok(EventView {
                 seq,
                 task_id,
-                stage: Stage::parse(&stage).ok_or_else(|| StoreError::Sqlite(format!("event {seq} has stage {stage:?}")))?,
+                stage: Stage::parse(&stage).ok_or_else(|| {
+                    StoreError::Sqlite(format!("event {seq} has stage {stage:?}"))
+                })?,
                 code,
                 created_at: format_utc(created_at),
-                body: RawValue::from_string(body).map_err(|e| StoreError::Sqlite(format!("event {seq} body: {e}")))?,
+                body: RawValue::from_string(body)
+                    .map_err(|e| StoreError::Sqlite(format!("event {seq} body: {e}")))?,
             })
         })
         .collect()
@@ -647,7 +698,11 @@ fn events_query(conn: &Connection, since: i64, task: Option<&str>, limit: Option
 fn last_seq(conn: &Connection) -> Result<i64, StoreError> {
     // AUTOINCREMENT keeps the high-water mark in sqlite_sequence even after events are pruned.
     Ok(conn
-        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'events'", [], |r| r.get(0))
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
+            [],
+            |r| r.get(0),
+        )
         .optional()?
         .unwrap_or(0))
 }
@@ -670,7 +725,9 @@ fn lock_store(path: &Path) -> Result<File, String> {
             "it is in use by another sunopoll daemon (lock {} is held); stop that one first",
             lock_path.display()
         )),
-        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", lock_path.display())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(format!("cannot lock {}: {e}", lock_path.display()))
+        }
     }
 }
 
@@ -719,25 +776,46 @@ fn migrate(conn: &Connection) -> Result<(), String> {
         ));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let step = format!("BEGIN IMMEDIATE; {sql} PRAGMA user_version = {}; COMMIT;", i + 1);
+        let step = format!(
+            "BEGIN IMMEDIATE; {sql} PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        );
         if let Err(e) = conn.execute_batch(&step) {
             let _ = conn.execute_batch("ROLLBACK");
-            return Err(format!("migration to schema {} failed: {}", i + 1, explain_open_error(&e)));
+            return Err(format!(
+                "migration to schema {} failed: {}",
+                i + 1,
+                explain_open_error(&e)
+            ));
         }
     }
     Ok(())
 }
 
-/// The store thread: batches waiting jobs into one transaction each.
-fn run_jobs(conn: &Connection, mut rx: mpsc::Receiver<Job>, health: &StoreHealth) {
+/// The store thread: batches waiting jobs into one transaction each. Returns the
+/// acknowledgement to send once the database is closed, if asked to close.
+fn run_jobs(
+    conn: &Connection,
+    mut rx: mpsc::Receiver<Message>,
+    health: &StoreHealth,
+) -> Option<oneshot::Sender<()>> {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+    let mut closing = None;
+    while closing.is_none() {
+        match rx.blocking_recv() {
+            None => break,
+            Some(Message::Close(ack)) => closing = Some(ack),
+            Some(Message::Job(job)) => batch.push(job),
+        }
+        while batch.len() < MAX_BATCH && closing.is_none() {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Message::Job(job)) => batch.push(job),
+                Ok(Message::Close(ack)) => closing = Some(ack),
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let e = StoreError::from(e);
@@ -754,7 +832,11 @@ fn run_jobs(conn: &Connection, mut rx: mpsc::Receiver<Job>, health: &StoreHealth
             let savepoint = conn.execute_batch("SAVEPOINT job");
             let (ok, done) = job(conn);
             if savepoint.is_ok() {
-                let end = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+                let end = if ok {
+                    "RELEASE job"
+                } else {
+                    "ROLLBACK TO job; RELEASE job"
+                };
                 if let Err(e) = conn.execute_batch(end) {
                     tracing::error!(error = %e, "store: cannot close a savepoint");
                 }
@@ -771,6 +853,7 @@ fn run_jobs(conn: &Connection, mut rx: mpsc::Receiver<Job>, health: &StoreHealth
             done(commit.as_ref().map(|_| ()));
         }
     }
+    closing
 }
 
 #[cfg(test)]
@@ -799,10 +882,25 @@ mod tests {
     #[tokio::test]
     async fn add_is_idempotent_and_reports_state() {
         let (_d, s) = open();
-        let r = s.add(vec!["a".into(), "b".into()], None, Some("l".into()), 1000, 10).await.expect("add");
-        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), [AddResult::Added, AddResult::Added]);
+        let r = s
+            .add(
+                vec!["a".into(), "b".into()],
+                None,
+                Some("l".into()),
+                1000,
+                10,
+            )
+            .await
+            .expect("add");
+        assert_eq!(
+            r.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [AddResult::Added, AddResult::Added]
+        );
         assert_eq!(r[0].1.label.as_deref(), Some("l"));
-        let r = s.add(vec!["a".into()], None, None, 2000, 10).await.expect("add");
+        let r = s
+            .add(vec!["a".into()], None, None, 2000, 10)
+            .await
+            .expect("add");
         assert_eq!(r[0].0, AddResult::Exists);
         assert_eq!(r[0].1.added_at, format_utc(1000));
         let c = s.counts().await.expect("counts");
@@ -830,16 +928,25 @@ mod tests {
     #[tokio::test]
     async fn due_window_orders_by_next_poll() {
         let (_d, s) = open();
-        s.add(vec!["late".into()], None, None, 3000, 10).await.expect("add");
-        s.add(vec!["early".into()], None, None, 1000, 10).await.expect("add");
+        s.add(vec!["late".into()], None, None, 3000, 10)
+            .await
+            .expect("add");
+        s.add(vec!["early".into()], None, None, 1000, 10)
+            .await
+            .expect("add");
         let w = s.due_window(10).await.expect("due");
-        assert_eq!(w.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["early", "late"]);
+        assert_eq!(
+            w.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["early", "late"]
+        );
     }
 
     #[tokio::test]
     async fn apply_poll_writes_events_once_and_in_order() {
         let (_d, s) = open();
-        s.add(vec!["t".into()], None, None, 1000, 10_000).await.expect("add");
+        s.add(vec!["t".into()], None, None, 1000, 10_000)
+            .await
+            .expect("add");
         let ev = error_event("t", 501, "failed");
         let applied = s
             .apply_poll("t".into(), 2000, move |row| {
@@ -852,7 +959,9 @@ mod tests {
         assert_eq!(applied.seqs, [1]);
         // A finished task is not touched again.
         let again = s
-            .apply_poll("t".into(), 3000, |_| update(TaskState::Failed, vec![error_event("t", 1, "x")]))
+            .apply_poll("t".into(), 3000, |_| {
+                update(TaskState::Failed, vec![error_event("t", 1, "x")])
+            })
             .await
             .expect("apply");
         assert!(again.is_none());
@@ -866,7 +975,9 @@ mod tests {
     #[tokio::test]
     async fn a_failing_job_undoes_only_itself() {
         let (_d, s) = open();
-        s.add(vec!["t".into()], None, None, 1000, 10_000).await.expect("add");
+        s.add(vec!["t".into()], None, None, 1000, 10_000)
+            .await
+            .expect("add");
         let text = || NewEvent {
             stage: Stage::Text,
             code: 200,
@@ -875,14 +986,18 @@ mod tests {
             filled: false,
         };
         let t1 = text();
-        s.apply_poll("t".into(), 2000, move |_| update(TaskState::Active, vec![t1]))
-            .await
-            .expect("first text")
-            .expect("active");
+        s.apply_poll("t".into(), 2000, move |_| {
+            update(TaskState::Active, vec![t1])
+        })
+        .await
+        .expect("first text")
+        .expect("active");
         // Storing `text` again must fail and leave the task as it was.
         let t2 = text();
         let e = s
-            .apply_poll("t".into(), 3000, move |_| update(TaskState::Active, vec![t2]))
+            .apply_poll("t".into(), 3000, move |_| {
+                update(TaskState::Active, vec![t2])
+            })
             .await
             .expect_err("duplicate stage");
         assert!(e.to_string().contains("refusing"), "{e}");
@@ -894,11 +1009,19 @@ mod tests {
     #[tokio::test]
     async fn remove_and_readd() {
         let (_d, s) = open();
-        s.add(vec!["t".into()], None, None, 1000, 10).await.expect("add");
-        assert_eq!(s.remove("t".into(), 2000).await.expect("rm"), Some(TaskState::Active));
+        s.add(vec!["t".into()], None, None, 1000, 10)
+            .await
+            .expect("add");
+        assert_eq!(
+            s.remove("t".into(), 2000).await.expect("rm"),
+            Some(TaskState::Active)
+        );
         assert_eq!(s.remove("nope".into(), 2000).await.expect("rm"), None);
         assert!(s.due_window(10).await.expect("due").is_empty());
-        let r = s.add(vec!["t".into()], None, None, 3000, 10).await.expect("add");
+        let r = s
+            .add(vec!["t".into()], None, None, 3000, 10)
+            .await
+            .expect("add");
         assert_eq!(r[0].0, AddResult::Readded);
         assert_eq!(s.due_window(10).await.expect("due").len(), 1);
     }
@@ -918,12 +1041,22 @@ mod tests {
         s.save_gate(None).await.expect("clear");
         assert_eq!(s.load_gate().await.expect("load"), None);
 
-        s.add(vec!["old".into(), "live".into()], None, None, 1000, 10_000).await.expect("add");
-        s.apply_poll("old".into(), 1500, |_| update(TaskState::Failed, vec![error_event("old", 500, "x")]))
+        s.add(vec!["old".into(), "live".into()], None, None, 1000, 10_000)
             .await
-            .expect("apply");
+            .expect("add");
+        s.apply_poll("old".into(), 1500, |_| {
+            update(TaskState::Failed, vec![error_event("old", 500, "x")])
+        })
+        .await
+        .expect("apply");
         let p = s.prune(2000).await.expect("prune");
-        assert_eq!(p, Pruned { tasks: 1, events: 1 });
+        assert_eq!(
+            p,
+            Pruned {
+                tasks: 1,
+                events: 1
+            }
+        );
         let c = s.counts().await.expect("counts");
         assert_eq!((c.active, c.failed, c.events, c.last_seq), (1, 0, 0, 1));
     }

@@ -1,0 +1,253 @@
+//! Black-box tests of the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sunopoll");
+
+fn sunopoll(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("SUNO_API_KEY")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("SUNOPOLL_SOCKET")
+        .env_remove("RUST_LOG");
+    c
+}
+
+async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("run sunopoll"))
+        .await
+        .expect("join")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn write_config(dir: &Path, api: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[api]
+base-url = "{api}"
+request-timeout = "5s"
+
+[poll]
+interval = "100ms"
+max-requests-per-second = "unlimited"
+backoff-max = "1s"
+
+[store]
+path = "state/sunopoll.db"
+
+[control]
+socket = "run/sunopoll.sock"
+"#
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_accepts_the_example_and_reports_every_problem_with_exit_2() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml.example");
+    let out = run(sunopoll(&["check-config", "--config", example])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ok"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[poll]\nintervall = \"30s\"\nmax-in-flight = \"four\"\n[nope]\n",
+    )
+    .expect("write");
+    let out = run(sunopoll(&[
+        "check-config",
+        "--config",
+        bad.to_str().expect("utf8"),
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(bad.to_str().expect("utf8")),
+        "names the file: {err}"
+    );
+    assert!(err.contains("3 problems"), "{err}");
+    assert!(
+        err.contains("poll.intervall")
+            && err.contains("poll.max-in-flight")
+            && err.contains("[nope]"),
+        "{err}"
+    );
+
+    let out = run(sunopoll(&[
+        "check-config",
+        "--config",
+        "/nonexistent/sunopoll.toml",
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_without_an_api_key_names_all_three_sources_and_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "http://127.0.0.1:9");
+    let out = run(sunopoll(&[
+        "daemon",
+        "--config",
+        config.to_str().expect("utf8"),
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    for place in ["CREDENTIALS_DIRECTORY", "key-file", "SUNO_API_KEY"] {
+        assert!(err.contains(place), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_without_a_daemon_exit_3_and_bad_ids_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("none.sock");
+    let out = run(sunopoll(&[
+        "status",
+        "--socket",
+        socket.to_str().expect("utf8"),
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("cannot reach the sunopoll daemon"));
+    let out = run(sunopoll(&[
+        "add",
+        "--socket",
+        socket.to_str().expect("utf8"),
+        "bad id",
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("\"bad id\""));
+    let out = run(sunopoll(&["list", "--state", "sleeping"])).await;
+    assert_eq!(out.status.code(), Some(2), "clap usage errors exit 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_add_show_against_the_fake_api() {
+    let api = FakeApi::start().await;
+    api.script(
+        TASK,
+        vec![
+            Reply::fixture("record-info.PENDING.json"),
+            Reply::fixture("record-info.TEXT_SUCCESS.json"),
+            Reply::fixture("record-info.FIRST_SUCCESS.json"),
+            Reply::fixture("record-info.SUCCESS.json"),
+        ],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &api.uri());
+    let socket = dir.path().join("run/sunopoll.sock");
+    let socket_arg = socket.to_str().expect("utf8").to_owned();
+    let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
+    let mut daemon = sunopoll(&["daemon", "--config", config.to_str().expect("utf8")])
+        .env("SUNO_API_KEY", KEY)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn the daemon");
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the daemon never created its socket"
+        );
+        if let Some(status) = daemon.try_wait().expect("wait") {
+            panic!(
+                "the daemon exited early: {status}: {}",
+                std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let out = run(sunopoll(&[
+        "add",
+        "--socket",
+        &socket_arg,
+        TASK,
+        "--label",
+        "demo",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("added     {TASK}"));
+
+    let show = loop {
+        let out = run(sunopoll(&["show", "--socket", &socket_arg, "--json", TASK])).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        if v["task"]["state"] == "done" {
+            break v;
+        }
+        assert!(started.elapsed() < PATIENCE, "never done: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(show["task"]["label"], "demo");
+    let events = show["events"].as_array().expect("events");
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2]["body"], fixture_json("callback.complete.json"));
+
+    // Human output, JSON lists, the event log and health, through the binary.
+    let out = run(sunopoll(&["list", "--socket", &socket_arg])).await;
+    assert!(text(&out.stdout).contains(TASK) && text(&out.stdout).contains("done"));
+    let out = run(sunopoll(&["events", "--socket", &socket_arg, "--json"])).await;
+    let lines: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(
+        compact(&lines[0]["body"]),
+        compact(&fixture_json("callback.text.json"))
+    );
+    let out = run(sunopoll(&["status", "--socket", &socket_arg])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("healthy"));
+    let out = run(sunopoll(&["show", "--socket", &socket_arg, "unknown-task"])).await;
+    assert_eq!(out.status.code(), Some(1), "a refused request exits 1");
+
+    // SIGTERM: exit 0, socket removed, the key never printed.
+    let kill = run({
+        let mut k = Command::new("kill");
+        k.args(["-TERM", &daemon.id().to_string()]);
+        k
+    })
+    .await;
+    assert!(kill.status.success());
+    let status = tokio::task::spawn_blocking(move || daemon.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert_eq!(status.code(), Some(0));
+    assert!(!socket.exists(), "the socket is removed at shutdown");
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).expect("log");
+    assert!(
+        log.contains("sunopoll started") && log.contains("stopped"),
+        "{log}"
+    );
+    assert!(!log.contains(KEY), "the API key leaked into the log");
+    assert!(
+        !log.contains("\x1b["),
+        "no colour codes when stderr is not a terminal"
+    );
+}

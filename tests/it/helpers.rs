@@ -1,0 +1,383 @@
+//! Test harness: a scriptable fake API (wiremock on 127.0.0.1), the daemon in-process on a
+//! temporary directory, and a raw client for the control socket.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sunopoll::api::ApiKey;
+use sunopoll::config::{Config, Environment};
+use sunopoll::daemon::Daemon;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Respond, ResponseTemplate};
+
+/// The task ID all fixtures describe.
+pub const TASK: &str = "a3f9c2e17b4d4e8f9c0b5d6e7f8a9b10";
+
+/// The key the tests use; it must never appear in any output.
+pub const KEY: &str = "sk-test-DO-NOT-LEAK-1234";
+
+/// Longest any test waits for a condition.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+static LOGS: Once = Once::new();
+
+/// Sends the daemon's logs to the test output (shown only for failing tests).
+pub fn init_logs() {
+    LOGS.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("sunopoll=debug")),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A fixture file's bytes.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A fixture as JSON.
+pub fn fixture_json(name: &str) -> Value {
+    serde_json::from_slice(&fixture(name)).expect("fixture is JSON")
+}
+
+/// One scripted answer of the fake API.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Body bytes.
+    pub body: Vec<u8>,
+    /// `Retry-After` header.
+    pub retry_after: Option<String>,
+    /// Delay before answering.
+    pub delay: Duration,
+}
+
+impl Reply {
+    /// HTTP 200 with a fixture body.
+    pub fn fixture(name: &str) -> Reply {
+        Reply::raw(200, fixture(name))
+    }
+
+    /// Any status and body.
+    pub fn raw(status: u16, body: impl Into<Vec<u8>>) -> Reply {
+        Reply {
+            status,
+            body: body.into(),
+            retry_after: None,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// The same, answered after `delay`.
+    pub fn delayed(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+
+    /// The same, with a `Retry-After` header.
+    pub fn retry_after(mut self, value: &str) -> Reply {
+        self.retry_after = Some(value.to_owned());
+        self
+    }
+
+    /// A record-info fixture rewritten for another task ID.
+    pub fn fixture_for(name: &str, task: &str) -> Reply {
+        let text = String::from_utf8(fixture(name))
+            .expect("utf8")
+            .replace(TASK, task);
+        Reply::raw(200, text)
+    }
+}
+
+#[derive(Default)]
+struct ApiState {
+    scripts: HashMap<String, Vec<Reply>>,
+    calls: HashMap<String, usize>,
+    override_all: Option<Reply>,
+    arrivals: Vec<(Instant, String)>,
+    auth: Vec<String>,
+}
+
+struct Router(Arc<Mutex<ApiState>>);
+
+impl Respond for Router {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let task = request
+            .url
+            .query_pairs()
+            .find(|(k, _)| k == "taskId")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        let mut s = self.0.lock().expect("state");
+        s.arrivals.push((Instant::now(), task.clone()));
+        if let Some(a) = request.headers.get("authorization") {
+            s.auth.push(a.to_str().unwrap_or("?").to_owned());
+        }
+        let n = *s
+            .calls
+            .entry(task.clone())
+            .and_modify(|c| *c += 1)
+            .or_insert(1)
+            - 1;
+        let reply = if let Some(r) = &s.override_all {
+            r.clone()
+        } else if let Some(script) = s.scripts.get(&task) {
+            script[n.min(script.len() - 1)].clone()
+        } else {
+            Reply::fixture_for("record-info.PENDING.json", &task)
+        };
+        let mut t = ResponseTemplate::new(reply.status)
+            .set_body_raw(reply.body, "application/json")
+            .set_delay(reply.delay);
+        if let Some(ra) = reply.retry_after {
+            t = t.insert_header("retry-after", ra.as_str());
+        }
+        t
+    }
+}
+
+/// The fake Suno API.
+pub struct FakeApi {
+    /// The wiremock server.
+    pub server: MockServer,
+    state: Arc<Mutex<ApiState>>,
+}
+
+impl FakeApi {
+    /// Starts a fake API on 127.0.0.1 that answers PENDING to every unscripted task.
+    pub async fn start() -> FakeApi {
+        let server = MockServer::start().await;
+        let state = Arc::new(Mutex::new(ApiState::default()));
+        Mock::given(method("GET"))
+            .and(path("/api/v1/generate/record-info"))
+            .respond_with(Router(state.clone()))
+            .mount(&server)
+            .await;
+        FakeApi { server, state }
+    }
+
+    /// Answers for `task`, one per poll; the last repeats.
+    pub fn script(&self, task: &str, replies: Vec<Reply>) {
+        assert!(!replies.is_empty());
+        self.state
+            .lock()
+            .expect("state")
+            .scripts
+            .insert(task.to_owned(), replies);
+    }
+
+    /// While set, every request gets this answer (a storm or an outage).
+    pub fn set_override(&self, reply: Option<Reply>) {
+        self.state.lock().expect("state").override_all = reply;
+    }
+
+    /// Requests for `task` so far.
+    pub fn calls(&self, task: &str) -> usize {
+        self.state
+            .lock()
+            .expect("state")
+            .calls
+            .get(task)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests so far, all tasks.
+    pub fn total_calls(&self) -> usize {
+        self.state.lock().expect("state").arrivals.len()
+    }
+
+    /// When each request arrived, and for which task.
+    pub fn arrivals(&self) -> Vec<(Instant, String)> {
+        self.state.lock().expect("state").arrivals.clone()
+    }
+
+    /// Every `Authorization` header seen.
+    pub fn auth_headers(&self) -> Vec<String> {
+        self.state.lock().expect("state").auth.clone()
+    }
+
+    /// The base URL to configure.
+    pub fn uri(&self) -> String {
+        self.server.uri()
+    }
+}
+
+/// A config for tests: short interval, no rate limit, everything under `dir`.
+pub fn test_config(dir: &Path, api: &str) -> Config {
+    let env = Environment {
+        uid: 1000,
+        home: Some(dir.to_owned()),
+        ..Environment::default()
+    };
+    let mut c = Config::defaults(&env);
+    c.api.base_url = url::Url::parse(&format!("{api}/")).expect("url");
+    c.api.request_timeout = Duration::from_secs(5);
+    c.poll.interval = Duration::from_millis(100);
+    c.poll.backoff_max = Duration::from_secs(1);
+    c.poll.max_requests_per_second = None;
+    c.poll.max_in_flight = 4;
+    c.store.path = dir.join("store/sunopoll.db");
+    c.control.socket = dir.join("run/sunopoll.sock");
+    c.control.socket_configured = true;
+    c
+}
+
+/// The daemon, in-process, on a temporary directory.
+pub struct TestDaemon {
+    /// Running daemon (None once stopped).
+    pub daemon: Option<Daemon>,
+    /// Its config.
+    pub config: Config,
+    /// The temporary directory (kept alive).
+    pub dir: Arc<tempfile::TempDir>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon against `api` with `tweak` applied to the test config.
+    pub async fn start(api: &FakeApi, tweak: impl FnOnce(&mut Config)) -> TestDaemon {
+        init_logs();
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let mut config = test_config(dir.path(), &api.uri());
+        tweak(&mut config);
+        TestDaemon::start_in(dir, config).await
+    }
+
+    /// Starts a daemon with this exact config in `dir` (for restarts).
+    pub async fn start_in(dir: Arc<tempfile::TempDir>, config: Config) -> TestDaemon {
+        init_logs();
+        let daemon = Daemon::start(config.clone(), ApiKey::new(KEY).expect("key"), None)
+            .await
+            .expect("daemon starts");
+        TestDaemon {
+            daemon: Some(daemon),
+            config,
+            dir,
+        }
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.config.control.socket.clone()
+    }
+
+    /// One request, one answer, over a fresh connection.
+    pub async fn request(&self, request: Value) -> Value {
+        let mut c = RawClient::connect(&self.socket()).await;
+        c.send_line(&request.to_string()).await;
+        c.read_json().await.expect("an answer")
+    }
+
+    /// `show` for one task: (task, events).
+    pub async fn show(&self, task: &str) -> (Value, Vec<Value>) {
+        let v = self
+            .request(serde_json::json!({"cmd": "show", "task_id": task}))
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+        (
+            v["task"].clone(),
+            v["events"].as_array().cloned().unwrap_or_default(),
+        )
+    }
+
+    /// Adds task IDs.
+    pub async fn add(&self, ids: &[&str]) -> Value {
+        let v = self
+            .request(serde_json::json!({"cmd": "add", "task_ids": ids}))
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+        v
+    }
+
+    /// Waits until `task` is in `state` (active, done, failed).
+    pub async fn wait_state(&self, task: &str, state: &str) -> (Value, Vec<Value>) {
+        let start = Instant::now();
+        loop {
+            let (t, events) = self.show(task).await;
+            if t["state"] == state {
+                return (t, events);
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "task {task} never reached {state}; it is {t}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the daemon gracefully.
+    pub async fn stop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+    }
+}
+
+/// Polls `check` until it is true or `PATIENCE` runs out.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A raw control-socket client that can send anything.
+pub struct RawClient {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl RawClient {
+    /// Connects.
+    pub async fn connect(path: &Path) -> RawClient {
+        let stream = UnixStream::connect(path)
+            .await
+            .expect("connect to the control socket");
+        let (r, w) = stream.into_split();
+        RawClient {
+            reader: BufReader::new(r),
+            writer: w,
+        }
+    }
+
+    /// Writes bytes as they are.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes).await
+    }
+
+    /// Writes a line.
+    pub async fn send_line(&mut self, line: &str) {
+        self.writer.write_all(line.as_bytes()).await.expect("write");
+        self.writer.write_all(b"\n").await.expect("write");
+    }
+
+    /// Reads one line as JSON; `None` at end of stream.
+    pub async fn read_json(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(PATIENCE, self.reader.read_line(&mut line))
+            .await
+            .expect("an answer in time")
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}")))
+    }
+}
+
+/// Minified JSON of a value, preserving key order.
+pub fn compact(v: &Value) -> String {
+    serde_json::to_string(v).expect("json")
+}
