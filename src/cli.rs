@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::client::{self, EXIT_REFUSED, EXIT_USAGE, Output};
 use crate::config::{Config, Environment};
 use crate::daemon::Daemon;
-use crate::protocol::{AddRequest, EventsRequest, Request, StatusRequest};
+use crate::protocol::{AddRequest, EventsRequest, RedeliverRequest, Request, StatusRequest};
 
 /// Stands in for the Suno API's callbacks on hosts that cannot receive them: polls task state and
 /// delivers the text / first / complete / error events locally.
@@ -120,6 +120,28 @@ pub enum Command {
         #[command(flatten)]
         opts: ClientOptions,
     },
+    /// Deliver events again to their handlers, with their original webhook-id.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["seq", "task", "failed_since", "sent_since"])))]
+    Redeliver {
+        /// One event, by sequence number (see `sunopoll events`).
+        #[arg(long, value_name = "SEQ")]
+        seq: Option<i64>,
+        /// Every event of one task.
+        #[arg(long, value_name = "TASK_ID")]
+        task: Option<String>,
+        /// Every delivery given up since TIME (RFC 3339, or a duration ago like "2h").
+        #[arg(long, value_name = "TIME")]
+        failed_since: Option<String>,
+        /// Every delivery made since TIME (RFC 3339, or a duration ago like "2h").
+        #[arg(long, value_name = "TIME")]
+        sent_since: Option<String>,
+        /// Only to this target (a [[forward.target]] name, callback-url or submitted-callback-url).
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        /// Socket and output options.
+        #[command(flatten)]
+        opts: ClientOptions,
+    },
     /// Check a config file (and say where the API key would come from). Exits 2 on problems.
     CheckConfig {
         /// Config file (default: check the built-in defaults).
@@ -197,6 +219,45 @@ pub fn main() -> ExitCode {
             }),
         ),
         Command::Status { opts } => run_client(&opts, &env, Request::Status(StatusRequest {})),
+        Command::Redeliver {
+            seq,
+            task,
+            failed_since,
+            sent_since,
+            target,
+            opts,
+        } => {
+            let when = |s: Option<String>| -> Result<Option<String>, String> {
+                s.map(|s| {
+                    if let Ok(ago) = crate::clock::parse_duration(&s) {
+                        Ok(crate::clock::format_utc(crate::clock::now_ms() - crate::clock::ms(ago)))
+                    } else if crate::clock::parse_utc(&s).is_some() {
+                        Ok(s)
+                    } else {
+                        Err(format!("{s:?} is neither an RFC 3339 time (2026-11-26T10:00:00Z) nor a duration ago (\"2h\")"))
+                    }
+                })
+                .transpose()
+            };
+            let (failed_since, sent_since) = match (when(failed_since), when(sent_since)) {
+                (Ok(f), Ok(s)) => (f, s),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("sunopoll: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            run_client(
+                &opts,
+                &env,
+                Request::Redeliver(RedeliverRequest {
+                    seq,
+                    task_id: task,
+                    failed_since,
+                    sent_since,
+                    target,
+                }),
+            )
+        }
     }
 }
 

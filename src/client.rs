@@ -377,9 +377,23 @@ fn print_answer(request: &Request, v: &Value, out: Output) {
             for ev in events {
                 out!("");
                 print_event(&ev, Output { json: false });
+                for d in ev["deliveries"].as_array().into_iter().flatten() {
+                    print_delivery(d);
+                }
                 out!(
                     "{}",
                     serde_json::to_string_pretty(&ev["body"]).unwrap_or_default()
+                );
+            }
+        }
+        Request::Redeliver(_) => {
+            let n = v["deliveries"].as_u64().unwrap_or(0);
+            if n == 0 {
+                out!("nothing to redeliver (no matching deliveries, or no forward targets)");
+            } else {
+                out!(
+                    "{n} deliver{} queued again",
+                    if n == 1 { "y" } else { "ies" }
                 );
             }
         }
@@ -446,6 +460,62 @@ fn print_status(v: &Value) {
         "config:       {}",
         v["config"].as_str().unwrap_or("built-in defaults")
     );
+    let targets = v["targets"].as_array().cloned().unwrap_or_default();
+    if targets.is_empty() {
+        out!("forwarding:   no targets");
+    }
+    for t in targets {
+        out!(
+            "target {}: {} pending, {} failed, {} delivered; last success {}{}",
+            field(&t, "target"),
+            t["pending"],
+            t["failed"],
+            t["delivered"],
+            field(&t, "last_success_at"),
+            t["last_error"]
+                .as_str()
+                .map(|e| format!(
+                    "; last error {} at {}",
+                    crate::api::clip(e, 120),
+                    field(&t, "last_error_at")
+                ))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn print_delivery(d: &Value) {
+    let status = d["last_status"]
+        .as_u64()
+        .map(|s| format!(" HTTP {s}"))
+        .unwrap_or_default();
+    let when = match d["state"].as_str() {
+        Some("pending") => format!(", next attempt {}", field(d, "next_attempt_at")),
+        Some("delivered") => format!(" at {}", field(d, "delivered_at")),
+        _ => String::new(),
+    };
+    out!(
+        "  → {} {}{status}{when} after {} attempt{} ({}, {})",
+        field(d, "target"),
+        field(d, "state"),
+        d["attempts"],
+        if d["attempts"] == 1 { "" } else { "s" },
+        field(d, "url"),
+        field(d, "webhook_id")
+    );
+    for a in d["attempt_log"].as_array().into_iter().flatten() {
+        out!(
+            "      #{} {} {}ms {}{}",
+            a["attempt"],
+            field(a, "at"),
+            a["duration_ms"],
+            field(a, "outcome"),
+            a["error"]
+                .as_str()
+                .map(|e| format!(": {}", crate::api::clip(e, 160)))
+                .unwrap_or_default()
+        );
+    }
 }
 
 /// Reads task IDs from standard input (for `sunopoll add -`): separated by whitespace or commas.

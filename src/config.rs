@@ -153,6 +153,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[housekeeping]`
     pub housekeeping: HousekeepingConfig,
+    /// `[forward]`
+    pub forward: ForwardConfig,
 }
 
 /// `[api]`: where the API is and how to talk to it.
@@ -219,6 +221,127 @@ pub struct HousekeepingConfig {
     pub retention: Duration,
     /// `prune-schedule`: a cron expression (5 fields, or 6 with seconds), in UTC.
     pub prune_schedule: croner::Cron,
+}
+
+/// The default delivery retry schedule: Svix's (and close to the Standard Webhooks
+/// recommendation), eight attempts over about 27.5 hours, so a handler can be down for a day.
+pub const DEFAULT_RETRY_SCHEDULE: [Duration; 8] = [
+    Duration::from_secs(0),
+    Duration::from_secs(5),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(30 * 60),
+    Duration::from_secs(2 * 3600),
+    Duration::from_secs(5 * 3600),
+    Duration::from_secs(10 * 3600),
+    Duration::from_secs(10 * 3600),
+];
+/// A forward request's timeout: the API's own callback timeout.
+pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+/// Deliveries in flight at once, over all targets.
+pub const DEFAULT_FORWARD_IN_FLIGHT: usize = 16;
+/// Hosts a task's own `callBackUrl` may point at when `use-task-callback-url` is on: loopback.
+pub const DEFAULT_ALLOW_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+/// Target name of the per-task URL given with `add --callback-url`.
+pub const TARGET_TASK_URL: &str = "callback-url";
+/// Target name of the `callBackUrl` a task was submitted with (`use-task-callback-url`).
+pub const TARGET_SUBMITTED_URL: &str = "submitted-callback-url";
+
+/// `[forward]`: where events go besides the log and the event stream.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    /// `[[forward.target]]` entries.
+    pub targets: Vec<TargetConfig>,
+    /// `retry-schedule`: N delays, N attempts; the first counts from when the event is stored.
+    pub retry_schedule: Vec<Duration>,
+    /// `use-task-callback-url`: also deliver to the `callBackUrl` in record-info's `data.param`.
+    pub use_task_callback_url: bool,
+    /// `allow-hosts`: hosts such a URL may point at.
+    pub allow_hosts: Vec<String>,
+    /// `task-secret` / `task-secret-file`: signs deliveries to per-task URLs.
+    pub task_secret: Option<SigningSecret>,
+    /// `timeout`: per request to per-task URLs.
+    pub timeout: Duration,
+    /// `max-in-flight`: deliveries at once over all targets.
+    pub max_in_flight: usize,
+}
+
+impl ForwardConfig {
+    fn defaults() -> ForwardConfig {
+        ForwardConfig {
+            targets: Vec::new(),
+            retry_schedule: DEFAULT_RETRY_SCHEDULE.to_vec(),
+            use_task_callback_url: false,
+            allow_hosts: DEFAULT_ALLOW_HOSTS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
+            task_secret: None,
+            timeout: DEFAULT_FORWARD_TIMEOUT,
+            max_in_flight: DEFAULT_FORWARD_IN_FLIGHT,
+        }
+    }
+
+    /// True when `url`'s host is in `allow-hosts` (exact, case-insensitive).
+    pub fn allows_host(&self, url: &url::Url) -> bool {
+        let Some(host) = url.host_str() else {
+            return false;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.allow_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
+    }
+}
+
+/// One `[[forward.target]]`.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// `name` (default: the URL). Deliveries are tracked per name.
+    pub name: String,
+    /// `url`: where to POST.
+    pub url: url::Url,
+    /// `stages`: which events go there (default all).
+    pub stages: Vec<crate::events::Stage>,
+    /// `secret` / `secret-file`: Standard Webhooks signing secret.
+    pub secret: Option<SigningSecret>,
+    /// `headers`: extra request headers.
+    pub headers: Vec<(String, String)>,
+    /// `timeout`: per request.
+    pub timeout: Duration,
+}
+
+/// A Standard Webhooks signing secret (`whsec_` + base64 of the key). Never printed.
+#[derive(Clone)]
+pub struct SigningSecret(Vec<u8>);
+
+impl SigningSecret {
+    /// Parses `whsec_<base64>` (the prefix is optional).
+    pub fn parse(text: &str) -> Result<SigningSecret, String> {
+        use base64::Engine as _;
+        let b64 = text.trim();
+        let b64 = b64.strip_prefix("whsec_").unwrap_or(b64);
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| "a signing secret must be `whsec_` followed by base64".to_owned())?;
+        if key.len() < 16 {
+            return Err(format!(
+                "the signing secret is only {} bytes; use at least 16 (24–64 recommended)",
+                key.len()
+            ));
+        }
+        Ok(SigningSecret(key))
+    }
+
+    /// The key bytes, for the HMAC only.
+    pub fn key(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningSecret(***)")
+    }
 }
 
 /// Every problem found in a config file.
@@ -291,6 +414,7 @@ impl Config {
                 prune_schedule: croner::Cron::from_str(DEFAULT_PRUNE_SCHEDULE)
                     .expect("the default schedule parses"),
             },
+            forward: ForwardConfig::defaults(),
         }
     }
 
@@ -336,7 +460,15 @@ impl Config {
         r.check_keys(
             "",
             &root,
-            &["api", "poll", "store", "control", "log", "housekeeping"],
+            &[
+                "api",
+                "poll",
+                "store",
+                "control",
+                "log",
+                "housekeeping",
+                "forward",
+            ],
         );
 
         if let Some(t) = r.section(&root, "api", &["base-url", "key-file", "request-timeout"]) {
@@ -488,6 +620,23 @@ impl Config {
             }
         }
 
+        if let Some(t) = r.section(
+            &root,
+            "forward",
+            &[
+                "target",
+                "retry-schedule",
+                "use-task-callback-url",
+                "allow-hosts",
+                "task-secret",
+                "task-secret-file",
+                "timeout",
+                "max-in-flight",
+            ],
+        ) {
+            r.forward(t, &mut config.forward);
+        }
+
         if r.problems.is_empty() {
             Ok(config)
         } else {
@@ -545,6 +694,39 @@ impl Config {
 
     /// A short human summary, for `check-config` and the startup log.
     pub fn summary(&self) -> String {
+        let mut s = self.base_summary();
+        let f = &self.forward;
+        let schedule: Vec<String> = f
+            .retry_schedule
+            .iter()
+            .map(|d| format_duration(*d))
+            .collect();
+        s.push_str(&format!(
+            "\nforward: {} target{}, retry schedule [{}], use-task-callback-url {} (allow-hosts: {}), task-secret {}",
+            f.targets.len(),
+            if f.targets.len() == 1 { "" } else { "s" },
+            schedule.join(", "),
+            f.use_task_callback_url,
+            f.allow_hosts.join(", "),
+            if f.task_secret.is_some() { "set" } else { "not set" },
+        ));
+        for t in &f.targets {
+            let stages: Vec<&str> = t.stages.iter().map(|s| s.as_str()).collect();
+            s.push_str(&format!(
+                "\n  target {:?}: {} (stages {}, timeout {}, {}signed, {} extra header{})",
+                t.name,
+                t.url,
+                stages.join("/"),
+                format_duration(t.timeout),
+                if t.secret.is_some() { "" } else { "not " },
+                t.headers.len(),
+                if t.headers.len() == 1 { "" } else { "s" },
+            ));
+        }
+        s
+    }
+
+    fn base_summary(&self) -> String {
         format!(
             "config: {}\napi: {} (timeout {})\npoll: every {}, at most {} in flight, {}, backoff up to {}, deadline {}, fill skipped stages: {}\nstore: {}\nsocket: {} (mode {:04o}{})\nlog level: {}\nhousekeeping: keep {}, prune on \"{}\" (UTC)",
             self.source.as_ref().map_or_else(
@@ -763,6 +945,281 @@ impl Reader {
     }
 }
 
+impl Reader {
+    fn forward(&mut self, t: &Table, f: &mut ForwardConfig) {
+        match t.get("retry-schedule") {
+            None => {}
+            Some(Value::Array(items)) if !items.is_empty() => {
+                let mut schedule = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_str().map(parse_duration) {
+                        Some(Ok(d)) => schedule.push(d),
+                        Some(Err(e)) => self.problem(&format!("forward.retry-schedule[{i}]"), e),
+                        None => self.problem(
+                            &format!("forward.retry-schedule[{i}]"),
+                            format!("expected a duration string like \"5m\", got {}", show(item)),
+                        ),
+                    }
+                }
+                f.retry_schedule = schedule;
+            }
+            Some(v) => self.problem(
+                "forward.retry-schedule",
+                format!(
+                    "expected a non-empty list of durations like [\"0s\", \"5s\", \"5m\"], got {}",
+                    show(v)
+                ),
+            ),
+        }
+        if let Some(b) = self.boolean(t, "forward", "use-task-callback-url") {
+            f.use_task_callback_url = b;
+        }
+        match t.get("allow-hosts") {
+            None => {}
+            Some(Value::Array(items)) => {
+                let hosts: Vec<String> = items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(|s| s.trim().to_owned()))
+                    .collect();
+                if hosts.len() != items.len() || hosts.iter().any(String::is_empty) {
+                    self.problem(
+                        "forward.allow-hosts",
+                        "expected a list of host names or addresses".to_owned(),
+                    );
+                } else {
+                    f.allow_hosts = hosts;
+                }
+            }
+            Some(v) => self.problem(
+                "forward.allow-hosts",
+                format!("expected a list of hosts, got {}", show(v)),
+            ),
+        }
+        f.task_secret = self.secret(t, "forward", "task-secret", "task-secret-file");
+        if let Some(d) = self.duration(t, "forward", "timeout", Duration::from_millis(1)) {
+            f.timeout = d;
+        }
+        if let Some(n) = self.integer(t, "forward", "max-in-flight", 1, 1024) {
+            f.max_in_flight = usize::try_from(n).unwrap_or(1);
+        }
+        match t.get("target") {
+            None => {}
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    let key = format!("forward.target[{i}]");
+                    match item {
+                        Value::Table(tt) => {
+                            if let Some(target) = self.target(&key, tt, f.timeout) {
+                                f.targets.push(target);
+                            }
+                        }
+                        other => self.problem(
+                            &key,
+                            format!("expected a [[forward.target]] table, got {}", show(other)),
+                        ),
+                    }
+                }
+            }
+            Some(v) => self.problem(
+                "forward.target",
+                format!("expected [[forward.target]] tables, got {}", show(v)),
+            ),
+        }
+        let mut names = std::collections::HashSet::new();
+        for target in &f.targets {
+            if !names.insert(target.name.clone()) {
+                self.problem(
+                    "forward.target",
+                    format!(
+                        "two targets are named {:?}; give each a distinct `name`",
+                        target.name
+                    ),
+                );
+            }
+        }
+    }
+
+    fn target(&mut self, key: &str, t: &Table, default_timeout: Duration) -> Option<TargetConfig> {
+        self.check_keys(
+            key,
+            t,
+            &[
+                "name",
+                "url",
+                "stages",
+                "secret",
+                "secret-file",
+                "headers",
+                "timeout",
+            ],
+        );
+        let before = self.problems.len();
+        let url = match self.string(t, key, "url") {
+            None => {
+                if !t.contains_key("url") {
+                    self.problem(&format!("{key}.url"), "is required".to_owned());
+                }
+                None
+            }
+            Some(s) => match url::Url::parse(&s) {
+                Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => Some(u),
+                _ => {
+                    self.problem(
+                        &format!("{key}.url"),
+                        format!("`{s}` is not an http:// or https:// URL"),
+                    );
+                    None
+                }
+            },
+        };
+        let name = match self.string(t, key, "name") {
+            Some(n) if n.trim().is_empty() || n.chars().any(char::is_control) => {
+                self.problem(
+                    &format!("{key}.name"),
+                    "must be non-empty text without control characters".to_owned(),
+                );
+                None
+            }
+            Some(n) if n == TARGET_TASK_URL || n == TARGET_SUBMITTED_URL => {
+                self.problem(
+                    &format!("{key}.name"),
+                    format!("{n:?} is reserved for per-task URLs"),
+                );
+                None
+            }
+            other => other,
+        };
+        let stages = match t.get("stages") {
+            None => crate::events::Stage::ALL.to_vec(),
+            Some(Value::Array(items)) => {
+                let mut stages = Vec::new();
+                for item in items {
+                    match item.as_str().and_then(crate::events::Stage::parse) {
+                        Some(s) => stages.push(s),
+                        None => self.problem(
+                            &format!("{key}.stages"),
+                            format!(
+                                "{} is not one of \"text\", \"first\", \"complete\", \"error\"",
+                                show(item)
+                            ),
+                        ),
+                    }
+                }
+                if items.is_empty() {
+                    self.problem(
+                        &format!("{key}.stages"),
+                        "is empty: the target would get nothing".to_owned(),
+                    );
+                }
+                stages
+            }
+            Some(v) => {
+                self.problem(
+                    &format!("{key}.stages"),
+                    format!(
+                        "expected a list like [\"complete\", \"error\"], got {}",
+                        show(v)
+                    ),
+                );
+                Vec::new()
+            }
+        };
+        let secret = self.secret(t, key, "secret", "secret-file");
+        let mut headers = Vec::new();
+        match t.get("headers") {
+            None => {}
+            Some(Value::Table(h)) => {
+                for (name, value) in h {
+                    let lower = name.to_ascii_lowercase();
+                    let reserved = lower.starts_with("webhook-")
+                        || [
+                            "content-type",
+                            "content-length",
+                            "host",
+                            "transfer-encoding",
+                        ]
+                        .contains(&lower.as_str());
+                    match value.as_str() {
+                        _ if reserved => self.problem(
+                            &format!("{key}.headers.{name}"),
+                            "is set by sunopoll itself and cannot be overridden".to_owned(),
+                        ),
+                        Some(v)
+                            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                                && reqwest::header::HeaderValue::from_str(v).is_ok() =>
+                        {
+                            headers.push((name.clone(), v.to_owned()));
+                        }
+                        _ => self.problem(
+                            &format!("{key}.headers.{name}"),
+                            "is not a valid HTTP header name and string value".to_owned(),
+                        ),
+                    }
+                }
+            }
+            Some(v) => self.problem(
+                &format!("{key}.headers"),
+                format!("expected a table of strings, got {}", show(v)),
+            ),
+        }
+        let timeout = self
+            .duration(t, key, "timeout", Duration::from_millis(1))
+            .unwrap_or(default_timeout);
+        if self.problems.len() > before {
+            return None;
+        }
+        let url = url?;
+        Some(TargetConfig {
+            name: name.unwrap_or_else(|| url.to_string()),
+            url,
+            stages,
+            secret,
+            headers,
+            timeout,
+        })
+    }
+
+    /// A secret given inline (`secret_key`) or in a file (`file_key`), not both.
+    fn secret(
+        &mut self,
+        t: &Table,
+        section: &str,
+        secret_key: &str,
+        file_key: &str,
+    ) -> Option<SigningSecret> {
+        let inline = self.string(t, section, secret_key);
+        let file = self.path(t, section, file_key);
+        let (text, from) = match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    &format!("{section}.{secret_key}"),
+                    format!("set either `{secret_key}` or `{file_key}`, not both"),
+                );
+                return None;
+            }
+            (Some(s), None) => (s, format!("{section}.{secret_key}")),
+            (None, Some(p)) => match std::fs::read_to_string(&p) {
+                Ok(s) => (s, format!("{section}.{file_key}")),
+                Err(e) => {
+                    self.problem(
+                        &format!("{section}.{file_key}"),
+                        format!("cannot read {}: {e}", p.display()),
+                    );
+                    return None;
+                }
+            },
+            (None, None) => return None,
+        };
+        match SigningSecret::parse(&text) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.problem(&from, e);
+                None
+            }
+        }
+    }
+}
+
 /// The known key closest to a misspelt one, if any is close.
 fn closest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
     known
@@ -940,6 +1397,104 @@ mod tests {
         let text = e.to_string();
         assert!(text.starts_with("/x/c.toml: 1 problem"), "{text}");
         assert!(text.contains("not valid TOML"), "{text}");
+    }
+
+    #[test]
+    fn forward_targets_are_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret_file = dir.path().join("app.secret");
+        std::fs::write(&secret_file, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").expect("write");
+        let text = format!(
+            r#"
+            [forward]
+            retry-schedule = ["0s", "1s", "1m"]
+            use-task-callback-url = true
+            allow-hosts = ["127.0.0.1", "handler.internal"]
+            timeout = "5s"
+            [[forward.target]]
+            url = "http://127.0.0.1:3000/suno"
+            [[forward.target]]
+            name = "audit"
+            url = "https://audit.internal/hook"
+            stages = ["complete", "error"]
+            secret-file = "{}"
+            headers = {{ "X-Team" = "music" }}
+            timeout = "2s"
+            "#,
+            secret_file.display()
+        );
+        let c = Config::parse(&text, None, &env()).expect("ok");
+        let f = &c.forward;
+        assert_eq!(
+            f.retry_schedule,
+            [
+                Duration::ZERO,
+                Duration::from_secs(1),
+                Duration::from_secs(60)
+            ]
+        );
+        assert!(f.use_task_callback_url);
+        assert!(f.allows_host(&url::Url::parse("http://handler.internal:8080/x").expect("url")));
+        assert!(!f.allows_host(&url::Url::parse("http://evil.example/x").expect("url")));
+        assert_eq!(f.targets.len(), 2);
+        assert_eq!(f.targets[0].name, "http://127.0.0.1:3000/suno");
+        assert_eq!(f.targets[0].stages.len(), 4);
+        assert_eq!(
+            f.targets[0].timeout,
+            Duration::from_secs(5),
+            "inherits [forward] timeout"
+        );
+        assert_eq!(f.targets[1].name, "audit");
+        assert_eq!(
+            f.targets[1].stages,
+            [crate::events::Stage::Complete, crate::events::Stage::Error]
+        );
+        assert!(f.targets[1].secret.is_some());
+        assert_eq!(
+            f.targets[1].headers,
+            [("X-Team".to_owned(), "music".to_owned())]
+        );
+        assert!(
+            !format!("{c:?}").contains("MfKQ9r8G"),
+            "secrets never print"
+        );
+        assert!(c.summary().contains("target \"audit\""));
+
+        let d = Config::parse("", None, &env()).expect("ok").forward;
+        assert_eq!(d.retry_schedule.len(), 8);
+        assert!(!d.use_task_callback_url);
+        assert!(d.allows_host(&url::Url::parse("http://[::1]:9/x").expect("url")));
+    }
+
+    #[test]
+    fn bad_forward_targets_are_all_reported() {
+        let p = problems(
+            r#"
+            [forward]
+            retry-schedule = []
+            [[forward.target]]
+            name = "callback-url"
+            stages = ["done"]
+            secret = "not base64 !!"
+            headers = { "webhook-id" = "x" }
+            colour = "blue"
+            [[forward.target]]
+            url = "ftp://x"
+            "#,
+        );
+        let all = p.join("\n");
+        for needle in [
+            "forward.retry-schedule",
+            "forward.target[0].url: is required",
+            "forward.target[0].name",
+            "forward.target[0].stages",
+            "forward.target[0].secret",
+            "forward.target[0].headers.webhook-id",
+            "forward.target[0].colour: unknown key",
+            "forward.target[1].url",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
     }
 
     #[test]

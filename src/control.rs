@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::clock::{format_duration, format_utc, ms, now_ms};
 use crate::config::PollConfig;
+use crate::forward::Router;
 use crate::protocol::{
     AddRequest, ErrorBody, EventsRequest, ListRequest, MAX_LINE, Request, TaskState,
     check_callback_url, check_label, check_task_id, check_task_ids,
@@ -217,6 +218,10 @@ pub struct Control {
     pub info: DaemonInfo,
     /// How long a connection may wait without sending a complete request.
     pub idle_timeout: Duration,
+    /// Forward targets (for `redeliver` and `status`).
+    pub router: Router,
+    /// Wakes the forwarder after a `redeliver`.
+    pub redeliver: Arc<Notify>,
 }
 
 /// Accepts connections until `cancel` fires. Every connection is a task in `tracker`.
@@ -405,15 +410,33 @@ async fn handle(request: Request, ctx: &Control) -> Result<serde_json::Value, Er
         Request::List(req) => list(req, ctx).await,
         Request::Show(req) => {
             check_task_id(&req.task_id).map_err(|e| ErrorBody::new("invalid_task_id", e))?;
-            match ctx
+            let Some((task, events)) = ctx
                 .store
                 .show(req.task_id.clone())
                 .await
                 .map_err(|e| store_error(&e))?
-            {
-                Some((task, events)) => Ok(json!({"task": task, "events": events})),
-                None => Err(not_found(&req.task_id)),
-            }
+            else {
+                return Err(not_found(&req.task_id));
+            };
+            let deliveries = ctx
+                .store
+                .deliveries_of(req.task_id.clone())
+                .await
+                .map_err(|e| store_error(&e))?;
+            let events: Vec<serde_json::Value> = events
+                .into_iter()
+                .map(|ev| {
+                    let mine: Vec<_> = deliveries
+                        .iter()
+                        .filter(|(seq, _)| *seq == ev.seq)
+                        .map(|(_, d)| d)
+                        .collect();
+                    let mut v = json!(ev);
+                    v["deliveries"] = json!(mine);
+                    v
+                })
+                .collect();
+            Ok(json!({"task": task, "events": events}))
         }
         Request::Remove(req) => {
             check_task_id(&req.task_id).map_err(|e| ErrorBody::new("invalid_task_id", e))?;
@@ -448,6 +471,7 @@ async fn handle(request: Request, ctx: &Control) -> Result<serde_json::Value, Er
             Ok(json!({"events": events, "more": more}))
         }
         Request::Status(_) => status(ctx).await,
+        Request::Redeliver(req) => redeliver(req, ctx).await,
     }
 }
 
@@ -526,8 +550,130 @@ async fn list(req: ListRequest, ctx: &Control) -> Result<serde_json::Value, Erro
     Ok(json!({"tasks": tasks}))
 }
 
+async fn redeliver(
+    req: crate::protocol::RedeliverRequest,
+    ctx: &Control,
+) -> Result<serde_json::Value, ErrorBody> {
+    use crate::store::Replay;
+    let bad = |m: String| ErrorBody::new("bad_request", m);
+    let time = |field: &str, s: &str| {
+        crate::clock::parse_utc(s).ok_or_else(|| {
+            bad(format!(
+                "`{field}` must be an RFC 3339 time like 2026-11-26T10:00:00Z, not {s:?}"
+            ))
+        })
+    };
+    let chosen = [
+        req.seq.is_some(),
+        req.task_id.is_some(),
+        req.failed_since.is_some(),
+        req.sent_since.is_some(),
+    ]
+    .into_iter()
+    .filter(|b| *b)
+    .count();
+    if chosen != 1 {
+        return Err(bad(
+            "give exactly one of `seq`, `task_id`, `failed_since`, `sent_since`".to_owned(),
+        ));
+    }
+    let what = if let Some(seq) = req.seq {
+        Replay::Event(seq)
+    } else if let Some(task) = &req.task_id {
+        check_task_id(task).map_err(|e| ErrorBody::new("invalid_task_id", e))?;
+        Replay::Task(task.clone())
+    } else if let Some(t) = &req.failed_since {
+        Replay::FailedSince(time("failed_since", t)?)
+    } else {
+        Replay::SentSince(time(
+            "sent_since",
+            req.sent_since.as_deref().unwrap_or_default(),
+        )?)
+    };
+    if let Some(target) = &req.target {
+        let known = ctx
+            .router
+            .config()
+            .targets
+            .iter()
+            .any(|t| &t.name == target)
+            || target == crate::config::TARGET_TASK_URL
+            || target == crate::config::TARGET_SUBMITTED_URL;
+        if !known {
+            let mut names: Vec<&str> = ctx
+                .router
+                .config()
+                .targets
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect();
+            names.extend([
+                crate::config::TARGET_TASK_URL,
+                crate::config::TARGET_SUBMITTED_URL,
+            ]);
+            return Err(ErrorBody::new(
+                "not_found",
+                format!("no target named {target:?}; targets: {}", names.join(", ")),
+            ));
+        }
+    }
+    if let Replay::Event(seq) = what {
+        let found = ctx
+            .store
+            .events(seq - 1, None, Some(1))
+            .await
+            .map_err(|e| store_error(&e))?;
+        if found.first().is_none_or(|e| e.seq != seq) {
+            return Err(ErrorBody::new("not_found", format!("no event #{seq}")));
+        }
+    }
+    if let Replay::Task(task) = &what
+        && ctx
+            .store
+            .show(task.clone())
+            .await
+            .map_err(|e| store_error(&e))?
+            .is_none()
+    {
+        return Err(not_found(task));
+    }
+    let count = ctx
+        .store
+        .redeliver(
+            what.clone(),
+            req.target.clone(),
+            ctx.router.configured_routes(),
+            now_ms(),
+        )
+        .await
+        .map_err(|e| store_error(&e))?;
+    if count > 0 {
+        ctx.redeliver.notify_one();
+    }
+    info!(what = ?what, target = req.target.as_deref().unwrap_or("all"), deliveries = count, "redelivery requested");
+    Ok(json!({"deliveries": count}))
+}
+
 async fn status(ctx: &Control) -> Result<serde_json::Value, ErrorBody> {
     let counts = ctx.store.counts().await.map_err(|e| store_error(&e))?;
+    let mut targets = ctx
+        .store
+        .target_summary()
+        .await
+        .map_err(|e| store_error(&e))?;
+    for t in &ctx.router.config().targets {
+        if !targets.iter().any(|s| s.target == t.name) {
+            targets.push(crate::protocol::TargetStatus {
+                target: t.name.clone(),
+                pending: 0,
+                failed: 0,
+                delivered: 0,
+                last_success_at: None,
+                last_error: None,
+                last_error_at: None,
+            });
+        }
+    }
     let poll = ctx.status.lock().map(|s| s.clone()).unwrap_or_default();
     let mut problems = Vec::new();
     if poll.pause_kind == Some(PauseKind::Unauthorized) {
@@ -557,6 +703,7 @@ async fn status(ctx: &Control) -> Result<serde_json::Value, ErrorBody> {
         "socket": ctx.info.socket,
         "tasks": counts,
         "poll": poll,
+        "targets": targets,
     }))
 }
 

@@ -19,6 +19,7 @@ use crate::api::{ApiClient, ApiKey};
 use crate::clock::{format_duration, now_ms};
 use crate::config::Config;
 use crate::control::{self, Control, ControlSocket, DaemonInfo};
+use crate::forward::{Forwarder, Router};
 use crate::scheduler::{PollStatus, Scheduler, SharedStatus};
 use crate::store::Store;
 
@@ -86,6 +87,14 @@ impl Daemon {
         let (events_tx, events_rx) = watch::channel(counts.last_seq);
         let status: SharedStatus = Arc::new(Mutex::new(PollStatus::default()));
 
+        let router = Router::new(config.forward.clone());
+        let redeliver = Arc::new(Notify::new());
+        let forwarder = Forwarder {
+            store: store.clone(),
+            router: router.clone(),
+            events: events_rx.clone(),
+            wake: redeliver.clone(),
+        };
         let scheduler = Scheduler {
             store: store.clone(),
             api,
@@ -93,9 +102,11 @@ impl Daemon {
             wake: wake.clone(),
             events: events_tx,
             status: status.clone(),
+            router: router.clone(),
         };
         let gate = scheduler.load_gate().await;
         tracker.spawn(scheduler.run(gate, cancel.clone(), tracker.clone()));
+        tracker.spawn(forwarder.run(cancel.clone(), tracker.clone()));
 
         let ctx = Arc::new(Control {
             store: store.clone(),
@@ -110,6 +121,8 @@ impl Daemon {
                 started_at,
             },
             idle_timeout: config.control.idle_timeout,
+            router,
+            redeliver,
         });
         tracker.spawn(control::serve(
             listener,
@@ -132,6 +145,7 @@ impl Daemon {
             api = %config.api.base_url,
             interval = %format_duration(config.poll.interval),
             resumed = counts.active,
+            forward_targets = config.forward.targets.len(),
             "sunopoll started; {} unfinished task{} resumed",
             counts.active,
             if counts.active == 1 { "" } else { "s" }

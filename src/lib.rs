@@ -13,6 +13,7 @@
 //! - [`scheduler`]: the polling loop, the global pause, and the pure [`scheduler::decide`].
 //! - [`control`]: the Unix socket server; [`protocol`]: its requests and answers.
 //! - [`client`]: the CLI side of the socket; [`cli`]: the command line.
+//! - [`forward`]: delivering events to local handlers, durably, in order, signed.
 //! - [`housekeeping`]: pruning on a cron schedule.
 //! - [`daemon`]: wiring it all together, start-up and shutdown.
 
@@ -26,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod forward;
 pub mod housekeeping;
 pub mod logging;
 pub mod protocol;

@@ -32,7 +32,15 @@ pub const MAX_LABEL: usize = 256;
 pub const MAX_URL: usize = 2048;
 
 /// Every command the daemon understands.
-pub const COMMANDS: &[&str] = &["add", "list", "show", "remove", "events", "status"];
+pub const COMMANDS: &[&str] = &[
+    "add",
+    "list",
+    "show",
+    "remove",
+    "events",
+    "status",
+    "redeliver",
+];
 
 /// `add`: start tracking one or more task IDs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -95,6 +103,28 @@ pub struct EventsRequest {
     pub limit: Option<u32>,
 }
 
+/// `redeliver`: replay deliveries, keeping their `webhook-id`. Exactly one of `seq`, `task_id`,
+/// `failed_since`, `sent_since` picks what; `target` limits it to one target.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeliverRequest {
+    /// One event, by sequence number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    /// Every event of one task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// Every delivery given up since this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_since: Option<String>,
+    /// Every delivery made since this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_since: Option<String>,
+    /// Only to this target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
 /// `status`: daemon health.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +146,8 @@ pub enum Request {
     Events(EventsRequest),
     /// See [`StatusRequest`].
     Status(StatusRequest),
+    /// See [`RedeliverRequest`].
+    Redeliver(RedeliverRequest),
 }
 
 /// Why a request line was refused. `code` is stable for scripts; `message` is for people.
@@ -186,6 +218,7 @@ impl Request {
             "remove" => Request::Remove(body(&cmd, value)?),
             "events" => Request::Events(body(&cmd, value)?),
             "status" => Request::Status(body(&cmd, value)?),
+            "redeliver" => Request::Redeliver(body(&cmd, value)?),
             other => {
                 return Err(ErrorBody::new(
                     "unknown_command",
@@ -374,6 +407,69 @@ pub struct TaskView {
     pub label: Option<String>,
 }
 
+/// One delivery of an event to one target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryView {
+    /// Target name.
+    pub target: String,
+    /// Where it goes.
+    pub url: String,
+    /// The `webhook-id` header, the same on every attempt and replay.
+    pub webhook_id: String,
+    /// `pending`, `delivered` or `failed`.
+    pub state: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Next attempt (pending only).
+    pub next_attempt_at: Option<String>,
+    /// Last attempt.
+    pub last_attempt_at: Option<String>,
+    /// HTTP status of the last attempt, if it got one.
+    pub last_status: Option<u16>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When it was delivered.
+    pub delivered_at: Option<String>,
+    /// Every attempt.
+    pub attempt_log: Vec<AttemptView>,
+}
+
+/// One delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptView {
+    /// 1 for the first.
+    pub attempt: u32,
+    /// When it started.
+    pub at: String,
+    /// How long it took.
+    pub duration_ms: i64,
+    /// HTTP status, if an answer came.
+    pub status: Option<u16>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// `delivered`, `retry` or `failed`.
+    pub outcome: String,
+}
+
+/// Delivery health of one target, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetStatus {
+    /// Target name.
+    pub target: String,
+    /// Deliveries waiting.
+    pub pending: i64,
+    /// Deliveries given up.
+    pub failed: i64,
+    /// Deliveries made.
+    pub delivered: i64,
+    /// Last success.
+    pub last_success_at: Option<String>,
+    /// Last failure's cause.
+    pub last_error: Option<String>,
+    /// When it happened.
+    pub last_error_at: Option<String>,
+}
+
 /// One stored event.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventView {
@@ -420,6 +516,11 @@ mod tests {
                 limit: None,
             }),
             Request::Status(StatusRequest {}),
+            Request::Redeliver(RedeliverRequest {
+                task_id: Some("a".into()),
+                target: Some("app".into()),
+                ..RedeliverRequest::default()
+            }),
         ];
         for r in reqs {
             let line = r.to_line();

@@ -25,6 +25,7 @@ use crate::api::{ApiClient, Outcome, clip};
 use crate::clock::{format_duration, ms, now_ms};
 use crate::config::PollConfig;
 use crate::events::{NewEvent, Stage, error_event, map_record};
+use crate::forward::Router;
 use crate::protocol::TaskState;
 use crate::store::{GateRow, Store, TaskRow, TaskUpdate};
 
@@ -91,6 +92,9 @@ pub fn decide(
         rejections: task.rejections,
         next_poll_at: next_regular,
         events: Vec::new(),
+        routes: Vec::new(),
+        submitted_callback_url: None,
+        first_delivery_delay: 0,
     };
     match outcome {
         Outcome::Progress(record) | Outcome::Pending(record) => {
@@ -289,6 +293,8 @@ pub struct Scheduler {
     pub events: watch::Sender<i64>,
     /// Published status.
     pub status: SharedStatus,
+    /// Where new events are delivered.
+    pub router: Router,
 }
 
 impl Scheduler {
@@ -436,12 +442,13 @@ impl Scheduler {
         let store = self.store.clone();
         let policy = self.policy.clone();
         let events = self.events.clone();
+        let router = self.router.clone();
         if let Ok(mut s) = self.status.lock() {
             s.requests += 1;
         }
         tracker.spawn(async move {
             let outcome = api.record_info(&id).await;
-            let summary = apply_outcome(&store, &policy, &events, &id, outcome).await;
+            let summary = apply_outcome(&store, &policy, &router, &events, &id, outcome).await;
             let _ = done
                 .send(Finished {
                     id,
@@ -583,6 +590,7 @@ impl Scheduler {
 async fn apply_outcome(
     store: &Store,
     policy: &PollConfig,
+    router: &Router,
     events: &watch::Sender<i64>,
     id: &str,
     outcome: Outcome,
@@ -615,10 +623,27 @@ async fn apply_outcome(
     let now = now_ms();
     let jitter = fastrand::f64();
     let decide_policy = policy.clone();
+    let routing = router.clone();
     let logged = outcome.clone();
     let applied = store
         .apply_poll(id.to_owned(), now, move |row| {
-            decide(row, &outcome, now, &decide_policy, jitter)
+            let mut update = decide(row, &outcome, now, &decide_policy, jitter);
+            let submitted = match &outcome {
+                Outcome::Progress(r) | Outcome::Pending(r) => r.submitted_callback_url(),
+                _ => None,
+            };
+            if !update.events.is_empty() {
+                update.routes = routing.routes(row, submitted.as_deref());
+                update.first_delivery_delay = routing
+                    .config()
+                    .retry_schedule
+                    .first()
+                    .map_or(0, |d| ms(*d));
+            }
+            if submitted.is_some() && submitted != row.submitted_callback_url {
+                update.submitted_callback_url = submitted;
+            }
+            update
         })
         .await;
     let applied = match applied {
@@ -633,6 +658,13 @@ async fn apply_outcome(
         }
     };
     log_poll(id, &logged, &applied.before, &applied.update, now);
+    if let Some(url) = &applied.update.submitted_callback_url
+        && router.config().use_task_callback_url
+        && !router.submitted_url_allowed(url)
+    {
+        warn!(task_id = %id, url = %clip(url, 200),
+              "the task was submitted with a callBackUrl whose host is not in [forward] allow-hosts; not forwarding there");
+    }
     for (ev, seq) in applied.update.events.iter().zip(&applied.seqs) {
         log_event(id, ev, *seq);
     }
@@ -725,6 +757,8 @@ mod tests {
             rejections: 0,
             added_at: 0,
             deadline_at: 7_200_000,
+            callback_url: None,
+            submitted_callback_url: None,
         }
     }
 

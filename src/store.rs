@@ -20,7 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::format_utc;
 use crate::events::{NewEvent, Stage};
-use crate::protocol::{EventView, TaskState, TaskView};
+use crate::forward::{origin_of, webhook_id};
+use crate::protocol::{AttemptView, DeliveryView, EventView, TargetStatus, TaskState, TaskView};
 
 /// Jobs waiting for the store thread. Bounded so a flood of requests queues in the callers
 /// (as backpressure), not in memory here.
@@ -34,7 +35,8 @@ const MAX_BATCH: usize = 256;
 const BUSY_TIMEOUT_MS: u32 = 5000;
 
 /// The schema, one entry per version. `PRAGMA user_version` says how many have been applied.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE tasks (
     id           TEXT PRIMARY KEY NOT NULL,
     state        TEXT NOT NULL CHECK (state IN ('active', 'done', 'failed', 'removed')),
@@ -71,7 +73,43 @@ CREATE TABLE gate (
     since        INTEGER NOT NULL,
     cause        TEXT NOT NULL
 );
-"];
+",
+    r"
+ALTER TABLE tasks ADD COLUMN submitted_callback_url TEXT;
+CREATE TABLE deliveries (
+    id              INTEGER PRIMARY KEY,
+    event_seq       INTEGER NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
+    task_id         TEXT NOT NULL,
+    target          TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    origin          TEXT NOT NULL,
+    webhook_id      TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_attempt_at INTEGER,
+    last_status     INTEGER,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL,
+    delivered_at    INTEGER,
+    updated_at      INTEGER NOT NULL,
+    UNIQUE (event_seq, target)
+);
+CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX deliveries_order ON deliveries (task_id, target, event_seq);
+CREATE TABLE attempts (
+    id          INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    status      INTEGER,
+    error       TEXT,
+    outcome     TEXT NOT NULL
+);
+CREATE INDEX attempts_delivery ON attempts (delivery_id);
+",
+];
 
 /// A store failure. Cloneable because one failed commit answers every job in its batch.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -169,6 +207,10 @@ pub struct TaskRow {
     pub added_at: i64,
     /// When it gives up (Unix ms).
     pub deadline_at: i64,
+    /// Per-task callback URL (`add --callback-url`).
+    pub callback_url: Option<String>,
+    /// The `callBackUrl` the task was submitted with, as last seen in record-info.
+    pub submitted_callback_url: Option<String>,
 }
 
 /// The new state of a task after a poll, decided by the scheduler from a [`TaskRow`].
@@ -188,6 +230,24 @@ pub struct TaskUpdate {
     pub next_poll_at: i64,
     /// Events to store, in order.
     pub events: Vec<NewEvent>,
+    /// Where the new events are delivered (each route takes the stages it wants).
+    pub routes: Vec<Route>,
+    /// The submitted `callBackUrl` to remember (`None` keeps the old one).
+    pub submitted_callback_url: Option<String>,
+    /// Milliseconds from storing an event to its first delivery attempt (the retry schedule's
+    /// first entry).
+    pub first_delivery_delay: i64,
+}
+
+/// A place events are delivered to, decided when the events are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Target name: a `[[forward.target]]` name, `callback-url` or `submitted-callback-url`.
+    pub target: String,
+    /// Where to POST.
+    pub url: String,
+    /// Which stages go there.
+    pub stages: Vec<Stage>,
 }
 
 /// What a committed poll stored.
@@ -423,6 +483,11 @@ impl Store {
                 "INSERT INTO events (task_id, stage, code, body, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (task_id, stage) DO NOTHING",
             )?;
+            let mut deliver = conn.prepare_cached(
+                "INSERT INTO deliveries (event_seq, task_id, target, url, origin, webhook_id, state,
+                                         next_attempt_at, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?8) ON CONFLICT (event_seq, target) DO NOTHING",
+            )?;
             for ev in &update.events {
                 if stage.is_some_and(|s| s >= ev.stage) {
                     return Err(StoreError::Sqlite(format!(
@@ -434,14 +499,27 @@ impl Store {
                 if insert.execute(params![id, ev.stage.as_str(), ev.code, ev.body, now])? != 1 {
                     return Err(StoreError::Sqlite(format!("task {id} already has a {} event", ev.stage)));
                 }
-                seqs.push(conn.last_insert_rowid());
+                let seq = conn.last_insert_rowid();
+                seqs.push(seq);
                 stage = Some(ev.stage);
+                for route in update.routes.iter().filter(|r| r.stages.contains(&ev.stage)) {
+                    deliver.execute(params![
+                        seq,
+                        id,
+                        route.target,
+                        route.url,
+                        origin_of(&route.url),
+                        webhook_id(&id, ev.stage, &route.target),
+                        now.saturating_add(update.first_delivery_delay),
+                        now,
+                    ])?;
+                }
             }
             let finished = (update.state != TaskState::Active).then_some(now);
             conn.prepare_cached(
                 "UPDATE tasks SET state = ?2, stage = ?3, last_status = COALESCE(?4, last_status), last_error = ?5,
                         polls = polls + 1, failures = ?6, rejections = ?7, updated_at = ?8, next_poll_at = ?9,
-                        finished_at = ?10
+                        finished_at = ?10, submitted_callback_url = COALESCE(?11, submitted_callback_url)
                  WHERE id = ?1",
             )?
             .execute(params![
@@ -455,6 +533,7 @@ impl Store {
                 now,
                 update.next_poll_at,
                 finished,
+                update.submitted_callback_url,
             ])?;
             Ok(Some(Applied { update, before, seqs }))
         })
@@ -590,19 +669,373 @@ impl Store {
     /// Deletes tasks that finished (done, failed or removed) before `before`, with their events.
     pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
         self.call(move |conn| {
-            let events = conn.execute(
-                "DELETE FROM events WHERE task_id IN
-                   (SELECT id FROM tasks WHERE state <> 'active' AND finished_at < ?1)",
-                [before],
-            )?;
-            let tasks = conn.execute(
-                "DELETE FROM tasks WHERE state <> 'active' AND finished_at < ?1",
-                [before],
-            )?;
+            // A task whose events still wait for delivery is kept until they are delivered or
+            // given up, whatever its age.
+            const OLD: &str = "SELECT id FROM tasks WHERE state <> 'active' AND finished_at < ?1
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.task_id = tasks.id AND d.state = 'pending')";
+            let events = conn.execute(&format!("DELETE FROM events WHERE task_id IN ({OLD})"), [before])?;
+            let tasks = conn.execute(&format!("DELETE FROM tasks WHERE id IN ({OLD})"), [before])?;
             Ok(Pruned { tasks, events })
         })
         .await
     }
+}
+
+/// A delivery ready to be attempted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDelivery {
+    /// Row id.
+    pub id: i64,
+    /// The event.
+    pub event_seq: i64,
+    /// Its task.
+    pub task_id: String,
+    /// Its stage.
+    pub stage: Stage,
+    /// Target name.
+    pub target: String,
+    /// URL stored with the delivery (per-task targets use it; configured targets use the
+    /// configured URL).
+    pub url: String,
+    /// `scheme://host:port`, for per-destination concurrency limits.
+    pub origin: String,
+    /// The Standard Webhooks `webhook-id`, the same on every attempt.
+    pub webhook_id: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When it is due (Unix ms).
+    pub next_attempt_at: i64,
+    /// The exact callback body.
+    pub body: String,
+}
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryNext {
+    /// Delivered (2xx).
+    Delivered,
+    /// Failed; try again at this time (Unix ms).
+    Retry(i64),
+    /// Given up (schedule exhausted, or 410 Gone).
+    Failed,
+}
+
+/// One attempt, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// When it started (Unix ms).
+    pub started_at: i64,
+    /// How long it took.
+    pub duration_ms: i64,
+    /// HTTP status, if an answer came.
+    pub status: Option<u16>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// Which deliveries `redeliver` replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// Every delivery of one event.
+    Event(i64),
+    /// Every delivery of one task's events.
+    Task(String),
+    /// Deliveries given up at or after this time (Unix ms).
+    FailedSince(i64),
+    /// Deliveries delivered at or after this time (Unix ms).
+    SentSince(i64),
+}
+
+const DELIVERY_VIEW_COLUMNS: &str = "id, event_seq, target, url, webhook_id, state, attempts, next_attempt_at, \
+                                     last_attempt_at, last_status, last_error, delivered_at";
+
+impl Store {
+    /// Pending deliveries in due order, skipping those in flight (`busy` ids), those to
+    /// destinations already at their limit (`full` origins), and those waiting behind an earlier
+    /// pending event of the same task for the same target (order per task and target).
+    pub async fn due_deliveries(
+        &self,
+        busy: Vec<i64>,
+        full: Vec<String>,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        self.call(move |conn| {
+            let busy = serde_json::to_string(&busy).unwrap_or_else(|_| "[]".to_owned());
+            let full = serde_json::to_string(&full).unwrap_or_else(|_| "[]".to_owned());
+            let mut stmt = conn.prepare_cached(
+                "SELECT d.id, d.event_seq, d.task_id, e.stage, d.target, d.url, d.origin, d.webhook_id,
+                        d.attempts, d.next_attempt_at, e.body
+                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.state = 'pending'
+                   AND d.id NOT IN (SELECT value FROM json_each(?1))
+                   AND d.origin NOT IN (SELECT value FROM json_each(?2))
+                   AND NOT EXISTS (SELECT 1 FROM deliveries p
+                                   WHERE p.task_id = d.task_id AND p.target = d.target
+                                     AND p.event_seq < d.event_seq AND p.state = 'pending')
+                 ORDER BY d.next_attempt_at, d.id LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![busy, full, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                    let stage: String = r.get(3)?;
+                    Ok(DueDelivery {
+                        id: r.get(0)?,
+                        event_seq: r.get(1)?,
+                        task_id: r.get(2)?,
+                        stage: Stage::parse(&stage).unwrap_or(Stage::Error),
+                        target: r.get(4)?,
+                        url: r.get(5)?,
+                        origin: r.get(6)?,
+                        webhook_id: r.get(7)?,
+                        attempts: r.get(8)?,
+                        next_attempt_at: r.get(9)?,
+                        body: r.get(10)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Records one attempt and its consequence.
+    pub async fn record_attempt(
+        &self,
+        id: i64,
+        attempt: AttemptRecord,
+        next: DeliveryNext,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn| {
+            let now = attempt.started_at.saturating_add(attempt.duration_ms);
+            let (state, next_at, delivered_at, outcome) = match next {
+                DeliveryNext::Delivered => ("delivered", now, Some(now), "delivered"),
+                DeliveryNext::Retry(at) => ("pending", at, None, "retry"),
+                DeliveryNext::Failed => ("failed", now, None, "failed"),
+            };
+            let n: i64 = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET state = ?2, attempts = attempts + 1, next_attempt_at = ?3,
+                            last_attempt_at = ?4, last_status = ?5, last_error = ?6,
+                            delivered_at = COALESCE(?7, delivered_at), updated_at = ?8
+                     WHERE id = ?1 RETURNING attempts",
+                )?
+                .query_row(
+                    params![id, state, next_at, attempt.started_at, attempt.status, attempt.error, delivered_at, now],
+                    |r| r.get(0),
+                )?;
+            conn.prepare_cached(
+                "INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status, error, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![id, n, attempt.started_at, attempt.duration_ms, attempt.status, attempt.error, outcome])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Gives up pending deliveries to configured targets that are no longer configured.
+    /// Returns how many.
+    pub async fn fail_orphans(&self, known: Vec<String>, now: i64) -> Result<usize, StoreError> {
+        self.call(move |conn| {
+            let known = serde_json::to_string(&known).unwrap_or_else(|_| "[]".to_owned());
+            Ok(conn.execute(
+                "UPDATE deliveries SET state = 'failed', updated_at = ?2,
+                        last_error = 'the target is no longer in the configuration'
+                 WHERE state = 'pending' AND target NOT IN (?3, ?4)
+                   AND target NOT IN (SELECT value FROM json_each(?1))",
+                params![
+                    known,
+                    now,
+                    crate::config::TARGET_TASK_URL,
+                    crate::config::TARGET_SUBMITTED_URL
+                ],
+            )?)
+        })
+        .await
+    }
+
+    /// Replays deliveries: matching ones go back to pending with a fresh schedule (keeping their
+    /// `webhook-id`). For `Event` and `Task`, `routes` (the configured targets) also get a
+    /// delivery for events they never had one for. `target` limits it all to one target.
+    /// Returns how many deliveries are now pending because of this.
+    pub async fn redeliver(
+        &self,
+        what: Replay,
+        target: Option<String>,
+        routes: Vec<Route>,
+        now: i64,
+    ) -> Result<usize, StoreError> {
+        self.call(move |conn| {
+            let seqs: Vec<(i64, String, Stage)> = match &what {
+                Replay::Event(seq) => events_query_seq(conn, "seq = ?1", params![seq])?,
+                Replay::Task(task) => events_query_seq(conn, "task_id = ?1", params![task])?,
+                Replay::FailedSince(_) | Replay::SentSince(_) => Vec::new(),
+            };
+            let mut count = 0;
+            let mut reset = conn.prepare_cached(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?2, updated_at = ?2
+                 WHERE id = ?1",
+            )?;
+            let ids: Vec<i64> = match &what {
+                Replay::Event(_) | Replay::Task(_) => {
+                    let mut ids = Vec::new();
+                    let mut stmt = conn.prepare_cached(
+                        "SELECT id FROM deliveries WHERE event_seq = ?1 AND (?2 IS NULL OR target = ?2)",
+                    )?;
+                    for (seq, _, _) in &seqs {
+                        for id in stmt.query_map(params![seq, target], |r| r.get(0))? {
+                            ids.push(id?);
+                        }
+                    }
+                    ids
+                }
+                Replay::FailedSince(t) => conn
+                    .prepare_cached(
+                        "SELECT id FROM deliveries WHERE state = 'failed' AND updated_at >= ?1 AND (?2 IS NULL OR target = ?2)",
+                    )?
+                    .query_map(params![t, target], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
+                Replay::SentSince(t) => conn
+                    .prepare_cached(
+                        "SELECT id FROM deliveries WHERE state = 'delivered' AND delivered_at >= ?1 AND (?2 IS NULL OR target = ?2)",
+                    )?
+                    .query_map(params![t, target], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
+            };
+            for id in ids {
+                count += reset.execute(params![id, now])?;
+            }
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO deliveries (event_seq, task_id, target, url, origin, webhook_id, state,
+                                         next_attempt_at, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7) ON CONFLICT (event_seq, target) DO NOTHING",
+            )?;
+            for (seq, task, stage) in &seqs {
+                for route in routes
+                    .iter()
+                    .filter(|r| r.stages.contains(stage) && target.as_ref().is_none_or(|t| *t == r.target))
+                {
+                    count += insert.execute(params![
+                        seq,
+                        task,
+                        route.target,
+                        route.url,
+                        origin_of(&route.url),
+                        webhook_id(task, *stage, &route.target),
+                        now
+                    ])?;
+                }
+            }
+            Ok(count)
+        })
+        .await
+    }
+
+    /// Every delivery of one task's events, with its attempts, keyed by event sequence number.
+    pub async fn deliveries_of(
+        &self,
+        task: String,
+    ) -> Result<Vec<(i64, DeliveryView)>, StoreError> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {DELIVERY_VIEW_COLUMNS} FROM deliveries WHERE task_id = ?1 ORDER BY event_seq, target"
+            ))?;
+            let mut attempts = conn.prepare_cached(
+                "SELECT attempt, started_at, duration_ms, status, error, outcome FROM attempts
+                 WHERE delivery_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map([task], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, delivery_from_row(r)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (id, seq, mut view) in rows {
+                view.attempt_log = attempts
+                    .query_map([id], |r| {
+                        Ok(AttemptView {
+                            attempt: r.get(0)?,
+                            at: format_utc(r.get(1)?),
+                            duration_ms: r.get(2)?,
+                            status: r.get(3)?,
+                            error: r.get(4)?,
+                            outcome: r.get(5)?,
+                        })
+                    })?
+                    .collect::<Result<_, _>>()?;
+                out.push((seq, view));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Per-target delivery counts and last success/error, for `status`.
+    pub async fn target_summary(&self) -> Result<Vec<TargetStatus>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT target,
+                        SUM(state = 'pending'), SUM(state = 'failed'), SUM(state = 'delivered'),
+                        MAX(delivered_at),
+                        (SELECT last_error FROM deliveries e WHERE e.target = d.target AND e.last_error IS NOT NULL
+                           ORDER BY e.last_attempt_at DESC LIMIT 1),
+                        (SELECT MAX(last_attempt_at) FROM deliveries e WHERE e.target = d.target AND e.last_error IS NOT NULL)
+                 FROM deliveries d GROUP BY target ORDER BY target",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(TargetStatus {
+                        target: r.get(0)?,
+                        pending: r.get(1)?,
+                        failed: r.get(2)?,
+                        delivered: r.get(3)?,
+                        last_success_at: r.get::<_, Option<i64>>(4)?.map(format_utc),
+                        last_error: r.get(5)?,
+                        last_error_at: r.get::<_, Option<i64>>(6)?.map(format_utc),
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+}
+
+fn events_query_seq(
+    conn: &Connection,
+    filter: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<(i64, String, Stage)>, StoreError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT seq, task_id, stage FROM events WHERE {filter} ORDER BY seq"
+    ))?;
+    let rows = stmt
+        .query_map(p, |r| {
+            let stage: String = r.get(2)?;
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                Stage::parse(&stage).unwrap_or(Stage::Error),
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<DeliveryView> {
+    let state: String = r.get(5)?;
+    Ok(DeliveryView {
+        target: r.get(2)?,
+        url: r.get(3)?,
+        webhook_id: r.get(4)?,
+        next_attempt_at: (state == "pending")
+            .then(|| r.get::<_, i64>(7).map(format_utc))
+            .transpose()?,
+        state,
+        attempts: r.get(6)?,
+        last_attempt_at: r.get::<_, Option<i64>>(8)?.map(format_utc),
+        last_status: r.get(9)?,
+        last_error: r.get(10)?,
+        delivered_at: r.get::<_, Option<i64>>(11)?.map(format_utc),
+        attempt_log: Vec::new(),
+    })
 }
 
 const TASK_COLUMNS: &str = "id, state, stage, last_status, last_error, polls, added_at, updated_at, next_poll_at, \
@@ -641,7 +1074,8 @@ fn task_view(conn: &Connection, id: &str) -> Result<Option<TaskView>, StoreError
 fn task_row(conn: &Connection, id: &str) -> Result<Option<TaskRow>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT id, state, stage, last_status, failures, rejections, added_at, deadline_at
+            "SELECT id, state, stage, last_status, failures, rejections, added_at, deadline_at,
+                    callback_url, submitted_callback_url
              FROM tasks WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -656,6 +1090,8 @@ fn task_row(conn: &Connection, id: &str) -> Result<Option<TaskRow>, StoreError> 
                 rejections: r.get(5)?,
                 added_at: r.get(6)?,
                 deadline_at: r.get(7)?,
+                callback_url: r.get(8)?,
+                submitted_callback_url: r.get(9)?,
             })
         })
         .optional()?)
@@ -876,6 +1312,9 @@ mod tests {
             rejections: 0,
             next_poll_at: 5000,
             events,
+            routes: Vec::new(),
+            submitted_callback_url: None,
+            first_delivery_delay: 0,
         }
     }
 

@@ -381,3 +381,156 @@ impl RawClient {
 pub fn compact(v: &Value) -> String {
     serde_json::to_string(v).expect("json")
 }
+
+/// One request a fake handler received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// When it arrived.
+    pub at: Instant,
+    /// Its headers (lower-case names).
+    pub headers: HashMap<String, String>,
+    /// Its body bytes.
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("the body is JSON")
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", String::as_str)
+    }
+
+    /// The body's `data.callbackType`.
+    pub fn stage(&self) -> String {
+        self.json()["data"]["callbackType"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned()
+    }
+
+    /// The body's `data.task_id`.
+    pub fn task(&self) -> String {
+        self.json()["data"]["task_id"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned()
+    }
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    received: Vec<Received>,
+    /// Scripted answers, used in order; then `fallback`.
+    script: std::collections::VecDeque<(u16, Duration)>,
+    fallback: Option<(u16, Duration)>,
+}
+
+struct Recorder(Arc<Mutex<ReceiverState>>);
+
+impl Respond for Recorder {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let mut s = self.0.lock().expect("state");
+        s.received.push(Received {
+            at: Instant::now(),
+            headers: request
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                .collect(),
+            body: request.body.clone(),
+        });
+        let (status, delay) = s
+            .script
+            .pop_front()
+            .or(s.fallback)
+            .unwrap_or((200, Duration::ZERO));
+        ResponseTemplate::new(status)
+            .set_body_string(if status >= 300 {
+                "handler says no"
+            } else {
+                "ok"
+            })
+            .set_delay(delay)
+    }
+}
+
+/// A fake callback handler on 127.0.0.1: records every request; answers 200 unless scripted.
+pub struct Receiver {
+    /// The wiremock server.
+    pub server: MockServer,
+    state: Arc<Mutex<ReceiverState>>,
+}
+
+impl Receiver {
+    /// Starts one on a fresh port.
+    pub async fn start() -> Receiver {
+        Receiver::start_on(std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).await
+    }
+
+    /// Starts one on a given listener (to bring a "down" handler up on its old port).
+    pub async fn start_on(listener: std::net::TcpListener) -> Receiver {
+        let server = MockServer::builder().listener(listener).start().await;
+        let state = Arc::new(Mutex::new(ReceiverState::default()));
+        Mock::given(method("POST"))
+            .respond_with(Recorder(state.clone()))
+            .mount(&server)
+            .await;
+        Receiver { server, state }
+    }
+
+    /// The handler URL.
+    pub fn url(&self) -> String {
+        format!("{}/suno/callback", self.server.uri())
+    }
+
+    /// The next answers, in order (status, delay).
+    pub fn script(&self, answers: &[(u16, Duration)]) {
+        self.state
+            .lock()
+            .expect("state")
+            .script
+            .extend(answers.iter().copied());
+    }
+
+    /// The answer once the script is used up.
+    pub fn always(&self, status: u16, delay: Duration) {
+        self.state.lock().expect("state").fallback = Some((status, delay));
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().expect("state").received.clone()
+    }
+
+    /// How many requests so far.
+    pub fn count(&self) -> usize {
+        self.state.lock().expect("state").received.len()
+    }
+}
+
+/// A local port with nothing listening on it (connections are refused), and a listener that
+/// can later be bound to it.
+pub fn dead_port() -> (u16, impl FnOnce() -> std::net::TcpListener) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    drop(l);
+    (port, move || {
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("rebind the dead port")
+    })
+}
+
+/// A forward target for tests.
+pub fn target(name: &str, url: &str) -> sunopoll::config::TargetConfig {
+    sunopoll::config::TargetConfig {
+        name: name.to_owned(),
+        url: url::Url::parse(url).expect("url"),
+        stages: sunopoll::events::Stage::ALL.to_vec(),
+        secret: None,
+        headers: Vec::new(),
+        timeout: Duration::from_secs(2),
+    }
+}

@@ -3,6 +3,7 @@
 
 mod cli;
 mod control;
+mod forward;
 mod helpers;
 mod polling;
 mod restart;
