@@ -240,6 +240,7 @@ impl Forwarder {
         let (done_tx, mut done_rx) = mpsc::channel::<Finished>(capacity + 1);
         let mut in_flight: HashSet<i64> = HashSet::new();
         let mut per_origin: HashMap<String, usize> = HashMap::new();
+        let mut events_open = true;
         loop {
             while let Ok(f) = done_rx.try_recv() {
                 finish(f, &mut in_flight, &mut per_origin);
@@ -298,13 +299,18 @@ impl Forwarder {
                     None => std::future::pending().await,
                 }
             };
+            let new_events = async {
+                if events_open {
+                    self.events.changed().await.is_ok()
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 () = cancel.cancelled() => {}
-                changed = self.events.changed() => {
-                    if changed.is_err() {
-                        // The scheduler is gone (shutdown); nothing new will be stored.
-                        self.events = watch::channel(0).1;
-                    }
+                open = new_events => {
+                    // Closed means the scheduler is gone (shutdown): nothing new will be stored.
+                    events_open = open;
                 }
                 () = self.wake.notified() => {}
                 Some(f) = done_rx.recv() => finish(f, &mut in_flight, &mut per_origin),
