@@ -1,0 +1,576 @@
+//! sunopoll's scenario benchmarks: the real release binary against a fast local fake API and
+//! handler, measured from outside (the fake's clock, `/proc`).
+//!
+//! Run all: `bench/run` (or `cargo bench --bench scenarios`). Run some:
+//! `cargo bench --bench scenarios -- add idle`. Scenarios: add, startup, idle, throughput,
+//! rate, latency, fairness, memory. Prints a Markdown table for BENCHMARKS.md.
+
+mod fake;
+mod proc;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fake::{Fake, Mode};
+use proc::{Conn, Daemon, Setup, task_id};
+
+/// One line of the results table.
+struct Row {
+    scenario: &'static str,
+    metric: String,
+    target: String,
+    measured: String,
+    met: Option<bool>,
+}
+
+struct Results(Vec<Row>);
+
+impl Results {
+    fn add(
+        &mut self,
+        scenario: &'static str,
+        metric: &str,
+        target: &str,
+        measured: String,
+        met: Option<bool>,
+    ) {
+        let mark = match met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "",
+        };
+        eprintln!("  {scenario:<11} {metric:<48} {measured:>16}  (target {target}) {mark}");
+        self.0.push(Row {
+            scenario,
+            metric: metric.to_owned(),
+            target: target.to_owned(),
+            measured,
+            met,
+        });
+    }
+}
+
+fn main() {
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let all = [
+        "add",
+        "startup",
+        "idle",
+        "throughput",
+        "rate",
+        "latency",
+        "fairness",
+        "memory",
+    ];
+    let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = runtime.enter();
+    let mut results = Results(Vec::new());
+    eprintln!("sunopoll scenario benchmarks — binary {}", proc::BIN);
+    let started = Instant::now();
+    let big = tempfile::tempdir().expect("tempdir");
+    if run("add") || run("startup") || run("idle") {
+        add_startup_idle(&runtime, big.path(), &run, &mut results);
+    }
+    for name in &all[3..] {
+        if !run(name) {
+            continue;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        match *name {
+            "throughput" => throughput(&runtime, dir.path(), &mut results),
+            "rate" => rate(&runtime, dir.path(), &mut results),
+            "latency" => latency(&runtime, dir.path(), &mut results),
+            "fairness" => fairness(&runtime, dir.path(), &mut results),
+            "memory" => memory(&runtime, dir.path(), &mut results),
+            _ => {}
+        }
+    }
+    eprintln!("done in {:.0?}\n", started.elapsed());
+    println!("| scenario | metric | target | measured | |");
+    println!("|---|---|---|---|---|");
+    for r in &results.0 {
+        let mark = match r.met {
+            Some(true) => "✔",
+            Some(false) => "✘",
+            None => "",
+        };
+        println!(
+            "| {} | {} | {} | {} | {mark} |",
+            r.scenario, r.metric, r.target, r.measured
+        );
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// `add` throughput, CLI latency, memory with 100 000 queued, start-up with them, and idle.
+fn add_startup_idle(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    run: &dyn Fn(&str) -> bool,
+    results: &mut Results,
+) {
+    let api = rt.block_on(Fake::start(Mode::Pending));
+    let setup = Setup {
+        api: &api.url,
+        dir,
+        poll: "max-requests-per-second = 2",
+        extra: "",
+    };
+    let d = Daemon::start(&setup);
+
+    // 100 000 IDs in batches of 1 000 over one connection.
+    let mut conn = Conn::open(&d.socket);
+    let t = Instant::now();
+    for batch in 0..100u64 {
+        let ids: Vec<String> = (0..1000).map(|i| task_id(1, batch * 1000 + i)).collect();
+        let v = conn.call(&serde_json::json!({"cmd": "add", "task_ids": ids}).to_string());
+        assert_eq!(v["added"], 1000, "{v}");
+    }
+    let rate = 100_000.0 / t.elapsed().as_secs_f64();
+    results.add(
+        "add",
+        "100 000 IDs in batches of 1 000 (IDs/s)",
+        "≥ 50 000",
+        format!("{rate:.0}"),
+        Some(rate >= 50_000.0),
+    );
+
+    // One ID per connection, 32 clients at once.
+    let clients = 32;
+    let per_client = 10_000 / clients;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for c in 0..clients {
+            let socket = d.socket.clone();
+            s.spawn(move || {
+                for i in 0..per_client {
+                    let line = format!(
+                        r#"{{"cmd":"add","task_ids":["{}"]}}"#,
+                        task_id(2, (c * per_client + i) as u64)
+                    );
+                    let s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+                    let v = proc::request_on(s, &line).expect("answer");
+                    assert_eq!(v["ok"], true, "{v}");
+                }
+            });
+        }
+    });
+    let n = (clients * per_client) as f64;
+    let rate = n / t.elapsed().as_secs_f64();
+    results.add(
+        "add",
+        "one ID per connection, 32 clients (IDs/s)",
+        "≥ 3 000",
+        format!("{rate:.0}"),
+        Some(rate >= 3000.0),
+    );
+    let t = Instant::now();
+    for i in 0..500u64 {
+        let line = format!(r#"{{"cmd":"add","task_ids":["{}"]}}"#, task_id(3, i));
+        let s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+        proc::request_on(s, &line).expect("answer");
+    }
+    let rate = 500.0 / t.elapsed().as_secs_f64();
+    results.add(
+        "add",
+        "one ID per connection, 1 client (IDs/s)",
+        "(info)",
+        format!("{rate:.0}"),
+        None,
+    );
+
+    // The CLI as a process.
+    let mut times = Vec::new();
+    for i in 0..200u64 {
+        let t = Instant::now();
+        let out = std::process::Command::new(proc::BIN)
+            .args(["add", "--socket"])
+            .arg(&d.socket)
+            .arg(task_id(4, i))
+            .output()
+            .expect("cli");
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert!(out.status.success());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = percentile(&times, 0.5);
+    results.add(
+        "add",
+        "`sunopoll add ID` round trip, median (ms)",
+        "≤ 5",
+        format!("{median:.2}"),
+        Some(median <= 5.0),
+    );
+    results.add(
+        "add",
+        "`sunopoll add ID` round trip, p90 (ms)",
+        "(info)",
+        format!("{:.2}", percentile(&times, 0.9)),
+        None,
+    );
+
+    let status = d.request(r#"{"cmd":"status"}"#);
+    let active = status["tasks"]["active"].as_i64().unwrap_or(0);
+    let (rss, hwm) = d.rss_kib();
+    results.add(
+        "memory",
+        &format!("RSS with {active} active tasks queued"),
+        "≤ 30 MiB",
+        mib(rss),
+        Some(rss <= 30 * 1024),
+    );
+    results.add(
+        "memory",
+        "peak RSS during the adds",
+        "(info)",
+        mib(hwm),
+        None,
+    );
+    d.stop();
+
+    if run("startup") {
+        let mut times = Vec::new();
+        let mut rss = 0;
+        for _ in 0..5 {
+            let d = Daemon::start(&setup);
+            times.push(d.ready_after.as_secs_f64() * 1000.0);
+            rss = rss.max(d.rss_kib().0);
+            d.stop();
+        }
+        times.sort_by(f64::total_cmp);
+        let median = percentile(&times, 0.5);
+        results.add(
+            "startup",
+            &format!("ready with {active} tasks in the store, median of 5 (ms)"),
+            "≤ 300",
+            format!("{median:.1}"),
+            Some(median <= 300.0),
+        );
+        results.add(
+            "startup",
+            "RSS right after start-up",
+            "(info)",
+            mib(rss),
+            None,
+        );
+    }
+
+    if run("idle") {
+        // Make every task due in two hours, then watch the daemon do nothing.
+        let db = rusqlite::Connection::open(dir.join("sunopoll.db")).expect("open store");
+        let later = sunopoll::clock::now_ms() + 2 * 3600 * 1000;
+        db.execute("UPDATE tasks SET next_poll_at = ?1", [later])
+            .expect("update");
+        drop(db);
+        let d = Daemon::start(&setup);
+        std::thread::sleep(Duration::from_secs(2));
+        let (cs0, cpu0, t0) = (d.context_switches(), d.cpu(), Instant::now());
+        std::thread::sleep(Duration::from_secs(30));
+        let (cs1, cpu1, elapsed) = (d.context_switches(), d.cpu(), t0.elapsed());
+        let wakeups = (cs1 - cs0) as f64 / elapsed.as_secs_f64();
+        let cpu = (cpu1 - cpu0).as_secs_f64() / elapsed.as_secs_f64() * 100.0;
+        results.add(
+            "idle",
+            &format!(
+                "wakeups/s, {active} tasks none due, {} threads",
+                d.threads()
+            ),
+            "≤ 1",
+            format!("{wakeups:.2}"),
+            Some(wakeups <= 1.0),
+        );
+        results.add(
+            "idle",
+            "CPU over 30 s (%)",
+            "< 0.1",
+            format!("{cpu:.3}"),
+            Some(cpu < 0.1),
+        );
+        let (rss, _) = d.rss_kib();
+        results.add(
+            "idle",
+            "RSS while idle with 100 000+ tasks",
+            "≤ 30 MiB",
+            mib(rss),
+            Some(rss <= 30 * 1024),
+        );
+        d.stop();
+    }
+}
+
+/// Adds `n` tasks in batches.
+fn add_tasks(d: &Daemon, prefix: u32, n: u64) {
+    let mut conn = Conn::open(&d.socket);
+    for start in (0..n).step_by(1000) {
+        let ids: Vec<String> = (start..(start + 1000).min(n))
+            .map(|i| task_id(prefix, i))
+            .collect();
+        conn.call(&serde_json::json!({"cmd": "add", "task_ids": ids}).to_string());
+    }
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < limit, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls per second with no rate limit, events written, CPU per poll.
+fn throughput(rt: &tokio::runtime::Runtime, dir: &Path, results: &mut Results) {
+    let api = rt.block_on(Fake::start(Mode::Progress));
+    let d = Daemon::start(&Setup {
+        api: &api.url,
+        dir,
+        poll: "interval = \"10ms\"\nmax-in-flight = 64\nmax-requests-per-second = \"unlimited\"",
+        extra: "",
+    });
+    let tasks = 20_000u64;
+    let cpu0 = d.cpu();
+    let t = Instant::now();
+    add_tasks(&d, 5, tasks);
+    wait_until("all tasks done", Duration::from_secs(300), || {
+        d.request(r#"{"cmd":"status"}"#)["tasks"]["done"].as_u64() == Some(tasks)
+    });
+    let elapsed = t.elapsed().as_secs_f64();
+    let cpu = (d.cpu() - cpu0).as_secs_f64();
+    let polls = api.poll_count() as f64;
+    let events = d.request(r#"{"cmd":"status"}"#)["tasks"]["events"]
+        .as_u64()
+        .unwrap_or(0);
+    let rate = polls / elapsed;
+    results.add(
+        "throughput",
+        &format!(
+            "polls/s, unlimited rate, 64 in flight ({} polls, {events} events)",
+            polls as u64
+        ),
+        "≥ 2 000",
+        format!("{rate:.0}"),
+        Some(rate >= 2000.0),
+    );
+    let per_poll = cpu / polls * 1000.0;
+    results.add(
+        "throughput",
+        "daemon CPU per poll (ms)",
+        "≤ 0.3",
+        format!("{per_poll:.3}"),
+        Some(per_poll <= 0.3),
+    );
+    let (_, hwm) = d.rss_kib();
+    results.add("throughput", "peak RSS", "(info)", mib(hwm), None);
+    d.stop();
+}
+
+/// Achieved request rate against a configured limit.
+fn rate(rt: &tokio::runtime::Runtime, dir: &Path, results: &mut Results) {
+    for limit in [50.0f64, 500.0] {
+        let api = rt.block_on(Fake::start(Mode::Pending));
+        let sub = dir.join(format!("rate{limit}"));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        let d = Daemon::start(&Setup {
+            api: &api.url,
+            dir: &sub,
+            poll: &format!(
+                "interval = \"10m\"\nmax-in-flight = 16\nmax-requests-per-second = {limit}"
+            ),
+            extra: "",
+        });
+        add_tasks(&d, 6, (limit * 20.0) as u64);
+        std::thread::sleep(Duration::from_secs(10));
+        d.stop();
+        let log = api.log.lock().expect("log");
+        let times: Vec<Instant> = log.polls.iter().map(|p| p.0).collect();
+        let span = times
+            .last()
+            .expect("polls")
+            .duration_since(times[0])
+            .as_secs_f64();
+        let achieved = (times.len() - 1) as f64 / span;
+        let mut max_window = 0;
+        let mut j = 0;
+        for i in 0..times.len() {
+            while times[j] + Duration::from_secs(1) <= times[i] {
+                j += 1;
+            }
+            max_window = max_window.max(i - j + 1);
+        }
+        let off = (achieved - limit).abs() / limit * 100.0;
+        results.add(
+            "rate",
+            &format!("limit {limit}/s: achieved rate over {span:.1} s"),
+            "within 5 %",
+            format!("{achieved:.1} ({off:.1} %)"),
+            Some(off <= 5.0),
+        );
+        results.add(
+            "rate",
+            &format!("limit {limit}/s: most requests in any 1 s window"),
+            &format!("≤ {limit}"),
+            format!("{max_window}"),
+            Some(max_window as f64 <= limit),
+        );
+    }
+}
+
+/// From the API's answer leaving the fake to the forward POST arriving at the handler.
+fn latency(rt: &tokio::runtime::Runtime, dir: &Path, results: &mut Results) {
+    let api = rt.block_on(Fake::start(Mode::Text));
+    let d = Daemon::start(&Setup {
+        api: &api.url,
+        dir,
+        poll: "interval = \"10m\"\nmax-in-flight = 8\nmax-requests-per-second = 200",
+        extra: &format!(
+            "[[forward.target]]\nname = \"bench\"\nurl = \"{}/hook\"\n",
+            api.url
+        ),
+    });
+    let tasks = 2000u64;
+    add_tasks(&d, 7, tasks);
+    wait_until("all events delivered", Duration::from_secs(120), || {
+        api.log.lock().expect("log").posts.len() as u64 >= tasks
+    });
+    d.stop();
+    let log = api.log.lock().expect("log");
+    let mut lat: Vec<f64> = log
+        .posts
+        .iter()
+        .filter_map(|(at, task, _)| {
+            log.text_answered
+                .get(task)
+                .map(|a| at.duration_since(*a).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let p99 = percentile(&lat, 0.99);
+    results.add(
+        "latency",
+        &format!("answer → forward POST, p99 of {} events (ms)", lat.len()),
+        "≤ 10",
+        format!("{p99:.2}"),
+        Some(p99 <= 10.0),
+    );
+    results.add(
+        "latency",
+        "answer → forward POST, p50 / max (ms)",
+        "(info)",
+        format!(
+            "{:.2} / {:.2}",
+            percentile(&lat, 0.5),
+            lat.last().copied().unwrap_or(f64::NAN)
+        ),
+        None,
+    );
+}
+
+/// More due tasks than the rate allows: every task waits about one cycle, none much longer.
+fn fairness(rt: &tokio::runtime::Runtime, dir: &Path, results: &mut Results) {
+    let api = rt.block_on(Fake::start(Mode::Pending));
+    let (tasks, limit) = (600u64, 100.0);
+    let d = Daemon::start(&Setup {
+        api: &api.url,
+        dir,
+        poll: &format!("interval = \"1s\"\nmax-in-flight = 8\nmax-requests-per-second = {limit}"),
+        extra: "",
+    });
+    add_tasks(&d, 8, tasks);
+    std::thread::sleep(Duration::from_secs(40));
+    d.stop();
+    let cycle = tasks as f64 / limit;
+    let log = api.log.lock().expect("log");
+    let mut per_task: HashMap<&str, Vec<Instant>> = HashMap::new();
+    for (at, task) in &log.polls {
+        per_task.entry(task.as_str()).or_default().push(*at);
+    }
+    let gaps: Vec<f64> = per_task
+        .values()
+        .flat_map(|t| {
+            t.windows(2)
+                .map(|w| w[1].duration_since(w[0]).as_secs_f64())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let max = gaps.iter().copied().fold(0.0, f64::max);
+    let min = gaps.iter().copied().fold(f64::INFINITY, f64::min);
+    let polls: Vec<usize> = per_task.values().map(Vec::len).collect();
+    results.add(
+        "fairness",
+        &format!("{tasks} tasks at {limit}/s (cycle {cycle:.0} s): longest − shortest wait between polls (s)"),
+        &format!("≤ {cycle:.0}"),
+        format!("{:.2} ({min:.2}–{max:.2})", max - min),
+        Some(max - min <= cycle),
+    );
+    results.add(
+        "fairness",
+        "polls per task over 40 s, fewest / most",
+        "(info)",
+        format!(
+            "{} / {}",
+            polls.iter().min().unwrap_or(&0),
+            polls.iter().max().unwrap_or(&0)
+        ),
+        None,
+    );
+}
+
+/// RSS while polling for an hour's worth of polls (compressed).
+fn memory(rt: &tokio::runtime::Runtime, dir: &Path, results: &mut Results) {
+    let api = rt.block_on(Fake::start(Mode::Pending));
+    let d = Daemon::start(&Setup {
+        api: &api.url,
+        dir,
+        poll: "interval = \"100ms\"\nmax-in-flight = 16\nmax-requests-per-second = \"unlimited\"\ntask-deadline = \"30d\"",
+        extra: "",
+    });
+    let tasks = 1000u64;
+    add_tasks(&d, 9, tasks);
+    // One hour at the 30 s default is 120 polls per task.
+    let mut samples = Vec::new();
+    let t = Instant::now();
+    while (api.poll_count() as u64) < tasks * 120 && t.elapsed() < Duration::from_secs(240) {
+        std::thread::sleep(Duration::from_secs(5));
+        samples.push((api.poll_count(), d.rss_kib().0));
+    }
+    d.stop();
+    let first = samples.first().copied().unwrap_or_default();
+    let last = samples.last().copied().unwrap_or_default();
+    let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    results.add(
+        "memory",
+        &format!(
+            "RSS after {} polls → after {} polls ({tasks} tasks)",
+            first.0, last.0
+        ),
+        "no growth",
+        format!("{} → {}", mib(first.1), mib(last.1)),
+        Some(last.1 <= first.1 + 1024),
+    );
+    results.add(
+        "memory",
+        "highest RSS sample during the run",
+        "≤ 30 MiB",
+        mib(max),
+        Some(max <= 30 * 1024),
+    );
+}
