@@ -15,6 +15,8 @@
 //! - [`client`]: the CLI side of the socket; [`cli`]: the command line.
 //! - [`housekeeping`]: pruning on a cron schedule.
 //! - [`daemon`]: wiring it all together, start-up and shutdown.
+//! - [`systemd`]: what systemd passes in (notify socket, watchdog, listening socket) and the
+//!   readiness, status and watchdog messages sent back; [`logging`]: stderr or the journal.
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +33,7 @@ pub mod logging;
 pub mod protocol;
 pub mod scheduler;
 pub mod store;
+pub mod systemd;
 
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
