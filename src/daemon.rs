@@ -166,7 +166,10 @@ impl Daemon {
             socket = %socket.path.display(),
             api = %config.api.base_url,
             interval = %format_duration(config.poll.interval),
-            watchdog_ping = supervision.watchdog.map(format_duration).unwrap_or_default(),
+            watchdog = %supervision.watchdog.map_or_else(
+                || "off".to_owned(),
+                |p| format!("ping every {}", format_duration(p))
+            ),
             resumed = counts.active,
             "sunopoll started; {} unfinished task{} resumed",
             counts.active,

@@ -6,3 +6,4 @@ mod control;
 mod helpers;
 mod polling;
 mod restart;
+mod systemd;
