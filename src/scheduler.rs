@@ -473,6 +473,7 @@ impl Scheduler {
             return Some(report.next_at);
         }
         report.next_at = t + STATUS_EVERY;
+        let mut retry = None;
         let line = if report.counts_changed {
             match self.store.active_count().await {
                 Ok(n) => {
@@ -480,8 +481,11 @@ impl Scheduler {
                     report.counts_changed = false;
                     status_line(report.active, gate, now)
                 }
-                // The store logs its own errors; keep the old count and try again later.
-                Err(_) => line,
+                // The store logs its own errors; keep the old count and count again later.
+                Err(_) => {
+                    retry = Some(report.next_at);
+                    line
+                }
             }
         } else {
             line
@@ -490,7 +494,7 @@ impl Scheduler {
             self.notifier.status(&line);
             report.sent = line;
         }
-        None
+        retry
     }
 
     fn spawn_poll(
