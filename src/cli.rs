@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::client::{self, EXIT_REFUSED, EXIT_USAGE, Output};
 use crate::config::{Config, Environment};
 use crate::daemon::Daemon;
+use crate::logging;
 use crate::protocol::{AddRequest, EventsRequest, RedeliverRequest, Request, StatusRequest};
+use crate::systemd::{self, Supervision};
 
 /// Stands in for the Suno API's callbacks on hosts that cannot receive them: polls task state and
 /// delivers the text / first / complete / error events locally.
@@ -317,7 +319,21 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    crate::logging::init(&config.log.level);
+    // systemd hands the daemon everything through the environment; read it here, once.
+    let journal = logging::stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref());
+    let output = logging::init(&config.log.level, config.log.format, journal);
+    tracing::debug!(?output, stderr_is_journal = journal, "log output chosen");
+    // Before the runtime starts any thread: taking the socket also clears LISTEN_FDS/LISTEN_PID
+    // from the environment, which is only sound while the process is single-threaded.
+    let passed = match systemd::take_passed_socket() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    let supervision = Supervision::from_env();
+    let notifier = supervision.notifier.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -336,13 +352,16 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
                 return ExitCode::from(EXIT_REFUSED);
             }
         };
-        let daemon = match Daemon::start(config, key, None).await {
+        let daemon = match Daemon::start_supervised(config, key, passed, supervision).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!("cannot start: {e:#}");
+                notifier.status(&format!("cannot start: {e:#}"));
                 return ExitCode::from(EXIT_REFUSED);
             }
         };
+        // Config, store, socket and HTTP client are all up: only now is the service ready.
+        notifier.ready();
         let mut signals = signals;
         let which = signals.next().await;
         tracing::info!(signal = which, "received {which}");

@@ -17,6 +17,7 @@ use toml::{Table, Value};
 
 use crate::api::ApiKey;
 use crate::clock::{format_duration, parse_duration};
+use crate::logging::LogFormat;
 
 /// The default API host (sunoapi.org). kie.ai and other clones serve the same paths.
 pub const DEFAULT_BASE_URL: &str = "https://api.sunoapi.org";
@@ -212,6 +213,8 @@ pub struct ControlConfig {
 pub struct LogConfig {
     /// `level`: error, warn, info, debug or trace.
     pub level: String,
+    /// `format`: auto, journald, plain or json (see [`crate::logging`]).
+    pub format: LogFormat,
 }
 
 /// `[housekeeping]`
@@ -408,6 +411,7 @@ impl Config {
             },
             log: LogConfig {
                 level: "info".to_owned(),
+                format: LogFormat::Auto,
             },
             housekeeping: HousekeepingConfig {
                 retention: DEFAULT_RETENTION,
@@ -591,17 +595,26 @@ impl Config {
             }
         }
 
-        if let Some(t) = r.section(&root, "log", &["level"])
-            && let Some(s) = r.string(t, "log", "level")
-        {
-            let level = s.to_ascii_lowercase();
-            if ["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
-                config.log.level = level;
-            } else {
-                r.problem(
-                    "log.level",
-                    format!("`{s}` is not one of error, warn, info, debug, trace"),
-                );
+        if let Some(t) = r.section(&root, "log", &["level", "format"]) {
+            if let Some(s) = r.string(t, "log", "level") {
+                let level = s.to_ascii_lowercase();
+                if ["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+                    config.log.level = level;
+                } else {
+                    r.problem(
+                        "log.level",
+                        format!("`{s}` is not one of error, warn, info, debug, trace"),
+                    );
+                }
+            }
+            if let Some(s) = r.string(t, "log", "format") {
+                match LogFormat::parse(&s) {
+                    Some(f) => config.log.format = f,
+                    None => r.problem(
+                        "log.format",
+                        format!("`{s}` is not one of {}", LogFormat::NAMES.join(", ")),
+                    ),
+                }
             }
         }
 
@@ -728,7 +741,7 @@ impl Config {
 
     fn base_summary(&self) -> String {
         format!(
-            "config: {}\napi: {} (timeout {})\npoll: every {}, at most {} in flight, {}, backoff up to {}, deadline {}, fill skipped stages: {}\nstore: {}\nsocket: {} (mode {:04o}{})\nlog level: {}\nhousekeeping: keep {}, prune on \"{}\" (UTC)",
+            "config: {}\napi: {} (timeout {})\npoll: every {}, at most {} in flight, {}, backoff up to {}, deadline {}, fill skipped stages: {}\nstore: {}\nsocket: {} (mode {:04o}{})\nlog: level {}, format {}\nhousekeeping: keep {}, prune on \"{}\" (UTC)",
             self.source.as_ref().map_or_else(
                 || "built-in defaults".to_owned(),
                 |p| p.display().to_string()
@@ -752,6 +765,7 @@ impl Config {
                 .as_ref()
                 .map_or_else(String::new, |g| format!(", group {g}")),
             self.log.level,
+            self.log.format.as_str(),
             format_duration(self.housekeeping.retention),
             self.housekeeping.prune_schedule.pattern,
         )
@@ -1273,6 +1287,7 @@ mod tests {
         assert_eq!(c.poll.task_deadline, Duration::from_secs(7200));
         assert!(c.poll.fill_skipped_stages);
         assert_eq!(c.control.mode, 0o600);
+        assert_eq!(c.log.format, LogFormat::Auto);
         assert_eq!(c.housekeeping.retention, Duration::from_secs(30 * 86400));
         assert_eq!(
             c.store.path,
@@ -1307,6 +1322,7 @@ mod tests {
             group = "sunopoll-admin"
             [log]
             level = "DEBUG"
+            format = "journald"
             [housekeeping]
             retention = "7d"
             prune-schedule = "0 3 * * *"
@@ -1330,6 +1346,7 @@ mod tests {
         assert_eq!(c.control.mode, 0o660);
         assert_eq!(c.control.group.as_deref(), Some("sunopoll-admin"));
         assert_eq!(c.log.level, "debug");
+        assert_eq!(c.log.format, LogFormat::Journald);
         assert_eq!(c.housekeeping.retention, Duration::from_secs(7 * 86400));
         assert_eq!(
             c.housekeeping.prune_schedule.pattern.to_string(),
@@ -1367,6 +1384,7 @@ mod tests {
             mode = "0777x"
             [log]
             level = "loud"
+            format = "syslog"
             [housekeeping]
             prune-schedule = "every day"
             [extra]
@@ -1383,12 +1401,13 @@ mod tests {
             "poll.fill-skipped-stages: expected true or false",
             "control.mode",
             "log.level",
+            "log.format: `syslog` is not one of auto, journald, plain, json",
             "housekeeping.prune-schedule",
             "[extra]: unknown section",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
-        assert_eq!(p.len(), 11, "{all}");
+        assert_eq!(p.len(), 12, "{all}");
     }
 
     #[test]

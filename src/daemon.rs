@@ -2,8 +2,9 @@
 //! housekeeping together, and takes them down in order.
 //!
 //! [`Daemon::start`] returns once everything is up (store open and migrated, socket bound, HTTP
-//! client built), so "started" means "ready". [`Daemon::shutdown`] stops accepting work, lets
-//! polls already in flight commit, and waits at most a bounded drain time.
+//! client built), so "started" means "ready": the caller sends systemd `READY=1` then.
+//! [`Daemon::shutdown`] tells systemd `STOPPING=1`, stops accepting work, lets polls already in
+//! flight commit, and waits at most a bounded drain time.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,12 +23,15 @@ use crate::control::{self, Control, ControlSocket, DaemonInfo};
 use crate::forward::{Forwarder, Router};
 use crate::scheduler::{PollStatus, Scheduler, SharedStatus};
 use crate::store::Store;
+use crate::systemd::{Notifier, Supervision};
 
 /// Longest wait for in-flight polls at shutdown. systemd's default stop timeout is 90 s and our
 /// unit sets 30 s; staying well inside it means we are never SIGKILLed mid-commit.
 pub const MAX_DRAIN: Duration = Duration::from_secs(20);
 
 /// A listening socket handed over by the caller (systemd socket activation), with its path.
+/// The daemon never deletes it: the socket unit owns the file and keeps it across restarts.
+#[derive(Debug)]
 pub struct PassedSocket {
     /// The listener.
     pub listener: std::os::unix::net::UnixListener,
@@ -43,6 +47,7 @@ pub struct Daemon {
     store: Store,
     drain: Duration,
     status: SharedStatus,
+    notifier: Notifier,
 }
 
 impl Daemon {
@@ -52,6 +57,18 @@ impl Daemon {
         config: Config,
         key: ApiKey,
         passed: Option<PassedSocket>,
+    ) -> anyhow::Result<Daemon> {
+        Daemon::start_supervised(config, key, passed, Supervision::default()).await
+    }
+
+    /// [`Daemon::start`] under a service manager: the scheduler keeps `supervision`'s
+    /// `STATUS=` line current and pings its watchdog; [`Daemon::shutdown`] sends `STOPPING=1`.
+    /// `READY=1` is the caller's to send, once this returns.
+    pub async fn start_supervised(
+        config: Config,
+        key: ApiKey,
+        passed: Option<PassedSocket>,
+        supervision: Supervision,
     ) -> anyhow::Result<Daemon> {
         let started_at = now_ms();
         let store_path = config.store.path.clone();
@@ -71,14 +88,30 @@ impl Daemon {
                 let l = tokio::net::UnixListener::from_std(p.listener)
                     .context("using the passed control socket")?;
                 info!(socket = %p.path.display(), "using the control socket passed by systemd");
+                if config.control.socket_configured && config.control.socket != p.path {
+                    warn!(
+                        socket = %p.path.display(),
+                        configured = %config.control.socket.display(),
+                        "control.socket in the config differs from the socket systemd passed; \
+                         clients that read the config will look in the wrong place"
+                    );
+                }
                 (l, ControlSocket::passed(p.path))
             }
-            None => control::bind(
-                &config.control.socket,
-                config.control.mode,
-                config.control.group.as_deref(),
-            )
-            .map_err(anyhow::Error::msg)?,
+            None => {
+                let bound = control::bind(
+                    &config.control.socket,
+                    config.control.mode,
+                    config.control.group.as_deref(),
+                )
+                .map_err(anyhow::Error::msg)?;
+                info!(
+                    socket = %bound.1.path.display(),
+                    mode = %format!("{:04o}", config.control.mode),
+                    "created control socket"
+                );
+                bound
+            }
         };
 
         let cancel = CancellationToken::new();
@@ -103,6 +136,8 @@ impl Daemon {
             events: events_tx,
             status: status.clone(),
             router: router.clone(),
+            notifier: supervision.notifier.clone(),
+            watchdog: supervision.watchdog,
         };
         let gate = scheduler.load_gate().await;
         tracker.spawn(scheduler.run(gate, cancel.clone(), tracker.clone()));
@@ -144,6 +179,10 @@ impl Daemon {
             socket = %socket.path.display(),
             api = %config.api.base_url,
             interval = %format_duration(config.poll.interval),
+            watchdog = %supervision.watchdog.map_or_else(
+                || "off".to_owned(),
+                |p| format!("ping every {}", format_duration(p))
+            ),
             resumed = counts.active,
             forward_targets = config.forward.targets.len(),
             "sunopoll started; {} unfinished task{} resumed",
@@ -158,6 +197,7 @@ impl Daemon {
             store,
             drain,
             status,
+            notifier: supervision.notifier,
         })
     }
 
@@ -184,6 +224,8 @@ impl Daemon {
     /// Stops accepting work, lets in-flight polls commit (at most the drain time), removes the
     /// socket file, and returns.
     pub async fn shutdown(self) {
+        self.notifier
+            .stopping("stopping: waiting for polls in flight");
         info!("shutting down: no new polls or connections; waiting for polls in flight");
         self.cancel.cancel();
         self.tracker.close();

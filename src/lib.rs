@@ -16,6 +16,8 @@
 //! - [`forward`]: delivering events to local handlers, durably, in order, signed.
 //! - [`housekeeping`]: pruning on a cron schedule.
 //! - [`daemon`]: wiring it all together, start-up and shutdown.
+//! - [`systemd`]: what systemd passes in (notify socket, watchdog, listening socket) and the
+//!   readiness, status and watchdog messages sent back; [`logging`]: stderr or the journal.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +35,7 @@ pub mod logging;
 pub mod protocol;
 pub mod scheduler;
 pub mod store;
+pub mod systemd;
 
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,18 +1,488 @@
-//! Log output: human lines with timestamps on stderr. `RUST_LOG`, when set, overrides the
-//! configured level (e.g. `RUST_LOG=sunopoll=debug`).
+//! Log output: where the daemon's lines go and what they look like (`[log] format`).
+//!
+//! - `auto` (the default): when stderr is the journal, entries go to journald with structured
+//!   fields and priorities; otherwise human lines with timestamps go to stderr (coloured only
+//!   on a terminal).
+//! - `journald`: always journald (falling back to `plain` if its socket cannot be reached).
+//! - `plain`: lines without timestamps, each with a `<N>` priority prefix that journald reads
+//!   from the stream (the journal stamps lines itself).
+//! - `json`: one JSON object per line, with a timestamp, for log shippers.
+//!
+//! "stderr is the journal" is decided as systemd.exec(5) says: `$JOURNAL_STREAM` names the
+//! device and inode of the stream systemd connected, and it must match stderr's own. Merely
+//! being set proves nothing (a child of a service inherits it with stderr redirected), and
+//! reaching journald's socket proves nothing either (it exists on every systemd host, also for
+//! a CLI run in a terminal), so neither is used as the test.
+//!
+//! The journald output is our own small writer of journald's native protocol rather than the
+//! tracing-journald crate, for two reasons: its `MESSAGE` carries the event's fields as well
+//! (`event task_id=… stage=first …`), so `journalctl -u sunopoll` is as readable as the plain
+//! lines, while every field is also its own journal field (`TASK_ID`, `STAGE`, …) for
+//! `journalctl TASK_ID=…`; and it takes the socket path as an argument, so tests can read what it
+//! sends. An entry that cannot be sent as a datagram (too large, journald restarting) is written
+//! to stderr instead, which under systemd is the journal too.
+//!
+//! `RUST_LOG`, when set, overrides the configured level (e.g. `RUST_LOG=sunopoll=debug`).
 
-use std::io::IsTerminal;
+use std::fmt::{self, Write as _};
+use std::fs::File;
+use std::io::{IsTerminal, Write as _};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
 
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber at `level` (error, warn, info, debug or trace). Safe to call
-/// more than once; later calls do nothing.
-pub fn init(level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+/// journald's native-protocol socket.
+pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// The `SYSLOG_IDENTIFIER` of every entry (`journalctl -t sunopoll`).
+pub const IDENTIFIER: &str = "sunopoll";
+
+/// `[log] format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// The journal when stderr is the journal, otherwise human lines with timestamps.
+    #[default]
+    Auto,
+    /// journald's native protocol, with structured fields.
+    Journald,
+    /// Lines without timestamps, with a `<N>` priority prefix.
+    Plain,
+    /// JSON lines.
+    Json,
+}
+
+impl LogFormat {
+    /// Every accepted spelling, for error messages.
+    pub const NAMES: [&'static str; 4] = ["auto", "journald", "plain", "json"];
+
+    /// Parses a config value (case-insensitive).
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Some(LogFormat::Auto),
+            "journald" => Some(LogFormat::Journald),
+            "plain" => Some(LogFormat::Plain),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Journald => "journald",
+            LogFormat::Plain => "plain",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// What the log output actually is, once `auto` is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// journald's native protocol.
+    Journal,
+    /// Lines without timestamps, with a priority prefix.
+    Plain,
+    /// Lines with timestamps.
+    Human,
+    /// JSON lines.
+    Json,
+}
+
+/// Resolves `auto`: the journal when stderr is the journal, human lines otherwise.
+pub fn choose(format: LogFormat, stderr_is_journal: bool) -> Output {
+    match format {
+        LogFormat::Auto if stderr_is_journal => Output::Journal,
+        LogFormat::Auto => Output::Human,
+        LogFormat::Journald => Output::Journal,
+        LogFormat::Plain => Output::Plain,
+        LogFormat::Json => Output::Json,
+    }
+}
+
+/// True when this process's stderr is the journal stream named by `journal_stream` (the value of
+/// `$JOURNAL_STREAM`). Compares device and inode with stderr's own, through a duplicate of the
+/// descriptor, so no `/proc` is needed.
+pub fn stderr_is_journal(journal_stream: Option<&str>) -> bool {
+    std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .is_ok_and(|fd| is_journal_stream(journal_stream, &File::from(fd)))
+}
+
+/// True when `stream` is the stream `journal_stream` (`"DEVICE:INODE"`, both decimal, as systemd
+/// writes `$JOURNAL_STREAM`) names.
+pub fn is_journal_stream(journal_stream: Option<&str>, stream: &File) -> bool {
+    let Some((dev, ino)) = journal_stream.and_then(|v| {
+        let (dev, ino) = v.trim().split_once(':')?;
+        Some((dev.parse::<u64>().ok()?, ino.parse::<u64>().ok()?))
+    }) else {
+        return false;
+    };
+    stream
+        .metadata()
+        .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+/// Installs the global subscriber at `level` (error, warn, info, debug or trace) in `format`, and
+/// returns what it chose. Safe to call more than once; later calls change nothing.
+pub fn init(level: &str, format: LogFormat, stderr_is_journal: bool) -> Output {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let plain = || {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .event_format(SyslogPrefix(
+                tracing_subscriber::fmt::format()
+                    .with_target(false)
+                    .with_ansi(false)
+                    .without_time(),
+            ))
+    };
+    match choose(format, stderr_is_journal) {
+        Output::Journal => match JournalLayer::connect(Path::new(JOURNAL_SOCKET)) {
+            Ok(layer) => {
+                let _ = tracing_subscriber::registry()
+                    .with(filter())
+                    .with(layer)
+                    .try_init();
+                Output::Journal
+            }
+            Err(e) => {
+                let _ = plain().try_init();
+                tracing::warn!(
+                    error = %e,
+                    socket = JOURNAL_SOCKET,
+                    "cannot reach journald; logging plain lines to stderr instead"
+                );
+                Output::Plain
+            }
+        },
+        Output::Plain => {
+            let _ = plain().try_init();
+            Output::Plain
+        }
+        Output::Human => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .try_init();
+            Output::Human
+        }
+        Output::Json => {
+            let _ = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_env_filter(filter())
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .try_init();
+            Output::Json
+        }
+    }
+}
+
+/// The syslog priority journald gives a tracing level: error 3, warning 4, info 6, debug and
+/// trace 7 (so `journalctl -p warning` shows exactly the warnings and errors).
+pub fn priority(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        Level::DEBUG | Level::TRACE => 7,
+    }
+}
+
+/// Prefixes each line with `<N>`, the syslog priority, which journald reads from a stream.
+struct SyslogPrefix<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for SyslogPrefix<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write!(writer, "<{}>", priority(event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// Sends each event to journald as one entry: `MESSAGE` (the message and its fields, as a plain
+/// line shows them), `PRIORITY`, `SYSLOG_IDENTIFIER`, and one journal field per event field.
+/// Span fields are not included (sunopoll logs no spans).
+pub struct JournalLayer {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl JournalLayer {
+    /// Connects to journald at `path`, checking that something receives there (journald
+    /// discards an empty datagram).
+    pub fn connect(path: &Path) -> std::io::Result<JournalLayer> {
+        let socket = UnixDatagram::unbound()?;
+        socket.send_to(&[], path)?;
+        Ok(JournalLayer {
+            socket,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl<S: Subscriber> Layer<S> for JournalLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut fields = EventFields::default();
+        event.record(&mut fields);
+        let priority = priority(event.metadata().level());
+        let entry = journal_entry(priority, &fields);
+        if self.socket.send_to(&entry, &self.path).is_err() {
+            // Under systemd stderr is the journal as well; keep the priority with the prefix.
+            let _ = writeln!(std::io::stderr(), "<{priority}>{}", fields.line());
+        }
+    }
+}
+
+/// An event's message and fields, as recorded.
+#[derive(Debug, Default)]
+pub struct EventFields {
+    message: String,
+    /// (name, the value itself, the value as a plain log line shows it)
+    fields: Vec<(&'static str, String, String)>,
+}
+
+impl EventFields {
+    /// The message followed by `name=value` for each field, as the plain log line shows it.
+    pub fn line(&self) -> String {
+        let mut line = self.message.clone();
+        for (name, _, shown) in &self.fields {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            let _ = write!(line, "{name}={shown}");
+        }
+        line
+    }
+}
+
+impl Visit for EventFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else {
+            self.fields
+                .push((field.name(), value.to_owned(), format!("{value:?}")));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.message = text;
+        } else {
+            self.fields.push((field.name(), text.clone(), text));
+        }
+    }
+}
+
+/// The fields this layer sets itself; an event field with the same name gets an `F_` prefix
+/// instead of overwriting them.
+const OWN_FIELDS: [&str; 3] = ["MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER"];
+
+/// One journal entry in journald's native protocol (systemd.io/JOURNAL_NATIVE_PROTOCOL).
+pub fn journal_entry(priority: u8, fields: &EventFields) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(256);
+    put_field(&mut entry, "MESSAGE", fields.line().as_bytes());
+    put_field(&mut entry, "PRIORITY", priority.to_string().as_bytes());
+    put_field(&mut entry, "SYSLOG_IDENTIFIER", IDENTIFIER.as_bytes());
+    for (name, value, _) in &fields.fields {
+        let Some(mut name) = journal_field_name(name) else {
+            continue;
+        };
+        if OWN_FIELDS.contains(&name.as_str()) {
+            name.insert_str(0, "F_");
+        }
+        put_field(&mut entry, &name, value.as_bytes());
+    }
+    entry
+}
+
+/// A journal field name for a tracing field: upper case, `[A-Z0-9_]` only, not starting with a
+/// digit or `_` (leading `_` marks fields only journald itself may set), at most 64 characters.
+/// `None` when nothing usable is left.
+pub fn journal_field_name(name: &str) -> Option<String> {
+    let mapped: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .skip_while(|c| *c == '_' || c.is_ascii_digit())
+        .take(64)
+        .collect();
+    (!mapped.is_empty()).then_some(mapped)
+}
+
+/// `NAME=value\n`, or for a value with a newline the binary form `NAME\n<u64 LE length>value\n`.
+fn put_field(entry: &mut Vec<u8>, name: &str, value: &[u8]) {
+    entry.extend_from_slice(name.as_bytes());
+    if value.contains(&b'\n') {
+        entry.push(b'\n');
+        entry.extend_from_slice(&(value.len() as u64).to_le_bytes());
+    } else {
+        entry.push(b'=');
+    }
+    entry.extend_from_slice(value);
+    entry.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_means_the_journal_only_when_stderr_is_the_journal() {
+        assert_eq!(choose(LogFormat::Auto, true), Output::Journal);
+        assert_eq!(choose(LogFormat::Auto, false), Output::Human);
+        assert_eq!(choose(LogFormat::Plain, true), Output::Plain);
+        assert_eq!(choose(LogFormat::Json, true), Output::Json);
+        assert_eq!(choose(LogFormat::Journald, false), Output::Journal);
+        for name in LogFormat::NAMES {
+            assert_eq!(LogFormat::parse(name).map(LogFormat::as_str), Some(name));
+        }
+        assert_eq!(LogFormat::parse("JSON"), Some(LogFormat::Json));
+        assert_eq!(LogFormat::parse("syslog"), None);
+    }
+
+    #[test]
+    fn journal_stream_must_match_the_streams_device_and_inode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = File::create(dir.path().join("stderr")).expect("file");
+        let meta = file.metadata().expect("stat");
+        let matching = format!("{}:{}", meta.dev(), meta.ino());
+        assert!(is_journal_stream(Some(&matching), &file));
+
+        // Set but naming another stream (inherited by a child whose stderr was redirected).
+        let other = format!("{}:{}", meta.dev(), meta.ino() + 1);
+        assert!(!is_journal_stream(Some(&other), &file));
+        assert!(!is_journal_stream(None, &file));
+        for junk in ["", "8:", ":123", "x:y", "12"] {
+            assert!(!is_journal_stream(Some(junk), &file), "{junk:?}");
+        }
+
+        // A pipe is not the journal either, even with JOURNAL_STREAM set to something.
+        let (reader, _writer) = std::io::pipe().expect("pipe");
+        let pipe = File::from(std::os::fd::OwnedFd::from(reader));
+        assert!(!is_journal_stream(Some(&matching), &pipe));
+        let pm = pipe.metadata().expect("stat");
+        assert!(is_journal_stream(
+            Some(&format!("{}:{}", pm.dev(), pm.ino())),
+            &pipe
+        ));
+    }
+
+    #[test]
+    fn field_names_follow_journald_rules() {
+        assert_eq!(journal_field_name("task_id").as_deref(), Some("TASK_ID"));
+        assert_eq!(journal_field_name("retry_in").as_deref(), Some("RETRY_IN"));
+        assert_eq!(journal_field_name("_hidden").as_deref(), Some("HIDDEN"));
+        assert_eq!(journal_field_name("9lives").as_deref(), Some("LIVES"));
+        assert_eq!(journal_field_name("a.b-c").as_deref(), Some("A_B_C"));
+        assert_eq!(journal_field_name("__"), None);
+        assert_eq!(
+            journal_field_name(&"x".repeat(100)).map(|n| n.len()),
+            Some(64)
+        );
+    }
+
+    fn decode(entry: &[u8]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut rest = entry;
+        while !rest.is_empty() {
+            let nl = rest.iter().position(|b| *b == b'\n').expect("newline");
+            let line = &rest[..nl];
+            if let Some(eq) = line.iter().position(|b| *b == b'=') {
+                out.push((
+                    String::from_utf8_lossy(&line[..eq]).into_owned(),
+                    String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+                ));
+                rest = &rest[nl + 1..];
+            } else {
+                let name = String::from_utf8_lossy(line).into_owned();
+                let len_bytes: [u8; 8] = rest[nl + 1..nl + 9].try_into().expect("length");
+                let len = usize::try_from(u64::from_le_bytes(len_bytes)).expect("len");
+                let value = &rest[nl + 9..nl + 9 + len];
+                out.push((name, String::from_utf8_lossy(value).into_owned()));
+                assert_eq!(rest[nl + 9 + len], b'\n');
+                rest = &rest[nl + 10 + len..];
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn events_reach_a_journal_socket_with_their_fields_and_priority() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal.sock");
+        let journal = UnixDatagram::bind(&path).expect("bind");
+        let layer = JournalLayer::connect(&path).expect("connect");
+        let mut buf = vec![0u8; 65536];
+        let n = journal.recv(&mut buf).expect("the empty probe");
+        assert_eq!(n, 0);
+
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(task_id = "abc123", stage = %"first", code = 200, cause = "two\nlines", "event");
+            tracing::info!(priority = 1, "clash");
+        });
+
+        let n = journal.recv(&mut buf).expect("an entry");
+        let fields = decode(&buf[..n]);
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("no {k} in {fields:?}"))
+        };
+        assert_eq!(get("PRIORITY"), "4");
+        assert_eq!(get("SYSLOG_IDENTIFIER"), "sunopoll");
+        assert_eq!(get("TASK_ID"), "abc123");
+        assert_eq!(get("STAGE"), "first");
+        assert_eq!(get("CODE"), "200");
+        assert_eq!(get("CAUSE"), "two\nlines");
+        let message = get("MESSAGE");
+        assert!(
+            message.contains("task_id=\"abc123\" stage=first code=200"),
+            "{message}"
+        );
+
+        let n = journal.recv(&mut buf).expect("an entry");
+        let fields = decode(&buf[..n]);
+        assert!(fields.contains(&("PRIORITY".to_owned(), "6".to_owned())));
+        assert!(fields.contains(&("F_PRIORITY".to_owned(), "1".to_owned())));
+    }
 }

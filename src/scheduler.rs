@@ -22,12 +22,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::api::{ApiClient, Outcome, clip};
-use crate::clock::{format_duration, ms, now_ms};
+use crate::clock::{format_duration, format_utc, ms, now_ms};
 use crate::config::PollConfig;
 use crate::events::{NewEvent, Stage, error_event, map_record};
 use crate::forward::Router;
 use crate::protocol::TaskState;
 use crate::store::{GateRow, Store, TaskRow, TaskUpdate};
+use crate::systemd::Notifier;
 
 /// Consecutive rejections of one task ID after which the task ends with an `error` event.
 pub const REJECTION_LIMIT: u32 = 3;
@@ -35,6 +36,11 @@ pub const REJECTION_LIMIT: u32 = 3;
 /// The callback code of the `error` event sent when a task passes its deadline (the API's own
 /// "timeout" code).
 pub const DEADLINE_CODE: i64 = 408;
+
+/// The shortest gap between two `STATUS=` lines sent to systemd. A busy queue changes its
+/// counts many times a second; `systemctl status` is read by people, so every few seconds is
+/// current enough, and it bounds the task counting the line needs.
+pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// Delay before the next try after `attempt` consecutive failures (1 for the first): `base`
 /// doubled per attempt up to `max`, spread by ±20 % with `jitter` in `[0, 1)`, and never outside
@@ -352,6 +358,11 @@ pub struct Scheduler {
     pub status: SharedStatus,
     /// Where new events are delivered.
     pub router: Router,
+    /// Where `STATUS=` lines and watchdog pings go (systemd's notify socket, or nowhere).
+    pub notifier: Notifier,
+    /// How often to ping the watchdog, if systemd runs one. The pings come from the loop
+    /// itself, so a wedged loop stops them and systemd restarts the service.
+    pub watchdog: Option<Duration>,
 }
 
 impl Scheduler {
@@ -390,6 +401,8 @@ impl Scheduler {
         let mut probe_in_flight = false;
         let mut epoch: u64 = 0;
         let mut limiter = self.policy.max_requests_per_second.map(RateLimiter::new);
+        let mut next_ping = Instant::now();
+        let mut report = StatusReport::new();
 
         loop {
             // Take in every finished poll first: they free slots and may move the gate.
@@ -402,6 +415,7 @@ impl Scheduler {
                     &mut probe_in_flight,
                 )
                 .await;
+                report.counts_changed = true;
             }
             if cancel.is_cancelled() {
                 break;
@@ -411,10 +425,27 @@ impl Scheduler {
 
             // How many requests may start now, and what to wait for otherwise.
             let mut wake_at: Option<Instant> = None;
+
+            // The watchdog is pinged here, in the loop that does the work, never from a timer
+            // of its own: if this loop hangs (a stuck store, a deadlock), the pings stop and
+            // systemd restarts the service. An idle loop wakes only for this, once a period.
+            if let Some(period) = self.watchdog {
+                let t = Instant::now();
+                if t >= next_ping {
+                    self.notifier.watchdog();
+                    next_ping = t + period;
+                }
+                wake_at = earliest(wake_at, next_ping);
+            }
+            if self.notifier.is_enabled()
+                && let Some(at) = self.report_status(&mut report, &gate, now).await
+            {
+                wake_at = earliest(wake_at, at);
+            }
             let (slots, probing) = match &gate {
                 Gate::Open => (capacity.saturating_sub(in_flight.len()), false),
                 Gate::Paused { until, .. } if now < *until => {
-                    wake_at = Some(instant_at(*until, now));
+                    wake_at = earliest(wake_at, instant_at(*until, now));
                     (0, false)
                 }
                 Gate::Paused { .. } => {
@@ -470,9 +501,10 @@ impl Scheduler {
             };
             tokio::select! {
                 () = cancel.cancelled() => {}
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => report.counts_changed = true,
                 Some(f) = done_rx.recv() => {
                     self.finish(f, &mut gate, &mut epoch, &mut in_flight, &mut probe_in_flight).await;
+                    report.counts_changed = true;
                 }
                 () = sleep => {}
             }
@@ -481,6 +513,47 @@ impl Scheduler {
             in_flight = in_flight.len(),
             "scheduler stopped starting polls"
         );
+    }
+
+    /// Sends systemd a new `STATUS=` line if it changed, at most once per [`STATUS_EVERY`].
+    /// Returns when to come back if a change is waiting for that gap to pass.
+    async fn report_status(
+        &self,
+        report: &mut StatusReport,
+        gate: &Gate,
+        now: i64,
+    ) -> Option<Instant> {
+        let line = status_line(report.active, gate, now);
+        if !report.counts_changed && line == report.sent {
+            return None;
+        }
+        let t = Instant::now();
+        if t < report.next_at {
+            return Some(report.next_at);
+        }
+        report.next_at = t + STATUS_EVERY;
+        let mut retry = None;
+        let line = if report.counts_changed {
+            match self.store.active_count().await {
+                Ok(n) => {
+                    report.active = Some(n);
+                    report.counts_changed = false;
+                    status_line(report.active, gate, now)
+                }
+                // The store logs its own errors; keep the old count and count again later.
+                Err(_) => {
+                    retry = Some(report.next_at);
+                    line
+                }
+            }
+        } else {
+            line
+        };
+        if line != report.sent {
+            self.notifier.status(&line);
+            report.sent = line;
+        }
+        retry
     }
 
     fn spawn_poll(
@@ -600,7 +673,7 @@ impl Scheduler {
     fn record_answer(&self, kind: &str, now: i64) {
         if let Ok(mut s) = self.status.lock() {
             s.last_answer = Some(kind.to_owned());
-            s.last_answer_at = Some(crate::clock::format_utc(now));
+            s.last_answer_at = Some(format_utc(now));
         }
     }
 
@@ -633,6 +706,56 @@ impl Scheduler {
                 s.paused_since = Some(crate::clock::format_utc(*since));
                 s.paused_for_ms = (now - *since).max(0);
                 s.pause_cause = Some(cause.clone());
+            }
+        }
+    }
+}
+
+/// What the loop last told systemd in `STATUS=`, and when it may say more.
+struct StatusReport {
+    /// The line last sent.
+    sent: String,
+    /// Active tasks at the last count; `None` before the first.
+    active: Option<i64>,
+    /// An add or a finished poll may have changed the count since.
+    counts_changed: bool,
+    /// No new line before this.
+    next_at: Instant,
+}
+
+impl StatusReport {
+    fn new() -> StatusReport {
+        StatusReport {
+            sent: String::new(),
+            active: None,
+            counts_changed: true,
+            next_at: Instant::now(),
+        }
+    }
+}
+
+/// The one-line summary systemd shows in `systemctl status`: how many tasks are being polled,
+/// and whether polling is paused and until when. Pure: `active` is the last count (`None` before
+/// the first), `now` the current Unix ms. The time of the next try is absolute, so the line stays
+/// true between updates.
+pub fn status_line(active: Option<i64>, gate: &Gate, now: i64) -> String {
+    let tasks = match active {
+        None => "starting".to_owned(),
+        Some(1) => "1 task active".to_owned(),
+        Some(n) => format!("{n} tasks active"),
+    };
+    match gate {
+        Gate::Open => format!("{tasks}, polling"),
+        Gate::Paused { kind, until, .. } => {
+            let why = match kind {
+                PauseKind::Throttled => "the API is throttling",
+                PauseKind::Unavailable => "the API is unavailable",
+                PauseKind::Unauthorized => "the API key was rejected",
+            };
+            if now < *until {
+                format!("{tasks}; paused: {why}, next try at {}", format_utc(*until))
+            } else {
+                format!("{tasks}; probing the API after a pause ({why})")
             }
         }
     }
@@ -1021,6 +1144,38 @@ mod tests {
         let second = l.ready_at(later).max(later);
         l.record(second);
         assert!(l.ready_at(second) >= later + Duration::from_millis(99));
+    }
+
+    #[test]
+    fn the_status_line_says_how_many_tasks_and_whether_polling_is_paused() {
+        assert_eq!(status_line(None, &Gate::Open, 0), "starting, polling");
+        assert_eq!(
+            status_line(Some(1), &Gate::Open, 0),
+            "1 task active, polling"
+        );
+        assert_eq!(
+            status_line(Some(12), &Gate::Open, 0),
+            "12 tasks active, polling"
+        );
+        let paused = |kind| Gate::Paused {
+            kind,
+            attempt: 2,
+            until: 1_800_000_060_000,
+            since: 1_800_000_000_000,
+            cause: "HTTP 430".into(),
+        };
+        assert_eq!(
+            status_line(Some(3), &paused(PauseKind::Throttled), 1_800_000_000_000),
+            "3 tasks active; paused: the API is throttling, next try at 2027-01-15T08:01:00Z"
+        );
+        assert_eq!(
+            status_line(Some(3), &paused(PauseKind::Unauthorized), 1_800_000_000_000),
+            "3 tasks active; paused: the API key was rejected, next try at 2027-01-15T08:01:00Z"
+        );
+        assert_eq!(
+            status_line(Some(0), &paused(PauseKind::Unavailable), 1_800_000_060_000),
+            "0 tasks active; probing the API after a pause (the API is unavailable)"
+        );
     }
 
     #[test]

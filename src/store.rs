@@ -623,6 +623,19 @@ impl Store {
         .await
     }
 
+    /// Tasks still being polled. Cheap at any queue size: it reads only the partial index of
+    /// active tasks, so the scheduler can keep systemd's `STATUS=` line current.
+    pub async fn active_count(&self) -> Result<i64, StoreError> {
+        self.call(|conn| {
+            Ok(conn.query_row(
+                "SELECT COUNT(*) FROM tasks WHERE state = 'active'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
     /// The highest event sequence number ever assigned (0 if none).
     pub async fn last_seq(&self) -> Result<i64, StoreError> {
         self.call(last_seq).await

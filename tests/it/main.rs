@@ -7,3 +7,4 @@ mod forward;
 mod helpers;
 mod polling;
 mod restart;
+mod systemd;

@@ -1,0 +1,537 @@
+//! The real binary under harnesses that speak systemd's protocols, without systemd as PID 1:
+//! a notify socket the test reads (`NOTIFY_SOCKET`, `WATCHDOG_USEC`), socket activation through
+//! `systemd-socket-activate`, the API key as a credential (`CREDENTIALS_DIRECTORY`), and the
+//! journal detection (`JOURNAL_STREAM`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::net::UnixDatagram;
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sunopoll");
+
+/// Every variable through which systemd talks to a service, so the test's own environment
+/// (perhaps a CI job run by systemd) cannot leak in.
+const SYSTEMD_VARS: [&str; 10] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "JOURNAL_STREAM",
+    "CREDENTIALS_DIRECTORY",
+    "STATE_DIRECTORY",
+    "RUNTIME_DIRECTORY",
+];
+
+fn sunopoll(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("SUNO_API_KEY")
+        .env_remove("SUNOPOLL_SOCKET")
+        .env_remove("RUST_LOG");
+    for v in SYSTEMD_VARS {
+        c.env_remove(v);
+    }
+    c
+}
+
+async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("run a command"))
+        .await
+        .expect("join")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn utf8(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A config with everything under `dir`: store in `state/`, socket at `socket`.
+fn write_config(dir: &Path, api: &str, socket: &Path) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[api]
+base-url = "{api}"
+request-timeout = "5s"
+
+[poll]
+interval = "100ms"
+max-requests-per-second = "unlimited"
+backoff-max = "1s"
+
+[store]
+path = "state/sunopoll.db"
+
+[control]
+socket = "{}"
+"#,
+            utf8(socket)
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+async fn terminate(child: Child) -> std::process::ExitStatus {
+    let kill = run({
+        let mut k = Command::new("kill");
+        k.args(["-TERM", &child.id().to_string()]);
+        k
+    })
+    .await;
+    assert!(kill.status.success(), "kill -TERM failed");
+    wait(child).await
+}
+
+async fn wait(mut child: Child) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if start.elapsed() > PATIENCE {
+                let _ = child.kill();
+                panic!("the daemon did not exit within {PATIENCE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .expect("join")
+}
+
+/// Reads notify messages; every one is kept, with when it arrived.
+struct NotifyListener {
+    socket: UnixDatagram,
+    seen: Vec<(Instant, String)>,
+}
+
+impl NotifyListener {
+    fn bind(path: &Path) -> NotifyListener {
+        NotifyListener {
+            socket: UnixDatagram::bind(path).expect("bind the notify socket"),
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next message, or `None` if none comes within `PATIENCE`.
+    async fn next(&mut self) -> Option<String> {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, self.socket.recv(&mut buf))
+            .await
+            .ok()?
+            .expect("recv");
+        let msg = text(&buf[..n]).trim_end().to_owned();
+        self.seen.push((Instant::now(), msg.clone()));
+        Some(msg)
+    }
+
+    /// Reads until a message has a line for which `want` holds; returns that message.
+    async fn until(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
+        loop {
+            match self.next().await {
+                Some(m) if m.lines().any(&want) => return m,
+                Some(_) => {}
+                None => panic!("no {what} within {PATIENCE:?}; seen: {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn count(&self, line: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|(_, m)| m.lines().any(|l| l == line))
+            .count()
+    }
+
+    fn statuses(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .flat_map(|(_, m)| m.lines())
+            .filter_map(|l| l.strip_prefix("STATUS="))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_ready_status_watchdog_and_stopping_with_the_key_as_a_credential() {
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("run/sunopoll.sock");
+    let config = write_config(dir.path(), &api.uri(), &socket);
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).expect("mkdir");
+    std::fs::write(creds.join("api-key"), format!("{KEY}\n")).expect("write credential");
+    let mut notify = NotifyListener::bind(&dir.path().join("notify.sock"));
+    let log_path = dir.path().join("daemon.log");
+
+    let started = Instant::now();
+    let daemon = sunopoll(&["daemon", "--config", utf8(&config)])
+        .env("NOTIFY_SOCKET", dir.path().join("notify.sock"))
+        // 400 ms: pings every 200 ms. WATCHDOG_PID is left unset (the child's pid is not known
+        // before it starts, and sd-notify ignores the watchdog when it names another process).
+        .env("WATCHDOG_USEC", "400000")
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).expect("log"))
+        .spawn()
+        .expect("spawn the daemon");
+
+    // READY=1 only once everything is up: by then the socket answers.
+    notify.until("READY=1", |l| l == "READY=1").await;
+    let status = run(sunopoll(&["status", "--json", "--socket", utf8(&socket)])).await;
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "the socket answers at READY=1: {}",
+        text(&status.stderr)
+    );
+    let v: Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(v["healthy"], true, "{v}");
+
+    // STATUS= says what is going on, and changes when a task is added (the fake API keeps it
+    // PENDING, so it stays active).
+    notify
+        .until("STATUS=0 tasks active, polling", |l| {
+            l == "STATUS=0 tasks active, polling"
+        })
+        .await;
+    let add = run(sunopoll(&["add", "--socket", utf8(&socket), TASK])).await;
+    assert!(add.status.success(), "{}", text(&add.stderr));
+    notify
+        .until("STATUS=1 task active, polling", |l| {
+            l == "STATUS=1 task active, polling"
+        })
+        .await;
+    eventually("a poll with the credential's key", || {
+        api.total_calls() >= 1
+    })
+    .await;
+    assert!(
+        api.auth_headers()
+            .iter()
+            .all(|h| h == &format!("Bearer {KEY}")),
+        "the key from $CREDENTIALS_DIRECTORY/api-key is the one sent"
+    );
+
+    // WATCHDOG=1 keeps coming, from the loop, without spinning.
+    let pings_before = notify.count("WATCHDOG=1");
+    for _ in 0..3 {
+        notify.until("WATCHDOG=1", |l| l == "WATCHDOG=1").await;
+    }
+    assert!(notify.count("WATCHDOG=1") >= pings_before + 3);
+
+    // SIGTERM: STOPPING=1 first, then a clean exit.
+    let status = terminate(daemon).await;
+    notify.until("STOPPING=1", |l| l == "STOPPING=1").await;
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+    let elapsed = started.elapsed();
+
+    let pings = notify.count("WATCHDOG=1");
+    // One ping per 200 ms at most (plus the first): an idle loop must not spin.
+    let most = usize::try_from(elapsed.as_millis() / 200).unwrap_or(usize::MAX) + 2;
+    assert!(
+        pings <= most,
+        "{pings} watchdog pings in {elapsed:?}: more than one per half-period"
+    );
+    let ready_at = notify.seen.iter().position(|(_, m)| m == "READY=1");
+    let stopping_at = notify
+        .seen
+        .iter()
+        .position(|(_, m)| m.lines().next() == Some("STOPPING=1"));
+    assert!(ready_at < stopping_at, "{:#?}", notify.seen);
+    assert_eq!(notify.count("READY=1"), 1);
+    let statuses = notify.statuses();
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("stopping: waiting for polls in flight")
+    );
+
+    // The messages, for the record (visible with --nocapture).
+    eprintln!("notify messages seen ({pings} watchdog pings in {elapsed:?}):");
+    let mut last_was_ping = false;
+    for (at, m) in &notify.seen {
+        let is_ping = m == "WATCHDOG=1";
+        if !(is_ping && last_was_ping) {
+            eprintln!(
+                "  +{:>5} ms  {}",
+                at.duration_since(started).as_millis(),
+                m.replace('\n', " | ")
+            );
+        }
+        last_was_ping = is_ping;
+    }
+
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    assert!(log.contains("created control socket"), "{log}");
+    assert!(!log.contains(KEY), "the API key leaked into the log");
+}
+
+/// Where `systemd-socket-activate` is, if installed (Debian's `systemd` package; `.ci/run`
+/// installs it).
+fn socket_activate() -> Option<PathBuf> {
+    [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_uses_the_passed_socket_and_leaves_it_in_place() {
+    let Some(activate) = socket_activate() else {
+        eprintln!(
+            "SKIPPED: systemd-socket-activate is not installed (apt-get install systemd; .ci/run does)"
+        );
+        return;
+    };
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("activated.sock");
+    let config = write_config(dir.path(), &api.uri(), &socket);
+    let log_path = dir.path().join("daemon.log");
+    // systemd-socket-activate gives the daemon a fresh environment: -E passes the key through
+    // by name (never on a command line). It execs the daemon, so the pid stays the same.
+    let mut cmd = Command::new(activate);
+    cmd.args(["-l", utf8(&socket), "-E", "SUNO_API_KEY", "--", BIN])
+        .args(["daemon", "--config", utf8(&config)])
+        .env("SUNO_API_KEY", KEY)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).expect("log"));
+    for v in SYSTEMD_VARS {
+        cmd.env_remove(v);
+    }
+    let daemon = cmd.spawn().expect("spawn systemd-socket-activate");
+
+    // The socket exists before the daemon runs: systemd-socket-activate starts it on the first
+    // connection, as systemd does. That first connection is the CLI's, queued until it accepts.
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "systemd-socket-activate never created the socket"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = run(sunopoll(&["status", "--json", "--socket", utf8(&socket)])).await;
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    let v: Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(
+        v["socket"],
+        utf8(&socket),
+        "its path comes from the passed socket"
+    );
+
+    let add = run(sunopoll(&["add", "--socket", utf8(&socket), TASK])).await;
+    assert!(add.status.success(), "{}", text(&add.stderr));
+    eventually("the task is polled", || api.calls(TASK) >= 1).await;
+
+    let status = terminate(daemon).await;
+    assert_eq!(status.code(), Some(0));
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    assert!(
+        log.contains("using the control socket passed by systemd"),
+        "{log}"
+    );
+    assert!(!log.contains("created control socket"), "{log}");
+    assert!(
+        socket.exists(),
+        "a passed socket belongs to systemd and must survive the daemon"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_stream_that_is_not_stderr_gives_human_lines_with_timestamps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &dir.path().join("run/s.sock"),
+    );
+    let log_path = dir.path().join("stderr.log");
+    // A JOURNAL_STREAM inherited from some service, while stderr is a file: not the journal.
+    let daemon = sunopoll(&["daemon", "--config", utf8(&config)])
+        .env("SUNO_API_KEY", KEY)
+        .env("JOURNAL_STREAM", "8:12345")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let socket = dir.path().join("run/s.sock");
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < PATIENCE, "the daemon never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(terminate(daemon).await.code(), Some(0));
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    let first = log.lines().next().unwrap_or_default();
+    // "2026-11-26T19:41:26.123456Z  INFO created control socket …"
+    assert!(
+        first.len() > 20 && first.as_bytes()[4] == b'-' && first.as_bytes()[10] == b'T',
+        "lines start with a timestamp: {log}"
+    );
+    assert!(
+        log.contains("INFO") && log.contains("sunopoll started"),
+        "{log}"
+    );
+    assert!(!log.contains("<6>"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_stream_that_is_stderr_is_detected() {
+    if Path::new(sunopoll::logging::JOURNAL_SOCKET).exists() {
+        // A real journald is here; the daemon's entries would go into the host's journal.
+        eprintln!("SKIPPED: journald runs on this host; not writing test entries into it");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &dir.path().join("run/s.sock"),
+    );
+    let log_path = dir.path().join("stderr.log");
+    let log_file = std::fs::File::create(&log_path).expect("log");
+    let meta = log_file.metadata().expect("stat");
+    // stderr is this file, and JOURNAL_STREAM names this very file.
+    let daemon = sunopoll(&["daemon", "--config", utf8(&config)])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("SUNO_API_KEY", KEY)
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn");
+    let socket = dir.path().join("run/s.sock");
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < PATIENCE, "the daemon never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(terminate(daemon).await.code(), Some(0));
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    // Detected as the journal; with no journald to send to, it falls back to plain lines:
+    // no timestamps, a <N> priority prefix the journal would read.
+    assert!(log.contains("cannot reach journald"), "{log}");
+    for line in log.lines() {
+        assert!(
+            line.starts_with('<'),
+            "plain journal line expected: {line:?}"
+        );
+    }
+    assert!(log.contains("<6> INFO sunopoll started"), "{log}");
+}
+
+/// `sunopoll status` backs a monitoring check. The key-rejected and paused-too-long causes are
+/// tested in `polling.rs`; this is the store cause: while the database cannot be written (here
+/// another process holds its write lock, as an admin's `sqlite3` shell inside a transaction
+/// would), status fails and the CLI exits non-zero; once the lock is gone it is healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_exits_non_zero_while_the_store_cannot_be_written() {
+    let api = FakeApi::start().await;
+    let mut d = TestDaemon::start(&api, |_| {}).await;
+    let socket = d.socket();
+    let healthy = run(sunopoll(&["status", "--socket", utf8(&socket)])).await;
+    assert_eq!(healthy.status.code(), Some(0), "{}", text(&healthy.stdout));
+
+    let holder = rusqlite::Connection::open(&d.config.store.path).expect("open the store");
+    holder
+        .busy_timeout(PATIENCE)
+        .expect("busy timeout for the holder");
+    holder
+        .execute_batch("BEGIN EXCLUSIVE")
+        .expect("take the write lock");
+    // The daemon waits out its busy timeout (5 s), then answers with a store error.
+    let locked = run(sunopoll(&["status", "--socket", utf8(&socket)])).await;
+    assert_eq!(
+        locked.status.code(),
+        Some(1),
+        "status while the store is locked: {}{}",
+        text(&locked.stdout),
+        text(&locked.stderr)
+    );
+    assert!(
+        text(&locked.stderr).contains("store_error"),
+        "{}",
+        text(&locked.stderr)
+    );
+
+    drop(holder);
+    let again = run(sunopoll(&["status", "--socket", utf8(&socket)])).await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stdout));
+    d.stop().await;
+}
+
+/// The watchdog pings come from the scheduler loop itself: while the loop is stuck (here on a
+/// store another process has locked), the pings stop, which is what lets systemd restart a
+/// wedged daemon. A ping from a timer of its own would have gone on regardless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_scheduler_loop_stops_pinging_the_watchdog() {
+    use sunopoll::systemd::{Notifier, Supervision};
+    init_logs();
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = test_config(dir.path(), &api.uri());
+    let (notifier, recording) = Notifier::recording();
+    let supervision = Supervision {
+        notifier,
+        watchdog: Some(Duration::from_millis(100)),
+    };
+    let key = sunopoll::api::ApiKey::new(KEY).expect("key");
+    let daemon = sunopoll::daemon::Daemon::start_supervised(config.clone(), key, None, supervision)
+        .await
+        .expect("daemon starts");
+    let pings = || {
+        recording
+            .messages()
+            .iter()
+            .filter(|m| *m == "WATCHDOG=1")
+            .count()
+    };
+    eventually("three pings", || pings() >= 3).await;
+
+    let holder = rusqlite::Connection::open(&config.store.path).expect("open the store");
+    holder.busy_timeout(PATIENCE).expect("busy timeout");
+    holder.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    // Within one period the loop reaches the store and blocks there (for its 5 s busy timeout).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stuck_at = pings();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let while_stuck = pings() - stuck_at;
+    drop(holder);
+    assert!(
+        while_stuck <= 1,
+        "{while_stuck} pings in 1.5 s while the loop was stuck"
+    );
+    let resumed_at = pings();
+    eventually("pings again once the loop runs", || {
+        pings() >= resumed_at + 3
+    })
+    .await;
+    daemon.shutdown().await;
+    assert!(
+        recording
+            .messages()
+            .iter()
+            .any(|m| m.starts_with("STOPPING=1")),
+        "{:?}",
+        recording.messages()
+    );
+}
