@@ -535,3 +535,44 @@ async fn a_stuck_scheduler_loop_stops_pinging_the_watchdog() {
         recording.messages()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_keeps_being_pinged_through_a_long_pause() {
+    use sunopoll::systemd::{Notifier, Supervision};
+    init_logs();
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path(), &api.uri());
+    config.poll.backoff_max = Duration::from_secs(60);
+    let (notifier, recording) = Notifier::recording();
+    let supervision = Supervision {
+        notifier,
+        watchdog: Some(Duration::from_millis(100)),
+    };
+    let key = sunopoll::api::ApiKey::new(KEY).expect("key");
+    let daemon = sunopoll::daemon::Daemon::start_supervised(config.clone(), key, None, supervision)
+        .await
+        .expect("daemon starts");
+    // A throttle answer asking for 30 s: the loop sleeps far longer than a watchdog period.
+    api.set_override(Some(Reply::raw(429, "").retry_after("30")));
+    let mut c = RawClient::connect(&config.control.socket).await;
+    c.send_line(r#"{"cmd":"add","task_ids":["paused"]}"#).await;
+    assert_eq!(c.read_json().await.expect("answer")["ok"], true);
+    eventually("the throttled request", || api.total_calls() == 1).await;
+    let pings = || {
+        recording
+            .messages()
+            .iter()
+            .filter(|m| *m == "WATCHDOG=1")
+            .count()
+    };
+    let before = pings();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        pings() >= before + 5,
+        "only {} pings in 1 s of pause",
+        pings() - before
+    );
+    assert_eq!(api.total_calls(), 1, "still paused");
+    daemon.shutdown().await;
+}
