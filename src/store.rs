@@ -114,9 +114,14 @@ CREATE INDEX attempts_delivery ON attempts (delivery_id);
 /// A store failure. Cloneable because one failed commit answers every job in its batch.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The database said no.
+    /// The database refused a statement (a constraint, a bad value): a problem with the
+    /// request, not with the store.
     #[error("store error: {0}")]
     Sqlite(String),
+    /// The database could not do its job: disk full, I/O error, corruption, locked by another
+    /// process, read-only. The store is unhealthy until a write succeeds again.
+    #[error("store failure: {0}")]
+    Fault(String),
     /// The store could not be opened.
     #[error("{0}")]
     Open(String),
@@ -127,7 +132,22 @@ pub enum StoreError {
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Sqlite(e.to_string())
+        use rusqlite::ErrorCode as C;
+        match e.sqlite_error_code() {
+            Some(
+                C::DiskFull
+                | C::SystemIoFailure
+                | C::DatabaseCorrupt
+                | C::NotADatabase
+                | C::ReadOnly
+                | C::CannotOpen
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::PermissionDenied
+                | C::OutOfMemory,
+            ) => StoreError::Fault(e.to_string()),
+            _ => StoreError::Sqlite(e.to_string()),
+        }
     }
 }
 
@@ -138,7 +158,8 @@ pub struct StoreHealth {
 }
 
 impl StoreHealth {
-    /// The last error and when it happened, if the last commit failed.
+    /// The last store failure and when it happened, until a write succeeds again. (A read
+    /// succeeding proves little: with a full disk, reads work and writes fail.)
     pub fn last_error(&self) -> Option<(i64, String)> {
         self.last_error
             .lock()
@@ -153,7 +174,9 @@ impl StoreHealth {
 }
 
 type Completion = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+/// A job runs against the connection and says whether it succeeded (and if not, whether the
+/// store itself failed), returning what to do once the transaction has ended.
+type Job = Box<dyn FnOnce(&Connection) -> (Result<(), Option<StoreError>>, Completion) + Send>;
 
 /// What the store thread receives.
 enum Message {
@@ -373,7 +396,11 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let result = f(conn);
-            let ok = result.is_ok();
+            let ok = match &result {
+                Ok(_) => Ok(()),
+                Err(e @ StoreError::Fault(_)) => Err(Some(e.clone())),
+                Err(_) => Err(None),
+            };
             let done: Completion = Box::new(move |commit| {
                 let _ = tx.send(match commit {
                     Ok(()) => result,
@@ -1277,11 +1304,16 @@ fn run_jobs(
             continue;
         }
         let mut completions = Vec::with_capacity(batch.len());
+        let changes_before = conn.total_changes();
+        let mut fault = None;
         for job in batch.drain(..) {
             let savepoint = conn.execute_batch("SAVEPOINT job");
             let (ok, done) = job(conn);
+            if let Err(Some(e)) = &ok {
+                fault = Some(e.clone());
+            }
             if savepoint.is_ok() {
-                let end = if ok {
+                let end = if ok.is_ok() {
                     "RELEASE job"
                 } else {
                     "ROLLBACK TO job; RELEASE job"
@@ -1297,7 +1329,16 @@ fn run_jobs(
             tracing::error!(error = %e, "store: commit failed; the batch was rolled back");
             let _ = conn.execute_batch("ROLLBACK");
         }
-        health.set(commit.as_ref().err());
+        match (&commit, fault) {
+            (Err(e), _) => health.set(Some(e)),
+            (Ok(()), Some(e)) => {
+                tracing::error!(error = %e, "store: a request failed");
+                health.set(Some(&e));
+            }
+            // Only a committed write proves the store works again.
+            (Ok(()), None) if conn.total_changes() > changes_before => health.set(None),
+            (Ok(()), None) => {}
+        }
         for done in completions {
             done(commit.as_ref().map(|_| ()));
         }

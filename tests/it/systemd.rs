@@ -444,7 +444,7 @@ async fn a_journal_stream_that_is_stderr_is_detected() {
 /// another process holds its write lock, as an admin's `sqlite3` shell inside a transaction
 /// would), status fails and the CLI exits non-zero; once the lock is gone it is healthy again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_exits_non_zero_while_the_store_cannot_be_written() {
+async fn status_exits_non_zero_while_the_store_cannot_be_written_and_until_a_write_succeeds() {
     let api = FakeApi::start().await;
     let mut d = TestDaemon::start(&api, |_| {}).await;
     let socket = d.socket();
@@ -474,6 +474,28 @@ async fn status_exits_non_zero_while_the_store_cannot_be_written() {
     );
 
     drop(holder);
+    // A read succeeding proves little (with a full disk, reads work and writes fail): the
+    // failure stays reported until a write goes through.
+    let remembered = run(sunopoll(&["status", "--socket", utf8(&socket)])).await;
+    assert_eq!(
+        remembered.status.code(),
+        Some(1),
+        "{}",
+        text(&remembered.stdout)
+    );
+    assert!(
+        text(&remembered.stdout).contains("database is locked"),
+        "{}",
+        text(&remembered.stdout)
+    );
+    let add = run(sunopoll(&[
+        "add",
+        "--socket",
+        utf8(&socket),
+        "after-the-lock",
+    ]))
+    .await;
+    assert!(add.status.success(), "{}", text(&add.stderr));
     let again = run(sunopoll(&["status", "--socket", utf8(&socket)])).await;
     assert_eq!(again.status.code(), Some(0), "{}", text(&again.stdout));
     d.stop().await;
