@@ -26,12 +26,13 @@ use tracing::{debug, info, warn};
 use crate::clock::{format_duration, format_utc, ms, now_ms};
 use crate::config::PollConfig;
 use crate::forward::Router;
+use crate::protocol::AddResult;
 use crate::protocol::{
     AddRequest, ErrorBody, EventsRequest, ListRequest, MAX_LINE, Request, TaskState,
     check_callback_url, check_label, check_task_id, check_task_ids,
 };
 use crate::scheduler::{PauseKind, SharedStatus};
-use crate::store::{AddResult, Store};
+use crate::store::Store;
 
 /// How long writing one response may take before the client is considered gone.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -509,8 +510,8 @@ async fn add(req: AddRequest, ctx: &Control) -> Result<serde_json::Value, ErrorB
         .map_err(|e| store_error(&e))?;
     let added: Vec<&str> = results
         .iter()
-        .filter(|(r, _)| *r != AddResult::Exists)
-        .map(|(_, t)| t.task_id.as_str())
+        .filter(|t| t.result != AddResult::Exists)
+        .map(|t| t.task_id.as_str())
         .collect();
     if !added.is_empty() {
         ctx.wake.notify_one();
@@ -520,16 +521,8 @@ async fn add(req: AddRequest, ctx: &Control) -> Result<serde_json::Value, ErrorB
             info!(count = added.len(), "tasks added");
         }
     }
-    let existing = results.len() - added.len();
-    let tasks: Vec<serde_json::Value> = results
-        .into_iter()
-        .map(|(result, task)| {
-            let mut v = json!(task);
-            v["result"] = json!(result);
-            v
-        })
-        .collect();
-    Ok(json!({"added": tasks.len() - existing, "existing": existing, "tasks": tasks}))
+    let (added, existing) = (added.len(), results.len() - added.len());
+    Ok(json!({"added": added, "existing": existing, "tasks": results}))
 }
 
 async fn list(req: ListRequest, ctx: &Control) -> Result<serde_json::Value, ErrorBody> {

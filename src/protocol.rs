@@ -338,6 +338,31 @@ pub fn check_callback_url(url: &str) -> Result<(), ErrorBody> {
     }
 }
 
+/// What `add` did with one ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddResult {
+    /// New: it will be polled now.
+    Added,
+    /// It was removed earlier and is tracked again.
+    Readded,
+    /// Already known; nothing changed.
+    Exists,
+}
+
+/// One ID in an `add` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddedTask {
+    /// The ID.
+    pub task_id: String,
+    /// What `add` did with it.
+    pub result: AddResult,
+    /// Its state now.
+    pub state: TaskState,
+    /// Its last stage, if any.
+    pub stage: Option<Stage>,
+}
+
 /// A task's lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -21,7 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::format_utc;
 use crate::events::{NewEvent, Stage};
 use crate::forward::{origin_of, webhook_id};
-use crate::protocol::{AttemptView, DeliveryView, EventView, TargetStatus, TaskState, TaskView};
+use crate::protocol::{
+    AddResult, AddedTask, AttemptView, DeliveryView, EventView, TargetStatus, TaskState, TaskView,
+};
 
 /// Jobs waiting for the store thread. Bounded so a flood of requests queues in the callers
 /// (as backpressure), not in memory here.
@@ -197,18 +199,6 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("path", &self.path).finish()
     }
-}
-
-/// What `add` did with one ID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AddResult {
-    /// New: it will be polled now.
-    Added,
-    /// It was removed earlier and is tracked again.
-    Readded,
-    /// Already known; nothing changed.
-    Exists,
 }
 
 /// A task as the scheduler needs it to decide what a poll means.
@@ -434,7 +424,7 @@ impl Store {
         label: Option<String>,
         now: i64,
         deadline_after: i64,
-    ) -> Result<Vec<(AddResult, TaskView)>, StoreError> {
+    ) -> Result<Vec<AddedTask>, StoreError> {
         self.call(move |conn| {
             let mut insert = conn.prepare_cached(
                 "INSERT INTO tasks (id, state, added_at, updated_at, next_poll_at, deadline_at, callback_url, label)
@@ -444,20 +434,30 @@ impl Store {
                 "UPDATE tasks SET state = 'active', added_at = ?2, updated_at = ?2, next_poll_at = ?2,
                         deadline_at = ?3, finished_at = NULL, failures = 0, rejections = 0, last_error = NULL,
                         callback_url = COALESCE(?4, callback_url), label = COALESCE(?5, label)
-                 WHERE id = ?1 AND state = 'removed' AND (stage IS NULL OR stage IN ('text', 'first'))",
+                 WHERE id = ?1 AND state = 'removed'",
             )?;
+            let mut known = conn.prepare_cached("SELECT state, stage FROM tasks WHERE id = ?1")?;
             let deadline = now.saturating_add(deadline_after);
             let mut out = Vec::with_capacity(ids.len());
-            for id in &ids {
-                let result = if insert.execute(params![id, now, deadline, callback_url, label])? == 1 {
-                    AddResult::Added
-                } else if readd.execute(params![id, now, deadline, callback_url, label])? == 1 {
-                    AddResult::Readded
+            for id in ids {
+                let (result, state, stage) = if insert.execute(params![id, now, deadline, callback_url, label])? == 1 {
+                    (AddResult::Added, TaskState::Active, None)
                 } else {
-                    AddResult::Exists
+                    let (state, stage): (String, Option<String>) =
+                        known.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    let stage = stage.as_deref().and_then(Stage::parse);
+                    if readd.execute(params![id, now, deadline, callback_url, label])? == 1 {
+                        (AddResult::Readded, TaskState::Active, stage)
+                    } else {
+                        (AddResult::Exists, TaskState::parse(&state).unwrap_or(TaskState::Failed), stage)
+                    }
                 };
-                let view = task_view(conn, id)?.ok_or_else(|| StoreError::Sqlite(format!("task {id} vanished")))?;
-                out.push((result, view));
+                out.push(AddedTask {
+                    task_id: id,
+                    result,
+                    state,
+                    stage,
+                });
             }
             Ok(out)
         })
@@ -1386,16 +1386,22 @@ mod tests {
             .await
             .expect("add");
         assert_eq!(
-            r.iter().map(|x| x.0).collect::<Vec<_>>(),
+            r.iter().map(|x| x.result).collect::<Vec<_>>(),
             [AddResult::Added, AddResult::Added]
         );
-        assert_eq!(r[0].1.label.as_deref(), Some("l"));
         let r = s
-            .add(vec!["a".into()], None, None, 2000, 10)
+            .add(vec!["a".into()], None, Some("other".into()), 2000, 10)
             .await
             .expect("add");
-        assert_eq!(r[0].0, AddResult::Exists);
-        assert_eq!(r[0].1.added_at, format_utc(1000));
+        assert_eq!(r[0].result, AddResult::Exists);
+        assert_eq!(r[0].state, TaskState::Active);
+        let (view, _) = s.show("a".into()).await.expect("show").expect("known");
+        assert_eq!(view.added_at, format_utc(1000));
+        assert_eq!(
+            view.label.as_deref(),
+            Some("l"),
+            "a known task is left as it was"
+        );
         let c = s.counts().await.expect("counts");
         assert_eq!(c.active, 2);
     }
@@ -1515,7 +1521,7 @@ mod tests {
             .add(vec!["t".into()], None, None, 3000, 10)
             .await
             .expect("add");
-        assert_eq!(r[0].0, AddResult::Readded);
+        assert_eq!(r[0].result, AddResult::Readded);
         assert_eq!(s.due_window(10).await.expect("due").len(), 1);
     }
 
