@@ -135,27 +135,26 @@ impl Daemon {
         Duration::from_millis(ticks * 1000 / clock_ticks())
     }
 
-    /// Context switches of all threads so far: each time a thread sleeps after waking counts
-    /// one, so the rate of these is the rate of wakeups.
-    pub fn context_switches(&self) -> u64 {
-        let mut total = 0;
+    /// Context switches so far, per thread: each time a thread sleeps after waking counts one,
+    /// so the rate of these is the rate of wakeups. Per thread, because threads come and go
+    /// (tokio's blocking pool) and a sum would lose their counts.
+    pub fn context_switches(&self) -> std::collections::HashMap<String, u64> {
+        let mut per_thread = std::collections::HashMap::new();
         if let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) {
             for t in dir.flatten() {
                 let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-                for l in status.lines() {
-                    if l.starts_with("voluntary_ctxt_switches:")
-                        || l.starts_with("nonvoluntary_ctxt_switches:")
-                    {
-                        total += l
-                            .split_whitespace()
-                            .nth(1)
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .unwrap_or(0);
-                    }
-                }
+                let n: u64 = status
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("voluntary_ctxt_switches:")
+                            || l.starts_with("nonvoluntary_ctxt_switches:")
+                    })
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum();
+                per_thread.insert(t.file_name().to_string_lossy().into_owned(), n);
             }
         }
-        total
+        per_thread
     }
 
     /// Threads.
