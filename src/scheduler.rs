@@ -884,13 +884,15 @@ fn log_poll(id: &str, outcome: &Outcome, before: &TaskRow, update: &TaskUpdate, 
     }
 }
 
+/// Every event is one info line: it is the task's news, not a problem of sunopoll's (a task
+/// that failed upstream is reported as its `error` event, with the API's message).
 fn log_event(id: &str, ev: &NewEvent, seq: i64) {
     if ev.stage == Stage::Error {
         let msg = serde_json::from_str::<serde_json::Value>(&ev.body)
             .ok()
             .and_then(|v| v.get("msg").and_then(|m| m.as_str()).map(|m| clip(m, 200)))
             .unwrap_or_default();
-        warn!(task_id = %id, stage = %ev.stage, code = ev.code, seq, msg = %msg, "event");
+        info!(task_id = %id, stage = %ev.stage, code = ev.code, tracks = 0, seq, msg = %msg, "event");
     } else {
         info!(task_id = %id, stage = %ev.stage, code = ev.code, tracks = ev.tracks, seq,
               filled = ev.filled, "event");
