@@ -1,8 +1,13 @@
 //! Integration tests: one binary (one link step on a 2-core CI), the daemon in-process against
-//! a fake API on 127.0.0.1, plus black-box runs of the real binary.
+//! a fake API on 127.0.0.1, plus black-box runs of the real binary, and the fault suites of
+//! `RELIABILITY.md`.
 
+mod binary;
+mod chaos;
 mod cli;
 mod control;
+mod crash;
+mod figures;
 mod forward;
 mod helpers;
 mod polling;
