@@ -683,10 +683,14 @@ fn log_poll(id: &str, outcome: &Outcome, before: &TaskRow, update: &TaskUpdate, 
     match outcome {
         Outcome::Pending(record) | Outcome::Progress(record) => {
             let status = record.status.as_str();
-            if matches!(record.status, crate::api::TaskStatus::Other(_))
-                && before.last_status.as_deref() != Some(status)
-            {
+            let changed = before.last_status.as_deref() != Some(status);
+            if matches!(record.status, crate::api::TaskStatus::Other(_)) && changed {
                 warn!(task_id = %id, status = %clip(status, 64), "the API reports a status sunopoll does not know; treating it as still running");
+            } else if changed && went_backwards(&record.status, before.stage) {
+                // Invariant 4 keeps the task where it is; the operator should still hear that
+                // the API contradicted itself (once per change, not on every poll).
+                warn!(task_id = %id, status, stage = before.stage.map_or("none", Stage::as_str),
+                      "the API reports a status behind the stage already emitted (status went backwards); ignoring it");
             } else {
                 debug!(task_id = %id, status, "polled");
             }
@@ -706,6 +710,26 @@ fn log_poll(id: &str, outcome: &Outcome, before: &TaskRow, update: &TaskUpdate, 
         }
         _ => {}
     }
+}
+
+/// True when a success status (or PENDING) says the task is behind `reached`, the last stage
+/// already emitted. Failure and unknown statuses never count as going backwards.
+fn went_backwards(status: &crate::api::TaskStatus, reached: Option<Stage>) -> bool {
+    use crate::api::TaskStatus;
+    let says = match status {
+        TaskStatus::Pending => 0,
+        TaskStatus::TextSuccess => 1,
+        TaskStatus::FirstSuccess => 2,
+        TaskStatus::Success => 3,
+        _ => return false,
+    };
+    let was = match reached {
+        None => 0,
+        Some(Stage::Text) => 1,
+        Some(Stage::First) => 2,
+        Some(Stage::Complete | Stage::Error) => 3,
+    };
+    says < was
 }
 
 fn log_event(id: &str, ev: &NewEvent, seq: i64) {
@@ -918,6 +942,23 @@ mod tests {
         assert_eq!(u.next_poll_at, 1000 + 120_000);
         assert_eq!(u.state, TaskState::Active);
         assert_eq!(u.last_error.as_deref(), Some("bad"));
+    }
+
+    #[test]
+    fn only_success_statuses_behind_the_stored_stage_go_backwards() {
+        assert!(went_backwards(&TaskStatus::Pending, Some(Stage::Text)));
+        assert!(went_backwards(&TaskStatus::TextSuccess, Some(Stage::First)));
+        assert!(!went_backwards(&TaskStatus::TextSuccess, Some(Stage::Text)));
+        assert!(!went_backwards(&TaskStatus::Pending, None));
+        assert!(!went_backwards(&TaskStatus::Success, Some(Stage::First)));
+        assert!(!went_backwards(
+            &TaskStatus::GenerateAudioFailed,
+            Some(Stage::First)
+        ));
+        assert!(!went_backwards(
+            &TaskStatus::Other("NEW".into()),
+            Some(Stage::First)
+        ));
     }
 
     #[test]

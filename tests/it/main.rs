@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod control;
 mod crash;
+mod faults_api;
 mod figures;
 mod forward;
 mod helpers;
