@@ -419,10 +419,18 @@ async fn attempt(store: &Store, router: &Router, http: &reqwest::Client, row: Du
         status,
         error: error_text.clone(),
     };
-    if let Err(e) = store.record_attempt(row.id, record, next.clone()).await {
-        error!(task_id = %row.task_id, stage = %row.stage, target = %row.target, error = %e,
-               "cannot record a delivery attempt; it will be made again");
-        return;
+    match store.record_attempt(&row, record, next.clone()).await {
+        Ok(true) => {}
+        Ok(false) => {
+            info!(task_id = %row.task_id, stage = %row.stage, target = %row.target, seq = row.event_seq,
+                  "a redelivery was requested while this attempt was in flight; sending it again");
+            return;
+        }
+        Err(e) => {
+            error!(task_id = %row.task_id, stage = %row.stage, target = %row.target, error = %e,
+                   "cannot record a delivery attempt; it will be made again");
+            return;
+        }
     }
     let latency_ms = took.as_millis();
     match next {

@@ -447,7 +447,8 @@ pub struct AttemptView {
     pub status: Option<u16>,
     /// What went wrong.
     pub error: Option<String>,
-    /// `delivered`, `retry` or `failed`.
+    /// `delivered`, `retry`, `failed`, or `superseded` (a replay was requested while it was in
+    /// flight, so its result did not count and the delivery was made again).
     pub outcome: String,
 }
 
