@@ -33,7 +33,7 @@ pub enum Mode {
 pub struct Chaos {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
-    faults: Arc<Mutex<Vec<Instant>>>,
+    faults: Arc<Mutex<Vec<(Instant, String)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -54,8 +54,7 @@ impl Chaos {
                     if mode == Mode::Pass {
                         relay(stream, upstream, mode_rx).await;
                     } else {
-                        seen.lock().expect("faults").push(Instant::now());
-                        misbehave(stream, mode).await;
+                        misbehave(stream, mode, &seen).await;
                     }
                 });
             }
@@ -81,6 +80,11 @@ impl Chaos {
 
     /// When each misbehaving answer began (one per connection, i.e. per request).
     pub fn faults(&self) -> Vec<Instant> {
+        self.fault_ids().into_iter().map(|f| f.0).collect()
+    }
+
+    /// The same, with each request's `webhook-id` header (empty if it had none).
+    pub fn fault_ids(&self) -> Vec<(Instant, String)> {
         self.faults.lock().expect("faults").clone()
     }
 }
@@ -102,8 +106,9 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, mut mode: watch::Rec
     }
 }
 
-/// Reads one HTTP/1.1 request (head, then a `Content-Length` body), at most 1 MiB.
-async fn read_request(stream: &mut TcpStream) -> Option<()> {
+/// Reads one HTTP/1.1 request (head, then a `Content-Length` body), at most 1 MiB; returns
+/// its head, lower-cased.
+async fn read_request(stream: &mut TcpStream) -> Option<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -129,13 +134,20 @@ async fn read_request(stream: &mut TcpStream) -> Option<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Some(())
+    Some(head)
 }
 
-async fn misbehave(mut stream: TcpStream, mode: Mode) {
-    if read_request(&mut stream).await.is_none() {
+async fn misbehave(mut stream: TcpStream, mode: Mode, seen: &Mutex<Vec<(Instant, String)>>) {
+    let arrived = Instant::now();
+    let Some(head) = read_request(&mut stream).await else {
         return;
-    }
+    };
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("webhook-id:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default();
+    seen.lock().expect("faults").push((arrived, id));
     let partial = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4096\r\n\r\n{\"code\":200,\"msg\":\"success\",\"data\":{\"taskId\":\"";
     match mode {
         Mode::Pass => {}

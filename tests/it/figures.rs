@@ -23,8 +23,11 @@ pub struct Row {
     pub lost: usize,
     /// Events stored more than once for one (task, stage).
     pub dup_store: usize,
-    /// Deliveries the handler received more than once (same `webhook-id`).
+    /// Events the handler accepted (answered 2xx) more than once, always with the same
+    /// `webhook-id`. Requests it refused (5xx, 3xx…) are retries, counted in `retries`.
     pub dup_receiver: usize,
+    /// Requests the handler received and refused (answered non-2xx).
+    pub retries: usize,
     /// Did the daemon recover by itself (every task finished, polling resumed)?
     pub recovered: bool,
     /// Anything else worth a figure (requests, pauses, memory…).
@@ -45,7 +48,7 @@ impl Row {
     /// lost, nothing stored twice, recovered.
     pub fn report_and_check(&self) {
         let line = format!(
-            "FIGURES | {} | {} | {} | {} | {} | {} | {} | {} | {}",
+            "FIGURES | {} | {} | {} | {} | {} | {} | {} | {} | {}{}",
             self.scenario,
             self.runs,
             self.tasks,
@@ -54,6 +57,11 @@ impl Row {
             self.dup_store,
             self.dup_receiver,
             if self.recovered { "yes" } else { "NO" },
+            if self.retries > 0 {
+                format!("{} refused requests retried; ", self.retries)
+            } else {
+                String::new()
+            },
             self.note
         );
         println!("{line}");
@@ -93,7 +101,8 @@ pub fn tally(
     }
     row.dup_store = in_store.values().map(|n| n - 1).sum();
 
-    let mut at_receiver: HashMap<(String, String), Vec<String>> = HashMap::new();
+    // Every request per (task, stage): its webhook-id and whether the handler accepted it.
+    let mut at_receiver: HashMap<(String, String), Vec<(String, bool)>> = HashMap::new();
     let mut first_seen: HashMap<String, Vec<String>> = HashMap::new();
     for r in received.unwrap_or(&[]) {
         let (task, stage) = (r.task(), r.stage());
@@ -101,12 +110,24 @@ pub fn tally(
         if ids.is_empty() {
             first_seen.entry(task).or_default().push(stage);
         }
-        ids.push(r.header("webhook-id").to_owned());
+        ids.push((r.header("webhook-id").to_owned(), (200..300).contains(&r.status)));
     }
-    row.dup_receiver = at_receiver.values().map(|ids| ids.len() - 1).sum();
+    row.dup_receiver = at_receiver
+        .values()
+        .map(|ids| ids.iter().filter(|i| i.1).count().saturating_sub(1))
+        .sum();
+    row.retries = at_receiver
+        .values()
+        .map(|ids| ids.iter().filter(|i| !i.1).count())
+        .sum();
+    let accepted: std::collections::HashSet<&(String, String)> = at_receiver
+        .iter()
+        .filter(|(_, ids)| ids.iter().any(|i| i.1))
+        .map(|(k, _)| k)
+        .collect();
     for ((task, stage), ids) in &at_receiver {
         assert!(
-            ids.iter().all(|id| id == &ids[0] && !id.is_empty()),
+            ids.iter().all(|id| id.0 == ids[0].0 && !id.0.is_empty()),
             "repeats of {task}/{stage} carry different webhook-ids: {ids:?}"
         );
     }
@@ -126,8 +147,8 @@ pub fn tally(
         assert_eq!(kept, in_order, "{task}: stored out of order");
         for stage in stages {
             let stored_once = in_store.contains_key(&(task.as_str(), stage.as_str()));
-            let delivered = received.is_none()
-                || at_receiver.contains_key(&(task.clone(), stage.clone()));
+            let delivered =
+                received.is_none() || accepted.contains(&(task.clone(), stage.clone()));
             if !stored_once || !delivered {
                 lost += 1;
             }

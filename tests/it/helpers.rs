@@ -408,6 +408,8 @@ pub struct Received {
     pub headers: HashMap<String, String>,
     /// Its body bytes.
     pub body: Vec<u8>,
+    /// The status the handler answered (it may have answered too late for the daemon).
+    pub status: u16,
 }
 
 impl Received {
@@ -453,6 +455,11 @@ struct Recorder(Arc<Mutex<ReceiverState>>);
 impl Respond for Recorder {
     fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
         let mut s = self.0.lock().expect("state");
+        let (status, delay) = s
+            .script
+            .pop_front()
+            .or(s.fallback)
+            .unwrap_or((200, Duration::ZERO));
         s.received.push(Received {
             at: Instant::now(),
             headers: request
@@ -461,12 +468,8 @@ impl Respond for Recorder {
                 .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
                 .collect(),
             body: request.body.clone(),
+            status,
         });
-        let (status, delay) = s
-            .script
-            .pop_front()
-            .or(s.fallback)
-            .unwrap_or((200, Duration::ZERO));
         let mut t = ResponseTemplate::new(status)
             .set_body_string(if status >= 300 {
                 "handler says no"

@@ -8,6 +8,7 @@ mod cli;
 mod control;
 mod crash;
 mod faults_api;
+mod faults_handler;
 mod figures;
 mod forward;
 mod helpers;
