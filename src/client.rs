@@ -109,11 +109,21 @@ impl Connection {
 
     /// Sends one request line.
     pub fn send(&mut self, request: &Request) -> Result<(), ClientError> {
-        self.writer
-            .write_all(request.to_line().as_bytes())
-            .map_err(|e| {
-                ClientError::Protocol(format!("cannot send to {}: {e}", self.path.display()))
-            })
+        let Err(e) = self.writer.write_all(request.to_line().as_bytes()) else {
+            return Ok(());
+        };
+        // A daemon that turns the connection away (`busy`, `shutting_down`) answers and closes
+        // at once, so the write can fail with a broken pipe while its answer waits unread.
+        // That answer says what is wrong; the broken pipe does not.
+        if let Err(refused @ ClientError::Refused(_)) =
+            self.receive(Some(Duration::from_secs(1)))
+        {
+            return Err(refused);
+        }
+        Err(ClientError::Protocol(format!(
+            "cannot send to {}: {e}",
+            self.path.display()
+        )))
     }
 
     /// Reads one response line; `None` at end of stream. `timeout` bounds the wait.

@@ -539,7 +539,9 @@ pub async fn try_request_at(socket: &Path, request: &Value) -> Option<Value> {
         let (r, mut w) = stream.into_split();
         let mut line = request.to_string();
         line.push('\n');
-        w.write_all(line.as_bytes()).await.ok()?;
+        // A daemon that refuses the connection (`busy`) may close before the request is
+        // written; its answer is still there to read.
+        let _ = w.write_all(line.as_bytes()).await;
         let mut answer = String::new();
         let n = tokio::io::BufReader::new(r)
             .read_line(&mut answer)

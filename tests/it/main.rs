@@ -12,5 +12,6 @@ mod faults_handler;
 mod figures;
 mod forward;
 mod helpers;
+mod hostile;
 mod polling;
 mod restart;
