@@ -14,4 +14,5 @@ mod forward;
 mod helpers;
 mod hostile;
 mod polling;
+mod props;
 mod restart;
