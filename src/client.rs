@@ -451,18 +451,22 @@ fn print_status(v: &Value) {
         field(poll, "last_answer_at")
     );
     let t = &v["tasks"];
-    out!(
-        "tasks:        {} active, {} done, {} failed, {} removed",
-        t["active"],
-        t["done"],
-        t["failed"],
-        t["removed"]
-    );
-    out!(
-        "events:       {} stored, last #{}",
-        t["events"],
-        t["last_seq"]
-    );
+    if t.is_null() {
+        out!("tasks:        unknown (the store is not answering)");
+    } else {
+        out!(
+            "tasks:        {} active, {} done, {} failed, {} removed",
+            t["active"],
+            t["done"],
+            t["failed"],
+            t["removed"]
+        );
+        out!(
+            "events:       {} stored, last #{}",
+            t["events"],
+            t["last_seq"]
+        );
+    }
     out!("started:      {}", field(v, "started_at"));
     out!("store:        {}", field(v, "store"));
     out!("socket:       {}", field(v, "socket"));

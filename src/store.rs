@@ -1281,6 +1281,7 @@ fn run_jobs(
             }
             continue;
         }
+        let changes_before = conn.total_changes();
         let mut completions = Vec::with_capacity(batch.len());
         for job in batch.drain(..) {
             let savepoint = conn.execute_batch("SAVEPOINT job");
@@ -1302,7 +1303,15 @@ fn run_jobs(
             tracing::error!(error = %e, "store: commit failed; the batch was rolled back");
             let _ = conn.execute_batch("ROLLBACK");
         }
-        health.set(commit.as_ref().err());
+        // Health is about writes: a failed commit sets it, and only a commit that wrote
+        // something clears it. A read-only batch (a `status`, a listing) commits even on a full
+        // disk and proves nothing; letting it clear the error made `status` say "healthy" while
+        // every add was being refused.
+        match &commit {
+            Err(e) => health.set(Some(e)),
+            Ok(()) if conn.total_changes() != changes_before => health.set(None),
+            Ok(()) => {}
+        }
         for done in completions {
             done(commit.as_ref().map(|_| ()));
         }
