@@ -257,6 +257,16 @@ pub struct PollStatus {
 /// Shared, cheaply readable poll status.
 pub type SharedStatus = Arc<Mutex<PollStatus>>;
 
+/// Polling held back because poll results cannot be stored (disk full, store locked). Kept in
+/// memory only: there is nowhere to persist it, and a restart simply tries again.
+#[derive(Debug, Default)]
+struct StoreBackoff {
+    /// Store failures in a row.
+    failures: u32,
+    /// No new polls before this.
+    until: Option<Instant>,
+}
+
 /// What a finished poll tells the loop.
 struct Finished {
     id: String,
@@ -331,6 +341,7 @@ impl Scheduler {
         let (done_tx, mut done_rx) = mpsc::channel::<Finished>(capacity * 2 + 1);
         let mut in_flight: HashSet<String> = HashSet::new();
         let mut probe_in_flight = false;
+        let mut store_backoff = StoreBackoff::default();
         let mut epoch: u64 = 0;
         let period = self
             .policy
@@ -347,6 +358,7 @@ impl Scheduler {
                     &mut epoch,
                     &mut in_flight,
                     &mut probe_in_flight,
+                    &mut store_backoff,
                 )
                 .await;
             }
@@ -367,6 +379,15 @@ impl Scheduler {
                 Gate::Paused { .. } => {
                     (usize::from(!probe_in_flight && in_flight.is_empty()), true)
                 }
+            };
+            // While results cannot be stored, polling waits: every answer would be thrown away
+            // and the task, still due, asked for again at once.
+            let slots = match store_backoff.until {
+                Some(until) if Instant::now() < until => {
+                    wake_at = earliest(wake_at, until);
+                    0
+                }
+                _ => slots,
             };
             if slots > 0 {
                 match self.store.due_window(slots + in_flight.len() + 1).await {
@@ -419,7 +440,7 @@ impl Scheduler {
                 () = cancel.cancelled() => {}
                 () = self.wake.notified() => {}
                 Some(f) = done_rx.recv() => {
-                    self.finish(f, &mut gate, &mut epoch, &mut in_flight, &mut probe_in_flight).await;
+                    self.finish(f, &mut gate, &mut epoch, &mut in_flight, &mut probe_in_flight, &mut store_backoff).await;
                 }
                 () = sleep => {}
             }
@@ -467,6 +488,7 @@ impl Scheduler {
         epoch: &mut u64,
         in_flight: &mut HashSet<String>,
         probe_in_flight: &mut bool,
+        store_backoff: &mut StoreBackoff,
     ) {
         in_flight.remove(&f.id);
         if f.probe {
@@ -525,6 +547,13 @@ impl Scheduler {
             }
             OutcomeSummary::Answered(kind) => {
                 self.record_answer(kind, now);
+                if store_backoff.failures > 0 {
+                    info!(
+                        failures = store_backoff.failures,
+                        "poll results are stored again; polling resumes"
+                    );
+                    *store_backoff = StoreBackoff::default();
+                }
                 if f.probe
                     && let Gate::Paused { since, attempt, .. } = gate
                 {
@@ -540,7 +569,21 @@ impl Scheduler {
                     }
                 }
             }
-            OutcomeSummary::StoreFailed => {}
+            OutcomeSummary::StoreFailed => {
+                store_backoff.failures = store_backoff.failures.saturating_add(1);
+                let delay = backoff_delay(
+                    store_backoff.failures,
+                    self.policy.interval,
+                    self.policy.backoff_max,
+                    fastrand::f64(),
+                );
+                store_backoff.until = Some(Instant::now() + delay);
+                warn!(
+                    failures = store_backoff.failures,
+                    retry_in = %format_duration(delay),
+                    "poll results cannot be stored; pausing all polling until the store works again"
+                );
+            }
         }
     }
 
