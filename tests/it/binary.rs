@@ -245,6 +245,8 @@ pub struct BinDaemon {
     /// stderr of every run, appended.
     pub log: PathBuf,
     child: Option<Child>,
+    /// How the last run ended, once it has.
+    exited: Option<ExitStatus>,
     /// How many times it was started.
     pub starts: u32,
 }
@@ -269,6 +271,7 @@ impl BinDaemon {
             log: dir.path().join("daemon.log"),
             dir,
             child: None,
+            exited: None,
             starts: 0,
         }
     }
@@ -330,10 +333,22 @@ impl BinDaemon {
 
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().expect("try_wait").is_none(),
-            None => false,
+        let Some(c) = self.child.as_mut() else {
+            return false;
+        };
+        match c.try_wait().expect("try_wait") {
+            None => true,
+            Some(status) => {
+                self.exited = Some(status);
+                self.child = None;
+                false
+            }
         }
+    }
+
+    /// The exit code of the last run, once it has ended.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exited.and_then(|s| s.code())
     }
 
     /// SIGKILL, and reap it.

@@ -9,6 +9,7 @@ mod control;
 mod crash;
 mod faults_api;
 mod faults_handler;
+mod faults_store;
 mod figures;
 mod forward;
 mod helpers;
