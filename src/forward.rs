@@ -396,6 +396,22 @@ async fn attempt(store: &Store, router: &Router, http: &reqwest::Client, row: Du
             retry_after: None,
         },
     };
+    // A handler may echo the credentials it was sent (an `Authorization` header) in its error
+    // page; its answer goes to the log and the attempt history, so they are cut out first.
+    let result = match result {
+        AttemptResult::Failed {
+            status,
+            cause,
+            retry_after,
+        } => AttemptResult::Failed {
+            status,
+            cause: headers.iter().fold(cause, |c, (_, v)| {
+                String::from_utf8_lossy(&crate::api::redact(c.as_bytes(), v)).into_owned()
+            }),
+            retry_after,
+        },
+        other => other,
+    };
     let took = started.elapsed();
     let attempt_no = row.attempts + 1;
     let next = after_attempt(
