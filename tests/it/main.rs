@@ -17,3 +17,4 @@ mod hostile;
 mod polling;
 mod props;
 mod restart;
+mod security;
