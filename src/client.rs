@@ -115,9 +115,7 @@ impl Connection {
         // A daemon that turns the connection away (`busy`, `shutting_down`) answers and closes
         // at once, so the write can fail with a broken pipe while its answer waits unread.
         // That answer says what is wrong; the broken pipe does not.
-        if let Err(refused @ ClientError::Refused(_)) =
-            self.receive(Some(Duration::from_secs(1)))
-        {
+        if let Err(refused @ ClientError::Refused(_)) = self.receive(Some(Duration::from_secs(1))) {
             return Err(refused);
         }
         Err(ClientError::Protocol(format!(

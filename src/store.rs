@@ -1582,7 +1582,11 @@ mod tests {
         assert_eq!(due.len(), 1, "the requested replay was lost");
         let log = s.deliveries_of("t".into()).await.expect("deliveries");
         assert_eq!(log[0].1.state, "pending");
-        assert_eq!(log[0].1.attempt_log.len(), 1, "the attempt is still on record");
+        assert_eq!(
+            log[0].1.attempt_log.len(),
+            1,
+            "the attempt is still on record"
+        );
     }
 
     #[test]

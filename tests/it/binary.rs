@@ -310,9 +310,14 @@ impl BinDaemon {
                 && let Some(status) = child.try_wait().expect("try_wait")
             {
                 self.child = None;
-                panic!("the daemon exited while starting: {status}\n{}", self.log_text());
+                panic!(
+                    "the daemon exited while starting: {status}\n{}",
+                    self.log_text()
+                );
             }
-            if let Some(v) = self.try_request(&serde_json::json!({"cmd": "status"})).await
+            if let Some(v) = self
+                .try_request(&serde_json::json!({"cmd": "status"}))
+                .await
                 && v["ok"] == true
             {
                 return;

@@ -1,7 +1,8 @@
 //! A server that misbehaves at the TCP level, for faults wiremock cannot produce: a body cut
-//! short, a connection reset in the middle of a body, a connection closed without an answer, a
-//! server that never answers. In `Pass` mode it relays connections to an upstream (the fake API
-//! or a fake handler), so a fault can start and end in the middle of a test.
+//! short, a connection reset in the middle of a body, a connection closed or reset without an
+//! answer (a server that never answers is wiremock with a long delay). In `Pass` mode it relays
+//! connections to an upstream (the fake API or a fake handler), so a fault can start and end in
+//! the middle of a test.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -25,8 +26,6 @@ pub enum Mode {
     Close,
     /// Read the request, then reset without answering.
     Reset,
-    /// Read the request and never answer (the connection stays open for a minute).
-    Hang,
 }
 
 /// The misbehaving server.
@@ -168,9 +167,6 @@ async fn misbehave(mut stream: TcpStream, mode: Mode, seen: &Mutex<Vec<(Instant,
         }
         Mode::Reset => {
             let _ = stream.set_zero_linger();
-        }
-        Mode::Hang => {
-            tokio::time::sleep(Duration::from_secs(60)).await;
         }
     }
     drop(stream);

@@ -29,9 +29,8 @@ enum Kind {
 
 fn script(api: &FakeApi, rng: &mut fastrand::Rng, id: &str, kind: Kind) -> Vec<String> {
     // Answers take 0–15 ms, so a kill often lands while a request is in flight.
-    let mut reply = |name: &str| {
-        Reply::fixture_for(name, id).delayed(Duration::from_millis(rng.u64(0..=15)))
-    };
+    let mut reply =
+        |name: &str| Reply::fixture_for(name, id).delayed(Duration::from_millis(rng.u64(0..=15)));
     let (replies, stages) = match kind {
         Kind::Full => (
             vec![
@@ -156,11 +155,9 @@ async fn sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice() {
     };
     let log = d.stop().await;
 
-    let db = rusqlite::Connection::open_with_flags(
-        &d.store,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open the store read-only");
+    let db =
+        rusqlite::Connection::open_with_flags(&d.store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open the store read-only");
     let mode: String = db
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .expect("journal_mode");
@@ -195,7 +192,10 @@ async fn sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice() {
     let received = handler.received();
     let mut extra = Row::new("unacknowledged adds that were committed anyway");
     figures::tally(&mut extra, &committed_unacked, &stored, Some(&received));
-    assert_eq!(extra.lost, 0, "a committed (unacknowledged) task lost an event");
+    assert_eq!(
+        extra.lost, 0,
+        "a committed (unacknowledged) task lost an event"
+    );
 
     let mut row = Row::new("crash: SIGKILL at random moments, restart at once (real binary)");
     row.runs = runs;

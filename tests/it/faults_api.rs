@@ -123,7 +123,11 @@ fn assert_global_pause(times: &[Instant], retry_after: Option<Duration>, what: &
     }
     // Generous upper bound: the wave, then at most one probe per shortest possible pause.
     let most = MAX_IN_FLIGHT + 1 + (FAULT.as_millis() / INTERVAL.as_millis()) as usize;
-    assert!(times.len() <= most, "{what}: {} requests in the pause", times.len());
+    assert!(
+        times.len() <= most,
+        "{what}: {} requests in the pause",
+        times.len()
+    );
     times.len()
 }
 
@@ -234,7 +238,11 @@ async fn scenario(name: &str, inject: Inject, limit: Limit, cause: &str) {
     let calls_at_end = api.total_calls();
     if let Inject::Deadline = inject {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(api.total_calls(), calls_at_end, "no polls after the deadline");
+        assert_eq!(
+            api.total_calls(),
+            calls_at_end,
+            "no polls after the deadline"
+        );
     }
     let stored = d.events().await;
     let log = d.stop().await;
@@ -308,87 +316,171 @@ fn envelope(status: &str) -> Reply {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_500() {
     let reply = Reply::raw(500, "<html><body>Internal Server Error</body></html>");
-    scenario("http-500", Inject::Override(reply), Limit::Global(None), "HTTP 500").await;
+    scenario(
+        "http-500",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "HTTP 500",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_502() {
     let reply = Reply::raw(502, "<html><body>Bad Gateway</body></html>");
-    scenario("http-502", Inject::Override(reply), Limit::Global(None), "HTTP 502").await;
+    scenario(
+        "http-502",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "HTTP 502",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_503() {
     let reply = Reply::raw(503, "Service Unavailable");
-    scenario("http-503", Inject::Override(reply), Limit::Global(None), "HTTP 503").await;
+    scenario(
+        "http-503",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "HTTP 503",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_503_with_retry_after() {
     let reply = Reply::raw(503, "").retry_after("2");
     let limit = Limit::Global(Some(Duration::from_secs(2)));
-    scenario("http-503-retry-after", Inject::Override(reply), limit, "HTTP 503").await;
+    scenario(
+        "http-503-retry-after",
+        Inject::Override(reply),
+        limit,
+        "HTTP 503",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_code_455_maintenance() {
     let reply = Reply::fixture("error.455.maintenance.json");
-    scenario("json-455", Inject::Override(reply), Limit::Global(None), "code 455").await;
+    scenario(
+        "json-455",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "code 455",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_code_500() {
     let reply = Reply::fixture("error.500.server-error.json");
-    scenario("json-500", Inject::Override(reply), Limit::Global(None), "code 500").await;
+    scenario(
+        "json-500",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "code 500",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_code_405_rate_limit() {
     let reply = Reply::fixture("error.405.rate-limit-exceeded.json");
-    scenario("json-405", Inject::Override(reply), Limit::Global(None), "code 405").await;
+    scenario(
+        "json-405",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "code 405",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_code_408_upstream_timeout() {
     let reply = Reply::fixture("error.408.upstream-timeout.kie.json");
-    scenario("json-408", Inject::Override(reply), Limit::Global(None), "code 408").await;
+    scenario(
+        "json-408",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "code 408",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_code_429() {
     let reply = Reply::fixture("error.429.rate-limited.kie.json");
-    scenario("json-429", Inject::Override(reply), Limit::Global(None), "code 429").await;
+    scenario(
+        "json-429",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "code 429",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_code_430_call_frequency() {
     let reply = Reply::fixture("error.430.call-frequency-too-high.json");
-    scenario("json-430", Inject::Override(reply), Limit::Global(None), "code 430").await;
+    scenario(
+        "json-430",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "code 430",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_429_bare() {
     let reply = Reply::raw(429, "");
-    scenario("http-429", Inject::Override(reply), Limit::Global(None), "HTTP 429").await;
+    scenario(
+        "http-429",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "HTTP 429",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_429_with_retry_after() {
     let reply = Reply::raw(429, "").retry_after("2");
     let limit = Limit::Global(Some(Duration::from_secs(2)));
-    scenario("http-429-retry-after", Inject::Override(reply), limit, "HTTP 429").await;
+    scenario(
+        "http-429-retry-after",
+        Inject::Override(reply),
+        limit,
+        "HTTP 429",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_json() {
     let reply = Reply::raw(200, r#"{"code":200,"msg":"success","data":{"taskId":"#);
-    scenario("malformed-json", Inject::Override(reply), Limit::PerTask, "not JSON").await;
+    scenario(
+        "malformed-json",
+        Inject::Override(reply),
+        Limit::PerTask,
+        "not JSON",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_body() {
     let reply = Reply::raw(200, "");
-    scenario("empty-body", Inject::Override(reply), Limit::PerTask, "empty body").await;
+    scenario(
+        "empty-body",
+        Inject::Override(reply),
+        Limit::PerTask,
+        "empty body",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,44 +489,84 @@ async fn body_of_10_mb() {
     body.resize(10 * 1024 * 1024, b'a');
     body.extend_from_slice(br#""}"#);
     let reply = Reply::raw(200, body);
-    scenario("body-10MB", Inject::Override(reply), Limit::PerTask, "bytes").await;
+    scenario(
+        "body-10MB",
+        Inject::Override(reply),
+        Limit::PerTask,
+        "bytes",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_body() {
     let inject = Inject::Chaos(Mode::Truncate);
-    scenario("truncated-body", inject, Limit::Global(None), "while reading the body").await;
+    scenario(
+        "truncated-body",
+        inject,
+        Limit::Global(None),
+        "while reading the body",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_reset_mid_body() {
     let inject = Inject::Chaos(Mode::ResetMidBody);
-    scenario("reset-mid-body", inject, Limit::Global(None), "while reading the body").await;
+    scenario(
+        "reset-mid-body",
+        inject,
+        Limit::Global(None),
+        "while reading the body",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answer_slower_than_the_request_timeout() {
     let reply = Reply::fixture("record-info.PENDING.json").delayed(Duration::from_secs(2));
-    scenario("slower-than-timeout", Inject::Override(reply), Limit::Global(None), "timed out")
-        .await;
+    scenario(
+        "slower-than-timeout",
+        Inject::Override(reply),
+        Limit::Global(None),
+        "timed out",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refused() {
-    scenario("connection-refused", Inject::Refused, Limit::Global(None), "could not connect")
-        .await;
+    scenario(
+        "connection-refused",
+        Inject::Refused,
+        Limit::Global(None),
+        "could not connect",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_pending_past_its_deadline() {
-    scenario("pending-past-deadline", Inject::Deadline, Limit::Regular, "Timed out").await;
+    scenario(
+        "pending-past-deadline",
+        Inject::Deadline,
+        Limit::Regular,
+        "Timed out",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_nobody_knows() {
     let reply = envelope("QUANTUM_MASTERING");
     let cause = "status sunopoll does not know";
-    scenario("unknown-status", Inject::Override(reply), Limit::Regular, cause).await;
+    scenario(
+        "unknown-status",
+        Inject::Override(reply),
+        Limit::Regular,
+        cause,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,8 @@
 //! Every scenario checks: nothing lost (every event stored once and in the end delivered),
 //! order kept (per task, a handler never sees a stage before the previous one), retries within
 //! the schedule (each retry no earlier than its delay minus the 10 % jitter, and not much later
-//! than the delay plus the attempt itself), and recovery (nothing pending or failed once the
-//! handler behaves again).
+//! than the delay plus the attempt itself, with 3 s to spare on a busy machine), and recovery
+//! (nothing pending or failed once the handler behaves again).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -79,7 +79,7 @@ fn assert_within_schedule(id: &str, times: &[Instant], schedule: &[u64], attempt
         let gap = w[1].duration_since(w[0]);
         let delay = Duration::from_millis(schedule[(k + 1).min(schedule.len() - 1)]);
         let earliest = delay.mul_f64(0.9);
-        let latest = delay.mul_f64(1.1) + attempt_takes + Duration::from_secs(1);
+        let latest = delay.mul_f64(1.1) + attempt_takes + Duration::from_secs(3);
         assert!(
             gap + SLACK >= earliest,
             "{id}: retry {} came {gap:?} after the previous attempt (schedule: {delay:?})",

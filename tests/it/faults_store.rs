@@ -33,7 +33,13 @@ impl Tmpfs {
         }
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
             .arg(dir)
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;
@@ -128,7 +134,11 @@ async fn daemon_with_data(api: &FakeApi) -> BinDaemon {
 async fn assert_data_intact(d: &mut BinDaemon) {
     d.restart().await;
     let events = d.events().await;
-    assert_eq!(events.len(), 6, "both tasks and their 6 events are still there");
+    assert_eq!(
+        events.len(),
+        6,
+        "both tasks and their 6 events are still there"
+    );
     d.stop().await;
 }
 
@@ -140,8 +150,11 @@ async fn a_store_directory_that_cannot_be_written() {
     let mut config = BinConfig::new(&api.uri());
     config.extra = String::new();
     let mut d = BinDaemon::prepare(&config);
-    std::fs::write(d.dir.path().join("state"), "a file where a directory should be")
-        .expect("write");
+    std::fs::write(
+        d.dir.path().join("state"),
+        "a file where a directory should be",
+    )
+    .expect("write");
     let (code, log) = failed_start(&mut d).await;
     assert_eq!(code, Some(1), "{log}");
     assert!(
@@ -179,7 +192,10 @@ async fn a_store_directory_that_cannot_be_written() {
     let mut row = Row::new("store: directory not writable (under a file; read-only fs)");
     row.runs = 2;
     row.recovered = true;
-    row.note = format!("refused with exit 1: {:?}", last.split("ERROR").last().unwrap_or("").trim());
+    row.note = format!(
+        "refused with exit 1: {:?}",
+        last.split("ERROR").last().unwrap_or("").trim()
+    );
     row.report_and_check();
 }
 
@@ -197,7 +213,11 @@ async fn a_corrupted_store_file() {
         log.contains("state/sunopoll.db") && log.contains("not a SQLite database"),
         "{log}"
     );
-    assert_eq!(std::fs::read(&d.store).expect("read"), garbage, "left untouched");
+    assert_eq!(
+        std::fs::read(&d.store).expect("read"),
+        garbage,
+        "left untouched"
+    );
 
     // A real store whose pages were overwritten with garbage (the header survives).
     let mut d = daemon_with_data(&api).await;
@@ -223,7 +243,10 @@ async fn a_corrupted_store_file() {
     let mut row = Row::new("store: file corrupted (garbage file; garbage pages in a real store)");
     row.runs = 2;
     row.recovered = true;
-    row.note = format!("refused with exit 1: {:?}", last.split("ERROR").last().unwrap_or("").trim());
+    row.note = format!(
+        "refused with exit 1: {:?}",
+        last.split("ERROR").last().unwrap_or("").trim()
+    );
     row.report_and_check();
 }
 
@@ -247,7 +270,11 @@ async fn a_store_locked_by_another_process() {
         last.contains("state/sunopoll.db") && last.contains("in use by another sunopoll daemon"),
         "{last}"
     );
-    assert_eq!(snapshot(d.store.parent().expect("dir")), before, "untouched");
+    assert_eq!(
+        snapshot(d.store.parent().expect("dir")),
+        before,
+        "untouched"
+    );
     drop(lock);
     assert_data_intact(&mut d).await;
 
@@ -261,26 +288,46 @@ async fn a_store_locked_by_another_process() {
     other
         .busy_timeout(Duration::from_secs(5))
         .expect("busy timeout");
-    other.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
-    let v = d.request(json!({"cmd": "add", "task_ids": ["late-1"]})).await;
+    other
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let v = d
+        .request(json!({"cmd": "add", "task_ids": ["late-1"]}))
+        .await;
     assert_eq!(v["ok"], false, "{v}");
     assert_eq!(v["error"]["code"], "store_error", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap_or("").contains("locked"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("locked"),
+        "{v}"
+    );
     other.execute_batch("ROLLBACK").expect("release");
     drop(other);
-    let v = d.request(json!({"cmd": "add", "task_ids": ["late-2"]})).await;
+    let v = d
+        .request(json!({"cmd": "add", "task_ids": ["late-2"]}))
+        .await;
     assert_eq!(v["ok"], true, "{v}");
     let recovered = d.settle(&["late-2".into()]).await;
     let stored = d.events().await;
     let states = d.states().await;
     let log = d.stop().await;
-    assert!(!states.contains_key("late-1"), "a refused add left nothing behind");
-    assert!(!warnings_naming(&log, "locked").is_empty(), "the log says why");
+    assert!(
+        !states.contains_key("late-1"),
+        "a refused add left nothing behind"
+    );
+    assert!(
+        !warnings_naming(&log, "locked").is_empty(),
+        "the log says why"
+    );
     let mut expected = std::collections::BTreeMap::new();
     for id in ["kept-1", "kept-2", "late-2"] {
         expected.insert(id.to_owned(), figures::full());
     }
-    let mut row = Row::new("store: locked by another process (lock file at start; SQLite write lock while running)");
+    let mut row = Row::new(
+        "store: locked by another process (lock file at start; SQLite write lock while running)",
+    );
     row.runs = 2;
     figures::tally(&mut row, &expected, &stored, None);
     row.recovered = recovered;
@@ -338,7 +385,10 @@ async fn a_full_disk() {
         .collect();
     let full_for = full_from.elapsed();
     assert!(refused > 0, "a full disk refuses adds");
-    assert_eq!(status["healthy"], false, "status says the store is failing: {status}");
+    assert_eq!(
+        status["healthy"], false,
+        "status says the store is failing: {status}"
+    );
     assert!(
         status["problems"].to_string().contains("disk is full"),
         "{status}"
@@ -355,9 +405,14 @@ async fn a_full_disk() {
     for id in &early {
         api.script(id, vec![Reply::fixture_for("record-info.SUCCESS.json", id)]);
     }
-    let v = d.request(json!({"cmd": "add", "task_ids": ["after-1"]})).await;
+    let v = d
+        .request(json!({"cmd": "add", "task_ids": ["after-1"]}))
+        .await;
     assert_eq!(v["ok"], true, "{v}");
-    api.script("after-1", vec![Reply::fixture_for("record-info.SUCCESS.json", "after-1")]);
+    api.script(
+        "after-1",
+        vec![Reply::fixture_for("record-info.SUCCESS.json", "after-1")],
+    );
     let mut all = early.clone();
     all.extend(acknowledged_while_full.iter().cloned());
     all.push("after-1".into());
@@ -432,7 +487,10 @@ async fn bad_config_files_are_refused_with_the_file_named_and_the_data_untouched
             assert!(log.contains(want), "{what}: does not name {want:?}: {log}");
         }
         if *what != "a missing key file" {
-            assert!(log.contains(path_str(&d.config)), "{what}: names the file: {log}");
+            assert!(
+                log.contains(path_str(&d.config)),
+                "{what}: names the file: {log}"
+            );
         }
         assert!(!d.socket.exists(), "{what}: no socket");
         assert_eq!(
@@ -451,6 +509,7 @@ async fn bad_config_files_are_refused_with_the_file_named_and_the_data_untouched
     let mut row = Row::new("config: unknown keys, wrong types, bad TOML, missing key file, no key");
     row.runs = cases.len() + 1;
     row.recovered = true;
-    row.note = "each refused with exit 2 naming the file and every problem; store bytes unchanged".to_owned();
+    row.note = "each refused with exit 2 naming the file and every problem; store bytes unchanged"
+        .to_owned();
     row.report_and_check();
 }

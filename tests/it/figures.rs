@@ -91,7 +91,10 @@ pub fn tally(
     received: Option<&[Received]>,
 ) {
     row.tasks = expected.len();
-    row.events = stored.iter().filter(|e| expected.contains_key(&e.task)).count();
+    row.events = stored
+        .iter()
+        .filter(|e| expected.contains_key(&e.task))
+        .count();
 
     let mut in_store: HashMap<(&str, &str), usize> = HashMap::new();
     let mut stored_order: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -106,11 +109,16 @@ pub fn tally(
     let mut first_seen: HashMap<String, Vec<String>> = HashMap::new();
     for r in received.unwrap_or(&[]) {
         let (task, stage) = (r.task(), r.stage());
-        let ids = at_receiver.entry((task.clone(), stage.clone())).or_default();
+        let ids = at_receiver
+            .entry((task.clone(), stage.clone()))
+            .or_default();
         if ids.is_empty() {
             first_seen.entry(task).or_default().push(stage);
         }
-        ids.push((r.header("webhook-id").to_owned(), (200..300).contains(&r.status)));
+        ids.push((
+            r.header("webhook-id").to_owned(),
+            (200..300).contains(&r.status),
+        ));
     }
     row.dup_receiver = at_receiver
         .values()
@@ -136,9 +144,7 @@ pub fn tally(
     for (task, stages) in expected {
         let order: Vec<&str> = stored_order.get(task.as_str()).cloned().unwrap_or_default();
         assert!(
-            order
-                .iter()
-                .all(|s| stages.iter().any(|want| want == s)),
+            order.iter().all(|s| stages.iter().any(|want| want == s)),
             "{task}: stored stages {order:?}, expected {stages:?}"
         );
         let want: Vec<&str> = stages.iter().map(String::as_str).collect();
@@ -147,20 +153,19 @@ pub fn tally(
         assert_eq!(kept, in_order, "{task}: stored out of order");
         for stage in stages {
             let stored_once = in_store.contains_key(&(task.as_str(), stage.as_str()));
-            let delivered =
-                received.is_none() || accepted.contains(&(task.clone(), stage.clone()));
+            let delivered = received.is_none() || accepted.contains(&(task.clone(), stage.clone()));
             if !stored_once || !delivered {
                 lost += 1;
             }
         }
         if received.is_some() {
             let got = first_seen.get(task).cloned().unwrap_or_default();
-            let want_order: Vec<String> = stages
-                .iter()
-                .filter(|s| got.contains(s))
-                .cloned()
-                .collect();
-            assert_eq!(got, want_order, "{task}: the handler got stages out of order");
+            let want_order: Vec<String> =
+                stages.iter().filter(|s| got.contains(s)).cloned().collect();
+            assert_eq!(
+                got, want_order,
+                "{task}: the handler got stages out of order"
+            );
         }
     }
     row.lost = lost;

@@ -26,7 +26,12 @@ struct Answers {
 
 /// Sends `bytes` (then half-closes, unless `keep_open`), reads every answer line until the
 /// daemon closes the connection or `wait` passes.
-async fn send(socket: &std::path::Path, bytes: Vec<u8>, keep_open: bool, wait: Duration) -> Answers {
+async fn send(
+    socket: &std::path::Path,
+    bytes: Vec<u8>,
+    keep_open: bool,
+    wait: Duration,
+) -> Answers {
     let stream = UnixStream::connect(socket).await.expect("connect");
     let (r, mut w) = stream.into_split();
     let writer = tokio::spawn(async move {
@@ -49,9 +54,10 @@ async fn send(socket: &std::path::Path, bytes: Vec<u8>, keep_open: bool, wait: D
         match tokio::time::timeout(left, reader.read_line(&mut line)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
             Ok(Ok(_)) => {
-                out.lines.push(serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("the daemon answered something that is not JSON ({e}): {line:?}")
-                }));
+                out.lines
+                    .push(serde_json::from_str(&line).unwrap_or_else(|e| {
+                        panic!("the daemon answered something that is not JSON ({e}): {line:?}")
+                    }));
                 out.raw.push(line);
             }
         }
@@ -138,7 +144,10 @@ async fn garbage_on_the_socket_gets_clear_errors_and_memory_stays_bounded() {
         (nested_objects.into_bytes(), "invalid_json"),
         (deep_add.into_bytes(), "invalid_json"),
         (br#"{"cmd":"launch"}"#.to_vec(), "unknown_command"),
-        (br#"{"cmd":"ADD","task_ids":["a"]}"#.to_vec(), "unknown_command"),
+        (
+            br#"{"cmd":"ADD","task_ids":["a"]}"#.to_vec(),
+            "unknown_command",
+        ),
         (br#"{"cmd":42}"#.to_vec(), "bad_request"),
         (br#"{"cmd":null}"#.to_vec(), "bad_request"),
         (br#"{"task_ids":["a"]}"#.to_vec(), "bad_request"),
@@ -149,16 +158,40 @@ async fn garbage_on_the_socket_gets_clear_errors_and_memory_stays_bounded() {
         (br#"{"cmd":"add"}"#.to_vec(), "bad_request"),
         (br#"{"cmd":"add","task_ids":"abc"}"#.to_vec(), "bad_request"),
         (br#"{"cmd":"add","task_ids":[1,2]}"#.to_vec(), "bad_request"),
-        (br#"{"cmd":"add","task_ids":["ok"],"extra":1}"#.to_vec(), "bad_request"),
-        (br#"{"cmd":"add","task_ids":["a\u0000b"]}"#.to_vec(), "invalid_task_id"),
-        (br#"{"cmd":"add","task_ids":["ok"],"label":"x\u001b[2Jy"}"#.to_vec(), "invalid_label"),
+        (
+            br#"{"cmd":"add","task_ids":["ok"],"extra":1}"#.to_vec(),
+            "bad_request",
+        ),
+        (
+            br#"{"cmd":"add","task_ids":["a\u0000b"]}"#.to_vec(),
+            "invalid_task_id",
+        ),
+        (
+            br#"{"cmd":"add","task_ids":["ok"],"label":"x\u001b[2Jy"}"#.to_vec(),
+            "invalid_label",
+        ),
         (br#"{"cmd":"show"}"#.to_vec(), "bad_request"),
-        (br#"{"cmd":"events","since":"yesterday"}"#.to_vec(), "bad_request"),
+        (
+            br#"{"cmd":"events","since":"yesterday"}"#.to_vec(),
+            "bad_request",
+        ),
         (br#"{"cmd":"events","limit":-1}"#.to_vec(), "bad_request"),
-        (br#"{"cmd":"events","since":99999999999999999999}"#.to_vec(), "bad_request"),
-        (br#"{"cmd":"redeliver","seq":1e400}"#.to_vec(), "invalid_json"),
-        (br#"{"cmd":"list","state":"active\n"}"#.to_vec(), "bad_request"),
-        ("\u{feff}{\"cmd\":\"status\"}".as_bytes().to_vec(), "invalid_json"),
+        (
+            br#"{"cmd":"events","since":99999999999999999999}"#.to_vec(),
+            "bad_request",
+        ),
+        (
+            br#"{"cmd":"redeliver","seq":1e400}"#.to_vec(),
+            "invalid_json",
+        ),
+        (
+            br#"{"cmd":"list","state":"active\n"}"#.to_vec(),
+            "bad_request",
+        ),
+        (
+            "\u{feff}{\"cmd\":\"status\"}".as_bytes().to_vec(),
+            "invalid_json",
+        ),
         (b"{\"cmd\":\"status\"".to_vec(), "invalid_json"),
     ];
     for (bytes, code) in cases {
@@ -177,7 +210,10 @@ async fn garbage_on_the_socket_gets_clear_errors_and_memory_stays_bounded() {
     assert_eq!(a.lines[0]["error"]["code"], "line_too_long");
     // A line that never ends, sent fast: the same.
     let a = send(&socket, vec![b'{'; 1024 * 1024], true, PATIENCE).await;
-    assert_eq!(a.lines.first().map(|v| v["error"]["code"].clone()), Some(json!("line_too_long")));
+    assert_eq!(
+        a.lines.first().map(|v| v["error"]["code"].clone()),
+        Some(json!("line_too_long"))
+    );
     // A line that never ends, sent slowly (one byte at a time): closed at the idle timeout.
     let slow = tokio::spawn({
         let socket = socket.clone();
@@ -206,14 +242,19 @@ async fn garbage_on_the_socket_gets_clear_errors_and_memory_stays_bounded() {
     assert!(n > 0, "the slow client got an answer");
     let v: Value = serde_json::from_str(&line).expect("json");
     assert_eq!(v["error"]["code"], "timeout", "{v}");
-    assert!(took < Duration::from_secs(5), "closed at the idle timeout, not later: {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "closed at the idle timeout, not later: {took:?}"
+    );
     bad_requests += 3;
 
     assert!(served(&d).await, "served after everything");
     assert!(d.running(), "still running");
     let (rss_after, peak) = d.memory_kib();
     d.stop().await;
-    let mut row = Row::new("hostile: random bytes, invalid UTF-8, 10 MB and endless lines, deep JSON, bad commands");
+    let mut row = Row::new(
+        "hostile: random bytes, invalid UTF-8, 10 MB and endless lines, deep JSON, bad commands",
+    );
     row.runs = rounds + 31;
     row.recovered = true;
     row.note = format!(
@@ -234,10 +275,14 @@ async fn garbage_on_the_socket_gets_clear_errors_and_memory_stays_bounded() {
 async fn ten_thousand_ids_in_one_add() {
     let api = FakeApi::start().await;
     let mut d = BinDaemon::start(&config(&api)).await;
-    let ids: Vec<String> = (0..10_000).map(|i| format!("bulk{i:05}ffffffffffffffffffffff")).collect();
+    let ids: Vec<String> = (0..10_000)
+        .map(|i| format!("bulk{i:05}ffffffffffffffffffffff"))
+        .collect();
 
     // In one protocol line: far over the 64 KiB cap, refused with advice, nothing added.
-    let line = json!({"cmd": "add", "task_ids": ids}).to_string().into_bytes();
+    let line = json!({"cmd": "add", "task_ids": ids})
+        .to_string()
+        .into_bytes();
     assert!(line.len() > 64 * 1024);
     let a = send(&d.socket, line, false, PATIENCE).await;
     assert_eq!(a.lines.len(), 1);
@@ -279,7 +324,11 @@ async fn ten_thousand_ids_in_one_add() {
     let mut row = Row::new("hostile: 10 000 IDs in one add (socket: refused; CLI: batched)");
     row.tasks = 10_000;
     row.recovered = true;
-    row.note = format!("RSS {} MiB, peak {} MiB with 10 000 queued tasks", rss / 1024, peak / 1024);
+    row.note = format!(
+        "RSS {} MiB, peak {} MiB with 10 000 queued tasks",
+        rss / 1024,
+        peak / 1024
+    );
     row.report_and_check();
 }
 
@@ -311,9 +360,12 @@ async fn crowds_and_clients_that_never_speak() {
     for i in 0..200 {
         let socket = socket.clone();
         crowd.push(tokio::spawn(async move {
-            try_request_at(&socket, &json!({"cmd": "add", "task_ids": [format!("crowd{i}")]}))
-                .await
-                .is_some_and(|v| v["ok"] == true)
+            try_request_at(
+                &socket,
+                &json!({"cmd": "add", "task_ids": [format!("crowd{i}")]}),
+            )
+            .await
+            .is_some_and(|v| v["ok"] == true)
         }));
     }
     let mut ok = 0;
@@ -328,13 +380,18 @@ async fn crowds_and_clients_that_never_speak() {
     for s in silent {
         let mut line = String::new();
         let mut r = BufReader::new(s);
-        if tokio::time::timeout(PATIENCE, r.read_line(&mut line)).await.is_ok()
+        if tokio::time::timeout(PATIENCE, r.read_line(&mut line))
+            .await
+            .is_ok()
             && line.contains("\"timeout\"")
         {
             timed_out += 1;
         }
     }
-    assert_eq!(timed_out, 300, "every silent client is closed at the idle timeout");
+    assert_eq!(
+        timed_out, 300,
+        "every silent client is closed at the idle timeout"
+    );
 
     // More silent clients than connection slots (512): the extra ones get a clear `busy`
     // at once, and once the silent ones time out everyone is served again.
@@ -374,10 +431,16 @@ async fn crowds_and_clients_that_never_speak() {
     assert!(d.running());
     let (rss, peak) = d.memory_kib();
     d.stop().await;
-    let mut row = Row::new("hostile: 200 clients at once beside 300 silent ones; more silent clients than slots");
+    let mut row = Row::new(
+        "hostile: 200 clients at once beside 300 silent ones; more silent clients than slots",
+    );
     row.runs = 200 + 300 + limit;
     row.tasks = 200;
     row.recovered = true;
-    row.note = format!("{busy_note}; RSS {} MiB, peak {} MiB", rss / 1024, peak / 1024);
+    row.note = format!(
+        "{busy_note}; RSS {} MiB, peak {} MiB",
+        rss / 1024,
+        peak / 1024
+    );
     row.report_and_check();
 }

@@ -113,8 +113,10 @@ fn record_data() -> impl Strategy<Value = Value> {
 fn envelope() -> impl Strategy<Value = Value> {
     (
         prop_oneof![
-            prop::sample::select(vec![200i64, 400, 401, 404, 405, 408, 422, 429, 430, 455, 500])
-                .prop_map(Value::from),
+            prop::sample::select(vec![
+                200i64, 400, 401, 404, 405, 408, 422, 429, 430, 455, 500
+            ])
+            .prop_map(Value::from),
             json_value()
         ],
         json_value(),

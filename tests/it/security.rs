@@ -30,7 +30,8 @@ impl wiremock::Respond for EchoAuthorization {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("none");
-        wiremock::ResponseTemplate::new(500).set_body_string(format!("rejected: authorization={auth}"))
+        wiremock::ResponseTemplate::new(500)
+            .set_body_string(format!("rejected: authorization={auth}"))
     }
 }
 
@@ -85,8 +86,12 @@ async fn secrets_echoed_by_the_api_and_a_handler_never_reach_any_output() {
         .request(json!({"cmd": "add", "task_ids": ids, "callback_url": handler.url()}))
         .await;
     assert_eq!(v["ok"], true, "{v}");
-    d.wait_finished(&["echo-ok".into(), "echo-rejected".into(), "echo-failed".into()])
-        .await;
+    d.wait_finished(&[
+        "echo-ok".into(),
+        "echo-rejected".into(),
+        "echo-failed".into(),
+    ])
+    .await;
     // A key rejected outright, with the key echoed back.
     api.set_override(Some(Reply::raw(
         401,
@@ -130,15 +135,14 @@ async fn secrets_echoed_by_the_api_and_a_handler_never_reach_any_output() {
     }
     let echoed = echo.received_requests().await.unwrap_or_default();
     assert!(
-        echoed
-            .iter()
-            .any(|r| r.headers.get("authorization").is_some_and(|v| v
-                .to_str()
-                .unwrap_or("")
-                .contains(HEADER_TOKEN))),
+        echoed.iter().any(|r| r
+            .headers
+            .get("authorization")
+            .is_some_and(|v| v.to_str().unwrap_or("").contains(HEADER_TOKEN))),
         "the echoing handler was called with its token"
     );
-    let mut row = Row::new("security: API key and forward secrets echoed back by the API and a handler");
+    let mut row =
+        Row::new("security: API key and forward secrets echoed back by the API and a handler");
     row.runs = 1;
     row.recovered = true;
     row.note = format!(
@@ -163,7 +167,8 @@ async fn status_as(socket: &std::path::Path, uid: u32, gid: u32, binary: &std::p
 async fn the_socket_is_not_reachable_by_other_users_unless_configured() {
     if sunopoll::config::current_uid() != 0 {
         println!("SKIPPED socket access by other users: not running as root, cannot switch user");
-        let mut row = Row::new("security: socket access by other users (not tested here: not root)");
+        let mut row =
+            Row::new("security: socket access by other users (not tested here: not root)");
         row.runs = 0;
         row.recovered = true;
         row.report_and_check();
@@ -201,8 +206,11 @@ async fn the_socket_is_not_reachable_by_other_users_unless_configured() {
         std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
         std::fs::create_dir_all(d.dir.path().join("run")).expect("mkdir");
-        std::fs::set_permissions(d.dir.path().join("run"), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        std::fs::set_permissions(
+            d.dir.path().join("run"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
         d.restart().await;
         let meta = std::fs::metadata(&d.socket).expect("socket");
         assert_eq!(
@@ -212,14 +220,24 @@ async fn the_socket_is_not_reachable_by_other_users_unless_configured() {
         );
         let code = status_as(&d.socket, who, gid, &binary).await;
         if reachable {
-            assert_eq!(code, 0, "uid {who} should reach a {mode} socket (group {group:?})");
+            assert_eq!(
+                code, 0,
+                "uid {who} should reach a {mode} socket (group {group:?})"
+            );
         } else {
-            assert_eq!(code, 3, "uid {who} must not reach a {mode} socket (group {group:?})");
+            assert_eq!(
+                code, 3,
+                "uid {who} must not reach a {mode} socket (group {group:?})"
+            );
         }
         results.push(format!(
             "{mode}{}: uid {who} {}",
             group.map_or(String::new(), |g| format!("+group {g}")),
-            if reachable { "served" } else { "refused (exit 3)" }
+            if reachable {
+                "served"
+            } else {
+                "refused (exit 3)"
+            }
         ));
         d.stop().await;
     }
@@ -303,8 +321,12 @@ async fn control_characters_are_refused_and_nothing_forges_a_log_line() {
         .request(json!({"cmd": "add", "task_ids": ["weird-status", "weird-reject", "weird-body"]}))
         .await;
     assert_eq!(v["ok"], true, "{v}");
-    d.wait_finished(&["weird-status".into(), "weird-reject".into(), "weird-body".into()])
-        .await;
+    d.wait_finished(&[
+        "weird-status".into(),
+        "weird-reject".into(),
+        "weird-body".into(),
+    ])
+    .await;
     assert!(d.settle(&["weird-status".into()]).await);
     let human = d.cli(&["show", "weird-reject"]).await;
     let log = d.stop().await;
@@ -323,10 +345,15 @@ async fn control_characters_are_refused_and_nothing_forges_a_log_line() {
         log_lines(&log).len() == log.lines().count(),
         "every log line is a real log line"
     );
-    let mut row = Row::new("security: control characters in IDs, labels, URLs; forged lines from API and handler");
+    let mut row = Row::new(
+        "security: control characters in IDs, labels, URLs; forged lines from API and handler",
+    );
     row.runs = bad.len() + 2 + 3;
     row.recovered = true;
-    row.note = format!("{} bad requests refused, 3 hostile API answers and a handler error logged on one line each", bad.len() + 2);
+    row.note = format!(
+        "{} bad requests refused, 3 hostile API answers and a handler error logged on one line each",
+        bad.len() + 2
+    );
     row.report_and_check();
 }
 
@@ -371,23 +398,33 @@ async fn use_task_callback_url_refuses_hosts_outside_allow_hosts() {
     let mut routed = Vec::new();
     for id in &ids {
         let v = d.request(json!({"cmd": "show", "task_id": id})).await;
-        routed.push(
-            v["events"][0]["deliveries"]
-                .as_array()
-                .map_or(0, Vec::len),
-        );
+        routed.push(v["events"][0]["deliveries"].as_array().map_or(0, Vec::len));
     }
     let log = d.stop().await;
     for (i, url) in outside.iter().enumerate() {
-        assert_eq!(routed[i], 0, "{url} is outside allow-hosts but got a delivery");
+        assert_eq!(
+            routed[i], 0,
+            "{url} is outside allow-hosts but got a delivery"
+        );
     }
     for (i, url) in inside.iter().enumerate() {
-        assert_eq!(routed[outside.len() + i], 1, "{url} is allowed but got no delivery");
+        assert_eq!(
+            routed[outside.len() + i],
+            1,
+            "{url} is allowed but got no delivery"
+        );
     }
     let refused = warnings_naming(&log, "allow-hosts").len();
-    assert!(refused >= outside.len() - 3, "each refusal is logged at warn ({refused})");
+    assert!(
+        refused >= outside.len() - 3,
+        "each refusal is logged at warn ({refused})"
+    );
     let received = handler.received();
-    assert_eq!(received.len(), inside.len() * 3, "only allowed URLs were called");
+    assert_eq!(
+        received.len(),
+        inside.len() * 3,
+        "only allowed URLs were called"
+    );
     let mut row = Row::new("security: use-task-callback-url with hosts outside allow-hosts");
     row.runs = outside.len() + inside.len();
     row.recovered = true;
