@@ -34,6 +34,7 @@ const FAULT: Duration = Duration::from_millis(2500);
 const SLACK: Duration = Duration::from_millis(15);
 
 /// How the fault is produced.
+#[derive(Clone)]
 enum Inject {
     /// The fake API gives this answer to every request while the fault lasts.
     Override(Reply),
@@ -154,9 +155,19 @@ fn assert_per_task(arrivals: &[(Instant, String)], limit: Limit, what: &str, exe
     }
 }
 
-/// Runs one fault scenario end to end and reports its figures.
+/// Runs one fault scenario `SUNOPOLL_FAULT_RUNS` times (default once) and reports its figures.
 async fn scenario(name: &str, inject: Inject, limit: Limit, cause: &str) {
-    let ids: Vec<String> = (0..3).map(|i| format!("{name}-{i}")).collect();
+    let mut total = Row::new(&format!("API fault: {name}"));
+    total.runs = 0;
+    for run in 0..count_from_env("SUNOPOLL_FAULT_RUNS", 1) {
+        total.absorb(one_run(name, run, inject.clone(), limit, cause).await);
+    }
+    total.report_and_check();
+}
+
+/// One fault window, end to end: the checks, and the figures.
+async fn one_run(name: &str, run: usize, inject: Inject, limit: Limit, cause: &str) -> Row {
+    let ids: Vec<String> = (0..3).map(|i| format!("{name}-r{run}-{i}")).collect();
     let handler = Receiver::start().await;
     let (refused_port, bring_up) = dead_port();
     let mut api = match inject {
@@ -301,7 +312,7 @@ async fn scenario(name: &str, inject: Inject, limit: Limit, cause: &str) {
         calls_at_end.max(times.len()),
         named[0].rest.trim().chars().take(140).collect::<String>()
     );
-    row.report_and_check();
+    row
 }
 
 fn envelope(status: &str) -> Reply {

@@ -93,10 +93,21 @@ fn assert_within_schedule(id: &str, times: &[Instant], schedule: &[u64], attempt
     }
 }
 
+/// Runs one handler fault `SUNOPOLL_FAULT_RUNS` times (default once) and reports its figures.
 async fn scenario(fault: Fault, fault_for: Duration) {
+    let mut total = Row::new("");
+    total.runs = 0;
+    for run in 0..count_from_env("SUNOPOLL_FAULT_RUNS", 1) {
+        total.absorb(one_run(fault, fault_for, run).await);
+    }
+    total.report_and_check();
+}
+
+/// One fault window, end to end: the checks, and the figures.
+async fn one_run(fault: Fault, fault_for: Duration, run: usize) -> Row {
     let name = format!("{fault:?}").to_lowercase();
     let api = FakeApi::start().await;
-    let ids: Vec<String> = (0..4).map(|i| format!("h-{name}-{i}")).collect();
+    let ids: Vec<String> = (0..4).map(|i| format!("h-{name}-r{run}-{i}")).collect();
     let mut expected = BTreeMap::new();
     for (i, id) in ids.iter().enumerate() {
         expected.insert(id.clone(), script(&api, id, i == 3));
@@ -241,7 +252,7 @@ async fn scenario(fault: Fault, fault_for: Duration) {
             String::new()
         }
     );
-    row.report_and_check();
+    row
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,23 @@ impl Row {
         }
     }
 
+    /// Adds another run of the same scenario to this row (counts add up; recovered only if
+    /// every run recovered; the first run's note is kept).
+    pub fn absorb(&mut self, other: Row) {
+        if self.runs == 0 || self.scenario.is_empty() {
+            *self = other;
+            return;
+        }
+        self.runs += other.runs;
+        self.tasks += other.tasks;
+        self.events += other.events;
+        self.lost += other.lost;
+        self.dup_store += other.dup_store;
+        self.dup_receiver += other.dup_receiver;
+        self.retries += other.retries;
+        self.recovered &= other.recovered;
+    }
+
     /// Prints the row (and appends it to `$SUNOPOLL_FIGURES`), then checks the promise: nothing
     /// lost, nothing stored twice, recovered.
     pub fn report_and_check(&self) {
