@@ -85,6 +85,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice() {
     let mut d = BinDaemon::prepare(&config);
 
     let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut failing: BTreeSet<String> = BTreeSet::new();
     let mut unacknowledged: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let (mut near_poll, mut near_delivery, mut mid_add) = (0, 0, 0);
     let started = Instant::now();
@@ -100,6 +101,9 @@ async fn sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice() {
                 6 | 7 => Kind::Fails,
                 _ => Kind::Jumps,
             };
+            if let Kind::Fails = kind {
+                failing.insert(id.clone());
+            }
             stages.push(script(&api, &mut rng, id, kind));
         }
         let kill_after = Duration::from_millis(rng.u64(0..=300));
@@ -183,6 +187,19 @@ async fn sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice() {
         .collect::<Result<_, _>>()
         .expect("rows");
 
+    // A failing task's TEXT_SUCCESS answer can be lost with a kill (fetched, not committed);
+    // the API has moved on, the next poll sees the failure, and only `error` is emitted: stages
+    // are filled in on the way to `complete`, never before an `error` (design.md, invariant 3).
+    // Such a task is expected to have exactly `error`, stored and delivered.
+    let mut text_missed = 0;
+    for (id, stages) in expected.iter_mut().chain(unacknowledged.iter_mut()) {
+        let has_text = stored.iter().any(|e| &e.task == id && e.stage == "text");
+        if failing.contains(id) && !has_text {
+            *stages = vec!["error".to_owned()];
+            text_missed += 1;
+        }
+    }
+
     // Adds that were cut off by a kill may or may not have been committed; those that were
     // must finish like any other task.
     let committed_unacked: BTreeMap<String, Vec<String>> = unacknowledged
@@ -210,7 +227,8 @@ async fn sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice() {
     row.note = format!(
         "seed {seed}; kills with an API request in the last 25 ms: {near_poll}, with a delivery \
          in the last 25 ms: {near_delivery}, during an add: {mid_add}; committed-but-unacknowledged \
-         tasks: {}; API requests {}; deliveries received {}; {:.0} s",
+         tasks: {}; failing tasks whose TEXT answer died with a kill (so `error` only): \
+         {text_missed}; API requests {}; deliveries received {}; {:.0} s",
         committed_unacked.len(),
         api.total_calls(),
         received.len(),

@@ -32,6 +32,8 @@ pub struct Row {
     pub recovered: bool,
     /// Anything else worth a figure (requests, pauses, memory…).
     pub note: String,
+    /// What was lost, for the failure message: `task/stage (not stored | not delivered)`.
+    pub missing: Vec<String>,
 }
 
 impl Row {
@@ -59,6 +61,7 @@ impl Row {
         self.dup_receiver += other.dup_receiver;
         self.retries += other.retries;
         self.recovered &= other.recovered;
+        self.missing.extend(other.missing);
     }
 
     /// Prints the row (and appends it to `$SUNOPOLL_FIGURES`), then checks the promise: nothing
@@ -90,7 +93,7 @@ impl Row {
         {
             let _ = writeln!(f, "{line}");
         }
-        assert_eq!(self.lost, 0, "{line}");
+        assert_eq!(self.lost, 0, "{line}\nlost: {:?}", self.missing);
         assert_eq!(self.dup_store, 0, "{line}");
         assert!(self.recovered, "{line}");
     }
@@ -173,6 +176,14 @@ pub fn tally(
             let delivered = received.is_none() || accepted.contains(&(task.clone(), stage.clone()));
             if !stored_once || !delivered {
                 lost += 1;
+                row.missing.push(format!(
+                    "{task}/{stage} ({})",
+                    if stored_once {
+                        "not delivered"
+                    } else {
+                        "not stored"
+                    }
+                ));
             }
         }
         if received.is_some() {
