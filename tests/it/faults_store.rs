@@ -11,6 +11,7 @@
 //! Read-only and full file systems need a small tmpfs, so those tests run only as root where
 //! `mount` works; elsewhere they print why they were skipped.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -163,33 +164,52 @@ async fn a_store_directory_that_cannot_be_written() {
     );
     assert!(!d.socket.exists(), "no socket is left behind");
 
-    // As root, permissions do not bite: make an existing store's file system read-only.
+    // An existing store whose directory cannot be written. For an ordinary user, chmod does
+    // that; root ignores permissions, so as root the store moves to a tmpfs remounted
+    // read-only (and where no tmpfs can be mounted, that case is skipped).
     let mut d = daemon_with_data(&api).await;
-    let fs = match Tmpfs::mount(&d.dir.path().join("ro"), "4m") {
-        Ok(fs) => fs,
-        Err(why) => return skipped("store directory read-only", &why),
-    };
-    for name in ["sunopoll.db", "sunopoll.db.lock"] {
-        let from = d.store.with_file_name(name);
-        if from.exists() {
-            std::fs::copy(&from, fs.0.join(name)).expect("copy");
+    let (dir, how, _fs) = if sunopoll::config::current_uid() != 0 {
+        let dir = d.store.parent().expect("dir").to_owned();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o500)).expect("chmod");
+        (dir, "Permission denied", None)
+    } else {
+        let fs = match Tmpfs::mount(&d.dir.path().join("ro"), "4m") {
+            Ok(fs) => fs,
+            Err(why) => return skipped("store directory read-only", &why),
+        };
+        for name in ["sunopoll.db", "sunopoll.db.lock"] {
+            let from = d.store.with_file_name(name);
+            if from.exists() {
+                std::fs::copy(&from, fs.0.join(name)).expect("copy");
+            }
         }
-    }
-    let toml = std::fs::read_to_string(&d.config)
-        .expect("config")
-        .replace("path = \"state/sunopoll.db\"", "path = \"ro/sunopoll.db\"");
-    std::fs::write(&d.config, toml).expect("config");
-    fs.remount_read_only();
-    let before = snapshot(&fs.0);
+        let toml = std::fs::read_to_string(&d.config)
+            .expect("config")
+            .replace("path = \"state/sunopoll.db\"", "path = \"ro/sunopoll.db\"");
+        std::fs::write(&d.config, toml).expect("config");
+        fs.remount_read_only();
+        (fs.0.clone(), "Read-only file system", Some(fs))
+    };
+    let before = snapshot(&dir);
     let (code, log) = failed_start(&mut d).await;
     assert_eq!(code, Some(1), "{log}");
-    let last = log.lines().last().unwrap_or("");
+    let last = log.lines().last().unwrap_or("").to_owned();
     assert!(
-        last.contains("ro/sunopoll.db") && last.contains("Read-only file system"),
+        last.contains("sunopoll.db") && (last.contains(how) || last.contains("readonly")),
         "names the store and the problem: {last}"
     );
-    assert_eq!(snapshot(&fs.0), before, "the store was left untouched");
-    let mut row = Row::new("store: directory not writable (under a file; read-only fs)");
+    assert_eq!(snapshot(&dir), before, "the store was left untouched");
+    if sunopoll::config::current_uid() != 0 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+    let mut row = Row::new(&format!(
+        "store: directory not writable (under a file; {})",
+        if how == "Permission denied" {
+            "chmod 0500"
+        } else {
+            "read-only fs"
+        }
+    ));
     row.runs = 2;
     row.recovered = true;
     row.note = format!(
