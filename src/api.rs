@@ -455,6 +455,35 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// Shortest secret [`redact`] removes: anything shorter would match ordinary words.
+pub const MIN_REDACTED: usize = 8;
+
+/// What a redacted secret is replaced with.
+pub const REDACTED: &str = "[redacted]";
+
+/// `bytes` with every occurrence of `secret` replaced by [`REDACTED`]. A server, proxy or
+/// handler that echoes a request's credentials in its answer ("invalid token Bearer sk-…")
+/// must not get them into the log, `status`, or stored events. Secrets shorter than
+/// [`MIN_REDACTED`] are left alone.
+pub fn redact<'a>(bytes: &'a [u8], secret: &str) -> std::borrow::Cow<'a, [u8]> {
+    let s = secret.as_bytes();
+    if s.len() < MIN_REDACTED || !bytes.windows(s.len()).any(|w| w == s) {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if rest.starts_with(s) {
+            out.extend_from_slice(REDACTED.as_bytes());
+            rest = &rest[s.len()..];
+        } else {
+            out.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// The API key. Its `Debug` and `Display` never show it.
 #[derive(Clone)]
 pub struct ApiKey(String);
@@ -534,7 +563,9 @@ impl ApiClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
         match read_capped(response, MAX_BODY_BYTES).await {
-            Ok(body) => classify(status, retry_after, &body),
+            // Redacted before anything reads it, so no cause, message or event can carry the
+            // key even if the API echoes it back.
+            Ok(body) => classify(status, retry_after, &redact(&body, self.key.expose())),
             Err(BodyError::TooLarge) => Outcome::Broken {
                 cause: format!("HTTP {status} with a body over {MAX_BODY_BYTES} bytes"),
             },
@@ -857,6 +888,21 @@ mod tests {
     fn clip_removes_control_characters() {
         assert_eq!(clip("a\nb\rc", 10), "a b c");
         assert_eq!(clip("abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn echoed_secrets_are_redacted() {
+        let key = "sk-secret-1234";
+        assert_eq!(
+            redact(b"bad key sk-secret-1234, sk-secret-1234!", key).as_ref(),
+            b"bad key [redacted], [redacted]!"
+        );
+        assert!(matches!(
+            redact(b"nothing here", key),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(redact(b"a short one", "short").as_ref(), b"a short one");
+        assert_eq!(redact(b"sk-secret-12", key).as_ref(), b"sk-secret-12");
     }
 
     #[test]

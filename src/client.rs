@@ -109,11 +109,19 @@ impl Connection {
 
     /// Sends one request line.
     pub fn send(&mut self, request: &Request) -> Result<(), ClientError> {
-        self.writer
-            .write_all(request.to_line().as_bytes())
-            .map_err(|e| {
-                ClientError::Protocol(format!("cannot send to {}: {e}", self.path.display()))
-            })
+        let Err(e) = self.writer.write_all(request.to_line().as_bytes()) else {
+            return Ok(());
+        };
+        // A daemon that turns the connection away (`busy`, `shutting_down`) answers and closes
+        // at once, so the write can fail with a broken pipe while its answer waits unread.
+        // That answer says what is wrong; the broken pipe does not.
+        if let Err(refused @ ClientError::Refused(_)) = self.receive(Some(Duration::from_secs(1))) {
+            return Err(refused);
+        }
+        Err(ClientError::Protocol(format!(
+            "cannot send to {}: {e}",
+            self.path.display()
+        )))
     }
 
     /// Reads one response line; `None` at end of stream. `timeout` bounds the wait.
@@ -441,18 +449,22 @@ fn print_status(v: &Value) {
         field(poll, "last_answer_at")
     );
     let t = &v["tasks"];
-    out!(
-        "tasks:        {} active, {} done, {} failed, {} removed",
-        t["active"],
-        t["done"],
-        t["failed"],
-        t["removed"]
-    );
-    out!(
-        "events:       {} stored, last #{}",
-        t["events"],
-        t["last_seq"]
-    );
+    if t.is_null() {
+        out!("tasks:        unknown (the store is not answering)");
+    } else {
+        out!(
+            "tasks:        {} active, {} done, {} failed, {} removed",
+            t["active"],
+            t["done"],
+            t["failed"],
+            t["removed"]
+        );
+        out!(
+            "events:       {} stored, last #{}",
+            t["events"],
+            t["last_seq"]
+        );
+    }
     out!("started:      {}", field(v, "started_at"));
     out!("store:        {}", field(v, "store"));
     out!("socket:       {}", field(v, "socket"));

@@ -648,12 +648,27 @@ async fn redeliver(
 }
 
 async fn status(ctx: &Control) -> Result<serde_json::Value, ErrorBody> {
-    let counts = ctx.store.counts().await.map_err(|e| store_error(&e))?;
-    let mut targets = ctx
-        .store
-        .target_summary()
-        .await
-        .map_err(|e| store_error(&e))?;
+    // A store that cannot commit (disk full, locked) must not turn `status` into an error: the
+    // report is exactly where an operator or a monitoring check should read that the store is
+    // failing. Whatever the store cannot say is left out (`tasks` is null) and listed as a
+    // problem.
+    let mut problems = Vec::new();
+    let counts = match ctx.store.counts().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            problems.push(format!("the store is not answering: {e}"));
+            None
+        }
+    };
+    let mut targets = match ctx.store.target_summary().await {
+        Ok(t) => t,
+        Err(e) => {
+            if counts.is_some() {
+                problems.push(format!("the store is not answering: {e}"));
+            }
+            Vec::new()
+        }
+    };
     for t in &ctx.router.config().targets {
         if !targets.iter().any(|s| s.target == t.name) {
             targets.push(crate::protocol::TargetStatus {
@@ -668,7 +683,6 @@ async fn status(ctx: &Control) -> Result<serde_json::Value, ErrorBody> {
         }
     }
     let poll = ctx.status.lock().map(|s| s.clone()).unwrap_or_default();
-    let mut problems = Vec::new();
     if poll.pause_kind == Some(PauseKind::Unauthorized) {
         problems.push(format!(
             "the API rejected the API key ({})",
@@ -682,7 +696,9 @@ async fn status(ctx: &Control) -> Result<serde_json::Value, ErrorBody> {
             poll.pause_cause.as_deref().unwrap_or("")
         ));
     }
-    if let Some((at, e)) = ctx.store.health().last_error() {
+    if let Some((at, e)) = ctx.store.health().last_error()
+        && counts.is_some()
+    {
         problems.push(format!("store error at {}: {e}", format_utc(at)));
     }
     Ok(json!({

@@ -396,6 +396,22 @@ async fn attempt(store: &Store, router: &Router, http: &reqwest::Client, row: Du
             retry_after: None,
         },
     };
+    // A handler may echo the credentials it was sent (an `Authorization` header) in its error
+    // page; its answer goes to the log and the attempt history, so they are cut out first.
+    let result = match result {
+        AttemptResult::Failed {
+            status,
+            cause,
+            retry_after,
+        } => AttemptResult::Failed {
+            status,
+            cause: headers.iter().fold(cause, |c, (_, v)| {
+                String::from_utf8_lossy(&crate::api::redact(c.as_bytes(), v)).into_owned()
+            }),
+            retry_after,
+        },
+        other => other,
+    };
     let took = started.elapsed();
     let attempt_no = row.attempts + 1;
     let next = after_attempt(
@@ -419,10 +435,18 @@ async fn attempt(store: &Store, router: &Router, http: &reqwest::Client, row: Du
         status,
         error: error_text.clone(),
     };
-    if let Err(e) = store.record_attempt(row.id, record, next.clone()).await {
-        error!(task_id = %row.task_id, stage = %row.stage, target = %row.target, error = %e,
-               "cannot record a delivery attempt; it will be made again");
-        return;
+    match store.record_attempt(&row, record, next.clone()).await {
+        Ok(true) => {}
+        Ok(false) => {
+            info!(task_id = %row.task_id, stage = %row.stage, target = %row.target, seq = row.event_seq,
+                  "a redelivery was requested while this attempt was in flight; sending it again");
+            return;
+        }
+        Err(e) => {
+            error!(task_id = %row.task_id, stage = %row.stage, target = %row.target, error = %e,
+                   "cannot record a delivery attempt; it will be made again");
+            return;
+        }
     }
     let latency_ms = took.as_millis();
     match next {

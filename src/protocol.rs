@@ -325,6 +325,13 @@ pub fn check_callback_url(url: &str) -> Result<(), ErrorBody> {
             "the callback URL is longer than {MAX_URL} characters"
         )));
     }
+    // URL parsing silently drops tabs and newlines, but the URL is stored and shown as given:
+    // a line break in it would forge lines in `list` and `show`.
+    if url.chars().any(char::is_control) {
+        return Err(bad(
+            "the callback URL contains control characters (newlines, tabs, escapes)".to_owned(),
+        ));
+    }
     match url::Url::parse(url) {
         Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => Ok(()),
         Ok(u) => Err(bad(format!(
@@ -472,7 +479,8 @@ pub struct AttemptView {
     pub status: Option<u16>,
     /// What went wrong.
     pub error: Option<String>,
-    /// `delivered`, `retry` or `failed`.
+    /// `delivered`, `retry`, `failed`, or `superseded` (a replay was requested while it was in
+    /// flight, so its result did not count and the delivery was made again).
     pub outcome: String,
 }
 
@@ -603,5 +611,8 @@ mod tests {
         assert!(check_callback_url("http://127.0.0.1:3000/suno").is_ok());
         assert!(check_callback_url("ftp://x/y").is_err());
         assert!(check_callback_url("not a url").is_err());
+        // The URL parser would drop these silently; the stored URL would still carry them.
+        assert!(check_callback_url("http://127.0.0.1:3000/a\nFORGED").is_err());
+        assert!(check_callback_url("http://127.0.0.1:3000/a\tb").is_err());
     }
 }

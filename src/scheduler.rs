@@ -101,6 +101,7 @@ pub fn decide(
         routes: Vec::new(),
         submitted_callback_url: None,
         first_delivery_delay: 0,
+        timed_out: false,
     };
     match outcome {
         Outcome::Progress(record) | Outcome::Pending(record) => {
@@ -140,6 +141,7 @@ pub fn decide(
     let reached = update.events.last().map(|e| e.stage).or(task.stage);
     if !reached.is_some_and(Stage::is_terminal) && past_deadline {
         update.events.push(deadline_event());
+        update.timed_out = true;
     }
     update.state = match update.events.last().map(|e| e.stage) {
         Some(Stage::Complete) => TaskState::Done,
@@ -320,6 +322,16 @@ pub struct PollStatus {
 /// Shared, cheaply readable poll status.
 pub type SharedStatus = Arc<Mutex<PollStatus>>;
 
+/// Polling held back because poll results cannot be stored (disk full, store locked). Kept in
+/// memory only: there is nowhere to persist it, and a restart simply tries again.
+#[derive(Debug, Default)]
+struct StoreBackoff {
+    /// Store failures in a row.
+    failures: u32,
+    /// No new polls before this.
+    until: Option<Instant>,
+}
+
 /// What a finished poll tells the loop.
 struct Finished {
     id: String,
@@ -399,6 +411,7 @@ impl Scheduler {
         let (done_tx, mut done_rx) = mpsc::channel::<Finished>(capacity * 2 + 1);
         let mut in_flight: HashSet<String> = HashSet::new();
         let mut probe_in_flight = false;
+        let mut store_backoff = StoreBackoff::default();
         let mut epoch: u64 = 0;
         let mut limiter = self.policy.max_requests_per_second.map(RateLimiter::new);
         let mut next_ping = Instant::now();
@@ -413,6 +426,7 @@ impl Scheduler {
                     &mut epoch,
                     &mut in_flight,
                     &mut probe_in_flight,
+                    &mut store_backoff,
                 )
                 .await;
                 report.counts_changed = true;
@@ -451,6 +465,15 @@ impl Scheduler {
                 Gate::Paused { .. } => {
                     (usize::from(!probe_in_flight && in_flight.is_empty()), true)
                 }
+            };
+            // While results cannot be stored, polling waits: every answer would be thrown away
+            // and the task, still due, asked for again at once.
+            let slots = match store_backoff.until {
+                Some(until) if Instant::now() < until => {
+                    wake_at = earliest(wake_at, until);
+                    0
+                }
+                _ => slots,
             };
             if slots > 0 {
                 match self.store.due_window(slots + in_flight.len() + 1).await {
@@ -503,7 +526,7 @@ impl Scheduler {
                 () = cancel.cancelled() => {}
                 () = self.wake.notified() => report.counts_changed = true,
                 Some(f) = done_rx.recv() => {
-                    self.finish(f, &mut gate, &mut epoch, &mut in_flight, &mut probe_in_flight).await;
+                    self.finish(f, &mut gate, &mut epoch, &mut in_flight, &mut probe_in_flight, &mut store_backoff).await;
                     report.counts_changed = true;
                 }
                 () = sleep => {}
@@ -593,6 +616,7 @@ impl Scheduler {
         epoch: &mut u64,
         in_flight: &mut HashSet<String>,
         probe_in_flight: &mut bool,
+        store_backoff: &mut StoreBackoff,
     ) {
         in_flight.remove(&f.id);
         if f.probe {
@@ -651,6 +675,13 @@ impl Scheduler {
             }
             OutcomeSummary::Answered(kind) => {
                 self.record_answer(kind, now);
+                if store_backoff.failures > 0 {
+                    info!(
+                        failures = store_backoff.failures,
+                        "poll results are stored again; polling resumes"
+                    );
+                    *store_backoff = StoreBackoff::default();
+                }
                 if f.probe
                     && let Gate::Paused { since, attempt, .. } = gate
                 {
@@ -666,7 +697,21 @@ impl Scheduler {
                     }
                 }
             }
-            OutcomeSummary::StoreFailed => {}
+            OutcomeSummary::StoreFailed => {
+                store_backoff.failures = store_backoff.failures.saturating_add(1);
+                let delay = backoff_delay(
+                    store_backoff.failures,
+                    self.policy.interval,
+                    self.policy.backoff_max,
+                    fastrand::f64(),
+                );
+                store_backoff.until = Some(Instant::now() + delay);
+                warn!(
+                    failures = store_backoff.failures,
+                    retry_in = %format_duration(delay),
+                    "poll results cannot be stored; pausing all polling until the store works again"
+                );
+            }
         }
     }
 
@@ -859,10 +904,14 @@ fn log_poll(id: &str, outcome: &Outcome, before: &TaskRow, update: &TaskUpdate, 
     match outcome {
         Outcome::Pending(record) | Outcome::Progress(record) => {
             let status = record.status.as_str();
-            if matches!(record.status, crate::api::TaskStatus::Other(_))
-                && before.last_status.as_deref() != Some(status)
-            {
+            let changed = before.last_status.as_deref() != Some(status);
+            if matches!(record.status, crate::api::TaskStatus::Other(_)) && changed {
                 warn!(task_id = %id, status = %clip(status, 64), "the API reports a status sunopoll does not know; treating it as still running");
+            } else if changed && went_backwards(&record.status, before.stage) {
+                // Invariant 4 keeps the task where it is; the operator should still hear that
+                // the API contradicted itself (once per change, not on every poll).
+                warn!(task_id = %id, status, stage = before.stage.map_or("none", Stage::as_str),
+                      "the API reports a status behind the stage already emitted (status went backwards); ignoring it");
             } else {
                 debug!(task_id = %id, status, "polled");
             }
@@ -882,6 +931,30 @@ fn log_poll(id: &str, outcome: &Outcome, before: &TaskRow, update: &TaskUpdate, 
         }
         _ => {}
     }
+    if update.timed_out {
+        warn!(task_id = %id, last_status = before.last_status.as_deref().unwrap_or("none"),
+              "Timed out: the task did not finish before its task-deadline; giving it up with an error event (code 408)");
+    }
+}
+
+/// True when a success status (or PENDING) says the task is behind `reached`, the last stage
+/// already emitted. Failure and unknown statuses never count as going backwards.
+fn went_backwards(status: &crate::api::TaskStatus, reached: Option<Stage>) -> bool {
+    use crate::api::TaskStatus;
+    let says = match status {
+        TaskStatus::Pending => 0,
+        TaskStatus::TextSuccess => 1,
+        TaskStatus::FirstSuccess => 2,
+        TaskStatus::Success => 3,
+        _ => return false,
+    };
+    let was = match reached {
+        None => 0,
+        Some(Stage::Text) => 1,
+        Some(Stage::First) => 2,
+        Some(Stage::Complete | Stage::Error) => 3,
+    };
+    says < was
 }
 
 /// Every event is one info line: it is the task's news, not a problem of sunopoll's (a task
@@ -1178,6 +1251,23 @@ mod tests {
             status_line(Some(0), &paused(PauseKind::Unavailable), 1_800_000_060_000),
             "0 tasks active; probing the API after a pause (the API is unavailable)"
         );
+    }
+
+    #[test]
+    fn only_success_statuses_behind_the_stored_stage_go_backwards() {
+        assert!(went_backwards(&TaskStatus::Pending, Some(Stage::Text)));
+        assert!(went_backwards(&TaskStatus::TextSuccess, Some(Stage::First)));
+        assert!(!went_backwards(&TaskStatus::TextSuccess, Some(Stage::Text)));
+        assert!(!went_backwards(&TaskStatus::Pending, None));
+        assert!(!went_backwards(&TaskStatus::Success, Some(Stage::First)));
+        assert!(!went_backwards(
+            &TaskStatus::GenerateAudioFailed,
+            Some(Stage::First)
+        ));
+        assert!(!went_backwards(
+            &TaskStatus::Other("NEW".into()),
+            Some(Stage::First)
+        ));
     }
 
     #[test]

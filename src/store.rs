@@ -111,6 +111,11 @@ CREATE TABLE attempts (
 );
 CREATE INDEX attempts_delivery ON attempts (delivery_id);
 ",
+    // How many times a delivery was replayed: an attempt that was in flight when a replay was
+    // requested must not record its result over the replay (see `record_attempt`).
+    r"
+ALTER TABLE deliveries ADD COLUMN replays INTEGER NOT NULL DEFAULT 0;
+",
 ];
 
 /// A store failure. Cloneable because one failed commit answers every job in its batch.
@@ -250,6 +255,8 @@ pub struct TaskUpdate {
     /// Milliseconds from storing an event to its first delivery attempt (the retry schedule's
     /// first entry).
     pub first_delivery_delay: i64,
+    /// True when the task ends because it passed its deadline (for the log).
+    pub timed_out: bool,
 }
 
 /// A place events are delivered to, decided when the events are stored.
@@ -743,6 +750,8 @@ pub struct DueDelivery {
     pub webhook_id: String,
     /// Attempts made so far.
     pub attempts: u32,
+    /// Replays requested so far; an attempt records its result only if this has not changed.
+    pub replays: i64,
     /// When it is due (Unix ms).
     pub next_attempt_at: i64,
     /// The exact callback body.
@@ -804,7 +813,7 @@ impl Store {
             let full = serde_json::to_string(&full).unwrap_or_else(|_| "[]".to_owned());
             let mut stmt = conn.prepare_cached(
                 "SELECT d.id, d.event_seq, d.task_id, e.stage, d.target, d.url, d.origin, d.webhook_id,
-                        d.attempts, d.next_attempt_at, e.body
+                        d.attempts, d.next_attempt_at, e.body, d.replays
                  FROM deliveries d JOIN events e ON e.seq = d.event_seq
                  WHERE d.state = 'pending'
                    AND d.id NOT IN (SELECT value FROM json_each(?1))
@@ -829,6 +838,7 @@ impl Store {
                         attempts: r.get(8)?,
                         next_attempt_at: r.get(9)?,
                         body: r.get(10)?,
+                        replays: r.get(11)?,
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -837,13 +847,17 @@ impl Store {
         .await
     }
 
-    /// Records one attempt and its consequence.
+    /// Records one attempt at `delivery` and its consequence. Returns `false` when a replay was
+    /// requested while the attempt was in flight: the attempt is kept in the history, but the
+    /// delivery stays pending for the replay instead of taking this attempt's result (a replay
+    /// the operator was told about must happen).
     pub async fn record_attempt(
         &self,
-        id: i64,
+        delivery: &DueDelivery,
         attempt: AttemptRecord,
         next: DeliveryNext,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        let (id, replays, number) = (delivery.id, delivery.replays, delivery.attempts + 1);
         self.call(move |conn| {
             let now = attempt.started_at.saturating_add(attempt.duration_ms);
             let (state, next_at, delivered_at, outcome) = match next {
@@ -851,23 +865,28 @@ impl Store {
                 DeliveryNext::Retry(at) => ("pending", at, None, "retry"),
                 DeliveryNext::Failed => ("failed", now, None, "failed"),
             };
-            let n: i64 = conn
+            let n: Option<i64> = conn
                 .prepare_cached(
                     "UPDATE deliveries SET state = ?2, attempts = attempts + 1, next_attempt_at = ?3,
                             last_attempt_at = ?4, last_status = ?5, last_error = ?6,
                             delivered_at = COALESCE(?7, delivered_at), updated_at = ?8
-                     WHERE id = ?1 RETURNING attempts",
+                     WHERE id = ?1 AND replays = ?9 RETURNING attempts",
                 )?
                 .query_row(
-                    params![id, state, next_at, attempt.started_at, attempt.status, attempt.error, delivered_at, now],
+                    params![id, state, next_at, attempt.started_at, attempt.status, attempt.error, delivered_at, now, replays],
                     |r| r.get(0),
-                )?;
+                )
+                .optional()?;
+            let (n, outcome) = match n {
+                Some(n) => (n, outcome),
+                None => (i64::from(number), "superseded"),
+            };
             conn.prepare_cached(
                 "INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status, error, outcome)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![id, n, attempt.started_at, attempt.duration_ms, attempt.status, attempt.error, outcome])?;
-            Ok(())
+            Ok(outcome != "superseded")
         })
         .await
     }
@@ -912,7 +931,8 @@ impl Store {
             };
             let mut count = 0;
             let mut reset = conn.prepare_cached(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?2, updated_at = ?2
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?2, updated_at = ?2,
+                        replays = replays + 1
                  WHERE id = ?1",
             )?;
             let ids: Vec<i64> = match &what {
@@ -1369,6 +1389,7 @@ mod tests {
             routes: Vec::new(),
             submitted_callback_url: None,
             first_delivery_delay: 0,
+            timed_out: false,
         }
     }
 
@@ -1565,6 +1586,61 @@ mod tests {
         let (dir, _s) = open();
         let e = Store::open(&dir.path().join("q.db")).expect_err("locked");
         assert!(e.to_string().contains("in use by another sunopoll"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt() {
+        let (_d, s) = open();
+        s.add(vec!["t".into()], None, None, 1000, 10_000)
+            .await
+            .expect("add");
+        s.apply_poll("t".into(), 1000, |_| {
+            let mut u = update(TaskState::Done, vec![error_event("t", 500, "x")]);
+            u.routes = vec![Route {
+                target: "app".into(),
+                url: "http://127.0.0.1:9/cb".into(),
+                stages: Stage::ALL.to_vec(),
+            }];
+            u
+        })
+        .await
+        .expect("apply");
+        // The forwarder takes the delivery and starts an attempt...
+        let due = s
+            .due_deliveries(Vec::new(), Vec::new(), 10)
+            .await
+            .expect("due");
+        assert_eq!(due.len(), 1);
+        // ...the operator asks for a replay while it is in flight...
+        let n = s
+            .redeliver(Replay::Task("t".into()), None, Vec::new(), 2000)
+            .await
+            .expect("redeliver");
+        assert_eq!(n, 1);
+        // ...and the attempt then ends. The replay must still happen.
+        let attempt = AttemptRecord {
+            started_at: 1500,
+            duration_ms: 600,
+            status: Some(200),
+            error: None,
+        };
+        let applied = s
+            .record_attempt(&due[0], attempt, DeliveryNext::Delivered)
+            .await
+            .expect("record");
+        assert!(!applied, "the attempt is reported as superseded");
+        let due = s
+            .due_deliveries(Vec::new(), Vec::new(), 10)
+            .await
+            .expect("due");
+        assert_eq!(due.len(), 1, "the requested replay was lost");
+        let log = s.deliveries_of("t".into()).await.expect("deliveries");
+        assert_eq!(log[0].1.state, "pending");
+        assert_eq!(
+            log[0].1.attempt_log.len(),
+            1,
+            "the attempt is still on record"
+        );
     }
 
     #[test]

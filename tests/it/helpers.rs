@@ -24,6 +24,16 @@ pub const KEY: &str = "sk-test-DO-NOT-LEAK-1234";
 /// Longest any test waits for a condition.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// A count for a looping suite: `default` (sized for CI), or the value of the environment
+/// variable `name` for a longer soak (e.g. `SUNOPOLL_CRASH_RUNS=500`).
+pub fn count_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
 static LOGS: Once = Once::new();
 
 /// Sends the daemon's logs to the test output (shown only for failing tests).
@@ -104,6 +114,9 @@ impl Reply {
 struct ApiState {
     scripts: HashMap<String, Vec<Reply>>,
     calls: HashMap<String, usize>,
+    /// Scripted answers given per task: a script advances only when it answers, not while an
+    /// override (storm, outage) answers instead, so a task resumes where it was.
+    served: HashMap<String, usize>,
     override_all: Option<Reply>,
     arrivals: Vec<(Instant, String)>,
     auth: Vec<String>,
@@ -124,15 +137,14 @@ impl Respond for Router {
         if let Some(a) = request.headers.get("authorization") {
             s.auth.push(a.to_str().unwrap_or("?").to_owned());
         }
-        let n = *s
-            .calls
-            .entry(task.clone())
-            .and_modify(|c| *c += 1)
-            .or_insert(1)
-            - 1;
+        *s.calls.entry(task.clone()).or_insert(0) += 1;
         let reply = if let Some(r) = &s.override_all {
             r.clone()
-        } else if let Some(script) = s.scripts.get(&task) {
+        } else if s.scripts.contains_key(&task) {
+            let served = s.served.entry(task.clone()).or_insert(0);
+            let n = *served;
+            *served += 1;
+            let script = &s.scripts[&task];
             script[n.min(script.len() - 1)].clone()
         } else {
             Reply::fixture_for("record-info.PENDING.json", &task)
@@ -157,7 +169,12 @@ pub struct FakeApi {
 impl FakeApi {
     /// Starts a fake API on 127.0.0.1 that answers PENDING to every unscripted task.
     pub async fn start() -> FakeApi {
-        let server = MockServer::start().await;
+        FakeApi::start_on(std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).await
+    }
+
+    /// The same on a given listener (to bring an API that refused connections back up).
+    pub async fn start_on(listener: std::net::TcpListener) -> FakeApi {
+        let server = MockServer::builder().listener(listener).start().await;
         let state = Arc::new(Mutex::new(ApiState::default()));
         Mock::given(method("GET"))
             .and(path("/api/v1/generate/record-info"))
@@ -391,6 +408,8 @@ pub struct Received {
     pub headers: HashMap<String, String>,
     /// Its body bytes.
     pub body: Vec<u8>,
+    /// The status the handler answered (it may have answered too late for the daemon).
+    pub status: u16,
 }
 
 impl Received {
@@ -427,6 +446,8 @@ struct ReceiverState {
     /// Scripted answers, used in order; then `fallback`.
     script: std::collections::VecDeque<(u16, Duration)>,
     fallback: Option<(u16, Duration)>,
+    /// `Location` sent with 3xx answers.
+    location: Option<String>,
 }
 
 struct Recorder(Arc<Mutex<ReceiverState>>);
@@ -434,6 +455,11 @@ struct Recorder(Arc<Mutex<ReceiverState>>);
 impl Respond for Recorder {
     fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
         let mut s = self.0.lock().expect("state");
+        let (status, delay) = s
+            .script
+            .pop_front()
+            .or(s.fallback)
+            .unwrap_or((200, Duration::ZERO));
         s.received.push(Received {
             at: Instant::now(),
             headers: request
@@ -442,19 +468,19 @@ impl Respond for Recorder {
                 .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
                 .collect(),
             body: request.body.clone(),
+            status,
         });
-        let (status, delay) = s
-            .script
-            .pop_front()
-            .or(s.fallback)
-            .unwrap_or((200, Duration::ZERO));
-        ResponseTemplate::new(status)
+        let mut t = ResponseTemplate::new(status)
             .set_body_string(if status >= 300 {
                 "handler says no"
             } else {
                 "ok"
             })
-            .set_delay(delay)
+            .set_delay(delay);
+        if let (300..=399, Some(location)) = (status, &s.location) {
+            t = t.insert_header("location", location.as_str());
+        }
+        t
     }
 }
 
@@ -499,6 +525,11 @@ impl Receiver {
     /// The answer once the script is used up.
     pub fn always(&self, status: u16, delay: Duration) {
         self.state.lock().expect("state").fallback = Some((status, delay));
+    }
+
+    /// Answers 3xx with this `Location` (set the status with `script`/`always`).
+    pub fn redirect_to(&self, location: &str) {
+        self.state.lock().expect("state").location = Some(location.to_owned());
     }
 
     /// Everything received so far.

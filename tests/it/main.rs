@@ -1,10 +1,21 @@
 //! Integration tests: one binary (one link step on a 2-core CI), the daemon in-process against
-//! a fake API on 127.0.0.1, plus black-box runs of the real binary.
+//! a fake API on 127.0.0.1, plus black-box runs of the real binary, and the fault suites of
+//! `RELIABILITY.md`.
 
+mod binary;
+mod chaos;
 mod cli;
 mod control;
+mod crash;
+mod faults_api;
+mod faults_handler;
+mod faults_store;
+mod figures;
 mod forward;
 mod helpers;
+mod hostile;
 mod polling;
+mod props;
 mod restart;
+mod security;
 mod systemd;

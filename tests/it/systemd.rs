@@ -468,9 +468,9 @@ async fn status_exits_non_zero_while_the_store_cannot_be_written_and_until_a_wri
         text(&locked.stderr)
     );
     assert!(
-        text(&locked.stderr).contains("store_error"),
-        "{}",
-        text(&locked.stderr)
+        text(&locked.stdout).contains("database is locked"),
+        "the report names the store failure: {}",
+        text(&locked.stdout)
     );
 
     drop(holder);
