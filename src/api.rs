@@ -358,7 +358,11 @@ pub fn classify(http_status: u16, retry_after: Option<Duration>, body: &[u8]) ->
                 401 | 403 => Outcome::Unauthorized { cause: said },
                 400 | 404 | 422 => {
                     // A 5xx wrapping a 4xx code is the server failing, not a verdict on the task.
-                    if http_status >= 500 {
+                    // "Invalid request method or path" is about the URL we call, so about every
+                    // task: a wrong api.base-url must pause polling, not fail every task.
+                    if http_status >= 500
+                        || (code == 404 && msg.to_ascii_lowercase().contains("path"))
+                    {
                         Outcome::Unavailable {
                             retry_after,
                             cause: said,
@@ -397,9 +401,12 @@ fn classify_http(http_status: u16, retry_after: Option<Duration>, cause: String)
         503 if retry_after.is_some() => Outcome::Throttled { retry_after, cause },
         408 | 500..=599 => Outcome::Unavailable { retry_after, cause },
         401 | 403 => Outcome::Unauthorized { cause },
-        400 | 404 | 422 => Outcome::Rejected {
-            code: i64::from(http_status),
-            message: cause,
+        // Without the API's JSON envelope, a 4xx comes from something else on the way (a wrong
+        // api.base-url, a proxy): not a verdict on this task. Pausing is safe; a task the API
+        // really refuses alone becomes its own problem after a few strikes (scheduler).
+        400 | 404 | 405 | 410 | 422 => Outcome::Unavailable {
+            retry_after,
+            cause: format!("{cause} (is api.base-url right?)"),
         },
         200..=299 => Outcome::Broken {
             cause: format!("unexpected answer: {cause}"),
@@ -443,6 +450,19 @@ pub fn clip(s: &str, max: usize) -> String {
         out.push('…');
     }
     out
+}
+
+/// A URL for logs and output: any `user:password@` part is replaced, so credentials embedded
+/// in a handler or API URL are never printed.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("***");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Parses a `Retry-After` header: delay-seconds or an HTTP date (relative to `now`).
@@ -491,8 +511,21 @@ pub struct ApiKey(String);
 impl ApiKey {
     /// Wraps a key, trimming surrounding whitespace (key files usually end in a newline).
     pub fn new(key: &str) -> Option<ApiKey> {
-        let key = key.trim();
-        (!key.is_empty()).then(|| ApiKey(key.to_owned()))
+        ApiKey::parse(key).ok()
+    }
+
+    /// Reads a key from the text of a key file or variable: its first line, trimmed. A key
+    /// with spaces or control characters inside could not be sent in a header; it is refused
+    /// here, where the error can say so, rather than failing every request later.
+    pub fn parse(text: &str) -> Result<ApiKey, &'static str> {
+        let key = text.lines().next().unwrap_or("").trim();
+        if key.is_empty() {
+            return Err("is empty");
+        }
+        if key.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err("contains spaces or control characters on its first line");
+        }
+        Ok(ApiKey(key.to_owned()))
     }
 
     /// The key itself, for the `Authorization` header only.
@@ -741,7 +774,7 @@ mod tests {
         let cases = [
             ("error.400.missing-callback-url.json", "rejected"),
             ("error.401.unauthorized.json", "unauthorized"),
-            ("error.404.wrong-path.json", "rejected"),
+            ("error.404.wrong-path.json", "unavailable"),
             ("error.405.rate-limit-exceeded.json", "throttled"),
             ("error.408.upstream-timeout.kie.json", "throttled"),
             ("error.422.missing-callback-url.kie.json", "rejected"),
@@ -772,6 +805,11 @@ mod tests {
         );
         assert_eq!(
             classify(404, None, &fixture("error.404.wrong-path.json")).kind(),
+            "unavailable",
+            "a wrong path is everyone's problem"
+        );
+        assert_eq!(
+            classify(404, None, br#"{"code":404,"msg":"task not found"}"#).kind(),
             "rejected"
         );
         assert_eq!(
@@ -820,7 +858,11 @@ mod tests {
         assert_eq!(classify(408, None, b"").kind(), "unavailable");
         assert_eq!(classify(401, None, b"").kind(), "unauthorized");
         assert_eq!(classify(403, None, b"forbidden").kind(), "unauthorized");
-        assert_eq!(classify(404, None, b"not found").kind(), "rejected");
+        assert_eq!(
+            classify(404, None, b"<html>Not Found</html>").kind(),
+            "unavailable"
+        );
+        assert_eq!(classify(400, None, b"").kind(), "unavailable");
         assert_eq!(classify(200, None, b"").kind(), "broken");
         assert_eq!(classify(200, None, b"{\"code\":200,").kind(), "broken");
         assert_eq!(classify(302, None, b"").kind(), "broken");
@@ -885,6 +927,18 @@ mod tests {
     }
 
     #[test]
+    fn urls_lose_their_credentials_in_output() {
+        assert_eq!(
+            redact_url("https://user:pa55@hooks.internal/cb?x=1"),
+            "https://***@hooks.internal/cb?x=1"
+        );
+        assert_eq!(
+            redact_url("http://127.0.0.1:3000/cb"),
+            "http://127.0.0.1:3000/cb"
+        );
+    }
+
+    #[test]
     fn clip_removes_control_characters() {
         assert_eq!(clip("a\nb\rc", 10), "a b c");
         assert_eq!(clip("abcdef", 3), "abc…");
@@ -911,5 +965,13 @@ mod tests {
         assert_eq!(key.expose(), "sk-secret-123");
         assert!(!format!("{key:?}").contains("secret"));
         assert!(ApiKey::new(" \n").is_none());
+        assert_eq!(
+            ApiKey::parse("sk-real-key\n# rotated 2026-01-01\n")
+                .expect("first line")
+                .expose(),
+            "sk-real-key"
+        );
+        assert!(ApiKey::parse("sk real key").is_err());
+        assert!(ApiKey::parse("sk-\u{7}key").is_err());
     }
 }

@@ -81,6 +81,9 @@ pub enum Command {
         /// Only tasks in this state.
         #[arg(long, value_enum, default_value = "all")]
         state: StateFilter,
+        /// Show at most this many (newest first); 0 shows all.
+        #[arg(long, default_value_t = 1000, value_name = "N")]
+        limit: u32,
         /// Socket and output options.
         #[command(flatten)]
         opts: ClientOptions,
@@ -194,12 +197,16 @@ pub fn main() -> ExitCode {
                 }),
             )
         }
-        Command::List { state, opts } => {
+        Command::List { state, limit, opts } => {
             let state = match state {
                 StateFilter::All => None,
                 s => Some(format!("{s:?}").to_lowercase()),
             };
-            run_client(&opts, &env, client::list_request(state))
+            run_client(
+                &opts,
+                &env,
+                client::list_request(state, (limit > 0).then_some(limit)),
+            )
         }
         Command::Show { task_id, opts } => run_client(&opts, &env, client::show_request(task_id)),
         Command::Remove { task_id, opts } => {
@@ -264,9 +271,11 @@ pub fn main() -> ExitCode {
 }
 
 fn run_client(opts: &ClientOptions, env: &Environment, request: Request) -> ExitCode {
-    let config = match &opts.config {
-        Some(path) => match Config::load(Some(path), env) {
-            Ok(c) => Some(c),
+    // Only control.socket is read: a client has no business reading the daemon's secret files
+    // (which it usually may not), nor failing on them.
+    let configured = match &opts.config {
+        Some(path) => match crate::config::control_socket_in(path) {
+            Ok(s) => s,
             Err(e) => {
                 eprintln!("sunopoll: {e}");
                 return ExitCode::from(EXIT_USAGE);
@@ -280,7 +289,7 @@ fn run_client(opts: &ClientOptions, env: &Environment, request: Request) -> Exit
     let socket = client::find_socket(
         opts.socket.as_deref(),
         env_socket.as_deref(),
-        config.as_ref(),
+        configured.as_deref(),
         env,
     );
     client::run(&socket, request, Output { json: opts.json })

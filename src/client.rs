@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::config::{Config, Environment, SYSTEM_SOCKET};
+use crate::config::{Environment, SYSTEM_SOCKET};
 use crate::protocol::{
     ADD_BATCH, AddRequest, ErrorBody, EventsRequest, ListRequest, RemoveRequest, Request,
     ShowRequest, StatusRequest,
@@ -170,14 +170,11 @@ impl Connection {
 pub fn find_socket(
     explicit: Option<&Path>,
     env_socket: Option<&Path>,
-    config: Option<&Config>,
+    configured: Option<&Path>,
     env: &Environment,
 ) -> PathBuf {
-    if let Some(p) = explicit.or(env_socket) {
+    if let Some(p) = explicit.or(env_socket).or(configured) {
         return p.to_owned();
-    }
-    if let Some(c) = config.filter(|c| c.control.socket_configured) {
-        return c.control.socket.clone();
     }
     let candidates = [env.default_socket_path(), PathBuf::from(SYSTEM_SOCKET)];
     candidates
@@ -331,8 +328,9 @@ fn print_answer(request: &Request, v: &Value, out: Output) {
         return;
     }
     match request {
-        Request::List(_) => {
+        Request::List(req) => {
             let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+            let shown = tasks.len();
             if tasks.is_empty() {
                 out!("no tasks");
                 return;
@@ -355,6 +353,11 @@ fn print_answer(request: &Request, v: &Value, out: Output) {
                     field(&t, "next_poll_at"),
                     t["label"].as_str().unwrap_or("")
                 );
+            }
+            if let Some(limit) = req.limit
+                && shown >= limit as usize
+            {
+                out!("(the newest {limit} shown; --limit 0 shows all)");
             }
         }
         Request::Show(_) => {
@@ -542,8 +545,8 @@ pub fn read_ids(input: impl Read) -> std::io::Result<Vec<String>> {
 }
 
 /// Builds the request for a `list`.
-pub fn list_request(state: Option<String>) -> Request {
-    Request::List(ListRequest { state, limit: None })
+pub fn list_request(state: Option<String>, limit: Option<u32>) -> Request {
+    Request::List(ListRequest { state, limit })
 }
 
 /// Builds the request for a `show`.
@@ -581,13 +584,8 @@ mod tests {
             explicit
         );
         assert_eq!(find_socket(None, Some(from_env), None, &env), from_env);
-        let mut config = Config::defaults(&env);
-        config.control.socket = "/x/config.sock".into();
-        config.control.socket_configured = true;
-        assert_eq!(
-            find_socket(None, None, Some(&config), &env),
-            Path::new("/x/config.sock")
-        );
+        let configured = Path::new("/x/config.sock");
+        assert_eq!(find_socket(None, None, Some(configured), &env), configured);
         // Nothing exists: the per-user default (unless the system socket exists on this host).
         let found = find_socket(None, None, None, &env);
         let user = dir.path().join("sunopoll.sock");

@@ -25,6 +25,10 @@ pub const DEFAULT_BASE_URL: &str = "https://api.sunoapi.org";
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// The account limit the API documents: 20 requests per 10 s.
 pub const DEFAULT_MAX_RPS: f64 = 2.0;
+/// Slowest request rate accepted: one request per ~17 minutes. Below that the rate is a typo.
+pub const MIN_RPS: f64 = 0.001;
+/// Fastest request rate accepted (use "unlimited" beyond it).
+pub const MAX_RPS: f64 = 1_000_000.0;
 /// Parallel requests: enough to keep up with the rate limit over a slow link, few enough to
 /// stay polite.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
@@ -524,13 +528,13 @@ impl Config {
                     config.poll.max_requests_per_second = None
                 }
                 Some(v) => match v.as_float().or_else(|| v.as_integer().map(|i| i as f64)) {
-                    Some(x) if x > 0.0 && x.is_finite() => {
+                    Some(x) if (MIN_RPS..=MAX_RPS).contains(&x) => {
                         config.poll.max_requests_per_second = Some(x);
                     }
                     _ => r.problem(
                         "poll.max-requests-per-second",
                         format!(
-                            "expected a number above 0 (like 2 or 0.5) or \"unlimited\", got {}",
+                            "expected a number from {MIN_RPS} to {MAX_RPS} (like 2 or 0.5) or \"unlimited\", got {}",
                             show(v)
                         ),
                     ),
@@ -667,9 +671,8 @@ impl Config {
             let file = dir.join("api-key");
             match std::fs::read_to_string(&file) {
                 Ok(text) => {
-                    return ApiKey::new(&text).ok_or_else(|| {
-                        format!("the API key credential {} is empty", file.display())
-                    });
+                    return ApiKey::parse(&text)
+                        .map_err(|why| format!("the API key credential {} {why}", file.display()));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -682,11 +685,8 @@ impl Config {
         }
         if let Some(file) = &self.api.key_file {
             return match std::fs::read_to_string(file) {
-                Ok(text) => ApiKey::new(&text).ok_or_else(|| {
-                    format!(
-                        "the API key file {} (api.key-file) is empty",
-                        file.display()
-                    )
+                Ok(text) => ApiKey::parse(&text).map_err(|why| {
+                    format!("the API key file {} (api.key-file) {why}", file.display())
                 }),
                 Err(e) => Err(format!(
                     "cannot read the API key file {} (api.key-file): {e}",
@@ -694,8 +694,8 @@ impl Config {
                 )),
             };
         }
-        if let Some(key) = env.suno_api_key.as_deref().and_then(ApiKey::new) {
-            return Ok(key);
+        if let Some(text) = env.suno_api_key.as_deref() {
+            return ApiKey::parse(text).map_err(|why| format!("SUNO_API_KEY {why}"));
         }
         Err(
             "no API key found: sunopoll looks in $CREDENTIALS_DIRECTORY/api-key (systemd \
@@ -728,7 +728,7 @@ impl Config {
             s.push_str(&format!(
                 "\n  target {:?}: {} (stages {}, timeout {}, {}signed, {} extra header{})",
                 t.name,
-                t.url,
+                crate::api::redact_url(t.url.as_str()),
                 stages.join("/"),
                 format_duration(t.timeout),
                 if t.secret.is_some() { "" } else { "not " },
@@ -746,7 +746,7 @@ impl Config {
                 || "built-in defaults".to_owned(),
                 |p| p.display().to_string()
             ),
-            self.api.base_url,
+            crate::api::redact_url(self.api.base_url.as_str()),
             format_duration(self.api.request_timeout),
             format_duration(self.poll.interval),
             self.poll.max_in_flight,
@@ -769,6 +769,34 @@ impl Config {
             format_duration(self.housekeeping.retention),
             self.housekeeping.prune_schedule.pattern,
         )
+    }
+}
+
+/// The `control.socket` a config file names, if any, for the CLI: only that key is read, so a
+/// client needs neither the daemon's secret files nor a config that would pass every check.
+pub fn control_socket_in(path: &Path) -> Result<Option<PathBuf>, ConfigError> {
+    let fail = |problem: String| ConfigError {
+        file: Some(path.to_owned()),
+        problems: vec![problem],
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let root: Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(format!("not valid TOML: {}", e.to_string().trim())))?;
+    match root.get("control").and_then(|c| c.get("socket")) {
+        None => Ok(None),
+        Some(Value::String(s)) if !s.trim().is_empty() => {
+            let p = PathBuf::from(s);
+            Ok(Some(if p.is_absolute() {
+                p
+            } else {
+                path.parent().unwrap_or(Path::new("")).join(p)
+            }))
+        }
+        Some(other) => Err(fail(format!(
+            "control.socket: expected a path, got {}",
+            show(other)
+        ))),
     }
 }
 

@@ -682,7 +682,16 @@ async fn status(ctx: &Control) -> Result<serde_json::Value, ErrorBody> {
             });
         }
     }
-    let poll = ctx.status.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut poll = ctx.status.lock().map(|s| s.clone()).unwrap_or_default();
+    // The loop refreshes its status when it wakes, which during a long pause may be rarely:
+    // measure the pause now.
+    if let Some(since) = poll
+        .paused_since
+        .as_deref()
+        .and_then(crate::clock::parse_utc)
+    {
+        poll.paused_for_ms = (now_ms() - since).max(0);
+    }
     if poll.pause_kind == Some(PauseKind::Unauthorized) {
         problems.push(format!(
             "the API rejected the API key ({})",

@@ -110,24 +110,31 @@ impl Router {
 
     /// Where `task`'s new events go: the configured targets, its `--callback-url`, and, with
     /// `use-task-callback-url`, the URL it was submitted with if that URL's host is allowed.
+    /// A URL already routed to (a configured target, or the `--callback-url`) is not added a
+    /// second time: the handler would get every event twice under two `webhook-id`s.
     pub fn routes(&self, task: &TaskRow, submitted: Option<&str>) -> Vec<Route> {
         let mut routes = self.configured_routes();
+        let same = |a: &str, b: &str| match (url::Url::parse(a), url::Url::parse(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        let mut add = |target: &str, url: &str| {
+            if !routes.iter().any(|r| same(&r.url, url)) {
+                routes.push(Route {
+                    target: target.to_owned(),
+                    url: url.to_owned(),
+                    stages: Stage::ALL.to_vec(),
+                });
+            }
+        };
         if let Some(url) = &task.callback_url {
-            routes.push(Route {
-                target: TARGET_TASK_URL.to_owned(),
-                url: url.clone(),
-                stages: Stage::ALL.to_vec(),
-            });
+            add(TARGET_TASK_URL, url);
         }
         if self.config.use_task_callback_url
             && let Some(url) = submitted.or(task.submitted_callback_url.as_deref())
             && self.submitted_url_allowed(url)
         {
-            routes.push(Route {
-                target: TARGET_SUBMITTED_URL.to_owned(),
-                url: url.to_owned(),
-                stages: Stage::ALL.to_vec(),
-            });
+            add(TARGET_SUBMITTED_URL, url);
         }
         routes
     }
@@ -191,7 +198,22 @@ pub fn after_attempt(
 struct Finished {
     id: i64,
     origin: String,
+    /// False when the attempt could not be recorded (the store is failing): the delivery is
+    /// still due, and sending it again at once would hammer the handler with repeats.
+    recorded: bool,
 }
+
+/// A pause of all deliveries while the store cannot record attempts.
+#[derive(Default)]
+struct StorePause {
+    failures: u32,
+    until: Option<tokio::time::Instant>,
+}
+
+/// First pause after a failed record, doubling to [`STORE_PAUSE_MAX`].
+const STORE_PAUSE_MIN: Duration = Duration::from_secs(1);
+/// Longest pause while the store keeps failing.
+const STORE_PAUSE_MAX: Duration = Duration::from_secs(60);
 
 /// The delivery loop.
 pub struct Forwarder {
@@ -241,16 +263,23 @@ impl Forwarder {
         let mut in_flight: HashSet<i64> = HashSet::new();
         let mut per_origin: HashMap<String, usize> = HashMap::new();
         let mut events_open = true;
+        let mut store_pause = StorePause::default();
         loop {
             while let Ok(f) = done_rx.try_recv() {
-                finish(f, &mut in_flight, &mut per_origin);
+                finish(f, &mut in_flight, &mut per_origin, &mut store_pause);
             }
             if cancel.is_cancelled() {
                 break;
             }
             let mut wake_at: Option<tokio::time::Instant> = None;
             let mut again = false;
-            let slots = capacity.saturating_sub(in_flight.len());
+            let slots = match store_pause.until {
+                Some(until) if tokio::time::Instant::now() < until => {
+                    wake_at = Some(until);
+                    0
+                }
+                _ => capacity.saturating_sub(in_flight.len()),
+            };
             if slots > 0 {
                 let full: Vec<String> = per_origin
                     .iter()
@@ -313,7 +342,7 @@ impl Forwarder {
                     events_open = open;
                 }
                 () = self.wake.notified() => {}
-                Some(f) = done_rx.recv() => finish(f, &mut in_flight, &mut per_origin),
+                Some(f) = done_rx.recv() => finish(f, &mut in_flight, &mut per_origin, &mut store_pause),
                 () = sleep => {}
             }
         }
@@ -336,13 +365,44 @@ impl Forwarder {
         tracker.spawn(async move {
             let origin = row.origin.clone();
             let id = row.id;
-            attempt(&store, &router, &http, row).await;
-            let _ = done.send(Finished { id, origin }).await;
+            let recorded = attempt(&store, &router, &http, row).await;
+            let _ = done
+                .send(Finished {
+                    id,
+                    origin,
+                    recorded,
+                })
+                .await;
         });
     }
 }
 
-fn finish(f: Finished, in_flight: &mut HashSet<i64>, per_origin: &mut HashMap<String, usize>) {
+fn finish(
+    f: Finished,
+    in_flight: &mut HashSet<i64>,
+    per_origin: &mut HashMap<String, usize>,
+    pause: &mut StorePause,
+) {
+    if f.recorded {
+        if pause.failures > 0 {
+            info!(
+                failures = pause.failures,
+                "the store records deliveries again; forwarding resumes"
+            );
+        }
+        *pause = StorePause::default();
+    } else {
+        pause.failures = pause.failures.saturating_add(1);
+        let delay = crate::scheduler::backoff_delay(
+            pause.failures,
+            STORE_PAUSE_MIN,
+            STORE_PAUSE_MAX,
+            fastrand::f64(),
+        );
+        pause.until = Some(tokio::time::Instant::now() + delay);
+        warn!(failures = pause.failures, retry_in = %format_duration(delay),
+              "cannot record delivery attempts; pausing all forwarding so handlers are not sent repeats");
+    }
     in_flight.remove(&f.id);
     if let Some(n) = per_origin.get_mut(&f.origin) {
         *n = n.saturating_sub(1);
@@ -352,8 +412,8 @@ fn finish(f: Finished, in_flight: &mut HashSet<i64>, per_origin: &mut HashMap<St
     }
 }
 
-/// Makes one attempt, records it, and logs it.
-async fn attempt(store: &Store, router: &Router, http: &reqwest::Client, row: DueDelivery) {
+/// Makes one attempt, records it, and logs it. Returns false if it could not be recorded.
+async fn attempt(store: &Store, router: &Router, http: &reqwest::Client, row: DueDelivery) -> bool {
     let target = router.target(&row.target);
     let config = router.config();
     let (url, secret, headers, timeout) = match target {
@@ -440,12 +500,12 @@ async fn attempt(store: &Store, router: &Router, http: &reqwest::Client, row: Du
         Ok(false) => {
             info!(task_id = %row.task_id, stage = %row.stage, target = %row.target, seq = row.event_seq,
                   "a redelivery was requested while this attempt was in flight; sending it again");
-            return;
+            return true;
         }
         Err(e) => {
             error!(task_id = %row.task_id, stage = %row.stage, target = %row.target, error = %e,
                    "cannot record a delivery attempt; it will be made again");
-            return;
+            return false;
         }
     }
     let latency_ms = took.as_millis();
@@ -468,6 +528,7 @@ async fn attempt(store: &Store, router: &Router, http: &reqwest::Client, row: Du
             "delivery given up; replay it with `sunopoll redeliver`"
         ),
     }
+    true
 }
 
 /// Reads the handler's answer: 2xx delivered, 410 gone, anything else failed with the status
@@ -606,6 +667,43 @@ mod tests {
             br#"{"test": 2432232314}"#,
         );
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn one_url_is_routed_to_once() {
+        let mut config =
+            crate::config::Config::defaults(&crate::config::Environment::default()).forward;
+        config.use_task_callback_url = true;
+        config.targets.push(TargetConfig {
+            name: "app".into(),
+            url: url::Url::parse("http://127.0.0.1:3000/cb").expect("url"),
+            stages: vec![Stage::Complete],
+            secret: None,
+            headers: Vec::new(),
+            timeout: Duration::from_secs(1),
+        });
+        let router = Router::new(config);
+        let task = TaskRow {
+            id: "t".into(),
+            state: crate::protocol::TaskState::Active,
+            stage: None,
+            last_status: None,
+            failures: 0,
+            rejections: 0,
+            added_at: 0,
+            deadline_at: 1,
+            callback_url: Some("http://127.0.0.1:3000/cb".into()),
+            submitted_callback_url: None,
+        };
+        let routes = router.routes(&task, Some("http://127.0.0.1:3000/other"));
+        let targets: Vec<&str> = routes.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(
+            targets,
+            ["app", TARGET_SUBMITTED_URL],
+            "the --callback-url equals the target's URL"
+        );
+        let routes = router.routes(&task, Some("http://127.0.0.1:3000/cb"));
+        assert_eq!(routes.len(), 1);
     }
 
     #[test]

@@ -30,6 +30,41 @@ use crate::protocol::TaskState;
 use crate::store::{GateRow, Store, TaskRow, TaskUpdate};
 use crate::systemd::Notifier;
 
+/// Consecutive global failures (throttled, unavailable) of one task, each while the API was
+/// answering others, after which they count against that task alone: it backs off by itself
+/// instead of pausing everyone. One task the API always fails for must not stop all polling.
+pub const POISON_LIMIT: u32 = 3;
+
+/// What a global answer means for the task that got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GlobalForTask {
+    /// Pause everyone (the gate's business); the task only steps aside until after the pause,
+    /// with this many consecutive failures.
+    Defer {
+        /// The task's new failure count.
+        failures: u32,
+    },
+    /// The API has kept failing this task alone: treat it as this task's problem.
+    TaskOnly,
+}
+
+/// Decides whether a throttled/unavailable/unauthorized answer for `task` is everyone's
+/// problem or the task's. Pure. A probe's failure says the API is still failing (nothing
+/// about the task); a rejected key is everyone's problem by nature.
+pub fn global_for_task(task: &TaskRow, pause: PauseKind, probe: bool) -> GlobalForTask {
+    if probe || pause == PauseKind::Unauthorized {
+        return GlobalForTask::Defer {
+            failures: task.failures,
+        };
+    }
+    let failures = task.failures.saturating_add(1);
+    if failures > POISON_LIMIT {
+        GlobalForTask::TaskOnly
+    } else {
+        GlobalForTask::Defer { failures }
+    }
+}
+
 /// Consecutive rejections of one task ID after which the task ends with an `error` event.
 pub const REJECTION_LIMIT: u32 = 3;
 
@@ -262,13 +297,23 @@ impl Gate {
     fn from_row(row: Option<GateRow>) -> Gate {
         match row {
             None => Gate::Open,
-            Some(r) => Gate::Paused {
-                kind: PauseKind::parse(&r.kind),
-                attempt: r.attempt.max(1),
-                until: r.paused_until,
-                since: r.since,
-                cause: r.cause,
-            },
+            Some(r) => {
+                let kind = PauseKind::parse(&r.kind);
+                Gate::Paused {
+                    kind,
+                    attempt: r.attempt.max(1),
+                    // A rejected key is usually fixed by changing it and restarting: try the
+                    // (possibly new) key at once, with one probe, instead of waiting out the
+                    // old pause. Throttling and outages are the API's, and keep their pause.
+                    until: if kind == PauseKind::Unauthorized {
+                        0
+                    } else {
+                        r.paused_until
+                    },
+                    since: r.since,
+                    cause: r.cause,
+                }
+            }
         }
     }
 
@@ -597,7 +642,8 @@ impl Scheduler {
         }
         tracker.spawn(async move {
             let outcome = api.record_info(&id).await;
-            let summary = apply_outcome(&store, &policy, &router, &events, &id, outcome).await;
+            let summary =
+                apply_outcome(&store, &policy, &router, &events, &id, outcome, probe).await;
             let _ = done
                 .send(Finished {
                     id,
@@ -815,41 +861,60 @@ async fn apply_outcome(
     events: &watch::Sender<i64>,
     id: &str,
     outcome: Outcome,
+    probe: bool,
 ) -> OutcomeSummary {
     let kind = outcome.kind();
-    match outcome {
+    let global = match &outcome {
         Outcome::Throttled { retry_after, cause } => {
-            return OutcomeSummary::Global {
-                kind: PauseKind::Throttled,
-                retry_after,
-                cause,
-            };
+            Some((PauseKind::Throttled, *retry_after, cause.clone()))
         }
         Outcome::Unavailable { retry_after, cause } => {
-            return OutcomeSummary::Global {
-                kind: PauseKind::Unavailable,
-                retry_after,
-                cause,
-            };
+            Some((PauseKind::Unavailable, *retry_after, cause.clone()))
         }
-        Outcome::Unauthorized { cause } => {
-            return OutcomeSummary::Global {
-                kind: PauseKind::Unauthorized,
-                retry_after: None,
-                cause,
-            };
-        }
-        _ => {}
-    }
+        Outcome::Unauthorized { cause } => Some((PauseKind::Unauthorized, None, cause.clone())),
+        _ => None,
+    };
     let now = now_ms();
     let jitter = fastrand::f64();
     let decide_policy = policy.clone();
     let routing = router.clone();
     let logged = outcome.clone();
+    let global_in = global.clone();
     let applied = store
         .apply_poll(id.to_owned(), now, move |row| {
-            let mut update = decide(row, &outcome, now, &decide_policy, jitter);
-            let submitted = match &outcome {
+            let effective = match global_in {
+                None => outcome,
+                Some((pause, _, cause)) => match global_for_task(row, pause, probe) {
+                    // The usual case: the gate pauses everyone; this task only steps aside so
+                    // the probe after the pause goes to another task.
+                    GlobalForTask::Defer { failures } => {
+                        let delay = backoff_delay(
+                            failures.max(1),
+                            decide_policy.interval,
+                            decide_policy.backoff_max,
+                            jitter,
+                        );
+                        return TaskUpdate {
+                            state: TaskState::Active,
+                            last_status: None,
+                            last_error: Some(cause),
+                            failures,
+                            rejections: row.rejections,
+                            next_poll_at: now.saturating_add(ms(delay)),
+                            events: Vec::new(),
+                            routes: Vec::new(),
+                            submitted_callback_url: None,
+                            first_delivery_delay: 0,
+                            timed_out: false,
+                        };
+                    }
+                    GlobalForTask::TaskOnly => Outcome::Broken {
+                        cause: format!("{cause} (for this task only: the API answers the others)"),
+                    },
+                },
+            };
+            let mut update = decide(row, &effective, now, &decide_policy, jitter);
+            let submitted = match &effective {
                 Outcome::Progress(r) | Outcome::Pending(r) => r.submitted_callback_url(),
                 _ => None,
             };
@@ -867,6 +932,34 @@ async fn apply_outcome(
             update
         })
         .await;
+    if let Some((pause, retry_after, cause)) = global {
+        let task_only = matches!(&applied, Ok(Some(a)) if a.update.failures > POISON_LIMIT && !probe && pause != PauseKind::Unauthorized);
+        if !task_only {
+            if let Err(e) = &applied {
+                error!(task_id = %id, error = %e, "cannot record the failed poll for this task");
+            }
+            return OutcomeSummary::Global {
+                kind: pause,
+                retry_after,
+                cause,
+            };
+        }
+        if let Ok(Some(a)) = &applied {
+            warn!(task_id = %id, cause = %cause, attempt = a.update.failures,
+                  retry_in = %format_duration(Duration::from_millis((a.update.next_poll_at - now).max(0).unsigned_abs())),
+                  "the API keeps failing this task while answering others; backing off this task alone instead of pausing everyone");
+            if a.update.timed_out {
+                warn!(task_id = %id, "Timed out: the task did not finish before its task-deadline; giving it up with an error event (code 408)");
+            }
+            for (ev, seq) in a.update.events.iter().zip(&a.seqs) {
+                log_event(id, ev, *seq);
+            }
+            if let Some(max) = a.seqs.iter().max() {
+                events.send_modify(|latest| *latest = (*latest).max(*max));
+            }
+        }
+        return OutcomeSummary::Answered("broken");
+    }
     let applied = match applied {
         Ok(Some(a)) => a,
         Ok(None) => {
@@ -883,7 +976,7 @@ async fn apply_outcome(
         && router.config().use_task_callback_url
         && !router.submitted_url_allowed(url)
     {
-        warn!(task_id = %id, url = %clip(url, 200),
+        warn!(task_id = %id, url = %clip(&crate::api::redact_url(url), 200),
               "the task was submitted with a callBackUrl whose host is not in [forward] allow-hosts; not forwarding there");
     }
     for (ev, seq) in applied.update.events.iter().zip(&applied.seqs) {
@@ -1271,6 +1364,35 @@ mod tests {
     }
 
     #[test]
+    fn a_task_the_api_keeps_failing_alone_becomes_its_own_problem() {
+        let mut t = task(None);
+        for n in 1..=POISON_LIMIT {
+            assert_eq!(
+                global_for_task(&t, PauseKind::Unavailable, false),
+                GlobalForTask::Defer { failures: n }
+            );
+            t.failures = n;
+        }
+        assert_eq!(
+            global_for_task(&t, PauseKind::Throttled, false),
+            GlobalForTask::TaskOnly
+        );
+        // A failing probe says nothing about the task; a rejected key is never one task's.
+        assert_eq!(
+            global_for_task(&t, PauseKind::Unavailable, true),
+            GlobalForTask::Defer {
+                failures: POISON_LIMIT
+            }
+        );
+        assert_eq!(
+            global_for_task(&t, PauseKind::Unauthorized, false),
+            GlobalForTask::Defer {
+                failures: POISON_LIMIT
+            }
+        );
+    }
+
+    #[test]
     fn gate_rows_round_trip() {
         let g = Gate::Paused {
             kind: PauseKind::Unauthorized,
@@ -1279,7 +1401,26 @@ mod tests {
             since: 5,
             cause: "HTTP 401".into(),
         };
-        assert_eq!(Gate::from_row(g.to_row()), g);
+        let restored = Gate::from_row(g.to_row());
+        assert!(
+            matches!(
+                restored,
+                Gate::Paused {
+                    until: 0,
+                    attempt: 2,
+                    ..
+                }
+            ),
+            "a saved key rejection probes at once: {restored:?}"
+        );
+        let t = Gate::Paused {
+            kind: PauseKind::Throttled,
+            attempt: 2,
+            until: 10,
+            since: 5,
+            cause: "HTTP 430".into(),
+        };
+        assert_eq!(Gate::from_row(t.to_row()), t);
         assert_eq!(Gate::from_row(None), Gate::Open);
     }
 }

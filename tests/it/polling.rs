@@ -502,3 +502,78 @@ async fn unknown_statuses_are_treated_as_running() {
     assert_eq!(stages(&events), ["text", "first", "complete"]);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_task_the_api_always_fails_does_not_stop_polling_for_the_others() {
+    let api = FakeApi::start().await;
+    // For P alone the API answers like an outage (JSON code 500); A and B are fine.
+    api.script(
+        "poison",
+        vec![Reply::fixture("error.500.server-error.json")],
+    );
+    // A and B stay PENDING (unscripted tasks answer PENDING) with a long deadline.
+    let mut d = TestDaemon::start(&api, |c| {
+        c.poll.backoff_max = Duration::from_millis(800);
+        c.poll.task_deadline = Duration::from_secs(4);
+    })
+    .await;
+    d.add(&["poison"]).await;
+    eventually("the first failure", || api.calls("poison") >= 1).await;
+    d.add(&["ok-a", "ok-b"]).await;
+    // After a few strikes the poisoned task backs off alone, then meets its deadline; meanwhile
+    // the others keep being polled although every probe could have gone to the poisoned task.
+    let (task, events) = d.wait_state("poison", "failed").await;
+    assert!(
+        api.calls("ok-a") >= 5 && api.calls("ok-b") >= 5,
+        "A {} B {}",
+        api.calls("ok-a"),
+        api.calls("ok-b")
+    );
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["code"], 408, "{events:?}");
+    assert!(
+        task["last_error"].as_str().unwrap_or("").contains("500"),
+        "{task}"
+    );
+    // Bounded: backoff, not a request per interval.
+    assert!(
+        api.calls("poison") <= 12,
+        "{} requests for the poisoned task",
+        api.calls("poison")
+    );
+    let status = d.request(serde_json::json!({"cmd": "status"})).await;
+    assert_eq!(status["poll"]["state"], "polling", "{status}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_base_url_pauses_polling_instead_of_failing_every_task() {
+    let api = FakeApi::start().await;
+    api.script(TASK, vec![Reply::fixture("record-info.SUCCESS.json")]);
+    let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_millis(400)).await;
+    // What a proxy or a wrong path answers: HTML, or the API's own "wrong path" envelope.
+    api.set_override(Some(Reply::raw(404, "<html><body>Not Found</body></html>")));
+    d.add(&[TASK]).await;
+    eventually("a few tries", || api.total_calls() >= 4).await;
+    api.set_override(Some(Reply::raw(200, fixture("error.404.wrong-path.json"))));
+    let before = api.total_calls();
+    eventually("more tries", || api.total_calls() >= before + 3).await;
+    let (task, events) = d.show(TASK).await;
+    assert_eq!(
+        task["state"], "active",
+        "the task is not failed for a configuration problem: {task}"
+    );
+    assert!(events.is_empty());
+    let status = d.request(serde_json::json!({"cmd": "status"})).await;
+    assert!(
+        status["poll"]["pause_cause"]
+            .as_str()
+            .unwrap_or("")
+            .contains("404"),
+        "{status}"
+    );
+    // Once the URL is right (here: the fake answers again), the task completes.
+    api.set_override(None);
+    d.wait_state(TASK, "done").await;
+    d.stop().await;
+}
