@@ -131,7 +131,6 @@ DROP INDEX deliveries_due;
 CREATE INDEX deliveries_ready ON deliveries (next_attempt_at) WHERE state = 'pending' AND ready = 1;
 CREATE INDEX deliveries_target ON deliveries (target, state, delivered_at);
 CREATE INDEX deliveries_errors ON deliveries (target, last_attempt_at) WHERE last_error IS NOT NULL;
-CREATE INDEX tasks_state ON tasks (state);
 ",
 ];
 
@@ -504,7 +503,9 @@ impl Store {
     pub async fn due_window(&self, limit: usize) -> Result<Vec<DueRow>, StoreError> {
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT id, next_poll_at FROM tasks WHERE state = 'active'
+                // INDEXED BY pins the plan: walking tasks_due in order stops after `limit` rows,
+                // where any other index would sort every active task first (14 ms at 100 000).
+                "SELECT id, next_poll_at FROM tasks INDEXED BY tasks_due WHERE state = 'active'
                  ORDER BY next_poll_at, id LIMIT ?1",
             )?;
             let rows = stmt
@@ -870,7 +871,7 @@ impl Store {
             let mut stmt = conn.prepare_cached(
                 "SELECT d.id, d.event_seq, d.task_id, e.stage, d.target, d.url, d.origin, d.webhook_id,
                         d.attempts, d.next_attempt_at, e.body, d.replays
-                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 FROM deliveries d INDEXED BY deliveries_ready JOIN events e ON e.seq = d.event_seq
                  WHERE d.state = 'pending' AND d.ready = 1
                    AND d.id NOT IN (SELECT value FROM json_each(?1))
                    AND d.origin NOT IN (SELECT value FROM json_each(?2))
