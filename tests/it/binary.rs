@@ -207,16 +207,33 @@ task-secret = "{task_secret}"
     }
 }
 
+/// Every variable through which systemd talks to a service, so the test's own environment
+/// (perhaps a CI job run by systemd) cannot leak in.
+pub const SYSTEMD_VARS: [&str; 10] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "JOURNAL_STREAM",
+    "CREDENTIALS_DIRECTORY",
+    "STATE_DIRECTORY",
+    "RUNTIME_DIRECTORY",
+];
+
 /// A `sunopoll` command with a clean environment (no key, no socket, no `RUST_LOG` from the
-/// caller's shell).
+/// caller's shell, none of systemd's variables).
 pub fn sunopoll(args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
     c.args(args)
         .env_remove("SUNO_API_KEY")
-        .env_remove("CREDENTIALS_DIRECTORY")
         .env_remove("SUNOPOLL_SOCKET")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
+    for v in SYSTEMD_VARS {
+        c.env_remove(v);
+    }
     c
 }
 

@@ -1,34 +1,14 @@
 //! Black-box tests of the real binary.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::helpers::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sunopoll");
-
-fn sunopoll(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env_remove("SUNO_API_KEY")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("SUNOPOLL_SOCKET")
-        .env_remove("RUST_LOG");
-    c
-}
-
-async fn run(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().expect("run sunopoll"))
-        .await
-        .expect("join")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use crate::binary::{run, sunopoll, text};
 
 fn write_config(dir: &Path, api: &str) -> PathBuf {
     let path = dir.join("config.toml");

@@ -4,7 +4,7 @@
 //! journal detection (`JOURNAL_STREAM`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -12,44 +12,9 @@ use tokio::net::UnixDatagram;
 
 use crate::helpers::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sunopoll");
+use crate::binary::BIN;
 
-/// Every variable through which systemd talks to a service, so the test's own environment
-/// (perhaps a CI job run by systemd) cannot leak in.
-const SYSTEMD_VARS: [&str; 10] = [
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "JOURNAL_STREAM",
-    "CREDENTIALS_DIRECTORY",
-    "STATE_DIRECTORY",
-    "RUNTIME_DIRECTORY",
-];
-
-fn sunopoll(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env_remove("SUNO_API_KEY")
-        .env_remove("SUNOPOLL_SOCKET")
-        .env_remove("RUST_LOG");
-    for v in SYSTEMD_VARS {
-        c.env_remove(v);
-    }
-    c
-}
-
-async fn run(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().expect("run a command"))
-        .await
-        .expect("join")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use crate::binary::{SYSTEMD_VARS, run, sunopoll, text};
 
 fn utf8(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
