@@ -703,7 +703,7 @@ impl Scheduler {
                         cause = %cause,
                         attempt,
                         retry_in = %retry_in,
-                        retry_after = retry_after.map(format_duration).unwrap_or_default(),
+                        retry_after = retry_after.map_or_else(|| "none".to_owned(), format_duration),
                         "API {}; pausing all polling", kind.as_str()
                     ),
                 }
