@@ -64,14 +64,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// True for the outcomes that pause all polling rather than touching one task.
-    pub fn is_global_failure(&self) -> bool {
-        matches!(
-            self,
-            Outcome::Throttled { .. } | Outcome::Unavailable { .. } | Outcome::Unauthorized { .. }
-        )
-    }
-
     /// A short name for logs and `status`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -46,7 +46,6 @@ pub struct Daemon {
     socket: ControlSocket,
     store: Store,
     drain: Duration,
-    status: SharedStatus,
     notifier: Notifier,
 }
 
@@ -196,7 +195,6 @@ impl Daemon {
             socket,
             store,
             drain,
-            status,
             notifier: supervision.notifier,
         })
     }
@@ -204,16 +202,6 @@ impl Daemon {
     /// The control socket's path.
     pub fn socket_path(&self) -> &Path {
         &self.socket.path
-    }
-
-    /// The store handle (for tests and status).
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// The scheduler's published status.
-    pub fn status(&self) -> &SharedStatus {
-        &self.status
     }
 
     /// A token that stops the daemon when cancelled.
