@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::client::{self, EXIT_REFUSED, EXIT_USAGE, Output};
 use crate::config::{Config, Environment};
@@ -17,23 +17,28 @@ use crate::systemd::{self, Supervision};
 #[derive(Debug, Parser)]
 #[command(name = "sunopoll", version, about, long_about = None)]
 pub struct Cli {
+    /// Options accepted before or after the subcommand.
+    #[command(flatten)]
+    pub opts: GlobalOptions,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Options every client command takes.
+/// Options every command takes, before or after the subcommand (`sunopoll --socket P add ID`
+/// and `sunopoll add ID --socket P` mean the same).
 #[derive(Debug, Clone, Args)]
-pub struct ClientOptions {
-    /// The daemon's control socket (default: $SUNOPOLL_SOCKET, the config's control.socket,
-    /// the per-user socket, then /run/sunopoll.sock).
-    #[arg(long, value_name = "PATH")]
+pub struct GlobalOptions {
+    /// The daemon's control socket, for client commands (default: $SUNOPOLL_SOCKET, the
+    /// config's control.socket, the per-user socket, then /run/sunopoll.sock).
+    #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Read control.socket from this config file.
-    #[arg(long, value_name = "PATH")]
+    /// Config file: what `daemon` runs with and `check-config` checks (default: built-in
+    /// defaults); client commands read only its control.socket.
+    #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Print JSON for scripts instead of text.
-    #[arg(long)]
+    /// Print JSON for scripts instead of text (client commands).
+    #[arg(long, global = true)]
     pub json: bool,
 }
 
@@ -56,11 +61,7 @@ pub enum StateFilter {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground (systemd runs it so).
-    Daemon {
-        /// Config file (default: built-in defaults).
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-    },
+    Daemon,
     /// Start tracking task IDs (`-` reads IDs from standard input).
     Add {
         /// Task IDs as the API returned them.
@@ -72,9 +73,6 @@ pub enum Command {
         /// A label shown in `list` and `show`.
         #[arg(long, value_name = "TEXT")]
         label: Option<String>,
-        /// Socket and output options.
-        #[command(flatten)]
-        opts: ClientOptions,
     },
     /// List tasks, newest first.
     List {
@@ -84,25 +82,16 @@ pub enum Command {
         /// Show at most this many (newest first); 0 shows all.
         #[arg(long, default_value_t = 1000, value_name = "N")]
         limit: u32,
-        /// Socket and output options.
-        #[command(flatten)]
-        opts: ClientOptions,
     },
     /// Show one task: its state, last status and events with their bodies.
     Show {
         /// The task.
         task_id: String,
-        /// Socket and output options.
-        #[command(flatten)]
-        opts: ClientOptions,
     },
     /// Stop tracking a task (its events are kept).
     Remove {
         /// The task.
         task_id: String,
-        /// Socket and output options.
-        #[command(flatten)]
-        opts: ClientOptions,
     },
     /// Print stored events; with --follow, keep printing new ones.
     Events {
@@ -115,16 +104,9 @@ pub enum Command {
         /// Only this task's events.
         #[arg(long, value_name = "TASK_ID")]
         task: Option<String>,
-        /// Socket and output options.
-        #[command(flatten)]
-        opts: ClientOptions,
     },
     /// Daemon health: queue depth, pause state, last API answer. Exits 1 when unhealthy.
-    Status {
-        /// Socket and output options.
-        #[command(flatten)]
-        opts: ClientOptions,
-    },
+    Status,
     /// Deliver events again to their handlers, with their original webhook-id.
     #[command(group(clap::ArgGroup::new("what").required(true).args(["seq", "task", "failed_since", "sent_since"])))]
     Redeliver {
@@ -143,30 +125,58 @@ pub enum Command {
         /// Only to this target (a [[forward.target]] name, callback-url or submitted-callback-url).
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
-        /// Socket and output options.
-        #[command(flatten)]
-        opts: ClientOptions,
     },
     /// Check a config file (and say where the API key would come from). Exits 2 on problems.
-    CheckConfig {
-        /// Config file (default: check the built-in defaults).
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
+    CheckConfig,
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell) to standard output.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
+    /// Print the manual page (roff) to standard output: `sunopoll man | man -l -`.
+    Man,
 }
 
 /// The binary's entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let env = Environment::from_process();
+    let opts = cli.opts;
     match cli.command {
-        Command::Daemon { config } => run_daemon(config, &env),
-        Command::CheckConfig { config } => check_config(config, &env),
+        Command::Daemon => match daemon_only(&opts, "daemon") {
+            Ok(()) => run_daemon(opts.config, &env),
+            Err(code) => code,
+        },
+        Command::CheckConfig => match daemon_only(&opts, "check-config") {
+            Ok(()) => check_config(opts.config, &env),
+            Err(code) => code,
+        },
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "sunopoll", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            use std::io::Write;
+            let mut page = Vec::new();
+            let written = clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .and_then(|()| std::io::stdout().write_all(&page));
+            match written {
+                // `sunopoll man | head` closes the pipe early; that is the reader's choice.
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sunopoll: cannot write the manual page: {e}");
+                    ExitCode::from(EXIT_REFUSED)
+                }
+            }
+        }
         Command::Add {
             task_ids,
             callback_url,
             label,
-            opts,
         } => {
             let task_ids = if task_ids == ["-"] {
                 match client::read_ids(std::io::stdin()) {
@@ -197,7 +207,7 @@ pub fn main() -> ExitCode {
                 }),
             )
         }
-        Command::List { state, limit, opts } => {
+        Command::List { state, limit } => {
             let state = match state {
                 StateFilter::All => None,
                 s => Some(format!("{s:?}").to_lowercase()),
@@ -208,15 +218,12 @@ pub fn main() -> ExitCode {
                 client::list_request(state, (limit > 0).then_some(limit)),
             )
         }
-        Command::Show { task_id, opts } => run_client(&opts, &env, client::show_request(task_id)),
-        Command::Remove { task_id, opts } => {
-            run_client(&opts, &env, client::remove_request(task_id))
-        }
+        Command::Show { task_id } => run_client(&opts, &env, client::show_request(task_id)),
+        Command::Remove { task_id } => run_client(&opts, &env, client::remove_request(task_id)),
         Command::Events {
             follow,
             since,
             task,
-            opts,
         } => run_client(
             &opts,
             &env,
@@ -227,14 +234,13 @@ pub fn main() -> ExitCode {
                 limit: None,
             }),
         ),
-        Command::Status { opts } => run_client(&opts, &env, Request::Status(StatusRequest {})),
+        Command::Status => run_client(&opts, &env, Request::Status(StatusRequest {})),
         Command::Redeliver {
             seq,
             task,
             failed_since,
             sent_since,
             target,
-            opts,
         } => {
             let when = |s: Option<String>| -> Result<Option<String>, String> {
                 s.map(|s| {
@@ -270,7 +276,26 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run_client(opts: &ClientOptions, env: &Environment, request: Request) -> ExitCode {
+/// `--socket` and `--json` belong to client commands; the daemon's socket is `control.socket`
+/// in its config. Refusing them beats ignoring them: an operator who typed one meant something.
+fn daemon_only(opts: &GlobalOptions, command: &str) -> Result<(), ExitCode> {
+    let stray = if opts.socket.is_some() {
+        Some("--socket (set control.socket in the config instead)")
+    } else if opts.json {
+        Some("--json")
+    } else {
+        None
+    };
+    match stray {
+        Some(flag) => {
+            eprintln!("sunopoll: {command} does not take {flag}");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+        None => Ok(()),
+    }
+}
+
+fn run_client(opts: &GlobalOptions, env: &Environment, request: Request) -> ExitCode {
     // Only control.socket is read: a client has no business reading the daemon's secret files
     // (which it usually may not), nor failing on them.
     let configured = match &opts.config {

@@ -201,6 +201,11 @@ async fn daemon_add_show_against_the_fake_api() {
         compact(&lines[0]["body"]),
         compact(&fixture_json("callback.text.json"))
     );
+    // Global flags go before the subcommand as well as after it.
+    let out = run(sunopoll(&["--socket", &socket_arg, "--json", "show", TASK])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json before the subcommand");
+    assert_eq!(v["task"]["state"], "done");
     let out = run(sunopoll(&["status", "--socket", &socket_arg])).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     assert!(text(&out.stdout).contains("healthy"));
@@ -230,4 +235,48 @@ async fn daemon_add_show_against_the_fake_api() {
         !log.contains("\x1b["),
         "no colour codes when stderr is not a terminal"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_the_man_page_come_from_the_command_line_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(sunopoll(&["completions", shell])).await;
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for word in ["sunopoll", "add", "redeliver", "check-config", "socket"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let out = run(sunopoll(&["man"])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = text(&out.stdout);
+    assert!(page.contains(".TH sunopoll 1"), "{page}");
+    assert!(
+        page.contains("redeliver") && page.contains("\\-\\-socket"),
+        "{page}"
+    );
+    let out = run(sunopoll(&["completions", "tcsh"])).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_refuses_client_flags_instead_of_ignoring_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "http://127.0.0.1:9");
+    let config = config.to_str().expect("utf8");
+    for args in [
+        vec!["--socket", "/tmp/x.sock", "daemon", "--config", config],
+        vec!["check-config", "--json", "--config", config],
+    ] {
+        let out = run(sunopoll(&args)).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(text(&out.stderr).contains("does not take"), "{args:?}");
+    }
+    // --config before the subcommand reaches check-config.
+    let out = run(sunopoll(&["--config", config, "check-config"])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
