@@ -32,10 +32,13 @@ pub mod events;
 pub mod forward;
 pub mod housekeeping;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod scheduler;
 pub mod store;
 pub mod systemd;
+#[doc(hidden)]
+pub mod testing;
 
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
