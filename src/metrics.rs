@@ -95,6 +95,14 @@ pub const METRICS: &[MetricInfo] = &[
         "sunopoll_api_pause_seconds_left",
         "Seconds until the account's current pause ends and a probe is sent (0 when not paused).",
     ),
+    MetricInfo::gauge(
+        "sunopoll_api_paused_for_seconds",
+        "How long the account's current pause has lasted (0 when not paused).",
+    ),
+    MetricInfo::gauge(
+        "sunopoll_api_backoff_max_seconds",
+        "The account's configured backoff-max: a pause longer than this is more than throttling.",
+    ),
     MetricInfo::counter("sunopoll_events_total", "Events stored, by kind and stage."),
     MetricInfo::histogram(
         "sunopoll_task_duration_seconds",
@@ -204,6 +212,10 @@ pub struct AccountGauges {
     pub rate_limit: f64,
     /// The current pause's kind and time left, if paused.
     pub pause: Option<(&'static str, Duration)>,
+    /// How long the current pause has lasted (zero when not paused).
+    pub paused_for: Duration,
+    /// The configured `backoff-max`.
+    pub backoff_max: Duration,
 }
 
 /// A delivery target's queue, as a scrape sees it.
@@ -392,6 +404,10 @@ impl Metrics {
             let left = a.pause.map_or(0.0, |(_, left)| left.as_secs_f64());
             self.gauge("sunopoll_api_pause_seconds_left", &[("account", account)])
                 .set(left);
+            self.gauge("sunopoll_api_paused_for_seconds", &[("account", account)])
+                .set(a.paused_for.as_secs_f64());
+            self.gauge("sunopoll_api_backoff_max_seconds", &[("account", account)])
+                .set(a.backoff_max.as_secs_f64());
         }
         for t in &gauges.targets {
             let target = t.target.as_str();
@@ -512,6 +528,8 @@ mod tests {
                 account: "default".into(),
                 rate_limit: 2.0,
                 pause: Some(("throttled", Duration::from_secs(30))),
+                paused_for: Duration::from_secs(90),
+                backoff_max: Duration::from_secs(900),
             }],
             targets: vec![TargetGauges {
                 target: "app".into(),
