@@ -1,14 +1,14 @@
 //! Black-box tests of the real binary.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::helpers::*;
 
-use crate::binary::{run, sunopoll, text};
+use crate::binary::{run, sunopoll, terminate, text};
 
 fn write_config(dir: &Path, api: &str) -> PathBuf {
     let path = dir.join("config.toml");
@@ -173,16 +173,18 @@ async fn daemon_add_show_against_the_fake_api() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), format!("added     {TASK}"));
 
-    let show = loop {
-        let out = run(sunopoll(&["show", "--socket", &socket_arg, "--json", TASK])).await;
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-        if v["task"]["state"] == "done" {
-            break v;
-        }
-        assert!(started.elapsed() < PATIENCE, "never done: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let show = poll_until(
+        Deadline::patience(),
+        "the task done, as `show` tells",
+        Duration::from_millis(50),
+        || async {
+            let out = run(sunopoll(&["show", "--socket", &socket_arg, "--json", TASK])).await;
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+            (v["task"]["state"] == "done").then_some(v)
+        },
+    )
+    .await;
     assert_eq!(show["task"]["label"], "demo");
     let events = show["events"].as_array().expect("events");
     assert_eq!(events.len(), 3);
@@ -208,16 +210,7 @@ async fn daemon_add_show_against_the_fake_api() {
     assert_eq!(out.status.code(), Some(1), "a refused request exits 1");
 
     // SIGTERM: exit 0, socket removed, the key never printed.
-    let kill = run({
-        let mut k = Command::new("kill");
-        k.args(["-TERM", &daemon.id().to_string()]);
-        k
-    })
-    .await;
-    assert!(kill.status.success());
-    let status = tokio::task::spawn_blocking(move || daemon.wait().expect("wait"))
-        .await
-        .expect("join");
+    let status = terminate(daemon).await;
     assert_eq!(status.code(), Some(0));
     assert!(!socket.exists(), "the socket is removed at shutdown");
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).expect("log");

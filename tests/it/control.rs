@@ -244,8 +244,9 @@ async fn events_follow_streams_new_events_and_since_replays() {
         .await;
     d.add(&[TASK]).await;
     let mut streamed = Vec::new();
+    let deadline = Deadline::patience();
     for _ in 0..3 {
-        let v = follower.read_json().await.expect("event");
+        let v = follower.read_json_by(deadline).await.expect("event");
         assert_eq!(v["ok"], true);
         streamed.push(v["event"].clone());
     }
@@ -278,9 +279,10 @@ async fn events_follow_streams_new_events_and_since_replays() {
     let mut late = RawClient::connect(&d.socket()).await;
     late.send_line(r#"{"cmd":"events","follow":true,"since":0}"#)
         .await;
+    let deadline = Deadline::patience();
     for want in ["text", "first", "complete"] {
         assert_eq!(
-            late.read_json().await.expect("event")["event"]["stage"],
+            late.read_json_by(deadline).await.expect("event")["event"]["stage"],
             want
         );
     }

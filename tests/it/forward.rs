@@ -183,20 +183,16 @@ async fn a_handler_down_for_several_attempts_then_up_gets_everything_once_in_ord
         d.wait_state(id, "done").await;
     }
     // Wait until the first event has failed at least three times.
-    let started = Instant::now();
-    loop {
-        let (_, events) = d.show("down1").await;
-        if events[0]["deliveries"][0]["attempts"].as_u64().unwrap_or(0) >= 3 {
-            let log = &events[0]["deliveries"][0]["attempt_log"][0];
-            assert!(
-                log["error"].as_str().unwrap_or("").contains("refused"),
-                "{log}"
-            );
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE, "never retried: {events:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (_, events) = d
+        .show_until("down1", "its first event retried", |_, events| {
+            events[0]["deliveries"][0]["attempts"].as_u64().unwrap_or(0) >= 3
+        })
+        .await;
+    let log = &events[0]["deliveries"][0]["attempt_log"][0];
+    assert!(
+        log["error"].as_str().unwrap_or("").contains("refused"),
+        "{log}"
+    );
     let handler = Receiver::start_on(bring_up()).await;
     let received = wait_for(&handler, 6).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -258,23 +254,19 @@ async fn a_slow_handler_counts_as_failed_and_is_retried_with_the_same_id() {
         received[0].header("webhook-id"),
         received[1].header("webhook-id")
     );
-    let started = Instant::now();
-    loop {
-        let (_, events) = d.show(TASK).await;
-        let delivery = &events[0]["deliveries"][0];
-        if delivery["state"] == "delivered" {
-            assert_eq!(delivery["attempts"], 2);
-            let first = &delivery["attempt_log"][0];
-            assert_eq!(first["outcome"], "retry");
-            assert!(
-                first["error"].as_str().unwrap_or("").contains("timeout"),
-                "{first}"
-            );
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE, "never delivered: {delivery}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (_, events) = d
+        .show_until(TASK, "its event delivered", |_, events| {
+            events[0]["deliveries"][0]["state"] == "delivered"
+        })
+        .await;
+    let delivery = &events[0]["deliveries"][0];
+    assert_eq!(delivery["attempts"], 2);
+    let first = &delivery["attempt_log"][0];
+    assert_eq!(first["outcome"], "retry");
+    assert!(
+        first["error"].as_str().unwrap_or("").contains("timeout"),
+        "{first}"
+    );
     d.stop().await;
 }
 
@@ -367,27 +359,22 @@ async fn a_restart_in_the_middle_of_a_retry_schedule_resumes_it() {
         received[1].at.duration_since(received[0].at) >= Duration::from_millis(1300),
         "the schedule was kept"
     );
-    let started = Instant::now();
-    loop {
-        let (_, events) = d.show(TASK).await;
-        let delivery = &events[0]["deliveries"][0];
-        if delivery["state"] == "delivered" {
-            let attempts: Vec<u64> = delivery["attempt_log"]
-                .as_array()
-                .expect("log")
-                .iter()
-                .map(|a| a["attempt"].as_u64().unwrap_or(0))
-                .collect();
-            assert_eq!(
-                attempts,
-                [1, 2, 3],
-                "numbering continues across the restart"
-            );
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (_, events) = d
+        .show_until(TASK, "its event delivered", |_, events| {
+            events[0]["deliveries"][0]["state"] == "delivered"
+        })
+        .await;
+    let attempts: Vec<u64> = events[0]["deliveries"][0]["attempt_log"]
+        .as_array()
+        .expect("log")
+        .iter()
+        .map(|a| a["attempt"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        attempts,
+        [1, 2, 3],
+        "numbering continues across the restart"
+    );
     d.stop().await;
 }
 
@@ -424,18 +411,12 @@ async fn redeliver_a_task_and_everything_failed_since_a_time() {
     handler.always(500, Duration::ZERO);
     let since = sunopoll::clock::format_utc(sunopoll::clock::now_ms() - 1000);
     d.add(&["other"]).await;
-    let started = Instant::now();
-    loop {
-        let (_, events) = d.show("other").await;
-        if events
+    d.show_until("other", "its delivery given up", |_, events| {
+        events
             .first()
             .is_some_and(|e| e["deliveries"][0]["state"] == "failed")
-        {
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let before = handler.count();
     // ...and replayed once the handler is fixed.
     handler.always(200, Duration::ZERO);

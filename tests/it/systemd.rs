@@ -4,7 +4,7 @@
 //! journal detection (`JOURNAL_STREAM`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -14,7 +14,7 @@ use crate::helpers::*;
 
 use crate::binary::BIN;
 
-use crate::binary::{SYSTEMD_VARS, run, sunopoll, text};
+use crate::binary::{SYSTEMD_VARS, run, sunopoll, terminate, text};
 
 fn utf8(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -49,36 +49,9 @@ socket = "{}"
     path
 }
 
-async fn terminate(child: Child) -> std::process::ExitStatus {
-    let kill = run({
-        let mut k = Command::new("kill");
-        k.args(["-TERM", &child.id().to_string()]);
-        k
-    })
-    .await;
-    assert!(kill.status.success(), "kill -TERM failed");
-    wait(child).await
-}
-
-async fn wait(mut child: Child) -> std::process::ExitStatus {
-    tokio::task::spawn_blocking(move || {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if start.elapsed() > PATIENCE {
-                let _ = child.kill();
-                panic!("the daemon did not exit within {PATIENCE:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .expect("join")
-}
-
-/// Reads notify messages; every one is kept, with when it arrived.
+/// Reads notify messages; every one is kept, with when it arrived. Waits look at everything
+/// seen so far, so a message that came early (a `STATUS=` before `READY=1`) still counts, and
+/// each wait has one deadline that the stream of watchdog pings cannot push back.
 struct NotifyListener {
     socket: UnixDatagram,
     seen: Vec<(Instant, String)>,
@@ -92,27 +65,24 @@ impl NotifyListener {
         }
     }
 
-    /// The next message, or `None` if none comes within `PATIENCE`.
-    async fn next(&mut self) -> Option<String> {
+    /// Keeps reading until `done` holds for what has been seen, or panics naming `what` once
+    /// `PATIENCE` has passed.
+    async fn until(&mut self, what: &str, done: impl Fn(&NotifyListener) -> bool) {
+        let deadline = Deadline::patience();
         let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(PATIENCE, self.socket.recv(&mut buf))
-            .await
-            .ok()?
-            .expect("recv");
-        let msg = text(&buf[..n]).trim_end().to_owned();
-        self.seen.push((Instant::now(), msg.clone()));
-        Some(msg)
+        while !done(self) {
+            let Some(received) = deadline.run(self.socket.recv(&mut buf)).await else {
+                panic!("no {what} within {PATIENCE:?}; seen: {:#?}", self.seen);
+            };
+            let n = received.expect("recv");
+            let msg = text(&buf[..n]).trim_end().to_owned();
+            self.seen.push((Instant::now(), msg));
+        }
     }
 
-    /// Reads until a message has a line for which `want` holds; returns that message.
-    async fn until(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
-        loop {
-            match self.next().await {
-                Some(m) if m.lines().any(&want) => return m,
-                Some(_) => {}
-                None => panic!("no {what} within {PATIENCE:?}; seen: {:#?}", self.seen),
-            }
-        }
+    /// Waits until some message has exactly this line.
+    async fn until_line(&mut self, line: &str) {
+        self.until(line, |n| n.count(line) > 0).await;
     }
 
     fn count(&self, line: &str) -> usize {
@@ -157,7 +127,7 @@ async fn notify_ready_status_watchdog_and_stopping_with_the_key_as_a_credential(
         .expect("spawn the daemon");
 
     // READY=1 only once everything is up: by then the socket answers.
-    notify.until("READY=1", |l| l == "READY=1").await;
+    notify.until_line("READY=1").await;
     let status = run(sunopoll(&["status", "--json", "--socket", utf8(&socket)])).await;
     assert_eq!(
         status.status.code(),
@@ -169,19 +139,12 @@ async fn notify_ready_status_watchdog_and_stopping_with_the_key_as_a_credential(
     assert_eq!(v["healthy"], true, "{v}");
 
     // STATUS= says what is going on, and changes when a task is added (the fake API keeps it
-    // PENDING, so it stays active).
-    notify
-        .until("STATUS=0 tasks active, polling", |l| {
-            l == "STATUS=0 tasks active, polling"
-        })
-        .await;
+    // PENDING, so it stays active). The scheduler may report before READY=1: its order
+    // against READY=1 is no promise.
+    notify.until_line("STATUS=0 tasks active, polling").await;
     let add = run(sunopoll(&["add", "--socket", utf8(&socket), TASK])).await;
     assert!(add.status.success(), "{}", text(&add.stderr));
-    notify
-        .until("STATUS=1 task active, polling", |l| {
-            l == "STATUS=1 task active, polling"
-        })
-        .await;
+    notify.until_line("STATUS=1 task active, polling").await;
     eventually("a poll with the credential's key", || {
         api.total_calls() >= 1
     })
@@ -195,14 +158,16 @@ async fn notify_ready_status_watchdog_and_stopping_with_the_key_as_a_credential(
 
     // WATCHDOG=1 keeps coming, from the loop, without spinning.
     let pings_before = notify.count("WATCHDOG=1");
-    for _ in 0..3 {
-        notify.until("WATCHDOG=1", |l| l == "WATCHDOG=1").await;
-    }
+    notify
+        .until("three more WATCHDOG=1", |n| {
+            n.count("WATCHDOG=1") >= pings_before + 3
+        })
+        .await;
     assert!(notify.count("WATCHDOG=1") >= pings_before + 3);
 
     // SIGTERM: STOPPING=1 first, then a clean exit.
     let status = terminate(daemon).await;
-    notify.until("STOPPING=1", |l| l == "STOPPING=1").await;
+    notify.until_line("STOPPING=1").await;
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
     let elapsed = started.elapsed();
 
