@@ -267,8 +267,13 @@ pub async fn output_by(child: Child, deadline: Deadline) -> Output {
     }
 }
 
-/// Waits for `child` to exit; kills it and panics once `deadline` passes.
-pub async fn exit_by(child: &mut Child, deadline: Deadline) -> ExitStatus {
+/// Waits for `child` to exit; once `deadline` passes, kills it and panics with `context()`
+/// (what it logged, say).
+pub async fn exit_by(
+    child: &mut Child,
+    deadline: Deadline,
+    context: impl FnOnce() -> String,
+) -> ExitStatus {
     loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
             return status;
@@ -277,8 +282,9 @@ pub async fn exit_by(child: &mut Child, deadline: Deadline) -> ExitStatus {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "process {} did not exit by its deadline; killed",
-                child.id()
+                "process {} did not exit by its deadline; killed\n{}",
+                child.id(),
+                context()
             );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -288,7 +294,7 @@ pub async fn exit_by(child: &mut Child, deadline: Deadline) -> ExitStatus {
 /// Sends SIGTERM to `child` and waits (within `PATIENCE`) for it to exit.
 pub async fn terminate(mut child: Child) -> ExitStatus {
     kill_pid("-TERM", child.id()).await;
-    exit_by(&mut child, Deadline::patience()).await
+    exit_by(&mut child, Deadline::patience(), String::new).await
 }
 
 /// `kill SIGNAL pid` (the `kill` command: `Child::kill` only sends SIGKILL).
@@ -445,18 +451,10 @@ impl BinDaemon {
     pub async fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         kill_pid("-TERM", child.id()).await;
-        let deadline = Deadline::patience();
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if deadline.passed() {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the daemon ignored SIGTERM:\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        exit_by(&mut child, Deadline::patience(), || {
+            format!("the daemon ignored SIGTERM:\n{}", self.log_text())
+        })
+        .await
     }
 
     /// Stops the daemon with SIGTERM, checks it exited 0 and printed no secret, and returns

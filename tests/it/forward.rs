@@ -11,17 +11,6 @@ use crate::helpers::*;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-fn full_run(api: &FakeApi, task: &str) {
-    api.script(
-        task,
-        vec![
-            Reply::fixture_for("record-info.TEXT_SUCCESS.json", task),
-            Reply::fixture_for("record-info.FIRST_SUCCESS.json", task),
-            Reply::fixture_for("record-info.SUCCESS.json", task),
-        ],
-    );
-}
-
 fn short_schedule(c: &mut Config, delays_ms: &[u64]) {
     c.forward.retry_schedule = delays_ms
         .iter()
@@ -87,7 +76,7 @@ fn stages_for(received: &[Received], task: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_gets_each_event_byte_for_byte_signed_with_stable_ids() {
     let api = FakeApi::start().await;
-    full_run(&api, TASK);
+    api.script_statuses(TASK, &EVERY_STAGE);
     api.script(
         "failing",
         vec![Reply::fixture_for(
@@ -169,7 +158,7 @@ async fn a_handler_down_for_several_attempts_then_up_gets_everything_once_in_ord
     let api = FakeApi::start().await;
     let ids = ["down1", "down2"];
     for id in ids {
-        full_run(&api, id);
+        api.script_statuses(id, &EVERY_STAGE);
     }
     let (port, bring_up) = dead_port();
     let url = format!("http://127.0.0.1:{port}/suno/callback");
@@ -211,13 +200,7 @@ async fn a_handler_down_for_several_attempts_then_up_gets_everything_once_in_ord
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_never_overtakes_a_first_that_is_still_being_retried() {
     let api = FakeApi::start().await;
-    api.script(
-        TASK,
-        vec![
-            Reply::fixture("record-info.FIRST_SUCCESS.json"),
-            Reply::fixture("record-info.SUCCESS.json"),
-        ],
-    );
+    api.script_statuses(TASK, &["FIRST_SUCCESS", "SUCCESS"]);
     let handler = Receiver::start().await;
     // text and first each fail twice; complete would be ready long before.
     handler.script(&[(500, Duration::ZERO), (500, Duration::ZERO)]);
@@ -237,7 +220,7 @@ async fn complete_never_overtakes_a_first_that_is_still_being_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_handler_counts_as_failed_and_is_retried_with_the_same_id() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.TEXT_SUCCESS.json")]);
+    api.script_statuses(TASK, &["TEXT_SUCCESS"]);
     let handler = Receiver::start().await;
     handler.script(&[(200, Duration::from_millis(1500))]);
     let url = handler.url();
@@ -273,7 +256,7 @@ async fn a_slow_handler_counts_as_failed_and_is_retried_with_the_same_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_stops_that_event_for_that_target_at_once() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.TEXT_SUCCESS.json")]);
+    api.script_statuses(TASK, &["TEXT_SUCCESS"]);
     let handler = Receiver::start().await;
     handler.always(410, Duration::ZERO);
     let url = handler.url();
@@ -298,7 +281,7 @@ async fn a_dead_target_does_not_hold_back_another() {
     let api = FakeApi::start().await;
     let ids: Vec<String> = (0..6).map(|i| format!("pair{i}")).collect();
     for id in &ids {
-        full_run(&api, id);
+        api.script_statuses(id, &EVERY_STAGE);
     }
     let live = Receiver::start().await;
     // The dead one never answers within its timeout: it ties up its own slots only.
@@ -335,7 +318,7 @@ async fn a_dead_target_does_not_hold_back_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_in_the_middle_of_a_retry_schedule_resumes_it() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.TEXT_SUCCESS.json")]);
+    api.script_statuses(TASK, &["TEXT_SUCCESS"]);
     let handler = Receiver::start().await;
     handler.script(&[(503, Duration::ZERO), (503, Duration::ZERO)]);
     let url = handler.url();
@@ -381,11 +364,8 @@ async fn a_restart_in_the_middle_of_a_retry_schedule_resumes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redeliver_a_task_and_everything_failed_since_a_time() {
     let api = FakeApi::start().await;
-    full_run(&api, TASK);
-    api.script(
-        "other",
-        vec![Reply::fixture_for("record-info.TEXT_SUCCESS.json", "other")],
-    );
+    api.script_statuses(TASK, &EVERY_STAGE);
+    api.script_statuses("other", &["TEXT_SUCCESS"]);
     let handler = Receiver::start().await;
     let url = handler.url();
     let mut d = TestDaemon::start(&api, |c| {
@@ -455,7 +435,7 @@ async fn redeliver_a_task_and_everything_failed_since_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_filter_and_a_per_task_callback_url() {
     let api = FakeApi::start().await;
-    full_run(&api, TASK);
+    api.script_statuses(TASK, &EVERY_STAGE);
     let finals = Receiver::start().await;
     let per_task = Receiver::start().await;
     let url = finals.url();
@@ -488,10 +468,7 @@ async fn use_task_callback_url_follows_allow_hosts() {
         .replace(TASK, "allowed");
     api.script("allowed", vec![Reply::raw(200, allowed)]);
     // The fixture's own callBackUrl (hooks.example.com) is not an allowed host.
-    api.script(
-        "outside",
-        vec![Reply::fixture_for("record-info.SUCCESS.json", "outside")],
-    );
+    api.script_statuses("outside", &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.forward.use_task_callback_url = true).await;
     d.add(&["allowed", "outside"]).await;
     let received = wait_for(&handler, 3).await;

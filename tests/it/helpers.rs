@@ -170,7 +170,21 @@ impl Reply {
             .replace(TASK, task);
         Reply::raw(200, text)
     }
+
+    /// One answer per status, in order: `record-info.<STATUS>.json` rewritten for `task`.
+    pub fn statuses(task: &str, statuses: &[&str]) -> Vec<Reply> {
+        statuses
+            .iter()
+            .map(|s| Reply::fixture_for(&format!("record-info.{s}.json"), task))
+            .collect()
+    }
 }
+
+/// A task that goes through every stage, one per poll.
+pub const EVERY_STAGE: [&str; 3] = ["TEXT_SUCCESS", "FIRST_SUCCESS", "SUCCESS"];
+
+/// A task that gets its lyrics, then fails.
+pub const TEXT_THEN_FAILURE: [&str; 2] = ["TEXT_SUCCESS", "GENERATE_AUDIO_FAILED"];
 
 #[derive(Default)]
 struct ApiState {
@@ -256,6 +270,11 @@ impl FakeApi {
             .insert(task.to_owned(), replies);
     }
 
+    /// Answers for `task` from fixtures, one status per poll; the last repeats.
+    pub fn script_statuses(&self, task: &str, statuses: &[&str]) {
+        self.script(task, Reply::statuses(task, statuses));
+    }
+
     /// While set, every request gets this answer (a storm or an outage).
     pub fn set_override(&self, reply: Option<Reply>) {
         self.state.lock().expect("state").override_all = reply;
@@ -290,6 +309,55 @@ impl FakeApi {
     /// The base URL to configure.
     pub fn uri(&self) -> String {
         self.server.uri()
+    }
+}
+
+/// Writes `dir/config.toml` for the real binary: short interval, no rate limit, the store
+/// under `dir/state`, the control socket at `socket`. Returns its path.
+pub fn write_config(dir: &Path, api: &str, socket: &Path) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[api]
+base-url = "{api}"
+request-timeout = "5s"
+
+[poll]
+interval = "100ms"
+max-requests-per-second = "unlimited"
+backoff-max = "1s"
+
+[store]
+path = "state/sunopoll.db"
+
+[control]
+socket = "{}"
+"#,
+            socket.to_str().expect("utf-8 path")
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+/// Waits (within `PATIENCE`) until `socket` exists; panics with the daemon's log at `log` if
+/// `child` exits first or the deadline passes.
+pub async fn wait_for_socket(child: &mut std::process::Child, socket: &Path, log: &Path) {
+    let deadline = Deadline::patience();
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    while !socket.exists() {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("the daemon exited early: {status}: {}", log_text());
+        }
+        assert!(
+            !deadline.passed(),
+            "{} never appeared: {}",
+            socket.display(),
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -428,6 +496,59 @@ impl TestDaemon {
                 .expect("the daemon shuts down in time");
         }
     }
+}
+
+/// Starts a daemon on `config` whose start must fail, and returns why (within `PATIENCE`).
+pub async fn refused_start(config: &Config) -> String {
+    init_logs();
+    let started = Deadline::patience()
+        .run(Daemon::start(
+            config.clone(),
+            ApiKey::new(KEY).expect("key"),
+            None,
+        ))
+        .await
+        .expect("the start ends in time");
+    match started {
+        Ok(_) => panic!("the daemon started on {config:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Starts a daemon on `config` under a recording notifier with a watchdog pinged every
+/// `watchdog`; returns it with the recording.
+pub async fn start_supervised(
+    config: &Config,
+    watchdog: Duration,
+) -> (Daemon, sunopoll::systemd::Recording) {
+    use sunopoll::systemd::{Notifier, Supervision};
+    init_logs();
+    let (notifier, recording) = Notifier::recording();
+    let supervision = Supervision {
+        notifier,
+        watchdog: Some(watchdog),
+    };
+    let key = ApiKey::new(KEY).expect("key");
+    let daemon = Deadline::patience()
+        .run(Daemon::start_supervised(
+            config.clone(),
+            key,
+            None,
+            supervision,
+        ))
+        .await
+        .expect("the daemon starts in time")
+        .expect("daemon starts");
+    (daemon, recording)
+}
+
+/// How many `WATCHDOG=1` pings `recording` has seen.
+pub fn watchdog_pings(recording: &sunopoll::systemd::Recording) -> usize {
+    recording
+        .messages()
+        .iter()
+        .filter(|m| *m == "WATCHDOG=1")
+        .count()
 }
 
 /// Polls `check` until it is true or `PATIENCE` runs out.
