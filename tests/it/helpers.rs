@@ -1,5 +1,11 @@
 //! Test harness: a scriptable fake API (wiremock on 127.0.0.1), the daemon in-process on a
-//! temporary directory, and a raw client for the control socket.
+//! temporary directory, a raw client for the control socket, the config file and scripted tasks
+//! the suites share, and the waits.
+//!
+//! Every wait has one overall [`Deadline`] (`PATIENCE` unless said otherwise), never a timeout
+//! per step that a stream of unrelated messages could keep renewing; and a wait looks for
+//! what it needs among everything seen so far rather than assuming an order between
+//! independent messages.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
