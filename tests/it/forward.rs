@@ -98,7 +98,17 @@ async fn a_handler_gets_each_event_byte_for_byte_signed_with_stable_ids() {
     assert_eq!(stages_for(&received, TASK), ["text", "first", "complete"]);
     assert_eq!(stages_for(&received, "failing"), ["error"]);
 
-    let (_, events) = d.show(TASK).await;
+    // A handler has a request before the daemon has its answer recorded: wait for the record.
+    let all_delivered = |_: &Value, events: &[Value]| {
+        events
+            .iter()
+            .all(|e| e["deliveries"][0]["state"] != "pending")
+    };
+    d.show_until("failing", "its delivery recorded", all_delivered)
+        .await;
+    let (_, events) = d
+        .show_until(TASK, "its deliveries recorded", all_delivered)
+        .await;
     for (r, ev) in received.iter().filter(|r| r.task() == TASK).zip(&events) {
         // Byte-identical to the stored event, and a valid callback body.
         assert_eq!(r.body, compact(&ev["body"]).into_bytes());
@@ -406,7 +416,11 @@ async fn redeliver_a_task_and_everything_failed_since_a_time() {
     assert_eq!(v["deliveries"], 1, "{v}");
     let all = wait_for(&handler, before + 1).await;
     assert_eq!(all.last().map(Received::task).as_deref(), Some("other"));
-    let (_, events) = d.show("other").await;
+    let (_, events) = d
+        .show_until("other", "the replay recorded", |_, events| {
+            events[0]["deliveries"][0]["state"] != "pending"
+        })
+        .await;
     assert_eq!(events[0]["deliveries"][0]["state"], "delivered");
 
     // Bad replays are refused clearly.
