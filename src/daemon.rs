@@ -74,6 +74,26 @@ impl Daemon {
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .context("the store thread panicked while opening")??;
+        let started =
+            Daemon::start_on(config, key, passed, supervision, store.clone(), started_at).await;
+        if started.is_err() {
+            // A failed start holds nothing: left to itself the store thread would release the
+            // queue's lock only once it noticed the dropped handle, and a start retried at once
+            // in this process could find its own queue "in use by another sunopoll daemon".
+            store.close().await;
+        }
+        started
+    }
+
+    /// The rest of [`Daemon::start_supervised`], once the store is open.
+    async fn start_on(
+        config: Config,
+        key: ApiKey,
+        passed: Option<PassedSocket>,
+        supervision: Supervision,
+        store: Store,
+        started_at: i64,
+    ) -> anyhow::Result<Daemon> {
         let counts = store.counts().await.context("reading the queue")?;
 
         let api = ApiClient::new(&config.api.base_url, key, config.api.request_timeout)

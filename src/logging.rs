@@ -22,6 +22,11 @@
 //! sends. An entry that cannot be sent as a datagram (too large, journald restarting) is written
 //! to stderr instead, which under systemd is the journal too.
 //!
+//! The journald socket is non-blocking: a log line must never stop a tokio worker or the store
+//! thread. When journald stalls (its receive queue full), each entry goes to stderr instead, the
+//! first time with a line saying why; every entry tries the socket first, so the journal is used
+//! again as soon as it drains.
+//!
 //! `RUST_LOG`, when set, overrides the configured level (e.g. `RUST_LOG=sunopoll=debug`).
 
 use std::fmt::{self, Write as _};
@@ -31,10 +36,12 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
@@ -232,34 +239,77 @@ where
 /// Sends each event to journald as one entry: `MESSAGE` (the message and its fields, as a plain
 /// line shows them), `PRIORITY`, `SYSLOG_IDENTIFIER`, and one journal field per event field.
 /// Span fields are not included (sunopoll logs no spans).
-pub struct JournalLayer {
+///
+/// An entry journald cannot take at once (its queue is full, it is restarting, the entry is too
+/// large) is written as a plain line to the fallback writer, stderr unless
+/// [`JournalLayer::with_fallback`] says otherwise.
+pub struct JournalLayer<W = fn() -> std::io::Stderr> {
     socket: UnixDatagram,
     path: PathBuf,
+    fallback: W,
+    /// Set once the stall has been reported, so a journald that stays stalled costs one note.
+    stall_reported: AtomicBool,
 }
+
+/// The note written to the fallback (with a warning's priority prefix) the first time journald
+/// cannot take an entry at once.
+pub const STALL_NOTE: &str = "journald is not accepting entries (its socket is full); \
+    log lines go to stderr until it drains";
 
 impl JournalLayer {
     /// Connects to journald at `path`, checking that something receives there (journald
-    /// discards an empty datagram).
+    /// discards an empty datagram). The socket is non-blocking from here on.
     pub fn connect(path: &Path) -> std::io::Result<JournalLayer> {
         let socket = UnixDatagram::unbound()?;
-        socket.send_to(&[], path)?;
+        socket.set_nonblocking(true)?;
+        match socket.send_to(&[], path) {
+            Ok(_) => {}
+            // Someone is bound there and merely busy: later entries find it drained.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
         Ok(JournalLayer {
             socket,
             path: path.to_owned(),
+            fallback: std::io::stderr,
+            stall_reported: AtomicBool::new(false),
         })
     }
 }
 
-impl<S: Subscriber> Layer<S> for JournalLayer {
+impl<W> JournalLayer<W> {
+    /// The same layer, writing the lines journald cannot take to `fallback` instead of stderr.
+    pub fn with_fallback<W2>(self, fallback: W2) -> JournalLayer<W2> {
+        JournalLayer {
+            socket: self.socket,
+            path: self.path,
+            fallback,
+            stall_reported: self.stall_reported,
+        }
+    }
+}
+
+impl<S, W> Layer<S> for JournalLayer<W>
+where
+    S: Subscriber,
+    W: for<'a> MakeWriter<'a> + 'static,
+{
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let mut fields = EventFields::default();
         event.record(&mut fields);
         let priority = priority(event.metadata().level());
         let entry = journal_entry(priority, &fields);
-        if self.socket.send_to(&entry, &self.path).is_err() {
-            // Under systemd stderr is the journal as well; keep the priority with the prefix.
-            let _ = writeln!(std::io::stderr(), "<{priority}>{}", fields.line());
+        let Err(e) = self.socket.send_to(&entry, &self.path) else {
+            return;
+        };
+        // Under systemd stderr is the journal as well; keep the priority with the prefix.
+        let mut out = self.fallback.make_writer();
+        if e.kind() == std::io::ErrorKind::WouldBlock
+            && !self.stall_reported.swap(true, Ordering::Relaxed)
+        {
+            let _ = writeln!(out, "<4>{STALL_NOTE}");
         }
+        let _ = writeln!(out, "<{priority}>{}", fields.line());
     }
 }
 
@@ -448,6 +498,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("journal.sock");
         let journal = UnixDatagram::bind(&path).expect("bind");
+        // Bounded: a lost entry fails the test instead of hanging it.
+        journal
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("read timeout");
         let layer = JournalLayer::connect(&path).expect("connect");
         let mut buf = vec![0u8; 65536];
         let n = journal.recv(&mut buf).expect("the empty probe");
@@ -484,5 +538,108 @@ mod tests {
         let fields = decode(&buf[..n]);
         assert!(fields.contains(&("PRIORITY".to_owned(), "6".to_owned())));
         assert!(fields.contains(&("F_PRIORITY".to_owned(), "1".to_owned())));
+    }
+
+    /// The lines a [`JournalLayer`] falls back to, captured.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("captured").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().expect("captured")).into_owned()
+        }
+    }
+
+    #[test]
+    fn a_stalled_journald_never_blocks_and_the_lines_go_to_stderr_until_it_drains() {
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal.sock");
+        // A journald stand-in that reads nothing: its queue fills up.
+        let journal = UnixDatagram::bind(&path).expect("bind");
+        let stderr = Captured::default();
+        let layer = JournalLayer::connect(&path)
+            .expect("connect")
+            .with_fallback({
+                let stderr = stderr.clone();
+                move || stderr.clone()
+            });
+
+        // Far more entries than any datagram queue holds; the logger runs on its own thread so
+        // a blocking send fails this test at the deadline instead of hanging it.
+        const ENTRIES: usize = 5000;
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let logger = std::thread::spawn({
+            let dispatch = dispatch.clone();
+            move || {
+                let started = Instant::now();
+                tracing::dispatcher::with_default(&dispatch, || {
+                    for n in 0..ENTRIES {
+                        tracing::info!(n, padding = %"x".repeat(1024), "entry");
+                    }
+                });
+                let _ = done_tx.send(started.elapsed());
+            }
+        });
+        let took = done_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the logger returned: a stalled journald must not block it");
+        assert!(
+            took < Duration::from_secs(10),
+            "{ENTRIES} entries took {took:?} against a stalled journald"
+        );
+        let text = stderr.text();
+        assert_eq!(
+            text.matches(STALL_NOTE).count(),
+            1,
+            "the stall is reported once: {}",
+            &text[..text.len().min(2000)]
+        );
+        assert!(
+            text.starts_with(&format!("<4>{STALL_NOTE}\n")),
+            "{}",
+            &text[..200]
+        );
+        let last = format!("<6>entry n={}", ENTRIES - 1);
+        assert!(text.contains(&last), "the last entry went to stderr");
+        let on_stderr = text.lines().filter(|l| l.starts_with("<6>entry")).count();
+        assert!(on_stderr > 0 && on_stderr < ENTRIES);
+
+        // journald drains its queue: the next entry goes to the journal again, not to stderr.
+        journal.set_nonblocking(true).expect("nonblocking");
+        let mut buf = vec![0u8; 65536];
+        let mut queued = 0;
+        while journal.recv(&mut buf).is_ok() {
+            queued += 1;
+        }
+        assert!(
+            queued > 1,
+            "some entries reached the journal before it stalled"
+        );
+        logger.join().expect("the logger thread");
+        let before = stderr.text().len();
+        tracing::dispatcher::with_default(&dispatch, || tracing::warn!("after the drain"));
+        journal
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        journal.set_nonblocking(false).expect("blocking");
+        let n = journal.recv(&mut buf).expect("the entry after the drain");
+        assert!(
+            decode(&buf[..n]).contains(&("MESSAGE".to_owned(), "after the drain".to_owned())),
+            "the journal is used again once it drains"
+        );
+        assert_eq!(stderr.text().len(), before, "nothing more on stderr");
     }
 }

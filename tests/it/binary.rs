@@ -237,11 +237,77 @@ pub fn sunopoll(args: &[&str]) -> Command {
     c
 }
 
-/// Runs a command to completion off the async threads.
+/// Longest a command run by [`run`] may take: more than the CLI's own 60 s wait for an answer
+/// (so that its own error is what a test sees), and more than a daemon may need to answer
+/// `status` while its store waits out SQLite's busy timeout several times.
+pub const COMMAND_PATIENCE: Duration = Duration::from_secs(90);
+
+/// Runs a command to completion off the async threads, capturing its output; kills it and
+/// panics if it has not finished within [`COMMAND_PATIENCE`].
 pub async fn run(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().expect("run sunopoll"))
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sunopoll");
+    output_by(child, Deadline::after(COMMAND_PATIENCE)).await
+}
+
+/// Waits for `child` and collects what it printed (it must have been spawned with piped
+/// stdout and stderr); kills it and panics once `deadline` passes.
+pub async fn output_by(child: Child, deadline: Deadline) -> Output {
+    let pid = child.id();
+    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
+    match deadline.run(waiting).await {
+        Some(joined) => joined.expect("join").expect("wait for the command"),
+        None => {
+            kill_pid("-KILL", pid).await;
+            panic!("process {pid} did not finish by its deadline; killed");
+        }
+    }
+}
+
+/// Waits for `child` to exit; once `deadline` passes, kills it and panics with `context()`
+/// (what it logged, say).
+pub async fn exit_by(
+    child: &mut Child,
+    deadline: Deadline,
+    context: impl FnOnce() -> String,
+) -> ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if deadline.passed() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "process {} did not exit by its deadline; killed\n{}",
+                child.id(),
+                context()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends SIGTERM to `child` and waits (within `PATIENCE`) for it to exit.
+pub async fn terminate(mut child: Child) -> ExitStatus {
+    kill_pid("-TERM", child.id()).await;
+    exit_by(&mut child, Deadline::patience(), String::new).await
+}
+
+/// `kill SIGNAL pid` (the `kill` command: `Child::kill` only sends SIGKILL).
+async fn kill_pid(signal: &str, pid: u32) {
+    let mut k = Command::new("kill");
+    k.args([signal, &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let status = tokio::task::spawn_blocking(move || k.status())
         .await
         .expect("join")
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid} failed");
 }
 
 /// Output as text.
@@ -384,25 +450,11 @@ impl BinDaemon {
     /// SIGTERM, then waits for the exit (at most [`PATIENCE`]).
     pub async fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        let kill = run({
-            let mut k = Command::new("kill");
-            k.args(["-TERM", &child.id().to_string()]);
-            k
+        kill_pid("-TERM", child.id()).await;
+        exit_by(&mut child, Deadline::patience(), || {
+            format!("the daemon ignored SIGTERM:\n{}", self.log_text())
         })
-        .await;
-        assert!(kill.status.success(), "kill -TERM failed");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if started.elapsed() > PATIENCE {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the daemon ignored SIGTERM:\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        .await
     }
 
     /// Stops the daemon with SIGTERM, checks it exited 0 and printed no secret, and returns

@@ -1,41 +1,13 @@
 //! Black-box tests of the real binary.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::helpers::*;
 
-use crate::binary::{run, sunopoll, text};
-
-fn write_config(dir: &Path, api: &str) -> PathBuf {
-    let path = dir.join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[api]
-base-url = "{api}"
-request-timeout = "5s"
-
-[poll]
-interval = "100ms"
-max-requests-per-second = "unlimited"
-backoff-max = "1s"
-
-[store]
-path = "state/sunopoll.db"
-
-[control]
-socket = "run/sunopoll.sock"
-"#
-        ),
-    )
-    .expect("write config");
-    path
-}
+use crate::binary::{run, sunopoll, terminate, text};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_accepts_the_example_and_reports_every_problem_with_exit_2() {
@@ -84,7 +56,11 @@ async fn check_config_accepts_the_example_and_reports_every_problem_with_exit_2(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_without_an_api_key_names_all_three_sources_and_exits_2() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), "http://127.0.0.1:9");
+    let config = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &dir.path().join("run/sunopoll.sock"),
+    );
     let out = run(sunopoll(&[
         "daemon",
         "--config",
@@ -126,18 +102,13 @@ async fn client_commands_without_a_daemon_exit_3_and_bad_ids_exit_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_add_show_against_the_fake_api() {
     let api = FakeApi::start().await;
-    api.script(
+    api.script_statuses(
         TASK,
-        vec![
-            Reply::fixture("record-info.PENDING.json"),
-            Reply::fixture("record-info.TEXT_SUCCESS.json"),
-            Reply::fixture("record-info.FIRST_SUCCESS.json"),
-            Reply::fixture("record-info.SUCCESS.json"),
-        ],
+        &["PENDING", "TEXT_SUCCESS", "FIRST_SUCCESS", "SUCCESS"],
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &api.uri());
     let socket = dir.path().join("run/sunopoll.sock");
+    let config = write_config(dir.path(), &api.uri(), &socket);
     let socket_arg = socket.to_str().expect("utf8").to_owned();
     let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
     let mut daemon = sunopoll(&["daemon", "--config", config.to_str().expect("utf8")])
@@ -146,20 +117,7 @@ async fn daemon_add_show_against_the_fake_api() {
         .stderr(log)
         .spawn()
         .expect("spawn the daemon");
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "the daemon never created its socket"
-        );
-        if let Some(status) = daemon.try_wait().expect("wait") {
-            panic!(
-                "the daemon exited early: {status}: {}",
-                std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_socket(&mut daemon, &socket, &dir.path().join("daemon.log")).await;
 
     let out = run(sunopoll(&[
         "add",
@@ -173,16 +131,18 @@ async fn daemon_add_show_against_the_fake_api() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), format!("added     {TASK}"));
 
-    let show = loop {
-        let out = run(sunopoll(&["show", "--socket", &socket_arg, "--json", TASK])).await;
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-        if v["task"]["state"] == "done" {
-            break v;
-        }
-        assert!(started.elapsed() < PATIENCE, "never done: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let show = poll_until(
+        Deadline::patience(),
+        "the task done, as `show` tells",
+        Duration::from_millis(50),
+        || async {
+            let out = run(sunopoll(&["show", "--socket", &socket_arg, "--json", TASK])).await;
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+            (v["task"]["state"] == "done").then_some(v)
+        },
+    )
+    .await;
     assert_eq!(show["task"]["label"], "demo");
     let events = show["events"].as_array().expect("events");
     assert_eq!(events.len(), 3);
@@ -213,16 +173,7 @@ async fn daemon_add_show_against_the_fake_api() {
     assert_eq!(out.status.code(), Some(1), "a refused request exits 1");
 
     // SIGTERM: exit 0, socket removed, the key never printed.
-    let kill = run({
-        let mut k = Command::new("kill");
-        k.args(["-TERM", &daemon.id().to_string()]);
-        k
-    })
-    .await;
-    assert!(kill.status.success());
-    let status = tokio::task::spawn_blocking(move || daemon.wait().expect("wait"))
-        .await
-        .expect("join");
+    let status = terminate(daemon).await;
     assert_eq!(status.code(), Some(0));
     assert!(!socket.exists(), "the socket is removed at shutdown");
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).expect("log");

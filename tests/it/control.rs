@@ -107,7 +107,7 @@ async fn bad_requests_get_errors_while_a_normal_client_keeps_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_reports_known_ids_and_does_not_reset_them() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.TEXT_SUCCESS.json")]);
+    api.script_statuses(TASK, &["TEXT_SUCCESS"]);
     let mut d = TestDaemon::start(&api, |_| {}).await;
     let v = d.add(&[TASK, TASK, "other"]).await;
     assert_eq!(v["added"], 2, "duplicates in one request count once: {v}");
@@ -172,15 +172,14 @@ async fn a_second_daemon_on_the_same_socket_is_refused_and_a_stale_socket_replac
     let mut first = TestDaemon::start(&api, |_| {}).await;
     let mut config = first.config.clone();
     config.store.path = first.dir.path().join("other.db");
-    let e = sunopoll::daemon::Daemon::start(
-        config.clone(),
-        sunopoll::api::ApiKey::new(KEY).expect("key"),
-        None,
-    )
-    .await
-    .err()
-    .expect("refused");
-    assert!(e.to_string().contains("already listening"), "{e}");
+    let e = refused_start(&config).await;
+    assert!(e.contains("already listening"), "{e}");
+    // A refused start has let go of the store it opened (its lock is free at once), so the
+    // start below cannot find that store "in use" by a daemon that never started.
+    let lock = std::fs::File::open(config.store.path.with_extension("db.lock")).expect("lock file");
+    lock.try_lock()
+        .expect("the refused daemon released the store lock before returning");
+    drop(lock);
     // The first daemon is unaffected.
     assert_eq!(first.request(json!({"cmd": "status"})).await["ok"], true);
 
@@ -203,15 +202,8 @@ async fn a_path_that_is_not_a_socket_is_never_deleted() {
     std::fs::create_dir_all(config.control.socket.parent().expect("parent")).expect("mkdir");
     std::fs::write(&config.control.socket, "precious").expect("write");
     config.store.path = dir.path().join("q.db");
-    let e = sunopoll::daemon::Daemon::start(
-        config.clone(),
-        sunopoll::api::ApiKey::new(KEY).expect("key"),
-        None,
-    )
-    .await
-    .err()
-    .expect("refused");
-    assert!(e.to_string().contains("is not a socket"), "{e}");
+    let e = refused_start(&config).await;
+    assert!(e.contains("is not a socket"), "{e}");
     assert_eq!(
         std::fs::read_to_string(&config.control.socket).expect("read"),
         "precious"
@@ -221,14 +213,14 @@ async fn a_path_that_is_not_a_socket_is_never_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_follow_streams_new_events_and_since_replays() {
     let api = FakeApi::start().await;
-    api.script(
+    api.script_statuses(
         TASK,
-        vec![
-            Reply::fixture("record-info.PENDING.json"),
-            Reply::fixture("record-info.PENDING.json"),
-            Reply::fixture("record-info.TEXT_SUCCESS.json"),
-            Reply::fixture("record-info.FIRST_SUCCESS.json"),
-            Reply::fixture("record-info.SUCCESS.json"),
+        &[
+            "PENDING",
+            "PENDING",
+            "TEXT_SUCCESS",
+            "FIRST_SUCCESS",
+            "SUCCESS",
         ],
     );
     let mut d = TestDaemon::start(&api, |_| {}).await;
@@ -238,8 +230,9 @@ async fn events_follow_streams_new_events_and_since_replays() {
         .await;
     d.add(&[TASK]).await;
     let mut streamed = Vec::new();
+    let deadline = Deadline::patience();
     for _ in 0..3 {
-        let v = follower.read_json().await.expect("event");
+        let v = follower.read_json_by(deadline).await.expect("event");
         assert_eq!(v["ok"], true);
         streamed.push(v["event"].clone());
     }
@@ -272,9 +265,10 @@ async fn events_follow_streams_new_events_and_since_replays() {
     let mut late = RawClient::connect(&d.socket()).await;
     late.send_line(r#"{"cmd":"events","follow":true,"since":0}"#)
         .await;
+    let deadline = Deadline::patience();
     for want in ["text", "first", "complete"] {
         assert_eq!(
-            late.read_json().await.expect("event")["event"]["stage"],
+            late.read_json_by(deadline).await.expect("event")["event"]["stage"],
             want
         );
     }

@@ -69,27 +69,22 @@ fn lower_bound(k: usize) -> Duration {
 }
 
 fn full_script(id: &str) -> Vec<Reply> {
-    vec![
-        Reply::fixture_for("record-info.PENDING.json", id),
-        Reply::fixture_for("record-info.TEXT_SUCCESS.json", id),
-        Reply::fixture_for("record-info.FIRST_SUCCESS.json", id),
-        Reply::fixture_for("record-info.SUCCESS.json", id),
-    ]
+    Reply::statuses(id, &["PENDING", "TEXT_SUCCESS", "FIRST_SUCCESS", "SUCCESS"])
 }
 
 fn backwards_script(id: &str) -> Vec<Reply> {
-    [
-        "TEXT_SUCCESS",
-        "FIRST_SUCCESS",
-        "PENDING",
-        "TEXT_SUCCESS",
-        "PENDING",
-        "FIRST_SUCCESS",
-        "SUCCESS",
-    ]
-    .iter()
-    .map(|s| Reply::fixture_for(&format!("record-info.{s}.json"), id))
-    .collect()
+    Reply::statuses(
+        id,
+        &[
+            "TEXT_SUCCESS",
+            "FIRST_SUCCESS",
+            "PENDING",
+            "TEXT_SUCCESS",
+            "PENDING",
+            "FIRST_SUCCESS",
+            "SUCCESS",
+        ],
+    )
 }
 
 /// Checks that `times` (sorted) never has more than `RPS + 1` requests in one second.

@@ -51,23 +51,10 @@ enum Fault {
 
 fn script(api: &FakeApi, id: &str, fails: bool) -> Vec<String> {
     if fails {
-        api.script(
-            id,
-            vec![
-                Reply::fixture_for("record-info.TEXT_SUCCESS.json", id),
-                Reply::fixture_for("record-info.GENERATE_AUDIO_FAILED.json", id),
-            ],
-        );
+        api.script_statuses(id, &TEXT_THEN_FAILURE);
         figures::text_then_error()
     } else {
-        api.script(
-            id,
-            vec![
-                Reply::fixture_for("record-info.TEXT_SUCCESS.json", id),
-                Reply::fixture_for("record-info.FIRST_SUCCESS.json", id),
-                Reply::fixture_for("record-info.SUCCESS.json", id),
-            ],
-        );
+        api.script_statuses(id, &EVERY_STAGE);
         figures::full()
     }
 }

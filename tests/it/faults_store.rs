@@ -121,7 +121,7 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 /// A daemon that has stored two finished tasks, stopped cleanly: the "existing data".
 async fn daemon_with_data(api: &FakeApi) -> BinDaemon {
     for id in ["kept-1", "kept-2"] {
-        api.script(id, vec![Reply::fixture_for("record-info.SUCCESS.json", id)]);
+        api.script_statuses(id, &["SUCCESS"]);
     }
     let mut d = BinDaemon::start(&BinConfig::new(&api.uri())).await;
     d.request(json!({"cmd": "add", "task_ids": ["kept-1", "kept-2"]}))
@@ -301,7 +301,7 @@ async fn a_store_locked_by_another_process() {
     // Another process holds SQLite's write lock while the daemon runs: what cannot be stored
     // is refused (after the 5 s busy timeout), never acknowledged; it recovers on release.
     for id in ["late-1", "late-2"] {
-        api.script(id, vec![Reply::fixture_for("record-info.SUCCESS.json", id)]);
+        api.script_statuses(id, &["SUCCESS"]);
     }
     d.restart().await;
     let other = rusqlite::Connection::open(&d.store).expect("open");
@@ -423,21 +423,18 @@ async fn a_full_disk() {
     // Space returns.
     std::fs::remove_file(&filler).expect("free space");
     for id in &early {
-        api.script(id, vec![Reply::fixture_for("record-info.SUCCESS.json", id)]);
+        api.script_statuses(id, &["SUCCESS"]);
     }
     let v = d
         .request(json!({"cmd": "add", "task_ids": ["after-1"]}))
         .await;
     assert_eq!(v["ok"], true, "{v}");
-    api.script(
-        "after-1",
-        vec![Reply::fixture_for("record-info.SUCCESS.json", "after-1")],
-    );
+    api.script_statuses("after-1", &["SUCCESS"]);
     let mut all = early.clone();
     all.extend(acknowledged_while_full.iter().cloned());
     all.push("after-1".into());
     for id in &acknowledged_while_full {
-        api.script(id, vec![Reply::fixture_for("record-info.SUCCESS.json", id)]);
+        api.script_statuses(id, &["SUCCESS"]);
     }
     let recovered = d.settle(&all).await;
     let stored = d.events().await;

@@ -11,17 +11,6 @@ use crate::helpers::*;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-fn full_run(api: &FakeApi, task: &str) {
-    api.script(
-        task,
-        vec![
-            Reply::fixture_for("record-info.TEXT_SUCCESS.json", task),
-            Reply::fixture_for("record-info.FIRST_SUCCESS.json", task),
-            Reply::fixture_for("record-info.SUCCESS.json", task),
-        ],
-    );
-}
-
 fn short_schedule(c: &mut Config, delays_ms: &[u64]) {
     c.forward.retry_schedule = delays_ms
         .iter()
@@ -87,7 +76,7 @@ fn stages_for(received: &[Received], task: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_gets_each_event_byte_for_byte_signed_with_stable_ids() {
     let api = FakeApi::start().await;
-    full_run(&api, TASK);
+    api.script_statuses(TASK, &EVERY_STAGE);
     api.script(
         "failing",
         vec![Reply::fixture_for(
@@ -109,7 +98,17 @@ async fn a_handler_gets_each_event_byte_for_byte_signed_with_stable_ids() {
     assert_eq!(stages_for(&received, TASK), ["text", "first", "complete"]);
     assert_eq!(stages_for(&received, "failing"), ["error"]);
 
-    let (_, events) = d.show(TASK).await;
+    // A handler has a request before the daemon has its answer recorded: wait for the record.
+    let all_delivered = |_: &Value, events: &[Value]| {
+        events
+            .iter()
+            .all(|e| e["deliveries"][0]["state"] != "pending")
+    };
+    d.show_until("failing", "its delivery recorded", all_delivered)
+        .await;
+    let (_, events) = d
+        .show_until(TASK, "its deliveries recorded", all_delivered)
+        .await;
     for (r, ev) in received.iter().filter(|r| r.task() == TASK).zip(&events) {
         // Byte-identical to the stored event, and a valid callback body.
         assert_eq!(r.body, compact(&ev["body"]).into_bytes());
@@ -169,7 +168,7 @@ async fn a_handler_down_for_several_attempts_then_up_gets_everything_once_in_ord
     let api = FakeApi::start().await;
     let ids = ["down1", "down2"];
     for id in ids {
-        full_run(&api, id);
+        api.script_statuses(id, &EVERY_STAGE);
     }
     let (port, bring_up) = dead_port();
     let url = format!("http://127.0.0.1:{port}/suno/callback");
@@ -183,20 +182,16 @@ async fn a_handler_down_for_several_attempts_then_up_gets_everything_once_in_ord
         d.wait_state(id, "done").await;
     }
     // Wait until the first event has failed at least three times.
-    let started = Instant::now();
-    loop {
-        let (_, events) = d.show("down1").await;
-        if events[0]["deliveries"][0]["attempts"].as_u64().unwrap_or(0) >= 3 {
-            let log = &events[0]["deliveries"][0]["attempt_log"][0];
-            assert!(
-                log["error"].as_str().unwrap_or("").contains("refused"),
-                "{log}"
-            );
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE, "never retried: {events:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (_, events) = d
+        .show_until("down1", "its first event retried", |_, events| {
+            events[0]["deliveries"][0]["attempts"].as_u64().unwrap_or(0) >= 3
+        })
+        .await;
+    let log = &events[0]["deliveries"][0]["attempt_log"][0];
+    assert!(
+        log["error"].as_str().unwrap_or("").contains("refused"),
+        "{log}"
+    );
     let handler = Receiver::start_on(bring_up()).await;
     let received = wait_for(&handler, 6).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -215,13 +210,7 @@ async fn a_handler_down_for_several_attempts_then_up_gets_everything_once_in_ord
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_never_overtakes_a_first_that_is_still_being_retried() {
     let api = FakeApi::start().await;
-    api.script(
-        TASK,
-        vec![
-            Reply::fixture("record-info.FIRST_SUCCESS.json"),
-            Reply::fixture("record-info.SUCCESS.json"),
-        ],
-    );
+    api.script_statuses(TASK, &["FIRST_SUCCESS", "SUCCESS"]);
     let handler = Receiver::start().await;
     // text and first each fail twice; complete would be ready long before.
     handler.script(&[(500, Duration::ZERO), (500, Duration::ZERO)]);
@@ -241,7 +230,7 @@ async fn complete_never_overtakes_a_first_that_is_still_being_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_handler_counts_as_failed_and_is_retried_with_the_same_id() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.TEXT_SUCCESS.json")]);
+    api.script_statuses(TASK, &["TEXT_SUCCESS"]);
     let handler = Receiver::start().await;
     handler.script(&[(200, Duration::from_millis(1500))]);
     let url = handler.url();
@@ -258,30 +247,26 @@ async fn a_slow_handler_counts_as_failed_and_is_retried_with_the_same_id() {
         received[0].header("webhook-id"),
         received[1].header("webhook-id")
     );
-    let started = Instant::now();
-    loop {
-        let (_, events) = d.show(TASK).await;
-        let delivery = &events[0]["deliveries"][0];
-        if delivery["state"] == "delivered" {
-            assert_eq!(delivery["attempts"], 2);
-            let first = &delivery["attempt_log"][0];
-            assert_eq!(first["outcome"], "retry");
-            assert!(
-                first["error"].as_str().unwrap_or("").contains("timeout"),
-                "{first}"
-            );
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE, "never delivered: {delivery}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (_, events) = d
+        .show_until(TASK, "its event delivered", |_, events| {
+            events[0]["deliveries"][0]["state"] == "delivered"
+        })
+        .await;
+    let delivery = &events[0]["deliveries"][0];
+    assert_eq!(delivery["attempts"], 2);
+    let first = &delivery["attempt_log"][0];
+    assert_eq!(first["outcome"], "retry");
+    assert!(
+        first["error"].as_str().unwrap_or("").contains("timeout"),
+        "{first}"
+    );
     d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_stops_that_event_for_that_target_at_once() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.TEXT_SUCCESS.json")]);
+    api.script_statuses(TASK, &["TEXT_SUCCESS"]);
     let handler = Receiver::start().await;
     handler.always(410, Duration::ZERO);
     let url = handler.url();
@@ -306,7 +291,7 @@ async fn a_dead_target_does_not_hold_back_another() {
     let api = FakeApi::start().await;
     let ids: Vec<String> = (0..6).map(|i| format!("pair{i}")).collect();
     for id in &ids {
-        full_run(&api, id);
+        api.script_statuses(id, &EVERY_STAGE);
     }
     let live = Receiver::start().await;
     // The dead one never answers within its timeout: it ties up its own slots only.
@@ -343,7 +328,7 @@ async fn a_dead_target_does_not_hold_back_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_in_the_middle_of_a_retry_schedule_resumes_it() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.TEXT_SUCCESS.json")]);
+    api.script_statuses(TASK, &["TEXT_SUCCESS"]);
     let handler = Receiver::start().await;
     handler.script(&[(503, Duration::ZERO), (503, Duration::ZERO)]);
     let url = handler.url();
@@ -367,38 +352,30 @@ async fn a_restart_in_the_middle_of_a_retry_schedule_resumes_it() {
         received[1].at.duration_since(received[0].at) >= Duration::from_millis(1300),
         "the schedule was kept"
     );
-    let started = Instant::now();
-    loop {
-        let (_, events) = d.show(TASK).await;
-        let delivery = &events[0]["deliveries"][0];
-        if delivery["state"] == "delivered" {
-            let attempts: Vec<u64> = delivery["attempt_log"]
-                .as_array()
-                .expect("log")
-                .iter()
-                .map(|a| a["attempt"].as_u64().unwrap_or(0))
-                .collect();
-            assert_eq!(
-                attempts,
-                [1, 2, 3],
-                "numbering continues across the restart"
-            );
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (_, events) = d
+        .show_until(TASK, "its event delivered", |_, events| {
+            events[0]["deliveries"][0]["state"] == "delivered"
+        })
+        .await;
+    let attempts: Vec<u64> = events[0]["deliveries"][0]["attempt_log"]
+        .as_array()
+        .expect("log")
+        .iter()
+        .map(|a| a["attempt"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        attempts,
+        [1, 2, 3],
+        "numbering continues across the restart"
+    );
     d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redeliver_a_task_and_everything_failed_since_a_time() {
     let api = FakeApi::start().await;
-    full_run(&api, TASK);
-    api.script(
-        "other",
-        vec![Reply::fixture_for("record-info.TEXT_SUCCESS.json", "other")],
-    );
+    api.script_statuses(TASK, &EVERY_STAGE);
+    api.script_statuses("other", &["TEXT_SUCCESS"]);
     let handler = Receiver::start().await;
     let url = handler.url();
     let mut d = TestDaemon::start(&api, |c| {
@@ -424,18 +401,12 @@ async fn redeliver_a_task_and_everything_failed_since_a_time() {
     handler.always(500, Duration::ZERO);
     let since = sunopoll::clock::format_utc(sunopoll::clock::now_ms() - 1000);
     d.add(&["other"]).await;
-    let started = Instant::now();
-    loop {
-        let (_, events) = d.show("other").await;
-        if events
+    d.show_until("other", "its delivery given up", |_, events| {
+        events
             .first()
             .is_some_and(|e| e["deliveries"][0]["state"] == "failed")
-        {
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let before = handler.count();
     // ...and replayed once the handler is fixed.
     handler.always(200, Duration::ZERO);
@@ -445,7 +416,11 @@ async fn redeliver_a_task_and_everything_failed_since_a_time() {
     assert_eq!(v["deliveries"], 1, "{v}");
     let all = wait_for(&handler, before + 1).await;
     assert_eq!(all.last().map(Received::task).as_deref(), Some("other"));
-    let (_, events) = d.show("other").await;
+    let (_, events) = d
+        .show_until("other", "the replay recorded", |_, events| {
+            events[0]["deliveries"][0]["state"] != "pending"
+        })
+        .await;
     assert_eq!(events[0]["deliveries"][0]["state"], "delivered");
 
     // Bad replays are refused clearly.
@@ -474,7 +449,7 @@ async fn redeliver_a_task_and_everything_failed_since_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_filter_and_a_per_task_callback_url() {
     let api = FakeApi::start().await;
-    full_run(&api, TASK);
+    api.script_statuses(TASK, &EVERY_STAGE);
     let finals = Receiver::start().await;
     let per_task = Receiver::start().await;
     let url = finals.url();
@@ -507,10 +482,7 @@ async fn use_task_callback_url_follows_allow_hosts() {
         .replace(TASK, "allowed");
     api.script("allowed", vec![Reply::raw(200, allowed)]);
     // The fixture's own callBackUrl (hooks.example.com) is not an allowed host.
-    api.script(
-        "outside",
-        vec![Reply::fixture_for("record-info.SUCCESS.json", "outside")],
-    );
+    api.script_statuses("outside", &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.forward.use_task_callback_url = true).await;
     d.add(&["allowed", "outside"]).await;
     let received = wait_for(&handler, 3).await;

@@ -1,5 +1,11 @@
 //! Test harness: a scriptable fake API (wiremock on 127.0.0.1), the daemon in-process on a
-//! temporary directory, and a raw client for the control socket.
+//! temporary directory, a raw client for the control socket, the config file and scripted tasks
+//! the suites share, and the waits.
+//!
+//! Every wait has one overall [`Deadline`] (`PATIENCE` unless said otherwise), never a timeout
+//! per step that a stream of unrelated messages could keep renewing; and a wait looks for
+//! what it needs among everything seen so far rather than assuming an order between
+//! independent messages.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +29,68 @@ pub const KEY: &str = "sk-test-DO-NOT-LEAK-1234";
 
 /// Longest any test waits for a condition.
 pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The moment by which a whole wait must be over, however many steps it takes: a wait for
+/// several messages shares one deadline, so a stream of unrelated messages (watchdog pings,
+/// status lines) cannot keep it alive the way a timeout per message would.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(Instant);
+
+impl Deadline {
+    /// `PATIENCE` from now.
+    pub fn patience() -> Deadline {
+        Deadline::after(PATIENCE)
+    }
+
+    /// `wait` from now.
+    pub fn after(wait: Duration) -> Deadline {
+        Deadline(Instant::now() + wait)
+    }
+
+    /// The time left (zero once passed).
+    pub fn left(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+
+    /// True once the deadline has passed.
+    pub fn passed(&self) -> bool {
+        Instant::now() >= self.0
+    }
+
+    /// `work`'s output, or `None` if the deadline passes first.
+    pub async fn run<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        tokio::time::timeout(self.left(), work).await.ok()
+    }
+}
+
+/// Checks `check` every 10 ms until it holds; panics naming `what` once `deadline` passes.
+pub async fn wait_until<F: FnMut() -> bool>(deadline: Deadline, what: &str, mut check: F) {
+    while !check() {
+        assert!(!deadline.passed(), "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs the async `look` every `every` until it gives `Some`, and returns that. Panics once
+/// `deadline` passes (also in the middle of a look), naming `what`.
+pub async fn poll_until<T, F, Fut>(
+    deadline: Deadline,
+    what: &str,
+    every: Duration,
+    mut look: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    loop {
+        match deadline.run(look()).await {
+            Some(Some(found)) => return found,
+            Some(None) if !deadline.passed() => tokio::time::sleep(every).await,
+            _ => panic!("timed out waiting for: {what}"),
+        }
+    }
+}
 
 /// A count for a looping suite: `default` (sized for CI), or the value of the environment
 /// variable `name` for a longer soak (e.g. `SUNOPOLL_CRASH_RUNS=500`).
@@ -108,7 +176,21 @@ impl Reply {
             .replace(TASK, task);
         Reply::raw(200, text)
     }
+
+    /// One answer per status, in order: `record-info.<STATUS>.json` rewritten for `task`.
+    pub fn statuses(task: &str, statuses: &[&str]) -> Vec<Reply> {
+        statuses
+            .iter()
+            .map(|s| Reply::fixture_for(&format!("record-info.{s}.json"), task))
+            .collect()
+    }
 }
+
+/// A task that goes through every stage, one per poll.
+pub const EVERY_STAGE: [&str; 3] = ["TEXT_SUCCESS", "FIRST_SUCCESS", "SUCCESS"];
+
+/// A task that gets its lyrics, then fails.
+pub const TEXT_THEN_FAILURE: [&str; 2] = ["TEXT_SUCCESS", "GENERATE_AUDIO_FAILED"];
 
 #[derive(Default)]
 struct ApiState {
@@ -194,6 +276,11 @@ impl FakeApi {
             .insert(task.to_owned(), replies);
     }
 
+    /// Answers for `task` from fixtures, one status per poll; the last repeats.
+    pub fn script_statuses(&self, task: &str, statuses: &[&str]) {
+        self.script(task, Reply::statuses(task, statuses));
+    }
+
     /// While set, every request gets this answer (a storm or an outage).
     pub fn set_override(&self, reply: Option<Reply>) {
         self.state.lock().expect("state").override_all = reply;
@@ -228,6 +315,55 @@ impl FakeApi {
     /// The base URL to configure.
     pub fn uri(&self) -> String {
         self.server.uri()
+    }
+}
+
+/// Writes `dir/config.toml` for the real binary: short interval, no rate limit, the store
+/// under `dir/state`, the control socket at `socket`. Returns its path.
+pub fn write_config(dir: &Path, api: &str, socket: &Path) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[api]
+base-url = "{api}"
+request-timeout = "5s"
+
+[poll]
+interval = "100ms"
+max-requests-per-second = "unlimited"
+backoff-max = "1s"
+
+[store]
+path = "state/sunopoll.db"
+
+[control]
+socket = "{}"
+"#,
+            socket.to_str().expect("utf-8 path")
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+/// Waits (within `PATIENCE`) until `socket` exists; panics with the daemon's log at `log` if
+/// `child` exits first or the deadline passes.
+pub async fn wait_for_socket(child: &mut std::process::Child, socket: &Path, log: &Path) {
+    let deadline = Deadline::patience();
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    while !socket.exists() {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("the daemon exited early: {status}: {}", log_text());
+        }
+        assert!(
+            !deadline.passed(),
+            "{} never appeared: {}",
+            socket.display(),
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -274,8 +410,14 @@ impl TestDaemon {
     /// Starts a daemon with this exact config in `dir` (for restarts).
     pub async fn start_in(dir: Arc<tempfile::TempDir>, config: Config) -> TestDaemon {
         init_logs();
-        let daemon = Daemon::start(config.clone(), ApiKey::new(KEY).expect("key"), None)
+        let daemon = Deadline::patience()
+            .run(Daemon::start(
+                config.clone(),
+                ApiKey::new(KEY).expect("key"),
+                None,
+            ))
             .await
+            .expect("the daemon starts in time")
             .expect("daemon starts");
         TestDaemon {
             daemon: Some(daemon),
@@ -319,35 +461,105 @@ impl TestDaemon {
 
     /// Waits until `task` is in `state` (active, done, failed).
     pub async fn wait_state(&self, task: &str, state: &str) -> (Value, Vec<Value>) {
-        let start = Instant::now();
-        loop {
-            let (t, events) = self.show(task).await;
-            if t["state"] == state {
-                return (t, events);
-            }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "task {task} never reached {state}; it is {t}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.show_until(task, &format!("task {task} to reach {state}"), |t, _| {
+            t["state"] == state
+        })
+        .await
     }
 
-    /// Stops the daemon gracefully.
+    /// `show`s `task` every 20 ms until `done(task, events)` holds, within `PATIENCE`
+    /// overall; returns that answer, or panics with `what` and the last one.
+    pub async fn show_until(
+        &self,
+        task: &str,
+        what: &str,
+        mut done: impl FnMut(&Value, &[Value]) -> bool,
+    ) -> (Value, Vec<Value>) {
+        let deadline = Deadline::patience();
+        let mut last = None;
+        loop {
+            let Some((t, events)) = deadline.run(self.show(task)).await else {
+                break;
+            };
+            if done(&t, &events) {
+                return (t, events);
+            }
+            last = Some((t, events));
+            if deadline.passed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for {what}; last seen: {last:?}")
+    }
+
+    /// Stops the daemon gracefully (within `PATIENCE`).
     pub async fn stop(&mut self) {
         if let Some(d) = self.daemon.take() {
-            d.shutdown().await;
+            Deadline::patience()
+                .run(d.shutdown())
+                .await
+                .expect("the daemon shuts down in time");
         }
     }
 }
 
-/// Polls `check` until it is true or `PATIENCE` runs out.
-pub async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < PATIENCE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// Starts a daemon on `config` whose start must fail, and returns why (within `PATIENCE`).
+pub async fn refused_start(config: &Config) -> String {
+    init_logs();
+    let started = Deadline::patience()
+        .run(Daemon::start(
+            config.clone(),
+            ApiKey::new(KEY).expect("key"),
+            None,
+        ))
+        .await
+        .expect("the start ends in time");
+    match started {
+        Ok(_) => panic!("the daemon started on {config:?}"),
+        Err(e) => e.to_string(),
     }
+}
+
+/// Starts a daemon on `config` under a recording notifier with a watchdog pinged every
+/// `watchdog`; returns it with the recording.
+pub async fn start_supervised(
+    config: &Config,
+    watchdog: Duration,
+) -> (Daemon, sunopoll::systemd::Recording) {
+    use sunopoll::systemd::{Notifier, Supervision};
+    init_logs();
+    let (notifier, recording) = Notifier::recording();
+    let supervision = Supervision {
+        notifier,
+        watchdog: Some(watchdog),
+    };
+    let key = ApiKey::new(KEY).expect("key");
+    let daemon = Deadline::patience()
+        .run(Daemon::start_supervised(
+            config.clone(),
+            key,
+            None,
+            supervision,
+        ))
+        .await
+        .expect("the daemon starts in time")
+        .expect("daemon starts");
+    (daemon, recording)
+}
+
+/// How many `WATCHDOG=1` pings `recording` has seen.
+pub fn watchdog_pings(recording: &sunopoll::systemd::Recording) -> usize {
+    recording
+        .messages()
+        .iter()
+        .filter(|m| *m == "WATCHDOG=1")
+        .count()
+}
+
+/// Polls `check` until it is true or `PATIENCE` runs out.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, check: F) {
+    wait_until(Deadline::patience(), what, check).await;
 }
 
 /// A raw control-socket client that can send anything.
@@ -380,10 +592,17 @@ impl RawClient {
         self.writer.write_all(b"\n").await.expect("write");
     }
 
-    /// Reads one line as JSON; `None` at end of stream.
+    /// Reads one line as JSON (within `PATIENCE`); `None` at end of stream.
     pub async fn read_json(&mut self) -> Option<Value> {
+        self.read_json_by(Deadline::patience()).await
+    }
+
+    /// Reads one line as JSON; `None` at end of stream; panics once `deadline` passes. Several
+    /// reads that make up one wait share a deadline.
+    pub async fn read_json_by(&mut self, deadline: Deadline) -> Option<Value> {
         let mut line = String::new();
-        let n = tokio::time::timeout(PATIENCE, self.reader.read_line(&mut line))
+        let n = deadline
+            .run(self.reader.read_line(&mut line))
             .await
             .expect("an answer in time")
             .ok()?;

@@ -298,23 +298,22 @@ async fn ten_thousand_ids_in_one_add() {
     // Through the CLI (`add -` from standard input): split into batches, all added.
     let socket = d.socket.clone();
     let input = ids.join("\n");
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = sunopoll(&["add", "-", "--socket", path_str(&socket)])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write ids");
-        child.wait_with_output().expect("wait")
-    })
-    .await
-    .expect("join");
+    let mut child = sunopoll(&["add", "-", "--socket", path_str(&socket)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Deadline::after(COMMAND_PATIENCE);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let feeding = tokio::task::spawn_blocking(move || stdin.write_all(input.as_bytes()));
+    deadline
+        .run(feeding)
+        .await
+        .expect("the CLI read its input in time")
+        .expect("join")
+        .expect("write ids");
+    let out = output_by(child, deadline).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_no_secrets(&text(&out.stdout), "CLI stdout");
     let status = d.status().await;
@@ -375,16 +374,14 @@ async fn crowds_and_clients_that_never_speak() {
     assert_eq!(ok, 200, "every well-formed client is served");
     assert_eq!(d.status().await["tasks"]["active"], 200);
 
-    // The silent ones are told off and disconnected at the idle timeout.
+    // The silent ones are told off and disconnected at the idle timeout (one deadline for all
+    // of them, not one each).
     let mut timed_out = 0;
+    let deadline = Deadline::patience();
     for s in silent {
         let mut line = String::new();
         let mut r = BufReader::new(s);
-        if tokio::time::timeout(PATIENCE, r.read_line(&mut line))
-            .await
-            .is_ok()
-            && line.contains("\"timeout\"")
-        {
+        if deadline.run(r.read_line(&mut line)).await.is_some() && line.contains("\"timeout\"") {
             timed_out += 1;
         }
     }
@@ -417,10 +414,13 @@ async fn crowds_and_clients_that_never_speak() {
             );
         }
         let started = Instant::now();
-        while !served(&d).await {
-            assert!(started.elapsed() < PATIENCE, "never served again");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll_until(
+            Deadline::patience(),
+            "served again",
+            Duration::from_millis(50),
+            || async { served(&d).await.then_some(()) },
+        )
+        .await;
         let waited = started.elapsed();
         drop(hogs);
         busy_note = format!(

@@ -16,14 +16,9 @@ fn stages(events: &[Value]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_through_every_stage_gives_text_first_complete_with_the_callback_bodies() {
     let api = FakeApi::start().await;
-    api.script(
+    api.script_statuses(
         TASK,
-        vec![
-            Reply::fixture("record-info.PENDING.json"),
-            Reply::fixture("record-info.TEXT_SUCCESS.json"),
-            Reply::fixture("record-info.FIRST_SUCCESS.json"),
-            Reply::fixture("record-info.SUCCESS.json"),
-        ],
+        &["PENDING", "TEXT_SUCCESS", "FIRST_SUCCESS", "SUCCESS"],
     );
     let mut d = TestDaemon::start(&api, |_| {}).await;
     d.add(&[TASK]).await;
@@ -57,13 +52,7 @@ async fn a_task_through_every_stage_gives_text_first_complete_with_the_callback_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jump_from_pending_to_success_fills_in_text_and_first() {
     let api = FakeApi::start().await;
-    api.script(
-        TASK,
-        vec![
-            Reply::fixture("record-info.PENDING.json"),
-            Reply::fixture("record-info.SUCCESS.json"),
-        ],
-    );
+    api.script_statuses(TASK, &["PENDING", "SUCCESS"]);
     let mut d = TestDaemon::start(&api, |_| {}).await;
     d.add(&[TASK]).await;
     let (_, events) = d.wait_state(TASK, "done").await;
@@ -80,7 +69,7 @@ async fn a_jump_from_pending_to_success_fills_in_text_and_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_fill_skipped_stages_only_complete_is_emitted() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.SUCCESS.json")]);
+    api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.fill_skipped_stages = false).await;
     d.add(&[TASK]).await;
     let (_, events) = d.wait_state(TASK, "done").await;
@@ -138,10 +127,7 @@ async fn each_failure_status_gives_one_error_with_its_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callback_exception_with_audio_completes() {
     let api = FakeApi::start().await;
-    api.script(
-        TASK,
-        vec![Reply::fixture("record-info.CALLBACK_EXCEPTION.json")],
-    );
+    api.script_statuses(TASK, &["CALLBACK_EXCEPTION"]);
     let mut d = TestDaemon::start(&api, |_| {}).await;
     d.add(&[TASK]).await;
     let (_, events) = d.wait_state(TASK, "done").await;
@@ -153,14 +139,9 @@ async fn callback_exception_with_audio_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_pending_after_first_changes_nothing() {
     let api = FakeApi::start().await;
-    api.script(
+    api.script_statuses(
         TASK,
-        vec![
-            Reply::fixture("record-info.FIRST_SUCCESS.json"),
-            Reply::fixture("record-info.PENDING.json"),
-            Reply::fixture("record-info.TEXT_SUCCESS.json"),
-            Reply::fixture("record-info.SUCCESS.json"),
-        ],
+        &["FIRST_SUCCESS", "PENDING", "TEXT_SUCCESS", "SUCCESS"],
     );
     let mut d = TestDaemon::start(&api, |_| {}).await;
     d.add(&[TASK]).await;
@@ -174,13 +155,7 @@ async fn a_throttle_storm_pauses_all_polling_backs_off_and_recovers() {
     let api = FakeApi::start().await;
     let ids: Vec<String> = (0..6).map(|i| format!("storm{i}")).collect();
     for id in &ids {
-        api.script(
-            id,
-            vec![
-                Reply::fixture_for("record-info.PENDING.json", id),
-                Reply::fixture_for("record-info.SUCCESS.json", id),
-            ],
-        );
+        api.script_statuses(id, &["PENDING", "SUCCESS"]);
     }
     // Backoff: 100 ms doubling to 800 ms.
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_millis(800)).await;
@@ -191,6 +166,9 @@ async fn a_throttle_storm_pauses_all_polling_backs_off_and_recovers() {
     d.add(&refs).await;
     let storm = Instant::now();
     tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Asked while the storm lasts: once it is over, the next probe may reopen the gate before
+    // the answer to a later `status` is made.
+    let status = d.request(serde_json::json!({"cmd": "status"})).await;
     let during = api.total_calls();
     api.set_override(None);
     let storm_len = storm.elapsed();
@@ -218,7 +196,6 @@ async fn a_throttle_storm_pauses_all_polling_backs_off_and_recovers() {
             w[1] - w[0]
         );
     }
-    let status = d.request(serde_json::json!({"cmd": "status"})).await;
     assert_eq!(status["poll"]["pause_kind"], "throttled", "{status}");
 
     // Recovery: every task completes once the storm is over.
@@ -235,7 +212,7 @@ async fn a_throttle_storm_pauses_all_polling_backs_off_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_429_with_retry_after_is_honoured() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.SUCCESS.json")]);
+    api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |_| {}).await;
     api.set_override(Some(Reply::raw(429, "").retry_after("2")));
     d.add(&[TASK]).await;
@@ -258,7 +235,7 @@ async fn http_429_with_retry_after_is_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_pauses_like_a_throttle_and_recovers() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.SUCCESS.json")]);
+    api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_millis(400)).await;
     api.set_override(Some(Reply::raw(502, "<html>Bad Gateway</html>")));
     d.add(&[TASK]).await;
@@ -278,7 +255,7 @@ async fn an_outage_pauses_like_a_throttle_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_key_pauses_polling_for_backoff_max_and_reports_unhealthy() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.SUCCESS.json")]);
+    api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_millis(1500)).await;
     api.set_override(Some(Reply::raw(
         401,
@@ -318,7 +295,7 @@ async fn a_rejected_task_id_ends_after_three_answers_with_that_code() {
         "gone",
         vec![Reply::fixture("error.422.missing-callback-url.kie.json")],
     );
-    api.script(TASK, vec![Reply::fixture("record-info.SUCCESS.json")]);
+    api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_millis(300)).await;
     d.add(&["gone", TASK]).await;
     let (task, events) = d.wait_state("gone", "failed").await;
@@ -342,14 +319,7 @@ async fn a_broken_body_backs_off_that_task_only() {
             "{\"code\":200,\"msg\":\"success\",\"data\":null}",
         )],
     );
-    api.script(
-        TASK,
-        vec![
-            Reply::fixture("record-info.PENDING.json"),
-            Reply::fixture("record-info.PENDING.json"),
-            Reply::fixture("record-info.SUCCESS.json"),
-        ],
-    );
+    api.script_statuses(TASK, &["PENDING", "PENDING", "SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_secs(5)).await;
     d.add(&["bad", TASK]).await;
     d.wait_state(TASK, "done").await;
@@ -428,7 +398,7 @@ async fn the_request_rate_limit_spaces_requests() {
     let api = FakeApi::start().await;
     let ids: Vec<String> = (0..25).map(|i| format!("rate{i}")).collect();
     for id in &ids {
-        api.script(id, vec![Reply::fixture_for("record-info.SUCCESS.json", id)]);
+        api.script_statuses(id, &["SUCCESS"]);
     }
     let mut d = TestDaemon::start(&api, |c| c.poll.max_requests_per_second = Some(10.0)).await;
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -458,7 +428,7 @@ async fn the_request_rate_limit_spaces_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_tasks_are_no_longer_polled_and_keep_their_events() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.TEXT_SUCCESS.json")]);
+    api.script_statuses(TASK, &["TEXT_SUCCESS"]);
     let mut d = TestDaemon::start(&api, |_| {}).await;
     d.add(&[TASK]).await;
     eventually("a few polls", || api.calls(TASK) >= 2).await;
@@ -549,7 +519,7 @@ async fn one_task_the_api_always_fails_does_not_stop_polling_for_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_base_url_pauses_polling_instead_of_failing_every_task() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.SUCCESS.json")]);
+    api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_millis(400)).await;
     // What a proxy or a wrong path answers: HTML, or the API's own "wrong path" envelope.
     api.set_override(Some(Reply::raw(404, "<html><body>Not Found</body></html>")));

@@ -12,14 +12,14 @@ async fn a_restart_mid_way_resumes_every_task_and_emits_nothing_twice() {
     let api = FakeApi::start().await;
     let ids = ["r1", "r2", "r3"];
     for id in ids {
-        api.script(
+        api.script_statuses(
             id,
-            vec![
-                Reply::fixture_for("record-info.TEXT_SUCCESS.json", id),
-                Reply::fixture_for("record-info.TEXT_SUCCESS.json", id),
-                Reply::fixture_for("record-info.TEXT_SUCCESS.json", id),
-                Reply::fixture_for("record-info.FIRST_SUCCESS.json", id),
-                Reply::fixture_for("record-info.SUCCESS.json", id),
+            &[
+                "TEXT_SUCCESS",
+                "TEXT_SUCCESS",
+                "TEXT_SUCCESS",
+                "FIRST_SUCCESS",
+                "SUCCESS",
             ],
         );
     }
@@ -79,11 +79,23 @@ async fn after_a_restart_an_overdue_task_is_polled_at_once_not_a_full_interval_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_pause_survives_a_restart() {
     let api = FakeApi::start().await;
-    api.script(TASK, vec![Reply::fixture("record-info.SUCCESS.json")]);
+    api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_secs(10)).await;
     api.set_override(Some(Reply::raw(429, "").retry_after("3")));
     d.add(&[TASK]).await;
     eventually("throttled once", || api.total_calls() == 1).await;
+    // The request reaching the API is not the daemon having taken in its answer: stop only
+    // once the pause is in place (and so stored).
+    poll_until(
+        Deadline::patience(),
+        "the daemon to pause",
+        Duration::from_millis(10),
+        || async {
+            let status = d.request(json!({"cmd": "status"})).await;
+            (status["poll"]["state"] == "paused").then_some(())
+        },
+    )
+    .await;
     let throttled_at = api.arrivals()[0].0;
     let dir = d.dir.clone();
     let config = d.config.clone();

@@ -47,10 +47,7 @@ async fn secrets_echoed_by_the_api_and_a_handler_never_reach_any_output() {
         .await;
     // Tasks whose answers echo the API key: in an error message, a broken body, a rejection.
     let key_echo = format!("invalid token Bearer {KEY}");
-    api.script(
-        "echo-ok",
-        vec![Reply::fixture_for("record-info.SUCCESS.json", "echo-ok")],
-    );
+    api.script_statuses("echo-ok", &["SUCCESS"]);
     api.script(
         "echo-broken",
         vec![Reply::raw(200, format!("<html>{key_echo}</html>"))],

@@ -4,7 +4,7 @@
 //! journal detection (`JOURNAL_STREAM`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -14,71 +14,15 @@ use crate::helpers::*;
 
 use crate::binary::BIN;
 
-use crate::binary::{SYSTEMD_VARS, run, sunopoll, text};
+use crate::binary::{SYSTEMD_VARS, run, sunopoll, terminate, text};
 
 fn utf8(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A config with everything under `dir`: store in `state/`, socket at `socket`.
-fn write_config(dir: &Path, api: &str, socket: &Path) -> PathBuf {
-    let path = dir.join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[api]
-base-url = "{api}"
-request-timeout = "5s"
-
-[poll]
-interval = "100ms"
-max-requests-per-second = "unlimited"
-backoff-max = "1s"
-
-[store]
-path = "state/sunopoll.db"
-
-[control]
-socket = "{}"
-"#,
-            utf8(socket)
-        ),
-    )
-    .expect("write config");
-    path
-}
-
-async fn terminate(child: Child) -> std::process::ExitStatus {
-    let kill = run({
-        let mut k = Command::new("kill");
-        k.args(["-TERM", &child.id().to_string()]);
-        k
-    })
-    .await;
-    assert!(kill.status.success(), "kill -TERM failed");
-    wait(child).await
-}
-
-async fn wait(mut child: Child) -> std::process::ExitStatus {
-    tokio::task::spawn_blocking(move || {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if start.elapsed() > PATIENCE {
-                let _ = child.kill();
-                panic!("the daemon did not exit within {PATIENCE:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .expect("join")
-}
-
-/// Reads notify messages; every one is kept, with when it arrived.
+/// Reads notify messages; every one is kept, with when it arrived. Waits look at everything
+/// seen so far, so a message that came early (a `STATUS=` before `READY=1`) still counts, and
+/// each wait has one deadline that the stream of watchdog pings cannot push back.
 struct NotifyListener {
     socket: UnixDatagram,
     seen: Vec<(Instant, String)>,
@@ -92,27 +36,24 @@ impl NotifyListener {
         }
     }
 
-    /// The next message, or `None` if none comes within `PATIENCE`.
-    async fn next(&mut self) -> Option<String> {
+    /// Keeps reading until `done` holds for what has been seen, or panics naming `what` once
+    /// `PATIENCE` has passed.
+    async fn until(&mut self, what: &str, done: impl Fn(&NotifyListener) -> bool) {
+        let deadline = Deadline::patience();
         let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(PATIENCE, self.socket.recv(&mut buf))
-            .await
-            .ok()?
-            .expect("recv");
-        let msg = text(&buf[..n]).trim_end().to_owned();
-        self.seen.push((Instant::now(), msg.clone()));
-        Some(msg)
+        while !done(self) {
+            let Some(received) = deadline.run(self.socket.recv(&mut buf)).await else {
+                panic!("no {what} within {PATIENCE:?}; seen: {:#?}", self.seen);
+            };
+            let n = received.expect("recv");
+            let msg = text(&buf[..n]).trim_end().to_owned();
+            self.seen.push((Instant::now(), msg));
+        }
     }
 
-    /// Reads until a message has a line for which `want` holds; returns that message.
-    async fn until(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
-        loop {
-            match self.next().await {
-                Some(m) if m.lines().any(&want) => return m,
-                Some(_) => {}
-                None => panic!("no {what} within {PATIENCE:?}; seen: {:#?}", self.seen),
-            }
-        }
+    /// Waits until some message has exactly this line.
+    async fn until_line(&mut self, line: &str) {
+        self.until(line, |n| n.count(line) > 0).await;
     }
 
     fn count(&self, line: &str) -> usize {
@@ -157,7 +98,7 @@ async fn notify_ready_status_watchdog_and_stopping_with_the_key_as_a_credential(
         .expect("spawn the daemon");
 
     // READY=1 only once everything is up: by then the socket answers.
-    notify.until("READY=1", |l| l == "READY=1").await;
+    notify.until_line("READY=1").await;
     let status = run(sunopoll(&["status", "--json", "--socket", utf8(&socket)])).await;
     assert_eq!(
         status.status.code(),
@@ -169,19 +110,12 @@ async fn notify_ready_status_watchdog_and_stopping_with_the_key_as_a_credential(
     assert_eq!(v["healthy"], true, "{v}");
 
     // STATUS= says what is going on, and changes when a task is added (the fake API keeps it
-    // PENDING, so it stays active).
-    notify
-        .until("STATUS=0 tasks active, polling", |l| {
-            l == "STATUS=0 tasks active, polling"
-        })
-        .await;
+    // PENDING, so it stays active). The scheduler may report before READY=1: its order
+    // against READY=1 is no promise.
+    notify.until_line("STATUS=0 tasks active, polling").await;
     let add = run(sunopoll(&["add", "--socket", utf8(&socket), TASK])).await;
     assert!(add.status.success(), "{}", text(&add.stderr));
-    notify
-        .until("STATUS=1 task active, polling", |l| {
-            l == "STATUS=1 task active, polling"
-        })
-        .await;
+    notify.until_line("STATUS=1 task active, polling").await;
     eventually("a poll with the credential's key", || {
         api.total_calls() >= 1
     })
@@ -195,14 +129,16 @@ async fn notify_ready_status_watchdog_and_stopping_with_the_key_as_a_credential(
 
     // WATCHDOG=1 keeps coming, from the loop, without spinning.
     let pings_before = notify.count("WATCHDOG=1");
-    for _ in 0..3 {
-        notify.until("WATCHDOG=1", |l| l == "WATCHDOG=1").await;
-    }
+    notify
+        .until("three more WATCHDOG=1", |n| {
+            n.count("WATCHDOG=1") >= pings_before + 3
+        })
+        .await;
     assert!(notify.count("WATCHDOG=1") >= pings_before + 3);
 
     // SIGTERM: STOPPING=1 first, then a clean exit.
     let status = terminate(daemon).await;
-    notify.until("STOPPING=1", |l| l == "STOPPING=1").await;
+    notify.until_line("STOPPING=1").await;
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
     let elapsed = started.elapsed();
 
@@ -282,18 +218,11 @@ async fn socket_activation_uses_the_passed_socket_and_leaves_it_in_place() {
     for v in SYSTEMD_VARS {
         cmd.env_remove(v);
     }
-    let daemon = cmd.spawn().expect("spawn systemd-socket-activate");
+    let mut daemon = cmd.spawn().expect("spawn systemd-socket-activate");
 
     // The socket exists before the daemon runs: systemd-socket-activate starts it on the first
     // connection, as systemd does. That first connection is the CLI's, queued until it accepts.
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "systemd-socket-activate never created the socket"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_socket(&mut daemon, &socket, &log_path).await;
     let status = run(sunopoll(&["status", "--json", "--socket", utf8(&socket)])).await;
     assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
     let v: Value = serde_json::from_slice(&status.stdout).expect("json");
@@ -331,7 +260,7 @@ async fn a_journal_stream_that_is_not_stderr_gives_human_lines_with_timestamps()
     );
     let log_path = dir.path().join("stderr.log");
     // A JOURNAL_STREAM inherited from some service, while stderr is a file: not the journal.
-    let daemon = sunopoll(&["daemon", "--config", utf8(&config)])
+    let mut daemon = sunopoll(&["daemon", "--config", utf8(&config)])
         .env("SUNO_API_KEY", KEY)
         .env("JOURNAL_STREAM", "8:12345")
         .stdout(Stdio::null())
@@ -339,11 +268,7 @@ async fn a_journal_stream_that_is_not_stderr_gives_human_lines_with_timestamps()
         .spawn()
         .expect("spawn");
     let socket = dir.path().join("run/s.sock");
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(started.elapsed() < PATIENCE, "the daemon never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_socket(&mut daemon, &socket, &log_path).await;
     assert_eq!(terminate(daemon).await.code(), Some(0));
     let log = std::fs::read_to_string(&log_path).expect("log");
     let first = log.lines().next().unwrap_or_default();
@@ -377,7 +302,7 @@ async fn a_journal_stream_that_is_stderr_is_detected() {
     let log_file = std::fs::File::create(&log_path).expect("log");
     let meta = log_file.metadata().expect("stat");
     // stderr is this file, and JOURNAL_STREAM names this very file.
-    let daemon = sunopoll(&["daemon", "--config", utf8(&config)])
+    let mut daemon = sunopoll(&["daemon", "--config", utf8(&config)])
         .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
         .env("SUNO_API_KEY", KEY)
         .stdout(Stdio::null())
@@ -385,11 +310,7 @@ async fn a_journal_stream_that_is_stderr_is_detected() {
         .spawn()
         .expect("spawn");
     let socket = dir.path().join("run/s.sock");
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(started.elapsed() < PATIENCE, "the daemon never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_socket(&mut daemon, &socket, &log_path).await;
     assert_eq!(terminate(daemon).await.code(), Some(0));
     let log = std::fs::read_to_string(&log_path).expect("log");
     // Detected as the journal; with no journald to send to, it falls back to plain lines:
@@ -471,27 +392,11 @@ async fn status_exits_non_zero_while_the_store_cannot_be_written_and_until_a_wri
 /// wedged daemon. A ping from a timer of its own would have gone on regardless.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_scheduler_loop_stops_pinging_the_watchdog() {
-    use sunopoll::systemd::{Notifier, Supervision};
-    init_logs();
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = test_config(dir.path(), &api.uri());
-    let (notifier, recording) = Notifier::recording();
-    let supervision = Supervision {
-        notifier,
-        watchdog: Some(Duration::from_millis(100)),
-    };
-    let key = sunopoll::api::ApiKey::new(KEY).expect("key");
-    let daemon = sunopoll::daemon::Daemon::start_supervised(config.clone(), key, None, supervision)
-        .await
-        .expect("daemon starts");
-    let pings = || {
-        recording
-            .messages()
-            .iter()
-            .filter(|m| *m == "WATCHDOG=1")
-            .count()
-    };
+    let (daemon, recording) = start_supervised(&config, Duration::from_millis(100)).await;
+    let pings = || watchdog_pings(&recording);
     eventually("three pings", || pings() >= 3).await;
 
     let holder = rusqlite::Connection::open(&config.store.path).expect("open the store");
@@ -512,7 +417,10 @@ async fn a_stuck_scheduler_loop_stops_pinging_the_watchdog() {
         pings() >= resumed_at + 3
     })
     .await;
-    daemon.shutdown().await;
+    Deadline::patience()
+        .run(daemon.shutdown())
+        .await
+        .expect("the daemon shuts down in time");
     assert!(
         recording
             .messages()
@@ -525,34 +433,18 @@ async fn a_stuck_scheduler_loop_stops_pinging_the_watchdog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watchdog_keeps_being_pinged_through_a_long_pause() {
-    use sunopoll::systemd::{Notifier, Supervision};
-    init_logs();
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(dir.path(), &api.uri());
     config.poll.backoff_max = Duration::from_secs(60);
-    let (notifier, recording) = Notifier::recording();
-    let supervision = Supervision {
-        notifier,
-        watchdog: Some(Duration::from_millis(100)),
-    };
-    let key = sunopoll::api::ApiKey::new(KEY).expect("key");
-    let daemon = sunopoll::daemon::Daemon::start_supervised(config.clone(), key, None, supervision)
-        .await
-        .expect("daemon starts");
+    let (daemon, recording) = start_supervised(&config, Duration::from_millis(100)).await;
     // A throttle answer asking for 30 s: the loop sleeps far longer than a watchdog period.
     api.set_override(Some(Reply::raw(429, "").retry_after("30")));
     let mut c = RawClient::connect(&config.control.socket).await;
     c.send_line(r#"{"cmd":"add","task_ids":["paused"]}"#).await;
     assert_eq!(c.read_json().await.expect("answer")["ok"], true);
     eventually("the throttled request", || api.total_calls() == 1).await;
-    let pings = || {
-        recording
-            .messages()
-            .iter()
-            .filter(|m| *m == "WATCHDOG=1")
-            .count()
-    };
+    let pings = || watchdog_pings(&recording);
     let before = pings();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(
@@ -561,5 +453,8 @@ async fn the_watchdog_keeps_being_pinged_through_a_long_pause() {
         pings() - before
     );
     assert_eq!(api.total_calls(), 1, "still paused");
-    daemon.shutdown().await;
+    Deadline::patience()
+        .run(daemon.shutdown())
+        .await
+        .expect("the daemon shuts down in time");
 }
