@@ -217,7 +217,11 @@ async fn completions_and_the_man_page_come_from_the_command_line_definition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_refuses_client_flags_instead_of_ignoring_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), "http://127.0.0.1:9");
+    let config = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &dir.path().join("run/sunopoll.sock"),
+    );
     let config = config.to_str().expect("utf8");
     for args in [
         vec!["--socket", "/tmp/x.sock", "daemon", "--config", config],
