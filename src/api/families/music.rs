@@ -1,5 +1,6 @@
-//! The pure mapping from a record-info answer to the callback events the API would have POSTed
-//! (`design.md`, "Mapping record-info to callback events").
+//! The music family: `GET /api/v1/generate/record-info`, its record (status string, the tracks
+//! under `response.sunoData`), and the pure mapping from a record to the `text` / `first` /
+//! `complete` / `error` callbacks (`design.md`, "Mapping record-info to callback events").
 //!
 //! [`map_record`] gets the task's last emitted stage and the new answer and returns the events
 //! that are now due, in order, each with its exact callback body. It never moves backwards and,
@@ -8,71 +9,286 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::{Record, TaskStatus, Track};
+use super::Family;
+use crate::api::envelope::{int_of, json_kind, str_of};
+use crate::events::{NewEvent, Stage, error_event};
 
-/// A callback stage. The order of the variants is the order a task goes through them.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// Text (lyrics) generated.
-    Text,
-    /// First track generated.
-    First,
-    /// All tracks generated. Terminal.
-    Complete,
-    /// The task failed. Terminal.
-    Error,
+/// What one record-info answer means for a music task.
+pub type Outcome = crate::api::Outcome<Record>;
+
+/// The music family (`/api/v1/generate`, extend, covers, add-instrumental, …): four stages,
+/// one details endpoint, one body shape for both provider flavours.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Music;
+
+impl Family for Music {
+    type Record = Record;
+
+    fn endpoint(&self) -> &'static str {
+        "api/v1/generate/record-info"
+    }
+
+    fn task_id_key(&self) -> &'static str {
+        "taskId"
+    }
+
+    fn parse(&self, data: &Value) -> Result<Record, String> {
+        parse_record(data)
+    }
+
+    fn status<'r>(&self, record: &'r Record) -> &'r str {
+        record.status.as_str()
+    }
+
+    fn is_running(&self, record: &Record) -> bool {
+        matches!(record.status, TaskStatus::Pending | TaskStatus::Other(_))
+    }
+
+    fn is_known(&self, record: &Record) -> bool {
+        !matches!(record.status, TaskStatus::Other(_))
+    }
+
+    fn went_backwards(&self, record: &Record, reached: Option<Stage>) -> bool {
+        went_backwards(&record.status, reached)
+    }
+
+    fn submitted_callback_url(&self, record: &Record) -> Option<String> {
+        record.submitted_callback_url()
+    }
+
+    fn events(
+        &self,
+        task_id: &str,
+        reached: Option<Stage>,
+        record: &Record,
+        fill_skipped: bool,
+    ) -> Vec<NewEvent> {
+        map_record(task_id, reached, record, fill_skipped)
+    }
+
+    fn error_event(&self, task_id: &str, code: i64, msg: &str) -> NewEvent {
+        error_event(task_id, code, msg)
+    }
 }
 
-impl Stage {
-    /// All stages, in order.
-    pub const ALL: [Stage; 4] = [Stage::Text, Stage::First, Stage::Complete, Stage::Error];
+/// The task statuses record-info documents, plus whatever else it may say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// Waiting or generating.
+    Pending,
+    /// Lyrics/text done.
+    TextSuccess,
+    /// First track done.
+    FirstSuccess,
+    /// All tracks done.
+    Success,
+    /// The task could not be created.
+    CreateTaskFailed,
+    /// Audio generation failed.
+    GenerateAudioFailed,
+    /// The provider's callback failed; audio may still be present.
+    CallbackException,
+    /// Prompt or lyrics contained prohibited words.
+    SensitiveWordError,
+    /// A status string we do not know. Treated as still running.
+    Other(String),
+}
 
-    /// The callback's `callbackType` spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Text => "text",
-            Stage::First => "first",
-            Stage::Complete => "complete",
-            Stage::Error => "error",
+impl TaskStatus {
+    /// Parses the API's status string. Never fails: unknown strings become [`TaskStatus::Other`].
+    pub fn parse(s: &str) -> TaskStatus {
+        match s {
+            "PENDING" => TaskStatus::Pending,
+            "TEXT_SUCCESS" => TaskStatus::TextSuccess,
+            "FIRST_SUCCESS" => TaskStatus::FirstSuccess,
+            "SUCCESS" => TaskStatus::Success,
+            "CREATE_TASK_FAILED" => TaskStatus::CreateTaskFailed,
+            "GENERATE_AUDIO_FAILED" => TaskStatus::GenerateAudioFailed,
+            "CALLBACK_EXCEPTION" => TaskStatus::CallbackException,
+            "SENSITIVE_WORD_ERROR" => TaskStatus::SensitiveWordError,
+            other => TaskStatus::Other(other.to_owned()),
         }
     }
 
-    /// Parses a `callbackType` spelling.
-    pub fn parse(s: &str) -> Option<Stage> {
-        Stage::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-
-    /// True for the stages after which a task is never polled again.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Stage::Complete | Stage::Error)
+    /// The API's spelling.
+    pub fn as_str(&self) -> &str {
+        match self {
+            TaskStatus::Pending => "PENDING",
+            TaskStatus::TextSuccess => "TEXT_SUCCESS",
+            TaskStatus::FirstSuccess => "FIRST_SUCCESS",
+            TaskStatus::Success => "SUCCESS",
+            TaskStatus::CreateTaskFailed => "CREATE_TASK_FAILED",
+            TaskStatus::GenerateAudioFailed => "GENERATE_AUDIO_FAILED",
+            TaskStatus::CallbackException => "CALLBACK_EXCEPTION",
+            TaskStatus::SensitiveWordError => "SENSITIVE_WORD_ERROR",
+            TaskStatus::Other(s) => s,
+        }
     }
 }
 
-impl fmt::Display for Stage {
+impl fmt::Display for TaskStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-/// One event ready to be stored: its stage, callback `code`, and exact JSON body.
+/// The parts of record-info's `data` that sunopoll uses. Parsed leniently: unknown fields are
+/// ignored, and every field may be missing or `null`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NewEvent {
-    /// Which stage.
-    pub stage: Stage,
-    /// The callback's `code`.
-    pub code: i64,
-    /// The callback body, serialised once; these bytes are stored and forwarded as they are.
-    pub body: String,
-    /// How many tracks `data.data` carries.
-    pub tracks: usize,
-    /// True when this stage was not seen by a poll but filled in before a later one.
-    pub filled: bool,
+pub struct Record {
+    /// `data.status`.
+    pub status: TaskStatus,
+    /// `data.response.sunoData`, in the API's order.
+    pub tracks: Vec<Track>,
+    /// `data.errorCode` (number or numeric string).
+    pub error_code: Option<i64>,
+    /// `data.errorMessage`, else `data.response.errorMessage`.
+    pub error_message: Option<String>,
+    /// `data.param`, the JSON string of the original request (it holds `callBackUrl`).
+    pub param: Option<String>,
+}
+
+impl Record {
+    /// The `callBackUrl` the task was submitted with, read from `data.param`.
+    pub fn submitted_callback_url(&self) -> Option<String> {
+        let param: Value = serde_json::from_str(self.param.as_deref()?).ok()?;
+        param
+            .get("callBackUrl")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    }
+}
+
+/// One generated track as record-info reports it (camelCase on the wire).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Track {
+    /// Audio id (a UUID).
+    #[serde(deserialize_with = "lenient_string")]
+    pub id: Option<String>,
+    /// Final MP3; empty until the track is done.
+    #[serde(deserialize_with = "lenient_url")]
+    pub audio_url: Option<String>,
+    /// Upstream MP3.
+    #[serde(deserialize_with = "lenient_url")]
+    pub source_audio_url: Option<String>,
+    /// Provider streaming URL.
+    #[serde(deserialize_with = "lenient_url")]
+    pub stream_audio_url: Option<String>,
+    /// Upstream streaming URL.
+    #[serde(deserialize_with = "lenient_url")]
+    pub source_stream_audio_url: Option<String>,
+    /// Cover art.
+    #[serde(deserialize_with = "lenient_url")]
+    pub image_url: Option<String>,
+    /// Upstream cover art.
+    #[serde(deserialize_with = "lenient_url")]
+    pub source_image_url: Option<String>,
+    /// Lyrics or description.
+    #[serde(deserialize_with = "lenient_string")]
+    pub prompt: Option<String>,
+    /// Model tag.
+    #[serde(deserialize_with = "lenient_string")]
+    pub model_name: Option<String>,
+    /// Title.
+    #[serde(deserialize_with = "lenient_string")]
+    pub title: Option<String>,
+    /// Style tags.
+    #[serde(deserialize_with = "lenient_string")]
+    pub tags: Option<String>,
+    /// Creation time: epoch milliseconds (observed) or a `"YYYY-MM-DD HH:MM:SS"` string (documented).
+    pub create_time: Option<Value>,
+    /// Seconds; `null` until the track is done.
+    #[serde(deserialize_with = "lenient_f64")]
+    pub duration: Option<f64>,
+}
+
+impl Track {
+    /// True when the track's final audio is available.
+    pub fn has_audio(&self) -> bool {
+        self.audio_url.is_some()
+    }
+}
+
+/// A string field: anything that is not a string becomes `None`.
+fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+/// A URL field: missing, `null` and `""` are all "absent".
+fn lenient_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) if !s.trim().is_empty() => Some(s),
+        _ => None,
+    })
+}
+
+/// A number field that may also arrive as a numeric string.
+fn lenient_f64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+/// Builds a [`Record`] from record-info's `data` object, or says why it cannot.
+pub fn parse_record(data: &Value) -> Result<Record, String> {
+    let obj = data
+        .as_object()
+        .ok_or_else(|| format!("`data` is {}, not an object", json_kind(data)))?;
+    let status = match obj.get("status") {
+        Some(Value::String(s)) if !s.is_empty() => TaskStatus::parse(s),
+        Some(other) => return Err(format!("`data.status` is {}", json_kind(other))),
+        None => return Err("`data.status` is missing".to_owned()),
+    };
+    let response = obj.get("response").filter(|v| v.is_object());
+    let tracks = match response.and_then(|r| r.get("sunoData")) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter(|item| item.is_object())
+            .map(|item| Track::deserialize(item).unwrap_or_default())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let error_code = obj.get("errorCode").and_then(int_of);
+    let error_message = str_of(obj.get("errorMessage"))
+        .or_else(|| str_of(response.and_then(|r| r.get("errorMessage"))));
+    let param = str_of(obj.get("param"));
+    Ok(Record {
+        status,
+        tracks,
+        error_code,
+        error_message,
+        param,
+    })
+}
+
+/// True when a success status (or PENDING) says the task is behind `reached`, the last stage
+/// already emitted. Failure and unknown statuses never count as going backwards.
+fn went_backwards(status: &TaskStatus, reached: Option<Stage>) -> bool {
+    let says = match status {
+        TaskStatus::Pending => 0,
+        TaskStatus::TextSuccess => 1,
+        TaskStatus::FirstSuccess => 2,
+        TaskStatus::Success => 3,
+        _ => return false,
+    };
+    let was = match reached {
+        None => 0,
+        Some(Stage::Text) => 1,
+        Some(Stage::First) => 2,
+        Some(Stage::Complete | Stage::Error) => 3,
+    };
+    says < was
 }
 
 /// Default `msg` for each stage, as the API's callbacks word them.
@@ -184,18 +400,6 @@ fn next_stage(s: Stage) -> Stage {
     }
 }
 
-/// An `error` event with the given callback code and message and no tracks. Used for failure
-/// statuses, for a task the API keeps rejecting, and for a task past its deadline.
-pub fn error_event(task_id: &str, code: i64, msg: &str) -> NewEvent {
-    NewEvent {
-        stage: Stage::Error,
-        code,
-        body: callback_body(task_id, Stage::Error, code, msg, &[]),
-        tracks: 0,
-        filled: false,
-    }
-}
-
 #[derive(Serialize)]
 struct CallbackBody<'a> {
     code: i64,
@@ -296,7 +500,7 @@ mod tests {
     }
 
     fn record(name: &str) -> Record {
-        match classify(200, None, &fixture(name)) {
+        match classify(&Music, 200, None, &fixture(name)) {
             Outcome::Progress(r) | Outcome::Pending(r) => r,
             other => panic!("{name}: {other:?}"),
         }
@@ -553,11 +757,87 @@ mod tests {
     }
 
     #[test]
-    fn stage_names_round_trip() {
-        for s in Stage::ALL {
-            assert_eq!(Stage::parse(s.as_str()), Some(s));
-        }
-        assert_eq!(Stage::parse("done"), None);
-        assert!(Stage::Text < Stage::First && Stage::First < Stage::Complete);
+    fn record_fields_are_read_leniently() {
+        let Outcome::Progress(r) = classify(
+            &Music,
+            200,
+            None,
+            &fixture("record-info.FIRST_SUCCESS.json"),
+        ) else {
+            panic!("not progress")
+        };
+        assert_eq!(r.tracks.len(), 2);
+        assert!(r.tracks[0].has_audio());
+        assert!(!r.tracks[1].has_audio(), "\"\" audioUrl is absent");
+        assert_eq!(r.tracks[1].source_audio_url, None, "null is absent");
+        assert_eq!(r.tracks[1].duration, None);
+        assert_eq!(r.tracks[0].duration, Some(187.32));
+        assert_eq!(
+            r.submitted_callback_url().as_deref(),
+            Some("https://hooks.example.com/suno/callback")
+        );
+
+        let Outcome::Progress(r) = classify(
+            &Music,
+            200,
+            None,
+            &fixture("record-info.GENERATE_AUDIO_FAILED.json"),
+        ) else {
+            panic!("not progress")
+        };
+        assert_eq!(r.error_code, Some(501));
+        assert_eq!(
+            r.error_message.as_deref(),
+            Some("Generation failed, please try again or contact support")
+        );
+        let Outcome::Pending(r) = classify(&Music, 200, None, &fixture("record-info.PENDING.json"))
+        else {
+            panic!("not pending")
+        };
+        assert!(r.tracks.is_empty(), "response: null means no tracks");
+    }
+
+    #[test]
+    fn the_error_event_is_the_standard_body() {
+        // A music failure's body is the one `events::error_event` builds: the same bytes as a
+        // callback body with no tracks.
+        assert_eq!(
+            error_event(TASK, 501, "x").body,
+            callback_body(TASK, Stage::Error, 501, "x", &[])
+        );
+        assert_eq!(
+            Music.error_event(TASK, 408, "late"),
+            error_event(TASK, 408, "late")
+        );
+    }
+
+    #[test]
+    fn the_family_reads_status_and_endpoint() {
+        let r = record("record-info.PENDING.json");
+        assert!(Music.is_running(&r) && Music.is_known(&r));
+        assert_eq!(Music.status(&r), "PENDING");
+        let mut other = r;
+        other.status = TaskStatus::Other("NEW".into());
+        assert!(Music.is_running(&other) && !Music.is_known(&other));
+        assert!(!Music.is_running(&record("record-info.SUCCESS.json")));
+        assert_eq!(Music.endpoint(), "api/v1/generate/record-info");
+        assert_eq!(Music.task_id_key(), "taskId");
+    }
+
+    #[test]
+    fn only_success_statuses_behind_the_stored_stage_go_backwards() {
+        assert!(went_backwards(&TaskStatus::Pending, Some(Stage::Text)));
+        assert!(went_backwards(&TaskStatus::TextSuccess, Some(Stage::First)));
+        assert!(!went_backwards(&TaskStatus::TextSuccess, Some(Stage::Text)));
+        assert!(!went_backwards(&TaskStatus::Pending, None));
+        assert!(!went_backwards(&TaskStatus::Success, Some(Stage::First)));
+        assert!(!went_backwards(
+            &TaskStatus::GenerateAudioFailed,
+            Some(Stage::First)
+        ));
+        assert!(!went_backwards(
+            &TaskStatus::Other("NEW".into()),
+            Some(Stage::First)
+        ));
     }
 }
