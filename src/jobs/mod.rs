@@ -298,6 +298,150 @@ pub fn instant_at(at_ms: i64, now_ms: i64) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A job kind over rows kept in memory: each job takes 10 ms, and finishing it removes its
+    /// row (as recording a delivery ends it), unless the "store" is set to fail.
+    struct Fake {
+        rows: Arc<Mutex<Vec<u32>>>,
+        max: usize,
+        running: Arc<Mutex<(usize, usize)>>,
+        started: Arc<Mutex<Vec<(u32, Instant)>>>,
+        failures_left: u32,
+    }
+
+    impl JobKind for Fake {
+        type Row = u32;
+        type Key = u32;
+        type Done = ();
+        const QUEUE: &'static str = "the fake queue";
+        const STOPPED: &'static str = "fake stopped";
+
+        fn key(row: &u32) -> u32 {
+            *row
+        }
+        fn due_at(_: &u32) -> i64 {
+            0
+        }
+        fn max_in_flight(&self) -> usize {
+            self.max
+        }
+        fn store_backoff(&self) -> StoreBackoffPolicy {
+            policy()
+        }
+        async fn prepare(&mut self, in_flight: usize, _wake: &mut WakeAt) -> usize {
+            self.max.saturating_sub(in_flight)
+        }
+        async fn claim(
+            &self,
+            slots: usize,
+            in_flight: &HashSet<u32>,
+        ) -> Result<Vec<u32>, StoreError> {
+            let rows = self.rows.lock().expect("rows");
+            Ok(rows
+                .iter()
+                .copied()
+                .take(slots + in_flight.len() + 1)
+                .collect())
+        }
+        fn admit(&mut self, _row: &u32) -> Admit {
+            Admit::Go
+        }
+        fn start(&mut self, row: u32) -> impl Future<Output = ()> + Send + 'static {
+            self.started
+                .lock()
+                .expect("started")
+                .push((row, Instant::now()));
+            let running = self.running.clone();
+            async move {
+                {
+                    let mut r = running.lock().expect("running");
+                    r.0 += 1;
+                    r.1 = r.1.max(r.0);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                running.lock().expect("running").0 -= 1;
+            }
+        }
+        async fn finish(&mut self, key: u32, (): ()) -> Stored {
+            if self.failures_left > 0 {
+                self.failures_left -= 1;
+                return Stored::Failed;
+            }
+            self.rows.lock().expect("rows").retain(|r| *r != key);
+            Stored::Written
+        }
+        async fn woken(&mut self) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn fake(rows: u32, max: usize, failures: u32) -> Fake {
+        Fake {
+            rows: Arc::new(Mutex::new((0..rows).collect())),
+            max,
+            running: Arc::new(Mutex::new((0, 0))),
+            started: Arc::new(Mutex::new(Vec::new())),
+            failures_left: failures,
+        }
+    }
+
+    /// Runs `kind` until its rows are gone (at most `bound`), then cancels and waits.
+    async fn drive(kind: Fake, bound: Duration) -> (Vec<(u32, Instant)>, usize, usize) {
+        let (rows, running, started) = (
+            kind.rows.clone(),
+            kind.running.clone(),
+            kind.started.clone(),
+        );
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let handle = tokio::spawn(run(kind, cancel.clone(), tracker.clone()));
+        let drained = tokio::time::timeout(bound, async {
+            while !rows.lock().expect("rows").is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            drained.is_ok(),
+            "rows left: {:?}",
+            rows.lock().expect("rows")
+        );
+        cancel.cancel();
+        handle.await.expect("the loop ends when cancelled");
+        tracker.close();
+        tracker.wait().await;
+        let (now, peak) = *running.lock().expect("running");
+        let started = started.lock().expect("started").clone();
+        (started, now, peak)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_due_row_runs_once_within_the_limit() {
+        let (started, running, peak) = drive(fake(10, 3, 0), Duration::from_secs(5)).await;
+        let mut keys: Vec<u32> = started.iter().map(|(k, _)| *k).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            (0..10).collect::<Vec<_>>(),
+            "each row once: {started:?}"
+        );
+        assert!(peak <= 3 && peak > 0, "peak {peak}");
+        assert_eq!(running, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_store_holds_new_jobs_back_and_the_row_runs_again() {
+        let (started, _, _) = drive(fake(1, 3, 1), Duration::from_secs(10)).await;
+        assert_eq!(
+            started.len(),
+            2,
+            "the unrecorded job runs again: {started:?}"
+        );
+        let gap = started[1].1 - started[0].1;
+        // The first pause is `min` (1 s) spread by ±20 %, counted from the failure.
+        assert!(gap >= Duration::from_millis(800), "retried after {gap:?}");
+    }
 
     fn policy() -> StoreBackoffPolicy {
         StoreBackoffPolicy {

@@ -36,7 +36,7 @@ use crate::store::{DueRow, Store, StoreError, TaskRow, TaskUpdate};
 use crate::systemd::Notifier;
 
 pub use super::gate::{Gate, PauseKind, PollStatus, SharedStatus, pause_delay, status_line};
-pub use super::rate::{RATE_WINDOW_MARGIN, RateLimiter};
+use super::rate::RateLimiter;
 
 /// Consecutive global failures (throttled, unavailable) of one task, each while the API was
 /// answering others, after which they count against that task alone: it backs off by itself
@@ -364,10 +364,12 @@ impl JobKind for PollJob {
 
     fn start(&mut self, row: DueRow) -> impl Future<Output = Finished> + Send + 'static {
         let api = self.s.api.clone();
-        let store = self.s.store.clone();
-        let policy = self.s.policy.clone();
-        let events = self.s.events.clone();
-        let router = self.s.router.clone();
+        let commit = Commit {
+            store: self.s.store.clone(),
+            policy: self.s.policy.clone(),
+            router: self.s.router.clone(),
+            events: self.s.events.clone(),
+        };
         let (probe, epoch) = (self.probing, self.epoch);
         if let Ok(mut s) = self.s.status.lock() {
             s.requests += 1;
@@ -376,10 +378,7 @@ impl JobKind for PollJob {
             // One family today; once tasks record theirs, this is the task's family.
             let family = Music;
             let outcome = api.details(&family, &row.id).await;
-            let summary = apply_outcome(
-                &family, &store, &policy, &router, &events, &row.id, outcome, probe,
-            )
-            .await;
+            let summary = apply_outcome(&commit, &family, &row.id, outcome, probe).await;
             Finished {
                 probe,
                 epoch,
@@ -577,15 +576,20 @@ impl StatusReport {
     }
 }
 
+/// What a poll commits its answer with: its own copy of the scheduler's parts.
+#[derive(Clone)]
+struct Commit {
+    store: Store,
+    policy: PollConfig,
+    router: Router,
+    events: watch::Sender<i64>,
+}
+
 /// Applies one answer: global ones go back to the loop; per-task ones are decided and committed
 /// with their events, which are then logged and announced.
-#[allow(clippy::too_many_arguments)] // each is one thing the answer is applied with
 async fn apply_outcome<F>(
+    commit: &Commit,
     family: &F,
-    store: &Store,
-    policy: &PollConfig,
-    router: &Router,
-    events: &watch::Sender<i64>,
     id: &str,
     outcome: Outcome<F::Record>,
     probe: bool,
@@ -594,6 +598,12 @@ where
     F: Family + Clone + Send + 'static,
     F::Record: Clone + Send + 'static,
 {
+    let Commit {
+        store,
+        policy,
+        router,
+        events,
+    } = commit;
     let kind = outcome.kind();
     let global = match &outcome {
         Outcome::Throttled { retry_after, cause } => {
