@@ -187,7 +187,8 @@ enum Woke<K: JobKind> {
 }
 
 /// Runs `kind`'s jobs until `cancel` fires, then stops starting them. Jobs already started keep
-/// running in `tracker` and record their outcomes; the caller waits for them.
+/// running in `tracker`, and this returns once they have all reported back; the caller bounds
+/// the wait (the daemon's drain time).
 pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: TaskTracker) {
     let (done_tx, mut done_rx) = mpsc::channel::<(K::Key, K::Done)>(kind.max_in_flight() * 2 + 1);
     let mut in_flight: HashSet<K::Key> = HashSet::new();
@@ -287,6 +288,16 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
         }
     }
     debug!(in_flight = in_flight.len(), "{}", K::STOPPED);
+    // No new jobs; those in flight still finish (the tracker keeps them, the daemon bounds the
+    // wait), and what they report is still taken in: a pause that a late throttle answer calls
+    // for must be saved, or the restart would not honour it. A job that never reports (it
+    // panicked) drops its sender, so this ends when the last one is gone.
+    drop(done_tx);
+    while let Some((key, done)) = done_rx.recv().await {
+        in_flight.remove(&key);
+        let stored = kind.finish(key, done).await;
+        store_backoff.note(stored, &backoff_policy);
+    }
 }
 
 /// The monotonic instant matching wall-clock `at_ms`, given that it is `now_ms` now.
@@ -428,6 +439,36 @@ mod tests {
         );
         assert!(peak <= 3 && peak > 0, "peak {peak}");
         assert_eq!(running, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_in_flight_at_cancel_still_reports_back() {
+        let kind = fake(1, 3, 0);
+        let (rows, started) = (kind.rows.clone(), kind.started.clone());
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let handle = tokio::spawn(run(kind, cancel.clone(), tracker.clone()));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while started.lock().expect("started").is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the job starts");
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), handle)
+            .await
+            .expect("the loop ends once the job reported")
+            .expect("no panic");
+        assert!(
+            rows.lock().expect("rows").is_empty(),
+            "the job's outcome was taken in after the cancel"
+        );
+        assert_eq!(
+            started.lock().expect("started").len(),
+            1,
+            "no job started after the cancel"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -245,7 +245,8 @@ impl Scheduler {
     }
 
     /// Runs from `gate` until `cancel` fires, then stops starting polls. Polls already started
-    /// keep running in `tracker` and commit their results; the caller waits for them.
+    /// keep running in `tracker` and commit their results, and a pause their answers call for is
+    /// still saved; the caller bounds the wait.
     pub async fn run(self, gate: Gate, cancel: CancellationToken, tracker: TaskTracker) {
         let limiter = self.policy.max_requests_per_second.map(RateLimiter::new);
         let job = PollJob {
