@@ -4,8 +4,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sunopoll::api::{Outcome, classify};
-use sunopoll::events::{Stage, callback_body, map_record};
+use sunopoll::api::classify;
+use sunopoll::api::families::music::{Music, Outcome, callback_body, map_record};
+use sunopoll::events::Stage;
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -17,15 +18,15 @@ fn benches(c: &mut Criterion) {
     let pending = fixture("record-info.PENDING.json");
     let throttled = fixture("error.430.call-frequency-too-high.json");
     c.bench_function("classify SUCCESS (2 tracks)", |b| {
-        b.iter(|| classify(black_box(200), None, black_box(&success)))
+        b.iter(|| classify(&Music, black_box(200), None, black_box(&success)))
     });
     c.bench_function("classify PENDING", |b| {
-        b.iter(|| classify(black_box(200), None, black_box(&pending)))
+        b.iter(|| classify(&Music, black_box(200), None, black_box(&pending)))
     });
     c.bench_function("classify 430 envelope", |b| {
-        b.iter(|| classify(black_box(200), None, black_box(&throttled)))
+        b.iter(|| classify(&Music, black_box(200), None, black_box(&throttled)))
     });
-    let Outcome::Progress(record) = classify(200, None, &success) else {
+    let Outcome::Progress(record) = classify(&Music, 200, None, &success) else {
         panic!("fixture")
     };
     c.bench_function("map_record PENDING→SUCCESS (3 events)", |b| {

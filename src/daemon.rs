@@ -20,8 +20,9 @@ use crate::api::{ApiClient, ApiKey};
 use crate::clock::{format_duration, now_ms};
 use crate::config::Config;
 use crate::control::{self, Control, ControlSocket, DaemonInfo};
-use crate::forward::{Forwarder, Router};
-use crate::scheduler::{PollStatus, Scheduler, SharedStatus};
+use crate::forward::Router;
+use crate::jobs::deliver::Forwarder;
+use crate::jobs::poll::{PollStatus, Scheduler, SharedStatus};
 use crate::store::Store;
 use crate::systemd::{Notifier, Supervision};
 

@@ -7,13 +7,15 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file, defaults, and where the API key comes from.
-//! - [`api`]: the record-info client and the pure [`api::classify`] of its answers.
-//! - [`events`]: the pure mapping from an answer to callback events.
+//! - [`api`]: the details client, the pure [`api::classify`] of its answers, and the task
+//!   families behind one [`api::Family`] seam (music: [`api::families::music`]).
+//! - [`events`]: what one event is (its stage and stored body), shared with the store.
 //! - [`store`]: the SQLite queue, owned by one thread, with group commit.
-//! - [`scheduler`]: the polling loop, the global pause, and the pure [`scheduler::decide`].
+//! - [`jobs`]: the one durable job loop; polls ([`jobs::poll`], with the global pause and the
+//!   pure [`jobs::poll::decide`]) and deliveries ([`jobs::deliver`]) run on it.
 //! - [`control`]: the Unix socket server; [`protocol`]: its requests and answers.
 //! - [`client`]: the CLI side of the socket; [`cli`]: the command line.
-//! - [`forward`]: delivering events to local handlers, durably, in order, signed.
+//! - [`forward`]: routing events to local handlers, signing, one HTTP attempt.
 //! - [`housekeeping`]: pruning on a cron schedule.
 //! - [`daemon`]: wiring it all together, start-up and shutdown.
 //! - [`systemd`]: what systemd passes in (notify socket, watchdog, listening socket) and the
@@ -31,14 +33,18 @@ pub mod daemon;
 pub mod events;
 pub mod forward;
 pub mod housekeeping;
+pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
-pub mod scheduler;
 pub mod store;
 pub mod systemd;
 #[doc(hidden)]
 pub mod testing;
+
+/// The poll job under its former name, for the modules that still import
+/// `crate::scheduler::{PauseKind, SharedStatus}`.
+pub use jobs::poll as scheduler;
 
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -319,7 +319,7 @@ async fn a_dead_target_does_not_hold_back_another() {
         assert_eq!(stages_for(&received, id), ["text", "first", "complete"]);
     }
     assert!(
-        dead.count() <= sunopoll::forward::PER_ORIGIN_IN_FLIGHT,
+        dead.count() <= sunopoll::jobs::deliver::PER_ORIGIN_IN_FLIGHT,
         "at most 4 at once to one handler"
     );
     d.stop().await;

@@ -3,8 +3,8 @@
 //! 256 per property).
 //!
 //! - `api::classify` on arbitrary bytes, and on arbitrary JSON shaped like record-info answers;
-//! - `api::parse_record` on arbitrary JSON values;
-//! - `events::map_record` on arbitrary records: never backwards, never a stage twice;
+//! - `api::families::music::parse_record` on arbitrary JSON values;
+//! - `api::families::music::map_record` on arbitrary records: never backwards, never a stage twice;
 //! - `protocol::Request::parse` on arbitrary bytes and arbitrary JSON requests;
 //! - `protocol::check_task_id` / `check_label`: nothing with a control character gets through.
 
@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use serde_json::{Map, Value};
-use sunopoll::api::{Outcome, classify, parse_record};
-use sunopoll::events::{Stage, map_record};
+use sunopoll::api::classify;
+use sunopoll::api::families::music::{Music, Outcome, map_record, parse_record};
+use sunopoll::events::Stage;
 use sunopoll::protocol::{COMMANDS, Request, check_label, check_task_id};
 
 /// Any JSON value, a few levels deep.
@@ -147,7 +148,7 @@ proptest! {
         retry_after in prop::option::of(any::<u64>()),
         body in prop::collection::vec(any::<u8>(), 0..2048),
     ) {
-        let o = classify(status, retry_after.map(Duration::from_secs), &body);
+        let o = classify(&Music, status, retry_after.map(Duration::from_secs), &body);
         prop_assert!(cause_is_clean(&o), "{o:?}");
     }
 
@@ -157,7 +158,7 @@ proptest! {
         body in envelope(),
     ) {
         let bytes = serde_json::to_vec(&body).expect("serialise");
-        let o = classify(status, None, &bytes);
+        let o = classify(&Music, status, None, &bytes);
         prop_assert!(cause_is_clean(&o), "{o:?}");
         if !(200..300).contains(&status) {
             prop_assert!(!matches!(o, Outcome::Progress(_) | Outcome::Pending(_)),

@@ -1,0 +1,305 @@
+//! The HTTP side of the API: the [`ApiClient`] that asks a family's details endpoint about one
+//! task, the [`ApiKey`] that never prints, and the redaction that keeps it (and any URL
+//! credentials) out of every answer, log line and stored event.
+
+use std::fmt;
+use std::time::Duration;
+
+use super::clip;
+use super::envelope::{Outcome, classify};
+use super::families::Family;
+
+/// Largest details body we read. Real answers are a few KiB (two tracks with lyrics); a body
+/// this large is a broken proxy or a hostile server, and reading it whole would cost memory.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// A URL for logs and output: any `user:password@` part is replaced, so credentials embedded
+/// in a handler or API URL are never printed.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("***");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Parses a `Retry-After` header: delay-seconds or an HTTP date (relative to `now`).
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Shortest secret [`redact`] removes: anything shorter would match ordinary words.
+pub const MIN_REDACTED: usize = 8;
+
+/// What a redacted secret is replaced with.
+pub const REDACTED: &str = "[redacted]";
+
+/// `bytes` with every occurrence of `secret` replaced by [`REDACTED`]. A server, proxy or
+/// handler that echoes a request's credentials in its answer ("invalid token Bearer sk-…")
+/// must not get them into the log, `status`, or stored events. Secrets shorter than
+/// [`MIN_REDACTED`] are left alone.
+pub fn redact<'a>(bytes: &'a [u8], secret: &str) -> std::borrow::Cow<'a, [u8]> {
+    let s = secret.as_bytes();
+    if s.len() < MIN_REDACTED || !bytes.windows(s.len()).any(|w| w == s) {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if rest.starts_with(s) {
+            out.extend_from_slice(REDACTED.as_bytes());
+            rest = &rest[s.len()..];
+        } else {
+            out.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The API key. Its `Debug` and `Display` never show it.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key, trimming surrounding whitespace (key files usually end in a newline).
+    pub fn new(key: &str) -> Option<ApiKey> {
+        ApiKey::parse(key).ok()
+    }
+
+    /// Reads a key from the text of a key file or variable: its first line, trimmed. A key
+    /// with spaces or control characters inside could not be sent in a header; it is refused
+    /// here, where the error can say so, rather than failing every request later.
+    pub fn parse(text: &str) -> Result<ApiKey, &'static str> {
+        let key = text.lines().next().unwrap_or("").trim();
+        if key.is_empty() {
+            return Err("is empty");
+        }
+        if key.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err("contains spaces or control characters on its first line");
+        }
+        Ok(ApiKey(key.to_owned()))
+    }
+
+    /// The key itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+/// The details-endpoint HTTP client, one for every task family. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base_url: url::Url,
+    key: ApiKey,
+}
+
+impl ApiClient {
+    /// Builds a client for `base_url` (e.g. `https://api.sunoapi.org`).
+    pub fn new(base_url: &url::Url, key: ApiKey, timeout: Duration) -> anyhow::Result<ApiClient> {
+        install_crypto_provider();
+        if base_url.cannot_be_a_base() {
+            anyhow::bail!("cannot build the API's URLs from {base_url}: it cannot be a base URL");
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(crate::USER_AGENT)
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .build()?;
+        Ok(ApiClient {
+            http,
+            base_url: base_url.clone(),
+            key,
+        })
+    }
+
+    /// Asks `family`'s details endpoint about one task and classifies the answer. Transport
+    /// failures (refused, reset, timeout) come back as [`Outcome::Unavailable`]; this never
+    /// errors.
+    pub async fn details<F: Family>(&self, family: &F, task_id: &str) -> Outcome<F::Record> {
+        let mut url = match self.base_url.join(family.endpoint()) {
+            Ok(url) => url,
+            // `new` checked that the base takes relative paths; this is the same failure.
+            Err(e) => {
+                return Outcome::Unavailable {
+                    retry_after: None,
+                    cause: format!("cannot build the details URL from {}: {e}", self.base_url),
+                };
+            }
+        };
+        url.query_pairs_mut()
+            .append_pair(family.task_id_key(), task_id);
+        let response = match self
+            .http
+            .get(url)
+            .bearer_auth(self.key.expose())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::Unavailable {
+                    retry_after: None,
+                    cause: transport_cause(&e),
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+        match read_capped(response, MAX_BODY_BYTES).await {
+            // Redacted before anything reads it, so no cause, message or event can carry the
+            // key even if the API echoes it back.
+            Ok(body) => classify(
+                family,
+                status,
+                retry_after,
+                &redact(&body, self.key.expose()),
+            ),
+            Err(BodyError::TooLarge) => Outcome::Broken {
+                cause: format!("HTTP {status} with a body over {MAX_BODY_BYTES} bytes"),
+            },
+            Err(BodyError::Transport(e)) => Outcome::Unavailable {
+                retry_after,
+                cause: format!("HTTP {status}, then {}", transport_cause(&e)),
+            },
+        }
+    }
+}
+
+/// Installs rustls' *ring* provider once per process (reqwest is built without a default one to
+/// keep aws-lc's long C build out of the dependency tree).
+pub fn install_crypto_provider() {
+    // Fails only if a provider is already installed, which is what we want anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+enum BodyError {
+    TooLarge,
+    Transport(reqwest::Error),
+}
+
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, BodyError> {
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > cap {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Says what went wrong on the wire in words an operator can act on. Never includes headers,
+/// so the key cannot leak through it.
+pub fn transport_cause(e: &reqwest::Error) -> String {
+    let mut what = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "could not connect".to_owned()
+    } else if e.is_body() || e.is_decode() {
+        "the connection broke while reading the body".to_owned()
+    } else if e.is_redirect() {
+        "too many redirects".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    // The innermost source is usually the useful part ("Connection refused (os error 111)").
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let mut last = None;
+    while let Some(s) = source {
+        last = Some(s.to_string());
+        source = s.source();
+    }
+    if let Some(last) = last {
+        what.push_str(": ");
+        what.push_str(&clip(&last, 200));
+    }
+    what
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_parsed() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn urls_lose_their_credentials_in_output() {
+        assert_eq!(
+            redact_url("https://user:pa55@hooks.internal/cb?x=1"),
+            "https://***@hooks.internal/cb?x=1"
+        );
+        assert_eq!(
+            redact_url("http://127.0.0.1:3000/cb"),
+            "http://127.0.0.1:3000/cb"
+        );
+    }
+
+    #[test]
+    fn echoed_secrets_are_redacted() {
+        let key = "sk-secret-1234";
+        assert_eq!(
+            redact(b"bad key sk-secret-1234, sk-secret-1234!", key).as_ref(),
+            b"bad key [redacted], [redacted]!"
+        );
+        assert!(matches!(
+            redact(b"nothing here", key),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(redact(b"a short one", "short").as_ref(), b"a short one");
+        assert_eq!(redact(b"sk-secret-12", key).as_ref(), b"sk-secret-12");
+    }
+
+    #[test]
+    fn api_key_is_never_printed() {
+        let key = ApiKey::new("  sk-secret-123\n").expect("key");
+        assert_eq!(key.expose(), "sk-secret-123");
+        assert!(!format!("{key:?}").contains("secret"));
+        assert!(ApiKey::new(" \n").is_none());
+        assert_eq!(
+            ApiKey::parse("sk-real-key\n# rotated 2026-01-01\n")
+                .expect("first line")
+                .expose(),
+            "sk-real-key"
+        );
+        assert!(ApiKey::parse("sk real key").is_err());
+        assert!(ApiKey::parse("sk-\u{7}key").is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! Task families behind one seam. Each family (music today; lyrics, wav, stems, midi, mp4 and
+//! cover next, see `../shared/api/families.md`) has its own details endpoint, its own record
+//! inside the shared envelope, and its own callback bodies. A [`Family`] says exactly those
+//! things and nothing else: the envelope rules ([`crate::api::classify`]), the HTTP client and
+//! the polling policy are the same for all of them.
+//!
+//! A family is a value, not only a type, so one that differs by provider flavour (sunoapi or
+//! kie key spellings) carries its flavour, and a dispatching enum can stand for "the task's
+//! family" once tasks record theirs.
+
+use serde_json::Value;
+
+use crate::events::{NewEvent, Stage};
+
+pub mod music;
+
+/// One task family: where its details are, how its record reads, and which events a record
+/// means. Every method is pure.
+pub trait Family {
+    /// The parts of the details answer's `data` that the family uses.
+    type Record;
+
+    /// The details endpoint, relative to the API's base URL (`api/v1/generate/record-info`).
+    fn endpoint(&self) -> &'static str;
+
+    /// The query key that carries the task id (`taskId`).
+    fn task_id_key(&self) -> &'static str;
+
+    /// Reads the envelope's `data`, leniently, or says why it cannot.
+    fn parse(&self, data: &Value) -> Result<Self::Record, String>;
+
+    /// The record's status in the API's spelling, as stored in the task's `last_status`.
+    fn status<'r>(&self, record: &'r Self::Record) -> &'r str;
+
+    /// True while the task is still running (pending, or a status nobody knows yet).
+    fn is_running(&self, record: &Self::Record) -> bool;
+
+    /// False for a status the family does not know (logged once, treated as running).
+    fn is_known(&self, record: &Self::Record) -> bool;
+
+    /// True when the record's status is behind `reached`, the last stage already emitted (the
+    /// API contradicted itself; nothing is emitted, the operator hears of it).
+    fn went_backwards(&self, record: &Self::Record, reached: Option<Stage>) -> bool;
+
+    /// The callback URL the task was submitted with, if the record carries it.
+    fn submitted_callback_url(&self, record: &Self::Record) -> Option<String>;
+
+    /// The events due for `task_id`, whose last emitted stage is `reached`, now that the API
+    /// answered `record`, in order, each with its exact callback body; with `fill_skipped`,
+    /// stages the polls did not see come first. Empty when nothing new happened.
+    fn events(
+        &self,
+        task_id: &str,
+        reached: Option<Stage>,
+        record: &Self::Record,
+        fill_skipped: bool,
+    ) -> Vec<NewEvent>;
+
+    /// The family's failure event with `code` and `msg`, for the failures sunopoll itself
+    /// decides (a task the API keeps rejecting, a task past its deadline).
+    fn error_event(&self, task_id: &str, code: i64, msg: &str) -> NewEvent;
+}

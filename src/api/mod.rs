@@ -1,0 +1,42 @@
+//! The Suno API as sunopoll sees it: the envelope every details endpoint shares and the pure
+//! [`classify`] of one answer into an [`Outcome`] ([`envelope`]), the HTTP [`ApiClient`] and
+//! the key it never prints ([`client`]), and the task [`families`] behind one [`Family`] seam.
+//!
+//! Arrows point down: `envelope` reads the JSON and hands `data` to the family; `client` does the
+//! I/O and calls `envelope`; nothing here knows about tasks, the store or the schedule.
+
+pub mod client;
+pub mod envelope;
+pub mod families;
+
+pub use client::{
+    ApiClient, ApiKey, MAX_BODY_BYTES, MIN_REDACTED, REDACTED, install_crypto_provider,
+    parse_retry_after, redact, redact_url, transport_cause,
+};
+pub use envelope::{MAX_RETRY_AFTER, Outcome, classify};
+pub use families::Family;
+
+/// Shortens `s` to at most `max` characters for a log line, on a character boundary, and
+/// replaces control characters so an API message cannot forge log lines.
+pub fn clip(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_removes_control_characters() {
+        assert_eq!(clip("a\nb\rc", 10), "a b c");
+        assert_eq!(clip("abcdef", 3), "abc…");
+    }
+}

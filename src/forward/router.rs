@@ -1,0 +1,126 @@
+//! Routing: which handlers a task's events go to, decided once when the events are stored.
+
+use std::sync::Arc;
+
+use crate::config::{ForwardConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig};
+use crate::events::Stage;
+use crate::store::{Route, TaskRow};
+
+/// Decides where a task's events go. Built from `[forward]` once at start.
+#[derive(Debug, Clone)]
+pub struct Router {
+    config: Arc<ForwardConfig>,
+}
+
+impl Router {
+    /// A router for `config`.
+    pub fn new(config: ForwardConfig) -> Router {
+        Router {
+            config: Arc::new(config),
+        }
+    }
+
+    /// The forward settings.
+    pub fn config(&self) -> &ForwardConfig {
+        &self.config
+    }
+
+    /// The configured targets as routes.
+    pub fn configured_routes(&self) -> Vec<Route> {
+        self.config
+            .targets
+            .iter()
+            .map(|t| Route {
+                target: t.name.clone(),
+                url: t.url.to_string(),
+                stages: t.stages.clone(),
+            })
+            .collect()
+    }
+
+    /// Where `task`'s new events go: the configured targets, its `--callback-url`, and, with
+    /// `use-task-callback-url`, the URL it was submitted with if that URL's host is allowed.
+    /// A URL already routed to (a configured target, or the `--callback-url`) is not added a
+    /// second time: the handler would get every event twice under two `webhook-id`s.
+    pub fn routes(&self, task: &TaskRow, submitted: Option<&str>) -> Vec<Route> {
+        let mut routes = self.configured_routes();
+        let same = |a: &str, b: &str| match (url::Url::parse(a), url::Url::parse(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        let mut add = |target: &str, url: &str| {
+            if !routes.iter().any(|r| same(&r.url, url)) {
+                routes.push(Route {
+                    target: target.to_owned(),
+                    url: url.to_owned(),
+                    stages: Stage::ALL.to_vec(),
+                });
+            }
+        };
+        if let Some(url) = &task.callback_url {
+            add(TARGET_TASK_URL, url);
+        }
+        if self.config.use_task_callback_url
+            && let Some(url) = submitted.or(task.submitted_callback_url.as_deref())
+            && self.submitted_url_allowed(url)
+        {
+            add(TARGET_SUBMITTED_URL, url);
+        }
+        routes
+    }
+
+    /// True when a submitted `callBackUrl` may be used: http(s) and a host in `allow-hosts`.
+    pub fn submitted_url_allowed(&self, url: &str) -> bool {
+        url::Url::parse(url).is_ok_and(|u| {
+            (u.scheme() == "http" || u.scheme() == "https") && self.config.allows_host(&u)
+        })
+    }
+
+    /// The configured target called `name`.
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.config.targets.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn one_url_is_routed_to_once() {
+        let mut config =
+            crate::config::Config::defaults(&crate::config::Environment::default()).forward;
+        config.use_task_callback_url = true;
+        config.targets.push(TargetConfig {
+            name: "app".into(),
+            url: url::Url::parse("http://127.0.0.1:3000/cb").expect("url"),
+            stages: vec![Stage::Complete],
+            secret: None,
+            headers: Vec::new(),
+            timeout: Duration::from_secs(1),
+        });
+        let router = Router::new(config);
+        let task = TaskRow {
+            id: "t".into(),
+            state: crate::protocol::TaskState::Active,
+            stage: None,
+            last_status: None,
+            failures: 0,
+            rejections: 0,
+            added_at: 0,
+            deadline_at: 1,
+            callback_url: Some("http://127.0.0.1:3000/cb".into()),
+            submitted_callback_url: None,
+        };
+        let routes = router.routes(&task, Some("http://127.0.0.1:3000/other"));
+        let targets: Vec<&str> = routes.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(
+            targets,
+            ["app", TARGET_SUBMITTED_URL],
+            "the --callback-url equals the target's URL"
+        );
+        let routes = router.routes(&task, Some("http://127.0.0.1:3000/cb"));
+        assert_eq!(routes.len(), 1);
+    }
+}

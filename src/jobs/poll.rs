@@ -1,0 +1,979 @@
+//! The poll job: which task to poll next, when, and what its answer changes.
+//!
+//! Polls run on the durable job loop ([`crate::jobs::run`]). This kind supplies the query (the
+//! earliest tasks by `next_poll_at`), the limits (one request per task, `max-in-flight`
+//! overall, `max-requests-per-second` overall through the [`RateLimiter`], and the [`Gate`]),
+//! and the pure [`decide`] that turns one answer into the task's new state. Each poll asks the
+//! API through the task's [`Family`], then commits the task's new state and events in one
+//! transaction.
+//!
+//! Answers that concern the API rather than the task (throttled, unavailable, key rejected) never
+//! touch the task: they close the [`Gate`], one global pause with exponential backoff and jitter
+//! that is persisted so a restart does not hammer the API. When a pause ends, a single probe
+//! request goes first; normal polling resumes only once the API answers it properly. This loop
+//! also keeps systemd's `STATUS=` line current and pings its watchdog: a wedged loop stops the
+//! pings.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use super::{Admit, JobKind, StoreBackoffPolicy, Stored, WakeAt, backoff_delay, instant_at};
+use crate::api::families::music::Music;
+use crate::api::{ApiClient, Family, Outcome, clip};
+use crate::clock::{format_duration, format_utc, ms, now_ms};
+use crate::config::PollConfig;
+use crate::events::{NewEvent, Stage};
+use crate::forward::Router;
+use crate::protocol::TaskState;
+use crate::store::{DueRow, Store, StoreError, TaskRow, TaskUpdate};
+use crate::systemd::Notifier;
+
+pub use super::gate::{Gate, PauseKind, PollStatus, SharedStatus, pause_delay, status_line};
+use super::rate::RateLimiter;
+
+/// Consecutive global failures (throttled, unavailable) of one task, each while the API was
+/// answering others, after which they count against that task alone: it backs off by itself
+/// instead of pausing everyone. One task the API always fails for must not stop all polling.
+pub const POISON_LIMIT: u32 = 3;
+
+/// What a global answer means for the task that got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GlobalForTask {
+    /// Pause everyone (the gate's business); the task only steps aside until after the pause,
+    /// with this many consecutive failures.
+    Defer {
+        /// The task's new failure count.
+        failures: u32,
+    },
+    /// The API has kept failing this task alone: treat it as this task's problem.
+    TaskOnly,
+}
+
+/// Decides whether a throttled/unavailable/unauthorized answer for `task` is everyone's
+/// problem or the task's. Pure. A probe's failure says the API is still failing (nothing
+/// about the task); a rejected key is everyone's problem by nature.
+pub fn global_for_task(task: &TaskRow, pause: PauseKind, probe: bool) -> GlobalForTask {
+    if probe || pause == PauseKind::Unauthorized {
+        return GlobalForTask::Defer {
+            failures: task.failures,
+        };
+    }
+    let failures = task.failures.saturating_add(1);
+    if failures > POISON_LIMIT {
+        GlobalForTask::TaskOnly
+    } else {
+        GlobalForTask::Defer { failures }
+    }
+}
+
+/// Consecutive rejections of one task ID after which the task ends with an `error` event.
+pub const REJECTION_LIMIT: u32 = 3;
+
+/// The callback code of the `error` event sent when a task passes its deadline (the API's own
+/// "timeout" code).
+pub const DEADLINE_CODE: i64 = 408;
+
+/// The shortest gap between two `STATUS=` lines sent to systemd. A busy queue changes its
+/// counts many times a second; `systemctl status` is read by people, so every few seconds is
+/// current enough, and it bounds the task counting the line needs.
+pub const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// What one poll's answer does to its task. Pure: the task's family, the stored task, the
+/// answer, the time, the policy and a jitter value in `[0, 1)` decide everything.
+///
+/// Global outcomes (throttled, unavailable, unauthorized) are the gate's business and must not
+/// be passed here; they leave the task untouched.
+pub fn decide<F: Family>(
+    family: &F,
+    task: &TaskRow,
+    outcome: &Outcome<F::Record>,
+    now: i64,
+    policy: &PollConfig,
+    jitter: f64,
+) -> TaskUpdate {
+    let next_regular = now
+        .saturating_add(ms(policy.interval))
+        .min(task.deadline_at.max(now));
+    let past_deadline = now >= task.deadline_at;
+    let deadline_event = || {
+        let after = format_duration(Duration::from_millis(
+            u64::try_from(task.deadline_at.saturating_sub(task.added_at)).unwrap_or(0),
+        ));
+        family.error_event(
+            &task.id,
+            DEADLINE_CODE,
+            &format!("Timed out: the task did not finish within {after} (sunopoll task-deadline)."),
+        )
+    };
+    let mut update = TaskUpdate {
+        state: TaskState::Active,
+        last_status: None,
+        last_error: None,
+        failures: task.failures,
+        rejections: task.rejections,
+        next_poll_at: next_regular,
+        events: Vec::new(),
+        routes: Vec::new(),
+        submitted_callback_url: None,
+        first_delivery_delay: 0,
+        timed_out: false,
+    };
+    match outcome {
+        Outcome::Progress(record) | Outcome::Pending(record) => {
+            update.last_status = Some(family.status(record).to_owned());
+            update.failures = 0;
+            update.rejections = 0;
+            update.events = family.events(&task.id, task.stage, record, policy.fill_skipped_stages);
+        }
+        Outcome::Rejected { code, message } => {
+            update.rejections = task.rejections.saturating_add(1);
+            update.last_error = Some(format!(
+                "rejected by the API: code {code}: {}",
+                clip(message, 200)
+            ));
+            if update.rejections >= REJECTION_LIMIT {
+                update.events = vec![family.error_event(&task.id, *code, message)];
+            } else {
+                let delay = backoff_delay(
+                    update.rejections,
+                    policy.interval,
+                    policy.backoff_max,
+                    jitter,
+                );
+                update.next_poll_at = now.saturating_add(ms(delay));
+            }
+        }
+        Outcome::Broken { cause } => {
+            update.failures = task.failures.saturating_add(1);
+            update.last_error = Some(cause.clone());
+            let delay = backoff_delay(update.failures, policy.interval, policy.backoff_max, jitter);
+            update.next_poll_at = now.saturating_add(ms(delay));
+        }
+        Outcome::Throttled { .. } | Outcome::Unavailable { .. } | Outcome::Unauthorized { .. } => {
+            debug_assert!(false, "global outcomes are handled by the gate");
+        }
+    }
+    let reached = update.events.last().map(|e| e.stage).or(task.stage);
+    if !reached.is_some_and(Stage::is_terminal) && past_deadline {
+        update.events.push(deadline_event());
+        update.timed_out = true;
+    }
+    update.state = match update.events.last().map(|e| e.stage) {
+        Some(Stage::Complete) => TaskState::Done,
+        Some(Stage::Error) => TaskState::Failed,
+        _ => TaskState::Active,
+    };
+    update
+}
+
+/// What a finished poll tells the loop.
+struct Finished {
+    probe: bool,
+    /// The gate epoch when the request was sent: a throttle answer only escalates the pause if
+    /// no pause began since (otherwise four parallel 430s would count as four failures).
+    epoch: u64,
+    outcome: OutcomeSummary,
+}
+
+enum OutcomeSummary {
+    Global {
+        kind: PauseKind,
+        retry_after: Option<Duration>,
+        cause: String,
+    },
+    /// The API answered about the task (whatever it said).
+    Answered(&'static str),
+    /// The result could not be stored; the task stays due and is retried.
+    StoreFailed,
+}
+
+/// Everything the poll job needs: the entry point the daemon starts.
+pub struct Scheduler {
+    /// The queue.
+    pub store: Store,
+    /// The API.
+    pub api: ApiClient,
+    /// `[poll]` settings.
+    pub policy: PollConfig,
+    /// Poked by `add`.
+    pub wake: Arc<Notify>,
+    /// The newest event sequence number, for followers and forwarders.
+    pub events: watch::Sender<i64>,
+    /// Published status.
+    pub status: SharedStatus,
+    /// Where new events are delivered.
+    pub router: Router,
+    /// Where `STATUS=` lines and watchdog pings go (systemd's notify socket, or nowhere).
+    pub notifier: Notifier,
+    /// How often to ping the watchdog, if systemd runs one. The pings come from the loop
+    /// itself, so a wedged loop stops them and systemd restarts the service.
+    pub watchdog: Option<Duration>,
+}
+
+impl Scheduler {
+    /// Loads the persisted pause (if any) and publishes the initial status. Call before
+    /// [`Scheduler::run`] so `status` is right from the first request.
+    pub async fn load_gate(&self) -> Gate {
+        let gate = match self.store.load_gate().await {
+            Ok(row) => Gate::from_row(row),
+            Err(e) => {
+                error!(error = %e, "cannot read the saved pause state; starting unpaused");
+                Gate::Open
+            }
+        };
+        if let Gate::Paused {
+            kind, until, cause, ..
+        } = &gate
+        {
+            let wait = (*until - now_ms()).max(0);
+            warn!(
+                pause = kind.as_str(),
+                cause = %cause,
+                resume_in = %format_duration(Duration::from_millis(wait.unsigned_abs())),
+                "polling was paused before the restart; honouring the pause, then probing with one request"
+            );
+        }
+        publish(&self.status, &gate, 0, now_ms());
+        gate
+    }
+
+    /// Runs from `gate` until `cancel` fires, then stops starting polls. Polls already started
+    /// keep running in `tracker` and commit their results, and a pause their answers call for is
+    /// still saved; the caller bounds the wait.
+    pub async fn run(self, gate: Gate, cancel: CancellationToken, tracker: TaskTracker) {
+        let limiter = self.policy.max_requests_per_second.map(RateLimiter::new);
+        let job = PollJob {
+            s: self,
+            gate,
+            epoch: 0,
+            probe_in_flight: false,
+            probing: false,
+            limiter,
+            next_ping: Instant::now(),
+            report: StatusReport::new(),
+        };
+        super::run(job, cancel, tracker).await;
+    }
+}
+
+/// The poll job on the loop: the scheduler's settings and the limits' state.
+struct PollJob {
+    s: Scheduler,
+    gate: Gate,
+    /// Bumped whenever the gate moves: a failure from a request sent in an older epoch does not
+    /// escalate the pause (otherwise four parallel 430s would count as four failures).
+    epoch: u64,
+    probe_in_flight: bool,
+    /// This round's polls are the probe after a pause.
+    probing: bool,
+    limiter: Option<RateLimiter>,
+    next_ping: Instant,
+    report: StatusReport,
+}
+
+impl JobKind for PollJob {
+    type Row = DueRow;
+    type Key = String;
+    type Done = Finished;
+
+    const QUEUE: &'static str = "the queue";
+    const STOPPED: &'static str = "scheduler stopped starting polls";
+
+    fn key(row: &DueRow) -> String {
+        row.id.clone()
+    }
+
+    fn due_at(row: &DueRow) -> i64 {
+        row.next_poll_at
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.s.policy.max_in_flight
+    }
+
+    fn store_backoff(&self) -> StoreBackoffPolicy {
+        StoreBackoffPolicy {
+            min: self.s.policy.interval,
+            max: self.s.policy.backoff_max,
+            paused: "poll results cannot be stored; pausing all polling until the store works again",
+            resumed: "poll results are stored again; polling resumes",
+        }
+    }
+
+    async fn prepare(&mut self, in_flight: usize, wake: &mut WakeAt) -> usize {
+        let now = now_ms();
+        publish(&self.s.status, &self.gate, in_flight, now);
+
+        // The watchdog is pinged here, in the loop that does the work, never from a timer
+        // of its own: if this loop hangs (a stuck store, a deadlock), the pings stop and
+        // systemd restarts the service. An idle loop wakes only for this, once a period.
+        if let Some(period) = self.s.watchdog {
+            let t = Instant::now();
+            if t >= self.next_ping {
+                self.s.notifier.watchdog();
+                self.next_ping = t + period;
+            }
+            wake.at(self.next_ping);
+        }
+        if self.s.notifier.is_enabled()
+            && let Some(at) = self.report_status(now).await
+        {
+            wake.at(at);
+        }
+        let (slots, probing) = match &self.gate {
+            Gate::Open => (self.s.policy.max_in_flight.saturating_sub(in_flight), false),
+            Gate::Paused { until, .. } if now < *until => {
+                wake.at(instant_at(*until, now));
+                (0, false)
+            }
+            Gate::Paused { .. } => (usize::from(!self.probe_in_flight && in_flight == 0), true),
+        };
+        self.probing = probing;
+        slots
+    }
+
+    async fn claim(
+        &self,
+        slots: usize,
+        in_flight: &HashSet<String>,
+    ) -> Result<Vec<DueRow>, StoreError> {
+        self.s.store.due_window(slots + in_flight.len() + 1).await
+    }
+
+    fn admit(&mut self, row: &DueRow) -> Admit {
+        if let Some(limiter) = self.limiter.as_mut() {
+            let t = Instant::now();
+            let ready = limiter.ready_at(t);
+            if t < ready {
+                return Admit::Wait(ready);
+            }
+            limiter.record(t);
+        }
+        if self.probing {
+            self.probe_in_flight = true;
+            info!(task_id = %row.id, "pause over; probing the API with one request");
+        }
+        Admit::Go
+    }
+
+    fn start(&mut self, row: DueRow) -> impl Future<Output = Finished> + Send + 'static {
+        let api = self.s.api.clone();
+        let commit = Commit {
+            store: self.s.store.clone(),
+            policy: self.s.policy.clone(),
+            router: self.s.router.clone(),
+            events: self.s.events.clone(),
+        };
+        let (probe, epoch) = (self.probing, self.epoch);
+        if let Ok(mut s) = self.s.status.lock() {
+            s.requests += 1;
+        }
+        async move {
+            // One family today; once tasks record theirs, this is the task's family.
+            let family = Music;
+            let outcome = api.details(&family, &row.id).await;
+            let summary = apply_outcome(&commit, &family, &row.id, outcome, probe).await;
+            Finished {
+                probe,
+                epoch,
+                outcome: summary,
+            }
+        }
+    }
+
+    async fn finish(&mut self, id: String, f: Finished) -> Stored {
+        self.report.counts_changed = true;
+        if f.probe {
+            self.probe_in_flight = false;
+        }
+        let now = now_ms();
+        match f.outcome {
+            OutcomeSummary::Global {
+                kind,
+                retry_after,
+                cause,
+            } => {
+                self.record_answer(kind.as_str(), now);
+                let counts = f.probe || (self.gate == Gate::Open && f.epoch == self.epoch);
+                if !counts {
+                    debug!(task_id = %id, cause = %cause, "another failure from a request sent before the pause");
+                    return Stored::Untouched;
+                }
+                let (attempt, since) = match &self.gate {
+                    Gate::Paused { attempt, since, .. } => (*attempt + 1, *since),
+                    Gate::Open => (1, now),
+                };
+                let delay = match kind {
+                    PauseKind::Unauthorized => self.s.policy.backoff_max,
+                    _ => pause_delay(attempt, &self.s.policy, retry_after, fastrand::f64()),
+                };
+                let retry_in = format_duration(delay);
+                match kind {
+                    PauseKind::Unauthorized => error!(
+                        cause = %cause,
+                        attempt,
+                        retry_in = %retry_in,
+                        "the API rejected the API key; all polling is paused. Check the key \
+                         ($CREDENTIALS_DIRECTORY/api-key, api.key-file or SUNO_API_KEY)"
+                    ),
+                    _ => warn!(
+                        pause = kind.as_str(),
+                        cause = %cause,
+                        attempt,
+                        retry_in = %retry_in,
+                        retry_after = retry_after.map_or_else(|| "none".to_owned(), format_duration),
+                        "API {}; pausing all polling", kind.as_str()
+                    ),
+                }
+                self.gate = Gate::Paused {
+                    kind,
+                    attempt,
+                    until: now.saturating_add(ms(delay)),
+                    since,
+                    cause,
+                };
+                self.epoch += 1;
+                if let Err(e) = self.s.store.save_gate(self.gate.to_row()).await {
+                    error!(error = %e, "cannot save the pause state; a restart would not honour it");
+                }
+                Stored::Untouched
+            }
+            OutcomeSummary::Answered(kind) => {
+                self.record_answer(kind, now);
+                if f.probe
+                    && let Gate::Paused { since, attempt, .. } = &self.gate
+                {
+                    info!(
+                        paused_for = %format_duration(Duration::from_millis((now - *since).max(0).unsigned_abs())),
+                        pauses = *attempt,
+                        "the API answers again; polling resumes"
+                    );
+                    self.gate = Gate::Open;
+                    self.epoch += 1;
+                    if let Err(e) = self.s.store.save_gate(None).await {
+                        error!(error = %e, "cannot clear the saved pause state");
+                    }
+                }
+                Stored::Written
+            }
+            OutcomeSummary::StoreFailed => Stored::Failed,
+        }
+    }
+
+    async fn woken(&mut self) {
+        self.s.wake.notified().await;
+        self.report.counts_changed = true;
+    }
+}
+
+impl PollJob {
+    /// Sends systemd a new `STATUS=` line if it changed, at most once per [`STATUS_EVERY`].
+    /// Returns when to come back if a change is waiting for that gap to pass.
+    async fn report_status(&mut self, now: i64) -> Option<Instant> {
+        let report = &mut self.report;
+        let gate = &self.gate;
+        let line = status_line(report.active, gate, now);
+        if !report.counts_changed && line == report.sent {
+            return None;
+        }
+        let t = Instant::now();
+        if t < report.next_at {
+            return Some(report.next_at);
+        }
+        report.next_at = t + STATUS_EVERY;
+        let mut retry = None;
+        let line = if report.counts_changed {
+            match self.s.store.active_count().await {
+                Ok(n) => {
+                    report.active = Some(n);
+                    report.counts_changed = false;
+                    status_line(report.active, gate, now)
+                }
+                // The store logs its own errors; keep the old count and count again later.
+                Err(_) => {
+                    retry = Some(report.next_at);
+                    line
+                }
+            }
+        } else {
+            line
+        };
+        if line != report.sent {
+            self.s.notifier.status(&line);
+            report.sent = line;
+        }
+        retry
+    }
+
+    fn record_answer(&self, kind: &str, now: i64) {
+        if let Ok(mut s) = self.s.status.lock() {
+            s.last_answer = Some(kind.to_owned());
+            s.last_answer_at = Some(format_utc(now));
+        }
+    }
+}
+
+/// Shows `gate` and the requests in flight in `status`.
+fn publish(status: &SharedStatus, gate: &Gate, in_flight: usize, now: i64) {
+    let Ok(mut s) = status.lock() else {
+        return;
+    };
+    s.in_flight = in_flight;
+    match gate {
+        Gate::Open => {
+            s.state = "polling".to_owned();
+            s.pause_kind = None;
+            s.pause_attempt = 0;
+            s.paused_until = None;
+            s.paused_since = None;
+            s.paused_for_ms = 0;
+            s.pause_cause = None;
+        }
+        Gate::Paused {
+            kind,
+            attempt,
+            until,
+            since,
+            cause,
+        } => {
+            s.state = if now < *until { "paused" } else { "probing" }.to_owned();
+            s.pause_kind = Some(*kind);
+            s.pause_attempt = *attempt;
+            s.paused_until = Some(format_utc(*until));
+            s.paused_since = Some(format_utc(*since));
+            s.paused_for_ms = (now - *since).max(0);
+            s.pause_cause = Some(cause.clone());
+        }
+    }
+}
+
+/// What the loop last told systemd in `STATUS=`, and when it may say more.
+struct StatusReport {
+    /// The line last sent.
+    sent: String,
+    /// Active tasks at the last count; `None` before the first.
+    active: Option<i64>,
+    /// An add or a finished poll may have changed the count since.
+    counts_changed: bool,
+    /// No new line before this.
+    next_at: Instant,
+}
+
+impl StatusReport {
+    fn new() -> StatusReport {
+        StatusReport {
+            sent: String::new(),
+            active: None,
+            counts_changed: true,
+            next_at: Instant::now(),
+        }
+    }
+}
+
+/// What a poll commits its answer with: its own copy of the scheduler's parts.
+#[derive(Clone)]
+struct Commit {
+    store: Store,
+    policy: PollConfig,
+    router: Router,
+    events: watch::Sender<i64>,
+}
+
+/// Applies one answer: global ones go back to the loop; per-task ones are decided and committed
+/// with their events, which are then logged and announced.
+async fn apply_outcome<F>(
+    commit: &Commit,
+    family: &F,
+    id: &str,
+    outcome: Outcome<F::Record>,
+    probe: bool,
+) -> OutcomeSummary
+where
+    F: Family + Clone + Send + 'static,
+    F::Record: Clone + Send + 'static,
+{
+    let Commit {
+        store,
+        policy,
+        router,
+        events,
+    } = commit;
+    let kind = outcome.kind();
+    let global = match &outcome {
+        Outcome::Throttled { retry_after, cause } => {
+            Some((PauseKind::Throttled, *retry_after, cause.clone()))
+        }
+        Outcome::Unavailable { retry_after, cause } => {
+            Some((PauseKind::Unavailable, *retry_after, cause.clone()))
+        }
+        Outcome::Unauthorized { cause } => Some((PauseKind::Unauthorized, None, cause.clone())),
+        _ => None,
+    };
+    let now = now_ms();
+    let jitter = fastrand::f64();
+    let decide_policy = policy.clone();
+    let routing = router.clone();
+    let logged = outcome.clone();
+    let global_in = global.clone();
+    let fam = family.clone();
+    let applied = store
+        .apply_poll(id.to_owned(), now, move |row| {
+            let effective = match global_in {
+                None => outcome,
+                Some((pause, _, cause)) => match global_for_task(row, pause, probe) {
+                    // The usual case: the gate pauses everyone; this task only steps aside so
+                    // the probe after the pause goes to another task.
+                    GlobalForTask::Defer { failures } => {
+                        let delay = backoff_delay(
+                            failures.max(1),
+                            decide_policy.interval,
+                            decide_policy.backoff_max,
+                            jitter,
+                        );
+                        return TaskUpdate {
+                            state: TaskState::Active,
+                            last_status: None,
+                            last_error: Some(cause),
+                            failures,
+                            rejections: row.rejections,
+                            next_poll_at: now.saturating_add(ms(delay)),
+                            events: Vec::new(),
+                            routes: Vec::new(),
+                            submitted_callback_url: None,
+                            first_delivery_delay: 0,
+                            timed_out: false,
+                        };
+                    }
+                    GlobalForTask::TaskOnly => Outcome::Broken {
+                        cause: format!("{cause} (for this task only: the API answers the others)"),
+                    },
+                },
+            };
+            let mut update = decide(&fam, row, &effective, now, &decide_policy, jitter);
+            let submitted = match &effective {
+                Outcome::Progress(r) | Outcome::Pending(r) => fam.submitted_callback_url(r),
+                _ => None,
+            };
+            if !update.events.is_empty() {
+                update.routes = routing.routes(row, submitted.as_deref());
+                update.first_delivery_delay = routing
+                    .config()
+                    .retry_schedule
+                    .first()
+                    .map_or(0, |d| ms(*d));
+            }
+            if submitted.is_some() && submitted != row.submitted_callback_url {
+                update.submitted_callback_url = submitted;
+            }
+            update
+        })
+        .await;
+    if let Some((pause, retry_after, cause)) = global {
+        let task_only = matches!(&applied, Ok(Some(a)) if a.update.failures > POISON_LIMIT && !probe && pause != PauseKind::Unauthorized);
+        if !task_only {
+            if let Err(e) = &applied {
+                error!(task_id = %id, error = %e, "cannot record the failed poll for this task");
+            }
+            return OutcomeSummary::Global {
+                kind: pause,
+                retry_after,
+                cause,
+            };
+        }
+        if let Ok(Some(a)) = &applied {
+            warn!(task_id = %id, cause = %cause, attempt = a.update.failures,
+                  retry_in = %format_duration(Duration::from_millis((a.update.next_poll_at - now).max(0).unsigned_abs())),
+                  "the API keeps failing this task while answering others; backing off this task alone instead of pausing everyone");
+            if a.update.timed_out {
+                warn!(task_id = %id, "Timed out: the task did not finish before its task-deadline; giving it up with an error event (code 408)");
+            }
+            for (ev, seq) in a.update.events.iter().zip(&a.seqs) {
+                log_event(id, ev, *seq);
+            }
+            if let Some(max) = a.seqs.iter().max() {
+                events.send_modify(|latest| *latest = (*latest).max(*max));
+            }
+        }
+        return OutcomeSummary::Answered("broken");
+    }
+    let applied = match applied {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            debug!(task_id = %id, "task was removed while its poll was in flight; answer dropped");
+            return OutcomeSummary::Answered(kind);
+        }
+        Err(e) => {
+            error!(task_id = %id, error = %e, "cannot store the poll result; the task will be polled again");
+            return OutcomeSummary::StoreFailed;
+        }
+    };
+    log_poll(family, id, &logged, &applied.before, &applied.update, now);
+    if let Some(url) = &applied.update.submitted_callback_url
+        && router.config().use_task_callback_url
+        && !router.submitted_url_allowed(url)
+    {
+        warn!(task_id = %id, url = %clip(&crate::api::redact_url(url), 200),
+              "the task was submitted with a callBackUrl whose host is not in [forward] allow-hosts; not forwarding there");
+    }
+    for (ev, seq) in applied.update.events.iter().zip(&applied.seqs) {
+        log_event(id, ev, *seq);
+    }
+    if let Some(max) = applied.seqs.iter().max() {
+        events.send_modify(|latest| *latest = (*latest).max(*max));
+    }
+    OutcomeSummary::Answered(kind)
+}
+
+fn log_poll<F: Family>(
+    family: &F,
+    id: &str,
+    outcome: &Outcome<F::Record>,
+    before: &TaskRow,
+    update: &TaskUpdate,
+    now: i64,
+) {
+    let retry_in = || {
+        format_duration(Duration::from_millis(
+            (update.next_poll_at - now).max(0).unsigned_abs(),
+        ))
+    };
+    match outcome {
+        Outcome::Pending(record) | Outcome::Progress(record) => {
+            let status = family.status(record);
+            let changed = before.last_status.as_deref() != Some(status);
+            if !family.is_known(record) && changed {
+                warn!(task_id = %id, status = %clip(status, 64), "the API reports a status sunopoll does not know; treating it as still running");
+            } else if changed && family.went_backwards(record, before.stage) {
+                // Invariant 4 keeps the task where it is; the operator should still hear that
+                // the API contradicted itself (once per change, not on every poll).
+                warn!(task_id = %id, status, stage = before.stage.map_or("none", Stage::as_str),
+                      "the API reports a status behind the stage already emitted (status went backwards); ignoring it");
+            } else {
+                debug!(task_id = %id, status, "polled");
+            }
+        }
+        Outcome::Rejected { code, message } => {
+            if update.state == TaskState::Active {
+                warn!(task_id = %id, code, message = %clip(message, 200), attempt = update.rejections,
+                      of = REJECTION_LIMIT, retry_in = %retry_in(), "the API rejected this task ID");
+            } else {
+                error!(task_id = %id, code, message = %clip(message, 200),
+                       "the API rejected this task ID {REJECTION_LIMIT} times in a row; giving it up");
+            }
+        }
+        Outcome::Broken { cause } => {
+            warn!(task_id = %id, cause = %cause, attempt = update.failures, retry_in = %retry_in(),
+                  "the API's answer for this task could not be understood; backing off this task");
+        }
+        _ => {}
+    }
+    if update.timed_out {
+        warn!(task_id = %id, last_status = before.last_status.as_deref().unwrap_or("none"),
+              "Timed out: the task did not finish before its task-deadline; giving it up with an error event (code 408)");
+    }
+}
+
+/// Every event is one info line: it is the task's news, not a problem of sunopoll's (a task
+/// that failed upstream is reported as its `error` event, with the API's message).
+fn log_event(id: &str, ev: &NewEvent, seq: i64) {
+    if ev.stage == Stage::Error {
+        let msg = serde_json::from_str::<serde_json::Value>(&ev.body)
+            .ok()
+            .and_then(|v| v.get("msg").and_then(|m| m.as_str()).map(|m| clip(m, 200)))
+            .unwrap_or_default();
+        info!(task_id = %id, stage = %ev.stage, code = ev.code, tracks = 0, seq, msg = %msg, "event");
+    } else {
+        info!(task_id = %id, stage = %ev.stage, code = ev.code, tracks = ev.tracks, seq,
+              filled = ev.filled, "event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::families::music::{Record, TaskStatus};
+
+    fn policy() -> PollConfig {
+        PollConfig {
+            interval: Duration::from_secs(30),
+            max_in_flight: 4,
+            max_requests_per_second: Some(2.0),
+            backoff_max: Duration::from_secs(600),
+            task_deadline: Duration::from_secs(7200),
+            fill_skipped_stages: true,
+        }
+    }
+
+    fn task(stage: Option<Stage>) -> TaskRow {
+        TaskRow {
+            id: "t1".into(),
+            state: TaskState::Active,
+            stage,
+            last_status: None,
+            failures: 0,
+            rejections: 0,
+            added_at: 0,
+            deadline_at: 7_200_000,
+            callback_url: None,
+            submitted_callback_url: None,
+        }
+    }
+
+    fn record(status: TaskStatus) -> Record {
+        Record {
+            status,
+            tracks: Vec::new(),
+            error_code: None,
+            error_message: None,
+            param: None,
+        }
+    }
+
+    #[test]
+    fn progress_resets_counters_and_schedules_the_next_poll() {
+        let mut t = task(None);
+        t.failures = 2;
+        t.rejections = 1;
+        let u = decide(
+            &Music,
+            &t,
+            &Outcome::Pending(record(TaskStatus::Pending)),
+            1000,
+            &policy(),
+            0.5,
+        );
+        assert_eq!((u.failures, u.rejections), (0, 0));
+        assert_eq!(u.next_poll_at, 31_000);
+        assert_eq!(u.state, TaskState::Active);
+        assert_eq!(u.last_status.as_deref(), Some("PENDING"));
+        assert!(u.events.is_empty());
+    }
+
+    #[test]
+    fn the_next_poll_is_never_after_the_deadline() {
+        let u = decide(
+            &Music,
+            &task(None),
+            &Outcome::Pending(record(TaskStatus::Pending)),
+            7_190_000,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(u.next_poll_at, 7_200_000);
+    }
+
+    #[test]
+    fn past_the_deadline_a_running_task_ends_with_408() {
+        let u = decide(
+            &Music,
+            &task(Some(Stage::Text)),
+            &Outcome::Pending(record(TaskStatus::TextSuccess)),
+            7_200_000,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(u.state, TaskState::Failed);
+        assert_eq!(u.events.len(), 1);
+        assert_eq!(u.events[0].stage, Stage::Error);
+        assert_eq!(u.events[0].code, 408);
+        assert!(
+            u.events[0].body.contains("within 2h"),
+            "{}",
+            u.events[0].body
+        );
+    }
+
+    #[test]
+    fn a_final_answer_past_the_deadline_wins_over_the_timeout() {
+        let u = decide(
+            &Music,
+            &task(None),
+            &Outcome::Progress(record(TaskStatus::Success)),
+            9_000_000,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(u.state, TaskState::Done);
+        assert_eq!(
+            u.events.iter().map(|e| e.stage).collect::<Vec<_>>(),
+            [Stage::Text, Stage::First, Stage::Complete]
+        );
+    }
+
+    #[test]
+    fn three_rejections_in_a_row_end_the_task_with_their_code() {
+        let p = policy();
+        let rejected = Outcome::Rejected {
+            code: 404,
+            message: "not found".into(),
+        };
+        let mut t = task(None);
+        for n in 1..REJECTION_LIMIT {
+            let u = decide(&Music, &t, &rejected, 1000, &p, 0.5);
+            assert_eq!(u.state, TaskState::Active, "after {n}");
+            assert_eq!(u.rejections, n);
+            assert!(u.next_poll_at > 1000);
+            t.rejections = u.rejections;
+        }
+        let u = decide(&Music, &t, &rejected, 1000, &p, 0.5);
+        assert_eq!(u.state, TaskState::Failed);
+        assert_eq!(u.events[0].code, 404);
+        assert!(u.events[0].body.contains("not found"));
+    }
+
+    #[test]
+    fn broken_answers_back_off_the_task_only() {
+        let mut t = task(None);
+        t.failures = 2;
+        let u = decide(
+            &Music,
+            &t,
+            &Outcome::Broken {
+                cause: "bad".into(),
+            },
+            1000,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(u.failures, 3);
+        assert_eq!(u.next_poll_at, 1000 + 120_000);
+        assert_eq!(u.state, TaskState::Active);
+        assert_eq!(u.last_error.as_deref(), Some("bad"));
+    }
+
+    #[test]
+    fn a_task_the_api_keeps_failing_alone_becomes_its_own_problem() {
+        let mut t = task(None);
+        for n in 1..=POISON_LIMIT {
+            assert_eq!(
+                global_for_task(&t, PauseKind::Unavailable, false),
+                GlobalForTask::Defer { failures: n }
+            );
+            t.failures = n;
+        }
+        assert_eq!(
+            global_for_task(&t, PauseKind::Throttled, false),
+            GlobalForTask::TaskOnly
+        );
+        // A failing probe says nothing about the task; a rejected key is never one task's.
+        assert_eq!(
+            global_for_task(&t, PauseKind::Unavailable, true),
+            GlobalForTask::Defer {
+                failures: POISON_LIMIT
+            }
+        );
+        assert_eq!(
+            global_for_task(&t, PauseKind::Unauthorized, false),
+            GlobalForTask::Defer {
+                failures: POISON_LIMIT
+            }
+        );
+    }
+}
