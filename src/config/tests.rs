@@ -329,3 +329,152 @@ fn api_key_sources_in_order() {
             .contains("api.key-file")
     );
 }
+
+#[test]
+fn an_unknown_key_in_every_table_is_named_with_its_full_path() {
+    let p = problems(
+        r#"
+        [api]
+        key_file = "k"
+        [poll]
+        intervall = "30s"
+        [store]
+        pth = "q.db"
+        [control]
+        sockett = "s"
+        [log]
+        lvl = "info"
+        [housekeeping]
+        retension = "1d"
+        [forward]
+        tmeout = "1s"
+        [[forward.target]]
+        url = "http://127.0.0.1:1/"
+        [[forward.target]]
+        url = "http://127.0.0.1:2/"
+        urll = "x"
+        [extra.deeper]
+        "#,
+    );
+    for needle in [
+        "api.key_file: unknown key (did you mean `key-file`?); known keys: base-url, key-file, request-timeout",
+        "poll.intervall: unknown key (did you mean `interval`?)",
+        "store.pth: unknown key (did you mean `path`?); known keys: path",
+        "control.sockett: unknown key (did you mean `socket`?)",
+        "log.lvl: unknown key (did you mean `level`?)",
+        "housekeeping.retension: unknown key (did you mean `retention`?)",
+        "forward.tmeout: unknown key (did you mean `timeout`?)",
+        "forward.target[1].urll: unknown key (did you mean `url`?); known keys: name, url, stages, secret, secret-file, headers, timeout",
+        "[extra]: unknown section; known sections: api, poll, store, control, log, housekeeping, forward",
+    ] {
+        assert!(
+            p.iter().any(|x| x.starts_with(needle)),
+            "missing {needle:?} in:\n{}",
+            p.join("\n")
+        );
+    }
+    assert_eq!(p.len(), 9, "{}", p.join("\n"));
+}
+
+#[test]
+fn a_type_error_names_its_path_and_what_was_found() {
+    let p = problems(
+        r#"
+        [[api]]
+        base-url = "http://127.0.0.1/"
+        [poll]
+        interval = 30
+        [forward]
+        retry-schedule = ["0s", 5, "1s", true]
+        allow-hosts = "localhost"
+        [[forward.target]]
+        name = 7
+        url = "http://127.0.0.1:1/"
+        headers = { "X-Team" = 1 }
+        "#,
+    );
+    let all = p.join("\n");
+    for needle in [
+        "api: expected a [api] table, got an array",
+        "poll.interval: expected a duration string like \"30s\" or \"2h\", got the integer 30",
+        "forward.retry-schedule[1]: expected a duration string like \"30s\" or \"2h\", got the integer 5",
+        // After [1] is taken out, the last element is still named by its index in the file.
+        "forward.retry-schedule[3]: expected a duration string like \"30s\" or \"2h\", got the boolean true",
+        "forward.allow-hosts: expected a list, got the string \"localhost\"",
+        "forward.target[0].name: expected a string, got the integer 7",
+        "forward.target[0].headers.X-Team: expected a string, got the integer 1",
+    ] {
+        assert!(
+            p.iter().any(|x| x == needle),
+            "missing {needle:?} in:\n{all}"
+        );
+    }
+    assert_eq!(p.len(), 7, "{all}");
+}
+
+#[test]
+fn unknown_keys_bad_values_cross_checks_and_unreadable_secrets_come_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    let p = Config::parse(
+        r#"
+        [poll]
+        interval = "1h"
+        max-in-flight = "four"
+        colour = "blue"
+        [forward]
+        task-secret-file = "missing.secret"
+        [[forward.target]]
+        url = 5
+        [[forward.target]]
+        secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+        secret-file = "/etc/also.secret"
+        "#,
+        Some(&config),
+        &env(),
+    )
+    .expect_err("bad")
+    .problems;
+    let all = p.join("\n");
+    for needle in [
+        "poll.colour: unknown key",
+        "poll.max-in-flight: expected an integer, got the string \"four\"",
+        "poll.backoff-max: 10m is shorter than poll.interval (1h)",
+        "forward.target[0].url: expected a string, got the integer 5",
+        "forward.target[1].url: is required",
+        "forward.target[1].secret: set either `secret` or `secret-file`, not both",
+        // Read after parsing, relative to the file's directory.
+        &format!(
+            "forward.task-secret-file: cannot read {}",
+            dir.path().join("missing.secret").display()
+        ),
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert!(
+        !all.contains("forward.target[0].url: is required"),
+        "a refused url is not also missing:\n{all}"
+    );
+    assert_eq!(p.len(), 7, "{all}");
+}
+
+#[test]
+fn the_example_file_shows_the_defaults() {
+    let example = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml.example"));
+    let from_example = Config::load(Some(example), &env()).expect("the example parses");
+    let defaults = Config::defaults(&env());
+    let body = |c: &Config| {
+        c.summary()
+            .split_once('\n')
+            .map(|(_, rest)| rest.to_owned())
+    };
+    assert_eq!(body(&from_example), body(&defaults));
+    assert_eq!(
+        defaults.forward.retry_schedule,
+        DEFAULT_RETRY_SCHEDULE.to_vec()
+    );
+    assert_eq!(defaults.forward.max_in_flight, DEFAULT_FORWARD_IN_FLIGHT);
+    assert_eq!(defaults.forward.timeout, DEFAULT_FORWARD_TIMEOUT);
+    assert!(!defaults.control.socket_configured);
+    assert_eq!(defaults.control.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+}
