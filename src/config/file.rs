@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::strict::{Problem, fields};
+use super::strict::Problem;
 use super::{
     ApiConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS, DEFAULT_FORWARD_IN_FLIGHT,
     DEFAULT_FORWARD_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_RETRY_SCHEDULE, Environment,
@@ -24,7 +24,7 @@ use crate::events::Stage;
 
 /// The whole file.
 #[derive(Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub(super) struct File {
     api: ApiConfig,
     poll: PollConfig,
@@ -70,7 +70,7 @@ pub(super) fn unset_control() -> ControlConfig {
 
 /// `[forward]` as written.
 #[derive(Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 struct ForwardFile {
     target: Vec<TargetFile>,
     retry_schedule: Vec<de::Delay>,
@@ -107,6 +107,7 @@ impl Default for ForwardFile {
 #[serde(
     rename_all = "kebab-case",
     default,
+    deny_unknown_fields,
     expecting = "a [[forward.target]] table"
 )]
 struct TargetFile {
@@ -133,42 +134,18 @@ impl TargetFile {
     }
 }
 
-/// The keys each table of the file knows, for unknown-key messages.
-pub(super) fn known_keys(tables: &[&str]) -> &'static [&'static str] {
-    match tables {
-        [] => fields::<File>(),
-        ["api"] => fields::<ApiConfig>(),
-        ["poll"] => fields::<PollConfig>(),
-        ["store"] => fields::<StoreConfig>(),
-        ["control"] => fields::<ControlConfig>(),
-        ["log"] => fields::<LogConfig>(),
-        ["housekeeping"] => fields::<HousekeepingConfig>(),
-        ["forward"] => fields::<ForwardFile>(),
-        ["forward", "target"] => fields::<TargetFile>(),
-        _ => &[],
-    }
-}
-
 /// Headers sunopoll sets itself: the signature, and what HTTP framing needs.
 fn reserved_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     lower.starts_with("webhook-")
-        || [
-            "content-type",
-            "content-length",
-            "host",
-            "transfer-encoding",
-        ]
-        .contains(&lower.as_str())
+        || matches!(
+            lower.as_str(),
+            "content-type" | "content-length" | "host" | "transfer-encoding"
+        )
 }
 
-fn not_both(section: &str, inline: (&str, bool), file: (&str, bool), problems: &mut Vec<Problem>) {
-    if inline.1 && file.1 {
-        problems.push((
-            format!("{section}.{}", inline.0),
-            format!("set either `{}` or `{}`, not both", inline.0, file.0),
-        ));
-    }
+fn not_both(key: &str) -> String {
+    format!("set either `{key}` or `{key}-file`, not both")
 }
 
 impl File {
@@ -176,57 +153,51 @@ impl File {
     /// are the problems parsing found: a key whose value was refused is not also "required".
     pub(super) fn validate(&self, earlier: &[Problem]) -> Vec<Problem> {
         let mut p = Vec::new();
-        if self.poll.backoff_max < self.poll.interval {
-            p.push((
-                "poll.backoff-max".to_owned(),
-                format!(
-                    "{} is shorter than poll.interval ({}); backoff starts at the interval",
-                    format_duration(self.poll.backoff_max),
-                    format_duration(self.poll.interval)
-                ),
-            ));
+        let mut bad = |key: &str, what: String| p.push((key.to_owned(), what));
+        let (poll, f) = (&self.poll, &self.forward);
+        if poll.backoff_max < poll.interval {
+            let (max, interval) = (
+                format_duration(poll.backoff_max),
+                format_duration(poll.interval),
+            );
+            let what = format!(
+                "{max} is shorter than poll.interval ({interval}); backoff starts at the interval"
+            );
+            bad("poll.backoff-max", what);
         }
-        let f = &self.forward;
         if f.retry_schedule.is_empty() {
-            p.push((
-                "forward.retry-schedule".to_owned(),
-                "expected a non-empty list of durations like [\"0s\", \"5s\", \"5m\"], got an empty array".to_owned(),
-            ));
+            let what = "expected a non-empty list of durations like [\"0s\", \"5s\", \"5m\"]";
+            bad(
+                "forward.retry-schedule",
+                format!("{what}, got an empty array"),
+            );
         }
         if f.allow_hosts.iter().any(|h| h.trim().is_empty()) {
-            p.push((
-                "forward.allow-hosts".to_owned(),
-                "expected a list of host names or addresses".to_owned(),
-            ));
+            let what = "expected a list of host names or addresses";
+            bad("forward.allow-hosts", what.to_owned());
         }
-        let inline = ("task-secret", f.task_secret.is_some());
-        let file = ("task-secret-file", f.task_secret_file.is_some());
-        not_both("forward", inline, file, &mut p);
+        if f.task_secret.is_some() && f.task_secret_file.is_some() {
+            bad("forward.task-secret", not_both("task-secret"));
+        }
         let mut names = HashSet::new();
         for (i, t) in f.target.iter().enumerate() {
-            let key = format!("forward.target[{i}]");
-            let url_key = format!("{key}.url");
-            if t.url.is_none() && !earlier.iter().any(|(k, _)| *k == url_key) {
-                p.push((url_key, "is required".to_owned()));
+            let key = |k: &str| format!("forward.target[{i}].{k}");
+            if t.url.is_none() && !earlier.iter().any(|(k, _)| *k == key("url")) {
+                bad(&key("url"), "is required".to_owned());
             }
             match t.name.as_deref() {
-                Some(n) if n.trim().is_empty() || n.chars().any(char::is_control) => p.push((
-                    format!("{key}.name"),
-                    "must be non-empty text without control characters".to_owned(),
-                )),
-                Some(n) if n == TARGET_TASK_URL || n == TARGET_SUBMITTED_URL => p.push((
-                    format!("{key}.name"),
-                    format!("{n:?} is reserved for per-task URLs"),
-                )),
+                Some(n) if n.trim().is_empty() || n.chars().any(char::is_control) => {
+                    let what = "must be non-empty text without control characters";
+                    bad(&key("name"), what.to_owned());
+                }
+                Some(n) if n == TARGET_TASK_URL || n == TARGET_SUBMITTED_URL => {
+                    bad(&key("name"), format!("{n:?} is reserved for per-task URLs"));
+                }
                 _ => {}
             }
-            let inline = ("secret", t.secret.is_some());
-            not_both(
-                &key,
-                inline,
-                ("secret-file", t.secret_file.is_some()),
-                &mut p,
-            );
+            if t.secret.is_some() && t.secret_file.is_some() {
+                bad(&key("secret"), not_both("secret"));
+            }
             for (name, value) in &t.headers {
                 let valid = reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
                     && reqwest::header::HeaderValue::from_str(value).is_ok();
@@ -237,15 +208,13 @@ impl File {
                 } else {
                     continue;
                 };
-                p.push((format!("{key}.headers.{name}"), what.to_owned()));
+                bad(&key(&format!("headers.{name}")), what.to_owned());
             }
             if let Some(name) = t.name()
                 && !names.insert(name.clone())
             {
-                p.push((
-                    "forward.target".to_owned(),
-                    format!("two targets are named {name:?}; give each a distinct `name`"),
-                ));
+                let what = format!("two targets are named {name:?}; give each a distinct `name`");
+                bad("forward.target", what);
             }
         }
         p
@@ -278,25 +247,24 @@ impl File {
             env.default_socket_path()
         };
         let f = self.forward;
-        let mut secret =
-            |section: &str, key: &str, inline: Option<SigningSecret>, file: Option<PathBuf>| {
-                read_secret(
-                    inline,
-                    file.map(anchor),
-                    || format!("{section}.{key}"),
-                    problems,
-                )
+        // Secret files are read only now, after parsing: an inline secret wins (both set is
+        // already a problem), and what cannot be read or parsed is named by its key.
+        let mut secret = |key: String, inline: Option<SigningSecret>, file: Option<PathBuf>| {
+            let file = match (inline, file) {
+                (Some(secret), _) => return Some(secret),
+                (None, file) => anchor(file?),
             };
-        let task_secret = secret(
-            "forward",
-            "task-secret-file",
-            f.task_secret,
-            f.task_secret_file,
-        );
+            let read = std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))
+                .and_then(|text| SigningSecret::parse(&text));
+            read.map_err(|what| problems.push((key, what))).ok()
+        };
+        let task_file = "forward.task-secret-file".to_owned();
+        let task_secret = secret(task_file, f.task_secret, f.task_secret_file);
         let mut targets = Vec::new();
         for (i, t) in f.target.into_iter().enumerate() {
-            let key = format!("forward.target[{i}]");
-            let secret = secret(&key, "secret-file", t.secret, t.secret_file);
+            let key = format!("forward.target[{i}].secret-file");
+            let secret = secret(key, t.secret, t.secret_file);
             let Some(url) = t.url else { continue };
             targets.push(TargetConfig {
                 name: t.name.unwrap_or_else(|| url.to_string()),
@@ -326,22 +294,4 @@ impl File {
             },
         }
     }
-}
-
-/// The inline secret if there is one, else the one in `file`; `key` names the file's key.
-fn read_secret(
-    inline: Option<SigningSecret>,
-    file: Option<PathBuf>,
-    key: impl Fn() -> String,
-    problems: &mut Vec<Problem>,
-) -> Option<SigningSecret> {
-    let file = match (inline, file) {
-        (Some(secret), _) => return Some(secret),
-        (None, None) => return None,
-        (None, Some(file)) => file,
-    };
-    let read = std::fs::read_to_string(&file)
-        .map_err(|e| format!("cannot read {}: {e}", file.display()))
-        .and_then(|text| SigningSecret::parse(&text));
-    read.map_err(|what| problems.push((key(), what))).ok()
 }

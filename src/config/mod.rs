@@ -3,7 +3,7 @@
 //! The sections are typed structs with `#[derive(Deserialize)]`; value formats (durations, file
 //! modes, URLs, cron expressions, secrets) have their own small deserializers in [`de`]. A file
 //! is read in three steps so that every problem is reported at once, each naming its key path:
-//! [`strict`] deserializes it and collects every unknown key and every value of the wrong shape,
+//! [`strict`] deserializes it, collecting every unknown key and every value of the wrong shape,
 //! [`file`]'s `validate` checks what spans several keys, and only then are relative paths
 //! anchored and secret files read. The API key never sits in the file: it comes from
 //! `$CREDENTIALS_DIRECTORY/api-key`, `api.key-file`, or `SUNO_API_KEY`.
@@ -90,7 +90,7 @@ pub struct Config {
 
 /// `[api]`: where the API is and how to talk to it.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// `base-url`.
     #[serde(deserialize_with = "de::base_url")]
@@ -105,7 +105,7 @@ pub struct ApiConfig {
 
 /// `[poll]`: how often and how hard to poll.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct PollConfig {
     /// `interval`: between two polls of one task, and the first global backoff step.
     #[serde(deserialize_with = "de::duration")]
@@ -129,7 +129,11 @@ pub struct PollConfig {
 
 /// `[store]`
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", default = "file::unset_store")]
+#[serde(
+    rename_all = "kebab-case",
+    default = "file::unset_store",
+    deny_unknown_fields
+)]
 pub struct StoreConfig {
     /// `path`: the SQLite file.
     #[serde(deserialize_with = "de::path")]
@@ -138,7 +142,11 @@ pub struct StoreConfig {
 
 /// `[control]`: the local socket.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", default = "file::unset_control")]
+#[serde(
+    rename_all = "kebab-case",
+    default = "file::unset_control",
+    deny_unknown_fields
+)]
 pub struct ControlConfig {
     /// `socket`: its path.
     #[serde(deserialize_with = "de::path")]
@@ -159,7 +167,7 @@ pub struct ControlConfig {
 
 /// `[log]`
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `level`: error, warn, info, debug or trace.
     #[serde(deserialize_with = "de::level")]
@@ -171,7 +179,7 @@ pub struct LogConfig {
 
 /// `[housekeeping]`
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", default)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct HousekeepingConfig {
     /// `retention`: how long finished tasks and their events are kept.
     #[serde(deserialize_with = "de::any_duration")]
@@ -387,8 +395,7 @@ impl Config {
         let root: Table = text.parse().map_err(|e: toml::de::Error| {
             fail(vec![format!("not valid TOML: {}", e.to_string().trim())])
         })?;
-        let (file, mut problems) =
-            strict::deserialize::<file::File>(Value::Table(root), file::known_keys);
+        let (file, mut problems) = strict::deserialize::<file::File>(Value::Table(root));
         let config = file.map(|file| {
             let semantic = file.validate(&problems);
             problems.extend(semantic);

@@ -1,22 +1,20 @@
-//! Strict reading of a TOML tree into `#[derive(Deserialize)]` types, with every problem at once.
+//! Strict reading of the config file's TOML tree into `#[derive(Deserialize)]` types with
+//! `deny_unknown_fields`, every problem reported at once.
 //!
 //! serde stops at the first error. To name them all, the tree is deserialized again after each
 //! error with the offending value taken out (`serde_path_to_error` says where it is; the key then
-//! takes its default), until a pass goes through. Unknown keys are collected on that last pass by
-//! `serde_ignored`, each with its full path, a "did you mean" and the keys its table knows. Array
-//! elements taken out are remembered, so later problems in the same array keep the index as
-//! written.
+//! takes its default), until a pass goes through. An unknown key is such an error too, named
+//! with its full path, a "did you mean" and the keys its table knows (serde's message lists
+//! them). Array elements taken out are remembered, so later problems in the same array keep the
+//! index as written.
 
-use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde::de::DeserializeOwned;
 use toml::Value;
 
 use super::de::show;
 
 /// One problem: the key path it is about, and what is wrong.
 pub(super) type Problem = (String, String);
-
-/// The keys of the table at a path (given by its keys, array indices left out).
-pub(super) type KnownKeys = fn(&[&str]) -> &'static [&'static str];
 
 /// One step of a key path.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,27 +25,17 @@ enum Step {
 
 /// Deserializes `root` as `T`, returning every unknown key and every bad value. `T` is `None`
 /// only if a problem could not be taken out of the tree (the problems then say what it was).
-pub(super) fn deserialize<T: DeserializeOwned>(
-    mut root: Value,
-    known: KnownKeys,
-) -> (Option<T>, Vec<Problem>) {
-    let mut problems = sections_are_tables(&mut root, known);
+pub(super) fn deserialize<T: DeserializeOwned>(mut root: Value) -> (Option<T>, Vec<Problem>) {
+    let mut problems = Vec::new();
     // Array elements taken out so far: (the array's path as written, the element's index).
     let mut taken: Vec<(Vec<Step>, usize)> = Vec::new();
     loop {
-        let mut unknown = Vec::new();
-        let mut note = |path: serde_ignored::Path| unknown.push(steps(&path));
-        let ignoring = serde_ignored::Deserializer::new(root.clone(), &mut note);
-        let error = match serde_path_to_error::deserialize::<_, T>(ignoring) {
-            Ok(t) => {
-                let unknown = unknown
-                    .iter()
-                    .map(|p| unknown_key(&as_written(p, &taken), known));
-                problems.splice(0..0, unknown);
-                return (Some(t), problems);
-            }
+        let error = match serde_path_to_error::deserialize::<_, T>(root.clone()) {
+            Ok(t) => return (Some(t), problems),
             Err(e) => e,
         };
+        // `message`, not `to_string`: toml appends its own key path, without array indices.
+        let what = error.inner().message().trim().to_owned();
         let path: Option<Vec<Step>> = error
             .path()
             .iter()
@@ -57,37 +45,54 @@ pub(super) fn deserialize<T: DeserializeOwned>(
                 _ => None,
             })
             .collect();
-        // `message`, not `to_string`: toml appends its own key path, without array indices.
-        let what = error.inner().message().trim().to_owned();
-        let Some((path, found)) = path.and_then(|p| take(&mut root, &p).map(|v| (p, v))) else {
+        let Some(mut path) = path.filter(|p| !p.is_empty()) else {
+            problems.push((error.path().to_string(), what));
+            return (None, problems);
+        };
+        // Every top-level key is a section. When one is not a table (`api = 5`, or `[[api]]`,
+        // which serde would read as a struct too), the section itself is the problem.
+        let unknown = what.strip_prefix("unknown field `");
+        if unknown.is_none() && (path.len() == 1 || matches!(path[1], Step::Index(_))) {
+            path.truncate(1);
+        }
+        let Some(found) = take(&mut root, &path) else {
             problems.push((error.path().to_string(), what));
             return (None, problems);
         };
         let written = as_written(&path, &taken);
-        problems.push((display(&written), reword(&what, &found)));
+        problems.push(match (unknown, written.as_slice()) {
+            (Some(rest), _) => unknown_key(&written, rest),
+            (None, [Step::Key(section)]) => {
+                let what = format!("expected a [{section}] table, got {}", show(&found));
+                (section.clone(), what)
+            }
+            (None, _) => (display(&written), reword(&what, &found)),
+        });
         if let Some((Step::Index(i), array)) = written.split_last() {
             taken.push((array.to_vec(), *i));
         }
     }
 }
 
-/// Takes out top-level keys that should be tables but are not: serde would read a struct from an
-/// array too, so `[[api]]` would otherwise pass for `[api]`.
-fn sections_are_tables(root: &mut Value, known: KnownKeys) -> Vec<Problem> {
-    let Value::Table(root) = root else {
-        return Vec::new();
-    };
-    let mut problems = Vec::new();
-    for name in known(&[]) {
-        if let Some(v) = root.get(*name).filter(|v| !v.is_table()) {
-            problems.push((
-                name.to_string(),
-                format!("expected a [{name}] table, got {}", show(v)),
-            ));
-            root.remove(*name);
-        }
+/// `rest` is serde's message after "unknown field `", which ends listing the known keys:
+/// "expected `a`", "expected `a` or `b`" or "expected one of `a`, `b`, `c`".
+fn unknown_key(path: &[Step], rest: &str) -> Problem {
+    let (key, expected) = rest.split_once("`, ").unwrap_or((rest, ""));
+    let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let hint = closest(key, &known)
+        .map(|k| format!(" (did you mean `{k}`?)"))
+        .unwrap_or_default();
+    let known = known.join(", ");
+    match path {
+        [_] => (
+            format!("[{key}]"),
+            format!("unknown section{hint}; known sections: {known}"),
+        ),
+        _ => (
+            display(path),
+            format!("unknown key{hint}; known keys: {known}"),
+        ),
     }
-    problems
 }
 
 /// serde's "invalid type: integer `5`, expected a string" as "expected a string, got the
@@ -103,18 +108,6 @@ fn reword(what: &str, found: &Value) -> String {
                 format!("expected {expected}, got {}", show(found))
             },
         )
-}
-
-fn steps(path: &serde_ignored::Path) -> Vec<Step> {
-    use serde_ignored::Path;
-    match path {
-        Path::Root => Vec::new(),
-        Path::Seq { parent, index } => [steps(parent), vec![Step::Index(*index)]].concat(),
-        Path::Map { parent, key } => [steps(parent), vec![Step::Key(key.clone())]].concat(),
-        Path::Some { parent }
-        | Path::NewtypeStruct { parent }
-        | Path::NewtypeVariant { parent } => steps(parent),
-    }
 }
 
 /// Takes the value at `path` out of the tree.
@@ -172,33 +165,6 @@ fn display(path: &[Step]) -> String {
     s
 }
 
-fn unknown_key(path: &[Step], known: KnownKeys) -> Problem {
-    let Some((Step::Key(key), parent)) = path.split_last() else {
-        return (display(path), "unknown key".to_owned());
-    };
-    let tables: Vec<&str> = parent
-        .iter()
-        .filter_map(|s| match s {
-            Step::Key(k) => Some(k.as_str()),
-            Step::Index(_) => None,
-        })
-        .collect();
-    let known = known(&tables);
-    let hint = closest(key, known)
-        .map(|k| format!(" (did you mean `{k}`?)"))
-        .unwrap_or_default();
-    if parent.is_empty() {
-        let what = format!(
-            "unknown section{hint}; known sections: {}",
-            known.join(", ")
-        );
-        (format!("[{key}]"), what)
-    } else {
-        let what = format!("unknown key{hint}; known keys: {}", known.join(", "));
-        (display(path), what)
-    }
-}
-
 /// The known key closest to a misspelt one, if any is close.
 fn closest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
     known
@@ -221,39 +187,4 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
-}
-
-/// The keys a derived struct knows, as its `Deserialize` impl announces them to a deserializer
-/// (so the list is never written twice).
-pub(super) fn fields<T: DeserializeOwned>() -> &'static [&'static str] {
-    struct Probe<'a>(&'a mut &'static [&'static str]);
-
-    impl<'de> Deserializer<'de> for Probe<'_> {
-        type Error = de::value::Error;
-
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
-            Err(de::Error::custom("not a struct"))
-        }
-
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            *self.0 = fields;
-            Err(de::Error::custom("probed"))
-        }
-
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
-            ignored_any
-        }
-    }
-
-    let mut fields: &'static [&'static str] = &[];
-    // The probe always fails: it only wants the field list the struct hands it.
-    let _ = T::deserialize(Probe(&mut fields));
-    fields
 }
