@@ -321,6 +321,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+// The documented defaults (config.toml.example); serde fills them in for keys a file leaves out.
 impl Default for ApiConfig {
     fn default() -> ApiConfig {
         ApiConfig {

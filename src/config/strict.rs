@@ -74,11 +74,15 @@ pub(super) fn deserialize<T: DeserializeOwned>(mut root: Value) -> (Option<T>, V
     }
 }
 
-/// `rest` is serde's message after "unknown field `", which ends listing the known keys:
-/// "expected `a`", "expected `a` or `b`" or "expected one of `a`, `b`, `c`".
+/// `rest` is serde's message after "unknown field `": the key, then the keys its table knows
+/// ("`, expected `a`", "… `a` or `b`", "… one of `a`, `b`, `c`").
 fn unknown_key(path: &[Step], rest: &str) -> Problem {
-    let (key, expected) = rest.split_once("`, ").unwrap_or((rest, ""));
-    let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let key = match path.last() {
+        Some(Step::Key(k)) => k.as_str(),
+        _ => "",
+    };
+    let expected = rest.strip_prefix(key).unwrap_or(rest);
+    let known: Vec<&str> = expected.split('`').skip(2).step_by(2).collect();
     let hint = closest(key, &known)
         .map(|k| format!(" (did you mean `{k}`?)"))
         .unwrap_or_default();
