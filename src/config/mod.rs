@@ -1,10 +1,10 @@
 //! Configuration: the TOML file, its defaults, and where the API key comes from.
 //!
 //! The sections are typed structs with `#[derive(Deserialize)]`; value formats (durations, file
-//! modes, URLs, cron expressions, secrets) have their own small deserializers in [`de`]. A file
+//! modes, URLs, cron expressions, secrets) have their own small deserializers in `de`. A file
 //! is read in three steps so that every problem is reported at once, each naming its key path:
-//! [`strict`] deserializes it, collecting every unknown key and every value of the wrong shape,
-//! [`file`]'s `validate` checks what spans several keys, and only then are relative paths
+//! `strict` deserializes it, collecting every unknown key and every value of the wrong shape,
+//! `file`'s `validate` checks what spans several keys, and only then are relative paths
 //! anchored and secret files read. The API key never sits in the file: it comes from
 //! `$CREDENTIALS_DIRECTORY/api-key`, `api.key-file`, or `SUNO_API_KEY`.
 //!
