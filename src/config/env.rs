@@ -1,0 +1,93 @@
+//! The parts of the process environment that configuration depends on, captured once in `main`,
+//! and the default store and socket paths they imply (systemd directories, XDG, root).
+
+use std::path::PathBuf;
+
+use super::{SOCKET_FILE, STORE_FILE, SYSTEM_SOCKET};
+
+/// The parts of the process environment that configuration depends on.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// The effective user id (0 for root).
+    pub uid: u32,
+    /// `$HOME`.
+    pub home: Option<PathBuf>,
+    /// `$XDG_STATE_HOME`.
+    pub xdg_state_home: Option<PathBuf>,
+    /// `$XDG_RUNTIME_DIR`.
+    pub xdg_runtime_dir: Option<PathBuf>,
+    /// `$STATE_DIRECTORY` (systemd `StateDirectory=`).
+    pub state_directory: Option<PathBuf>,
+    /// `$RUNTIME_DIRECTORY` (systemd `RuntimeDirectory=`).
+    pub runtime_directory: Option<PathBuf>,
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+    pub credentials_directory: Option<PathBuf>,
+    /// `$SUNO_API_KEY`.
+    pub suno_api_key: Option<String>,
+}
+
+impl Environment {
+    /// Reads the real process environment. Called once, in `main`.
+    pub fn from_process() -> Environment {
+        let path = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        // systemd may pass several directories separated by ':'; the first is ours.
+        let first = |p: Option<PathBuf>| {
+            p.map(|p| {
+                let s = p.to_string_lossy().into_owned();
+                PathBuf::from(s.split(':').next().unwrap_or_default())
+            })
+        };
+        Environment {
+            uid: current_uid(),
+            home: path("HOME"),
+            xdg_state_home: path("XDG_STATE_HOME"),
+            xdg_runtime_dir: path("XDG_RUNTIME_DIR"),
+            state_directory: first(path("STATE_DIRECTORY")),
+            runtime_directory: first(path("RUNTIME_DIRECTORY")),
+            credentials_directory: path("CREDENTIALS_DIRECTORY"),
+            suno_api_key: std::env::var("SUNO_API_KEY").ok().filter(|v| !v.is_empty()),
+        }
+    }
+
+    /// The store path used when the config names none.
+    pub fn default_store_path(&self) -> PathBuf {
+        if let Some(dir) = &self.state_directory {
+            return dir.join(STORE_FILE);
+        }
+        if self.uid == 0 {
+            return PathBuf::from("/var/lib/sunopoll").join(STORE_FILE);
+        }
+        let base = self
+            .xdg_state_home
+            .clone()
+            .or_else(|| self.home.as_ref().map(|h| h.join(".local/state")))
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/sunopoll-{}", self.uid)));
+        base.join("sunopoll").join(STORE_FILE)
+    }
+
+    /// The socket path used when the config names none.
+    pub fn default_socket_path(&self) -> PathBuf {
+        if let Some(dir) = &self.runtime_directory {
+            return dir.join(SOCKET_FILE);
+        }
+        if self.uid == 0 {
+            return PathBuf::from(SYSTEM_SOCKET);
+        }
+        match &self.xdg_runtime_dir {
+            Some(dir) => dir.join(SOCKET_FILE),
+            None => PathBuf::from(format!("/tmp/sunopoll-{}", self.uid)).join(SOCKET_FILE),
+        }
+    }
+}
+
+/// The effective uid, read without `unsafe`: `/proc/self` is owned by the process's user.
+pub fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
+}

@@ -1,0 +1,297 @@
+//! The config file as written, its one `validate` pass over what spans several keys, and the
+//! step that turns it into a [`Config`]: relative paths anchored to the file's directory, the
+//! environment's default paths filled in, secret files read (after parsing, never during).
+//!
+//! Sections whose keys map one to one onto the public types are those types; `[forward]` and
+//! its targets have file types of their own, because a target's timeout defaults to the
+//! section's, a target's name to its URL, and secrets may live in files.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::strict::Problem;
+use super::{
+    ApiConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS, DEFAULT_FORWARD_IN_FLIGHT,
+    DEFAULT_FORWARD_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_RETRY_SCHEDULE, Environment,
+    ForwardConfig, HousekeepingConfig, LogConfig, PollConfig, SigningSecret, StoreConfig,
+    TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig, de,
+};
+use crate::clock::format_duration;
+use crate::events::Stage;
+
+/// The whole file.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub(super) struct File {
+    api: ApiConfig,
+    poll: PollConfig,
+    store: StoreConfig,
+    control: ControlConfig,
+    log: LogConfig,
+    housekeeping: HousekeepingConfig,
+    forward: ForwardFile,
+}
+
+impl Default for File {
+    fn default() -> File {
+        File {
+            api: ApiConfig::default(),
+            poll: PollConfig::default(),
+            store: unset_store(),
+            control: unset_control(),
+            log: LogConfig::default(),
+            housekeeping: HousekeepingConfig::default(),
+            forward: ForwardFile::default(),
+        }
+    }
+}
+
+/// `[store]` before the environment is known: an empty path stands for "not set", which the
+/// file cannot say (an empty `path` is refused).
+pub(super) fn unset_store() -> StoreConfig {
+    StoreConfig {
+        path: PathBuf::new(),
+    }
+}
+
+/// `[control]` before the environment is known; an empty socket path is "not set".
+pub(super) fn unset_control() -> ControlConfig {
+    ControlConfig {
+        socket: PathBuf::new(),
+        socket_configured: false,
+        mode: 0o600,
+        group: None,
+        idle_timeout: DEFAULT_IDLE_TIMEOUT,
+    }
+}
+
+/// `[forward]` as written.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+struct ForwardFile {
+    target: Vec<TargetFile>,
+    retry_schedule: Vec<de::Delay>,
+    #[serde(deserialize_with = "de::flag")]
+    use_task_callback_url: bool,
+    allow_hosts: Vec<String>,
+    #[serde(deserialize_with = "de::some_secret")]
+    task_secret: Option<SigningSecret>,
+    #[serde(deserialize_with = "de::some_path")]
+    task_secret_file: Option<PathBuf>,
+    #[serde(deserialize_with = "de::duration")]
+    timeout: Duration,
+    #[serde(deserialize_with = "de::count")]
+    max_in_flight: usize,
+}
+
+impl Default for ForwardFile {
+    fn default() -> ForwardFile {
+        ForwardFile {
+            target: Vec::new(),
+            retry_schedule: DEFAULT_RETRY_SCHEDULE.map(de::Delay).into(),
+            use_task_callback_url: false,
+            allow_hosts: DEFAULT_ALLOW_HOSTS.map(str::to_owned).into(),
+            task_secret: None,
+            task_secret_file: None,
+            timeout: DEFAULT_FORWARD_TIMEOUT,
+            max_in_flight: DEFAULT_FORWARD_IN_FLIGHT,
+        }
+    }
+}
+
+/// One `[[forward.target]]` as written.
+#[derive(Deserialize, Default)]
+#[serde(
+    rename_all = "kebab-case",
+    default,
+    deny_unknown_fields,
+    expecting = "a [[forward.target]] table"
+)]
+struct TargetFile {
+    name: Option<String>,
+    #[serde(deserialize_with = "de::some_url")]
+    url: Option<url::Url>,
+    #[serde(deserialize_with = "de::some_stages")]
+    stages: Option<Vec<Stage>>,
+    #[serde(deserialize_with = "de::some_secret")]
+    secret: Option<SigningSecret>,
+    #[serde(deserialize_with = "de::some_path")]
+    secret_file: Option<PathBuf>,
+    headers: BTreeMap<String, String>,
+    #[serde(deserialize_with = "de::some_duration")]
+    timeout: Option<Duration>,
+}
+
+impl TargetFile {
+    /// Deliveries are tracked per name; without one, the URL is the name.
+    fn name(&self) -> Option<String> {
+        self.name
+            .clone()
+            .or_else(|| self.url.as_ref().map(url::Url::to_string))
+    }
+}
+
+/// Headers sunopoll sets itself: the signature, and what HTTP framing needs.
+fn reserved_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("webhook-")
+        || matches!(
+            lower.as_str(),
+            "content-type" | "content-length" | "host" | "transfer-encoding"
+        )
+}
+
+fn not_both(key: &str) -> String {
+    format!("set either `{key}` or `{key}-file`, not both")
+}
+
+impl File {
+    /// Every problem that spans keys, or that a single value's format cannot see. `earlier`
+    /// are the problems parsing found: a key whose value was refused is not also "required".
+    pub(super) fn validate(&self, earlier: &[Problem]) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let mut bad = |key: &str, what: String| p.push((key.to_owned(), what));
+        let (poll, f) = (&self.poll, &self.forward);
+        if poll.backoff_max < poll.interval {
+            let (max, interval) = (
+                format_duration(poll.backoff_max),
+                format_duration(poll.interval),
+            );
+            let what = format!(
+                "{max} is shorter than poll.interval ({interval}); backoff starts at the interval"
+            );
+            bad("poll.backoff-max", what);
+        }
+        if f.retry_schedule.is_empty() {
+            let what = "expected a non-empty list of durations like [\"0s\", \"5s\", \"5m\"]";
+            bad(
+                "forward.retry-schedule",
+                format!("{what}, got an empty array"),
+            );
+        }
+        if f.allow_hosts.iter().any(|h| h.trim().is_empty()) {
+            let what = "expected a list of host names or addresses";
+            bad("forward.allow-hosts", what.to_owned());
+        }
+        if f.task_secret.is_some() && f.task_secret_file.is_some() {
+            bad("forward.task-secret", not_both("task-secret"));
+        }
+        let mut names = HashSet::new();
+        for (i, t) in f.target.iter().enumerate() {
+            let key = |k: &str| format!("forward.target[{i}].{k}");
+            if t.url.is_none() && !earlier.iter().any(|(k, _)| *k == key("url")) {
+                bad(&key("url"), "is required".to_owned());
+            }
+            match t.name.as_deref() {
+                Some(n) if n.trim().is_empty() || n.chars().any(char::is_control) => {
+                    let what = "must be non-empty text without control characters";
+                    bad(&key("name"), what.to_owned());
+                }
+                Some(n) if n == TARGET_TASK_URL || n == TARGET_SUBMITTED_URL => {
+                    bad(&key("name"), format!("{n:?} is reserved for per-task URLs"));
+                }
+                _ => {}
+            }
+            if t.secret.is_some() && t.secret_file.is_some() {
+                bad(&key("secret"), not_both("secret"));
+            }
+            for (name, value) in &t.headers {
+                let valid = reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                    && reqwest::header::HeaderValue::from_str(value).is_ok();
+                let what = if reserved_header(name) {
+                    "is set by sunopoll itself and cannot be overridden"
+                } else if !valid {
+                    "is not a valid HTTP header name and string value"
+                } else {
+                    continue;
+                };
+                bad(&key(&format!("headers.{name}")), what.to_owned());
+            }
+            if let Some(name) = t.name()
+                && !names.insert(name.clone())
+            {
+                let what = format!("two targets are named {name:?}; give each a distinct `name`");
+                bad("forward.target", what);
+            }
+        }
+        p
+    }
+
+    /// The configuration this file gives, for a file at `source` (relative paths are relative
+    /// to its directory) in `env`. Secret files are read here; what fails is added to
+    /// `problems`.
+    pub(super) fn into_config(
+        self,
+        source: Option<&Path>,
+        env: &Environment,
+        problems: &mut Vec<Problem>,
+    ) -> Config {
+        let base = source.and_then(Path::parent).unwrap_or(Path::new(""));
+        let anchor = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let mut api = self.api;
+        api.key_file = api.key_file.map(anchor);
+        let store = StoreConfig {
+            path: match self.store.path {
+                p if p.as_os_str().is_empty() => env.default_store_path(),
+                p => anchor(p),
+            },
+        };
+        let mut control = self.control;
+        control.socket_configured = !control.socket.as_os_str().is_empty();
+        control.socket = if control.socket_configured {
+            anchor(control.socket)
+        } else {
+            env.default_socket_path()
+        };
+        let f = self.forward;
+        // Secret files are read only now, after parsing: an inline secret wins (both set is
+        // already a problem), and what cannot be read or parsed is named by its key.
+        let mut secret = |key: String, inline: Option<SigningSecret>, file: Option<PathBuf>| {
+            let file = match (inline, file) {
+                (Some(secret), _) => return Some(secret),
+                (None, file) => anchor(file?),
+            };
+            let read = std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))
+                .and_then(|text| SigningSecret::parse(&text));
+            read.map_err(|what| problems.push((key, what))).ok()
+        };
+        let task_file = "forward.task-secret-file".to_owned();
+        let task_secret = secret(task_file, f.task_secret, f.task_secret_file);
+        let mut targets = Vec::new();
+        for (i, t) in f.target.into_iter().enumerate() {
+            let key = format!("forward.target[{i}].secret-file");
+            let secret = secret(key, t.secret, t.secret_file);
+            let Some(url) = t.url else { continue };
+            targets.push(TargetConfig {
+                name: t.name.unwrap_or_else(|| url.to_string()),
+                url,
+                stages: t.stages.unwrap_or_else(|| Stage::ALL.to_vec()),
+                secret,
+                headers: t.headers.into_iter().collect(),
+                timeout: t.timeout.unwrap_or(f.timeout),
+            });
+        }
+        Config {
+            source: source.map(Path::to_owned),
+            api,
+            poll: self.poll,
+            store,
+            control,
+            log: self.log,
+            housekeeping: self.housekeeping,
+            forward: ForwardConfig {
+                targets,
+                retry_schedule: f.retry_schedule.into_iter().map(|d| d.0).collect(),
+                use_task_callback_url: f.use_task_callback_url,
+                allow_hosts: f.allow_hosts.iter().map(|h| h.trim().to_owned()).collect(),
+                task_secret,
+                timeout: f.timeout,
+                max_in_flight: f.max_in_flight,
+            },
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! Configuration: the TOML file, its defaults, and where the API key comes from.
+//!
+//! The sections are typed structs with `#[derive(Deserialize)]`; value formats (durations, file
+//! modes, URLs, cron expressions, secrets) have their own small deserializers in `de`. A file
+//! is read in three steps so that every problem is reported at once, each naming its key path:
+//! `strict` deserializes it, collecting every unknown key and every value of the wrong shape,
+//! `file`'s `validate` checks what spans several keys, and only then are relative paths
+//! anchored and secret files read. The API key never sits in the file: it comes from
+//! `$CREDENTIALS_DIRECTORY/api-key`, `api.key-file`, or `SUNO_API_KEY`.
+//!
+//! Nothing here reads the process environment directly: [`Environment`] is captured once in
+//! `main` and passed in, so tests can give any environment they like.
+
+mod de;
+mod env;
+mod file;
+mod strict;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+use crate::api::ApiKey;
+use crate::clock::format_duration;
+use crate::logging::LogFormat;
+use de::show;
+
+pub use env::{Environment, current_uid};
+
+/// The default API host (sunoapi.org). kie.ai and other clones serve the same paths.
+pub const DEFAULT_BASE_URL: &str = "https://api.sunoapi.org";
+/// The API's documented polling cadence ("we recommend querying every 30 seconds").
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+/// The account limit the API documents: 20 requests per 10 s.
+pub const DEFAULT_MAX_RPS: f64 = 2.0;
+/// Slowest request rate accepted: one request per ~17 minutes. Below that the rate is a typo.
+pub const MIN_RPS: f64 = 0.001;
+/// Fastest request rate accepted (use "unlimited" beyond it).
+pub const MAX_RPS: f64 = 1_000_000.0;
+/// Parallel requests: enough to keep up with the rate limit over a slow link, few enough to
+/// stay polite.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
+/// Ceiling of the global backoff. Ten minutes keeps an outage from costing more than one probe
+/// per ten minutes, yet notices recovery soon enough.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// Generations take 1–3 minutes; a task unfinished after two hours is not coming back.
+pub const DEFAULT_TASK_DEADLINE: Duration = Duration::from_secs(2 * 3600);
+/// The callback's own timeout is 15 s; a poll should not wait longer than that.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long finished tasks and their events are kept.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// Prune once a day at 04:17 UTC (off the hour, when little else runs).
+pub const DEFAULT_PRUNE_SCHEDULE: &str = "17 4 * * *";
+/// How long a control connection may sit without sending a complete request line: long
+/// enough for a person typing into `socat`, short enough that forgotten connections do not pile up.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The store's file name inside its directory.
+pub const STORE_FILE: &str = "sunopoll.db";
+/// The control socket's file name inside its directory.
+pub const SOCKET_FILE: &str = "sunopoll.sock";
+/// Where the system service's socket lives (see `systemd/sunopoll.socket`). Outside any
+/// `RuntimeDirectory=`, which systemd deletes on stop.
+pub const SYSTEM_SOCKET: &str = "/run/sunopoll.sock";
+
+/// The whole configuration, with defaults filled in.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+    /// `[api]`
+    pub api: ApiConfig,
+    /// `[poll]`
+    pub poll: PollConfig,
+    /// `[store]`
+    pub store: StoreConfig,
+    /// `[control]`
+    pub control: ControlConfig,
+    /// `[log]`
+    pub log: LogConfig,
+    /// `[housekeeping]`
+    pub housekeeping: HousekeepingConfig,
+    /// `[forward]`
+    pub forward: ForwardConfig,
+}
+
+/// `[api]`: where the API is and how to talk to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `base-url`.
+    #[serde(deserialize_with = "de::base_url")]
+    pub base_url: url::Url,
+    /// `key-file`: a file holding the API key.
+    #[serde(deserialize_with = "de::some_path")]
+    pub key_file: Option<PathBuf>,
+    /// `request-timeout`: the whole request, connect to last byte.
+    #[serde(deserialize_with = "de::duration")]
+    pub request_timeout: Duration,
+}
+
+/// `[poll]`: how often and how hard to poll.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct PollConfig {
+    /// `interval`: between two polls of one task, and the first global backoff step.
+    #[serde(deserialize_with = "de::duration")]
+    pub interval: Duration,
+    /// `max-in-flight`: requests at once, over all tasks.
+    #[serde(deserialize_with = "de::count")]
+    pub max_in_flight: usize,
+    /// `max-requests-per-second`; `None` is unlimited.
+    #[serde(deserialize_with = "de::rate")]
+    pub max_requests_per_second: Option<f64>,
+    /// `backoff-max`: the longest global pause.
+    #[serde(deserialize_with = "de::duration")]
+    pub backoff_max: Duration,
+    /// `task-deadline`: after this long since `add`, a task ends with an `error` (408).
+    #[serde(deserialize_with = "de::duration")]
+    pub task_deadline: Duration,
+    /// `fill-skipped-stages`: emit `text`/`first` before `complete` when a poll skipped them.
+    #[serde(deserialize_with = "de::flag")]
+    pub fill_skipped_stages: bool,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    rename_all = "kebab-case",
+    default = "file::unset_store",
+    deny_unknown_fields
+)]
+pub struct StoreConfig {
+    /// `path`: the SQLite file.
+    #[serde(deserialize_with = "de::path")]
+    pub path: PathBuf,
+}
+
+/// `[control]`: the local socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    rename_all = "kebab-case",
+    default = "file::unset_control",
+    deny_unknown_fields
+)]
+pub struct ControlConfig {
+    /// `socket`: its path.
+    #[serde(deserialize_with = "de::path")]
+    pub socket: PathBuf,
+    /// True when `socket` was set in the file (the CLI then looks nowhere else).
+    #[serde(skip)]
+    pub socket_configured: bool,
+    /// `mode`: permission bits, `0600` by default.
+    #[serde(deserialize_with = "de::mode")]
+    pub mode: u32,
+    /// `group`: group owner (name or number), for shared access.
+    #[serde(deserialize_with = "de::group")]
+    pub group: Option<String>,
+    /// `idle-timeout`: how long a connection may wait without sending a complete request.
+    #[serde(deserialize_with = "de::idle_timeout")]
+    pub idle_timeout: Duration,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `level`: error, warn, info, debug or trace.
+    #[serde(deserialize_with = "de::level")]
+    pub level: String,
+    /// `format`: auto, journald, plain or json (see [`crate::logging`]).
+    #[serde(deserialize_with = "de::log_format")]
+    pub format: LogFormat,
+}
+
+/// `[housekeeping]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct HousekeepingConfig {
+    /// `retention`: how long finished tasks and their events are kept.
+    #[serde(deserialize_with = "de::any_duration")]
+    pub retention: Duration,
+    /// `prune-schedule`: a cron expression (5 fields, or 6 with seconds), in UTC.
+    #[serde(deserialize_with = "de::cron")]
+    pub prune_schedule: croner::Cron,
+}
+
+/// The default delivery retry schedule: Svix's (and close to the Standard Webhooks
+/// recommendation), eight attempts over about 27.5 hours, so a handler can be down for a day.
+pub const DEFAULT_RETRY_SCHEDULE: [Duration; 8] = [
+    Duration::from_secs(0),
+    Duration::from_secs(5),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(30 * 60),
+    Duration::from_secs(2 * 3600),
+    Duration::from_secs(5 * 3600),
+    Duration::from_secs(10 * 3600),
+    Duration::from_secs(10 * 3600),
+];
+/// A forward request's timeout: the API's own callback timeout.
+pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+/// Deliveries in flight at once, over all targets.
+pub const DEFAULT_FORWARD_IN_FLIGHT: usize = 16;
+/// Hosts a task's own `callBackUrl` may point at when `use-task-callback-url` is on: loopback.
+pub const DEFAULT_ALLOW_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+/// Target name of the per-task URL given with `add --callback-url`.
+pub const TARGET_TASK_URL: &str = "callback-url";
+/// Target name of the `callBackUrl` a task was submitted with (`use-task-callback-url`).
+pub const TARGET_SUBMITTED_URL: &str = "submitted-callback-url";
+
+/// `[forward]`: where events go besides the log and the event stream.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    /// `[[forward.target]]` entries.
+    pub targets: Vec<TargetConfig>,
+    /// `retry-schedule`: N delays, N attempts; the first counts from when the event is stored.
+    pub retry_schedule: Vec<Duration>,
+    /// `use-task-callback-url`: also deliver to the `callBackUrl` in record-info's `data.param`.
+    pub use_task_callback_url: bool,
+    /// `allow-hosts`: hosts such a URL may point at.
+    pub allow_hosts: Vec<String>,
+    /// `task-secret` / `task-secret-file`: signs deliveries to per-task URLs.
+    pub task_secret: Option<SigningSecret>,
+    /// `timeout`: per request to per-task URLs.
+    pub timeout: Duration,
+    /// `max-in-flight`: deliveries at once over all targets.
+    pub max_in_flight: usize,
+}
+
+impl ForwardConfig {
+    /// True when `url`'s host is in `allow-hosts` (exact, case-insensitive).
+    pub fn allows_host(&self, url: &url::Url) -> bool {
+        let Some(host) = url.host_str() else {
+            return false;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.allow_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
+    }
+}
+
+/// One `[[forward.target]]`.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// `name` (default: the URL). Deliveries are tracked per name.
+    pub name: String,
+    /// `url`: where to POST.
+    pub url: url::Url,
+    /// `stages`: which events go there (default all).
+    pub stages: Vec<crate::events::Stage>,
+    /// `secret` / `secret-file`: Standard Webhooks signing secret.
+    pub secret: Option<SigningSecret>,
+    /// `headers`: extra request headers.
+    pub headers: Vec<(String, String)>,
+    /// `timeout`: per request.
+    pub timeout: Duration,
+}
+
+/// A Standard Webhooks signing secret (`whsec_` + base64 of the key). Never printed.
+#[derive(Clone)]
+pub struct SigningSecret(Vec<u8>);
+
+impl SigningSecret {
+    /// Parses `whsec_<base64>` (the prefix is optional).
+    pub fn parse(text: &str) -> Result<SigningSecret, String> {
+        use base64::Engine as _;
+        let b64 = text.trim();
+        let b64 = b64.strip_prefix("whsec_").unwrap_or(b64);
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| "a signing secret must be `whsec_` followed by base64".to_owned())?;
+        if key.len() < 16 {
+            return Err(format!(
+                "the signing secret is only {} bytes; use at least 16 (24–64 recommended)",
+                key.len()
+            ));
+        }
+        Ok(SigningSecret(key))
+    }
+
+    /// The key bytes, for the HMAC only.
+    pub fn key(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningSecret(***)")
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, if there was one.
+    pub file: Option<PathBuf>,
+    /// One line per problem, each naming its key.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        let s = if n == 1 { "" } else { "s" };
+        match &self.file {
+            Some(file) => write!(f, "{}: {n} problem{s}", file.display())?,
+            None => write!(f, "configuration: {n} problem{s}")?,
+        }
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// The documented defaults (config.toml.example); serde fills them in for keys a file leaves out.
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            base_url: url::Url::parse(DEFAULT_BASE_URL).expect("the default URL parses"),
+            key_file: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+impl Default for PollConfig {
+    fn default() -> PollConfig {
+        PollConfig {
+            interval: DEFAULT_INTERVAL,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_requests_per_second: Some(DEFAULT_MAX_RPS),
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            task_deadline: DEFAULT_TASK_DEADLINE,
+            fill_skipped_stages: true,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            level: "info".to_owned(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+impl Default for HousekeepingConfig {
+    fn default() -> HousekeepingConfig {
+        HousekeepingConfig {
+            retention: DEFAULT_RETENTION,
+            prune_schedule: DEFAULT_PRUNE_SCHEDULE
+                .parse()
+                .expect("the default schedule parses"),
+        }
+    }
+}
+
+impl Config {
+    /// The built-in defaults for `env`, as used with no `--config`.
+    pub fn defaults(env: &Environment) -> Config {
+        file::File::default().into_config(None, env, &mut Vec::new())
+    }
+
+    /// Reads and checks `path`, or returns the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>, env: &Environment) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::defaults(env));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            problems: vec![format!("cannot read it: {e}")],
+        })?;
+        Config::parse(&text, Some(path), env)
+    }
+
+    /// Parses config text. `path` names the file in errors and anchors relative paths.
+    pub fn parse(
+        text: &str,
+        path: Option<&Path>,
+        env: &Environment,
+    ) -> Result<Config, ConfigError> {
+        let fail = |problems: Vec<String>| ConfigError {
+            file: path.map(Path::to_owned),
+            problems,
+        };
+        let root: Table = text.parse().map_err(|e: toml::de::Error| {
+            fail(vec![format!("not valid TOML: {}", e.to_string().trim())])
+        })?;
+        let (file, mut problems) = strict::deserialize::<file::File>(Value::Table(root));
+        let config = file.map(|file| {
+            let semantic = file.validate(&problems);
+            problems.extend(semantic);
+            file.into_config(path, env, &mut problems)
+        });
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(fail(
+                problems
+                    .into_iter()
+                    .map(|(key, what)| format!("{key}: {what}"))
+                    .collect(),
+            )),
+        }
+    }
+
+    /// Finds the API key: `$CREDENTIALS_DIRECTORY/api-key`, else `api.key-file`, else
+    /// `SUNO_API_KEY`. The error names all three places.
+    pub fn api_key(&self, env: &Environment) -> Result<ApiKey, String> {
+        if let Some(dir) = &env.credentials_directory {
+            let file = dir.join("api-key");
+            match std::fs::read_to_string(&file) {
+                Ok(text) => {
+                    return ApiKey::parse(&text)
+                        .map_err(|why| format!("the API key credential {} {why}", file.display()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(format!(
+                        "cannot read the API key credential {}: {e}",
+                        file.display()
+                    ));
+                }
+            }
+        }
+        if let Some(file) = &self.api.key_file {
+            return match std::fs::read_to_string(file) {
+                Ok(text) => ApiKey::parse(&text).map_err(|why| {
+                    format!("the API key file {} (api.key-file) {why}", file.display())
+                }),
+                Err(e) => Err(format!(
+                    "cannot read the API key file {} (api.key-file): {e}",
+                    file.display()
+                )),
+            };
+        }
+        if let Some(text) = env.suno_api_key.as_deref() {
+            return ApiKey::parse(text).map_err(|why| format!("SUNO_API_KEY {why}"));
+        }
+        Err(
+            "no API key found: sunopoll looks in $CREDENTIALS_DIRECTORY/api-key (systemd \
+             LoadCredential=api-key:…), then in the file named by `key-file` in [api], then in the \
+             SUNO_API_KEY environment variable"
+                .to_owned(),
+        )
+    }
+
+    /// A short human summary, for `check-config` and the startup log.
+    pub fn summary(&self) -> String {
+        let mut s = self.base_summary();
+        let f = &self.forward;
+        let schedule: Vec<String> = f
+            .retry_schedule
+            .iter()
+            .map(|d| format_duration(*d))
+            .collect();
+        s.push_str(&format!(
+            "\nforward: {} target{}, retry schedule [{}], use-task-callback-url {} (allow-hosts: {}), task-secret {}",
+            f.targets.len(),
+            if f.targets.len() == 1 { "" } else { "s" },
+            schedule.join(", "),
+            f.use_task_callback_url,
+            f.allow_hosts.join(", "),
+            if f.task_secret.is_some() { "set" } else { "not set" },
+        ));
+        for t in &f.targets {
+            let stages: Vec<&str> = t.stages.iter().map(|s| s.as_str()).collect();
+            s.push_str(&format!(
+                "\n  target {:?}: {} (stages {}, timeout {}, {}signed, {} extra header{})",
+                t.name,
+                crate::api::redact_url(t.url.as_str()),
+                stages.join("/"),
+                format_duration(t.timeout),
+                if t.secret.is_some() { "" } else { "not " },
+                t.headers.len(),
+                if t.headers.len() == 1 { "" } else { "s" },
+            ));
+        }
+        s
+    }
+
+    fn base_summary(&self) -> String {
+        format!(
+            "config: {}\napi: {} (timeout {})\npoll: every {}, at most {} in flight, {}, backoff up to {}, deadline {}, fill skipped stages: {}\nstore: {}\nsocket: {} (mode {:04o}{})\nlog: level {}, format {}\nhousekeeping: keep {}, prune on \"{}\" (UTC)",
+            self.source.as_ref().map_or_else(
+                || "built-in defaults".to_owned(),
+                |p| p.display().to_string()
+            ),
+            crate::api::redact_url(self.api.base_url.as_str()),
+            format_duration(self.api.request_timeout),
+            format_duration(self.poll.interval),
+            self.poll.max_in_flight,
+            self.poll.max_requests_per_second.map_or_else(
+                || "no request rate limit".to_owned(),
+                |r| format!("at most {r} requests/s")
+            ),
+            format_duration(self.poll.backoff_max),
+            format_duration(self.poll.task_deadline),
+            self.poll.fill_skipped_stages,
+            self.store.path.display(),
+            self.control.socket.display(),
+            self.control.mode,
+            self.control
+                .group
+                .as_ref()
+                .map_or_else(String::new, |g| format!(", group {g}")),
+            self.log.level,
+            self.log.format.as_str(),
+            format_duration(self.housekeeping.retention),
+            self.housekeeping.prune_schedule.pattern,
+        )
+    }
+}
+
+/// The `control.socket` a config file names, if any, for the CLI: only that key is read, so a
+/// client needs neither the daemon's secret files nor a config that would pass every check.
+pub fn control_socket_in(path: &Path) -> Result<Option<PathBuf>, ConfigError> {
+    let fail = |problem: String| ConfigError {
+        file: Some(path.to_owned()),
+        problems: vec![problem],
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let root: Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(format!("not valid TOML: {}", e.to_string().trim())))?;
+    match root.get("control").and_then(|c| c.get("socket")) {
+        None => Ok(None),
+        Some(Value::String(s)) if !s.trim().is_empty() => {
+            let p = PathBuf::from(s);
+            Ok(Some(if p.is_absolute() {
+                p
+            } else {
+                path.parent().unwrap_or(Path::new("")).join(p)
+            }))
+        }
+        Some(other) => Err(fail(format!(
+            "control.socket: expected a path, got {}",
+            show(other)
+        ))),
+    }
+}

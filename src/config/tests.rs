@@ -1,0 +1,480 @@
+use super::de::parse_mode;
+use super::*;
+
+fn env() -> Environment {
+    Environment {
+        uid: 1000,
+        home: Some("/home/u".into()),
+        ..Environment::default()
+    }
+}
+
+fn problems(text: &str) -> Vec<String> {
+    Config::parse(text, Some(Path::new("/etc/sunopoll/config.toml")), &env())
+        .expect_err("should fail")
+        .problems
+}
+
+#[test]
+fn empty_file_gives_the_documented_defaults() {
+    let c = Config::parse("", None, &env()).expect("ok");
+    assert_eq!(c.api.base_url.as_str(), "https://api.sunoapi.org/");
+    assert_eq!(c.poll.interval, Duration::from_secs(30));
+    assert_eq!(c.poll.max_in_flight, 4);
+    assert_eq!(c.poll.max_requests_per_second, Some(2.0));
+    assert_eq!(c.poll.backoff_max, Duration::from_secs(600));
+    assert_eq!(c.poll.task_deadline, Duration::from_secs(7200));
+    assert!(c.poll.fill_skipped_stages);
+    assert_eq!(c.control.mode, 0o600);
+    assert_eq!(c.log.format, LogFormat::Auto);
+    assert_eq!(c.housekeeping.retention, Duration::from_secs(30 * 86400));
+    assert_eq!(
+        c.store.path,
+        PathBuf::from("/home/u/.local/state/sunopoll/sunopoll.db")
+    );
+    assert_eq!(
+        c.control.socket,
+        PathBuf::from("/tmp/sunopoll-1000/sunopoll.sock")
+    );
+}
+
+#[test]
+fn every_key_is_read() {
+    let c = Config::parse(
+        r#"
+        [api]
+        base-url = "http://127.0.0.1:9000/suno"
+        key-file = "key.txt"
+        request-timeout = "5s"
+        [poll]
+        interval = "250ms"
+        max-in-flight = 8
+        max-requests-per-second = 0.5
+        backoff-max = "1m"
+        task-deadline = "15m"
+        fill-skipped-stages = false
+        [store]
+        path = "/var/tmp/q.db"
+        [control]
+        socket = "/run/x.sock"
+        mode = "0660"
+        group = "sunopoll-admin"
+        [log]
+        level = "DEBUG"
+        format = "journald"
+        [housekeeping]
+        retention = "7d"
+        prune-schedule = "0 3 * * *"
+        "#,
+        Some(Path::new("/etc/sunopoll/config.toml")),
+        &env(),
+    )
+    .expect("ok");
+    assert_eq!(c.api.base_url.as_str(), "http://127.0.0.1:9000/suno/");
+    assert_eq!(c.api.key_file, Some(PathBuf::from("/etc/sunopoll/key.txt")));
+    assert_eq!(c.api.request_timeout, Duration::from_secs(5));
+    assert_eq!(c.poll.interval, Duration::from_millis(250));
+    assert_eq!(c.poll.max_in_flight, 8);
+    assert_eq!(c.poll.max_requests_per_second, Some(0.5));
+    assert_eq!(c.poll.backoff_max, Duration::from_secs(60));
+    assert_eq!(c.poll.task_deadline, Duration::from_secs(900));
+    assert!(!c.poll.fill_skipped_stages);
+    assert_eq!(c.store.path, PathBuf::from("/var/tmp/q.db"));
+    assert_eq!(c.control.socket, PathBuf::from("/run/x.sock"));
+    assert!(c.control.socket_configured);
+    assert_eq!(c.control.mode, 0o660);
+    assert_eq!(c.control.group.as_deref(), Some("sunopoll-admin"));
+    assert_eq!(c.log.level, "debug");
+    assert_eq!(c.log.format, LogFormat::Journald);
+    assert_eq!(c.housekeeping.retention, Duration::from_secs(7 * 86400));
+    assert_eq!(
+        c.housekeeping.prune_schedule.pattern.to_string(),
+        "0 3 * * *"
+    );
+}
+
+#[test]
+fn integer_rate_and_unlimited_are_accepted() {
+    let c = Config::parse("[poll]\nmax-requests-per-second = 2", None, &env()).expect("ok");
+    assert_eq!(c.poll.max_requests_per_second, Some(2.0));
+    let c = Config::parse(
+        "[poll]\nmax-requests-per-second = \"unlimited\"",
+        None,
+        &env(),
+    )
+    .expect("ok");
+    assert_eq!(c.poll.max_requests_per_second, None);
+}
+
+#[test]
+fn all_problems_are_reported_at_once_each_naming_its_key() {
+    let p = problems(
+        r#"
+        [api]
+        base-url = "ftp://x"
+        [poll]
+        intervall = "30s"
+        max-in-flight = 0
+        max-requests-per-second = -1
+        backoff-max = 600
+        task-deadline = "2 hours"
+        fill-skipped-stages = "yes"
+        [control]
+        mode = "0777x"
+        [log]
+        level = "loud"
+        format = "syslog"
+        [housekeeping]
+        prune-schedule = "every day"
+        [extra]
+        "#,
+    );
+    let all = p.join("\n");
+    for needle in [
+        "api.base-url",
+        "poll.intervall: unknown key (did you mean `interval`?)",
+        "poll.max-in-flight: 0 is outside 1..=1024",
+        "poll.max-requests-per-second",
+        "poll.backoff-max: expected a duration string",
+        "poll.task-deadline",
+        "poll.fill-skipped-stages: expected true or false",
+        "control.mode",
+        "log.level",
+        "log.format: `syslog` is not one of auto, journald, plain, json",
+        "housekeeping.prune-schedule",
+        "[extra]: unknown section",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert_eq!(p.len(), 12, "{all}");
+}
+
+#[test]
+fn syntax_errors_name_the_file() {
+    let e = Config::parse("[poll\n", Some(Path::new("/x/c.toml")), &env()).expect_err("bad");
+    let text = e.to_string();
+    assert!(text.starts_with("/x/c.toml: 1 problem"), "{text}");
+    assert!(text.contains("not valid TOML"), "{text}");
+}
+
+#[test]
+fn forward_targets_are_read_and_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("app.secret");
+    std::fs::write(&secret_file, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").expect("write");
+    let text = format!(
+        r#"
+        [forward]
+        retry-schedule = ["0s", "1s", "1m"]
+        use-task-callback-url = true
+        allow-hosts = ["127.0.0.1", "handler.internal"]
+        timeout = "5s"
+        [[forward.target]]
+        url = "http://127.0.0.1:3000/suno"
+        [[forward.target]]
+        name = "audit"
+        url = "https://audit.internal/hook"
+        stages = ["complete", "error"]
+        secret-file = "{}"
+        headers = {{ "X-Team" = "music" }}
+        timeout = "2s"
+        "#,
+        secret_file.display()
+    );
+    let c = Config::parse(&text, None, &env()).expect("ok");
+    let f = &c.forward;
+    assert_eq!(
+        f.retry_schedule,
+        [
+            Duration::ZERO,
+            Duration::from_secs(1),
+            Duration::from_secs(60)
+        ]
+    );
+    assert!(f.use_task_callback_url);
+    assert!(f.allows_host(&url::Url::parse("http://handler.internal:8080/x").expect("url")));
+    assert!(!f.allows_host(&url::Url::parse("http://evil.example/x").expect("url")));
+    assert_eq!(f.targets.len(), 2);
+    assert_eq!(f.targets[0].name, "http://127.0.0.1:3000/suno");
+    assert_eq!(f.targets[0].stages.len(), 4);
+    assert_eq!(
+        f.targets[0].timeout,
+        Duration::from_secs(5),
+        "inherits [forward] timeout"
+    );
+    assert_eq!(f.targets[1].name, "audit");
+    assert_eq!(
+        f.targets[1].stages,
+        [crate::events::Stage::Complete, crate::events::Stage::Error]
+    );
+    assert!(f.targets[1].secret.is_some());
+    assert_eq!(
+        f.targets[1].headers,
+        [("X-Team".to_owned(), "music".to_owned())]
+    );
+    assert!(
+        !format!("{c:?}").contains("MfKQ9r8G"),
+        "secrets never print"
+    );
+    assert!(c.summary().contains("target \"audit\""));
+
+    let d = Config::parse("", None, &env()).expect("ok").forward;
+    assert_eq!(d.retry_schedule.len(), 8);
+    assert!(!d.use_task_callback_url);
+    assert!(d.allows_host(&url::Url::parse("http://[::1]:9/x").expect("url")));
+}
+
+#[test]
+fn bad_forward_targets_are_all_reported() {
+    let p = problems(
+        r#"
+        [forward]
+        retry-schedule = []
+        [[forward.target]]
+        name = "callback-url"
+        stages = ["done"]
+        secret = "not base64 !!"
+        headers = { "webhook-id" = "x" }
+        colour = "blue"
+        [[forward.target]]
+        url = "ftp://x"
+        "#,
+    );
+    let all = p.join("\n");
+    for needle in [
+        "forward.retry-schedule",
+        "forward.target[0].url: is required",
+        "forward.target[0].name",
+        "forward.target[0].stages",
+        "forward.target[0].secret",
+        "forward.target[0].headers.webhook-id",
+        "forward.target[0].colour: unknown key",
+        "forward.target[1].url",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+}
+
+#[test]
+fn modes_are_checked() {
+    assert_eq!(parse_mode(&Value::String("0660".into())), Ok(0o660));
+    assert_eq!(parse_mode(&Value::Integer(0o640)), Ok(0o640));
+    assert!(parse_mode(&Value::String("0400".into())).is_err());
+    assert!(parse_mode(&Value::Integer(0o7777)).is_err());
+}
+
+#[test]
+fn systemd_and_xdg_paths() {
+    let mut e = env();
+    e.xdg_state_home = Some("/xdg/state".into());
+    e.xdg_runtime_dir = Some("/run/user/1000".into());
+    assert_eq!(
+        e.default_store_path(),
+        PathBuf::from("/xdg/state/sunopoll/sunopoll.db")
+    );
+    assert_eq!(
+        e.default_socket_path(),
+        PathBuf::from("/run/user/1000/sunopoll.sock")
+    );
+    e.state_directory = Some("/var/lib/sunopoll".into());
+    e.runtime_directory = Some("/run/sunopoll".into());
+    assert_eq!(
+        e.default_store_path(),
+        PathBuf::from("/var/lib/sunopoll/sunopoll.db")
+    );
+    assert_eq!(
+        e.default_socket_path(),
+        PathBuf::from("/run/sunopoll/sunopoll.sock")
+    );
+    let root = Environment::default();
+    assert_eq!(
+        root.default_store_path(),
+        PathBuf::from("/var/lib/sunopoll/sunopoll.db")
+    );
+    assert_eq!(
+        root.default_socket_path(),
+        PathBuf::from("/run/sunopoll.sock")
+    );
+}
+
+#[test]
+fn api_key_sources_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).expect("mkdir");
+    std::fs::write(creds.join("api-key"), "from-credentials\n").expect("write");
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "from-file\n").expect("write");
+
+    let mut e = env();
+    e.suno_api_key = Some("from-env".into());
+    let mut c = Config::defaults(&e);
+    assert_eq!(c.api_key(&e).expect("env").expose(), "from-env");
+    c.api.key_file = Some(key_file);
+    assert_eq!(c.api_key(&e).expect("file").expose(), "from-file");
+    e.credentials_directory = Some(creds);
+    assert_eq!(c.api_key(&e).expect("creds").expose(), "from-credentials");
+
+    let none = Config::defaults(&env())
+        .api_key(&env())
+        .expect_err("no key");
+    for place in ["CREDENTIALS_DIRECTORY", "key-file", "SUNO_API_KEY"] {
+        assert!(none.contains(place), "{none}");
+    }
+    let mut c = Config::defaults(&env());
+    c.api.key_file = Some(dir.path().join("missing"));
+    assert!(
+        c.api_key(&env())
+            .expect_err("missing")
+            .contains("api.key-file")
+    );
+}
+
+#[test]
+fn an_unknown_key_in_every_table_is_named_with_its_full_path() {
+    let p = problems(
+        r#"
+        [api]
+        key_file = "k"
+        [poll]
+        intervall = "30s"
+        [store]
+        pth = "q.db"
+        [control]
+        sockett = "s"
+        [log]
+        lvl = "info"
+        [housekeeping]
+        retension = "1d"
+        [forward]
+        tmeout = "1s"
+        [[forward.target]]
+        url = "http://127.0.0.1:1/"
+        [[forward.target]]
+        url = "http://127.0.0.1:2/"
+        urll = "x"
+        [extra.deeper]
+        "#,
+    );
+    for needle in [
+        "api.key_file: unknown key (did you mean `key-file`?); known keys: base-url, key-file, request-timeout",
+        "poll.intervall: unknown key (did you mean `interval`?)",
+        "store.pth: unknown key (did you mean `path`?); known keys: path",
+        "control.sockett: unknown key (did you mean `socket`?)",
+        "log.lvl: unknown key (did you mean `level`?)",
+        "housekeeping.retension: unknown key (did you mean `retention`?)",
+        "forward.tmeout: unknown key (did you mean `timeout`?)",
+        "forward.target[1].urll: unknown key (did you mean `url`?); known keys: name, url, stages, secret, secret-file, headers, timeout",
+        "[extra]: unknown section; known sections: api, poll, store, control, log, housekeeping, forward",
+    ] {
+        assert!(
+            p.iter().any(|x| x.starts_with(needle)),
+            "missing {needle:?} in:\n{}",
+            p.join("\n")
+        );
+    }
+    assert_eq!(p.len(), 9, "{}", p.join("\n"));
+}
+
+#[test]
+fn a_type_error_names_its_path_and_what_was_found() {
+    let p = problems(
+        r#"
+        [[api]]
+        base-url = "http://127.0.0.1/"
+        [poll]
+        interval = 30
+        [forward]
+        retry-schedule = ["0s", 5, "1s", true]
+        allow-hosts = "localhost"
+        [[forward.target]]
+        name = 7
+        url = "http://127.0.0.1:1/"
+        headers = { "X-Team" = 1 }
+        "#,
+    );
+    let all = p.join("\n");
+    for needle in [
+        "api: expected a [api] table, got an array",
+        "poll.interval: expected a duration string like \"30s\" or \"2h\", got the integer 30",
+        "forward.retry-schedule[1]: expected a duration string like \"30s\" or \"2h\", got the integer 5",
+        // After [1] is taken out, the last element is still named by its index in the file.
+        "forward.retry-schedule[3]: expected a duration string like \"30s\" or \"2h\", got the boolean true",
+        "forward.allow-hosts: expected a list, got the string \"localhost\"",
+        "forward.target[0].name: expected a string, got the integer 7",
+        "forward.target[0].headers.X-Team: expected a string, got the integer 1",
+    ] {
+        assert!(
+            p.iter().any(|x| x == needle),
+            "missing {needle:?} in:\n{all}"
+        );
+    }
+    assert_eq!(p.len(), 7, "{all}");
+}
+
+#[test]
+fn unknown_keys_bad_values_cross_checks_and_unreadable_secrets_come_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    let p = Config::parse(
+        r#"
+        [poll]
+        interval = "1h"
+        max-in-flight = "four"
+        colour = "blue"
+        [forward]
+        task-secret-file = "missing.secret"
+        [[forward.target]]
+        url = 5
+        [[forward.target]]
+        secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+        secret-file = "/etc/also.secret"
+        "#,
+        Some(&config),
+        &env(),
+    )
+    .expect_err("bad")
+    .problems;
+    let all = p.join("\n");
+    for needle in [
+        "poll.colour: unknown key",
+        "poll.max-in-flight: expected an integer, got the string \"four\"",
+        "poll.backoff-max: 10m is shorter than poll.interval (1h)",
+        "forward.target[0].url: expected a string, got the integer 5",
+        "forward.target[1].url: is required",
+        "forward.target[1].secret: set either `secret` or `secret-file`, not both",
+        // Read after parsing, relative to the file's directory.
+        &format!(
+            "forward.task-secret-file: cannot read {}",
+            dir.path().join("missing.secret").display()
+        ),
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert!(
+        !all.contains("forward.target[0].url: is required"),
+        "a refused url is not also missing:\n{all}"
+    );
+    assert_eq!(p.len(), 7, "{all}");
+}
+
+#[test]
+fn the_example_file_shows_the_defaults() {
+    let example = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml.example"));
+    let from_example = Config::load(Some(example), &env()).expect("the example parses");
+    let defaults = Config::defaults(&env());
+    let body = |c: &Config| {
+        c.summary()
+            .split_once('\n')
+            .map(|(_, rest)| rest.to_owned())
+    };
+    assert_eq!(body(&from_example), body(&defaults));
+    assert_eq!(
+        defaults.forward.retry_schedule,
+        DEFAULT_RETRY_SCHEDULE.to_vec()
+    );
+    assert_eq!(defaults.forward.max_in_flight, DEFAULT_FORWARD_IN_FLIGHT);
+    assert_eq!(defaults.forward.timeout, DEFAULT_FORWARD_TIMEOUT);
+    assert!(!defaults.control.socket_configured);
+    assert_eq!(defaults.control.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+}
