@@ -10,10 +10,17 @@
 //! `events` with `"follow":true` answers with one `{"ok":true,"event":{…}}` line per event, for
 //! as long as the client stays connected.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
+use crate::clock::format_utc;
 use crate::events::Stage;
+use crate::scheduler::PollStatus;
+pub use crate::store::{AddResult, AddedTask, Counts, TaskState};
+use crate::store::{AttemptLog, DeliveryRecord, EventRecord, TargetSummary, TaskRecord};
 
 /// Longest request line accepted. A batch of ~1 800 32-character IDs fits; the CLI splits larger
 /// batches. Anything longer is a mistake or an attack, and is refused before it costs memory.
@@ -345,69 +352,6 @@ pub fn check_callback_url(url: &str) -> Result<(), ErrorBody> {
     }
 }
 
-/// What `add` did with one ID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AddResult {
-    /// New: it will be polled now.
-    Added,
-    /// It was removed earlier and is tracked again.
-    Readded,
-    /// Already known; nothing changed.
-    Exists,
-}
-
-/// One ID in an `add` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AddedTask {
-    /// The ID.
-    pub task_id: String,
-    /// What `add` did with it.
-    pub result: AddResult,
-    /// Its state now.
-    pub state: TaskState,
-    /// Its last stage, if any.
-    pub stage: Option<Stage>,
-}
-
-/// A task's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskState {
-    /// Being polled.
-    Active,
-    /// Reached `complete`.
-    Done,
-    /// Ended with `error`.
-    Failed,
-    /// Removed by `sunopoll remove`; its events are kept.
-    Removed,
-}
-
-impl TaskState {
-    /// The stored spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Active => "active",
-            TaskState::Done => "done",
-            TaskState::Failed => "failed",
-            TaskState::Removed => "removed",
-        }
-    }
-
-    /// Parses the stored spelling.
-    pub fn parse(s: &str) -> Option<TaskState> {
-        [
-            TaskState::Active,
-            TaskState::Done,
-            TaskState::Failed,
-            TaskState::Removed,
-        ]
-        .into_iter()
-        .find(|t| t.as_str() == s)
-    }
-}
-
 /// A task as `list`, `show` and `add` report it. Times are RFC 3339 UTC.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskView {
@@ -517,7 +461,252 @@ pub struct EventView {
     /// When it was stored (RFC 3339 UTC).
     pub created_at: String,
     /// The exact callback body, as JSON.
-    pub body: Box<serde_json::value::RawValue>,
+    pub body: Box<RawValue>,
+}
+
+impl TaskView {
+    /// Presents a stored task: times as RFC 3339 UTC, `next_poll_at` only while it is active.
+    pub fn from_record(t: TaskRecord) -> TaskView {
+        TaskView {
+            next_poll_at: (t.state == TaskState::Active).then(|| format_utc(t.next_poll_at)),
+            task_id: t.task_id,
+            state: t.state,
+            stage: t.stage,
+            last_status: t.last_status,
+            last_error: t.last_error,
+            polls: t.polls,
+            added_at: format_utc(t.added_at),
+            updated_at: format_utc(t.updated_at),
+            deadline_at: format_utc(t.deadline_at),
+            finished_at: t.finished_at.map(format_utc),
+            callback_url: t.callback_url,
+            label: t.label,
+        }
+    }
+}
+
+impl DeliveryView {
+    /// Presents a stored delivery: credentials in its URL redacted, times as RFC 3339 UTC,
+    /// `next_attempt_at` only while it is pending.
+    pub fn from_record(d: DeliveryRecord) -> DeliveryView {
+        DeliveryView {
+            next_attempt_at: (d.state == "pending").then(|| format_utc(d.next_attempt_at)),
+            target: d.target,
+            url: crate::api::redact_url(&d.url),
+            webhook_id: d.webhook_id,
+            state: d.state,
+            attempts: d.attempts,
+            last_attempt_at: d.last_attempt_at.map(format_utc),
+            last_status: d.last_status,
+            last_error: d.last_error,
+            delivered_at: d.delivered_at.map(format_utc),
+            attempt_log: d
+                .attempt_log
+                .into_iter()
+                .map(AttemptView::from_log)
+                .collect(),
+        }
+    }
+}
+
+impl AttemptView {
+    /// Presents one recorded attempt.
+    pub fn from_log(a: AttemptLog) -> AttemptView {
+        AttemptView {
+            attempt: a.attempt,
+            at: format_utc(a.started_at),
+            duration_ms: a.duration_ms,
+            status: a.status,
+            error: a.error,
+            outcome: a.outcome,
+        }
+    }
+}
+
+impl TargetStatus {
+    /// Presents a target's stored delivery summary.
+    pub fn from_summary(t: TargetSummary) -> TargetStatus {
+        TargetStatus {
+            target: t.target,
+            pending: t.pending,
+            failed: t.failed,
+            delivered: t.delivered,
+            last_success_at: t.last_success_at.map(format_utc),
+            last_error: t.last_error,
+            last_error_at: t.last_error_at.map(format_utc),
+        }
+    }
+
+    /// A configured target nothing was delivered to yet.
+    pub fn idle(target: String) -> TargetStatus {
+        TargetStatus {
+            target,
+            pending: 0,
+            failed: 0,
+            delivered: 0,
+            last_success_at: None,
+            last_error: None,
+            last_error_at: None,
+        }
+    }
+}
+
+impl EventView {
+    /// Presents a stored event. Fails (saying which event) if its stored body is not JSON.
+    pub fn from_record(e: EventRecord) -> Result<EventView, String> {
+        let seq = e.seq;
+        Ok(EventView {
+            seq,
+            task_id: e.task_id,
+            stage: e.stage,
+            code: e.code,
+            created_at: format_utc(e.created_at),
+            body: RawValue::from_string(e.body)
+                .map_err(|err| format!("event {seq} body: {err}"))?,
+        })
+    }
+}
+
+/// One event in a `show` answer: the event's fields, then its deliveries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShownEvent {
+    /// Sequence number.
+    pub seq: i64,
+    /// The task.
+    pub task_id: String,
+    /// The stage.
+    pub stage: Stage,
+    /// The callback `code`.
+    pub code: i64,
+    /// When it was stored (RFC 3339 UTC).
+    pub created_at: String,
+    /// The exact callback body, as JSON.
+    pub body: Box<RawValue>,
+    /// Every delivery of this event, one per target.
+    pub deliveries: Vec<DeliveryView>,
+}
+
+impl ShownEvent {
+    /// An event with its deliveries.
+    pub fn new(ev: EventView, deliveries: Vec<DeliveryView>) -> ShownEvent {
+        ShownEvent {
+            seq: ev.seq,
+            task_id: ev.task_id,
+            stage: ev.stage,
+            code: ev.code,
+            created_at: ev.created_at,
+            body: ev.body,
+            deliveries,
+        }
+    }
+}
+
+/// The answer to `add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddResponse {
+    /// IDs now tracked that were not before (new or re-added).
+    pub added: u64,
+    /// IDs that were already tracked.
+    pub existing: u64,
+    /// Every distinct ID, in request order.
+    pub tasks: Vec<AddedTask>,
+}
+
+/// The answer to `list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListResponse {
+    /// Newest first.
+    pub tasks: Vec<TaskView>,
+}
+
+/// The answer to `show`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShowResponse {
+    /// The task.
+    pub task: TaskView,
+    /// Its events, oldest first, each with its deliveries.
+    pub events: Vec<ShownEvent>,
+}
+
+/// The answer to `remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    /// The task.
+    pub task_id: String,
+    /// Its state before.
+    pub was: TaskState,
+    /// True if it was active and is now removed.
+    pub removed: bool,
+}
+
+/// The answer to a one-off `events` listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventsResponse {
+    /// Oldest first.
+    pub events: Vec<EventView>,
+    /// True when more events follow the last one (ask again with `since` = its `seq`).
+    pub more: bool,
+}
+
+/// One line of an `events --follow` stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventLine {
+    /// The event.
+    pub event: EventView,
+}
+
+/// The answer to `redeliver`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedeliverResponse {
+    /// Deliveries now pending because of the request.
+    pub deliveries: u64,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// The daemon's version.
+    pub version: String,
+    /// No problems.
+    pub healthy: bool,
+    /// What is wrong, in words.
+    pub problems: Vec<String>,
+    /// When the daemon started (RFC 3339 UTC).
+    pub started_at: String,
+    /// Milliseconds since then.
+    pub uptime_ms: i64,
+    /// The config file, if any.
+    pub config: Option<PathBuf>,
+    /// The store file.
+    pub store: PathBuf,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Task counts; `null` when the store is not answering.
+    pub tasks: Option<Counts>,
+    /// The polling loop.
+    pub poll: PollStatus,
+    /// Delivery health per target.
+    pub targets: Vec<TargetStatus>,
+}
+
+/// The `{"ok": true, ...}` envelope: `ok` first, then the answer's own fields.
+#[derive(Serialize)]
+struct Answer<'a, T> {
+    ok: bool,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+/// The line answering a request that succeeded, newline included.
+pub fn answer_line<T: Serialize>(body: &T) -> Result<String, serde_json::Error> {
+    let mut s = serde_json::to_string(&Answer { ok: true, body })?;
+    s.push('\n');
+    Ok(s)
+}
+
+/// Reads a successful answer's fields from its line (`ok` itself is not among them).
+pub fn parse_answer<T: serde::de::DeserializeOwned>(line: &str) -> Result<T, serde_json::Error> {
+    serde_json::from_str(line)
 }
 
 #[cfg(test)]
