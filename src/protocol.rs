@@ -804,4 +804,272 @@ mod tests {
         assert!(check_callback_url("http://127.0.0.1:3000/a\nFORGED").is_err());
         assert!(check_callback_url("http://127.0.0.1:3000/a\tb").is_err());
     }
+
+    /// Serialises `answer` as the daemon does, compares it with the line today's daemon
+    /// writes, and reads it back as the CLI does: the same line again.
+    fn same_wire<T: Serialize + serde::de::DeserializeOwned>(answer: &T, today: &str) {
+        let line = answer_line(answer).expect("serialises");
+        assert_eq!(line.trim_end(), today);
+        let back: T = parse_answer(&line).expect("reads back");
+        assert_eq!(answer_line(&back).expect("serialises"), line);
+    }
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).expect("json")
+    }
+
+    fn task_view() -> TaskView {
+        TaskView {
+            task_id: "t1".into(),
+            state: TaskState::Active,
+            stage: Some(Stage::Text),
+            last_status: Some("TEXT_SUCCESS".into()),
+            last_error: None,
+            polls: 2,
+            added_at: "2026-11-26T10:00:00Z".into(),
+            updated_at: "2026-11-26T10:00:30Z".into(),
+            next_poll_at: Some("2026-11-26T10:01:00Z".into()),
+            deadline_at: "2026-11-26T10:30:00Z".into(),
+            finished_at: None,
+            callback_url: Some("http://127.0.0.1:3000/cb".into()),
+            label: None,
+        }
+    }
+
+    const TASK_JSON: &str = r#"{"task_id":"t1","state":"active","stage":"text","last_status":"TEXT_SUCCESS","last_error":null,"polls":2,"added_at":"2026-11-26T10:00:00Z","updated_at":"2026-11-26T10:00:30Z","next_poll_at":"2026-11-26T10:01:00Z","deadline_at":"2026-11-26T10:30:00Z","finished_at":null,"callback_url":"http://127.0.0.1:3000/cb","label":null}"#;
+
+    fn event_view() -> EventView {
+        EventView {
+            seq: 7,
+            task_id: "t1".into(),
+            stage: Stage::Text,
+            code: 200,
+            created_at: "2026-11-26T10:00:30Z".into(),
+            body: raw(
+                r#"{"code":200,"msg":"Text generation completed.","data":{"callbackType":"text","task_id":"t1","data":[]}}"#,
+            ),
+        }
+    }
+
+    const EVENT_JSON: &str = r#"{"seq":7,"task_id":"t1","stage":"text","code":200,"created_at":"2026-11-26T10:00:30Z","body":{"code":200,"msg":"Text generation completed.","data":{"callbackType":"text","task_id":"t1","data":[]}}}"#;
+
+    #[test]
+    fn add_list_remove_redeliver_answers_keep_their_wire_shape() {
+        same_wire(
+            &AddResponse {
+                added: 1,
+                existing: 1,
+                tasks: vec![
+                    AddedTask {
+                        task_id: "a".into(),
+                        result: AddResult::Added,
+                        state: TaskState::Active,
+                        stage: None,
+                    },
+                    AddedTask {
+                        task_id: "b".into(),
+                        result: AddResult::Exists,
+                        state: TaskState::Done,
+                        stage: Some(Stage::Complete),
+                    },
+                ],
+            },
+            r#"{"ok":true,"added":1,"existing":1,"tasks":[{"task_id":"a","result":"added","state":"active","stage":null},{"task_id":"b","result":"exists","state":"done","stage":"complete"}]}"#,
+        );
+        same_wire(
+            &ListResponse {
+                tasks: vec![task_view()],
+            },
+            &format!(r#"{{"ok":true,"tasks":[{TASK_JSON}]}}"#),
+        );
+        same_wire(
+            &ListResponse { tasks: Vec::new() },
+            r#"{"ok":true,"tasks":[]}"#,
+        );
+        same_wire(
+            &RemoveResponse {
+                task_id: "t1".into(),
+                was: TaskState::Active,
+                removed: true,
+            },
+            r#"{"ok":true,"task_id":"t1","was":"active","removed":true}"#,
+        );
+        same_wire(
+            &RedeliverResponse { deliveries: 3 },
+            r#"{"ok":true,"deliveries":3}"#,
+        );
+    }
+
+    #[test]
+    fn show_and_events_answers_keep_their_wire_shape() {
+        let delivery = DeliveryView {
+            target: "app".into(),
+            url: "http://***@127.0.0.1:3000/cb".into(),
+            webhook_id: "msg_t1_text_0a1b2c3d".into(),
+            state: "delivered".into(),
+            attempts: 2,
+            next_attempt_at: None,
+            last_attempt_at: Some("2026-11-26T10:00:31Z".into()),
+            last_status: Some(204),
+            last_error: None,
+            delivered_at: Some("2026-11-26T10:00:31Z".into()),
+            attempt_log: vec![
+                AttemptView {
+                    attempt: 1,
+                    at: "2026-11-26T10:00:30Z".into(),
+                    duration_ms: 12,
+                    status: Some(503),
+                    error: Some("HTTP 503".into()),
+                    outcome: "retry".into(),
+                },
+                AttemptView {
+                    attempt: 2,
+                    at: "2026-11-26T10:00:31Z".into(),
+                    duration_ms: 3,
+                    status: Some(204),
+                    error: None,
+                    outcome: "delivered".into(),
+                },
+            ],
+        };
+        const DELIVERY_JSON: &str = r#"{"target":"app","url":"http://***@127.0.0.1:3000/cb","webhook_id":"msg_t1_text_0a1b2c3d","state":"delivered","attempts":2,"next_attempt_at":null,"last_attempt_at":"2026-11-26T10:00:31Z","last_status":204,"last_error":null,"delivered_at":"2026-11-26T10:00:31Z","attempt_log":[{"attempt":1,"at":"2026-11-26T10:00:30Z","duration_ms":12,"status":503,"error":"HTTP 503","outcome":"retry"},{"attempt":2,"at":"2026-11-26T10:00:31Z","duration_ms":3,"status":204,"error":null,"outcome":"delivered"}]}"#;
+        // Today's `show` appends `deliveries` after the event's own fields.
+        let shown_event = format!(
+            r#"{},"deliveries":[{DELIVERY_JSON}]}}"#,
+            EVENT_JSON.strip_suffix('}').expect("an object")
+        );
+        same_wire(
+            &ShowResponse {
+                task: task_view(),
+                events: vec![ShownEvent::new(event_view(), vec![delivery])],
+            },
+            &format!(r#"{{"ok":true,"task":{TASK_JSON},"events":[{shown_event}]}}"#),
+        );
+        same_wire(
+            &EventsResponse {
+                events: vec![event_view()],
+                more: true,
+            },
+            &format!(r#"{{"ok":true,"events":[{EVENT_JSON}],"more":true}}"#),
+        );
+        same_wire(
+            &EventLine {
+                event: event_view(),
+            },
+            &format!(r#"{{"ok":true,"event":{EVENT_JSON}}}"#),
+        );
+    }
+
+    #[test]
+    fn the_status_answer_keeps_its_wire_shape() {
+        let poll = PollStatus {
+            state: "paused".into(),
+            pause_kind: Some(crate::scheduler::PauseKind::Throttled),
+            pause_attempt: 2,
+            paused_until: Some("2026-11-26T10:05:00Z".into()),
+            paused_since: Some("2026-11-26T10:00:00Z".into()),
+            paused_for_ms: 1500,
+            pause_cause: Some("HTTP 429".into()),
+            in_flight: 0,
+            requests: 41,
+            last_answer_at: Some("2026-11-26T10:00:00Z".into()),
+            last_answer: Some("throttled".into()),
+        };
+        let status = |tasks: Option<Counts>, config: Option<PathBuf>| StatusResponse {
+            version: "0.1.0".into(),
+            healthy: false,
+            problems: vec!["the store is not answering: x".into()],
+            started_at: "2026-11-26T09:00:00Z".into(),
+            uptime_ms: 3_600_000,
+            config,
+            store: "/var/lib/sunopoll/queue.db".into(),
+            socket: "/run/sunopoll/sunopoll.sock".into(),
+            tasks,
+            poll: poll.clone(),
+            targets: vec![TargetStatus {
+                target: "app".into(),
+                pending: 1,
+                failed: 0,
+                delivered: 5,
+                last_success_at: Some("2026-11-26T09:59:00Z".into()),
+                last_error: Some("HTTP 500".into()),
+                last_error_at: Some("2026-11-26T09:58:00Z".into()),
+            }],
+        };
+        const POLL: &str = r#"{"state":"paused","pause_kind":"throttled","pause_attempt":2,"paused_until":"2026-11-26T10:05:00Z","paused_since":"2026-11-26T10:00:00Z","paused_for_ms":1500,"pause_cause":"HTTP 429","in_flight":0,"requests":41,"last_answer_at":"2026-11-26T10:00:00Z","last_answer":"throttled"}"#;
+        const TARGETS: &str = r#"[{"target":"app","pending":1,"failed":0,"delivered":5,"last_success_at":"2026-11-26T09:59:00Z","last_error":"HTTP 500","last_error_at":"2026-11-26T09:58:00Z"}]"#;
+        const HEAD: &str = r#"{"ok":true,"version":"0.1.0","healthy":false,"problems":["the store is not answering: x"],"started_at":"2026-11-26T09:00:00Z","uptime_ms":3600000"#;
+        same_wire(
+            &status(None, None),
+            &format!(
+                r#"{HEAD},"config":null,"store":"/var/lib/sunopoll/queue.db","socket":"/run/sunopoll/sunopoll.sock","tasks":null,"poll":{POLL},"targets":{TARGETS}}}"#
+            ),
+        );
+        let counts = Counts {
+            active: 1,
+            done: 2,
+            failed: 3,
+            removed: 4,
+            events: 9,
+            last_seq: 11,
+        };
+        same_wire(
+            &status(Some(counts), Some("/etc/sunopoll.toml".into())),
+            &format!(
+                r#"{HEAD},"config":"/etc/sunopoll.toml","store":"/var/lib/sunopoll/queue.db","socket":"/run/sunopoll/sunopoll.sock","tasks":{{"active":1,"done":2,"failed":3,"removed":4,"events":9,"last_seq":11}},"poll":{POLL},"targets":{TARGETS}}}"#
+            ),
+        );
+    }
+
+    #[test]
+    fn records_are_presented_with_utc_times_and_redacted_urls() {
+        let view = DeliveryView::from_record(DeliveryRecord {
+            target: "app".into(),
+            url: "https://user:pa55@hooks.internal/cb".into(),
+            webhook_id: "w".into(),
+            state: "pending".into(),
+            attempts: 0,
+            next_attempt_at: 0,
+            last_attempt_at: None,
+            last_status: None,
+            last_error: None,
+            delivered_at: None,
+            attempt_log: Vec::new(),
+        });
+        assert_eq!(view.url, "https://***@hooks.internal/cb");
+        assert_eq!(
+            view.next_attempt_at.as_deref(),
+            Some("1970-01-01T00:00:00Z")
+        );
+        let record = TaskRecord {
+            task_id: "t".into(),
+            state: TaskState::Done,
+            stage: Some(Stage::Complete),
+            last_status: None,
+            last_error: None,
+            polls: 1,
+            added_at: 1_764_151_200_000,
+            updated_at: 1_764_151_200_000,
+            next_poll_at: 1_764_151_200_000,
+            deadline_at: 1_764_151_200_000,
+            finished_at: Some(1_764_151_200_000),
+            callback_url: None,
+            label: None,
+        };
+        let view = TaskView::from_record(record);
+        assert_eq!(
+            view.next_poll_at, None,
+            "only active tasks show a next poll"
+        );
+        assert_eq!(view.finished_at.as_deref(), Some("2025-11-26T10:00:00Z"));
+        let bad = EventView::from_record(EventRecord {
+            seq: 3,
+            task_id: "t".into(),
+            stage: Stage::Text,
+            code: 200,
+            created_at: 0,
+            body: "{not json".into(),
+        });
+        assert!(bad.expect_err("not json").starts_with("event 3 body:"));
+    }
 }
