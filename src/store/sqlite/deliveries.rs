@@ -95,15 +95,37 @@ pub(super) fn due(
     Ok(rows)
 }
 
+/// Which delivery an attempt was made at, as it was when the attempt began: all of a
+/// [`DueDelivery`] that recording needs, without copying its body to the store thread.
+pub(super) struct Attempted {
+    id: i64,
+    replays: i64,
+    number: u32,
+    task: String,
+    target: String,
+}
+
+impl Attempted {
+    pub(super) fn of(d: &DueDelivery) -> Attempted {
+        Attempted {
+            id: d.id,
+            replays: d.replays,
+            number: d.attempts + 1,
+            task: d.task_id.clone(),
+            target: d.target.clone(),
+        }
+    }
+}
+
 /// Records one attempt; `false` when a replay was requested while it was in flight (the
 /// attempt is kept in the history, the delivery stays pending for the replay).
 pub(super) fn record_attempt(
     conn: &Connection,
-    delivery: &DueDelivery,
+    delivery: &Attempted,
     attempt: &AttemptRecord,
     next: &DeliveryNext,
 ) -> Sql<bool> {
-    let (id, replays, number) = (delivery.id, delivery.replays, delivery.attempts + 1);
+    let (id, replays, number) = (delivery.id, delivery.replays, delivery.number);
     let now = attempt.started_at.saturating_add(attempt.duration_ms);
     let (state, next_at, delivered_at, outcome) = match next {
         DeliveryNext::Delivered => ("delivered", now, Some(now), "delivered"),
@@ -137,7 +159,7 @@ pub(super) fn record_attempt(
         None => (i64::from(number), "superseded"),
     };
     if outcome == "delivered" || outcome == "failed" {
-        refresh_ready(conn, &delivery.task_id, &delivery.target)?;
+        refresh_ready(conn, &delivery.task, &delivery.target)?;
     }
     conn.prepare_cached(
         "INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status, error, outcome)

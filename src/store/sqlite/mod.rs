@@ -252,7 +252,7 @@ impl Backend for Sqlite {
         attempt: AttemptRecord,
         next: DeliveryNext,
     ) -> Result<bool, StoreError> {
-        let delivery = delivery.clone();
+        let delivery = deliveries::Attempted::of(delivery);
         self.call(move |c| deliveries::record_attempt(c, &delivery, &attempt, &next))
             .await
     }
