@@ -73,7 +73,7 @@ impl StoreHealth {
 
     /// Records a failure, or with `None` clears it. Backends call it: only they know when a
     /// write has committed.
-    pub(crate) fn set(&self, e: Option<&StoreError>) {
+    fn set(&self, e: Option<&StoreError>) {
         let mut slot = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
         *slot = e.map(|e| (crate::clock::now_ms(), e.to_string()));
     }
