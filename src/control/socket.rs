@@ -7,7 +7,7 @@
 //! it is never reachable with looser permissions than configured.
 //!
 //! Serving: one task per connection, behind a semaphore. Each line is capped at
-//! [`MAX_LINE`](crate::protocol::MAX_LINE) and each wait for a line by `control.idle-timeout`;
+//! [`MAX_LINE`] and each wait for a line by `control.idle-timeout`;
 //! a bad line gets an error response and never affects other clients.
 
 use std::io;
