@@ -10,12 +10,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::config::{Environment, SYSTEM_SOCKET};
+use crate::events::Stage;
 use crate::protocol::{
-    ADD_BATCH, AddRequest, ErrorBody, EventsRequest, ListRequest, RemoveRequest, Request,
-    ShowRequest, StatusRequest,
+    ADD_BATCH, AddRequest, AddResponse, AddResult, DeliveryView, ErrorBody, EventLine, EventView,
+    EventsRequest, EventsResponse, ListRequest, ListResponse, RedeliverResponse, RemoveRequest,
+    RemoveResponse, Request, ShowRequest, ShowResponse, StatusRequest, StatusResponse, answer_line,
+    parse_answer,
 };
 
 /// Prints a line to stdout. A closed stdout (`sunopoll events | head`) ends the process
@@ -124,8 +129,9 @@ impl Connection {
         )))
     }
 
-    /// Reads one response line; `None` at end of stream. `timeout` bounds the wait.
-    pub fn receive(&mut self, timeout: Option<Duration>) -> Result<Option<Value>, ClientError> {
+    /// Reads one response line; `None` at end of stream. `timeout` bounds the wait. An error
+    /// answer (`"ok": false`) comes back as [`ClientError::Refused`].
+    pub fn receive(&mut self, timeout: Option<Duration>) -> Result<Option<String>, ClientError> {
         let _ = self.reader.get_ref().set_read_timeout(timeout);
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
@@ -152,16 +158,31 @@ impl Connection {
                 .unwrap_or_else(|_| ErrorBody::new("unknown", value["error"].to_string()));
             return Err(ClientError::Refused(error));
         }
-        Ok(Some(value))
+        Ok(Some(line))
     }
 
-    /// One request, one answer.
-    pub fn call(&mut self, request: &Request) -> Result<Value, ClientError> {
+    /// Reads one successful answer of type `T`; `None` at end of stream.
+    pub fn receive_as<T: DeserializeOwned>(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<T>, ClientError> {
+        self.receive(timeout)?.map(|line| parse(&line)).transpose()
+    }
+
+    /// One request, one answer of type `T`.
+    pub fn call<T: DeserializeOwned>(&mut self, request: &Request) -> Result<T, ClientError> {
         self.send(request)?;
-        self.receive(Some(ANSWER_TIMEOUT))?.ok_or_else(|| {
+        self.receive_as(Some(ANSWER_TIMEOUT))?.ok_or_else(|| {
             ClientError::Protocol("the daemon closed the connection without answering".to_owned())
         })
     }
+}
+
+/// Reads a successful answer's fields; an answer of the wrong shape is a protocol error.
+fn parse<T: DeserializeOwned>(line: &str) -> Result<T, ClientError> {
+    parse_answer(line).map_err(|e| {
+        ClientError::Protocol(format!("the daemon's answer has an unexpected shape: {e}"))
+    })
 }
 
 /// Where the CLI looks for the daemon: `--socket`, then `$SUNOPOLL_SOCKET`, then the config
@@ -198,12 +219,12 @@ pub fn run(socket: &Path, request: Request, out: Output) -> ExitCode {
         Request::Events(req) if req.follow => follow(socket, req, out),
         Request::Events(req) => events(socket, req, out),
         Request::Status(req) => status(socket, req, out),
-        other => Connection::open(socket)
-            .and_then(|mut c| c.call(&other))
-            .map(|v| {
-                print_answer(&other, &v, out);
-                0
-            }),
+        Request::List(req) => one_call(socket, Request::List(req.clone()), out, |a| {
+            print_list(&req, a)
+        }),
+        Request::Show(req) => one_call(socket, Request::Show(req), out, print_show),
+        Request::Remove(req) => one_call(socket, Request::Remove(req), out, print_remove),
+        Request::Redeliver(req) => one_call(socket, Request::Redeliver(req), out, print_redeliver),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -214,46 +235,67 @@ pub fn run(socket: &Path, request: Request, out: Output) -> ExitCode {
     }
 }
 
+/// One round trip answered by a `T`, printed as JSON or by `human`.
+fn one_call<T: DeserializeOwned + Serialize>(
+    socket: &Path,
+    request: Request,
+    out: Output,
+    human: impl FnOnce(&T),
+) -> Result<u8, ClientError> {
+    let answer: T = Connection::open(socket)?.call(&request)?;
+    if out.json {
+        print_json(&answer)?;
+    } else {
+        human(&answer);
+    }
+    Ok(0)
+}
+
+/// Prints a whole answer as the daemon sent it: `{"ok":true, ...}`.
+fn print_json<T: Serialize>(answer: &T) -> Result<(), ClientError> {
+    let line = answer_line(answer)
+        .map_err(|e| ClientError::Protocol(format!("cannot print the answer: {e}")))?;
+    out!("{}", line.trim_end());
+    Ok(())
+}
+
 fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
     let mut conn = Connection::open(socket)?;
-    let (mut added, mut existing) = (0u64, 0u64);
-    let mut all = Vec::new();
+    let mut all = AddResponse {
+        added: 0,
+        existing: 0,
+        tasks: Vec::new(),
+    };
     for chunk in req.task_ids.chunks(ADD_BATCH) {
-        let answer = conn.call(&Request::Add(AddRequest {
+        let answer: AddResponse = conn.call(&Request::Add(AddRequest {
             task_ids: chunk.to_vec(),
             callback_url: req.callback_url.clone(),
             label: req.label.clone(),
         }))?;
-        added += answer["added"].as_u64().unwrap_or(0);
-        existing += answer["existing"].as_u64().unwrap_or(0);
-        if let Some(tasks) = answer["tasks"].as_array() {
-            all.extend(tasks.iter().cloned());
-        }
+        all.added += answer.added;
+        all.existing += answer.existing;
+        all.tasks.extend(answer.tasks);
     }
     if out.json {
-        out!(
-            "{}",
-            serde_json::json!({"ok": true, "added": added, "existing": existing, "tasks": all})
-        );
+        print_json(&all)?;
         return Ok(0);
     }
-    for t in &all {
-        let id = t["task_id"].as_str().unwrap_or("?");
-        match t["result"].as_str() {
-            Some("added") => out!("added     {id}"),
-            Some("readded") => out!("re-added  {id}"),
-            _ => out!(
+    for t in &all.tasks {
+        let id = &t.task_id;
+        match t.result {
+            AddResult::Added => out!("added     {id}"),
+            AddResult::Readded => out!("re-added  {id}"),
+            AddResult::Exists => out!(
                 "known     {id}  ({}{})",
-                t["state"].as_str().unwrap_or("?"),
-                t["stage"]
-                    .as_str()
+                t.state.as_str(),
+                t.stage
                     .map(|s| format!(", last event {s}"))
                     .unwrap_or_default()
             ),
         }
     }
-    if all.len() > 1 {
-        out!("{added} added, {existing} already known");
+    if all.tasks.len() > 1 {
+        out!("{} added, {} already known", all.added, all.existing);
     }
     Ok(0)
 }
@@ -261,13 +303,12 @@ fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
 fn events(socket: &Path, mut req: EventsRequest, out: Output) -> Result<u8, ClientError> {
     let mut conn = Connection::open(socket)?;
     loop {
-        let answer = conn.call(&Request::Events(req.clone()))?;
-        let list = answer["events"].as_array().cloned().unwrap_or_default();
-        for ev in &list {
-            print_event(ev, out);
-            req.since = ev["seq"].as_i64().or(req.since);
+        let answer: EventsResponse = conn.call(&Request::Events(req.clone()))?;
+        for ev in &answer.events {
+            print_event(ev, out)?;
+            req.since = Some(ev.seq);
         }
-        if answer["more"] != Value::Bool(true) || list.is_empty() {
+        if !answer.more || answer.events.is_empty() {
             return Ok(0);
         }
     }
@@ -276,8 +317,8 @@ fn events(socket: &Path, mut req: EventsRequest, out: Output) -> Result<u8, Clie
 fn follow(socket: &Path, req: EventsRequest, out: Output) -> Result<u8, ClientError> {
     let mut conn = Connection::open(socket)?;
     conn.send(&Request::Events(req))?;
-    while let Some(line) = conn.receive(None)? {
-        print_event(&line["event"], out);
+    while let Some(line) = conn.receive_as::<EventLine>(None)? {
+        print_event(&line.event, out)?;
         let _ = std::io::stdout().flush();
     }
     Err(ClientError::Unreachable(
@@ -286,247 +327,257 @@ fn follow(socket: &Path, req: EventsRequest, out: Output) -> Result<u8, ClientEr
 }
 
 fn status(socket: &Path, req: StatusRequest, out: Output) -> Result<u8, ClientError> {
-    let v = Connection::open(socket)?.call(&Request::Status(req))?;
-    let healthy = v["healthy"] == Value::Bool(true);
+    let v: StatusResponse = Connection::open(socket)?.call(&Request::Status(req))?;
     if out.json {
-        out!("{v}");
+        print_json(&v)?;
     } else {
         print_status(&v);
     }
-    Ok(if healthy { 0 } else { EXIT_REFUSED })
+    Ok(if v.healthy { 0 } else { EXIT_REFUSED })
 }
 
-fn print_event(ev: &Value, out: Output) {
-    if out.json {
-        out!("{ev}");
-        return;
+/// An optional value as shown in tables: `-` when absent.
+fn shown(v: Option<&str>) -> &str {
+    v.unwrap_or("-")
+}
+
+/// How an enum is spelt on the wire (its serde name), for showing it.
+fn spelling<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "-".to_owned(),
     }
-    let tracks = ev["body"]["data"]["data"].as_array().map_or(0, Vec::len);
-    let msg = ev["body"]["msg"].as_str().unwrap_or("");
+}
+
+fn print_event(ev: &EventView, out: Output) -> Result<(), ClientError> {
+    if out.json {
+        let line = serde_json::to_string(ev)
+            .map_err(|e| ClientError::Protocol(format!("cannot print the event: {e}")))?;
+        out!("{line}");
+        return Ok(());
+    }
+    let body: Value = serde_json::from_str(ev.body.get()).unwrap_or(Value::Null);
+    let tracks = body["data"]["data"].as_array().map_or(0, Vec::len);
+    let msg = body["msg"].as_str().unwrap_or("");
     out!(
         "#{:<6} {}  {}  {:<8} {}  {}",
-        ev["seq"],
-        ev["created_at"].as_str().unwrap_or("?"),
-        ev["task_id"].as_str().unwrap_or("?"),
-        ev["stage"].as_str().unwrap_or("?"),
-        ev["code"],
-        if ev["stage"] == "error" {
+        ev.seq,
+        ev.created_at,
+        ev.task_id,
+        ev.stage.as_str(),
+        ev.code,
+        if ev.stage == Stage::Error {
             crate::api::clip(msg, 120)
         } else {
             format!("{tracks} track{}", if tracks == 1 { "" } else { "s" })
         }
     );
+    Ok(())
 }
 
-fn field<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or("-")
-}
-
-fn print_answer(request: &Request, v: &Value, out: Output) {
-    if out.json {
-        out!("{v}");
+fn print_list(req: &ListRequest, answer: &ListResponse) {
+    let tasks = &answer.tasks;
+    if tasks.is_empty() {
+        out!("no tasks");
         return;
     }
-    match request {
-        Request::List(req) => {
-            let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
-            let shown = tasks.len();
-            if tasks.is_empty() {
-                out!("no tasks");
-                return;
-            }
-            out!(
-                "{:<34} {:<8} {:<9} {:<22} {:<21} LABEL",
-                "TASK ID",
-                "STATE",
-                "STAGE",
-                "LAST STATUS",
-                "NEXT POLL"
-            );
-            for t in tasks {
-                out!(
-                    "{:<34} {:<8} {:<9} {:<22} {:<21} {}",
-                    field(&t, "task_id"),
-                    field(&t, "state"),
-                    field(&t, "stage"),
-                    field(&t, "last_status"),
-                    field(&t, "next_poll_at"),
-                    t["label"].as_str().unwrap_or("")
-                );
-            }
-            if let Some(limit) = req.limit
-                && shown >= limit as usize
-            {
-                out!("(the newest {limit} shown; --limit 0 shows all)");
-            }
-        }
-        Request::Show(_) => {
-            let t = &v["task"];
-            for (name, key) in [
-                ("task", "task_id"),
-                ("state", "state"),
-                ("last event", "stage"),
-                ("last status", "last_status"),
-                ("polls", "polls"),
-                ("added", "added_at"),
-                ("next poll", "next_poll_at"),
-                ("deadline", "deadline_at"),
-                ("finished", "finished_at"),
-                ("callback url", "callback_url"),
-                ("label", "label"),
-                ("last error", "last_error"),
-            ] {
-                let value = match &t[key] {
-                    Value::Null => continue,
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                out!("{name:<13} {value}");
-            }
-            let events = v["events"].as_array().cloned().unwrap_or_default();
-            out!("events        {}", events.len());
-            for ev in events {
-                out!("");
-                print_event(&ev, Output { json: false });
-                for d in ev["deliveries"].as_array().into_iter().flatten() {
-                    print_delivery(d);
-                }
-                out!(
-                    "{}",
-                    serde_json::to_string_pretty(&ev["body"]).unwrap_or_default()
-                );
-            }
-        }
-        Request::Redeliver(_) => {
-            let n = v["deliveries"].as_u64().unwrap_or(0);
-            if n == 0 {
-                out!("nothing to redeliver (no matching deliveries, or no forward targets)");
-            } else {
-                out!(
-                    "{n} deliver{} queued again",
-                    if n == 1 { "y" } else { "ies" }
-                );
-            }
-        }
-        Request::Remove(_) => {
-            let id = field(v, "task_id");
-            if v["removed"] == Value::Bool(true) {
-                out!("removed {id}; it is no longer polled (its events are kept)");
-            } else {
-                out!("{id} was already {}; nothing to do", field(v, "was"));
-            }
-        }
-        _ => out!("{v}"),
+    out!(
+        "{:<34} {:<8} {:<9} {:<22} {:<21} LABEL",
+        "TASK ID",
+        "STATE",
+        "STAGE",
+        "LAST STATUS",
+        "NEXT POLL"
+    );
+    for t in tasks {
+        out!(
+            "{:<34} {:<8} {:<9} {:<22} {:<21} {}",
+            t.task_id,
+            t.state.as_str(),
+            shown(t.stage.map(Stage::as_str)),
+            shown(t.last_status.as_deref()),
+            shown(t.next_poll_at.as_deref()),
+            t.label.as_deref().unwrap_or("")
+        );
+    }
+    if let Some(limit) = req.limit
+        && tasks.len() >= limit as usize
+    {
+        out!("(the newest {limit} shown; --limit 0 shows all)");
     }
 }
 
-fn print_status(v: &Value) {
-    let healthy = v["healthy"] == Value::Bool(true);
+fn print_show(answer: &ShowResponse) {
+    let t = &answer.task;
+    let polls = t.polls.to_string();
+    for (name, value) in [
+        ("task", Some(t.task_id.as_str())),
+        ("state", Some(t.state.as_str())),
+        ("last event", t.stage.map(Stage::as_str)),
+        ("last status", t.last_status.as_deref()),
+        ("polls", Some(polls.as_str())),
+        ("added", Some(t.added_at.as_str())),
+        ("next poll", t.next_poll_at.as_deref()),
+        ("deadline", Some(t.deadline_at.as_str())),
+        ("finished", t.finished_at.as_deref()),
+        ("callback url", t.callback_url.as_deref()),
+        ("label", t.label.as_deref()),
+        ("last error", t.last_error.as_deref()),
+    ] {
+        if let Some(value) = value {
+            out!("{name:<13} {value}");
+        }
+    }
+    out!("events        {}", answer.events.len());
+    for ev in &answer.events {
+        out!("");
+        let view = EventView {
+            seq: ev.seq,
+            task_id: ev.task_id.clone(),
+            stage: ev.stage,
+            code: ev.code,
+            created_at: ev.created_at.clone(),
+            body: ev.body.clone(),
+        };
+        // Printing as text cannot fail.
+        let _ = print_event(&view, Output { json: false });
+        for d in &ev.deliveries {
+            print_delivery(d);
+        }
+        let body: Value = serde_json::from_str(ev.body.get()).unwrap_or(Value::Null);
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&body).unwrap_or_default()
+        );
+    }
+}
+
+fn print_redeliver(answer: &RedeliverResponse) {
+    let n = answer.deliveries;
+    if n == 0 {
+        out!("nothing to redeliver (no matching deliveries, or no forward targets)");
+    } else {
+        out!(
+            "{n} deliver{} queued again",
+            if n == 1 { "y" } else { "ies" }
+        );
+    }
+}
+
+fn print_remove(answer: &RemoveResponse) {
+    let id = &answer.task_id;
+    if answer.removed {
+        out!("removed {id}; it is no longer polled (its events are kept)");
+    } else {
+        out!("{id} was already {}; nothing to do", answer.was.as_str());
+    }
+}
+
+fn print_status(v: &StatusResponse) {
     out!(
         "sunopoll {} — {}",
-        field(v, "version"),
-        if healthy { "healthy" } else { "UNHEALTHY" }
+        v.version,
+        if v.healthy { "healthy" } else { "UNHEALTHY" }
     );
-    for p in v["problems"].as_array().into_iter().flatten() {
-        out!("  problem: {}", p.as_str().unwrap_or(""));
+    for p in &v.problems {
+        out!("  problem: {p}");
     }
-    let poll = &v["poll"];
-    let state = field(poll, "state");
-    match state {
+    let poll = &v.poll;
+    match poll.state.as_str() {
         "polling" => out!(
             "polling:      yes ({} in flight, {} requests since start)",
-            poll["in_flight"],
-            poll["requests"]
+            poll.in_flight,
+            poll.requests
         ),
-        _ => out!(
+        state => out!(
             "polling:      {state} — {} (pause #{}, until {}): {}",
-            field(poll, "pause_kind"),
-            poll["pause_attempt"],
-            field(poll, "paused_until"),
-            field(poll, "pause_cause")
+            poll.pause_kind
+                .map_or_else(|| "-".to_owned(), |k| spelling(&k)),
+            poll.pause_attempt,
+            shown(poll.paused_until.as_deref()),
+            shown(poll.pause_cause.as_deref())
         ),
     }
     out!(
         "last answer:  {} at {}",
-        field(poll, "last_answer"),
-        field(poll, "last_answer_at")
+        shown(poll.last_answer.as_deref()),
+        shown(poll.last_answer_at.as_deref())
     );
-    let t = &v["tasks"];
-    if t.is_null() {
-        out!("tasks:        unknown (the store is not answering)");
-    } else {
-        out!(
-            "tasks:        {} active, {} done, {} failed, {} removed",
-            t["active"],
-            t["done"],
-            t["failed"],
-            t["removed"]
-        );
-        out!(
-            "events:       {} stored, last #{}",
-            t["events"],
-            t["last_seq"]
-        );
+    match &v.tasks {
+        None => out!("tasks:        unknown (the store is not answering)"),
+        Some(t) => {
+            out!(
+                "tasks:        {} active, {} done, {} failed, {} removed",
+                t.active,
+                t.done,
+                t.failed,
+                t.removed
+            );
+            out!("events:       {} stored, last #{}", t.events, t.last_seq);
+        }
     }
-    out!("started:      {}", field(v, "started_at"));
-    out!("store:        {}", field(v, "store"));
-    out!("socket:       {}", field(v, "socket"));
+    out!("started:      {}", v.started_at);
+    out!("store:        {}", v.store.display());
+    out!("socket:       {}", v.socket.display());
     out!(
         "config:       {}",
-        v["config"].as_str().unwrap_or("built-in defaults")
+        v.config.as_ref().map_or_else(
+            || "built-in defaults".to_owned(),
+            |c| c.display().to_string()
+        )
     );
-    let targets = v["targets"].as_array().cloned().unwrap_or_default();
-    if targets.is_empty() {
+    if v.targets.is_empty() {
         out!("forwarding:   no targets");
     }
-    for t in targets {
+    for t in &v.targets {
         out!(
             "target {}: {} pending, {} failed, {} delivered; last success {}{}",
-            field(&t, "target"),
-            t["pending"],
-            t["failed"],
-            t["delivered"],
-            field(&t, "last_success_at"),
-            t["last_error"]
-                .as_str()
+            t.target,
+            t.pending,
+            t.failed,
+            t.delivered,
+            shown(t.last_success_at.as_deref()),
+            t.last_error
+                .as_deref()
                 .map(|e| format!(
                     "; last error {} at {}",
                     crate::api::clip(e, 120),
-                    field(&t, "last_error_at")
+                    shown(t.last_error_at.as_deref())
                 ))
                 .unwrap_or_default()
         );
     }
 }
 
-fn print_delivery(d: &Value) {
-    let status = d["last_status"]
-        .as_u64()
+fn print_delivery(d: &DeliveryView) {
+    let status = d
+        .last_status
         .map(|s| format!(" HTTP {s}"))
         .unwrap_or_default();
-    let when = match d["state"].as_str() {
-        Some("pending") => format!(", next attempt {}", field(d, "next_attempt_at")),
-        Some("delivered") => format!(" at {}", field(d, "delivered_at")),
+    let when = match d.state.as_str() {
+        "pending" => format!(", next attempt {}", shown(d.next_attempt_at.as_deref())),
+        "delivered" => format!(" at {}", shown(d.delivered_at.as_deref())),
         _ => String::new(),
     };
     out!(
         "  → {} {}{status}{when} after {} attempt{} ({}, {})",
-        field(d, "target"),
-        field(d, "state"),
-        d["attempts"],
-        if d["attempts"] == 1 { "" } else { "s" },
-        field(d, "url"),
-        field(d, "webhook_id")
+        d.target,
+        d.state,
+        d.attempts,
+        if d.attempts == 1 { "" } else { "s" },
+        d.url,
+        d.webhook_id
     );
-    for a in d["attempt_log"].as_array().into_iter().flatten() {
+    for a in &d.attempt_log {
         out!(
             "      #{} {} {}ms {}{}",
-            a["attempt"],
-            field(a, "at"),
-            a["duration_ms"],
-            field(a, "outcome"),
-            a["error"]
-                .as_str()
+            a.attempt,
+            a.at,
+            a.duration_ms,
+            a.outcome,
+            a.error
+                .as_deref()
                 .map(|e| format!(": {}", crate::api::clip(e, 160)))
                 .unwrap_or_default()
         );

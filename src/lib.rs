@@ -42,10 +42,6 @@ pub mod systemd;
 #[doc(hidden)]
 pub mod testing;
 
-/// The poll job under its former name, for the modules that still import
-/// `crate::scheduler::{PauseKind, SharedStatus}`.
-pub use jobs::poll as scheduler;
-
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

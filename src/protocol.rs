@@ -10,10 +10,19 @@
 //! `events` with `"follow":true` answers with one `{"ok":true,"event":{…}}` line per event, for
 //! as long as the client stays connected.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
+use crate::clock::format_utc;
 use crate::events::Stage;
+use crate::jobs::gate::PollStatus;
+/// States and add results travel on the wire as the store names them.
+pub use crate::store::{AddResult, TaskState};
+use crate::store::{AddedTask, Counts};
+use crate::store::{AttemptLog, DeliveryRecord, EventRecord, TargetSummary, TaskRecord};
 
 /// Longest request line accepted. A batch of ~1 800 32-character IDs fits; the CLI splits larger
 /// batches. Anything longer is a mistake or an attack, and is refused before it costs memory.
@@ -345,69 +354,6 @@ pub fn check_callback_url(url: &str) -> Result<(), ErrorBody> {
     }
 }
 
-/// What `add` did with one ID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AddResult {
-    /// New: it will be polled now.
-    Added,
-    /// It was removed earlier and is tracked again.
-    Readded,
-    /// Already known; nothing changed.
-    Exists,
-}
-
-/// One ID in an `add` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AddedTask {
-    /// The ID.
-    pub task_id: String,
-    /// What `add` did with it.
-    pub result: AddResult,
-    /// Its state now.
-    pub state: TaskState,
-    /// Its last stage, if any.
-    pub stage: Option<Stage>,
-}
-
-/// A task's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskState {
-    /// Being polled.
-    Active,
-    /// Reached `complete`.
-    Done,
-    /// Ended with `error`.
-    Failed,
-    /// Removed by `sunopoll remove`; its events are kept.
-    Removed,
-}
-
-impl TaskState {
-    /// The stored spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Active => "active",
-            TaskState::Done => "done",
-            TaskState::Failed => "failed",
-            TaskState::Removed => "removed",
-        }
-    }
-
-    /// Parses the stored spelling.
-    pub fn parse(s: &str) -> Option<TaskState> {
-        [
-            TaskState::Active,
-            TaskState::Done,
-            TaskState::Failed,
-            TaskState::Removed,
-        ]
-        .into_iter()
-        .find(|t| t.as_str() == s)
-    }
-}
-
 /// A task as `list`, `show` and `add` report it. Times are RFC 3339 UTC.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskView {
@@ -517,7 +463,252 @@ pub struct EventView {
     /// When it was stored (RFC 3339 UTC).
     pub created_at: String,
     /// The exact callback body, as JSON.
-    pub body: Box<serde_json::value::RawValue>,
+    pub body: Box<RawValue>,
+}
+
+impl TaskView {
+    /// Presents a stored task: times as RFC 3339 UTC, `next_poll_at` only while it is active.
+    pub fn from_record(t: TaskRecord) -> TaskView {
+        TaskView {
+            next_poll_at: (t.state == TaskState::Active).then(|| format_utc(t.next_poll_at)),
+            task_id: t.task_id,
+            state: t.state,
+            stage: t.stage,
+            last_status: t.last_status,
+            last_error: t.last_error,
+            polls: t.polls,
+            added_at: format_utc(t.added_at),
+            updated_at: format_utc(t.updated_at),
+            deadline_at: format_utc(t.deadline_at),
+            finished_at: t.finished_at.map(format_utc),
+            callback_url: t.callback_url,
+            label: t.label,
+        }
+    }
+}
+
+impl DeliveryView {
+    /// Presents a stored delivery: credentials in its URL redacted, times as RFC 3339 UTC,
+    /// `next_attempt_at` only while it is pending.
+    pub fn from_record(d: DeliveryRecord) -> DeliveryView {
+        DeliveryView {
+            next_attempt_at: (d.state == "pending").then(|| format_utc(d.next_attempt_at)),
+            target: d.target,
+            url: crate::api::redact_url(&d.url),
+            webhook_id: d.webhook_id,
+            state: d.state,
+            attempts: d.attempts,
+            last_attempt_at: d.last_attempt_at.map(format_utc),
+            last_status: d.last_status,
+            last_error: d.last_error,
+            delivered_at: d.delivered_at.map(format_utc),
+            attempt_log: d
+                .attempt_log
+                .into_iter()
+                .map(AttemptView::from_log)
+                .collect(),
+        }
+    }
+}
+
+impl AttemptView {
+    /// Presents one recorded attempt.
+    pub fn from_log(a: AttemptLog) -> AttemptView {
+        AttemptView {
+            attempt: a.attempt,
+            at: format_utc(a.started_at),
+            duration_ms: a.duration_ms,
+            status: a.status,
+            error: a.error,
+            outcome: a.outcome,
+        }
+    }
+}
+
+impl TargetStatus {
+    /// Presents a target's stored delivery summary.
+    pub fn from_summary(t: TargetSummary) -> TargetStatus {
+        TargetStatus {
+            target: t.target,
+            pending: t.pending,
+            failed: t.failed,
+            delivered: t.delivered,
+            last_success_at: t.last_success_at.map(format_utc),
+            last_error: t.last_error,
+            last_error_at: t.last_error_at.map(format_utc),
+        }
+    }
+
+    /// A configured target nothing was delivered to yet.
+    pub fn idle(target: String) -> TargetStatus {
+        TargetStatus {
+            target,
+            pending: 0,
+            failed: 0,
+            delivered: 0,
+            last_success_at: None,
+            last_error: None,
+            last_error_at: None,
+        }
+    }
+}
+
+impl EventView {
+    /// Presents a stored event. Fails (saying which event) if its stored body is not JSON.
+    pub fn from_record(e: EventRecord) -> Result<EventView, String> {
+        let seq = e.seq;
+        Ok(EventView {
+            seq,
+            task_id: e.task_id,
+            stage: e.stage,
+            code: e.code,
+            created_at: format_utc(e.created_at),
+            body: RawValue::from_string(e.body)
+                .map_err(|err| format!("event {seq} body: {err}"))?,
+        })
+    }
+}
+
+/// One event in a `show` answer: the event's fields, then its deliveries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShownEvent {
+    /// Sequence number.
+    pub seq: i64,
+    /// The task.
+    pub task_id: String,
+    /// The stage.
+    pub stage: Stage,
+    /// The callback `code`.
+    pub code: i64,
+    /// When it was stored (RFC 3339 UTC).
+    pub created_at: String,
+    /// The exact callback body, as JSON.
+    pub body: Box<RawValue>,
+    /// Every delivery of this event, one per target.
+    pub deliveries: Vec<DeliveryView>,
+}
+
+impl ShownEvent {
+    /// An event with its deliveries.
+    pub fn new(ev: EventView, deliveries: Vec<DeliveryView>) -> ShownEvent {
+        ShownEvent {
+            seq: ev.seq,
+            task_id: ev.task_id,
+            stage: ev.stage,
+            code: ev.code,
+            created_at: ev.created_at,
+            body: ev.body,
+            deliveries,
+        }
+    }
+}
+
+/// The answer to `add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddResponse {
+    /// IDs now tracked that were not before (new or re-added).
+    pub added: u64,
+    /// IDs that were already tracked.
+    pub existing: u64,
+    /// Every distinct ID, in request order.
+    pub tasks: Vec<AddedTask>,
+}
+
+/// The answer to `list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListResponse {
+    /// Newest first.
+    pub tasks: Vec<TaskView>,
+}
+
+/// The answer to `show`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShowResponse {
+    /// The task.
+    pub task: TaskView,
+    /// Its events, oldest first, each with its deliveries.
+    pub events: Vec<ShownEvent>,
+}
+
+/// The answer to `remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    /// The task.
+    pub task_id: String,
+    /// Its state before.
+    pub was: TaskState,
+    /// True if it was active and is now removed.
+    pub removed: bool,
+}
+
+/// The answer to a one-off `events` listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventsResponse {
+    /// Oldest first.
+    pub events: Vec<EventView>,
+    /// True when more events follow the last one (ask again with `since` = its `seq`).
+    pub more: bool,
+}
+
+/// One line of an `events --follow` stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventLine {
+    /// The event.
+    pub event: EventView,
+}
+
+/// The answer to `redeliver`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedeliverResponse {
+    /// Deliveries now pending because of the request.
+    pub deliveries: u64,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// The daemon's version.
+    pub version: String,
+    /// No problems.
+    pub healthy: bool,
+    /// What is wrong, in words.
+    pub problems: Vec<String>,
+    /// When the daemon started (RFC 3339 UTC).
+    pub started_at: String,
+    /// Milliseconds since then.
+    pub uptime_ms: i64,
+    /// The config file, if any.
+    pub config: Option<PathBuf>,
+    /// The store file.
+    pub store: PathBuf,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Task counts; `null` when the store is not answering.
+    pub tasks: Option<Counts>,
+    /// The polling loop.
+    pub poll: PollStatus,
+    /// Delivery health per target.
+    pub targets: Vec<TargetStatus>,
+}
+
+/// The `{"ok": true, ...}` envelope: `ok` first, then the answer's own fields.
+#[derive(Serialize)]
+struct Answer<'a, T> {
+    ok: bool,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+/// The line answering a request that succeeded, newline included.
+pub fn answer_line<T: Serialize>(body: &T) -> Result<String, serde_json::Error> {
+    let mut s = serde_json::to_string(&Answer { ok: true, body })?;
+    s.push('\n');
+    Ok(s)
+}
+
+/// Reads a successful answer's fields from its line (`ok` itself is not among them).
+pub fn parse_answer<T: serde::de::DeserializeOwned>(line: &str) -> Result<T, serde_json::Error> {
+    serde_json::from_str(line)
 }
 
 #[cfg(test)]
@@ -614,5 +805,273 @@ mod tests {
         // The URL parser would drop these silently; the stored URL would still carry them.
         assert!(check_callback_url("http://127.0.0.1:3000/a\nFORGED").is_err());
         assert!(check_callback_url("http://127.0.0.1:3000/a\tb").is_err());
+    }
+
+    /// Serialises `answer` as the daemon does, compares it with the line today's daemon
+    /// writes, and reads it back as the CLI does: the same line again.
+    fn same_wire<T: Serialize + serde::de::DeserializeOwned>(answer: &T, today: &str) {
+        let line = answer_line(answer).expect("serialises");
+        assert_eq!(line.trim_end(), today);
+        let back: T = parse_answer(&line).expect("reads back");
+        assert_eq!(answer_line(&back).expect("serialises"), line);
+    }
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).expect("json")
+    }
+
+    fn task_view() -> TaskView {
+        TaskView {
+            task_id: "t1".into(),
+            state: TaskState::Active,
+            stage: Some(Stage::Text),
+            last_status: Some("TEXT_SUCCESS".into()),
+            last_error: None,
+            polls: 2,
+            added_at: "2026-11-26T10:00:00Z".into(),
+            updated_at: "2026-11-26T10:00:30Z".into(),
+            next_poll_at: Some("2026-11-26T10:01:00Z".into()),
+            deadline_at: "2026-11-26T10:30:00Z".into(),
+            finished_at: None,
+            callback_url: Some("http://127.0.0.1:3000/cb".into()),
+            label: None,
+        }
+    }
+
+    const TASK_JSON: &str = r#"{"task_id":"t1","state":"active","stage":"text","last_status":"TEXT_SUCCESS","last_error":null,"polls":2,"added_at":"2026-11-26T10:00:00Z","updated_at":"2026-11-26T10:00:30Z","next_poll_at":"2026-11-26T10:01:00Z","deadline_at":"2026-11-26T10:30:00Z","finished_at":null,"callback_url":"http://127.0.0.1:3000/cb","label":null}"#;
+
+    fn event_view() -> EventView {
+        EventView {
+            seq: 7,
+            task_id: "t1".into(),
+            stage: Stage::Text,
+            code: 200,
+            created_at: "2026-11-26T10:00:30Z".into(),
+            body: raw(
+                r#"{"code":200,"msg":"Text generation completed.","data":{"callbackType":"text","task_id":"t1","data":[]}}"#,
+            ),
+        }
+    }
+
+    const EVENT_JSON: &str = r#"{"seq":7,"task_id":"t1","stage":"text","code":200,"created_at":"2026-11-26T10:00:30Z","body":{"code":200,"msg":"Text generation completed.","data":{"callbackType":"text","task_id":"t1","data":[]}}}"#;
+
+    #[test]
+    fn add_list_remove_redeliver_answers_keep_their_wire_shape() {
+        same_wire(
+            &AddResponse {
+                added: 1,
+                existing: 1,
+                tasks: vec![
+                    AddedTask {
+                        task_id: "a".into(),
+                        result: AddResult::Added,
+                        state: TaskState::Active,
+                        stage: None,
+                    },
+                    AddedTask {
+                        task_id: "b".into(),
+                        result: AddResult::Exists,
+                        state: TaskState::Done,
+                        stage: Some(Stage::Complete),
+                    },
+                ],
+            },
+            r#"{"ok":true,"added":1,"existing":1,"tasks":[{"task_id":"a","result":"added","state":"active","stage":null},{"task_id":"b","result":"exists","state":"done","stage":"complete"}]}"#,
+        );
+        same_wire(
+            &ListResponse {
+                tasks: vec![task_view()],
+            },
+            &format!(r#"{{"ok":true,"tasks":[{TASK_JSON}]}}"#),
+        );
+        same_wire(
+            &ListResponse { tasks: Vec::new() },
+            r#"{"ok":true,"tasks":[]}"#,
+        );
+        same_wire(
+            &RemoveResponse {
+                task_id: "t1".into(),
+                was: TaskState::Active,
+                removed: true,
+            },
+            r#"{"ok":true,"task_id":"t1","was":"active","removed":true}"#,
+        );
+        same_wire(
+            &RedeliverResponse { deliveries: 3 },
+            r#"{"ok":true,"deliveries":3}"#,
+        );
+    }
+
+    #[test]
+    fn show_and_events_answers_keep_their_wire_shape() {
+        let delivery = DeliveryView {
+            target: "app".into(),
+            url: "http://***@127.0.0.1:3000/cb".into(),
+            webhook_id: "msg_t1_text_0a1b2c3d".into(),
+            state: "delivered".into(),
+            attempts: 2,
+            next_attempt_at: None,
+            last_attempt_at: Some("2026-11-26T10:00:31Z".into()),
+            last_status: Some(204),
+            last_error: None,
+            delivered_at: Some("2026-11-26T10:00:31Z".into()),
+            attempt_log: vec![
+                AttemptView {
+                    attempt: 1,
+                    at: "2026-11-26T10:00:30Z".into(),
+                    duration_ms: 12,
+                    status: Some(503),
+                    error: Some("HTTP 503".into()),
+                    outcome: "retry".into(),
+                },
+                AttemptView {
+                    attempt: 2,
+                    at: "2026-11-26T10:00:31Z".into(),
+                    duration_ms: 3,
+                    status: Some(204),
+                    error: None,
+                    outcome: "delivered".into(),
+                },
+            ],
+        };
+        const DELIVERY_JSON: &str = r#"{"target":"app","url":"http://***@127.0.0.1:3000/cb","webhook_id":"msg_t1_text_0a1b2c3d","state":"delivered","attempts":2,"next_attempt_at":null,"last_attempt_at":"2026-11-26T10:00:31Z","last_status":204,"last_error":null,"delivered_at":"2026-11-26T10:00:31Z","attempt_log":[{"attempt":1,"at":"2026-11-26T10:00:30Z","duration_ms":12,"status":503,"error":"HTTP 503","outcome":"retry"},{"attempt":2,"at":"2026-11-26T10:00:31Z","duration_ms":3,"status":204,"error":null,"outcome":"delivered"}]}"#;
+        // Today's `show` appends `deliveries` after the event's own fields.
+        let shown_event = format!(
+            r#"{},"deliveries":[{DELIVERY_JSON}]}}"#,
+            EVENT_JSON.strip_suffix('}').expect("an object")
+        );
+        same_wire(
+            &ShowResponse {
+                task: task_view(),
+                events: vec![ShownEvent::new(event_view(), vec![delivery])],
+            },
+            &format!(r#"{{"ok":true,"task":{TASK_JSON},"events":[{shown_event}]}}"#),
+        );
+        same_wire(
+            &EventsResponse {
+                events: vec![event_view()],
+                more: true,
+            },
+            &format!(r#"{{"ok":true,"events":[{EVENT_JSON}],"more":true}}"#),
+        );
+        same_wire(
+            &EventLine {
+                event: event_view(),
+            },
+            &format!(r#"{{"ok":true,"event":{EVENT_JSON}}}"#),
+        );
+    }
+
+    #[test]
+    fn the_status_answer_keeps_its_wire_shape() {
+        let poll = PollStatus {
+            state: "paused".into(),
+            pause_kind: Some(crate::jobs::gate::PauseKind::Throttled),
+            pause_attempt: 2,
+            paused_until: Some("2026-11-26T10:05:00Z".into()),
+            paused_since: Some("2026-11-26T10:00:00Z".into()),
+            paused_for_ms: 1500,
+            pause_cause: Some("HTTP 429".into()),
+            in_flight: 0,
+            requests: 41,
+            last_answer_at: Some("2026-11-26T10:00:00Z".into()),
+            last_answer: Some("throttled".into()),
+        };
+        let status = |tasks: Option<Counts>, config: Option<PathBuf>| StatusResponse {
+            version: "0.1.0".into(),
+            healthy: false,
+            problems: vec!["the store is not answering: x".into()],
+            started_at: "2026-11-26T09:00:00Z".into(),
+            uptime_ms: 3_600_000,
+            config,
+            store: "/var/lib/sunopoll/queue.db".into(),
+            socket: "/run/sunopoll/sunopoll.sock".into(),
+            tasks,
+            poll: poll.clone(),
+            targets: vec![TargetStatus {
+                target: "app".into(),
+                pending: 1,
+                failed: 0,
+                delivered: 5,
+                last_success_at: Some("2026-11-26T09:59:00Z".into()),
+                last_error: Some("HTTP 500".into()),
+                last_error_at: Some("2026-11-26T09:58:00Z".into()),
+            }],
+        };
+        const POLL: &str = r#"{"state":"paused","pause_kind":"throttled","pause_attempt":2,"paused_until":"2026-11-26T10:05:00Z","paused_since":"2026-11-26T10:00:00Z","paused_for_ms":1500,"pause_cause":"HTTP 429","in_flight":0,"requests":41,"last_answer_at":"2026-11-26T10:00:00Z","last_answer":"throttled"}"#;
+        const TARGETS: &str = r#"[{"target":"app","pending":1,"failed":0,"delivered":5,"last_success_at":"2026-11-26T09:59:00Z","last_error":"HTTP 500","last_error_at":"2026-11-26T09:58:00Z"}]"#;
+        const HEAD: &str = r#"{"ok":true,"version":"0.1.0","healthy":false,"problems":["the store is not answering: x"],"started_at":"2026-11-26T09:00:00Z","uptime_ms":3600000"#;
+        same_wire(
+            &status(None, None),
+            &format!(
+                r#"{HEAD},"config":null,"store":"/var/lib/sunopoll/queue.db","socket":"/run/sunopoll/sunopoll.sock","tasks":null,"poll":{POLL},"targets":{TARGETS}}}"#
+            ),
+        );
+        let counts = Counts {
+            active: 1,
+            done: 2,
+            failed: 3,
+            removed: 4,
+            events: 9,
+            last_seq: 11,
+        };
+        same_wire(
+            &status(Some(counts), Some("/etc/sunopoll.toml".into())),
+            &format!(
+                r#"{HEAD},"config":"/etc/sunopoll.toml","store":"/var/lib/sunopoll/queue.db","socket":"/run/sunopoll/sunopoll.sock","tasks":{{"active":1,"done":2,"failed":3,"removed":4,"events":9,"last_seq":11}},"poll":{POLL},"targets":{TARGETS}}}"#
+            ),
+        );
+    }
+
+    #[test]
+    fn records_are_presented_with_utc_times_and_redacted_urls() {
+        let view = DeliveryView::from_record(DeliveryRecord {
+            target: "app".into(),
+            url: "https://user:pa55@hooks.internal/cb".into(),
+            webhook_id: "w".into(),
+            state: "pending".into(),
+            attempts: 0,
+            next_attempt_at: 0,
+            last_attempt_at: None,
+            last_status: None,
+            last_error: None,
+            delivered_at: None,
+            attempt_log: Vec::new(),
+        });
+        assert_eq!(view.url, "https://***@hooks.internal/cb");
+        assert_eq!(
+            view.next_attempt_at.as_deref(),
+            Some("1970-01-01T00:00:00Z")
+        );
+        let record = TaskRecord {
+            task_id: "t".into(),
+            state: TaskState::Done,
+            stage: Some(Stage::Complete),
+            last_status: None,
+            last_error: None,
+            polls: 1,
+            added_at: 1_764_151_200_000,
+            updated_at: 1_764_151_200_000,
+            next_poll_at: 1_764_151_200_000,
+            deadline_at: 1_764_151_200_000,
+            finished_at: Some(1_764_151_200_000),
+            callback_url: None,
+            label: None,
+        };
+        let view = TaskView::from_record(record);
+        assert_eq!(
+            view.next_poll_at, None,
+            "only active tasks show a next poll"
+        );
+        assert_eq!(view.finished_at.as_deref(), Some("2025-11-26T10:00:00Z"));
+        let bad = EventView::from_record(EventRecord {
+            seq: 3,
+            task_id: "t".into(),
+            stage: Stage::Text,
+            code: 200,
+            created_at: 0,
+            body: "{not json".into(),
+        });
+        assert!(bad.expect_err("not json").starts_with("event 3 body:"));
     }
 }

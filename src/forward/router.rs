@@ -103,7 +103,7 @@ mod tests {
         let router = Router::new(config);
         let task = TaskRow {
             id: "t".into(),
-            state: crate::protocol::TaskState::Active,
+            state: crate::store::TaskState::Active,
             stage: None,
             last_status: None,
             failures: 0,

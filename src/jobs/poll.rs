@@ -31,7 +31,7 @@ use crate::clock::{format_duration, format_utc, ms, now_ms};
 use crate::config::PollConfig;
 use crate::events::{NewEvent, Stage};
 use crate::forward::Router;
-use crate::protocol::TaskState;
+use crate::store::TaskState;
 use crate::store::{DueRow, Store, StoreError, TaskRow, TaskUpdate};
 use crate::systemd::Notifier;
 

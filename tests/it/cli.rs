@@ -1,5 +1,6 @@
 //! Black-box tests of the real binary.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -148,6 +149,36 @@ async fn daemon_add_show_against_the_fake_api() {
     assert_eq!(events.len(), 3);
     assert_eq!(events[2]["body"], fixture_json("callback.complete.json"));
 
+    // `--json` prints exactly the line the daemon answers with: the CLI reads typed answers
+    // and writes them back unchanged.
+    for (args, request) in [
+        (
+            vec!["show", "--json", TASK],
+            format!(r#"{{"cmd":"show","task_id":"{TASK}"}}"#),
+        ),
+        (vec!["list", "--json"], r#"{"cmd":"list"}"#.to_owned()),
+        (vec!["events", "--json"], r#"{"cmd":"events"}"#.to_owned()),
+    ] {
+        let mut cmd_args = args.clone();
+        cmd_args.extend(["--socket", socket_arg.as_str()]);
+        let out = run(sunopoll(&cmd_args)).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let wire = raw_answer(&socket, &request).await;
+        if args[0] == "events" {
+            // One line per event, each the event object of the daemon's answer.
+            let answer: Value = serde_json::from_str(&wire).expect("json");
+            let events: Vec<String> = answer["events"]
+                .as_array()
+                .expect("events")
+                .iter()
+                .map(Value::to_string)
+                .collect();
+            assert_eq!(text(&out.stdout).lines().collect::<Vec<_>>(), events);
+        } else {
+            assert_eq!(text(&out.stdout).trim_end(), wire.trim_end(), "{args:?}");
+        }
+    }
+
     // Human output, JSON lists, the event log and health, through the binary.
     let out = run(sunopoll(&["list", "--socket", &socket_arg])).await;
     assert!(text(&out.stdout).contains(TASK) && text(&out.stdout).contains("done"));
@@ -234,4 +265,23 @@ async fn the_daemon_refuses_client_flags_instead_of_ignoring_them() {
     // --config before the subcommand reaches check-config.
     let out = run(sunopoll(&["--config", config, "check-config"])).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// One request on the control socket; the answer line exactly as the daemon wrote it.
+async fn raw_answer(socket: &Path, request: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect to the control socket");
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .expect("send");
+    let mut line = String::new();
+    tokio::time::timeout(PATIENCE, BufReader::new(read).read_line(&mut line))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    line
 }

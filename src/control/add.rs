@@ -1,0 +1,57 @@
+//! `add`: validate the IDs, label and URL, store the new tasks, wake the scheduler.
+
+use tracing::info;
+
+use super::{Control, store_error};
+use crate::clock::{ms, now_ms};
+use crate::protocol::{
+    AddRequest, AddResponse, ErrorBody, check_callback_url, check_label, check_task_ids,
+};
+use crate::store::AddResult;
+
+pub(super) async fn run(req: AddRequest, ctx: &Control) -> Result<AddResponse, ErrorBody> {
+    check_task_ids(&req.task_ids)?;
+    if let Some(label) = &req.label {
+        check_label(label)?;
+    }
+    if let Some(url) = &req.callback_url {
+        check_callback_url(url)?;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(req.task_ids.len());
+    let ids: Vec<String> = req
+        .task_ids
+        .into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect();
+    let tasks = ctx
+        .store
+        .add(
+            ids,
+            req.callback_url,
+            req.label,
+            now_ms(),
+            ms(ctx.policy.task_deadline),
+        )
+        .await
+        .map_err(|e| store_error(&e))?;
+    let added: Vec<&str> = tasks
+        .iter()
+        .filter(|t| t.result != AddResult::Exists)
+        .map(|t| t.task_id.as_str())
+        .collect();
+    if !added.is_empty() {
+        ctx.wake.notify_one();
+        if added.len() <= 10 {
+            info!(task_ids = %added.join(","), "tasks added");
+        } else {
+            info!(count = added.len(), "tasks added");
+        }
+    }
+    let added = added.len();
+    let existing = tasks.len() - added;
+    Ok(AddResponse {
+        added: added as u64,
+        existing: existing as u64,
+        tasks,
+    })
+}

@@ -1,0 +1,403 @@
+//! The control socket: creating it safely, accepting connections and reading request lines;
+//! each request then goes to its command's handler (see [`super`]).
+//!
+//! Creating: a path that exists and is not a socket is never touched; a socket another daemon
+//! answers on makes start-up fail; a stale one (nobody answers) is replaced. The new socket is
+//! bound under a temporary name, given its mode and group, and only then renamed into place, so
+//! it is never reachable with looser permissions than configured.
+//!
+//! Serving: one task per connection, behind a semaphore. Each line is capped at
+//! [`MAX_LINE`] and each wait for a line by `control.idle-timeout`;
+//! a bad line gets an error response and never affects other clients.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::{Control, MAX_CONNECTIONS, WRITE_TIMEOUT};
+use crate::clock::format_duration;
+use crate::protocol::{ErrorBody, MAX_LINE, Request};
+
+/// The bound control socket. Remove the file with [`ControlSocket::remove`] at shutdown.
+#[derive(Debug)]
+pub struct ControlSocket {
+    /// Where it is.
+    pub path: PathBuf,
+    /// The file's identity when we created it (`None` when systemd passed it to us): device,
+    /// inode and change time, since a new file may reuse a freed inode number.
+    created: Option<FileId>,
+}
+
+impl ControlSocket {
+    /// A socket that was passed in (socket activation): never removed by us.
+    pub fn passed(path: PathBuf) -> ControlSocket {
+        ControlSocket {
+            path,
+            created: None,
+        }
+    }
+
+    /// Removes the socket file, if it is still the one we created.
+    pub fn remove(&self) {
+        let Some(id) = self.created else { return };
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && FileId::of(&meta) == id
+            && let Err(e) = std::fs::remove_file(&self.path)
+        {
+            warn!(socket = %self.path.display(), error = %e, "cannot remove the control socket");
+        }
+    }
+}
+
+/// Identifies one file over its lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId(u64, u64, i64, i64);
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> FileId {
+        FileId(meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+    }
+}
+
+/// Creates the control socket at `path` with `mode` and optional `group`.
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<(UnixListener, ControlSocket), String> {
+    let shown = path.display();
+    let gid = group.map(resolve_group).transpose()?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create the socket directory {}: {e}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(format!(
+                "{shown} exists and is not a socket; refusing to replace it (set [control] socket to another path)"
+            ));
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(format!(
+                    "another sunopoll daemon is already listening on {shown}; stop it first or use another [control] socket"
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!(socket = %shown, "replacing a stale control socket left by an earlier run");
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("cannot remove the stale socket {shown}: {e}"))?;
+            }
+            Err(e) => return Err(format!("{shown} exists and cannot be checked: {e}")),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot inspect {shown}: {e}")),
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sunopoll.sock".to_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)
+        .map_err(|e| format!("cannot create the socket {shown}: {e}"))?;
+    let finish = || -> Result<(), String> {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot set mode {mode:04o} on {shown}: {e}"))?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(&tmp, None, Some(gid)).map_err(|e| {
+                format!(
+                    "cannot give {shown} to group {}: {e}",
+                    group.unwrap_or_default()
+                )
+            })?;
+        }
+        std::fs::rename(&tmp, path)
+            .map_err(|e| format!("cannot move the socket into place at {shown}: {e}"))
+    };
+    if let Err(e) = finish() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let listener = UnixListener::from_std(listener).map_err(|e| format!("{shown}: {e}"))?;
+    Ok((
+        listener,
+        ControlSocket {
+            path: path.to_owned(),
+            created: Some(FileId::of(&meta)),
+        },
+    ))
+}
+
+/// A group name or number → gid, from `/etc/group` (no NSS lookups: keep it simple and safe).
+fn resolve_group(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("cannot read /etc/group: {e}"))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| {
+            format!("control.group: no group named {group:?} in /etc/group (a number works too)")
+        })
+}
+
+/// Accepts connections until `cancel` fires. Every connection is a task in `tracker`.
+pub async fn serve(
+    listener: UnixListener,
+    ctx: Arc<Control>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_errors = 0u32;
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                accept_errors = 0;
+                stream
+            }
+            Err(e) => {
+                // EMFILE and friends: wait a little rather than spin; the listener stays up.
+                accept_errors = accept_errors.saturating_add(1);
+                let pause = Duration::from_millis(10u64 << accept_errors.min(6));
+                warn!(error = %e, retry_in = %format_duration(pause), "cannot accept a control connection");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let ctx = ctx.clone();
+                let cancel = cancel.clone();
+                tracker.spawn(async move {
+                    if let Err(e) = handle_connection(stream, &ctx, &cancel).await {
+                        debug!(error = %e, "control connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tracker.spawn(async move {
+                    let mut stream = stream;
+                    let line =
+                        ErrorBody::new("busy", "too many control connections; try again shortly")
+                            .to_line();
+                    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(line.as_bytes()))
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+/// How reading one line ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineRead {
+    /// A line is in the buffer (without its newline). At end of input, a final unterminated
+    /// line counts.
+    Line,
+    /// The peer closed the connection.
+    Eof,
+    /// The line passed the cap before its newline.
+    TooLong,
+}
+
+/// Reads one `\n`-terminated line into `buf`, never holding more than `max` bytes of it.
+pub async fn read_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<LineRead> {
+    loop {
+        let available = r.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(if buf.is_empty() {
+                LineRead::Eof
+            } else {
+                LineRead::Line
+            });
+        }
+        if let Some(i) = available.iter().position(|b| *b == b'\n') {
+            if buf.len() + i > max {
+                return Ok(LineRead::TooLong);
+            }
+            buf.extend_from_slice(&available[..i]);
+            r.consume(i + 1);
+            return Ok(LineRead::Line);
+        }
+        let n = available.len();
+        if buf.len() + n > max {
+            return Ok(LineRead::TooLong);
+        }
+        buf.extend_from_slice(available);
+        r.consume(n);
+    }
+}
+
+/// Writes one answer line, giving up on a client that stops reading.
+pub(super) async fn write_line(w: &mut (impl AsyncWriteExt + Unpin), line: &str) -> io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, w.write_all(line.as_bytes()))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))?
+}
+
+async fn handle_connection(
+    stream: UnixStream,
+    ctx: &Control,
+    cancel: &CancellationToken,
+) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::with_capacity(8 * 1024, read);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let read = tokio::select! {
+            () = cancel.cancelled() => {
+                let _ = write_line(&mut write, &ErrorBody::new("shutting_down", "the daemon is stopping").to_line()).await;
+                return Ok(());
+            }
+            r = tokio::time::timeout(ctx.idle_timeout, read_line(&mut reader, &mut buf, MAX_LINE)) => r,
+        };
+        match read {
+            Err(_) => {
+                let msg = format!(
+                    "no complete request within {}; closing",
+                    format_duration(ctx.idle_timeout)
+                );
+                write_line(&mut write, &ErrorBody::new("timeout", msg).to_line()).await?;
+                return Ok(());
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(LineRead::Eof)) => return Ok(()),
+            Ok(Ok(LineRead::TooLong)) => {
+                let msg = format!(
+                    "request line longer than {MAX_LINE} bytes; split large adds into batches"
+                );
+                write_line(&mut write, &ErrorBody::new("line_too_long", msg).to_line()).await?;
+                return Ok(());
+            }
+            Ok(Ok(LineRead::Line)) => {}
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let request = match Request::parse(&buf) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(code = %e.code, "bad control request");
+                write_line(&mut write, &e.to_line()).await?;
+                continue;
+            }
+        };
+        if let Request::Events(req) = &request
+            && req.follow
+        {
+            return super::events::follow(req, ctx, &mut reader, &mut write, cancel).await;
+        }
+        let response = super::handle(request, ctx).await;
+        write_line(&mut write, &response).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_capped() {
+        let mut buf = Vec::new();
+        let mut r = BufReader::with_capacity(4, &b"abc\ndefghij\nxyz"[..]);
+        assert_eq!(
+            read_line(&mut r, &mut buf, 5).await.expect("io"),
+            LineRead::Line
+        );
+        assert_eq!(buf, b"abc");
+        buf.clear();
+        assert_eq!(
+            read_line(&mut r, &mut buf, 5).await.expect("io"),
+            LineRead::TooLong
+        );
+        let mut r = BufReader::new(&b"tail"[..]);
+        buf.clear();
+        assert_eq!(
+            read_line(&mut r, &mut buf, 5).await.expect("io"),
+            LineRead::Line
+        );
+        assert_eq!(buf, b"tail");
+        buf.clear();
+        assert_eq!(
+            read_line(&mut r, &mut buf, 5).await.expect("io"),
+            LineRead::Eof
+        );
+    }
+
+    #[tokio::test]
+    async fn binding_refuses_non_sockets_and_live_sockets_and_replaces_stale_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "keep me").expect("write");
+        let e = bind(&file, 0o600, None).expect_err("not a socket");
+        assert!(e.contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+
+        let path = dir.path().join("s.sock");
+        let (live, sock) = bind(&path, 0o600, None).expect("bind");
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+        let e = bind(&path, 0o600, None).expect_err("live");
+        assert!(e.contains("already listening"), "{e}");
+        drop(live);
+        let (_again, sock2) = bind(&path, 0o660, None).expect("stale replaced");
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o660
+        );
+        // The first daemon's cleanup must not remove the second daemon's socket.
+        sock.remove();
+        assert!(path.exists());
+        sock2.remove();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn groups_resolve_by_number_and_name() {
+        assert_eq!(resolve_group("1234"), Ok(1234));
+        assert_eq!(resolve_group("root"), Ok(0));
+        assert!(resolve_group("no-such-group-here").is_err());
+    }
+}

@@ -1,0 +1,151 @@
+//! The backend seam: every operation the daemon asks of its queue, in terms of the store's own
+//! records, so a second database (PostgreSQL for several daemons on one queue) is one more
+//! implementation of [`Backend`] and the scheduler, forwarder and control server do not change.
+//!
+//! The contract each implementation keeps (and `conformance` tests): an operation that returns
+//! `Ok` is durable; `apply_poll` reads, decides and writes in one transaction; a stage is stored
+//! at most once per task and only after the stored one; only the head of each (task, target)
+//! delivery queue is due; a replay requested during an attempt is not undone by it.
+
+use std::future::Future;
+
+use super::deliveries::{
+    AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route, TargetSummary,
+};
+use super::events::EventRecord;
+use super::gate::GateRow;
+use super::tasks::{
+    AddedTask, Applied, Counts, DueRow, Pruned, TaskRecord, TaskRow, TaskState, TaskUpdate,
+};
+use super::{StoreError, StoreHealth};
+
+/// A store backend. Every method answers only once its writes are committed.
+pub trait Backend: Send + Sync {
+    /// The last failure, until a write succeeds again.
+    fn health(&self) -> &StoreHealth;
+
+    /// Finishes the work already queued, then releases the database. Later calls fail with
+    /// [`StoreError::Closed`].
+    fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Adds task IDs. Known IDs are left as they are (and reported); removed ones are tracked
+    /// again. New tasks are due at once.
+    fn add(
+        &self,
+        ids: Vec<String>,
+        callback_url: Option<String>,
+        label: Option<String>,
+        now: i64,
+        deadline_after: i64,
+    ) -> impl Future<Output = Result<Vec<AddedTask>, StoreError>> + Send;
+
+    /// The first `limit` active tasks by `next_poll_at` (due or not).
+    fn due_window(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DueRow>, StoreError>> + Send;
+
+    /// Applies one poll's result to an active task in one transaction: `decide` sees the task
+    /// as stored now; its events, deliveries and new state are written together. `None` (and
+    /// nothing written) if the task is no longer active.
+    fn apply_poll<F>(
+        &self,
+        id: String,
+        now: i64,
+        decide: F,
+    ) -> impl Future<Output = Result<Option<Applied>, StoreError>> + Send
+    where
+        F: FnOnce(&TaskRow) -> TaskUpdate + Send + 'static;
+
+    /// Tasks, newest first, optionally only those in `state`.
+    fn list(
+        &self,
+        state: Option<TaskState>,
+        limit: Option<u32>,
+    ) -> impl Future<Output = Result<Vec<TaskRecord>, StoreError>> + Send;
+
+    /// One task and its events, or `None` if it is unknown.
+    fn show(
+        &self,
+        id: String,
+    ) -> impl Future<Output = Result<Option<(TaskRecord, Vec<EventRecord>)>, StoreError>> + Send;
+
+    /// Stops tracking a task. Returns its state before, or `None` if it is unknown.
+    fn remove(
+        &self,
+        id: String,
+        now: i64,
+    ) -> impl Future<Output = Result<Option<TaskState>, StoreError>> + Send;
+
+    /// Events with a sequence number above `since`, oldest first.
+    fn events(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: Option<u32>,
+    ) -> impl Future<Output = Result<Vec<EventRecord>, StoreError>> + Send;
+
+    /// Task counts and the event sequence high-water mark.
+    fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
+
+    /// Tasks still being polled; cheap at any queue size.
+    fn active_count(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// The highest event sequence number ever assigned (0 if none), even after pruning.
+    fn last_seq(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// The persisted global pause, if any.
+    fn load_gate(&self) -> impl Future<Output = Result<Option<GateRow>, StoreError>> + Send;
+
+    /// Persists (or, with `None`, clears) the global pause.
+    fn save_gate(
+        &self,
+        gate: Option<GateRow>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes tasks that finished before `before`, with their events, keeping any task whose
+    /// deliveries are still pending. Works in bounded chunks.
+    fn prune(&self, before: i64) -> impl Future<Output = Result<Pruned, StoreError>> + Send;
+
+    /// Ready deliveries in due order, skipping `busy` ids and `full` origins.
+    fn due_deliveries(
+        &self,
+        busy: Vec<i64>,
+        full: Vec<String>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DueDelivery>, StoreError>> + Send;
+
+    /// Records one attempt and its consequence; `false` when a replay superseded it.
+    fn record_attempt(
+        &self,
+        delivery: &DueDelivery,
+        attempt: AttemptRecord,
+        next: DeliveryNext,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Gives up pending deliveries to configured targets no longer in `known`.
+    fn fail_orphans(
+        &self,
+        known: Vec<String>,
+        now: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Replays deliveries (see [`super::Store::redeliver`]). Returns how many are now pending.
+    fn redeliver(
+        &self,
+        what: Replay,
+        target: Option<String>,
+        routes: Vec<Route>,
+        now: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Every delivery of one task's events, with its attempts, keyed by event sequence number.
+    fn deliveries_of(
+        &self,
+        task: String,
+    ) -> impl Future<Output = Result<Vec<(i64, DeliveryRecord)>, StoreError>> + Send;
+
+    /// Per-target delivery counts and last success/error.
+    fn target_summary(&self)
+    -> impl Future<Output = Result<Vec<TargetSummary>, StoreError>> + Send;
+}

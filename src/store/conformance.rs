@@ -1,0 +1,329 @@
+//! The backend conformance suite: checks written against [`Backend`] alone, so every backend
+//! (SQLite today, PostgreSQL next) runs the same ones. A backend joins with one
+//! `conformance_suite!` line naming how to open a fresh, empty store in a temporary directory.
+
+use super::{
+    AddResult, AttemptRecord, Backend, DeliveryNext, GateRow, Pruned, Replay, Route, TaskState,
+    TaskUpdate,
+};
+use crate::events::{NewEvent, Stage, error_event};
+
+/// One `#[tokio::test]` per check, each on a fresh backend from `$open(dir)`.
+macro_rules! conformance_suite {
+    ($open:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $check() {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let backend = ($open)(dir.path());
+                super::$check(&backend).await;
+            }
+        )*
+    };
+}
+
+mod sqlite {
+    use super::super::sqlite::Sqlite;
+
+    conformance_suite!(
+        |dir: &std::path::Path| Sqlite::open(&dir.join("q.db")).expect("open");
+        add_is_idempotent_and_reports_state,
+        due_window_orders_by_next_poll,
+        apply_poll_writes_events_once_and_in_order,
+        a_failing_job_undoes_only_itself,
+        remove_and_readd,
+        gate_round_trips_and_prune_keeps_active_tasks,
+        a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt,
+        only_the_head_of_a_queue_is_due,
+    );
+}
+
+fn update(state: TaskState, events: Vec<NewEvent>) -> TaskUpdate {
+    TaskUpdate {
+        state,
+        last_status: Some("X".into()),
+        last_error: None,
+        failures: 0,
+        rejections: 0,
+        next_poll_at: 5000,
+        events,
+        routes: Vec::new(),
+        submitted_callback_url: None,
+        first_delivery_delay: 0,
+        timed_out: false,
+    }
+}
+
+fn app_route() -> Route {
+    Route {
+        target: "app".into(),
+        url: "http://127.0.0.1:9/cb".into(),
+        stages: Stage::ALL.to_vec(),
+    }
+}
+
+async fn add_is_idempotent_and_reports_state(s: &impl Backend) {
+    let r = s
+        .add(
+            vec!["a".into(), "b".into()],
+            None,
+            Some("l".into()),
+            1000,
+            10,
+        )
+        .await
+        .expect("add");
+    assert_eq!(
+        r.iter().map(|x| x.result).collect::<Vec<_>>(),
+        [AddResult::Added, AddResult::Added]
+    );
+    let r = s
+        .add(vec!["a".into()], None, Some("other".into()), 2000, 10)
+        .await
+        .expect("add");
+    assert_eq!(r[0].result, AddResult::Exists);
+    assert_eq!(r[0].state, TaskState::Active);
+    let (task, _) = s.show("a".into()).await.expect("show").expect("known");
+    assert_eq!(task.added_at, 1000);
+    assert_eq!(
+        task.label.as_deref(),
+        Some("l"),
+        "a known task is left as it was"
+    );
+    let c = s.counts().await.expect("counts");
+    assert_eq!(c.active, 2);
+}
+
+async fn due_window_orders_by_next_poll(s: &impl Backend) {
+    s.add(vec!["late".into()], None, None, 3000, 10)
+        .await
+        .expect("add");
+    s.add(vec!["early".into()], None, None, 1000, 10)
+        .await
+        .expect("add");
+    let w = s.due_window(10).await.expect("due");
+    assert_eq!(
+        w.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["early", "late"]
+    );
+}
+
+async fn apply_poll_writes_events_once_and_in_order(s: &impl Backend) {
+    s.add(vec!["t".into()], None, None, 1000, 10_000)
+        .await
+        .expect("add");
+    let ev = error_event("t", 501, "failed");
+    let applied = s
+        .apply_poll("t".into(), 2000, move |row| {
+            assert_eq!(row.state, TaskState::Active);
+            update(TaskState::Failed, vec![ev])
+        })
+        .await
+        .expect("apply")
+        .expect("active");
+    assert_eq!(applied.seqs, [1]);
+    // A finished task is not touched again.
+    let again = s
+        .apply_poll("t".into(), 3000, |_| {
+            update(TaskState::Failed, vec![error_event("t", 1, "x")])
+        })
+        .await
+        .expect("apply");
+    assert!(again.is_none());
+    let (task, events) = s.show("t".into()).await.expect("show").expect("known");
+    assert_eq!(task.state, TaskState::Failed);
+    assert_eq!(task.stage, Some(Stage::Error));
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].body, error_event("t", 501, "failed").body);
+    assert_eq!(events[0].created_at, 2000);
+}
+
+async fn a_failing_job_undoes_only_itself(s: &impl Backend) {
+    s.add(vec!["t".into()], None, None, 1000, 10_000)
+        .await
+        .expect("add");
+    let text = || NewEvent {
+        stage: Stage::Text,
+        code: 200,
+        body: "{}".into(),
+        tracks: 0,
+        filled: false,
+    };
+    let t1 = text();
+    s.apply_poll("t".into(), 2000, move |_| {
+        update(TaskState::Active, vec![t1])
+    })
+    .await
+    .expect("first text")
+    .expect("active");
+    // Storing `text` again must fail and leave the task as it was.
+    let t2 = text();
+    let e = s
+        .apply_poll("t".into(), 3000, move |_| {
+            update(TaskState::Active, vec![t2])
+        })
+        .await
+        .expect_err("duplicate stage");
+    assert!(e.to_string().contains("refusing"), "{e}");
+    let (task, events) = s.show("t".into()).await.expect("show").expect("known");
+    assert_eq!(task.polls, 1);
+    assert_eq!(events.len(), 1);
+}
+
+async fn remove_and_readd(s: &impl Backend) {
+    s.add(vec!["t".into()], None, None, 1000, 10)
+        .await
+        .expect("add");
+    assert_eq!(
+        s.remove("t".into(), 2000).await.expect("rm"),
+        Some(TaskState::Active)
+    );
+    assert_eq!(s.remove("nope".into(), 2000).await.expect("rm"), None);
+    assert!(s.due_window(10).await.expect("due").is_empty());
+    let r = s
+        .add(vec!["t".into()], None, None, 3000, 10)
+        .await
+        .expect("add");
+    assert_eq!(r[0].result, AddResult::Readded);
+    assert_eq!(s.due_window(10).await.expect("due").len(), 1);
+}
+
+async fn gate_round_trips_and_prune_keeps_active_tasks(s: &impl Backend) {
+    let g = GateRow {
+        kind: "throttled".into(),
+        attempt: 3,
+        paused_until: 99,
+        since: 1,
+        cause: "HTTP 200, code 430".into(),
+    };
+    s.save_gate(Some(g.clone())).await.expect("save");
+    assert_eq!(s.load_gate().await.expect("load"), Some(g));
+    s.save_gate(None).await.expect("clear");
+    assert_eq!(s.load_gate().await.expect("load"), None);
+
+    s.add(vec!["old".into(), "live".into()], None, None, 1000, 10_000)
+        .await
+        .expect("add");
+    s.apply_poll("old".into(), 1500, |_| {
+        update(TaskState::Failed, vec![error_event("old", 500, "x")])
+    })
+    .await
+    .expect("apply");
+    let p = s.prune(2000).await.expect("prune");
+    assert_eq!(
+        p,
+        Pruned {
+            tasks: 1,
+            events: 1
+        }
+    );
+    let c = s.counts().await.expect("counts");
+    assert_eq!((c.active, c.failed, c.events, c.last_seq), (1, 0, 0, 1));
+    assert_eq!(
+        s.last_seq().await.expect("last seq"),
+        1,
+        "kept after pruning"
+    );
+}
+
+async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt(s: &impl Backend) {
+    s.add(vec!["t".into()], None, None, 1000, 10_000)
+        .await
+        .expect("add");
+    s.apply_poll("t".into(), 1000, |_| {
+        let mut u = update(TaskState::Done, vec![error_event("t", 500, "x")]);
+        u.routes = vec![app_route()];
+        u
+    })
+    .await
+    .expect("apply");
+    // The forwarder takes the delivery and starts an attempt...
+    let due = s
+        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert_eq!(due.len(), 1);
+    // ...the operator asks for a replay while it is in flight...
+    let n = s
+        .redeliver(Replay::Task("t".into()), None, Vec::new(), 2000)
+        .await
+        .expect("redeliver");
+    assert_eq!(n, 1);
+    // ...and the attempt then ends. The replay must still happen.
+    let attempt = AttemptRecord {
+        started_at: 1500,
+        duration_ms: 600,
+        status: Some(200),
+        error: None,
+    };
+    let applied = s
+        .record_attempt(&due[0], attempt, DeliveryNext::Delivered)
+        .await
+        .expect("record");
+    assert!(!applied, "the attempt is reported as superseded");
+    let due = s
+        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert_eq!(due.len(), 1, "the requested replay was lost");
+    let log = s.deliveries_of("t".into()).await.expect("deliveries");
+    assert_eq!(log[0].1.state, "pending");
+    assert_eq!(
+        log[0].1.attempt_log.len(),
+        1,
+        "the attempt is still on record"
+    );
+}
+
+async fn only_the_head_of_a_queue_is_due(s: &impl Backend) {
+    s.add(vec!["t".into()], None, None, 1000, 10_000)
+        .await
+        .expect("add");
+    let text = NewEvent {
+        stage: Stage::Text,
+        code: 200,
+        body: "{}".into(),
+        tracks: 0,
+        filled: false,
+    };
+    s.apply_poll("t".into(), 1000, move |_| {
+        let mut u = update(TaskState::Failed, vec![text, error_event("t", 500, "x")]);
+        u.routes = vec![app_route()];
+        u
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    let due = s
+        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert_eq!(due.len(), 1, "error waits behind text");
+    assert_eq!(due[0].stage, Stage::Text);
+    assert_eq!(due[0].origin, "http://127.0.0.1:9");
+    assert_eq!(
+        due[0].webhook_id,
+        super::webhook_id("t", Stage::Text, "app")
+    );
+    let attempt = AttemptRecord {
+        started_at: 1100,
+        duration_ms: 5,
+        status: Some(204),
+        error: None,
+    };
+    assert!(
+        s.record_attempt(&due[0], attempt, DeliveryNext::Delivered)
+            .await
+            .expect("record")
+    );
+    let due = s
+        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].stage, Stage::Error, "the next in line is now due");
+    let summary = s.target_summary().await.expect("summary");
+    assert_eq!(summary.len(), 1);
+    assert_eq!((summary[0].pending, summary[0].delivered), (1, 1));
+    assert_eq!(summary[0].last_success_at, Some(1105));
+}

@@ -1,0 +1,286 @@
+//! The durable queue behind one handle, [`Store`], whatever database holds it.
+//!
+//! What the daemon asks of its queue is named once, by the [`Backend`] trait, in terms of the
+//! store's own records (times as Unix milliseconds, URLs as stored); turning them into text for
+//! people is the control side's job. Today's one backend is `sqlite`: one SQLite database
+//! owned by one thread, with group commit. The schedule is the `next_poll_at` column, not
+//! timers in memory, so 100 000 queued tasks cost disk, not RAM, and a restart resumes exactly
+//! where the last commit left off.
+//!
+//! - `tasks`, `events`, `gate`, `deliveries`: the records of each table family (and, for the
+//!   outbox, how a delivery is identified: [`webhook_id`], [`origin_of`]).
+//! - [`Backend`]: the seam; `conformance` runs one test suite against every backend.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+mod backend;
+#[cfg(test)]
+mod conformance;
+mod deliveries;
+mod events;
+mod gate;
+mod sqlite;
+mod tasks;
+
+pub use backend::Backend;
+pub use deliveries::{
+    AttemptLog, AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route,
+    TargetSummary, origin_of, webhook_id,
+};
+pub use events::EventRecord;
+pub use gate::GateRow;
+pub use sqlite::PRUNE_CHUNK;
+pub use tasks::{
+    AddResult, AddedTask, Applied, Counts, DueRow, Pruned, TaskRecord, TaskRow, TaskState,
+    TaskUpdate,
+};
+
+/// A store failure. Cloneable because one failed commit answers every job in its batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused a statement (a constraint, a bad value): a problem with the
+    /// request, not with the store.
+    #[error("store error: {0}")]
+    Sqlite(String),
+    /// The database could not do its job: disk full, I/O error, corruption, locked by another
+    /// process, read-only. The store is unhealthy until a write succeeds again.
+    #[error("store failure: {0}")]
+    Fault(String),
+    /// The store could not be opened.
+    #[error("{0}")]
+    Open(String),
+    /// The store thread has stopped (the daemon is shutting down).
+    #[error("the store has shut down")]
+    Closed,
+}
+
+/// The last store failure, for `status` and health checks.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    last_error: Mutex<Option<(i64, String)>>,
+}
+
+impl StoreHealth {
+    /// The last store failure and when it happened, until a write succeeds again. (A read
+    /// succeeding proves little: with a full disk, reads work and writes fail.)
+    pub fn last_error(&self) -> Option<(i64, String)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records a failure, or with `None` clears it. Backends call it: only they know when a
+    /// write has committed.
+    fn set(&self, e: Option<&StoreError>) {
+        let mut slot = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = e.map(|e| (crate::clock::now_ms(), e.to_string()));
+    }
+}
+
+/// Which backend a [`Store`] talks to. Adding a database is one more variant here and one more
+/// arm in [`on_backend`].
+#[derive(Debug, Clone)]
+enum Engine {
+    Sqlite(sqlite::Sqlite),
+}
+
+/// Runs `$body` with `$b` bound to the store's backend, whichever it is.
+macro_rules! on_backend {
+    ($store:expr, $b:ident => $body:expr) => {
+        match &$store.engine {
+            Engine::Sqlite($b) => $body,
+        }
+    };
+}
+
+/// A handle on the queue. Cheap to clone; the backend stops when the last handle is gone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    engine: Engine,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite store at `path`, takes its lock so no second
+    /// daemon can use it, migrates the schema, and starts the store thread. Blocking: call it
+    /// from `spawn_blocking` or before the runtime is busy.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            engine: Engine::Sqlite(sqlite::Sqlite::open(path)?),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        on_backend!(self, b => b.path())
+    }
+
+    /// The last store error, if the last commit failed.
+    pub fn health(&self) -> &StoreHealth {
+        on_backend!(self, b => b.health())
+    }
+
+    /// Closes the database and releases its lock once the jobs already queued are done. Later
+    /// calls on any handle fail with [`StoreError::Closed`].
+    pub async fn close(&self) {
+        on_backend!(self, b => b.close().await)
+    }
+
+    /// Adds task IDs. Known IDs are left as they are (and reported); removed ones are tracked
+    /// again. New tasks are due at once.
+    pub async fn add(
+        &self,
+        ids: Vec<String>,
+        callback_url: Option<String>,
+        label: Option<String>,
+        now: i64,
+        deadline_after: i64,
+    ) -> Result<Vec<AddedTask>, StoreError> {
+        on_backend!(self, b => b.add(ids, callback_url, label, now, deadline_after).await)
+    }
+
+    /// The first `limit` active tasks by `next_poll_at` (due or not), for the scheduler.
+    pub async fn due_window(&self, limit: usize) -> Result<Vec<DueRow>, StoreError> {
+        on_backend!(self, b => b.due_window(limit).await)
+    }
+
+    /// Applies one poll's result to an active task: `decide` sees the task as stored now and
+    /// returns its new state and events, which are written in the same transaction. Returns
+    /// `None` (and writes nothing) if the task is no longer active, e.g. removed meanwhile.
+    pub async fn apply_poll<F>(
+        &self,
+        id: String,
+        now: i64,
+        decide: F,
+    ) -> Result<Option<Applied>, StoreError>
+    where
+        F: FnOnce(&TaskRow) -> TaskUpdate + Send + 'static,
+    {
+        on_backend!(self, b => b.apply_poll(id, now, decide).await)
+    }
+
+    /// Tasks, newest first, optionally only those in `state`.
+    pub async fn list(
+        &self,
+        state: Option<TaskState>,
+        limit: Option<u32>,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        on_backend!(self, b => b.list(state, limit).await)
+    }
+
+    /// One task and its events, or `None` if it is unknown.
+    pub async fn show(
+        &self,
+        id: String,
+    ) -> Result<Option<(TaskRecord, Vec<EventRecord>)>, StoreError> {
+        on_backend!(self, b => b.show(id).await)
+    }
+
+    /// Stops tracking a task. Returns its state before, or `None` if it is unknown.
+    pub async fn remove(&self, id: String, now: i64) -> Result<Option<TaskState>, StoreError> {
+        on_backend!(self, b => b.remove(id, now).await)
+    }
+
+    /// Events with a sequence number above `since`, oldest first.
+    pub async fn events(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        on_backend!(self, b => b.events(since, task, limit).await)
+    }
+
+    /// Task counts and the event sequence high-water mark.
+    pub async fn counts(&self) -> Result<Counts, StoreError> {
+        on_backend!(self, b => b.counts().await)
+    }
+
+    /// Tasks still being polled. Cheap at any queue size, so the scheduler can keep systemd's
+    /// `STATUS=` line current.
+    pub async fn active_count(&self) -> Result<i64, StoreError> {
+        on_backend!(self, b => b.active_count().await)
+    }
+
+    /// The highest event sequence number ever assigned (0 if none).
+    pub async fn last_seq(&self) -> Result<i64, StoreError> {
+        on_backend!(self, b => b.last_seq().await)
+    }
+
+    /// The persisted global pause, if any.
+    pub async fn load_gate(&self) -> Result<Option<GateRow>, StoreError> {
+        on_backend!(self, b => b.load_gate().await)
+    }
+
+    /// Persists (or, with `None`, clears) the global pause.
+    pub async fn save_gate(&self, gate: Option<GateRow>) -> Result<(), StoreError> {
+        on_backend!(self, b => b.save_gate(gate).await)
+    }
+
+    /// Deletes tasks that finished (done, failed or removed) before `before`, with their events.
+    ///
+    /// Works in chunks of [`PRUNE_CHUNK`] tasks, one transaction each, so a first prune of a
+    /// large history never holds the store (and every poll behind it) for seconds.
+    pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
+        on_backend!(self, b => b.prune(before).await)
+    }
+
+    /// Pending deliveries in due order, skipping those in flight (`busy` ids), those to
+    /// destinations already at their limit (`full` origins), and those waiting behind an earlier
+    /// pending event of the same task for the same target (order per task and target).
+    pub async fn due_deliveries(
+        &self,
+        busy: Vec<i64>,
+        full: Vec<String>,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        on_backend!(self, b => b.due_deliveries(busy, full, limit).await)
+    }
+
+    /// Records one attempt at `delivery` and its consequence. Returns `false` when a replay was
+    /// requested while the attempt was in flight: the attempt is kept in the history, but the
+    /// delivery stays pending for the replay instead of taking this attempt's result (a replay
+    /// the operator was told about must happen).
+    pub async fn record_attempt(
+        &self,
+        delivery: &DueDelivery,
+        attempt: AttemptRecord,
+        next: DeliveryNext,
+    ) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.record_attempt(delivery, attempt, next).await)
+    }
+
+    /// Gives up pending deliveries to configured targets that are no longer configured.
+    /// Returns how many.
+    pub async fn fail_orphans(&self, known: Vec<String>, now: i64) -> Result<usize, StoreError> {
+        on_backend!(self, b => b.fail_orphans(known, now).await)
+    }
+
+    /// Replays deliveries: matching ones go back to pending with a fresh schedule (keeping their
+    /// `webhook-id`). For `Event` and `Task`, `routes` (the configured targets) also get a
+    /// delivery for events they never had one for. `target` limits it all to one target.
+    /// Returns how many deliveries are now pending because of this.
+    pub async fn redeliver(
+        &self,
+        what: Replay,
+        target: Option<String>,
+        routes: Vec<Route>,
+        now: i64,
+    ) -> Result<usize, StoreError> {
+        on_backend!(self, b => b.redeliver(what, target, routes, now).await)
+    }
+
+    /// Every delivery of one task's events, with its attempts, keyed by event sequence number.
+    pub async fn deliveries_of(
+        &self,
+        task: String,
+    ) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
+        on_backend!(self, b => b.deliveries_of(task).await)
+    }
+
+    /// Per-target delivery counts and last success/error, for `status`.
+    pub async fn target_summary(&self) -> Result<Vec<TargetSummary>, StoreError> {
+        on_backend!(self, b => b.target_summary().await)
+    }
+}

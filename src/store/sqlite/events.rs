@@ -1,0 +1,83 @@
+//! The `events` table: reading the event log, and its sequence high-water mark.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::Sql;
+use crate::events::Stage;
+use crate::store::{EventRecord, StoreError};
+
+/// Events with a sequence number above `since`, oldest first, optionally of one task.
+pub(super) fn since(
+    conn: &Connection,
+    since: i64,
+    task: Option<&str>,
+    limit: Option<u32>,
+) -> Sql<Vec<EventRecord>> {
+    // Two statements, not `(?2 IS NULL OR task_id = ?2)`: SQLite plans a statement once, and
+    // that form cannot use the (task_id, stage) index, so one task's events meant a scan of
+    // every event.
+    let mut stmt = match task {
+        Some(_) => conn.prepare_cached(
+            "SELECT seq, task_id, stage, code, created_at, body FROM events
+             WHERE task_id = ?2 AND seq > ?1 ORDER BY seq LIMIT ?3",
+        )?,
+        None => conn.prepare_cached(
+            "SELECT seq, task_id, stage, code, created_at, body FROM events
+             WHERE seq > ?1 AND ?2 IS NULL ORDER BY seq LIMIT ?3",
+        )?,
+    };
+    let rows = stmt
+        .query_map(params![since, task, limit.map_or(-1, i64::from)], |r| {
+            let stage: String = r.get(2)?;
+            Ok((r.get(0)?, r.get(1)?, stage, r.get(3)?, r.get(4)?, r.get(5)?))
+        })?
+        .collect::<Result<Vec<(i64, String, String, i64, i64, String)>, _>>()?;
+    rows.into_iter()
+        .map(|(seq, task_id, stage, code, created_at, body)| {
+            Ok(EventRecord {
+                seq,
+                task_id,
+                stage: Stage::parse(&stage).ok_or_else(|| {
+                    StoreError::Sqlite(format!("event {seq} has stage {stage:?}"))
+                })?,
+                code,
+                created_at,
+                body,
+            })
+        })
+        .collect()
+}
+
+/// `(seq, task, stage)` of the events matching `filter`, oldest first.
+pub(super) fn keys(
+    conn: &Connection,
+    filter: &str,
+    p: impl rusqlite::Params,
+) -> Sql<Vec<(i64, String, Stage)>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT seq, task_id, stage FROM events WHERE {filter} ORDER BY seq"
+    ))?;
+    let rows = stmt
+        .query_map(p, |r| {
+            let stage: String = r.get(2)?;
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                Stage::parse(&stage).unwrap_or(Stage::Error),
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+pub(super) fn last_seq(conn: &Connection) -> Sql<i64> {
+    // AUTOINCREMENT keeps the high-water mark in sqlite_sequence even after events are pruned.
+    Ok(conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}

@@ -1,0 +1,294 @@
+//! The `tasks` table: adding, the due window, applying a poll (with its events and deliveries
+//! in the same transaction), listing, removing, counting and pruning.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{Sql, deliveries, events};
+use crate::events::Stage;
+use crate::store::{
+    AddResult, AddedTask, Applied, Counts, DueRow, Pruned, StoreError, TaskRecord, TaskRow,
+    TaskState, TaskUpdate,
+};
+
+pub(super) fn add(
+    conn: &Connection,
+    ids: Vec<String>,
+    callback_url: Option<String>,
+    label: Option<String>,
+    now: i64,
+    deadline_after: i64,
+) -> Sql<Vec<AddedTask>> {
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO tasks (id, state, added_at, updated_at, next_poll_at, deadline_at, callback_url, label)
+         VALUES (?1, 'active', ?2, ?2, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
+    )?;
+    let mut readd = conn.prepare_cached(
+        "UPDATE tasks SET state = 'active', added_at = ?2, updated_at = ?2, next_poll_at = ?2,
+                deadline_at = ?3, finished_at = NULL, failures = 0, rejections = 0, last_error = NULL,
+                callback_url = COALESCE(?4, callback_url), label = COALESCE(?5, label)
+         WHERE id = ?1 AND state = 'removed'",
+    )?;
+    let mut known = conn.prepare_cached("SELECT state, stage FROM tasks WHERE id = ?1")?;
+    let deadline = now.saturating_add(deadline_after);
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let (result, state, stage) =
+            if insert.execute(params![id, now, deadline, callback_url, label])? == 1 {
+                (AddResult::Added, TaskState::Active, None)
+            } else {
+                let (state, stage): (String, Option<String>) =
+                    known.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let stage = stage.as_deref().and_then(Stage::parse);
+                if readd.execute(params![id, now, deadline, callback_url, label])? == 1 {
+                    (AddResult::Readded, TaskState::Active, stage)
+                } else {
+                    (
+                        AddResult::Exists,
+                        TaskState::parse(&state).unwrap_or(TaskState::Failed),
+                        stage,
+                    )
+                }
+            };
+        out.push(AddedTask {
+            task_id: id,
+            result,
+            state,
+            stage,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) fn due_window(conn: &Connection, limit: usize) -> Sql<Vec<DueRow>> {
+    let mut stmt = conn.prepare_cached(
+        // INDEXED BY pins the plan: walking tasks_due in order stops after `limit` rows,
+        // where any other index would sort every active task first (14 ms at 100 000).
+        "SELECT id, next_poll_at FROM tasks INDEXED BY tasks_due WHERE state = 'active'
+         ORDER BY next_poll_at, id LIMIT ?1",
+    )?;
+    let rows = stmt
+        .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            Ok(DueRow {
+                id: r.get(0)?,
+                next_poll_at: r.get(1)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+pub(super) fn apply_poll<F>(
+    conn: &Connection,
+    id: &str,
+    now: i64,
+    decide: F,
+) -> Sql<Option<Applied>>
+where
+    F: FnOnce(&TaskRow) -> TaskUpdate,
+{
+    let Some(before) = task_row(conn, id)? else {
+        return Ok(None);
+    };
+    if before.state != TaskState::Active {
+        return Ok(None);
+    }
+    let update = decide(&before);
+    let mut stage = before.stage;
+    let mut seqs = Vec::with_capacity(update.events.len());
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO events (task_id, stage, code, body, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (task_id, stage) DO NOTHING",
+    )?;
+    for ev in &update.events {
+        if stage.is_some_and(|s| s >= ev.stage) {
+            return Err(StoreError::Sqlite(format!(
+                "refusing to store {} after {} for task {id}",
+                ev.stage,
+                stage.map_or("nothing", Stage::as_str)
+            ))
+            .into());
+        }
+        if insert.execute(params![id, ev.stage.as_str(), ev.code, ev.body, now])? != 1 {
+            return Err(
+                StoreError::Sqlite(format!("task {id} already has a {} event", ev.stage)).into(),
+            );
+        }
+        let seq = conn.last_insert_rowid();
+        seqs.push(seq);
+        stage = Some(ev.stage);
+        let due = now.saturating_add(update.first_delivery_delay);
+        for route in update
+            .routes
+            .iter()
+            .filter(|r| r.stages.contains(&ev.stage))
+        {
+            deliveries::insert(conn, seq, id, ev.stage, route, due, now)?;
+        }
+    }
+    for route in &update.routes {
+        deliveries::refresh_ready(conn, id, &route.target)?;
+    }
+    let finished = (update.state != TaskState::Active).then_some(now);
+    conn.prepare_cached(
+        "UPDATE tasks SET state = ?2, stage = ?3, last_status = COALESCE(?4, last_status), last_error = ?5,
+                polls = polls + 1, failures = ?6, rejections = ?7, updated_at = ?8, next_poll_at = ?9,
+                finished_at = ?10, submitted_callback_url = COALESCE(?11, submitted_callback_url)
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        update.state.as_str(),
+        stage.map(Stage::as_str),
+        update.last_status,
+        update.last_error,
+        update.failures,
+        update.rejections,
+        now,
+        update.next_poll_at,
+        finished,
+        update.submitted_callback_url,
+    ])?;
+    Ok(Some(Applied {
+        update,
+        before,
+        seqs,
+    }))
+}
+
+const RECORD_COLUMNS: &str = "id, state, stage, last_status, last_error, polls, added_at, updated_at, next_poll_at, \
+                              deadline_at, finished_at, callback_url, label";
+
+fn record_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
+    let state: String = r.get(1)?;
+    let stage: Option<String> = r.get(2)?;
+    Ok(TaskRecord {
+        task_id: r.get(0)?,
+        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+        stage: stage.as_deref().and_then(Stage::parse),
+        last_status: r.get(3)?,
+        last_error: r.get(4)?,
+        polls: r.get(5)?,
+        added_at: r.get(6)?,
+        updated_at: r.get(7)?,
+        next_poll_at: r.get(8)?,
+        deadline_at: r.get(9)?,
+        finished_at: r.get(10)?,
+        callback_url: r.get(11)?,
+        label: r.get(12)?,
+    })
+}
+
+pub(super) fn list(
+    conn: &Connection,
+    state: Option<TaskState>,
+    limit: Option<u32>,
+) -> Sql<Vec<TaskRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {RECORD_COLUMNS} FROM tasks WHERE (?1 IS NULL OR state = ?1) ORDER BY rowid DESC LIMIT ?2"
+    ))?;
+    let limit = limit.map_or(-1, i64::from);
+    let rows = stmt
+        .query_map(
+            params![state.map(TaskState::as_str), limit],
+            record_from_row,
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+pub(super) fn record(conn: &Connection, id: &str) -> Sql<Option<TaskRecord>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM tasks WHERE id = ?1"))?
+        .query_row([id], record_from_row)
+        .optional()?)
+}
+
+pub(super) fn task_row(conn: &Connection, id: &str) -> Sql<Option<TaskRow>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id, state, stage, last_status, failures, rejections, added_at, deadline_at,
+                    callback_url, submitted_callback_url
+             FROM tasks WHERE id = ?1",
+        )?
+        .query_row([id], |r| {
+            let state: String = r.get(1)?;
+            let stage: Option<String> = r.get(2)?;
+            Ok(TaskRow {
+                id: r.get(0)?,
+                state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+                stage: stage.as_deref().and_then(Stage::parse),
+                last_status: r.get(3)?,
+                failures: r.get(4)?,
+                rejections: r.get(5)?,
+                added_at: r.get(6)?,
+                deadline_at: r.get(7)?,
+                callback_url: r.get(8)?,
+                submitted_callback_url: r.get(9)?,
+            })
+        })
+        .optional()?)
+}
+
+pub(super) fn remove(conn: &Connection, id: &str, now: i64) -> Sql<Option<TaskState>> {
+    let Some(row) = task_row(conn, id)? else {
+        return Ok(None);
+    };
+    if row.state == TaskState::Active {
+        conn.execute(
+            "UPDATE tasks SET state = 'removed', updated_at = ?2, finished_at = ?2 WHERE id = ?1",
+            params![id, now],
+        )?;
+    }
+    Ok(Some(row.state))
+}
+
+pub(super) fn counts(conn: &Connection) -> Sql<Counts> {
+    let mut c = Counts::default();
+    let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (state, n) = row?;
+        match TaskState::parse(&state) {
+            Some(TaskState::Active) => c.active = n,
+            Some(TaskState::Done) => c.done = n,
+            Some(TaskState::Failed) => c.failed = n,
+            Some(TaskState::Removed) => c.removed = n,
+            None => {}
+        }
+    }
+    c.events = conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
+    c.last_seq = events::last_seq(conn)?;
+    Ok(c)
+}
+
+/// Reads only the partial index of active tasks.
+pub(super) fn active_count(conn: &Connection) -> Sql<i64> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM tasks WHERE state = 'active'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// Deletes up to `chunk` finished tasks older than `before`, with their events.
+pub(super) fn prune_chunk(conn: &Connection, before: i64, chunk: usize) -> Sql<Pruned> {
+    // A task whose events still wait for delivery is kept until they are delivered or given
+    // up, whatever its age.
+    let old = format!(
+        "SELECT id FROM tasks WHERE state <> 'active' AND finished_at < ?1
+         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.task_id = tasks.id AND d.state = 'pending')
+         LIMIT {chunk}"
+    );
+    let ids: Vec<String> = conn
+        .prepare_cached(&old)?
+        .query_map([before], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut pruned = Pruned::default();
+    let mut events = conn.prepare_cached("DELETE FROM events WHERE task_id = ?1")?;
+    let mut tasks = conn.prepare_cached("DELETE FROM tasks WHERE id = ?1")?;
+    for id in &ids {
+        pruned.events += events.execute([id])?;
+        pruned.tasks += tasks.execute([id])?;
+    }
+    Ok(pruned)
+}
