@@ -9,6 +9,7 @@ use super::backoff::backoff_delay;
 use crate::clock::format_utc;
 use crate::config::PollConfig;
 use crate::store::GateRow;
+pub use crate::store::PauseKind;
 
 /// The global pause after the `attempt`-th throttled or unavailable answer in a row, honouring
 /// the server's `Retry-After` when it asks for longer.
@@ -20,37 +21,6 @@ pub fn pause_delay(
 ) -> Duration {
     let d = backoff_delay(attempt, policy.interval, policy.backoff_max, jitter);
     retry_after.map_or(d, |ra| d.max(ra))
-}
-
-/// Why polling is paused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PauseKind {
-    /// The API asked us to slow down.
-    Throttled,
-    /// The API is down or failing.
-    Unavailable,
-    /// The API key was rejected.
-    Unauthorized,
-}
-
-impl PauseKind {
-    /// The spelling stored in the `gate` table and shown in logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PauseKind::Throttled => "throttled",
-            PauseKind::Unavailable => "unavailable",
-            PauseKind::Unauthorized => "unauthorized",
-        }
-    }
-
-    fn parse(s: &str) -> PauseKind {
-        match s {
-            "throttled" => PauseKind::Throttled,
-            "unauthorized" => PauseKind::Unauthorized,
-            _ => PauseKind::Unavailable,
-        }
-    }
 }
 
 /// The global gate in front of every request.
@@ -79,7 +49,7 @@ impl Gate {
         match row {
             None => Gate::Open,
             Some(r) => {
-                let kind = PauseKind::parse(&r.kind);
+                let kind = r.kind;
                 Gate::Paused {
                     kind,
                     attempt: r.attempt.max(1),
@@ -109,7 +79,7 @@ impl Gate {
                 since,
                 cause,
             } => Some(GateRow {
-                kind: kind.as_str().to_owned(),
+                kind: *kind,
                 attempt: *attempt,
                 paused_until: *until,
                 since: *since,

@@ -190,7 +190,7 @@ async fn remove_and_readd(s: &impl Backend) {
 
 async fn gate_round_trips_and_prune_keeps_active_tasks(s: &impl Backend) {
     let g = GateRow {
-        kind: "throttled".into(),
+        kind: crate::store::PauseKind::Throttled,
         attempt: 3,
         paused_until: 99,
         since: 1,

@@ -1,11 +1,45 @@
 //! The persisted global pause: one row, so a restart resumes a pause instead of hammering an
 //! API that asked us to wait.
 
+/// Why polling is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PauseKind {
+    /// The API asked us to slow down.
+    Throttled,
+    /// The API is down or failing.
+    Unavailable,
+    /// The API key was rejected.
+    Unauthorized,
+}
+
+impl PauseKind {
+    /// The spelling stored in the `gate` table and shown in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseKind::Throttled => "throttled",
+            PauseKind::Unavailable => "unavailable",
+            PauseKind::Unauthorized => "unauthorized",
+        }
+    }
+
+    /// The kind stored as `s`, or `None` for a spelling this build does not know.
+    pub fn parse(s: &str) -> Option<PauseKind> {
+        [
+            PauseKind::Throttled,
+            PauseKind::Unavailable,
+            PauseKind::Unauthorized,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
 /// The persisted global pause.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GateRow {
-    /// `throttled`, `unavailable` or `unauthorized`.
-    pub kind: String,
+    /// Why polling is paused.
+    pub kind: PauseKind,
     /// Consecutive pauses.
     pub attempt: u32,
     /// Polling may resume (with one probe) at this time (Unix ms).

@@ -29,7 +29,7 @@ pub use deliveries::{
     TargetSummary, origin_of, webhook_id,
 };
 pub use events::EventRecord;
-pub use gate::GateRow;
+pub use gate::{GateRow, PauseKind};
 pub use sqlite::PRUNE_CHUNK;
 pub use tasks::{
     AddResult, AddedTask, Applied, Counts, DueRow, Pruned, TaskRecord, TaskRow, TaskState,

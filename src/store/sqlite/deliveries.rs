@@ -74,12 +74,11 @@ pub(super) fn due(
         .query_map(
             params![busy, full, i64::try_from(limit).unwrap_or(i64::MAX)],
             |r| {
-                let stage: String = r.get(3)?;
                 Ok(DueDelivery {
                     id: r.get(0)?,
                     event_seq: r.get(1)?,
                     task_id: r.get(2)?,
-                    stage: Stage::parse(&stage).unwrap_or(Stage::Error),
+                    stage: r.get(3)?,
                     target: r.get(4)?,
                     url: r.get(5)?,
                     origin: r.get(6)?,

@@ -4,7 +4,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Sql;
 use crate::events::Stage;
-use crate::store::{EventRecord, StoreError};
+use crate::store::EventRecord;
 
 /// Events with a sequence number above `since`, oldest first, optionally of one task.
 pub(super) fn since(
@@ -28,18 +28,22 @@ pub(super) fn since(
     };
     let rows = stmt
         .query_map(params![since, task, limit.map_or(-1, i64::from)], |r| {
-            let stage: String = r.get(2)?;
-            Ok((r.get(0)?, r.get(1)?, stage, r.get(3)?, r.get(4)?, r.get(5)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })?
-        .collect::<Result<Vec<(i64, String, String, i64, i64, String)>, _>>()?;
+        .collect::<Result<Vec<(i64, String, Stage, i64, i64, String)>, _>>()?;
     rows.into_iter()
         .map(|(seq, task_id, stage, code, created_at, body)| {
             Ok(EventRecord {
                 seq,
                 task_id,
-                stage: Stage::parse(&stage).ok_or_else(|| {
-                    StoreError::Sqlite(format!("event {seq} has stage {stage:?}"))
-                })?,
+                stage,
                 code,
                 created_at,
                 body,
@@ -58,14 +62,7 @@ pub(super) fn keys(
         "SELECT seq, task_id, stage FROM events WHERE {filter} ORDER BY seq"
     ))?;
     let rows = stmt
-        .query_map(p, |r| {
-            let stage: String = r.get(2)?;
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                Stage::parse(&stage).unwrap_or(Stage::Error),
-            ))
-        })?
+        .query_map(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }

@@ -15,6 +15,7 @@ use super::{
     TaskRecord, TaskRow, TaskState, TaskUpdate,
 };
 
+mod codec;
 mod deliveries;
 mod events;
 mod gate;
@@ -346,5 +347,47 @@ mod tests {
         let e = Sqlite::open(&path).expect_err("garbage");
         assert!(e.to_string().contains("not a SQLite database"), "{e}");
         assert_eq!(std::fs::read(&path).expect("read"), garbage);
+    }
+
+    #[tokio::test]
+    async fn a_stored_value_this_build_does_not_know_fails_loudly() {
+        let (dir, s) = open();
+        s.add(vec!["t1".into()], None, None, 1000, 10)
+            .await
+            .expect("add");
+        s.save_gate(Some(GateRow {
+            kind: crate::store::PauseKind::Throttled,
+            attempt: 1,
+            paused_until: 2000,
+            since: 1000,
+            cause: "HTTP 429".into(),
+        }))
+        .await
+        .expect("gate");
+        // Another writer (a newer sunopoll, or damage) leaves spellings this build lacks.
+        let other = Connection::open(dir.path().join("q.db")).expect("open");
+        other
+            .execute_batch(
+                "PRAGMA ignore_check_constraints = ON;
+                 UPDATE tasks SET state = 'sleeping' WHERE id = 't1';
+                 UPDATE gate SET kind = 'bored';",
+            )
+            .expect("poke");
+        drop(other);
+        let e = s.show("t1".into()).await.expect_err("an unknown state");
+        assert!(
+            e.to_string().contains("unknown task state \"sleeping\""),
+            "{e}"
+        );
+        let e = s.load_gate().await.expect_err("an unknown pause kind");
+        assert!(
+            e.to_string().contains("unknown pause kind \"bored\""),
+            "{e}"
+        );
+        let e = s
+            .add(vec!["t1".into()], None, None, 1000, 10)
+            .await
+            .expect_err("add reads the known state back");
+        assert!(e.to_string().contains("sleeping"), "{e}");
     }
 }

@@ -36,17 +36,12 @@ pub(super) fn add(
             if insert.execute(params![id, now, deadline, callback_url, label])? == 1 {
                 (AddResult::Added, TaskState::Active, None)
             } else {
-                let (state, stage): (String, Option<String>) =
+                let (state, stage): (TaskState, Option<Stage>) =
                     known.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                let stage = stage.as_deref().and_then(Stage::parse);
                 if readd.execute(params![id, now, deadline, callback_url, label])? == 1 {
                     (AddResult::Readded, TaskState::Active, stage)
                 } else {
-                    (
-                        AddResult::Exists,
-                        TaskState::parse(&state).unwrap_or(TaskState::Failed),
-                        stage,
-                    )
+                    (AddResult::Exists, state, stage)
                 }
             };
         out.push(AddedTask {
@@ -159,12 +154,10 @@ const RECORD_COLUMNS: &str = "id, state, stage, last_status, last_error, polls, 
                               deadline_at, finished_at, callback_url, label";
 
 fn record_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
-    let state: String = r.get(1)?;
-    let stage: Option<String> = r.get(2)?;
     Ok(TaskRecord {
         task_id: r.get(0)?,
-        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
-        stage: stage.as_deref().and_then(Stage::parse),
+        state: r.get(1)?,
+        stage: r.get(2)?,
         last_status: r.get(3)?,
         last_error: r.get(4)?,
         polls: r.get(5)?,
@@ -211,12 +204,10 @@ pub(super) fn task_row(conn: &Connection, id: &str) -> Sql<Option<TaskRow>> {
              FROM tasks WHERE id = ?1",
         )?
         .query_row([id], |r| {
-            let state: String = r.get(1)?;
-            let stage: Option<String> = r.get(2)?;
             Ok(TaskRow {
                 id: r.get(0)?,
-                state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
-                stage: stage.as_deref().and_then(Stage::parse),
+                state: r.get(1)?,
+                stage: r.get(2)?,
                 last_status: r.get(3)?,
                 failures: r.get(4)?,
                 rejections: r.get(5)?,
