@@ -10,7 +10,9 @@
 //! - [`api`]: the details client, the pure [`api::classify`] of its answers, and the task
 //!   families behind one [`api::Family`] seam (music: [`api::families::music`]).
 //! - [`events`]: what one event is (its stage and stored body), shared with the store.
-//! - [`store`]: the SQLite queue, owned by one thread, with group commit.
+//! - [`store`]: the durable queue behind the [`store::Backend`] seam; SQLite (one thread,
+//!   group commit) is its backend.
+//! - [`metrics`]: Prometheus metrics and their endpoint.
 //! - [`jobs`]: the one durable job loop; polls ([`jobs::poll`], with the global pause and the
 //!   pure [`jobs::poll::decide`]) and deliveries ([`jobs::deliver`]) run on it.
 //! - [`control`]: the Unix socket server; [`protocol`]: its requests and answers.
