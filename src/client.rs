@@ -474,13 +474,58 @@ fn print_remove(answer: &RemoveResponse) {
     }
 }
 
+/// The first line of `status`: healthy or not, and if something needs the operator, what and
+/// what to do. Pure, so every case is tested.
+pub fn headline(v: &StatusResponse) -> String {
+    if let Some(first) = v.problems.first() {
+        let more = match v.problems.len() {
+            1 => String::new(),
+            n => format!(" (and {} more below)", n - 1),
+        };
+        return format!("UNHEALTHY: {first}{more}");
+    }
+    if let Some(t) = v.targets.iter().find(|t| t.failed > 0) {
+        return format!(
+            "healthy, but {} deliver{} to {} {} given up: fix the handler, then `sunopoll redeliver --failed-since 1d --target {}`",
+            t.failed,
+            if t.failed == 1 { "y" } else { "ies" },
+            t.target,
+            if t.failed == 1 { "was" } else { "were" },
+            t.target
+        );
+    }
+    let poll = &v.poll;
+    if let Some(kind) = poll.pause_kind {
+        let next = poll
+            .paused_until
+            .as_deref()
+            .map(|t| format!(", next try at {t}"))
+            .unwrap_or_default();
+        return format!(
+            "healthy — polling paused ({}{next}); nothing to do unless it lasts",
+            spelling(&kind)
+        );
+    }
+    let active = v
+        .tasks
+        .as_ref()
+        .map_or_else(|| "?".to_owned(), |t| t.active.to_string());
+    let pending: i64 = v.targets.iter().map(|t| t.pending).sum();
+    let deliveries = if pending > 0 {
+        format!(", {pending} deliveries pending")
+    } else {
+        String::new()
+    };
+    format!(
+        "healthy — polling, {active} active task{}{deliveries}",
+        if active == "1" { "" } else { "s" }
+    )
+}
+
 fn print_status(v: &StatusResponse) {
-    out!(
-        "sunopoll {} — {}",
-        v.version,
-        if v.healthy { "healthy" } else { "UNHEALTHY" }
-    );
-    for p in &v.problems {
+    out!("{}", headline(v));
+    out!("sunopoll {}", v.version);
+    for p in v.problems.iter().skip(1) {
         out!("  problem: {p}");
     }
     let poll = &v.poll;
@@ -490,20 +535,31 @@ fn print_status(v: &StatusResponse) {
             poll.in_flight,
             poll.requests
         ),
-        state => out!(
-            "polling:      {state} — {} (pause #{}, until {}): {}",
-            poll.pause_kind
-                .map_or_else(|| "-".to_owned(), |k| spelling(&k)),
-            poll.pause_attempt,
-            shown(poll.paused_until.as_deref()),
-            shown(poll.pause_cause.as_deref())
-        ),
+        state => {
+            let kind = poll
+                .pause_kind
+                .map_or_else(|| "paused".to_owned(), |k| spelling(&k));
+            let until = poll
+                .paused_until
+                .as_deref()
+                .map(|t| format!(", until {t}"))
+                .unwrap_or_default();
+            let cause = poll
+                .pause_cause
+                .as_deref()
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            out!(
+                "polling:      {state} — {kind} (pause #{}{until}){cause}",
+                poll.pause_attempt
+            );
+        }
     }
-    out!(
-        "last answer:  {} at {}",
-        shown(poll.last_answer.as_deref()),
-        shown(poll.last_answer_at.as_deref())
-    );
+    match (poll.last_answer.as_deref(), poll.last_answer_at.as_deref()) {
+        (Some(what), Some(at)) => out!("last answer:  {what} at {at}"),
+        (Some(what), None) => out!("last answer:  {what}"),
+        _ => out!("last answer:  none yet (no poll answered since start)"),
+    }
     match &v.tasks {
         None => out!("tasks:        unknown (the store is not answering)"),
         Some(t) => {
@@ -514,7 +570,11 @@ fn print_status(v: &StatusResponse) {
                 t.failed,
                 t.removed
             );
-            out!("events:       {} stored, last #{}", t.events, t.last_seq);
+            if t.last_seq > 0 {
+                out!("events:       {} stored, last #{}", t.events, t.last_seq);
+            } else {
+                out!("events:       none yet");
+            }
         }
     }
     out!("started:      {}", v.started_at);
@@ -531,21 +591,28 @@ fn print_status(v: &StatusResponse) {
         out!("forwarding:   no targets");
     }
     for t in &v.targets {
+        let success = t.last_success_at.as_deref().map_or_else(
+            || "no success yet".to_owned(),
+            |at| format!("last success {at}"),
+        );
+        let error = t
+            .last_error
+            .as_deref()
+            .map(|e| {
+                let at = t
+                    .last_error_at
+                    .as_deref()
+                    .map(|at| format!(" at {at}"))
+                    .unwrap_or_default();
+                format!("; last error {}{at}", crate::api::clip(e, 120))
+            })
+            .unwrap_or_default();
         out!(
-            "target {}: {} pending, {} failed, {} delivered; last success {}{}",
+            "target {}: {} pending, {} failed, {} delivered; {success}{error}",
             t.target,
             t.pending,
             t.failed,
-            t.delivered,
-            shown(t.last_success_at.as_deref()),
-            t.last_error
-                .as_deref()
-                .map(|e| format!(
-                    "; last error {} at {}",
-                    crate::api::clip(e, 120),
-                    shown(t.last_error_at.as_deref())
-                ))
-                .unwrap_or_default()
+            t.delivered
         );
     }
 }
@@ -613,6 +680,61 @@ pub fn remove_request(task_id: String) -> Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status(overrides: serde_json::Value) -> StatusResponse {
+        let mut v = serde_json::json!({
+            "version": "0.1.0", "healthy": true, "problems": [],
+            "started_at": "2026-12-01T10:00:00Z", "uptime_ms": 1000,
+            "config": null, "store": "/s.db", "socket": "/s.sock",
+            "tasks": {"active": 3, "done": 1, "failed": 0, "removed": 0, "events": 4, "last_seq": 4},
+            "poll": {"state": "polling", "pause_kind": null, "pause_attempt": 0, "paused_until": null,
+                     "paused_since": null, "paused_for_ms": 0, "pause_cause": null, "in_flight": 0,
+                     "requests": 0, "last_answer_at": null, "last_answer": null},
+            "targets": []
+        });
+        for (k, val) in overrides.as_object().expect("object") {
+            v[k] = val.clone();
+        }
+        serde_json::from_value(v).expect("a status answer")
+    }
+
+    #[test]
+    fn the_headline_says_healthy_or_what_is_wrong_and_what_to_do() {
+        assert_eq!(
+            headline(&status(serde_json::json!({}))),
+            "healthy — polling, 3 active tasks"
+        );
+        let sick = status(serde_json::json!({
+            "healthy": false,
+            "problems": ["the API rejected the API key (401): check the key", "store error"]
+        }));
+        assert_eq!(
+            headline(&sick),
+            "UNHEALTHY: the API rejected the API key (401): check the key (and 1 more below)"
+        );
+        let target = |failed: i64, pending: i64| {
+            serde_json::json!([{"target": "app", "pending": pending,
+            "failed": failed, "delivered": 5, "last_success_at": null, "last_error": null, "last_error_at": null}])
+        };
+        let given_up = status(serde_json::json!({"targets": target(2, 0)}));
+        assert_eq!(
+            headline(&given_up),
+            "healthy, but 2 deliveries to app were given up: fix the handler, then `sunopoll redeliver --failed-since 1d --target app`"
+        );
+        let waiting = status(serde_json::json!({"targets": target(0, 4)}));
+        assert_eq!(
+            headline(&waiting),
+            "healthy — polling, 3 active tasks, 4 deliveries pending"
+        );
+        let mut paused = status(serde_json::json!({}));
+        paused.poll.state = "paused".into();
+        paused.poll.pause_kind = Some(crate::store::PauseKind::Throttled);
+        paused.poll.paused_until = Some("2026-12-01T10:01:00Z".into());
+        assert_eq!(
+            headline(&paused),
+            "healthy — polling paused (throttled, next try at 2026-12-01T10:01:00Z); nothing to do unless it lasts"
+        );
+    }
 
     #[test]
     fn ids_from_stdin_split_on_whitespace_and_commas() {

@@ -6,6 +6,7 @@
 //! [`Daemon::shutdown`] tells systemd `STOPPING=1`, stops accepting work, lets polls already in
 //! flight commit, and waits at most a bounded drain time.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,12 +18,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::{ApiClient, ApiKey};
-use crate::clock::{format_duration, now_ms};
-use crate::config::Config;
+use crate::clock::{format_duration, now_ms, parse_utc};
+use crate::config::{Config, DEFAULT_ACCOUNT};
 use crate::control::{self, Control, ControlSocket, DaemonInfo};
 use crate::forward::Router;
 use crate::jobs::deliver::Forwarder;
 use crate::jobs::poll::{PollStatus, Scheduler, SharedStatus};
+use crate::metrics::{AccountGauges, GaugeSource, Gauges, Metrics, TargetGauges};
 use crate::store::Store;
 use crate::systemd::{Notifier, Supervision};
 
@@ -48,6 +50,7 @@ pub struct Daemon {
     store: Store,
     drain: Duration,
     notifier: Notifier,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Daemon {
@@ -140,6 +143,15 @@ impl Daemon {
         let (events_tx, events_rx) = watch::channel(counts.last_seq);
         let status: SharedStatus = Arc::new(Mutex::new(PollStatus::default()));
 
+        let metrics = Arc::new(Metrics::new());
+        {
+            let m = Arc::clone(&metrics);
+            store
+                .health()
+                .observe_commits(Box::new(move |took, jobs, ok| {
+                    m.store_commit(took, jobs, ok)
+                }));
+        }
         let router = Router::new(config.forward.clone());
         let redeliver = Arc::new(Notify::new());
         let forwarder = Forwarder {
@@ -147,6 +159,7 @@ impl Daemon {
             router: router.clone(),
             events: events_rx.clone(),
             wake: redeliver.clone(),
+            metrics: Arc::clone(&metrics),
         };
         let scheduler = Scheduler {
             store: store.clone(),
@@ -158,7 +171,32 @@ impl Daemon {
             router: router.clone(),
             notifier: supervision.notifier.clone(),
             watchdog: supervision.watchdog,
+            metrics: Arc::clone(&metrics),
         };
+        let mut metrics_addr = None;
+        if let Some(wanted) = config.metrics.listen {
+            let listener = tokio::net::TcpListener::bind(wanted)
+                .await
+                .with_context(|| {
+                    format!("binding the metrics endpoint (metrics.listen = {wanted})")
+                })?;
+            // Port 0 picks a free port: log the one it got.
+            let addr = listener.local_addr().unwrap_or(wanted);
+            metrics_addr = Some(addr);
+            if crate::metrics::is_loopback(&addr) {
+                info!(listen = %addr, "serving metrics at http://{addr}/metrics");
+            } else {
+                warn!(listen = %addr, "serving metrics at http://{addr}/metrics on an address other machines may reach (metrics.listen)");
+            }
+            let source = gauge_source(store.clone(), status.clone(), &config);
+            tracker.spawn(crate::metrics::serve(
+                listener,
+                Arc::clone(&metrics),
+                source,
+                cancel.clone(),
+                tracker.clone(),
+            ));
+        }
         let gate = scheduler.load_gate().await;
         tracker.spawn(scheduler.run(gate, cancel.clone(), tracker.clone()));
         tracker.spawn(forwarder.run(cancel.clone(), tracker.clone()));
@@ -217,7 +255,13 @@ impl Daemon {
             store,
             drain,
             notifier: supervision.notifier,
+            metrics_addr,
         })
+    }
+
+    /// Where the metrics endpoint listens, if `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The control socket's path.
@@ -251,4 +295,104 @@ impl Daemon {
         self.store.close().await;
         info!("stopped");
     }
+}
+
+/// What a metrics scrape reads: the store's kept counts and bounded look-ups, and the poll
+/// job's published state. A store that does not answer leaves those gauges out of the scrape
+/// (the store's own error counter says why) rather than reporting zeros that are not true.
+fn gauge_source(store: Store, status: SharedStatus, config: &Config) -> GaugeSource {
+    let rate_limit = config.poll.max_requests_per_second.unwrap_or(0.0);
+    let backoff_max = config.poll.backoff_max;
+    let mut configured: Vec<String> = config
+        .forward
+        .targets
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    configured.sort();
+    Arc::new(move || {
+        let store = store.clone();
+        let status = status.clone();
+        let configured = configured.clone();
+        Box::pin(async move {
+            let now = now_ms();
+            let mut g = Gauges::default();
+            if let Ok(c) = store.counts().await {
+                for (state, n) in [
+                    ("active", c.active),
+                    ("done", c.done),
+                    ("failed", c.failed),
+                    ("removed", c.removed),
+                ] {
+                    g.tasks.push((
+                        state.to_owned(),
+                        "music".to_owned(),
+                        n.max(0).unsigned_abs(),
+                    ));
+                }
+            }
+            if let Ok(q) = store.gauges(now).await {
+                g.polls_due = q.polls_due;
+                g.oldest_overdue = q
+                    .earliest_due_at
+                    .filter(|at| *at <= now)
+                    .map_or(Duration::ZERO, |at| {
+                        Duration::from_millis((now - at).unsigned_abs())
+                    });
+                let oldest: std::collections::HashMap<String, i64> =
+                    q.oldest_pending.into_iter().collect();
+                let mut names: Vec<String> = configured.clone();
+                if let Ok(summary) = store.target_summary().await {
+                    for t in summary {
+                        if !names.contains(&t.target) {
+                            names.push(t.target.clone());
+                        }
+                        g.targets.push(TargetGauges {
+                            oldest_pending: oldest.get(&t.target).map_or(Duration::ZERO, |at| {
+                                Duration::from_millis((now - at).max(0).unsigned_abs())
+                            }),
+                            target: t.target,
+                            pending: t.pending.max(0).unsigned_abs(),
+                            failed: t.failed.max(0).unsigned_abs(),
+                        });
+                    }
+                    for name in names {
+                        if !g.targets.iter().any(|t| t.target == name) {
+                            g.targets.push(TargetGauges {
+                                target: name,
+                                ..TargetGauges::default()
+                            });
+                        }
+                    }
+                }
+            }
+            let poll = status.lock().map(|s| s.clone()).unwrap_or_default();
+            let pause = poll.pause_kind.map(|kind| {
+                let until = poll
+                    .paused_until
+                    .as_deref()
+                    .and_then(parse_utc)
+                    .unwrap_or(now);
+                (
+                    kind.as_str(),
+                    Duration::from_millis((until - now).max(0).unsigned_abs()),
+                )
+            });
+            g.accounts.push(AccountGauges {
+                account: DEFAULT_ACCOUNT.to_owned(),
+                rate_limit,
+                // From the pause's start, not the figure published with it: the poll job sleeps
+                // through a pause, and a scrape must see it grow.
+                paused_for: match (&pause, poll.paused_since.as_deref().and_then(parse_utc)) {
+                    (Some(_), Some(since)) => {
+                        Duration::from_millis((now - since).max(0).unsigned_abs())
+                    }
+                    _ => Duration::ZERO,
+                },
+                pause,
+                backoff_max,
+            });
+            g
+        })
+    })
 }

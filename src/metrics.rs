@@ -352,6 +352,7 @@ impl Metrics {
 
     /// One delivery attempt to `target` ended with `result` (delivered, retry, failed).
     pub fn delivery_attempt(&self, target: &str, result: &'static str, took: Duration) {
+        let target = &target_label(target);
         self.counter(
             "sunopoll_deliveries_total",
             &[("target", target), ("result", result)],
@@ -410,7 +411,7 @@ impl Metrics {
                 .set(a.backoff_max.as_secs_f64());
         }
         for t in &gauges.targets {
-            let target = t.target.as_str();
+            let target = &target_label(&t.target);
             self.gauge("sunopoll_deliveries_pending", &[("target", target)])
                 .set(t.pending as f64);
             self.gauge("sunopoll_deliveries_failed", &[("target", target)])
@@ -423,6 +424,12 @@ impl Metrics {
         }
         self.handle.render()
     }
+}
+
+/// A target's label: its name, with any credentials cut out (a target without a `name` is
+/// named by its URL, which may carry a password).
+fn target_label(name: &str) -> String {
+    crate::api::redact_url(name)
 }
 
 /// Serves `GET /metrics` on `listener` until `cancel`; every connection is tracked.
@@ -658,6 +665,25 @@ mod tests {
         assert!(
             !text.contains("quantile="),
             "histograms, not summaries:\n{text}"
+        );
+    }
+
+    #[test]
+    fn a_target_named_by_a_url_with_a_password_is_labelled_without_it() {
+        let m = Metrics::new();
+        let url = "http://user:s3cret@127.0.0.1:3000/cb";
+        m.delivery_attempt(url, "delivered", Duration::from_millis(1));
+        let text = m.render(&Gauges {
+            targets: vec![TargetGauges {
+                target: url.into(),
+                ..TargetGauges::default()
+            }],
+            ..Gauges::default()
+        });
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(
+            text.contains("target=\"http://***@127.0.0.1:3000/cb\""),
+            "{text}"
         );
     }
 

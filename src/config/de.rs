@@ -44,6 +44,14 @@ formats! {
     path -> PathBuf = non_empty_path;
     /// An optional [`path`].
     some_path -> Option<PathBuf> = |v| non_empty_path(v).map(Some);
+    /// `metrics.listen`: an IP address and port, written out (no host names: the endpoint must
+    /// not land on an address a resolver picks).
+    some_socket_addr -> Option<std::net::SocketAddr> = |v| {
+        let s = string(v)?;
+        s.parse().map(Some).map_err(|_| {
+            format!("`{s}` is not an address and port like \"127.0.0.1:9464\" or \"[::1]:9464\"")
+        })
+    };
     /// `api.base-url`: http(s), with a trailing slash so that `join` keeps any path it has.
     base_url -> url::Url = |v| {
         let s = string(v)?;

@@ -16,8 +16,8 @@ use super::strict::Problem;
 use super::{
     ApiConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS, DEFAULT_FORWARD_IN_FLIGHT,
     DEFAULT_FORWARD_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_RETRY_SCHEDULE, Environment,
-    ForwardConfig, HousekeepingConfig, LogConfig, PollConfig, SigningSecret, StoreConfig,
-    TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig, de,
+    ForwardConfig, HousekeepingConfig, LogConfig, MetricsConfig, PollConfig, SigningSecret,
+    StoreConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig, de,
 };
 use crate::clock::format_duration;
 use crate::events::Stage;
@@ -33,6 +33,7 @@ pub(super) struct File {
     log: LogConfig,
     housekeeping: HousekeepingConfig,
     forward: ForwardFile,
+    metrics: MetricsConfig,
 }
 
 impl Default for File {
@@ -45,6 +46,7 @@ impl Default for File {
             log: LogConfig::default(),
             housekeeping: HousekeepingConfig::default(),
             forward: ForwardFile::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -283,6 +285,7 @@ impl File {
             control,
             log: self.log,
             housekeeping: self.housekeeping,
+            metrics: self.metrics,
             forward: ForwardConfig {
                 targets,
                 retry_schedule: f.retry_schedule.into_iter().map(|d| d.0).collect(),

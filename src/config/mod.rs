@@ -86,6 +86,20 @@ pub struct Config {
     pub housekeeping: HousekeepingConfig,
     /// `[forward]`
     pub forward: ForwardConfig,
+    /// `[metrics]`
+    pub metrics: MetricsConfig,
+}
+
+/// The name of the one API account the `[api]` table describes (in logs and metrics labels).
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+/// `[metrics]`: the Prometheus endpoint, off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `listen`: where to serve `GET /metrics`, e.g. `127.0.0.1:9464`.
+    #[serde(deserialize_with = "de::some_socket_addr")]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[api]`: where the API is and how to talk to it.
@@ -490,7 +504,7 @@ impl Config {
 
     fn base_summary(&self) -> String {
         format!(
-            "config: {}\napi: {} (timeout {})\npoll: every {}, at most {} in flight, {}, backoff up to {}, deadline {}, fill skipped stages: {}\nstore: {}\nsocket: {} (mode {:04o}{})\nlog: level {}, format {}\nhousekeeping: keep {}, prune on \"{}\" (UTC)",
+            "config: {}\napi: {} (timeout {})\npoll: every {}, at most {} in flight, {}, backoff up to {}, deadline {}, fill skipped stages: {}\nstore: {}\nsocket: {} (mode {:04o}{})\nlog: level {}, format {}\nhousekeeping: keep {}, prune on \"{}\" (UTC)\nmetrics: {}",
             self.source.as_ref().map_or_else(
                 || "built-in defaults".to_owned(),
                 |p| p.display().to_string()
@@ -517,6 +531,9 @@ impl Config {
             self.log.format.as_str(),
             format_duration(self.housekeeping.retention),
             self.housekeeping.prune_schedule.pattern,
+            self.metrics
+                .listen
+                .map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics")),
         )
     }
 }

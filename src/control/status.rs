@@ -17,7 +17,9 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
     let counts = match ctx.store.counts().await {
         Ok(c) => Some(c),
         Err(e) => {
-            problems.push(format!("the store is not answering: {e}"));
+            problems.push(format!(
+                "the store is not answering ({e}): check the store's disk and directory; adds are refused until it answers"
+            ));
             None
         }
     };
@@ -25,7 +27,9 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
         Ok(t) => t.into_iter().map(TargetStatus::from_summary).collect(),
         Err(e) => {
             if counts.is_some() {
-                problems.push(format!("the store is not answering: {e}"));
+                problems.push(format!(
+                    "the store is not answering ({e}): check the store's disk and directory"
+                ));
             }
             Vec::new()
         }
@@ -47,21 +51,28 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
     }
     if poll.pause_kind == Some(PauseKind::Unauthorized) {
         problems.push(format!(
-            "the API rejected the API key ({})",
+            "the API rejected the API key ({}): check the key ($CREDENTIALS_DIRECTORY/api-key, \
+             api.key-file or SUNO_API_KEY) and the account's credits; polling resumes by itself \
+             once a probe is accepted",
             poll.pause_cause.as_deref().unwrap_or("401")
         ));
     } else if poll.pause_kind.is_some() && poll.paused_for_ms > ms(ctx.policy.backoff_max) {
         problems.push(format!(
-            "polling has been paused for {} (longer than backoff-max {}): {}",
+            "polling has been paused for {} (longer than backoff-max {}): {}; the API is down or \
+             refusing — nothing is lost, and polling resumes with one probe when it answers",
             format_duration(Duration::from_millis(poll.paused_for_ms.unsigned_abs())),
             format_duration(ctx.policy.backoff_max),
-            poll.pause_cause.as_deref().unwrap_or("")
+            poll.pause_cause.as_deref().unwrap_or("no cause given")
         ));
     }
     if let Some((at, e)) = ctx.store.health().last_error()
         && counts.is_some()
     {
-        problems.push(format!("store error at {}: {e}", format_utc(at)));
+        problems.push(format!(
+            "store error at {}: {e}; check free space and the store's directory — adds are \
+             refused and polling waits until a write succeeds",
+            format_utc(at)
+        ));
     }
     Ok(StatusResponse {
         version: crate::VERSION.to_owned(),

@@ -24,6 +24,7 @@ use super::{Admit, JobKind, StoreBackoffPolicy, Stored, WakeAt};
 use crate::clock::{format_duration, ms, now_ms};
 use crate::forward::Router;
 use crate::forward::attempt::{AttemptResult, Attempted, attempt, http_client};
+use crate::metrics::Metrics;
 use crate::store::{AttemptRecord, DeliveryNext, DueDelivery, Store, StoreError};
 
 /// Requests in flight to one destination (`scheme://host:port`) at once. A handler that hangs
@@ -71,6 +72,8 @@ pub struct Forwarder {
     pub events: watch::Receiver<i64>,
     /// Poked by `redeliver`.
     pub wake: Arc<Notify>,
+    /// Where attempts are counted and timed.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Forwarder {
@@ -189,9 +192,10 @@ impl JobKind for DeliverJob {
         let store = self.f.store.clone();
         let router = self.f.router.clone();
         let http = self.http.clone();
+        let metrics = Arc::clone(&self.f.metrics);
         async move {
             let attempted = attempt(&router, &http, &row).await;
-            let recorded = record(&store, &router, &row, attempted).await;
+            let recorded = record(&store, &router, &metrics, &row, attempted).await;
             Finished {
                 origin: row.origin,
                 recorded,
@@ -236,7 +240,13 @@ impl JobKind for DeliverJob {
 
 /// Records one finished attempt with what comes next, and logs it. Returns false if it could
 /// not be recorded.
-async fn record(store: &Store, router: &Router, row: &DueDelivery, attempted: Attempted) -> bool {
+async fn record(
+    store: &Store,
+    router: &Router,
+    metrics: &Metrics,
+    row: &DueDelivery,
+    attempted: Attempted,
+) -> bool {
     let config = router.config();
     let Attempted {
         result,
@@ -279,6 +289,12 @@ async fn record(store: &Store, router: &Router, row: &DueDelivery, attempted: At
         }
     }
     let latency_ms = took.as_millis();
+    let result = match next {
+        DeliveryNext::Delivered => "delivered",
+        DeliveryNext::Retry(_) => "retry",
+        DeliveryNext::Failed => "failed",
+    };
+    metrics.delivery_attempt(&row.target, result, took);
     match next {
         DeliveryNext::Delivered => info!(
             task_id = %row.task_id, stage = %row.stage, target = %row.target,

@@ -28,9 +28,10 @@ use super::{Admit, JobKind, StoreBackoffPolicy, Stored, WakeAt, backoff_delay, i
 use crate::api::families::music::Music;
 use crate::api::{ApiClient, Family, Outcome, clip};
 use crate::clock::{format_duration, format_utc, ms, now_ms};
-use crate::config::PollConfig;
+use crate::config::{DEFAULT_ACCOUNT, PollConfig};
 use crate::events::{NewEvent, Stage};
 use crate::forward::Router;
+use crate::metrics::Metrics;
 use crate::store::TaskState;
 use crate::store::{DueRow, Store, StoreError, TaskRow, TaskUpdate};
 use crate::systemd::Notifier;
@@ -215,6 +216,8 @@ pub struct Scheduler {
     /// How often to ping the watchdog, if systemd runs one. The pings come from the loop
     /// itself, so a wedged loop stops them and systemd restarts the service.
     pub watchdog: Option<Duration>,
+    /// Where polls, requests and events are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Scheduler {
@@ -370,7 +373,9 @@ impl JobKind for PollJob {
             policy: self.s.policy.clone(),
             router: self.s.router.clone(),
             events: self.s.events.clone(),
+            metrics: Arc::clone(&self.s.metrics),
         };
+        self.s.metrics.api_request(DEFAULT_ACCOUNT);
         let (probe, epoch) = (self.probing, self.epoch);
         if let Ok(mut s) = self.s.status.lock() {
             s.requests += 1;
@@ -584,6 +589,7 @@ struct Commit {
     policy: PollConfig,
     router: Router,
     events: watch::Sender<i64>,
+    metrics: Arc<Metrics>,
 }
 
 /// Applies one answer: global ones go back to the loop; per-task ones are decided and committed
@@ -604,8 +610,10 @@ where
         policy,
         router,
         events,
+        metrics,
     } = commit;
     let kind = outcome.kind();
+    metrics.poll(DEFAULT_ACCOUNT, kind);
     let global = match &outcome {
         Outcome::Throttled { retry_after, cause } => {
             Some((PauseKind::Throttled, *retry_after, cause.clone()))
@@ -697,6 +705,7 @@ where
             for (ev, seq) in a.update.events.iter().zip(&a.seqs) {
                 log_event(id, ev, *seq);
             }
+            count_events(metrics, family.name(), &a.before, &a.update.events, now);
             if let Some(max) = a.seqs.iter().max() {
                 events.send_modify(|latest| *latest = (*latest).max(*max));
             }
@@ -725,10 +734,28 @@ where
     for (ev, seq) in applied.update.events.iter().zip(&applied.seqs) {
         log_event(id, ev, *seq);
     }
+    count_events(
+        metrics,
+        family.name(),
+        &applied.before,
+        &applied.update.events,
+        now,
+    );
     if let Some(max) = applied.seqs.iter().max() {
         events.send_modify(|latest| *latest = (*latest).max(*max));
     }
     OutcomeSummary::Answered(kind)
+}
+
+/// Counts stored events, and for a terminal one how long the task took from its add.
+fn count_events(metrics: &Metrics, kind: &str, before: &TaskRow, events: &[NewEvent], now: i64) {
+    for ev in events {
+        metrics.event(kind, ev.stage.as_str());
+        if ev.stage.is_terminal() {
+            let took = (now - before.added_at).max(0).unsigned_abs();
+            metrics.task_ended(kind, Duration::from_millis(took));
+        }
+    }
 }
 
 fn log_poll<F: Family>(

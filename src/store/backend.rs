@@ -14,6 +14,7 @@ use super::deliveries::{
 };
 use super::events::EventRecord;
 use super::gate::GateRow;
+use super::gauges::QueueGauges;
 use super::tasks::{
     AddedTask, Applied, Counts, DueRow, Pruned, TaskRecord, TaskRow, TaskState, TaskUpdate,
 };
@@ -148,4 +149,7 @@ pub trait Backend: Send + Sync {
     /// Per-target delivery counts and last success/error.
     fn target_summary(&self)
     -> impl Future<Output = Result<Vec<TargetSummary>, StoreError>> + Send;
+
+    /// The queue's gauges at `now` (see [`QueueGauges`]); its cost must not grow with the queue.
+    fn gauges(&self, now: i64) -> impl Future<Output = Result<QueueGauges, StoreError>> + Send;
 }

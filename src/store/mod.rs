@@ -20,6 +20,7 @@ mod conformance;
 mod deliveries;
 mod events;
 mod gate;
+mod gauges;
 mod sqlite;
 mod tasks;
 
@@ -30,6 +31,7 @@ pub use deliveries::{
 };
 pub use events::EventRecord;
 pub use gate::{GateRow, PauseKind};
+pub use gauges::{DUE_COUNT_CAP, QueueGauges};
 pub use sqlite::PRUNE_CHUNK;
 pub use tasks::{
     AddResult, AddedTask, Applied, Counts, DueRow, Pruned, TaskRecord, TaskRow, TaskState,
@@ -55,10 +57,23 @@ pub enum StoreError {
     Closed,
 }
 
-/// The last store failure, for `status` and health checks.
-#[derive(Debug, Default)]
+/// Told about every commit: how long it took, how many jobs it carried, whether it worked.
+/// The daemon points it at its metrics; the store knows nothing of them.
+pub type CommitObserver = Box<dyn Fn(std::time::Duration, usize, bool) + Send + Sync>;
+
+/// The last store failure, for `status` and health checks, and who hears about each commit.
+#[derive(Default)]
 pub struct StoreHealth {
     last_error: Mutex<Option<(i64, String)>>,
+    observer: std::sync::OnceLock<CommitObserver>,
+}
+
+impl std::fmt::Debug for StoreHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreHealth")
+            .field("last_error", &self.last_error())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StoreHealth {
@@ -76,6 +91,18 @@ impl StoreHealth {
     fn set(&self, e: Option<&StoreError>) {
         let mut slot = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
         *slot = e.map(|e| (crate::clock::now_ms(), e.to_string()));
+    }
+
+    /// Sets who hears about every commit from now on (once; later calls are ignored).
+    pub fn observe_commits(&self, observer: CommitObserver) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// A commit of `jobs` jobs ended after `took`; backends call it.
+    fn committed(&self, took: std::time::Duration, jobs: usize, ok: bool) {
+        if let Some(observe) = self.observer.get() {
+            observe(took, jobs, ok);
+        }
     }
 }
 
@@ -282,5 +309,10 @@ impl Store {
     /// Per-target delivery counts and last success/error, for `status`.
     pub async fn target_summary(&self) -> Result<Vec<TargetSummary>, StoreError> {
         on_backend!(self, b => b.target_summary().await)
+    }
+
+    /// The queue's gauges at `now`, for a metrics scrape: bounded index look-ups only.
+    pub async fn gauges(&self, now: i64) -> Result<QueueGauges, StoreError> {
+        on_backend!(self, b => b.gauges(now).await)
     }
 }

@@ -14,6 +14,7 @@ mod figures;
 mod forward;
 mod helpers;
 mod hostile;
+mod metrics;
 mod monitoring;
 mod polling;
 mod props;

@@ -20,6 +20,9 @@ pub trait Family {
     /// The parts of the details answer's `data` that the family uses.
     type Record;
 
+    /// The family's name, as `add --kind` spells it and the metrics label it (`music`).
+    fn name(&self) -> &'static str;
+
     /// The details endpoint, relative to the API's base URL (`api/v1/generate/record-info`).
     fn endpoint(&self) -> &'static str;
 

@@ -27,6 +27,10 @@ pub struct Music;
 impl Family for Music {
     type Record = Record;
 
+    fn name(&self) -> &'static str {
+        "music"
+    }
+
     fn endpoint(&self) -> &'static str {
         "api/v1/generate/record-info"
     }

@@ -11,14 +11,15 @@ use tokio::sync::mpsc;
 
 use super::{
     AddedTask, Applied, AttemptRecord, Backend, Counts, DeliveryNext, DeliveryRecord, DueDelivery,
-    DueRow, EventRecord, GateRow, Pruned, Replay, Route, StoreError, StoreHealth, TargetSummary,
-    TaskRecord, TaskRow, TaskState, TaskUpdate,
+    DueRow, EventRecord, GateRow, Pruned, QueueGauges, Replay, Route, StoreError, StoreHealth,
+    TargetSummary, TaskRecord, TaskRow, TaskState, TaskUpdate,
 };
 
 mod codec;
 mod deliveries;
 mod events;
 mod gate;
+mod gauges;
 mod schema;
 mod tasks;
 mod thread;
@@ -280,6 +281,10 @@ impl Backend for Sqlite {
 
     async fn target_summary(&self) -> Result<Vec<TargetSummary>, StoreError> {
         self.call(deliveries::target_summary).await
+    }
+
+    async fn gauges(&self, now: i64) -> Result<QueueGauges, StoreError> {
+        self.call(move |c| gauges::gauges(c, now)).await
     }
 }
 

@@ -133,6 +133,8 @@ fn run_jobs(
         if batch.is_empty() {
             continue;
         }
+        let started = std::time::Instant::now();
+        let jobs = batch.len();
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             // No transaction: no job may run (in autocommit mode its writes would land one by
             // one, half of an apply_poll say, while its caller hears it failed).
@@ -143,6 +145,7 @@ fn run_jobs(
                 let (_, done) = job(None);
                 done(Err(&e));
             }
+            health.committed(started.elapsed(), jobs, false);
             continue;
         }
         let mut completions = Vec::with_capacity(batch.len());
@@ -204,6 +207,7 @@ fn run_jobs(
             (Ok(()), None) if conn.total_changes() > changes_before => health.set(None),
             (Ok(()), None) => {}
         }
+        health.committed(started.elapsed(), jobs, commit.is_ok());
         for done in completions {
             done(commit.as_ref().map(|_| ()));
         }
