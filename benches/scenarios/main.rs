@@ -110,6 +110,39 @@ fn main() {
     }
 }
 
+/// `GET /metrics` 50 times with `active` tasks queued: what one scrape costs.
+fn scrape(port: u16, active: i64, results: &mut Results) {
+    use std::io::{Read, Write};
+    let mut times = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..50 {
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("send");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        bytes = out.len();
+    }
+    times.sort_by(f64::total_cmp);
+    results.add(
+        "scrape",
+        &format!("GET /metrics with {active} tasks queued, median (ms)"),
+        "(info)",
+        format!("{:.2}", percentile(&times, 0.5)),
+        None,
+    );
+    results.add(
+        "scrape",
+        &format!("GET /metrics, p99 of 50 / size ({bytes} bytes)"),
+        "(info)",
+        format!("{:.2}", percentile(&times, 0.99)),
+        None,
+    );
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -130,11 +163,17 @@ fn add_startup_idle(
     results: &mut Results,
 ) {
     let api = rt.block_on(Fake::start(Mode::Pending));
+    // The metrics endpoint is on for the scrape figure; idle is measured with it on.
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"");
     let setup = Setup {
         api: &api.url,
         dir,
         poll: "max-requests-per-second = 2",
-        extra: "",
+        extra: &metrics,
     };
     let d = Daemon::start(&setup);
 
@@ -246,6 +285,7 @@ fn add_startup_idle(
         mib(hwm),
         None,
     );
+    scrape(metrics_port, active, results);
     d.stop();
 
     if run("startup") {
