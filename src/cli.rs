@@ -391,7 +391,13 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
             Err(e) => {
                 tracing::error!("cannot start: {e:#}");
                 notifier.status(&format!("cannot start: {e:#}"));
-                return ExitCode::from(EXIT_REFUSED);
+                // systemd's unit does not restart on EXIT_USAGE (RestartPreventExitStatus=2):
+                // a restart loop cannot get past another daemon holding the store or socket.
+                return ExitCode::from(if crate::daemon::is_unrecoverable(&e) {
+                    EXIT_USAGE
+                } else {
+                    EXIT_REFUSED
+                });
             }
         };
         // Config, store, socket and HTTP client are all up: only now is the service ready.

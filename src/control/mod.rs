@@ -28,7 +28,7 @@ mod show;
 pub mod socket;
 mod status;
 
-pub use socket::{ControlSocket, LineRead, bind, read_line, serve};
+pub use socket::{BindError, ControlSocket, LineRead, bind, read_line, serve};
 
 /// How long writing one response may take before the client is considered gone.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);

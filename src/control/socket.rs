@@ -68,12 +68,46 @@ impl FileId {
     }
 }
 
+/// Why the control socket could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// Another daemon answers on the path: starting again cannot help until it stops.
+    #[error("{0}")]
+    Taken(String),
+    /// Anything else (a directory, permissions, a file in the way).
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Creates the control socket at `path` with `mode` and optional `group`.
 pub fn bind(
     path: &Path,
     mode: u32,
     group: Option<&str>,
-) -> Result<(UnixListener, ControlSocket), String> {
+) -> Result<(UnixListener, ControlSocket), BindError> {
+    bind_inner(path, mode, group).map_err(|e| match e {
+        Bound::Taken(m) => BindError::Taken(m),
+        Bound::Failed(m) => BindError::Failed(m),
+    })
+}
+
+/// [`BindError`] while the `?`s below still convert from the plain `String`s they produce.
+enum Bound {
+    Taken(String),
+    Failed(String),
+}
+
+impl From<String> for Bound {
+    fn from(m: String) -> Bound {
+        Bound::Failed(m)
+    }
+}
+
+fn bind_inner(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<(UnixListener, ControlSocket), Bound> {
     let shown = path.display();
     let gid = group.map(resolve_group).transpose()?;
     let dir = path
@@ -90,25 +124,29 @@ pub fn bind(
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(format!(
+            return Err(Bound::Failed(format!(
                 "{shown} exists and is not a socket; refusing to replace it (set [control] socket to another path)"
-            ));
+            )));
         }
         Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => {
-                return Err(format!(
+                return Err(Bound::Taken(format!(
                     "another sunopoll daemon is already listening on {shown}; stop it first or use another [control] socket"
-                ));
+                )));
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 info!(socket = %shown, "replacing a stale control socket left by an earlier run");
                 std::fs::remove_file(path)
                     .map_err(|e| format!("cannot remove the stale socket {shown}: {e}"))?;
             }
-            Err(e) => return Err(format!("{shown} exists and cannot be checked: {e}")),
+            Err(e) => {
+                return Err(Bound::Failed(format!(
+                    "{shown} exists and cannot be checked: {e}"
+                )));
+            }
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot inspect {shown}: {e}")),
+        Err(e) => return Err(Bound::Failed(format!("cannot inspect {shown}: {e}"))),
     }
     let name = path
         .file_name()
@@ -134,7 +172,7 @@ pub fn bind(
     };
     if let Err(e) = finish() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        return Err(Bound::Failed(e));
     }
     let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{shown}: {e}"))?;
     listener
@@ -370,7 +408,10 @@ mod tests {
         let file = dir.path().join("plain");
         std::fs::write(&file, "keep me").expect("write");
         let e = bind(&file, 0o600, None).expect_err("not a socket");
-        assert!(e.contains("is not a socket"), "{e}");
+        assert!(
+            matches!(&e, BindError::Failed(m) if m.contains("is not a socket")),
+            "{e}"
+        );
         assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
 
         let path = dir.path().join("s.sock");
@@ -380,7 +421,10 @@ mod tests {
             0o600
         );
         let e = bind(&path, 0o600, None).expect_err("live");
-        assert!(e.contains("already listening"), "{e}");
+        assert!(
+            matches!(&e, BindError::Taken(m) if m.contains("already listening")),
+            "{e}"
+        );
         drop(live);
         let (_again, sock2) = bind(&path, 0o660, None).expect("stale replaced");
         assert_eq!(

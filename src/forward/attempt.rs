@@ -45,7 +45,7 @@ pub struct Attempted {
 /// The HTTP client for deliveries: sunopoll's user agent, and no redirects.
 pub fn http_client() -> reqwest::Result<reqwest::Client> {
     crate::api::install_crypto_provider();
-    reqwest::Client::builder()
+    crate::api::with_tls_roots(reqwest::Client::builder())
         .user_agent(crate::USER_AGENT)
         .redirect(reqwest::redirect::Policy::none())
         .build()

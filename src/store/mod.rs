@@ -50,6 +50,10 @@ pub enum StoreError {
     /// The store could not be opened.
     #[error("{0}")]
     Open(String),
+    /// The store is in use by another daemon (its lock is held): waiting or restarting cannot
+    /// fix that, stopping the other daemon can.
+    #[error("{0}")]
+    InUse(String),
     /// The store thread has stopped (the daemon is shutting down).
     #[error("the store has shut down")]
     Closed,

@@ -102,7 +102,12 @@ impl Sqlite {
                 .create(dir)
                 .map_err(|e| open_err(format!("cannot create directory {}: {e}", dir.display())))?;
         }
-        let lock = schema::lock_store(path).map_err(open_err)?;
+        let lock = schema::lock_store(path).map_err(|e| match e {
+            schema::LockError::Held(what) => {
+                StoreError::InUse(format!("store {}: {what}", path.display()))
+            }
+            schema::LockError::Failed(what) => open_err(what),
+        })?;
         let conn = Connection::open(path).map_err(|e| open_err(format!("cannot open: {e}")))?;
         schema::configure(&conn).map_err(|e| open_err(schema::explain_open_error(&e)))?;
         schema::migrate(&conn).map_err(open_err)?;

@@ -1,0 +1,99 @@
+//! The rough edges a new operator hits (issue 15), each seen through the real binary: a host
+//! without CA certificates, a second daemon on the same store or socket, re-tracking a finished
+//! task, starved control slots, `check-config`'s blind spots, `events --follow` across a
+//! restart, JSON errors, `add -` parsing and per-task callback URLs.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::binary::*;
+use crate::helpers::*;
+
+/// Starts `d` and waits for it to exit by itself; returns its exit code and log.
+async fn start_refused(d: &mut BinDaemon) -> (Option<i32>, String) {
+    d.spawn();
+    let started = Instant::now();
+    while d.running() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the daemon started when it should have refused:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (d.exit_code(), d.log_text())
+}
+
+/// Rewrites one `key = "…"` line of `d`'s config file.
+fn set_config_line(d: &BinDaemon, from: &str, to: &str) {
+    let toml = std::fs::read_to_string(&d.config).expect("config");
+    assert!(toml.contains(from), "{from} in {toml}");
+    std::fs::write(&d.config, toml.replace(from, to)).expect("config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_system_ca_certificates_the_daemon_starts_on_the_bundled_roots_and_says_so_once() {
+    let api = FakeApi::start().await;
+    let mut config = BinConfig::new(&api.uri());
+    // A forward target too, so both HTTP clients (the API's and the forwarder's) are built.
+    let receiver = Receiver::start().await;
+    config.targets.push(BinTarget::new("app", &receiver.url()));
+    let mut d = BinDaemon::prepare(&config);
+    let empty = d.dir.path().join("no-certs");
+    std::fs::create_dir(&empty).expect("mkdir");
+    // rustls-native-certs reads only these when either is set; both point at nothing.
+    d.env = vec![
+        (
+            "SSL_CERT_FILE".to_owned(),
+            path_str(&empty.join("none.pem")).to_owned(),
+        ),
+        ("SSL_CERT_DIR".to_owned(), path_str(&empty).to_owned()),
+    ];
+    d.restart().await;
+    api.script_statuses("ca-1", &["SUCCESS"]);
+    let v = d.request(json!({"cmd": "add", "task_ids": ["ca-1"]})).await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(d.wait_finished(&["ca-1".to_owned()]).await, "polled");
+    let log = d.stop().await;
+    let warned = warnings_naming(&log, "no CA certificates could be loaded");
+    assert_eq!(warned.len(), 1, "warned exactly once:\n{log}");
+    assert!(
+        warned[0].rest.contains("built into sunopoll"),
+        "{}",
+        warned[0].rest
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_store_or_socket_exits_with_the_no_restart_status() {
+    let api = FakeApi::start().await;
+    let config = BinConfig::new(&api.uri());
+    let mut first = BinDaemon::start(&config).await;
+
+    // Same socket, its own store.
+    let mut same_socket = BinDaemon::prepare(&config);
+    set_config_line(
+        &same_socket,
+        "socket = \"run/sunopoll.sock\"",
+        &format!("socket = \"{}\"", path_str(&first.socket)),
+    );
+    let (code, log) = start_refused(&mut same_socket).await;
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("already listening"), "{log}");
+
+    // Same store, its own socket.
+    let mut same_store = BinDaemon::prepare(&config);
+    set_config_line(
+        &same_store,
+        "path = \"state/sunopoll.db\"",
+        &format!("path = \"{}\"", path_str(&first.store)),
+    );
+    let (code, log) = start_refused(&mut same_store).await;
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("in use by another sunopoll daemon"), "{log}");
+
+    // The first daemon is unaffected.
+    assert_eq!(first.status().await["ok"], true);
+    first.stop().await;
+}
