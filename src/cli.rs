@@ -73,6 +73,10 @@ pub enum Command {
         /// A label shown in `list` and `show`.
         #[arg(long, value_name = "TEXT")]
         label: Option<String>,
+        /// Poll IDs that ended `failed` (or were removed) again, keeping their events; no
+        /// stage is emitted twice. Without it, a known ID is left as it is.
+        #[arg(long)]
+        again: bool,
     },
     /// List tasks, newest first.
     List {
@@ -177,6 +181,7 @@ pub fn main() -> ExitCode {
             task_ids,
             callback_url,
             label,
+            again,
         } => {
             let task_ids = if task_ids == ["-"] {
                 match client::read_ids(std::io::stdin()) {
@@ -204,6 +209,7 @@ pub fn main() -> ExitCode {
                     task_ids,
                     callback_url,
                     label,
+                    again,
                 }),
             )
         }

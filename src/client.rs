@@ -271,6 +271,7 @@ fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
             task_ids: chunk.to_vec(),
             callback_url: req.callback_url.clone(),
             label: req.label.clone(),
+            again: req.again,
         }))?;
         all.added += answer.added;
         all.existing += answer.existing;
@@ -584,15 +585,28 @@ fn print_delivery(d: &DeliveryView) {
     }
 }
 
-/// Reads task IDs from standard input (for `sunopoll add -`): separated by whitespace or commas.
+/// Reads task IDs from standard input (for `sunopoll add -`): one per line or separated by
+/// whitespace; blank lines and `#` comments are skipped. A comma is refused with the line it is
+/// on rather than split on: `a,b` is more likely a CSV column pasted whole than two IDs.
 pub fn read_ids(input: impl Read) -> std::io::Result<Vec<String>> {
     let mut text = String::new();
     BufReader::new(input).read_to_string(&mut text)?;
-    Ok(text
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect())
+    let mut ids = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split_once('#').map_or(line, |(before, _)| before);
+        if line.contains(',') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "line {}: {:?} has a comma; give one ID per line (or separate them with spaces)",
+                    n + 1,
+                    crate::api::clip(line.trim(), 80)
+                ),
+            ));
+        }
+        ids.extend(line.split_whitespace().map(str::to_owned));
+    }
+    Ok(ids)
 }
 
 /// Builds the request for a `list`.
@@ -615,9 +629,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_from_stdin_split_on_whitespace_and_commas() {
-        let ids = read_ids(&b"a1 b2\nc3,d4\n\n"[..]).expect("read");
+    fn ids_from_stdin_split_on_whitespace_and_lines_skipping_comments_never_on_commas() {
+        let ids = read_ids(&b"a1 b2\n\tc3\n\n# a comment, with a comma\nd4  # trailing\n"[..])
+            .expect("read");
         assert_eq!(ids, ["a1", "b2", "c3", "d4"]);
+        let e = read_ids(&b"a1\nc3,d4\n"[..]).expect_err("a comma is refused");
+        assert!(
+            e.to_string().contains("line 2") && e.to_string().contains("c3,d4"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub struct AddRequest {
     /// A free-text label shown in `list` and `show`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// Poll tasks that ended `failed` or were removed again, keeping their events (no stage
+    /// is emitted twice). Without it, a known ID is left as it is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub again: bool,
 }
 
 /// `list`: tasks, optionally filtered by state.
@@ -722,6 +726,12 @@ mod tests {
                 task_ids: vec!["a".into(), "b".into()],
                 callback_url: Some("http://127.0.0.1:1/x".into()),
                 label: Some("l".into()),
+                again: false,
+            }),
+            Request::Add(AddRequest {
+                task_ids: vec!["a".into()],
+                again: true,
+                ..AddRequest::default()
             }),
             Request::List(ListRequest {
                 state: Some("active".into()),

@@ -23,17 +23,17 @@ pub(super) async fn run(req: AddRequest, ctx: &Control) -> Result<AddResponse, E
         .into_iter()
         .filter(|id| seen.insert(id.clone()))
         .collect();
-    let tasks = ctx
-        .store
-        .add(
-            ids,
-            req.callback_url,
-            req.label,
-            now_ms(),
-            ms(ctx.policy.task_deadline),
-        )
-        .await
-        .map_err(|e| store_error(&e))?;
+    let (now, deadline) = (now_ms(), ms(ctx.policy.task_deadline));
+    let tasks = if req.again {
+        ctx.store
+            .retrack(ids, req.callback_url, req.label, now, deadline)
+            .await
+    } else {
+        ctx.store
+            .add(ids, req.callback_url, req.label, now, deadline)
+            .await
+    }
+    .map_err(|e| store_error(&e))?;
     let added: Vec<&str> = tasks
         .iter()
         .filter(|t| t.result != AddResult::Exists)

@@ -144,6 +144,19 @@ impl Store {
         on_backend!(self, b => b.add(ids, callback_url, label, now, deadline_after).await)
     }
 
+    /// Adds task IDs and polls `failed` or `removed` ones again, keeping their events (see
+    /// [`Backend::retrack`]).
+    pub async fn retrack(
+        &self,
+        ids: Vec<String>,
+        callback_url: Option<String>,
+        label: Option<String>,
+        now: i64,
+        deadline_after: i64,
+    ) -> Result<Vec<AddedTask>, StoreError> {
+        on_backend!(self, b => b.retrack(ids, callback_url, label, now, deadline_after).await)
+    }
+
     /// The first `limit` active tasks by `next_poll_at` (due or not), for the scheduler.
     pub async fn due_window(&self, limit: usize) -> Result<Vec<DueRow>, StoreError> {
         on_backend!(self, b => b.due_window(limit).await)

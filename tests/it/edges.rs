@@ -97,3 +97,90 @@ async fn a_second_daemon_on_the_same_store_or_socket_exits_with_the_no_restart_s
     assert_eq!(first.status().await["ok"], true);
     first.stop().await;
 }
+
+/// Waits until `id`'s state (from `list`) is `state`.
+async fn wait_state(d: &BinDaemon, id: &str, state: &str) {
+    let started = Instant::now();
+    while d.states().await.get(id).map(String::as_str) != Some(state) {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{id} never became {state}: {:?}\n{}",
+            d.states().await,
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_again_polls_a_failed_task_once_more_keeping_its_events_and_no_stage_twice() {
+    let api = FakeApi::start().await;
+    let d = BinDaemon::start(&BinConfig::new(&api.uri())).await;
+    let id = "again-1";
+    api.script_statuses(id, &["TEXT_SUCCESS", "GENERATE_AUDIO_FAILED"]);
+    let out = d.cli(&["add", id]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_state(&d, id, "failed").await;
+    let polls_when_failed = api.calls(id);
+
+    // A plain add of a known ID changes nothing.
+    let out = d.cli(&["add", id]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("known"),
+        "{}",
+        text(&out.stdout)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(api.calls(id), polls_when_failed, "not polled again");
+
+    // --again: polled once more; the API now says it succeeded.
+    api.script_statuses(id, &["SUCCESS"]);
+    let out = d.cli(&["add", "--again", id]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("re-added"),
+        "{}",
+        text(&out.stdout)
+    );
+    wait_state(&d, id, "done").await;
+    let stages: Vec<String> = d
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e.task == id)
+        .map(|e| e.stage)
+        .collect();
+    assert_eq!(
+        stages,
+        ["text", "error", "first", "complete"],
+        "kept, none twice"
+    );
+
+    // Failing again after --again: the first error stays the only one, and the task ends.
+    let id2 = "again-2";
+    api.script_statuses(id2, &["GENERATE_AUDIO_FAILED"]);
+    d.request(json!({"cmd": "add", "task_ids": [id2]})).await;
+    wait_state(&d, id2, "failed").await;
+    let v = d
+        .request(json!({"cmd": "add", "task_ids": [id2], "again": true}))
+        .await;
+    assert_eq!(v["tasks"][0]["result"], "readded", "{v}");
+    let polls = api.calls(id2);
+    let started = Instant::now();
+    while api.calls(id2) == polls || d.states().await.get(id2).map(String::as_str) != Some("failed")
+    {
+        assert!(started.elapsed() < PATIENCE, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let errors = d
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e.task == id2 && e.stage == "error")
+        .count();
+    assert_eq!(errors, 1);
+    let mut d = d;
+    let log = d.stop().await;
+    assert!(!log.contains("already has"), "{log}");
+}

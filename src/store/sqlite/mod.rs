@@ -158,6 +158,18 @@ impl Backend for Sqlite {
             .await
     }
 
+    async fn retrack(
+        &self,
+        ids: Vec<String>,
+        callback_url: Option<String>,
+        label: Option<String>,
+        now: i64,
+        deadline_after: i64,
+    ) -> Result<Vec<AddedTask>, StoreError> {
+        self.call(move |c| tasks::retrack(c, ids, callback_url, label, now, deadline_after))
+            .await
+    }
+
     async fn due_window(&self, limit: usize) -> Result<Vec<DueRow>, StoreError> {
         self.call(move |c| tasks::due_window(c, limit)).await
     }
