@@ -8,13 +8,16 @@
 //!
 //! Serving: one task per connection, behind a semaphore. Each line is capped at
 //! [`MAX_LINE`] and each wait for a line by `control.idle-timeout`;
-//! a bad line gets an error response and never affects other clients.
+//! a bad line gets an error response and never affects other clients. When every slot is
+//! taken, the connection idle longest (waiting for its client's next request) is closed with an
+//! `evicted` answer so the new client is served; only when none is idle (all are answering or
+//! following events) does the new client hear `busy`.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -208,6 +211,77 @@ fn resolve_group(group: &str) -> Result<u32, String> {
         })
 }
 
+/// How long a new client waits for the slot of the idle connection closed for it. Closing
+/// takes one short write; past this, something else took the slot and the client hears `busy`.
+const EVICTION_WAIT: Duration = Duration::from_secs(2);
+
+/// Every open connection, and since when each has been waiting for its client's next request
+/// (`None` while a request is being answered or events are followed). When every slot is taken,
+/// the one idle longest is closed so a new client is served: silent connections cannot starve
+/// an active one.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: std::collections::HashMap<u64, (Option<Instant>, CancellationToken)>,
+}
+
+type SharedConnections = Arc<std::sync::Mutex<Connections>>;
+
+fn lock(c: &SharedConnections) -> std::sync::MutexGuard<'_, Connections> {
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Connections {
+    /// Closes the connection idle longest; false if none is idle.
+    fn evict_longest_idle(&mut self) -> bool {
+        let oldest = self
+            .open
+            .iter()
+            .filter_map(|(id, (since, _))| since.map(|s| (s, *id)))
+            .min();
+        let Some((_, id)) = oldest else { return false };
+        if let Some((_, token)) = self.open.remove(&id) {
+            token.cancel();
+        }
+        true
+    }
+}
+
+/// One connection's entry in [`Connections`], removed when the connection ends.
+struct Slot {
+    id: u64,
+    all: SharedConnections,
+    evicted: CancellationToken,
+}
+
+impl Slot {
+    fn open(all: &SharedConnections) -> Slot {
+        let mut c = lock(all);
+        c.next_id += 1;
+        let id = c.next_id;
+        let evicted = CancellationToken::new();
+        c.open.insert(id, (Some(Instant::now()), evicted.clone()));
+        Slot {
+            id,
+            all: all.clone(),
+            evicted,
+        }
+    }
+
+    /// Marks the connection idle (waiting for a request) or busy.
+    fn set_idle(&self, idle: bool) {
+        if let Some(entry) = lock(&self.all).open.get_mut(&self.id) {
+            entry.0 = idle.then(Instant::now);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.all).open.remove(&self.id);
+    }
+}
+
 /// Accepts connections until `cancel` fires. Every connection is a task in `tracker`.
 pub async fn serve(
     listener: UnixListener,
@@ -216,6 +290,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = SharedConnections::default();
     let mut accept_errors = 0u32;
     loop {
         let accepted = tokio::select! {
@@ -236,19 +311,39 @@ pub async fn serve(
                 continue;
             }
         };
+        let ctx = ctx.clone();
+        let cancel = cancel.clone();
+        let all = connections.clone();
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                let ctx = ctx.clone();
-                let cancel = cancel.clone();
                 tracker.spawn(async move {
-                    if let Err(e) = handle_connection(stream, &ctx, &cancel).await {
+                    let slot = Slot::open(&all);
+                    if let Err(e) = handle_connection(stream, &ctx, &cancel, &slot).await {
                         debug!(error = %e, "control connection ended with an error");
                     }
+                    drop(slot);
                     drop(permit);
                 });
             }
             Err(_) => {
+                let freed = lock(&connections).evict_longest_idle();
+                if freed {
+                    debug!("every control slot taken: closed the connection idle longest");
+                }
+                let permits = permits.clone();
                 tracker.spawn(async move {
+                    if freed
+                        && let Ok(Ok(permit)) =
+                            tokio::time::timeout(EVICTION_WAIT, permits.acquire_owned()).await
+                    {
+                        let slot = Slot::open(&all);
+                        if let Err(e) = handle_connection(stream, &ctx, &cancel, &slot).await {
+                            debug!(error = %e, "control connection ended with an error");
+                        }
+                        drop(slot);
+                        drop(permit);
+                        return;
+                    }
                     let mut stream = stream;
                     let line =
                         ErrorBody::new("busy", "too many control connections; try again shortly")
@@ -316,19 +411,27 @@ async fn handle_connection(
     stream: UnixStream,
     ctx: &Control,
     cancel: &CancellationToken,
+    slot: &Slot,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(8 * 1024, read);
     let mut buf = Vec::new();
     loop {
         buf.clear();
+        slot.set_idle(true);
         let read = tokio::select! {
             () = cancel.cancelled() => {
                 let _ = write_line(&mut write, &ErrorBody::new("shutting_down", "the daemon is stopping").to_line()).await;
                 return Ok(());
             }
+            () = slot.evicted.cancelled() => {
+                let msg = "closed while idle: every control connection slot was taken and another client needed one; reconnect to send a request";
+                let _ = write_line(&mut write, &ErrorBody::new("evicted", msg).to_line()).await;
+                return Ok(());
+            }
             r = tokio::time::timeout(ctx.idle_timeout, read_line(&mut reader, &mut buf, MAX_LINE)) => r,
         };
+        slot.set_idle(false);
         match read {
             Err(_) => {
                 let msg = format!(
