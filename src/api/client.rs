@@ -145,6 +145,7 @@ impl ApiClient {
         };
         url.query_pairs_mut()
             .append_pair(family.task_id_key(), task_id);
+        let requested = format!("{}{}", url.origin().ascii_serialization(), url.path());
         let response = match self
             .http
             .get(url)
@@ -170,12 +171,26 @@ impl ApiClient {
         match read_capped(response, MAX_BODY_BYTES).await {
             // Redacted before anything reads it, so no cause, message or event can carry the
             // key even if the API echoes it back.
-            Ok(body) => classify(
+            Ok(body) => match classify(
                 family,
                 status,
                 retry_after,
                 &redact(&body, self.key.expose()),
-            ),
+            ) {
+                // A wrong path, not a wrong task: almost always api.base-url with a path in it.
+                Outcome::Unavailable { retry_after, cause }
+                    if status == 404 || cause.contains("404") =>
+                {
+                    let cause = cause.trim_end_matches(" (is api.base-url right?)");
+                    Outcome::Unavailable {
+                        retry_after,
+                        cause: format!(
+                            "{cause} (GET {requested}: check api.base-url, which should be the API's root like https://api.sunoapi.org)"
+                        ),
+                    }
+                }
+                outcome => outcome,
+            },
             Err(BodyError::TooLarge) => Outcome::Broken {
                 cause: format!("HTTP {status} with a body over {MAX_BODY_BYTES} bytes"),
             },

@@ -184,3 +184,76 @@ async fn add_again_polls_a_failed_task_once_more_keeping_its_events_and_no_stage
     let log = d.stop().await;
     assert!(!log.contains("already has"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_refuses_what_a_new_operator_gets_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let check = |toml: &str| {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).expect("write");
+        sunopoll(&["check-config", "--config", path_str(&path)])
+    };
+    for (toml, key, says) in [
+        (
+            "[control]\nmode = \"0666\"\n",
+            "control.mode",
+            "every local user",
+        ),
+        (
+            "[control]\nmode = \"777\"\n",
+            "control.mode",
+            "every local user",
+        ),
+        ("[poll]\ninterval = \"1ms\"\n", "poll.interval", "minimum"),
+        (
+            "[api]\nbase-url = \"https://api.sunoapi.org/api/v1/generate\"\n",
+            "api.base-url",
+            "\"https://api.sunoapi.org\"",
+        ),
+    ] {
+        let out = run(check(toml)).await;
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{toml}: {err}");
+        assert!(err.contains(key) && err.contains(says), "{toml}: {err}");
+    }
+
+    // A key file that cannot be read: the daemon would exit 2, so check-config says so.
+    let key = dir.path().join("missing-key");
+    let toml = format!("[api]\nkey-file = \"{}\"\n", path_str(&key));
+    let out = run(check(&toml)).await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("api.key-file") && err.contains("missing-key"),
+        "{err}"
+    );
+    assert!(!text(&out.stdout).contains("\nok"), "{}", text(&out.stdout));
+    std::fs::write(&key, "sk-a-readable-key-123\n").expect("write");
+    let out = run(check(&toml)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("api key: found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_api_path_names_the_url_requested_and_api_base_url() {
+    let api = FakeApi::start().await;
+    // A base URL with a path the API does not have: wiremock answers 404.
+    let mut d = BinDaemon::start(&BinConfig::new(&format!("{}/suno/", api.uri()))).await;
+    d.request(json!({"cmd": "add", "task_ids": ["path-1"]}))
+        .await;
+    let started = Instant::now();
+    while warnings_naming(&d.log_text(), "check api.base-url").is_empty() {
+        assert!(started.elapsed() < PATIENCE, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let log = d.stop().await;
+    let line = &warnings_naming(&log, "check api.base-url")[0];
+    assert!(
+        line.rest.contains(&format!(
+            "GET {}/suno/api/v1/generate/record-info",
+            api.uri()
+        )),
+        "{}",
+        line.rest
+    );
+}
