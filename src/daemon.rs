@@ -258,8 +258,10 @@ impl Daemon {
     /// socket file, and returns.
     pub async fn shutdown(self) {
         self.notifier
-            .stopping("stopping: waiting for polls in flight");
-        info!("shutting down: no new polls or connections; waiting for polls in flight");
+            .stopping("stopping: waiting for polls and deliveries in flight");
+        info!(
+            "shutting down: no new polls, deliveries or connections; waiting for polls and deliveries in flight"
+        );
         self.cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(self.drain, self.tracker.wait())
@@ -268,7 +270,7 @@ impl Daemon {
         {
             warn!(
                 drain = %format_duration(self.drain),
-                "some work did not finish within the drain time; unfinished polls are repeated at the next start"
+                "some work did not finish within the drain time; unfinished polls and deliveries are repeated at the next start"
             );
         }
         self.socket.remove();

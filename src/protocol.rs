@@ -49,6 +49,7 @@ pub const COMMANDS: &[&str] = &[
     "events",
     "status",
     "redeliver",
+    "cancel",
 ];
 
 /// `add`: start tracking one or more task IDs.
@@ -138,6 +139,19 @@ pub struct RedeliverRequest {
     pub target: Option<String>,
 }
 
+/// `cancel`: give up the pending deliveries of one event (`seq`) or one task (`task_id`);
+/// exactly one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    /// One event, by sequence number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    /// Every event of one task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+}
+
 /// `status`: daemon health.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,6 +175,8 @@ pub enum Request {
     Status(StatusRequest),
     /// See [`RedeliverRequest`].
     Redeliver(RedeliverRequest),
+    /// See [`CancelRequest`].
+    Cancel(CancelRequest),
 }
 
 /// Why a request line was refused. `code` is stable for scripts; `message` is for people.
@@ -232,6 +248,7 @@ impl Request {
             "events" => Request::Events(body(&cmd, value)?),
             "status" => Request::Status(body(&cmd, value)?),
             "redeliver" => Request::Redeliver(body(&cmd, value)?),
+            "cancel" => Request::Cancel(body(&cmd, value)?),
             other => {
                 return Err(ErrorBody::new(
                     "unknown_command",
@@ -661,6 +678,13 @@ pub struct EventLine {
     pub event: EventView,
 }
 
+/// The answer to `cancel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelResponse {
+    /// Pending deliveries given up.
+    pub cancelled: u64,
+}
+
 /// The answer to `redeliver`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RedeliverResponse {
@@ -909,6 +933,10 @@ mod tests {
         same_wire(
             &RedeliverResponse { deliveries: 3 },
             r#"{"ok":true,"deliveries":3}"#,
+        );
+        same_wire(
+            &CancelResponse { cancelled: 2 },
+            r#"{"ok":true,"cancelled":2}"#,
         );
     }
 

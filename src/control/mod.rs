@@ -20,6 +20,7 @@ use crate::protocol::{ErrorBody, Request, answer_line, check_task_id};
 use crate::store::{Store, StoreError};
 
 mod add;
+mod cancel;
 mod events;
 mod list;
 mod redeliver;
@@ -89,6 +90,7 @@ async fn handle(request: Request, ctx: &Control) -> String {
         Request::Events(req) => line(events::list(req, ctx).await),
         Request::Status(_) => line(status::run(ctx).await),
         Request::Redeliver(req) => line(redeliver::run(req, ctx).await),
+        Request::Cancel(req) => line(cancel::run(req, ctx).await),
     }
 }
 

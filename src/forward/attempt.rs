@@ -147,6 +147,10 @@ async fn judge(mut response: reqwest::Response) -> AttemptResult {
     if (300..400).contains(&status) {
         cause.push_str(" (redirects are not followed: a callback goes to one URL)");
     }
+    if matches!(status, 404 | 405) {
+        // A handler that is up but has no such route: retrying for a day will not add one.
+        cause.push_str(" (the handler has no such route: check the target URL)");
+    }
     if !text.trim().is_empty() {
         cause.push_str(&format!(": {}", clip(text.trim(), ERROR_BODY_BYTES)));
     }

@@ -143,6 +143,15 @@ pub trait Backend: Send + Sync {
         now: i64,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
+    /// Gives up the pending deliveries of one event (`seq`) or of one task's events, marking
+    /// each `failed` as cancelled; an attempt in flight meanwhile does not undo it. Returns how
+    /// many.
+    fn cancel_deliveries(
+        &self,
+        what: Replay,
+        now: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
     /// Replays deliveries (see [`super::Store::redeliver`]). Returns how many are now pending.
     fn redeliver(
         &self,

@@ -274,6 +274,12 @@ impl Store {
         on_backend!(self, b => b.fail_orphans(known, now).await)
     }
 
+    /// Gives up the pending deliveries of one event or one task (`Replay::Event` or
+    /// `Replay::Task`; the time-based kinds match nothing). Returns how many.
+    pub async fn cancel_deliveries(&self, what: Replay, now: i64) -> Result<usize, StoreError> {
+        on_backend!(self, b => b.cancel_deliveries(what, now).await)
+    }
+
     /// Replays deliveries: matching ones go back to pending with a fresh schedule (keeping their
     /// `webhook-id`). For `Event` and `Task`, `routes` (the configured targets) also get a
     /// delivery for events they never had one for. `target` limits it all to one target.

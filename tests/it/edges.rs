@@ -257,3 +257,243 @@ async fn a_wrong_api_path_names_the_url_requested_and_api_base_url() {
         line.rest
     );
 }
+
+/// Runs `sunopoll args…` against `d` with `input` on standard input.
+async fn cli_with_input(d: &BinDaemon, args: &[&str], input: String) -> std::process::Output {
+    use std::io::Write as _;
+    let mut all = args.to_vec();
+    all.extend(["--socket", path_str(&d.socket)]);
+    let mut child = sunopoll(&all)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    tokio::task::spawn_blocking(move || stdin.write_all(input.as_bytes()))
+        .await
+        .expect("join")
+        .expect("write");
+    output_by(child, Deadline::patience()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_from_stdin_takes_lines_skips_comments_refuses_commas_and_logs_one_line_per_request() {
+    let api = FakeApi::start().await;
+    let mut d = BinDaemon::start(&BinConfig::new(&api.uri())).await;
+    let out = cli_with_input(
+        &d,
+        &["add", "-"],
+        "in-1\n\n# from the export, with, commas\nin-2 in-3  # trailing\n".to_owned(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("3 added"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = cli_with_input(&d, &["add", "-"], "in-4\nin-5,in-6\n".to_owned()).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("comma"), "{err}");
+    assert!(!d.states().await.contains_key("in-4"), "nothing was added");
+
+    // 2 500 IDs: three requests (the CLI's batches), one log line each.
+    let many: Vec<String> = (0..2500).map(|i| format!("bulk-{i:04}")).collect();
+    let out = cli_with_input(&d, &["add", "-"], many.join("\n")).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let log = d.stop().await;
+    let lines: Vec<LogLine> = log_lines(&log)
+        .into_iter()
+        .filter(|l| l.rest.contains("tasks added"))
+        .collect();
+    assert_eq!(lines.len(), 4, "one line per request:\n{log}");
+    assert_eq!(
+        lines[0].field("task_ids").as_deref(),
+        Some("in-1,in-2,in-3")
+    );
+    assert_eq!(lines[0].field("count").as_deref(), Some("3"));
+    let counts: Vec<String> = lines[1..].iter().filter_map(|l| l.field("count")).collect();
+    assert_eq!(counts, ["1000", "1000", "500"]);
+    assert!(
+        lines[1]
+            .field("task_ids")
+            .is_some_and(|ids| ids.starts_with("bulk-0000,") && ids.ends_with(",…")),
+        "{}",
+        lines[1].rest
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_json_errors_are_json_on_stderr_with_the_same_exit_codes() {
+    let api = FakeApi::start().await;
+    let mut d = BinDaemon::start(&BinConfig::new(&api.uri())).await;
+    let err_json = |out: &std::process::Output| -> serde_json::Value {
+        let err = text(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        serde_json::from_str(&err).unwrap_or_else(|e| panic!("not JSON ({e}): {err}"))
+    };
+    let out = d.cli(&["show", "no-such-task", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let v = err_json(&out);
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+
+    let out = d.cli(&["add", "bad id!", "--json"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(err_json(&out)["error"]["code"], "invalid_task_id");
+
+    let gone = d.dir.path().join("nothing-here.sock");
+    let out = run(sunopoll(&["status", "--json", "--socket", path_str(&gone)])).await;
+    assert_eq!(out.status.code(), Some(3));
+    let v = err_json(&out);
+    assert_eq!(v["error"]["code"], "unreachable", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("nothing-here.sock")
+    );
+
+    // Without --json, the same errors stay text.
+    let out = d.cli(&["show", "no-such-task"]).await;
+    assert!(
+        text(&out.stderr).starts_with("sunopoll: "),
+        "{}",
+        text(&out.stderr)
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_task_callback_url_must_be_on_an_allowed_host_and_pending_deliveries_can_be_cancelled()
+ {
+    let api = FakeApi::start().await;
+    let mut d = BinDaemon::start(&BinConfig::new(&api.uri())).await;
+    let out = d
+        .cli(&[
+            "add",
+            "cb-1",
+            "--callback-url",
+            "http://203.0.113.7:8080/hook",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("203.0.113.7") && err.contains("forward.allow-hosts"),
+        "{err}"
+    );
+    assert!(!d.states().await.contains_key("cb-1"), "not added");
+
+    // An allowed host whose handler has no such route: retried, logged as a wrong URL, and
+    // cancelled on request.
+    let receiver = Receiver::start().await;
+    receiver.always(404, Duration::ZERO);
+    api.script_statuses("cb-2", &["SUCCESS"]);
+    let out = d
+        .cli(&["add", "cb-2", "--callback-url", &receiver.url()])
+        .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let started = Instant::now();
+    while receiver.count() < 2 {
+        assert!(started.elapsed() < PATIENCE, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let out = d.cli(&["deliveries", "cancel", "--task", "cb-2"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("pending deliver") && text(&out.stdout).contains("cancelled"),
+        "{}",
+        text(&out.stdout)
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = receiver.count();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(receiver.count(), after, "no more attempts after the cancel");
+    let v = d.request(json!({"cmd": "show", "task_id": "cb-2"})).await;
+    let deliveries: Vec<serde_json::Value> = v["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .flat_map(|e| e["deliveries"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert!(!deliveries.is_empty(), "{v}");
+    assert!(
+        deliveries.iter().all(|d| d["state"] == "failed"),
+        "every delivery given up: {v}"
+    );
+    let v = d.request(json!({"cmd": "cancel", "task_id": "cb-2"})).await;
+    assert_eq!(v, json!({"ok": true, "cancelled": 0}));
+    let v = d.request(json!({"cmd": "cancel"})).await;
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    let log = d.stop().await;
+    assert!(
+        !warnings_naming(&log, "check the target URL").is_empty(),
+        "a 404 from the handler says what to check:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_follow_reconnects_across_a_daemon_restart_and_resumes_after_the_last_event() {
+    use std::io::BufRead as _;
+    let api = FakeApi::start().await;
+    let mut d = BinDaemon::start(&BinConfig::new(&api.uri())).await;
+    let mut follower = sunopoll(&[
+        "events",
+        "--follow",
+        "--json",
+        "--socket",
+        path_str(&d.socket),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("spawn");
+    let stdout = follower.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    fn take(rx: &std::sync::mpsc::Receiver<String>, n: usize) -> Vec<serde_json::Value> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let line = rx.recv_timeout(PATIENCE).expect("an event line in time");
+            got.push(serde_json::from_str(&line).expect("JSON"));
+        }
+        got
+    }
+    // Let the follower pin "now" before the first event.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.script_statuses("follow-1", &["SUCCESS"]);
+    d.request(json!({"cmd": "add", "task_ids": ["follow-1"]}))
+        .await;
+    let (first, rx) = tokio::task::spawn_blocking(move || (take(&rx, 3), rx))
+        .await
+        .expect("join");
+    d.stop().await;
+    d.restart().await;
+    api.script_statuses("follow-2", &["SUCCESS"]);
+    d.request(json!({"cmd": "add", "task_ids": ["follow-2"]}))
+        .await;
+    let second = tokio::task::spawn_blocking(move || take(&rx, 3))
+        .await
+        .expect("join");
+    let seqs: Vec<i64> = first
+        .iter()
+        .chain(&second)
+        .map(|e| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6], "none missed or printed twice");
+    assert!(second.iter().all(|e| e["task_id"] == "follow-2"));
+    let _ = follower.kill();
+    let _ = follower.wait();
+    d.stop().await;
+}

@@ -279,6 +279,10 @@ impl Backend for Sqlite {
             .await
     }
 
+    async fn cancel_deliveries(&self, what: Replay, now: i64) -> Result<usize, StoreError> {
+        self.call(move |c| deliveries::cancel(c, &what, now)).await
+    }
+
     async fn redeliver(
         &self,
         what: Replay,
