@@ -497,3 +497,48 @@ async fn events_follow_reconnects_across_a_daemon_restart_and_resumes_after_the_
     let _ = follower.wait();
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_path_prints_the_clients_socket_and_the_readme_one_liners_use_it() {
+    let api = FakeApi::start().await;
+    let mut d = BinDaemon::start(&BinConfig::new(&api.uri())).await;
+    let out = run(sunopoll(&["socket-path", "--config", path_str(&d.config)])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), path_str(&d.socket));
+    let mut with_env = sunopoll(&["socket-path"]);
+    with_env.env("SUNOPOLL_SOCKET", "/x/y.sock");
+    let out = run(with_env).await;
+    assert_eq!(text(&out.stdout).trim(), "/x/y.sock");
+
+    // The README's Python one-liner, run as written, with `sunopoll` on the PATH.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let lines: Vec<&str> = readme.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("python3 -c 'import json,socket"))
+        .expect("the Python one-liner");
+    let command = format!("{}\n{}", lines[at], lines[at + 1]);
+    assert!(command.contains("$(sunopoll socket-path)"), "{command}");
+    let bin_dir = std::path::Path::new(BIN).parent().expect("dir");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let mut bash = std::process::Command::new("bash");
+        bash.args(["-c", &command])
+            .env("PATH", path)
+            .env("SUNOPOLL_SOCKET", &d.socket);
+        let out = run(bash).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(&text(&out.stdout)).expect("JSON");
+        assert_eq!(v["added"], 1, "{v}");
+    }
+    d.stop().await;
+}
