@@ -9,7 +9,9 @@ use crate::client::{self, EXIT_REFUSED, EXIT_USAGE, Output};
 use crate::config::{Config, Environment};
 use crate::daemon::Daemon;
 use crate::logging;
-use crate::protocol::{AddRequest, EventsRequest, RedeliverRequest, Request, StatusRequest};
+use crate::protocol::{
+    AddRequest, CancelRequest, EventsRequest, RedeliverRequest, Request, StatusRequest,
+};
 use crate::systemd::{self, Supervision};
 
 /// Stands in for the Suno API's callbacks on hosts that cannot receive them: polls task state and
@@ -73,6 +75,10 @@ pub enum Command {
         /// A label shown in `list` and `show`.
         #[arg(long, value_name = "TEXT")]
         label: Option<String>,
+        /// Poll IDs that ended `failed` (or were removed) again, keeping their events; no
+        /// stage is emitted twice. Without it, a known ID is left as it is.
+        #[arg(long)]
+        again: bool,
     },
     /// List tasks, newest first.
     List {
@@ -126,8 +132,17 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
     },
+    /// Pending deliveries: `sunopoll deliveries cancel --task ID` gives them up.
+    Deliveries {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: DeliveriesAction,
+    },
     /// Check a config file (and say where the API key would come from). Exits 2 on problems.
     CheckConfig,
+    /// Print the control socket client commands would use (for socat, scripts): the same
+    /// search as theirs (--socket, $SUNOPOLL_SOCKET, the config's control.socket, the defaults).
+    SocketPath,
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell) to standard output.
     Completions {
         /// The shell to complete for.
@@ -136,6 +151,21 @@ pub enum Command {
     },
     /// Print the manual page (roff) to standard output: `sunopoll man | man -l -`.
     Man,
+}
+
+/// `sunopoll deliveries …`.
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesAction {
+    /// Give up pending deliveries (they stop being retried; `redeliver` can queue them again).
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["seq", "task"])))]
+    Cancel {
+        /// One event's, by sequence number (see `sunopoll events`).
+        #[arg(long, value_name = "SEQ")]
+        seq: Option<i64>,
+        /// Every event's of one task.
+        #[arg(long, value_name = "TASK_ID")]
+        task: Option<String>,
+    },
 }
 
 /// The binary's entry point.
@@ -150,6 +180,13 @@ pub fn main() -> ExitCode {
         },
         Command::CheckConfig => match daemon_only(&opts, "check-config") {
             Ok(()) => check_config(opts.config, &env),
+            Err(code) => code,
+        },
+        Command::SocketPath => match client_socket(&opts, &env) {
+            Ok(socket) => {
+                println!("{}", socket.display());
+                ExitCode::SUCCESS
+            }
             Err(code) => code,
         },
         Command::Completions { shell } => {
@@ -177,25 +214,24 @@ pub fn main() -> ExitCode {
             task_ids,
             callback_url,
             label,
+            again,
         } => {
             let task_ids = if task_ids == ["-"] {
                 match client::read_ids(std::io::stdin()) {
                     Ok(ids) if !ids.is_empty() => ids,
                     Ok(_) => {
-                        eprintln!("sunopoll: no task IDs on standard input");
-                        return ExitCode::from(EXIT_USAGE);
+                        return usage_error(&opts, "usage", "no task IDs on standard input");
                     }
                     Err(e) => {
-                        eprintln!("sunopoll: cannot read task IDs from standard input: {e}");
-                        return ExitCode::from(EXIT_USAGE);
+                        let what = format!("cannot read task IDs from standard input: {e}");
+                        return usage_error(&opts, "usage", &what);
                     }
                 }
             } else {
                 task_ids
             };
             if let Err(e) = crate::protocol::check_task_ids(&task_ids) {
-                eprintln!("sunopoll: {}", e.message);
-                return ExitCode::from(EXIT_USAGE);
+                return usage_error(&opts, &e.code, &e.message);
             }
             run_client(
                 &opts,
@@ -204,6 +240,7 @@ pub fn main() -> ExitCode {
                     task_ids,
                     callback_url,
                     label,
+                    again,
                 }),
             )
         }
@@ -235,6 +272,13 @@ pub fn main() -> ExitCode {
             }),
         ),
         Command::Status => run_client(&opts, &env, Request::Status(StatusRequest {})),
+        Command::Deliveries {
+            action: DeliveriesAction::Cancel { seq, task },
+        } => run_client(
+            &opts,
+            &env,
+            Request::Cancel(CancelRequest { seq, task_id: task }),
+        ),
         Command::Redeliver {
             seq,
             task,
@@ -256,10 +300,7 @@ pub fn main() -> ExitCode {
             };
             let (failed_since, sent_since) = match (when(failed_since), when(sent_since)) {
                 (Ok(f), Ok(s)) => (f, s),
-                (Err(e), _) | (_, Err(e)) => {
-                    eprintln!("sunopoll: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
+                (Err(e), _) | (_, Err(e)) => return usage_error(&opts, "usage", &e),
             };
             run_client(
                 &opts,
@@ -274,6 +315,14 @@ pub fn main() -> ExitCode {
             )
         }
     }
+}
+
+/// A usage or config error of a client command, printed as text or (with `--json`) as the
+/// daemon's error line; exits [`EXIT_USAGE`].
+fn usage_error(opts: &GlobalOptions, code: &str, message: &str) -> ExitCode {
+    let body = crate::protocol::ErrorBody::new(code, message);
+    client::print_error(Output { json: opts.json }, &body, message);
+    ExitCode::from(EXIT_USAGE)
 }
 
 /// `--socket` and `--json` belong to client commands; the daemon's socket is `control.socket`
@@ -296,28 +345,32 @@ fn daemon_only(opts: &GlobalOptions, command: &str) -> Result<(), ExitCode> {
 }
 
 fn run_client(opts: &GlobalOptions, env: &Environment, request: Request) -> ExitCode {
+    match client_socket(opts, env) {
+        Ok(socket) => client::run(&socket, request, Output { json: opts.json }),
+        Err(code) => code,
+    }
+}
+
+/// The socket client commands talk to.
+fn client_socket(opts: &GlobalOptions, env: &Environment) -> Result<PathBuf, ExitCode> {
     // Only control.socket is read: a client has no business reading the daemon's secret files
     // (which it usually may not), nor failing on them.
     let configured = match &opts.config {
         Some(path) => match crate::config::control_socket_in(path) {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("sunopoll: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
+            Err(e) => return Err(usage_error(opts, "config", &e.to_string())),
         },
         None => None,
     };
     let env_socket = std::env::var_os("SUNOPOLL_SOCKET")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
-    let socket = client::find_socket(
+    Ok(client::find_socket(
         opts.socket.as_deref(),
         env_socket.as_deref(),
         configured.as_deref(),
         env,
-    );
-    client::run(&socket, request, Output { json: opts.json })
+    ))
 }
 
 fn check_config(path: Option<PathBuf>, env: &Environment) -> ExitCode {
@@ -326,6 +379,13 @@ fn check_config(path: Option<PathBuf>, env: &Environment) -> ExitCode {
             println!("{}", config.summary());
             match config.api_key(env) {
                 Ok(_) => println!("api key: found"),
+                // A key file the config names but that cannot be read stops the daemon (exit
+                // 2), so it is a problem here too. Without one, the key may well come from
+                // systemd's credential or the service's environment, which only it sees.
+                Err(e) if config.api.key_file.is_some() => {
+                    eprintln!("sunopoll: api.key-file: {e}; the daemon would not start");
+                    return ExitCode::from(EXIT_USAGE);
+                }
                 Err(e) => println!("api key: not available here ({e})"),
             }
             println!("ok");
@@ -391,7 +451,13 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
             Err(e) => {
                 tracing::error!("cannot start: {e:#}");
                 notifier.status(&format!("cannot start: {e:#}"));
-                return ExitCode::from(EXIT_REFUSED);
+                // systemd's unit does not restart on EXIT_USAGE (RestartPreventExitStatus=2):
+                // a restart loop cannot get past another daemon holding the store or socket.
+                return ExitCode::from(if crate::daemon::is_unrecoverable(&e) {
+                    EXIT_USAGE
+                } else {
+                    EXIT_REFUSED
+                });
             }
         };
         // Config, store, socket and HTTP client are all up: only now is the service ready.

@@ -17,10 +17,10 @@ use serde_json::Value;
 use crate::config::{Environment, SYSTEM_SOCKET};
 use crate::events::Stage;
 use crate::protocol::{
-    ADD_BATCH, AddRequest, AddResponse, AddResult, DeliveryView, ErrorBody, EventLine, EventView,
-    EventsRequest, EventsResponse, ListRequest, ListResponse, RedeliverResponse, RemoveRequest,
-    RemoveResponse, Request, ShowRequest, ShowResponse, StatusRequest, StatusResponse, answer_line,
-    parse_answer,
+    ADD_BATCH, AddRequest, AddResponse, AddResult, CancelResponse, DeliveryView, ErrorBody,
+    EventLine, EventView, EventsRequest, EventsResponse, ListRequest, ListResponse,
+    RedeliverResponse, RemoveRequest, RemoveResponse, Request, ShowRequest, ShowResponse,
+    StatusRequest, StatusResponse, answer_line, parse_answer,
 };
 
 /// Prints a line to stdout. A closed stdout (`sunopoll events | head`) ends the process
@@ -65,6 +65,28 @@ impl ClientError {
             ClientError::Unreachable(_) => EXIT_UNREACHABLE,
             ClientError::Refused(_) | ClientError::Protocol(_) => EXIT_REFUSED,
         }
+    }
+}
+
+impl ClientError {
+    /// The error as the daemon's own error body: its code when the daemon refused, else
+    /// `unreachable` or `protocol`.
+    pub fn body(&self) -> ErrorBody {
+        match self {
+            ClientError::Unreachable(m) => ErrorBody::new("unreachable", m.clone()),
+            ClientError::Protocol(m) => ErrorBody::new("protocol", m.clone()),
+            ClientError::Refused(e) => e.clone(),
+        }
+    }
+}
+
+/// Prints an error on stderr: `sunopoll: message` for people, or with `--json` the same
+/// `{"ok":false,"error":{…}}` line the daemon sends, so a script reads one shape either way.
+pub fn print_error(out: Output, error: &ErrorBody, human: &str) {
+    if out.json {
+        eprint!("{}", error.to_line());
+    } else {
+        eprintln!("sunopoll: {human}");
     }
 }
 
@@ -225,11 +247,12 @@ pub fn run(socket: &Path, request: Request, out: Output) -> ExitCode {
         Request::Show(req) => one_call(socket, Request::Show(req), out, print_show),
         Request::Remove(req) => one_call(socket, Request::Remove(req), out, print_remove),
         Request::Redeliver(req) => one_call(socket, Request::Redeliver(req), out, print_redeliver),
+        Request::Cancel(req) => one_call(socket, Request::Cancel(req), out, print_cancel),
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("sunopoll: {e}");
+            print_error(out, &e.body(), &e.to_string());
             ExitCode::from(e.exit_code())
         }
     }
@@ -271,6 +294,7 @@ fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
             task_ids: chunk.to_vec(),
             callback_url: req.callback_url.clone(),
             label: req.label.clone(),
+            again: req.again,
         }))?;
         all.added += answer.added;
         all.existing += answer.existing;
@@ -314,16 +338,70 @@ fn events(socket: &Path, mut req: EventsRequest, out: Output) -> Result<u8, Clie
     }
 }
 
-fn follow(socket: &Path, req: EventsRequest, out: Output) -> Result<u8, ClientError> {
+/// Longest wait between two tries to reach a restarting daemon while following.
+const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Follows the event stream like `tail -F`: when the daemon stops or restarts, reconnects and
+/// resumes after the last event printed, so none is missed or printed twice.
+fn follow(socket: &Path, mut req: EventsRequest, out: Output) -> Result<u8, ClientError> {
     let mut conn = Connection::open(socket)?;
-    conn.send(&Request::Events(req))?;
-    while let Some(line) = conn.receive_as::<EventLine>(None)? {
-        print_event(&line.event, out)?;
-        let _ = std::io::stdout().flush();
+    if req.since.is_none() {
+        // "From now on" must mean the same after a reconnect: pin now to a sequence number.
+        let status: StatusResponse = conn.call(&Request::Status(StatusRequest {}))?;
+        req.since = status.tasks.map(|t| t.last_seq);
     }
-    Err(ClientError::Unreachable(
-        "the daemon closed the event stream (it is stopping)".to_owned(),
-    ))
+    let mut first = true;
+    loop {
+        if !first {
+            conn = reconnect(socket, out);
+        }
+        first = false;
+        if let Err(e) = conn.send(&Request::Events(req.clone())) {
+            if stream_broke(&e) {
+                continue;
+            }
+            return Err(e);
+        }
+        loop {
+            match conn.receive_as::<EventLine>(None) {
+                Ok(Some(line)) => {
+                    print_event(&line.event, out)?;
+                    let _ = std::io::stdout().flush();
+                    req.since = Some(line.event.seq);
+                }
+                Ok(None) => break,
+                Err(e) if stream_broke(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// True for a follow stream that ended because the daemon went away or turned the connection
+/// away for now, as opposed to refusing the request itself.
+fn stream_broke(e: &ClientError) -> bool {
+    match e {
+        ClientError::Unreachable(_) | ClientError::Protocol(_) => true,
+        ClientError::Refused(body) => {
+            matches!(body.code.as_str(), "shutting_down" | "busy" | "evicted")
+        }
+    }
+}
+
+/// Connects again, waiting as long as it takes (with a growing pause, at most
+/// [`FOLLOW_RETRY_MAX`]); says once on stderr that it is waiting.
+fn reconnect(socket: &Path, out: Output) -> Connection {
+    if !out.json {
+        eprintln!("sunopoll: the daemon closed the event stream; reconnecting…");
+    }
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if let Ok(conn) = Connection::open(socket) {
+            return conn;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(FOLLOW_RETRY_MAX);
+    }
 }
 
 fn status(socket: &Path, req: StatusRequest, out: Output) -> Result<u8, ClientError> {
@@ -450,6 +528,14 @@ fn print_show(answer: &ShowResponse) {
             "{}",
             serde_json::to_string_pretty(&body).unwrap_or_default()
         );
+    }
+}
+
+fn print_cancel(answer: &CancelResponse) {
+    match answer.cancelled {
+        0 => out!("nothing to cancel (no pending deliveries match)"),
+        1 => out!("1 pending delivery cancelled"),
+        n => out!("{n} pending deliveries cancelled"),
     }
 }
 
@@ -651,15 +737,28 @@ fn print_delivery(d: &DeliveryView) {
     }
 }
 
-/// Reads task IDs from standard input (for `sunopoll add -`): separated by whitespace or commas.
+/// Reads task IDs from standard input (for `sunopoll add -`): one per line or separated by
+/// whitespace; blank lines and `#` comments are skipped. A comma is refused with the line it is
+/// on rather than split on: `a,b` is more likely a CSV column pasted whole than two IDs.
 pub fn read_ids(input: impl Read) -> std::io::Result<Vec<String>> {
     let mut text = String::new();
     BufReader::new(input).read_to_string(&mut text)?;
-    Ok(text
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect())
+    let mut ids = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split_once('#').map_or(line, |(before, _)| before);
+        if line.contains(',') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "line {}: {:?} has a comma; give one ID per line (or separate them with spaces)",
+                    n + 1,
+                    crate::api::clip(line.trim(), 80)
+                ),
+            ));
+        }
+        ids.extend(line.split_whitespace().map(str::to_owned));
+    }
+    Ok(ids)
 }
 
 /// Builds the request for a `list`.
@@ -737,9 +836,15 @@ mod tests {
     }
 
     #[test]
-    fn ids_from_stdin_split_on_whitespace_and_commas() {
-        let ids = read_ids(&b"a1 b2\nc3,d4\n\n"[..]).expect("read");
+    fn ids_from_stdin_split_on_whitespace_and_lines_skipping_comments_never_on_commas() {
+        let ids = read_ids(&b"a1 b2\n\tc3\n\n# a comment, with a comma\nd4  # trailing\n"[..])
+            .expect("read");
         assert_eq!(ids, ["a1", "b2", "c3", "d4"]);
+        let e = read_ids(&b"a1\nc3,d4\n"[..]).expect_err("a comma is refused");
+        assert!(
+            e.to_string().contains("line 2") && e.to_string().contains("c3,d4"),
+            "{e}"
+        );
     }
 
     #[test]

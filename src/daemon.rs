@@ -42,6 +42,25 @@ pub struct PassedSocket {
     pub path: PathBuf,
 }
 
+/// A start-up failure that starting again cannot fix while nothing else changes (another live
+/// daemon holds the socket). [`is_unrecoverable`] tells the binary to exit with the status
+/// systemd does not restart on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unrecoverable(pub String);
+
+/// True when `e`, a failed [`Daemon::start`], would fail the same way on every retry: the
+/// store or the socket is held by another live daemon.
+pub fn is_unrecoverable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<Unrecoverable>()
+            || matches!(
+                c.downcast_ref::<crate::store::StoreError>(),
+                Some(crate::store::StoreError::InUse(_))
+            )
+    })
+}
+
 /// A running daemon.
 pub struct Daemon {
     cancel: CancellationToken,
@@ -100,8 +119,10 @@ impl Daemon {
     ) -> anyhow::Result<Daemon> {
         let counts = store.counts().await.context("reading the queue")?;
 
+        // Built from the config alone (and the bundled roots when the system has none), so a
+        // failure here repeats on every start.
         let api = ApiClient::new(&config.api.base_url, key, config.api.request_timeout)
-            .context("building the HTTP client")?;
+            .map_err(|e| Unrecoverable(format!("building the HTTP client: {e:#}")))?;
 
         let (listener, socket) = match passed {
             Some(p) => {
@@ -127,7 +148,10 @@ impl Daemon {
                     config.control.mode,
                     config.control.group.as_deref(),
                 )
-                .map_err(anyhow::Error::msg)?;
+                .map_err(|e| match e {
+                    control::BindError::Taken(m) => anyhow::Error::new(Unrecoverable(m)),
+                    control::BindError::Failed(m) => anyhow::Error::msg(m),
+                })?;
                 info!(
                     socket = %bound.1.path.display(),
                     mode = %format!("{:04o}", config.control.mode),
@@ -278,8 +302,10 @@ impl Daemon {
     /// socket file, and returns.
     pub async fn shutdown(self) {
         self.notifier
-            .stopping("stopping: waiting for polls in flight");
-        info!("shutting down: no new polls or connections; waiting for polls in flight");
+            .stopping("stopping: waiting for polls and deliveries in flight");
+        info!(
+            "shutting down: no new polls, deliveries or connections; waiting for polls and deliveries in flight"
+        );
         self.cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(self.drain, self.tracker.wait())
@@ -288,7 +314,7 @@ impl Daemon {
         {
             warn!(
                 drain = %format_duration(self.drain),
-                "some work did not finish within the drain time; unfinished polls are repeated at the next start"
+                "some work did not finish within the drain time; unfinished polls and deliveries are repeated at the next start"
             );
         }
         self.socket.remove();

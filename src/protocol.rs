@@ -49,6 +49,7 @@ pub const COMMANDS: &[&str] = &[
     "events",
     "status",
     "redeliver",
+    "cancel",
 ];
 
 /// `add`: start tracking one or more task IDs.
@@ -63,6 +64,10 @@ pub struct AddRequest {
     /// A free-text label shown in `list` and `show`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// Poll tasks that ended `failed` or were removed again, keeping their events (no stage
+    /// is emitted twice). Without it, a known ID is left as it is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub again: bool,
 }
 
 /// `list`: tasks, optionally filtered by state.
@@ -134,6 +139,19 @@ pub struct RedeliverRequest {
     pub target: Option<String>,
 }
 
+/// `cancel`: give up the pending deliveries of one event (`seq`) or one task (`task_id`);
+/// exactly one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    /// One event, by sequence number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    /// Every event of one task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+}
+
 /// `status`: daemon health.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +175,8 @@ pub enum Request {
     Status(StatusRequest),
     /// See [`RedeliverRequest`].
     Redeliver(RedeliverRequest),
+    /// See [`CancelRequest`].
+    Cancel(CancelRequest),
 }
 
 /// Why a request line was refused. `code` is stable for scripts; `message` is for people.
@@ -228,6 +248,7 @@ impl Request {
             "events" => Request::Events(body(&cmd, value)?),
             "status" => Request::Status(body(&cmd, value)?),
             "redeliver" => Request::Redeliver(body(&cmd, value)?),
+            "cancel" => Request::Cancel(body(&cmd, value)?),
             other => {
                 return Err(ErrorBody::new(
                     "unknown_command",
@@ -657,6 +678,13 @@ pub struct EventLine {
     pub event: EventView,
 }
 
+/// The answer to `cancel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelResponse {
+    /// Pending deliveries given up.
+    pub cancelled: u64,
+}
+
 /// The answer to `redeliver`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RedeliverResponse {
@@ -722,6 +750,12 @@ mod tests {
                 task_ids: vec!["a".into(), "b".into()],
                 callback_url: Some("http://127.0.0.1:1/x".into()),
                 label: Some("l".into()),
+                again: false,
+            }),
+            Request::Add(AddRequest {
+                task_ids: vec!["a".into()],
+                again: true,
+                ..AddRequest::default()
             }),
             Request::List(ListRequest {
                 state: Some("active".into()),
@@ -899,6 +933,10 @@ mod tests {
         same_wire(
             &RedeliverResponse { deliveries: 3 },
             r#"{"ok":true,"deliveries":3}"#,
+        );
+        same_wire(
+            &CancelResponse { cancelled: 2 },
+            r#"{"ok":true,"cancelled":2}"#,
         );
     }
 

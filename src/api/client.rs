@@ -116,7 +116,7 @@ impl ApiClient {
         if base_url.cannot_be_a_base() {
             anyhow::bail!("cannot build the API's URLs from {base_url}: it cannot be a base URL");
         }
-        let http = reqwest::Client::builder()
+        let http = with_tls_roots(reqwest::Client::builder())
             .user_agent(crate::USER_AGENT)
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
@@ -145,6 +145,7 @@ impl ApiClient {
         };
         url.query_pairs_mut()
             .append_pair(family.task_id_key(), task_id);
+        let requested = format!("{}{}", url.origin().ascii_serialization(), url.path());
         let response = match self
             .http
             .get(url)
@@ -170,12 +171,26 @@ impl ApiClient {
         match read_capped(response, MAX_BODY_BYTES).await {
             // Redacted before anything reads it, so no cause, message or event can carry the
             // key even if the API echoes it back.
-            Ok(body) => classify(
+            Ok(body) => match classify(
                 family,
                 status,
                 retry_after,
                 &redact(&body, self.key.expose()),
-            ),
+            ) {
+                // A wrong path, not a wrong task: almost always api.base-url with a path in it.
+                Outcome::Unavailable { retry_after, cause }
+                    if status == 404 || cause.contains("404") =>
+                {
+                    let cause = cause.trim_end_matches(" (is api.base-url right?)");
+                    Outcome::Unavailable {
+                        retry_after,
+                        cause: format!(
+                            "{cause} (GET {requested}: check api.base-url, which should be the API's root like https://api.sunoapi.org)"
+                        ),
+                    }
+                }
+                outcome => outcome,
+            },
             Err(BodyError::TooLarge) => Outcome::Broken {
                 cause: format!("HTTP {status} with a body over {MAX_BODY_BYTES} bytes"),
             },
@@ -185,6 +200,58 @@ impl ApiClient {
             },
         }
     }
+}
+
+/// Where the TLS trust anchors came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootsSource {
+    /// The system's CA certificates (`SSL_CERT_FILE`/`SSL_CERT_DIR`, else the usual bundle).
+    System,
+    /// None could be loaded from the system; the Mozilla roots built into sunopoll are used.
+    Bundled,
+}
+
+/// The CA roots every HTTPS client trusts: the system's, or the bundled Mozilla set when the
+/// system has none (a minimal container, a host without `ca-certificates`). Without the
+/// fallback, building the client fails at every start and systemd restarts a daemon that
+/// can never come up. Loaded once per process, so the fallback is logged at warn once.
+pub fn tls_roots() -> (&'static [reqwest::Certificate], RootsSource) {
+    static ROOTS: std::sync::OnceLock<(Vec<reqwest::Certificate>, RootsSource)> =
+        std::sync::OnceLock::new();
+    let (certs, source) = ROOTS.get_or_init(|| {
+        let loaded = rustls_native_certs::load_native_certs();
+        let system: Vec<reqwest::Certificate> = loaded
+            .certs
+            .iter()
+            .filter_map(|c| reqwest::Certificate::from_der(c).ok())
+            .collect();
+        if !system.is_empty() {
+            tracing::debug!(roots = system.len(), "loaded the system's CA certificates");
+            return (system, RootsSource::System);
+        }
+        let why = loaded
+            .errors
+            .first()
+            .map_or_else(|| "none found".to_owned(), |e| clip(&e.to_string(), 200));
+        let bundled: Vec<reqwest::Certificate> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .filter_map(|c| reqwest::Certificate::from_der(c).ok())
+            .collect();
+        tracing::warn!(
+            cause = %why,
+            roots = bundled.len(),
+            "no CA certificates could be loaded from the system (install ca-certificates, or \
+             set SSL_CERT_FILE/SSL_CERT_DIR); using the Mozilla roots built into sunopoll"
+        );
+        (bundled, RootsSource::Bundled)
+    });
+    (certs.as_slice(), *source)
+}
+
+/// `builder` trusting exactly [`tls_roots`]: every HTTPS client sunopoll builds goes through
+/// this, so none of them can fail for want of a system CA bundle.
+pub fn with_tls_roots(builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+    builder.tls_certs_only(tls_roots().0.iter().cloned())
 }
 
 /// Installs rustls' *ring* provider once per process (reqwest is built without a default one to

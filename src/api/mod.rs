@@ -10,8 +10,9 @@ pub mod envelope;
 pub mod families;
 
 pub use client::{
-    ApiClient, ApiKey, MAX_BODY_BYTES, MIN_REDACTED, REDACTED, install_crypto_provider,
-    parse_retry_after, redact, redact_url, transport_cause,
+    ApiClient, ApiKey, MAX_BODY_BYTES, MIN_REDACTED, REDACTED, RootsSource,
+    install_crypto_provider, parse_retry_after, redact, redact_url, tls_roots, transport_cause,
+    with_tls_roots,
 };
 pub use envelope::{MAX_RETRY_AFTER, Outcome, classify};
 pub use families::Family;

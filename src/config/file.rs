@@ -146,6 +146,44 @@ fn reserved_header(name: &str) -> bool {
         )
 }
 
+/// Shortest `poll.interval` accepted: a round trip to the API takes longer, so anything
+/// shorter only spends the request budget (the tests' fast configs use 50 ms).
+pub(super) const MIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Values that parse but that nobody means, each of which a new operator has hit.
+fn check_operator_slips(file: &File, bad: &mut impl FnMut(&str, String)) {
+    if file.control.mode & 0o002 != 0 {
+        bad(
+            "control.mode",
+            format!(
+                "{:04o} lets every local user control the daemon; use \"0600\" (only its user) or \"0660\" with control.group",
+                file.control.mode
+            ),
+        );
+    }
+    if file.poll.interval < MIN_INTERVAL {
+        bad(
+            "poll.interval",
+            format!(
+                "{} is shorter than the {} minimum (the default is 30s)",
+                format_duration(file.poll.interval),
+                format_duration(MIN_INTERVAL)
+            ),
+        );
+    }
+    let path = file.api.base_url.path();
+    if let Some(at) = path.find("/api/v1") {
+        let root = file.api.base_url.as_str();
+        let root = root.split(&path[at..]).next().unwrap_or(root);
+        bad(
+            "api.base-url",
+            format!(
+                "give the API's root (like \"{root}\"): sunopoll adds /api/v1/generate/record-info itself"
+            ),
+        );
+    }
+}
+
 fn not_both(key: &str) -> String {
     format!("set either `{key}` or `{key}-file`, not both")
 }
@@ -157,6 +195,7 @@ impl File {
         let mut p = Vec::new();
         let mut bad = |key: &str, what: String| p.push((key.to_owned(), what));
         let (poll, f) = (&self.poll, &self.forward);
+        check_operator_slips(self, &mut bad);
         if poll.backoff_max < poll.interval {
             let (max, interval) = (
                 format_duration(poll.backoff_max),

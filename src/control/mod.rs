@@ -20,6 +20,7 @@ use crate::protocol::{ErrorBody, Request, answer_line, check_task_id};
 use crate::store::{Store, StoreError};
 
 mod add;
+mod cancel;
 mod events;
 mod list;
 mod redeliver;
@@ -28,7 +29,7 @@ mod show;
 pub mod socket;
 mod status;
 
-pub use socket::{ControlSocket, LineRead, bind, read_line, serve};
+pub use socket::{BindError, ControlSocket, LineRead, bind, read_line, serve};
 
 /// How long writing one response may take before the client is considered gone.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,6 +90,7 @@ async fn handle(request: Request, ctx: &Control) -> String {
         Request::Events(req) => line(events::list(req, ctx).await),
         Request::Status(_) => line(status::run(ctx).await),
         Request::Redeliver(req) => line(redeliver::run(req, ctx).await),
+        Request::Cancel(req) => line(cancel::run(req, ctx).await),
     }
 }
 

@@ -8,13 +8,16 @@
 //!
 //! Serving: one task per connection, behind a semaphore. Each line is capped at
 //! [`MAX_LINE`] and each wait for a line by `control.idle-timeout`;
-//! a bad line gets an error response and never affects other clients.
+//! a bad line gets an error response and never affects other clients. When every slot is
+//! taken, the connection idle longest (waiting for its client's next request) is closed with an
+//! `evicted` answer so the new client is served; only when none is idle (all are answering or
+//! following events) does the new client hear `busy`.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -68,12 +71,46 @@ impl FileId {
     }
 }
 
+/// Why the control socket could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// Another daemon answers on the path: starting again cannot help until it stops.
+    #[error("{0}")]
+    Taken(String),
+    /// Anything else (a directory, permissions, a file in the way).
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Creates the control socket at `path` with `mode` and optional `group`.
 pub fn bind(
     path: &Path,
     mode: u32,
     group: Option<&str>,
-) -> Result<(UnixListener, ControlSocket), String> {
+) -> Result<(UnixListener, ControlSocket), BindError> {
+    bind_inner(path, mode, group).map_err(|e| match e {
+        Bound::Taken(m) => BindError::Taken(m),
+        Bound::Failed(m) => BindError::Failed(m),
+    })
+}
+
+/// [`BindError`] while the `?`s below still convert from the plain `String`s they produce.
+enum Bound {
+    Taken(String),
+    Failed(String),
+}
+
+impl From<String> for Bound {
+    fn from(m: String) -> Bound {
+        Bound::Failed(m)
+    }
+}
+
+fn bind_inner(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<(UnixListener, ControlSocket), Bound> {
     let shown = path.display();
     let gid = group.map(resolve_group).transpose()?;
     let dir = path
@@ -90,25 +127,29 @@ pub fn bind(
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(format!(
+            return Err(Bound::Failed(format!(
                 "{shown} exists and is not a socket; refusing to replace it (set [control] socket to another path)"
-            ));
+            )));
         }
         Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => {
-                return Err(format!(
+                return Err(Bound::Taken(format!(
                     "another sunopoll daemon is already listening on {shown}; stop it first or use another [control] socket"
-                ));
+                )));
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 info!(socket = %shown, "replacing a stale control socket left by an earlier run");
                 std::fs::remove_file(path)
                     .map_err(|e| format!("cannot remove the stale socket {shown}: {e}"))?;
             }
-            Err(e) => return Err(format!("{shown} exists and cannot be checked: {e}")),
+            Err(e) => {
+                return Err(Bound::Failed(format!(
+                    "{shown} exists and cannot be checked: {e}"
+                )));
+            }
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot inspect {shown}: {e}")),
+        Err(e) => return Err(Bound::Failed(format!("cannot inspect {shown}: {e}"))),
     }
     let name = path
         .file_name()
@@ -134,7 +175,7 @@ pub fn bind(
     };
     if let Err(e) = finish() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        return Err(Bound::Failed(e));
     }
     let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{shown}: {e}"))?;
     listener
@@ -170,6 +211,77 @@ fn resolve_group(group: &str) -> Result<u32, String> {
         })
 }
 
+/// How long a new client waits for the slot of the idle connection closed for it. Closing
+/// takes one short write; past this, something else took the slot and the client hears `busy`.
+const EVICTION_WAIT: Duration = Duration::from_secs(2);
+
+/// Every open connection, and since when each has been waiting for its client's next request
+/// (`None` while a request is being answered or events are followed). When every slot is taken,
+/// the one idle longest is closed so a new client is served: silent connections cannot starve
+/// an active one.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: std::collections::HashMap<u64, (Option<Instant>, CancellationToken)>,
+}
+
+type SharedConnections = Arc<std::sync::Mutex<Connections>>;
+
+fn lock(c: &SharedConnections) -> std::sync::MutexGuard<'_, Connections> {
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Connections {
+    /// Closes the connection idle longest; false if none is idle.
+    fn evict_longest_idle(&mut self) -> bool {
+        let oldest = self
+            .open
+            .iter()
+            .filter_map(|(id, (since, _))| since.map(|s| (s, *id)))
+            .min();
+        let Some((_, id)) = oldest else { return false };
+        if let Some((_, token)) = self.open.remove(&id) {
+            token.cancel();
+        }
+        true
+    }
+}
+
+/// One connection's entry in [`Connections`], removed when the connection ends.
+struct Slot {
+    id: u64,
+    all: SharedConnections,
+    evicted: CancellationToken,
+}
+
+impl Slot {
+    fn open(all: &SharedConnections) -> Slot {
+        let mut c = lock(all);
+        c.next_id += 1;
+        let id = c.next_id;
+        let evicted = CancellationToken::new();
+        c.open.insert(id, (Some(Instant::now()), evicted.clone()));
+        Slot {
+            id,
+            all: all.clone(),
+            evicted,
+        }
+    }
+
+    /// Marks the connection idle (waiting for a request) or busy.
+    fn set_idle(&self, idle: bool) {
+        if let Some(entry) = lock(&self.all).open.get_mut(&self.id) {
+            entry.0 = idle.then(Instant::now);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.all).open.remove(&self.id);
+    }
+}
+
 /// Accepts connections until `cancel` fires. Every connection is a task in `tracker`.
 pub async fn serve(
     listener: UnixListener,
@@ -178,6 +290,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = SharedConnections::default();
     let mut accept_errors = 0u32;
     loop {
         let accepted = tokio::select! {
@@ -198,19 +311,39 @@ pub async fn serve(
                 continue;
             }
         };
+        let ctx = ctx.clone();
+        let cancel = cancel.clone();
+        let all = connections.clone();
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                let ctx = ctx.clone();
-                let cancel = cancel.clone();
                 tracker.spawn(async move {
-                    if let Err(e) = handle_connection(stream, &ctx, &cancel).await {
+                    let slot = Slot::open(&all);
+                    if let Err(e) = handle_connection(stream, &ctx, &cancel, &slot).await {
                         debug!(error = %e, "control connection ended with an error");
                     }
+                    drop(slot);
                     drop(permit);
                 });
             }
             Err(_) => {
+                let freed = lock(&connections).evict_longest_idle();
+                if freed {
+                    debug!("every control slot taken: closed the connection idle longest");
+                }
+                let permits = permits.clone();
                 tracker.spawn(async move {
+                    if freed
+                        && let Ok(Ok(permit)) =
+                            tokio::time::timeout(EVICTION_WAIT, permits.acquire_owned()).await
+                    {
+                        let slot = Slot::open(&all);
+                        if let Err(e) = handle_connection(stream, &ctx, &cancel, &slot).await {
+                            debug!(error = %e, "control connection ended with an error");
+                        }
+                        drop(slot);
+                        drop(permit);
+                        return;
+                    }
                     let mut stream = stream;
                     let line =
                         ErrorBody::new("busy", "too many control connections; try again shortly")
@@ -278,19 +411,27 @@ async fn handle_connection(
     stream: UnixStream,
     ctx: &Control,
     cancel: &CancellationToken,
+    slot: &Slot,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(8 * 1024, read);
     let mut buf = Vec::new();
     loop {
         buf.clear();
+        slot.set_idle(true);
         let read = tokio::select! {
             () = cancel.cancelled() => {
                 let _ = write_line(&mut write, &ErrorBody::new("shutting_down", "the daemon is stopping").to_line()).await;
                 return Ok(());
             }
+            () = slot.evicted.cancelled() => {
+                let msg = "closed while idle: every control connection slot was taken and another client needed one; reconnect to send a request";
+                let _ = write_line(&mut write, &ErrorBody::new("evicted", msg).to_line()).await;
+                return Ok(());
+            }
             r = tokio::time::timeout(ctx.idle_timeout, read_line(&mut reader, &mut buf, MAX_LINE)) => r,
         };
+        slot.set_idle(false);
         match read {
             Err(_) => {
                 let msg = format!(
@@ -370,7 +511,10 @@ mod tests {
         let file = dir.path().join("plain");
         std::fs::write(&file, "keep me").expect("write");
         let e = bind(&file, 0o600, None).expect_err("not a socket");
-        assert!(e.contains("is not a socket"), "{e}");
+        assert!(
+            matches!(&e, BindError::Failed(m) if m.contains("is not a socket")),
+            "{e}"
+        );
         assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
 
         let path = dir.path().join("s.sock");
@@ -380,7 +524,10 @@ mod tests {
             0o600
         );
         let e = bind(&path, 0o600, None).expect_err("live");
-        assert!(e.contains("already listening"), "{e}");
+        assert!(
+            matches!(&e, BindError::Taken(m) if m.contains("already listening")),
+            "{e}"
+        );
         drop(live);
         let (_again, sock2) = bind(&path, 0o660, None).expect("stale replaced");
         assert_eq!(

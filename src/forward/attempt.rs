@@ -45,7 +45,7 @@ pub struct Attempted {
 /// The HTTP client for deliveries: sunopoll's user agent, and no redirects.
 pub fn http_client() -> reqwest::Result<reqwest::Client> {
     crate::api::install_crypto_provider();
-    reqwest::Client::builder()
+    crate::api::with_tls_roots(reqwest::Client::builder())
         .user_agent(crate::USER_AGENT)
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -146,6 +146,10 @@ async fn judge(mut response: reqwest::Response) -> AttemptResult {
     let mut cause = format!("HTTP {status}");
     if (300..400).contains(&status) {
         cause.push_str(" (redirects are not followed: a callback goes to one URL)");
+    }
+    if matches!(status, 404 | 405) {
+        // A handler that is up but has no such route: retrying for a day will not add one.
+        cause.push_str(" (the handler has no such route: check the target URL)");
     }
     if !text.trim().is_empty() {
         cause.push_str(&format!(": {}", clip(text.trim(), ERROR_BODY_BYTES)));

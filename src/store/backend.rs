@@ -40,6 +40,19 @@ pub trait Backend: Send + Sync {
         deadline_after: i64,
     ) -> impl Future<Output = Result<Vec<AddedTask>, StoreError>> + Send;
 
+    /// Like [`Backend::add`], and a `failed` or `removed` task is polled again as well: active,
+    /// due at once, a fresh deadline, its events kept and its stage the last stored one before
+    /// any `error`, so no stage it already has is stored again (`apply_poll` skips one that
+    /// is). `done` and `active` tasks are left as they are.
+    fn retrack(
+        &self,
+        ids: Vec<String>,
+        callback_url: Option<String>,
+        label: Option<String>,
+        now: i64,
+        deadline_after: i64,
+    ) -> impl Future<Output = Result<Vec<AddedTask>, StoreError>> + Send;
+
     /// The first `limit` active tasks by `next_poll_at` (due or not).
     fn due_window(
         &self,
@@ -128,6 +141,15 @@ pub trait Backend: Send + Sync {
     fn fail_orphans(
         &self,
         known: Vec<String>,
+        now: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Gives up the pending deliveries of one event (`seq`) or of one task's events, marking
+    /// each `failed` as cancelled; an attempt in flight meanwhile does not undo it. Returns how
+    /// many.
+    fn cancel_deliveries(
+        &self,
+        what: Replay,
         now: i64,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 

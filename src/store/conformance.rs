@@ -32,6 +32,7 @@ mod sqlite {
         apply_poll_writes_events_once_and_in_order,
         a_failing_job_undoes_only_itself,
         remove_and_readd,
+        retrack_polls_a_failed_task_again_keeping_its_events,
         gate_round_trips_and_prune_keeps_active_tasks,
         a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt,
         only_the_head_of_a_queue_is_due,
@@ -186,6 +187,60 @@ async fn remove_and_readd(s: &impl Backend) {
         .expect("add");
     assert_eq!(r[0].result, AddResult::Readded);
     assert_eq!(s.due_window(10).await.expect("due").len(), 1);
+}
+
+async fn retrack_polls_a_failed_task_again_keeping_its_events(s: &impl Backend) {
+    s.add(vec!["t".into(), "ok".into()], None, None, 1000, 10_000)
+        .await
+        .expect("add");
+    let text_ev = NewEvent {
+        stage: Stage::Text,
+        code: 200,
+        body: "{}".into(),
+        tracks: 0,
+        filled: false,
+    };
+    let err = error_event("t", 501, "failed");
+    s.apply_poll("t".into(), 2000, move |_| {
+        update(TaskState::Failed, vec![text_ev, err])
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    let r = s
+        .retrack(
+            vec!["t".into(), "ok".into(), "new".into()],
+            None,
+            None,
+            3000,
+            10_000,
+        )
+        .await
+        .expect("retrack");
+    let results: Vec<_> = r.iter().map(|t| (t.result, t.state, t.stage)).collect();
+    assert_eq!(
+        results,
+        [
+            (AddResult::Readded, TaskState::Active, Some(Stage::Text)),
+            (AddResult::Exists, TaskState::Active, None),
+            (AddResult::Added, TaskState::Active, None),
+        ]
+    );
+    // Failing again stores no second `error`, yet the task ends.
+    let again = s
+        .apply_poll("t".into(), 4000, |row| {
+            assert_eq!(row.stage, Some(Stage::Text));
+            update(TaskState::Failed, vec![error_event("t", 501, "again")])
+        })
+        .await
+        .expect("apply")
+        .expect("active");
+    assert!(again.seqs.is_empty(), "{:?}", again.seqs);
+    let (task, events) = s.show("t".into()).await.expect("show").expect("known");
+    assert_eq!(task.state, TaskState::Failed);
+    assert_eq!(task.stage, Some(Stage::Error));
+    assert_eq!(events.len(), 2, "text and the first error, kept");
+    assert_eq!(events[1].body, error_event("t", 501, "failed").body);
 }
 
 async fn gate_round_trips_and_prune_keeps_active_tasks(s: &impl Backend) {

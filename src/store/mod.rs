@@ -52,6 +52,10 @@ pub enum StoreError {
     /// The store could not be opened.
     #[error("{0}")]
     Open(String),
+    /// The store is in use by another daemon (its lock is held): waiting or restarting cannot
+    /// fix that, stopping the other daemon can.
+    #[error("{0}")]
+    InUse(String),
     /// The store thread has stopped (the daemon is shutting down).
     #[error("the store has shut down")]
     Closed,
@@ -165,6 +169,19 @@ impl Store {
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
         on_backend!(self, b => b.add(ids, callback_url, label, now, deadline_after).await)
+    }
+
+    /// Adds task IDs and polls `failed` or `removed` ones again, keeping their events (see
+    /// [`Backend::retrack`]).
+    pub async fn retrack(
+        &self,
+        ids: Vec<String>,
+        callback_url: Option<String>,
+        label: Option<String>,
+        now: i64,
+        deadline_after: i64,
+    ) -> Result<Vec<AddedTask>, StoreError> {
+        on_backend!(self, b => b.retrack(ids, callback_url, label, now, deadline_after).await)
     }
 
     /// The first `limit` active tasks by `next_poll_at` (due or not), for the scheduler.
@@ -282,6 +299,12 @@ impl Store {
     /// Returns how many.
     pub async fn fail_orphans(&self, known: Vec<String>, now: i64) -> Result<usize, StoreError> {
         on_backend!(self, b => b.fail_orphans(known, now).await)
+    }
+
+    /// Gives up the pending deliveries of one event or one task (`Replay::Event` or
+    /// `Replay::Task`; the time-based kinds match nothing). Returns how many.
+    pub async fn cancel_deliveries(&self, what: Replay, now: i64) -> Result<usize, StoreError> {
+        on_backend!(self, b => b.cancel_deliveries(what, now).await)
     }
 
     /// Replays deliveries: matching ones go back to pending with a fresh schedule (keeping their

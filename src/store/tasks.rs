@@ -53,7 +53,7 @@ impl TaskState {
 pub enum AddResult {
     /// New: it will be polled now.
     Added,
-    /// It was removed earlier and is tracked again.
+    /// It was removed earlier (or, with `add --again`, had failed) and is tracked again.
     Readded,
     /// Already known; nothing changed.
     Exists,

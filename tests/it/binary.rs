@@ -332,6 +332,8 @@ pub struct BinDaemon {
     exited: Option<ExitStatus>,
     /// How many times it was started.
     pub starts: u32,
+    /// Extra environment variables for every start.
+    pub env: Vec<(String, String)>,
 }
 
 impl BinDaemon {
@@ -356,6 +358,7 @@ impl BinDaemon {
             child: None,
             exited: None,
             starts: 0,
+            env: Vec::new(),
         }
     }
 
@@ -376,6 +379,7 @@ impl BinDaemon {
             .expect("open the log");
         let child = sunopoll(&["daemon", "--config", path_str(&self.config)])
             .env("SUNO_API_KEY", KEY)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -284,7 +284,8 @@ async fn a_store_locked_by_another_process() {
     lock.try_lock().expect("lock");
     let before = snapshot(d.store.parent().expect("dir"));
     let (code, log) = failed_start(&mut d).await;
-    assert_eq!(code, Some(1), "{log}");
+    // The no-restart status (RestartPreventExitStatus=2): restarting cannot take the lock.
+    assert_eq!(code, Some(2), "{log}");
     let last = log.lines().last().unwrap_or("").to_owned();
     assert!(
         last.contains("state/sunopoll.db") && last.contains("in use by another sunopoll daemon"),
@@ -351,7 +352,7 @@ async fn a_store_locked_by_another_process() {
     row.runs = 2;
     figures::tally(&mut row, &expected, &stored, None);
     row.recovered = recovered;
-    row.note = "start refused with exit 1; while locked, add answers store_error (not acknowledged); recovers on release".to_owned();
+    row.note = "start refused with exit 2 (no restart); while locked, add answers store_error (not acknowledged); recovers on release".to_owned();
     row.report_and_check();
 }
 

@@ -68,7 +68,7 @@ async fn send(
 
 /// Every answer is a clear error: `ok: false`, a known code, a one-line message.
 fn assert_clear_errors(a: &Answers, what: &str) {
-    const CODES: [&str; 12] = [
+    const CODES: [&str; 13] = [
         "invalid_json",
         "bad_request",
         "unknown_command",
@@ -81,6 +81,7 @@ fn assert_clear_errors(a: &Answers, what: &str) {
         "busy",
         "store_error",
         "shutting_down",
+        "evicted",
     ];
     for (v, raw) in a.lines.iter().zip(&a.raw) {
         assert_eq!(v["ok"], false, "{what}: {v}");
@@ -390,8 +391,10 @@ async fn crowds_and_clients_that_never_speak() {
         "every silent client is closed at the idle timeout"
     );
 
-    // More silent clients than connection slots (512): the extra ones get a clear `busy`
-    // at once, and once the silent ones time out everyone is served again.
+    // More silent clients than connection slots (512): a new client is served at once, the
+    // silent client idle longest being closed for it with a clear `evicted`. Only when no
+    // slot is idle (every one follows events) does a new client get a clear `busy`, and once
+    // the slots are given back everyone is served again.
     let limit = sunopoll::control::MAX_CONNECTIONS;
     let mut busy_note = String::from("over-limit case skipped (open-files limit too low)");
     if open_files_limit() >= 2 * (limit as u64 + 100) {
@@ -399,7 +402,36 @@ async fn crowds_and_clients_that_never_speak() {
         for _ in 0..limit {
             hogs.push(UnixStream::connect(&socket).await.expect("connect"));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let late = try_request_at(&socket, &json!({"cmd": "status"})).await;
+        let late = late.expect("an answer");
+        assert_eq!(
+            late["ok"], true,
+            "served although every slot was taken: {late}"
+        );
+        let mut line = String::new();
+        let mut first = BufReader::new(hogs.remove(0));
+        Deadline::patience()
+            .run(first.read_line(&mut line))
+            .await
+            .expect("the longest-idle client hears why")
+            .expect("read");
+        assert!(line.contains("\"evicted\""), "{line}");
+        for _ in 0..10 {
+            let out = d.cli(&["status"]).await;
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        }
+        drop(hogs);
+
+        let mut followers = Vec::new();
+        for _ in 0..limit {
+            let mut s = UnixStream::connect(&socket).await.expect("connect");
+            s.write_all(b"{\"cmd\":\"events\",\"follow\":true}\n")
+                .await
+                .expect("follow");
+            followers.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let late = try_request_at(&socket, &json!({"cmd": "status"})).await;
         let late = late.expect("an answer");
         assert_eq!(late["error"]["code"], "busy", "{late}");
@@ -413,6 +445,7 @@ async fn crowds_and_clients_that_never_speak() {
                 text(&out.stderr)
             );
         }
+        drop(followers);
         let started = Instant::now();
         poll_until(
             Deadline::patience(),
@@ -422,9 +455,8 @@ async fn crowds_and_clients_that_never_speak() {
         )
         .await;
         let waited = started.elapsed();
-        drop(hogs);
         busy_note = format!(
-            "with {limit} silent clients holding every slot a new client gets `busy` and is served again {:.1} s later (idle timeout 1 s)",
+            "with {limit} silent clients holding every slot a new client is served at once (the longest-idle one is closed, `evicted`); with {limit} followers it gets `busy` and is served again {:.1} s after they leave",
             waited.as_secs_f64()
         );
     }

@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod control;
 mod crash;
+mod edges;
 mod faults_api;
 mod faults_handler;
 mod faults_store;

@@ -210,7 +210,7 @@ proptest! {
         fields in prop::collection::vec(
             (prop::sample::select(vec![
                 "task_ids", "task_id", "callback_url", "label", "state", "limit", "since",
-                "follow", "seq", "failed_since", "sent_since", "target", "extra",
+                "follow", "seq", "failed_since", "sent_since", "target", "again", "extra",
             ]), json_value()),
             0..5,
         ),

@@ -186,7 +186,6 @@ async fn the_socket_is_not_reachable_by_other_users_unless_configured() {
         ("0600", None, nobody, nogroup, false),
         ("0660", Some(nogroup), nobody, nogroup, true),
         ("0660", Some(nogroup), stranger, stranger, false),
-        ("0666", None, nobody, nogroup, true),
     ] {
         let mut config = BinConfig::new(&api.uri());
         config.extra = String::new();
@@ -237,6 +236,28 @@ async fn the_socket_is_not_reachable_by_other_users_unless_configured() {
             }
         ));
         d.stop().await;
+    }
+    // A world-writable mode would let every local user in: the daemon refuses to start on it
+    // (exit 2, which systemd does not restart), naming the key, and creates no socket.
+    for mode in ["0666", "777"] {
+        let mut d = BinDaemon::prepare(&BinConfig::new(&api.uri()));
+        let toml = std::fs::read_to_string(&d.config).expect("config");
+        let toml = toml.replace("idle-timeout", &format!("mode = \"{mode}\"\nidle-timeout"));
+        std::fs::write(&d.config, toml).expect("config");
+        d.spawn();
+        let deadline = Deadline::patience();
+        while d.running() {
+            assert!(
+                !deadline.passed(),
+                "started on mode {mode}:\n{}",
+                d.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(d.exit_code(), Some(2), "{}", d.log_text());
+        assert!(d.log_text().contains("control.mode"), "{}", d.log_text());
+        assert!(!d.socket.exists(), "no socket for mode {mode}");
+        results.push(format!("{mode}: refused at start (exit 2)"));
     }
     let mut row = Row::new("security: control socket mode and group, other users connecting");
     row.runs = results.len();

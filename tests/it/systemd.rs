@@ -159,7 +159,7 @@ async fn notify_ready_status_watchdog_and_stopping_with_the_key_as_a_credential(
     let statuses = notify.statuses();
     assert_eq!(
         statuses.last().map(String::as_str),
-        Some("stopping: waiting for polls in flight")
+        Some("stopping: waiting for polls and deliveries in flight")
     );
 
     // The messages, for the record (visible with --nocapture).

@@ -192,6 +192,32 @@ pub(super) fn fail_orphans(conn: &Connection, known: &[String], now: i64) -> Sql
     )?)
 }
 
+pub(super) fn cancel(conn: &Connection, what: &Replay, now: i64) -> Sql<usize> {
+    let (task, seq) = match what {
+        Replay::Event(seq) => (None, Some(*seq)),
+        Replay::Task(task) => (Some(task.as_str()), None),
+        Replay::FailedSince(_) | Replay::SentSince(_) => return Ok(0),
+    };
+    // `replays + 1`: an attempt in flight now records its result only if the count is
+    // unchanged, so it cannot put a cancelled delivery back.
+    let queues: Vec<(String, String)> = conn
+        .prepare_cached(
+            "UPDATE deliveries SET state = 'failed', updated_at = ?3, replays = replays + 1,
+                    last_error = 'cancelled (sunopoll deliveries cancel)'
+             WHERE state = 'pending' AND (task_id = ?1 OR event_seq = ?2)
+             RETURNING task_id, target",
+        )?
+        .query_map(params![task, seq, now], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut refreshed = std::collections::HashSet::new();
+    for (task, target) in &queues {
+        if refreshed.insert((task, target)) {
+            refresh_ready(conn, task, target)?;
+        }
+    }
+    Ok(queues.len())
+}
+
 pub(super) fn redeliver(
     conn: &Connection,
     what: &Replay,

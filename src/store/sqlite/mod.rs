@@ -104,7 +104,12 @@ impl Sqlite {
                 .create(dir)
                 .map_err(|e| open_err(format!("cannot create directory {}: {e}", dir.display())))?;
         }
-        let lock = schema::lock_store(path).map_err(open_err)?;
+        let lock = schema::lock_store(path).map_err(|e| match e {
+            schema::LockError::Held(what) => {
+                StoreError::InUse(format!("store {}: {what}", path.display()))
+            }
+            schema::LockError::Failed(what) => open_err(what),
+        })?;
         let conn = Connection::open(path).map_err(|e| open_err(format!("cannot open: {e}")))?;
         schema::configure(&conn).map_err(|e| open_err(schema::explain_open_error(&e)))?;
         schema::migrate(&conn).map_err(open_err)?;
@@ -152,6 +157,18 @@ impl Backend for Sqlite {
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
         self.call(move |c| tasks::add(c, ids, callback_url, label, now, deadline_after))
+            .await
+    }
+
+    async fn retrack(
+        &self,
+        ids: Vec<String>,
+        callback_url: Option<String>,
+        label: Option<String>,
+        now: i64,
+        deadline_after: i64,
+    ) -> Result<Vec<AddedTask>, StoreError> {
+        self.call(move |c| tasks::retrack(c, ids, callback_url, label, now, deadline_after))
             .await
     }
 
@@ -262,6 +279,10 @@ impl Backend for Sqlite {
     async fn fail_orphans(&self, known: Vec<String>, now: i64) -> Result<usize, StoreError> {
         self.call(move |c| deliveries::fail_orphans(c, &known, now))
             .await
+    }
+
+    async fn cancel_deliveries(&self, what: Replay, now: i64) -> Result<usize, StoreError> {
+        self.call(move |c| deliveries::cancel(c, &what, now)).await
     }
 
     async fn redeliver(

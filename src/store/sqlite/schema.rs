@@ -109,9 +109,17 @@ CREATE INDEX deliveries_pending_age ON deliveries (target, created_at) WHERE sta
 ",
 ];
 
+/// Why the store's lock was not taken.
+pub(super) enum LockError {
+    /// Another process holds it.
+    Held(String),
+    /// The lock file could not be opened or locked.
+    Failed(String),
+}
+
 /// Takes an exclusive lock on `<store>.lock`, so two daemons never poll from one queue. The
 /// lock is released by the kernel when the process dies, so a crash never leaves it stale.
-pub(super) fn lock_store(path: &Path) -> Result<File, String> {
+pub(super) fn lock_store(path: &Path) -> Result<File, LockError> {
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
@@ -120,16 +128,22 @@ pub(super) fn lock_store(path: &Path) -> Result<File, String> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|e| format!("cannot open lock file {}: {e}", lock_path.display()))?;
+        .map_err(|e| {
+            LockError::Failed(format!(
+                "cannot open lock file {}: {e}",
+                lock_path.display()
+            ))
+        })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+        Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held(format!(
             "it is in use by another sunopoll daemon (lock {} is held); stop that one first",
             lock_path.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(format!("cannot lock {}: {e}", lock_path.display()))
-        }
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(LockError::Failed(format!(
+            "cannot lock {}: {e}",
+            lock_path.display()
+        ))),
     }
 }
 

@@ -54,6 +54,60 @@ pub(super) fn add(
     Ok(out)
 }
 
+pub(super) fn retrack(
+    conn: &Connection,
+    ids: Vec<String>,
+    callback_url: Option<String>,
+    label: Option<String>,
+    now: i64,
+    deadline_after: i64,
+) -> Sql<Vec<AddedTask>> {
+    let mut out = add(
+        conn,
+        ids,
+        callback_url.clone(),
+        label.clone(),
+        now,
+        deadline_after,
+    )?;
+    let mut stages = conn.prepare_cached("SELECT stage FROM events WHERE task_id = ?1")?;
+    let mut reopen = conn.prepare_cached(
+        "UPDATE tasks SET state = 'active', stage = ?2, updated_at = ?3, next_poll_at = ?3,
+                deadline_at = ?4, finished_at = NULL, failures = 0, rejections = 0, last_error = NULL,
+                callback_url = COALESCE(?5, callback_url), label = COALESCE(?6, label)
+         WHERE id = ?1 AND state IN ('failed', 'active')",
+    )?;
+    let deadline = now.saturating_add(deadline_after);
+    // Removed tasks `add` has just made active again, and failed ones.
+    for task in out.iter_mut().filter(|t| {
+        t.result == AddResult::Readded
+            || (t.result == AddResult::Exists && t.state == TaskState::Failed)
+    }) {
+        // An `error` is not a step on the way: a task polled again may still complete.
+        let before_error = stages
+            .query_map([&task.task_id], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .filter_map(|s| Stage::parse(s))
+            .filter(|s| *s != Stage::Error)
+            .max();
+        if reopen.execute(params![
+            task.task_id,
+            before_error.map(Stage::as_str),
+            now,
+            deadline,
+            callback_url,
+            label
+        ])? == 1
+        {
+            task.result = AddResult::Readded;
+            task.state = TaskState::Active;
+            task.stage = before_error;
+        }
+    }
+    Ok(out)
+}
+
 pub(super) fn due_window(conn: &Connection, limit: usize) -> Sql<Vec<DueRow>> {
     let mut stmt = conn.prepare_cached(
         // INDEXED BY pins the plan: walking tasks_due in order stops after `limit` rows,
@@ -104,9 +158,10 @@ where
             .into());
         }
         if insert.execute(params![id, ev.stage.as_str(), ev.code, ev.body, now])? != 1 {
-            return Err(
-                StoreError::Sqlite(format!("task {id} already has a {} event", ev.stage)).into(),
-            );
+            // Only a task polled again (`retrack`) can reach a stage it has stored already:
+            // its first `error`. That event stays the only one; the task's state still moves.
+            stage = Some(ev.stage);
+            continue;
         }
         let seq = conn.last_insert_rowid();
         seqs.push(seq);
