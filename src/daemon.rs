@@ -95,8 +95,6 @@ impl Daemon {
         store: Store,
         started_at: i64,
     ) -> anyhow::Result<Daemon> {
-        let counts = store.counts().await.context("reading the queue")?;
-
         let api = ApiClient::new(&config.api.base_url, key, config.api.request_timeout)
             .context("building the HTTP client")?;
 
@@ -134,10 +132,21 @@ impl Daemon {
             }
         };
 
+        // Bound first, counted after: clients can connect from here on (they wait for their
+        // answer rather than finding no socket), and what is read here are kept figures, not
+        // counts over the queue, so start-up costs the same at any queue size.
+        let (last_seq, resumed) = match tokio::join!(store.last_seq(), store.active_count()) {
+            (Ok(seq), Ok(active)) => (seq, active),
+            (Err(e), _) | (_, Err(e)) => {
+                socket.remove();
+                return Err(anyhow::Error::new(e).context("reading the queue"));
+            }
+        };
+
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let wake = Arc::new(Notify::new());
-        let (events_tx, events_rx) = watch::channel(counts.last_seq);
+        let (events_tx, events_rx) = watch::channel(last_seq);
         let status: SharedStatus = Arc::new(Mutex::new(PollStatus::default()));
 
         let router = Router::new(config.forward.clone());
@@ -203,11 +212,11 @@ impl Daemon {
                 || "off".to_owned(),
                 |p| format!("ping every {}", format_duration(p))
             ),
-            resumed = counts.active,
+            resumed,
             forward_targets = config.forward.targets.len(),
             "sunopoll started; {} unfinished task{} resumed",
-            counts.active,
-            if counts.active == 1 { "" } else { "s" }
+            resumed,
+            if resumed == 1 { "" } else { "s" }
         );
         let drain = (config.api.request_timeout + Duration::from_secs(2)).min(MAX_DRAIN);
         Ok(Daemon {

@@ -127,6 +127,14 @@ impl Store {
         on_backend!(self, b => b.close().await)
     }
 
+    /// Proves the store can be written now, without writing anything: the write lock is taken
+    /// (after the work already queued, waiting for it only briefly) and released. A failure
+    /// (another process holds the lock, a read-only file) is recorded in [`Store::health`]
+    /// until a write succeeds, as a failed commit is.
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        on_backend!(self, b => b.probe_write().await)
+    }
+
     /// Adds task IDs. Known IDs are left as they are (and reported); removed ones are tracked
     /// again. New tasks are due at once.
     pub async fn add(

@@ -1,7 +1,9 @@
-//! The SQLite backend: one database file, owned by one thread (`thread`), its schema,
-//! migrations and lock file (`schema`), and the SQL of each table family (`tasks`, `events`,
-//! `gate`, `deliveries`). Nothing of rusqlite leaves this module: every statement runs inside
-//! a job on the store thread, and its errors become [`StoreError`]s here.
+//! The SQLite backend: one database file, written by one thread (`thread`) and read through
+//! a small pool of read-only connections (`reader`), its schema, migrations and lock file
+//! (`schema`), and the SQL of each table family (`tasks`, `events`, `gate`, `deliveries`).
+//! Nothing of rusqlite leaves this module: every write (and every read the daemon's own loops
+//! decide on) runs inside a job on the store thread, what operators ask runs on the read path,
+//! and errors become [`StoreError`]s here.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use super::{
 mod deliveries;
 mod events;
 mod gate;
+mod reader;
 mod schema;
 mod tasks;
 mod thread;
@@ -77,6 +80,7 @@ type Sql<T> = Result<T, Error>;
 #[derive(Clone)]
 pub struct Sqlite {
     jobs: mpsc::Sender<thread::Message>,
+    readers: Arc<reader::Readers>,
     path: Arc<PathBuf>,
     health: Arc<StoreHealth>,
 }
@@ -111,6 +115,7 @@ impl Sqlite {
             .map_err(|e| open_err(format!("cannot start the store thread: {e}")))?;
         Ok(Sqlite {
             jobs,
+            readers: Arc::new(reader::Readers::new(path.to_owned(), health.clone())),
             path: Arc::new(path.to_owned()),
             health,
         })
@@ -130,6 +135,16 @@ impl Sqlite {
     {
         thread::call(&self.jobs, move |conn| f(conn).map_err(Error::into_store)).await
     }
+
+    /// Runs `f` on the read path: a read-only connection and its own read transaction, never
+    /// waiting for the store thread or its commits.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Sql<T> + Send + 'static,
+    {
+        self.readers.read(f).await
+    }
 }
 
 impl Backend for Sqlite {
@@ -138,7 +153,14 @@ impl Backend for Sqlite {
     }
 
     async fn close(&self) {
+        // Readers first: the store thread's connection, closing last, checkpoints the WAL and
+        // removes it, which it cannot while another connection is open.
+        self.readers.close();
         thread::close(&self.jobs).await;
+    }
+
+    async fn probe_write(&self) -> Result<(), StoreError> {
+        thread::probe(&self.jobs).await
     }
 
     async fn add(
@@ -175,11 +197,11 @@ impl Backend for Sqlite {
         state: Option<TaskState>,
         limit: Option<u32>,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        self.call(move |c| tasks::list(c, state, limit)).await
+        self.read(move |c| tasks::list(c, state, limit)).await
     }
 
     async fn show(&self, id: String) -> Result<Option<(TaskRecord, Vec<EventRecord>)>, StoreError> {
-        self.call(move |c| {
+        self.read(move |c| {
             let Some(task) = tasks::record(c, &id)? else {
                 return Ok(None);
             };
@@ -198,20 +220,20 @@ impl Backend for Sqlite {
         task: Option<String>,
         limit: Option<u32>,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        self.call(move |c| events::since(c, since, task.as_deref(), limit))
+        self.read(move |c| events::since(c, since, task.as_deref(), limit))
             .await
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
-        self.call(tasks::counts).await
+        self.read(tasks::counts).await
     }
 
     async fn active_count(&self) -> Result<i64, StoreError> {
-        self.call(tasks::active_count).await
+        self.read(tasks::active_count).await
     }
 
     async fn last_seq(&self) -> Result<i64, StoreError> {
-        self.call(events::last_seq).await
+        self.read(events::last_seq).await
     }
 
     async fn load_gate(&self) -> Result<Option<GateRow>, StoreError> {
@@ -274,11 +296,11 @@ impl Backend for Sqlite {
     }
 
     async fn deliveries_of(&self, task: String) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
-        self.call(move |c| deliveries::of_task(c, &task)).await
+        self.read(move |c| deliveries::of_task(c, &task)).await
     }
 
     async fn target_summary(&self) -> Result<Vec<TargetSummary>, StoreError> {
-        self.call(deliveries::target_summary).await
+        self.read(deliveries::target_summary).await
     }
 }
 
