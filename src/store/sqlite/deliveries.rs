@@ -316,13 +316,27 @@ pub(super) fn of_task(conn: &Connection, task: &str) -> Sql<Vec<(i64, DeliveryRe
     Ok(out)
 }
 
+/// Deliveries per target and state, from the kept counts.
+pub(super) const SUMMARY_COUNTS: &str =
+    "SELECT target, state, n FROM delivery_counts WHERE n > 0 ORDER BY target";
+/// A target's last success: one seek at the end of its delivered rows.
+pub(super) const LAST_SUCCESS: &str =
+    "SELECT MAX(delivered_at) FROM deliveries INDEXED BY deliveries_target
+     WHERE target = ?1 AND state = 'delivered'";
+/// A target's oldest waiting delivery: the first entry of its part of a partial index.
+pub(super) const OLDEST_PENDING: &str =
+    "SELECT created_at FROM deliveries INDEXED BY deliveries_pending
+     WHERE target = ?1 AND state = 'pending' ORDER BY created_at LIMIT 1";
+/// A target's last failure.
+pub(super) const LAST_ERROR: &str =
+    "SELECT last_error, last_attempt_at FROM deliveries INDEXED BY deliveries_errors
+     WHERE target = ?1 AND last_error IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1";
+
 /// Per-target counts, last success/error and oldest pending delivery.
 pub(super) fn target_summary(conn: &Connection) -> Sql<Vec<TargetSummary>> {
     // The counts are the ones the schema's triggers keep (a handful of rows, whatever the size
     // of the outbox); every other figure is one seek of an index per target.
-    let mut counts = conn.prepare_cached(
-        "SELECT target, state, n FROM delivery_counts WHERE n > 0 ORDER BY target",
-    )?;
+    let mut counts = conn.prepare_cached(SUMMARY_COUNTS)?;
     let mut out: Vec<TargetSummary> = Vec::new();
     let rows = counts.query_map([], |r| {
         Ok((
@@ -353,18 +367,9 @@ pub(super) fn target_summary(conn: &Connection) -> Sql<Vec<TargetSummary>> {
             _ => {}
         }
     }
-    let mut last_success = conn.prepare_cached(
-        "SELECT MAX(delivered_at) FROM deliveries INDEXED BY deliveries_target
-         WHERE target = ?1 AND state = 'delivered'",
-    )?;
-    let mut oldest_pending = conn.prepare_cached(
-        "SELECT created_at FROM deliveries INDEXED BY deliveries_pending
-         WHERE target = ?1 AND state = 'pending' ORDER BY created_at LIMIT 1",
-    )?;
-    let mut last_error = conn.prepare_cached(
-        "SELECT last_error, last_attempt_at FROM deliveries INDEXED BY deliveries_errors
-         WHERE target = ?1 AND last_error IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1",
-    )?;
+    let mut last_success = conn.prepare_cached(LAST_SUCCESS)?;
+    let mut oldest_pending = conn.prepare_cached(OLDEST_PENDING)?;
+    let mut last_error = conn.prepare_cached(LAST_ERROR)?;
     for t in &mut out {
         if t.delivered > 0 {
             t.last_success_at = last_success.query_row([&t.target], |r| r.get(0))?;

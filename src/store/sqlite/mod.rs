@@ -352,6 +352,202 @@ mod tests {
         assert!(s.health().last_error().is_some());
     }
 
+    /// A store with tasks in every state and deliveries to two targets, for the plans.
+    async fn filled() -> (tempfile::TempDir, Sqlite) {
+        let (dir, s) = open();
+        let ids: Vec<String> = (0..300).map(|i| format!("t{i}")).collect();
+        s.add(ids, None, None, 1000, 1_000_000).await.expect("add");
+        for i in 0..200 {
+            let id = format!("t{i}");
+            let name = id.clone();
+            s.apply_poll(id, 2000, move |row| {
+                let (state, ev) = if i % 2 == 0 {
+                    (TaskState::Done, crate::events::error_event(&name, 500, "x"))
+                } else {
+                    (
+                        TaskState::Failed,
+                        crate::events::error_event(&name, 501, "y"),
+                    )
+                };
+                TaskUpdate {
+                    state,
+                    last_status: Some("X".into()),
+                    last_error: None,
+                    failures: row.failures,
+                    rejections: 0,
+                    next_poll_at: 5000,
+                    events: vec![ev],
+                    routes: ["app", "other"]
+                        .into_iter()
+                        .map(|t| Route {
+                            target: t.into(),
+                            url: "http://127.0.0.1:9/cb".into(),
+                            stages: crate::events::Stage::ALL.to_vec(),
+                        })
+                        .collect(),
+                    submitted_callback_url: None,
+                    first_delivery_delay: 0,
+                    timed_out: false,
+                }
+            })
+            .await
+            .expect("apply");
+        }
+        for i in 200..220 {
+            s.remove(format!("t{i}"), 3000).await.expect("remove");
+        }
+        (dir, s)
+    }
+
+    /// What `EXPLAIN QUERY PLAN` says of `sql` (parameters unbound), one detail per line.
+    async fn plan(s: &Sqlite, sql: String) -> String {
+        s.read(move |c| {
+            let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+            let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+            let details = stmt
+                .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(details.join("\n"))
+        })
+        .await
+        .expect("plan")
+    }
+
+    /// Nothing an operator asks grows with the queue: `status`'s counts and target summary and
+    /// `list --state X` read kept counts and walk indexes, never scanning a big table or
+    /// sorting it (a TEMP B-TREE). Checked without ANALYZE, as a daemon's store is.
+    #[tokio::test]
+    async fn operator_reads_never_scan_or_sort_the_queue() {
+        let (_dir, s) = filled().await;
+        let mut bounded = vec![
+            ("list --state", tasks::list_sql(true)),
+            ("task counts", tasks::TASK_COUNTS.to_owned()),
+            ("event count", tasks::EVENT_COUNT.to_owned()),
+            ("active count", tasks::ACTIVE_COUNT.to_owned()),
+            ("delivery counts", deliveries::SUMMARY_COUNTS.to_owned()),
+            ("last success", deliveries::LAST_SUCCESS.to_owned()),
+            ("oldest pending", deliveries::OLDEST_PENDING.to_owned()),
+            ("last error", deliveries::LAST_ERROR.to_owned()),
+        ];
+        for (what, sql) in bounded.drain(..) {
+            let p = plan(&s, sql).await;
+            for table in ["tasks", "events", "deliveries", "attempts"] {
+                assert!(
+                    !p.lines().any(|l| l.starts_with(&format!("SCAN {table}"))),
+                    "{what} scans {table}:\n{p}"
+                );
+            }
+            assert!(!p.contains("TEMP B-TREE"), "{what} sorts:\n{p}");
+        }
+        let p = plan(&s, tasks::list_sql(true)).await;
+        assert!(p.contains("USING INDEX tasks_state (state=?)"), "{p}");
+        // All tasks newest first: a walk from the end of the table that stops at the limit.
+        let p = plan(&s, tasks::list_sql(false)).await;
+        assert!(!p.contains("TEMP B-TREE"), "list sorts:\n{p}");
+    }
+
+    /// While another process holds the write lock, reads answer at once from the last commit,
+    /// and the write probe fails quickly, naming the lock, and is remembered as unhealthy
+    /// until a write succeeds.
+    #[tokio::test]
+    async fn reads_do_not_wait_behind_a_held_write_lock_and_the_probe_reports_it() {
+        let (dir, s) = filled().await;
+        let holder = Connection::open(dir.path().join("q.db")).expect("open");
+        holder
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 INSERT INTO tasks (id, state, added_at, updated_at, next_poll_at, deadline_at)
+                 VALUES ('uncommitted', 'active', 1, 1, 1, 1);",
+            )
+            .expect("take the write lock");
+        let t = std::time::Instant::now();
+        let counts = s.counts().await.expect("counts");
+        assert_eq!(
+            (counts.active, counts.done, counts.failed, counts.removed),
+            (80, 100, 100, 20)
+        );
+        assert_eq!(counts.events, 200);
+        let done = s
+            .list(Some(TaskState::Done), Some(1000))
+            .await
+            .expect("list");
+        assert_eq!(done.len(), 100);
+        assert!(
+            s.list(None, None)
+                .await
+                .expect("list")
+                .iter()
+                .all(|t| t.task_id != "uncommitted"),
+            "reads see only what was committed"
+        );
+        assert!(s.show("t0".into()).await.expect("show").is_some());
+        assert_eq!(s.events(0, None, Some(5)).await.expect("events").len(), 5);
+        let summary = s.target_summary().await.expect("summary");
+        assert_eq!(summary.len(), 2);
+        assert!(
+            summary
+                .iter()
+                .all(|t| t.pending == 200 && t.oldest_pending_at == Some(2000))
+        );
+        assert!(
+            !s.deliveries_of("t0".into())
+                .await
+                .expect("deliveries")
+                .is_empty()
+        );
+        let reads = t.elapsed();
+        assert!(
+            reads < std::time::Duration::from_secs(1),
+            "reads waited {reads:?} behind the lock (the writer's busy timeout is 5 s)"
+        );
+        assert!(
+            s.health().last_error().is_none(),
+            "reads alone are no failure"
+        );
+
+        let t = std::time::Instant::now();
+        let e = s.probe_write().await.expect_err("locked");
+        let probed = t.elapsed();
+        assert!(matches!(e, StoreError::Fault(_)), "{e}");
+        assert!(e.to_string().contains("locked"), "{e}");
+        assert!(
+            probed < std::time::Duration::from_secs(1),
+            "the probe waited {probed:?}"
+        );
+        assert!(
+            s.health().last_error().is_some(),
+            "the failure is remembered"
+        );
+
+        holder.execute_batch("ROLLBACK").expect("release");
+        s.probe_write().await.expect("writable again");
+        assert!(
+            s.health().last_error().is_some(),
+            "a probe writes nothing, so it proves too little to clear the failure"
+        );
+        s.add(vec!["after".into()], None, None, 4000, 10)
+            .await
+            .expect("add");
+        assert!(
+            s.health().last_error().is_none(),
+            "a committed write clears it"
+        );
+    }
+
+    /// Closing releases the readers too: later reads fail as closed, and the last connection
+    /// to close (the store thread's) takes the WAL with it.
+    #[tokio::test]
+    async fn close_ends_the_read_path() {
+        let (dir, s) = filled().await;
+        s.counts().await.expect("a reader is open");
+        s.close().await;
+        assert!(matches!(s.counts().await, Err(StoreError::Closed)));
+        assert!(
+            !dir.path().join("q.db-wal").exists(),
+            "the WAL was checkpointed and removed"
+        );
+    }
+
     #[tokio::test]
     async fn a_second_daemon_cannot_open_the_same_store() {
         let (dir, _s) = open();
