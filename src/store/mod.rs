@@ -3,7 +3,9 @@
 //! What the daemon asks of its queue is named once, by the [`Backend`] trait, in terms of the
 //! store's own records (times as Unix milliseconds, URLs as stored); turning them into text for
 //! people is the control side's job. Today's one backend is `sqlite`: one SQLite database
-//! owned by one thread, with group commit. The schedule is the `next_poll_at` column, not
+//! written by one thread, with group commit, and read by operators' queries on read-only
+//! connections that never wait behind it. Counts are kept, not counted, so nothing an
+//! operator asks grows with the queue. The schedule is the `next_poll_at` column, not
 //! timers in memory, so 100 000 queued tasks cost disk, not RAM, and a restart resumes exactly
 //! where the last commit left off.
 //!
