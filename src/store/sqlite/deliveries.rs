@@ -44,14 +44,18 @@ pub(super) fn insert(
 /// Marks the first pending delivery of `task` to `target` ready and the others not: only the
 /// head of a queue may be sent, so `complete` never overtakes `first`.
 pub(super) fn refresh_ready(conn: &Connection, task: &str, target: &str) -> Sql<()> {
-    conn.prepare_cached(
-        "UPDATE deliveries SET ready = (event_seq = (SELECT MIN(event_seq) FROM deliveries p
-                                         WHERE p.task_id = ?1 AND p.target = ?2 AND p.state = 'pending'))
-         WHERE task_id = ?1 AND target = ?2 AND state = 'pending'",
-    )?
-    .execute(params![task, target])?;
+    conn.prepare_cached(REFRESH_READY)?
+        .execute(params![task, target])?;
     Ok(())
 }
+
+/// Marks the head of one (task, target) queue ready. INDEXED BY pins the plan to that queue:
+/// left to itself the planner may take `deliveries_target` (target, state) and walk every
+/// pending delivery of the target, which with a dead handler's backlog is all of them.
+pub(super) const REFRESH_READY: &str = "UPDATE deliveries INDEXED BY deliveries_order
+     SET ready = (event_seq = (SELECT MIN(event_seq) FROM deliveries p
+                               WHERE p.task_id = ?1 AND p.target = ?2 AND p.state = 'pending'))
+     WHERE task_id = ?1 AND target = ?2 AND state = 'pending'";
 
 pub(super) fn due(
     conn: &Connection,

@@ -441,6 +441,14 @@ mod tests {
         }
         let p = plan(&s, tasks::list_sql(true)).await;
         assert!(p.contains("USING INDEX tasks_state (state=?)"), "{p}");
+        // Not an operator read, but on every delivery's path: one queue, not one target's.
+        let p = plan(&s, deliveries::REFRESH_READY.to_owned()).await;
+        assert!(
+            p.lines()
+                .next()
+                .is_some_and(|l| l.contains("deliveries_order (task_id=? AND target=?)")),
+            "{p}"
+        );
         // All tasks newest first: a walk from the end of the table that stops at the limit.
         let p = plan(&s, tasks::list_sql(false)).await;
         assert!(!p.contains("TEMP B-TREE"), "list sorts:\n{p}");
