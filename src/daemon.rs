@@ -117,8 +117,6 @@ impl Daemon {
         store: Store,
         started_at: i64,
     ) -> anyhow::Result<Daemon> {
-        let counts = store.counts().await.context("reading the queue")?;
-
         // Built from the config alone (and the bundled roots when the system has none), so a
         // failure here repeats on every start.
         let api = ApiClient::new(&config.api.base_url, key, config.api.request_timeout)
@@ -161,10 +159,21 @@ impl Daemon {
             }
         };
 
+        // Bound first, counted after: clients can connect from here on (they wait for their
+        // answer rather than finding no socket), and what is read here are kept figures, not
+        // counts over the queue, so start-up costs the same at any queue size.
+        let (last_seq, resumed) = match tokio::join!(store.last_seq(), store.active_count()) {
+            (Ok(seq), Ok(active)) => (seq, active),
+            (Err(e), _) | (_, Err(e)) => {
+                socket.remove();
+                return Err(anyhow::Error::new(e).context("reading the queue"));
+            }
+        };
+
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let wake = Arc::new(Notify::new());
-        let (events_tx, events_rx) = watch::channel(counts.last_seq);
+        let (events_tx, events_rx) = watch::channel(last_seq);
         let status: SharedStatus = Arc::new(Mutex::new(PollStatus::default()));
 
         let metrics = Arc::new(Metrics::new());
@@ -265,11 +274,11 @@ impl Daemon {
                 || "off".to_owned(),
                 |p| format!("ping every {}", format_duration(p))
             ),
-            resumed = counts.active,
+            resumed,
             forward_targets = config.forward.targets.len(),
             "sunopoll started; {} unfinished task{} resumed",
-            counts.active,
-            if counts.active == 1 { "" } else { "s" }
+            resumed,
+            if resumed == 1 { "" } else { "s" }
         );
         let drain = (config.api.request_timeout + Duration::from_secs(2)).min(MAX_DRAIN);
         Ok(Daemon {
@@ -365,8 +374,8 @@ fn gauge_source(store: Store, status: SharedStatus, config: &Config) -> GaugeSou
                     .map_or(Duration::ZERO, |at| {
                         Duration::from_millis((now - at).unsigned_abs())
                     });
-                let oldest: std::collections::HashMap<String, i64> =
-                    q.oldest_pending.into_iter().collect();
+            }
+            {
                 let mut names: Vec<String> = configured.clone();
                 if let Ok(summary) = store.target_summary().await {
                     for t in summary {
@@ -374,7 +383,7 @@ fn gauge_source(store: Store, status: SharedStatus, config: &Config) -> GaugeSou
                             names.push(t.target.clone());
                         }
                         g.targets.push(TargetGauges {
-                            oldest_pending: oldest.get(&t.target).map_or(Duration::ZERO, |at| {
+                            oldest_pending: t.oldest_pending_at.map_or(Duration::ZERO, |at| {
                                 Duration::from_millis((now - at).max(0).unsigned_abs())
                             }),
                             target: t.target,

@@ -3,7 +3,9 @@
 //!
 //! Run all: `bench/run` (or `cargo bench --bench scenarios`). Run some:
 //! `cargo bench --bench scenarios -- add idle`. Scenarios: add, startup, idle, throughput,
-//! rate, latency, fairness, memory. Prints a Markdown table for BENCHMARKS.md.
+//! rate, latency, fairness, memory, and `million` (operator reads with 1 000 000 tasks in the
+//! store; not part of a run of everything, it builds a store of a few hundred MB). Prints a Markdown table
+//! for BENCHMARKS.md.
 
 mod fake;
 mod proc;
@@ -66,7 +68,8 @@ fn main() {
         "fairness",
         "memory",
     ];
-    let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
+    let run =
+        |name: &str| (wanted.is_empty() || wanted.iter().any(|w| w == name)) && all.contains(&name);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -79,6 +82,10 @@ fn main() {
     let big = tempfile::tempdir().expect("tempdir");
     if run("add") || run("startup") || run("idle") {
         add_startup_idle(&runtime, big.path(), &run, &mut results);
+    }
+    if wanted.iter().any(|w| w == "million") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        million(&runtime, dir.path(), &mut results);
     }
     for name in &all[3..] {
         if !run(name) {
@@ -620,4 +627,266 @@ fn memory(rt: &tokio::runtime::Runtime, dir: &Path, results: &mut Results) {
         mib(max),
         Some(max <= 30 * 1024),
     );
+}
+
+/// Tasks in the `million` store.
+const MILLION: u64 = 1_000_000;
+
+/// Milliseconds of one request on a fresh connection, until its whole answer line has
+/// arrived (parsing it is the client's time, not the daemon's: 1 000 tasks are 400 KB).
+fn timed(d: &Daemon, line: &str) -> f64 {
+    use std::io::{BufRead, Write};
+    let t = Instant::now();
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    s.write_all(format!("{line}\n").as_bytes()).expect("send");
+    let mut answer = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut answer)
+        .expect("answer");
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(answer.starts_with(r#"{"ok":true"#), "{answer}");
+    ms
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
+/// Fills a stopped store with `MILLION` tasks through SQL (the schema's triggers keep the counts
+/// as the daemon's own writes do): 5 % active, 80 % done, 10 % failed, 5 % removed, interleaved
+/// as a long-running queue's would be, one event per finished task, and one delivery to a
+/// target for every tenth (a few still pending).
+fn fill_million(db: &Path) {
+    let mut c = rusqlite::Connection::open(db).expect("open store");
+    c.execute_batch("PRAGMA synchronous = OFF;")
+        .expect("pragma");
+    let tx = c.transaction().expect("begin");
+    {
+        let now = sunopoll::clock::now_ms();
+        let mut task = tx
+            .prepare(
+                "INSERT INTO tasks (id, state, stage, added_at, updated_at, next_poll_at, deadline_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4, ?4, ?5, ?6)",
+            )
+            .expect("prepare");
+        let mut event = tx
+            .prepare(
+                "INSERT INTO events (task_id, stage, code, body, created_at) VALUES (?1, ?2, 200, ?3, ?4)",
+            )
+            .expect("prepare");
+        let mut delivery = tx
+            .prepare(
+                "INSERT INTO deliveries (event_seq, task_id, target, url, origin, webhook_id, state,
+                                         next_attempt_at, created_at, updated_at, delivered_at, ready)
+                 VALUES (?1, ?2, 'app', 'http://127.0.0.1:9/cb', 'http://127.0.0.1:9', ?3, ?4, ?5, ?5, ?5, ?6, ?7)",
+            )
+            .expect("prepare");
+        for i in 0..MILLION {
+            let id = task_id(10, i);
+            let at = now - i64::try_from(MILLION - i).unwrap_or(0) * 10;
+            let (state, stage) = match i % 20 {
+                0 => ("active", None),
+                1 | 2 => ("failed", Some("error")),
+                3 => ("removed", None),
+                _ => ("done", Some("complete")),
+            };
+            let finished = (state != "active").then_some(at);
+            task.execute(rusqlite::params![
+                id,
+                state,
+                stage,
+                at,
+                at + 86_400_000,
+                finished
+            ])
+            .expect("task");
+            if let Some(stage) = stage {
+                event
+                    .execute(rusqlite::params![
+                        id,
+                        stage,
+                        format!(r#"{{"code":200,"msg":"ok","data":{{"task_id":"{id}"}}}}"#),
+                        at
+                    ])
+                    .expect("event");
+                if i % 10 == 4 {
+                    let seq = tx.last_insert_rowid();
+                    let pending = i % 1000 == 4;
+                    delivery
+                        .execute(rusqlite::params![
+                            seq,
+                            id,
+                            format!("msg_{id}_{stage}_bench"),
+                            if pending { "pending" } else { "delivered" },
+                            at,
+                            (!pending).then_some(at + 5),
+                            pending,
+                        ])
+                        .expect("delivery");
+                }
+            }
+        }
+    }
+    tx.commit().expect("commit");
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .expect("checkpoint");
+}
+
+/// Operator reads with a million tasks in the store: `status`, `list --state`, start-up, RSS
+/// after a restart, and an `add` while a health check calls `status` in a loop.
+fn million(rt: &tokio::runtime::Runtime, dir: &Path, results: &mut Results) {
+    let api = rt.block_on(Fake::start(Mode::Pending));
+    let setup = Setup {
+        api: &api.url,
+        dir,
+        poll: "max-requests-per-second = 2",
+        extra: "",
+    };
+    // The daemon creates the schema; the tasks are written while it is stopped.
+    Daemon::start(&setup).stop();
+    let t = Instant::now();
+    fill_million(&dir.join("sunopoll.db"));
+    eprintln!("  million     filled the store in {:.0?}", t.elapsed());
+
+    let mut starts = Vec::new();
+    let mut rss = 0;
+    for _ in 0..5 {
+        let d = Daemon::start(&setup);
+        starts.push(d.ready_after.as_secs_f64() * 1000.0);
+        rss = rss.max(d.rss_kib().0);
+        d.stop();
+    }
+    let start = median_of(starts);
+    results.add(
+        "million",
+        "start-up to `status` answering, median of 5 (ms)",
+        "≤ 300",
+        format!("{start:.1}"),
+        Some(start <= 300.0),
+    );
+    results.add(
+        "million",
+        "RSS after a restart (highest of 5)",
+        "≤ 30 MiB",
+        mib(rss),
+        Some(rss <= 30 * 1024),
+    );
+
+    let d = Daemon::start(&setup);
+    let status = d.request(r#"{"cmd":"status"}"#);
+    let total: i64 = ["active", "done", "failed", "removed"]
+        .iter()
+        .map(|s| status["tasks"][s].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, MILLION as i64, "{status}");
+    let status_ms = median_of((0..200).map(|_| timed(&d, r#"{"cmd":"status"}"#)).collect());
+    results.add(
+        "million",
+        "`status`, median of 200 (ms)",
+        "≤ 5",
+        format!("{status_ms:.2}"),
+        Some(status_ms <= 5.0),
+    );
+    for state in ["done", "failed", "active"] {
+        let line = format!(r#"{{"cmd":"list","state":"{state}","limit":1000}}"#);
+        let ms = median_of((0..20).map(|_| timed(&d, &line)).collect());
+        results.add(
+            "million",
+            &format!("`list --state {state}` (newest 1 000), median of 20 (ms)"),
+            "≤ 10",
+            format!("{ms:.2}"),
+            Some(ms <= 10.0),
+        );
+    }
+    let line = r#"{"cmd":"list","state":"failed","limit":100}"#;
+    let ms = median_of((0..50).map(|_| timed(&d, line)).collect());
+    results.add(
+        "million",
+        "`list --state failed --limit 100`, median of 50 (ms)",
+        "(info)",
+        format!("{ms:.2}"),
+        None,
+    );
+    let show = format!(r#"{{"cmd":"show","task_id":"{}"}}"#, task_id(10, 4));
+    let ms = median_of((0..50).map(|_| timed(&d, &show)).collect());
+    results.add(
+        "million",
+        "`show` a task with an event and a delivery, median of 50 (ms)",
+        "(info)",
+        format!("{ms:.2}"),
+        None,
+    );
+
+    // One `add` at a time, alone and then while a health check asks `status` in a loop.
+    let add = |n: u64| {
+        let line = format!(r#"{{"cmd":"add","task_ids":["{}"]}}"#, task_id(11, n));
+        timed(&d, &line)
+    };
+    let alone = median_of((0..200).map(add).collect());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (during, statuses) = std::thread::scope(|s| {
+        let looping = s.spawn(|| {
+            let mut conn = Conn::open(&d.socket);
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                conn.call(r#"{"cmd":"status"}"#);
+                n += 1;
+            }
+            n
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let during = median_of((200..400).map(add).collect());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (during, looping.join().expect("status loop"))
+    });
+    results.add(
+        "million",
+        "one `add`, median of 200, alone (ms)",
+        "(info)",
+        format!("{alone:.2}"),
+        None,
+    );
+    results.add(
+        "million",
+        &format!("one `add` while `status` runs in a loop ({statuses} answered), median (ms)"),
+        "≤ 2 × alone",
+        format!("{during:.2} ({:.1} ×)", during / alone),
+        Some(during <= 2.0 * alone),
+    );
+    d.stop();
+
+    // The one-off cost of the upgrade: the migration that builds the kept counts and indexes.
+    // Measured by undoing it, which is only that simple while it is the last migration.
+    let c = rusqlite::Connection::open(dir.join("sunopoll.db")).expect("open store");
+    let version: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    if version != 5 {
+        eprintln!(
+            "  million     (migration cost not measured: schema {version} has later migrations)"
+        );
+        return;
+    }
+    {
+        c.execute_batch(
+            "DROP TRIGGER task_counts_insert; DROP TRIGGER task_counts_update;
+             DROP TRIGGER task_counts_delete; DROP TRIGGER event_counts_insert;
+             DROP TRIGGER event_counts_delete; DROP TRIGGER delivery_counts_insert;
+             DROP TRIGGER delivery_counts_update; DROP TRIGGER delivery_counts_delete;
+             DROP TABLE task_counts; DROP TABLE event_counts; DROP TABLE delivery_counts;
+             DROP INDEX tasks_state; DROP INDEX deliveries_pending; PRAGMA user_version = 4;",
+        )
+        .expect("back to schema 4");
+    }
+    drop(c);
+    let d = Daemon::start(&setup);
+    results.add(
+        "million",
+        "first start after the upgrade (migration: one recount, two indexes) (ms)",
+        "(info, once)",
+        format!("{:.0}", d.ready_after.as_secs_f64() * 1000.0),
+        None,
+    );
+    d.stop();
 }

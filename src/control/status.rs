@@ -8,29 +8,61 @@ use crate::clock::{format_duration, format_utc, ms, now_ms};
 use crate::jobs::gate::PauseKind;
 use crate::protocol::{ErrorBody, StatusResponse, TargetStatus};
 
+/// Longest `status` waits for the store thread to prove it can write. Its probe waits 300 ms
+/// for the write lock itself; the rest is for the jobs queued before it. `status` answers
+/// within a second either way, which is what a health check needs.
+const WRITE_PROBE_WAIT: Duration = Duration::from_millis(800);
+
 pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
     // A store that cannot commit (disk full, locked) must not turn `status` into an error: the
     // report is exactly where an operator or a monitoring check should read that the store is
-    // failing. Whatever the store cannot say is left out (`tasks` is null) and listed as a
-    // problem.
+    // failing. Counts and target summaries come from the read path, so they answer at once
+    // even while the write lock is held; whether the store can be written is asked of the
+    // store thread itself, with a bound. Whatever the store cannot say is left out (`tasks` is
+    // null) and listed as a problem.
+    let (counts, summary, writable) = tokio::join!(
+        ctx.store.counts(),
+        ctx.store.target_summary(),
+        tokio::time::timeout(WRITE_PROBE_WAIT, ctx.store.probe_write()),
+    );
     let mut problems = Vec::new();
-    let counts = match ctx.store.counts().await {
+    let mut answering = true;
+    match writable {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            problems.push(format!("the store is not answering: {e}"));
+            answering = false;
+        }
+        Err(_) => {
+            problems.push(format!(
+                "the store is not answering: no write could begin within {} (its lock is \
+                 held, or the disk is very slow)",
+                format_duration(WRITE_PROBE_WAIT)
+            ));
+            answering = false;
+        }
+    }
+    let counts = match counts {
         Ok(c) => Some(c),
         Err(e) => {
-            problems.push(format!(
-                "the store is not answering ({e}): check the store's disk and directory; adds are refused until it answers"
-            ));
+            if answering {
+                problems.push(format!(
+                    "the store is not answering ({e}): check the store's disk and directory; adds are refused until it answers"
+                ));
+            }
+            answering = false;
             None
         }
     };
-    let mut targets: Vec<TargetStatus> = match ctx.store.target_summary().await {
+    let mut targets: Vec<TargetStatus> = match summary {
         Ok(t) => t.into_iter().map(TargetStatus::from_summary).collect(),
         Err(e) => {
-            if counts.is_some() {
+            if answering {
                 problems.push(format!(
-                    "the store is not answering ({e}): check the store's disk and directory"
+                    "the store is not answering ({e}): check the store's disk and directory; adds are refused until it answers"
                 ));
             }
+            answering = false;
             Vec::new()
         }
     };
@@ -66,7 +98,7 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
         ));
     }
     if let Some((at, e)) = ctx.store.health().last_error()
-        && counts.is_some()
+        && answering
     {
         problems.push(format!(
             "store error at {}: {e}; check free space and the store's directory — adds are \

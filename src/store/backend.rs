@@ -5,7 +5,10 @@
 //! The contract each implementation keeps (and `conformance` tests): an operation that returns
 //! `Ok` is durable; `apply_poll` reads, decides and writes in one transaction; a stage is stored
 //! at most once per task and only after the stored one; only the head of each (task, target)
-//! delivery queue is due; a replay requested during an attempt is not undone by it.
+//! delivery queue is due; a replay requested during an attempt is not undone by it; the
+//! counts (`counts`, `active_count`, `target_summary`) are kept, not counted, so they cost
+//! the same at any queue size, and always equal a recount; the reads operators make (`list`,
+//! `show`, `events`, `counts`, `target_summary`, `deliveries_of`) never wait behind writes.
 
 use std::future::Future;
 
@@ -28,6 +31,11 @@ pub trait Backend: Send + Sync {
     /// Finishes the work already queued, then releases the database. Later calls fail with
     /// [`StoreError::Closed`].
     fn close(&self) -> impl Future<Output = ()> + Send;
+
+    /// Proves the write path works now, without writing: takes the write lock after the work
+    /// already queued, waiting for it only briefly, and releases it. A failure is recorded in
+    /// [`Backend::health`] (until a write succeeds), as a failed commit is.
+    fn probe_write(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Adds task IDs. Known IDs are left as they are (and reported); removed ones are tracked
     /// again. New tasks are due at once.

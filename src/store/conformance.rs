@@ -2,9 +2,11 @@
 //! (SQLite today, PostgreSQL next) runs the same ones. A backend joins with one
 //! `conformance_suite!` line naming how to open a fresh, empty store in a temporary directory.
 
+use std::collections::BTreeMap;
+
 use super::{
-    AddResult, AttemptRecord, Backend, DeliveryNext, GateRow, Pruned, Replay, Route, TaskState,
-    TaskUpdate,
+    AddResult, AttemptRecord, Backend, Counts, DeliveryNext, GateRow, Pruned, Replay, Route,
+    TaskState, TaskUpdate,
 };
 use crate::events::{NewEvent, Stage, error_event};
 
@@ -36,6 +38,7 @@ mod sqlite {
         gate_round_trips_and_prune_keeps_active_tasks,
         a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt,
         only_the_head_of_a_queue_is_due,
+        kept_counts_equal_a_recount_after_any_mix_of_changes,
     );
 }
 
@@ -381,4 +384,179 @@ async fn only_the_head_of_a_queue_is_due(s: &impl Backend) {
     assert_eq!(summary.len(), 1);
     assert_eq!((summary[0].pending, summary[0].delivered), (1, 1));
     assert_eq!(summary[0].last_success_at, Some(1105));
+}
+
+/// What the kept counts must say, recounted from the records themselves.
+async fn recount(s: &impl Backend) -> (Counts, BTreeMap<(String, String), i64>) {
+    let mut c = Counts::default();
+    let tasks = s.list(None, None).await.expect("list");
+    let mut deliveries = BTreeMap::new();
+    for t in &tasks {
+        *match t.state {
+            TaskState::Active => &mut c.active,
+            TaskState::Done => &mut c.done,
+            TaskState::Failed => &mut c.failed,
+            TaskState::Removed => &mut c.removed,
+        } += 1;
+        for (_, d) in s
+            .deliveries_of(t.task_id.clone())
+            .await
+            .expect("deliveries")
+        {
+            *deliveries.entry((d.target, d.state)).or_insert(0) += 1;
+        }
+    }
+    c.events = i64::try_from(s.events(0, None, None).await.expect("events").len())
+        .expect("a small number");
+    c.last_seq = s.last_seq().await.expect("last seq");
+    (c, deliveries)
+}
+
+async fn assert_counts_match(s: &impl Backend, seed: u64, step: usize) {
+    let (want, want_deliveries) = recount(s).await;
+    let kept = s.counts().await.expect("counts");
+    assert_eq!(
+        kept, want,
+        "seed {seed}, step {step}: task and event counts"
+    );
+    assert_eq!(
+        s.active_count().await.expect("active"),
+        want.active,
+        "seed {seed}, step {step}: active count"
+    );
+    let mut kept_deliveries = BTreeMap::new();
+    for t in s.target_summary().await.expect("summary") {
+        for (state, n) in [
+            ("pending", t.pending),
+            ("delivered", t.delivered),
+            ("failed", t.failed),
+        ] {
+            if n > 0 {
+                kept_deliveries.insert((t.target.clone(), state.to_owned()), n);
+            }
+        }
+        assert_eq!(
+            t.oldest_pending_at.is_some(),
+            t.pending > 0,
+            "seed {seed}, step {step}: oldest pending of {}",
+            t.target
+        );
+    }
+    assert_eq!(
+        kept_deliveries, want_deliveries,
+        "seed {seed}, step {step}: delivery counts per target and state"
+    );
+}
+
+/// One poll's result for a task at `stage`, chosen by `pick`: nothing new, or the next stages
+/// up to a terminal one, delivered along both routes.
+fn random_update(stage: Option<Stage>, pick: u8, id: &str) -> TaskUpdate {
+    let later: Vec<Stage> = Stage::ALL
+        .into_iter()
+        .filter(|s| stage.is_none_or(|now| *s > now))
+        .collect();
+    let events: Vec<NewEvent> = match pick % 4 {
+        0 => Vec::new(),
+        _ if later.is_empty() => Vec::new(),
+        n => {
+            let last = later[usize::from(n) % later.len()];
+            later
+                .iter()
+                .filter(|s| **s <= last && !(**s == Stage::Complete && last == Stage::Error))
+                .map(|s| match s {
+                    Stage::Error => error_event(id, 500, "x"),
+                    s => NewEvent {
+                        stage: *s,
+                        code: 200,
+                        body: "{}".into(),
+                        tracks: 0,
+                        filled: false,
+                    },
+                })
+                .collect()
+        }
+    };
+    let state = match events.last().map(|e| e.stage) {
+        Some(Stage::Complete) => TaskState::Done,
+        Some(Stage::Error) => TaskState::Failed,
+        _ => TaskState::Active,
+    };
+    let mut u = update(state, events);
+    let mut other = app_route();
+    other.target = "other".into();
+    other.stages = vec![Stage::Complete, Stage::Error];
+    u.routes = vec![app_route(), other];
+    u
+}
+
+/// The counts `status` and the metrics read are kept, not counted: after any mix of adds,
+/// polls, removals, prunes, attempts, replays and orphaned targets they equal a recount.
+async fn kept_counts_equal_a_recount_after_any_mix_of_changes(s: &impl Backend) {
+    let seed = 0x5eed_u64;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let id = |n: u32| format!("t{n}");
+    let mut now = 1000;
+    for step in 0..400 {
+        now += 100;
+        match rng.u8(0..10) {
+            0 | 1 => {
+                let ids = (0..rng.u32(1..4)).map(|_| id(rng.u32(0..30))).collect();
+                s.add(ids, None, None, now, 50_000).await.expect("add");
+            }
+            2..=4 => {
+                let (task, pick) = (id(rng.u32(0..30)), rng.u8(..));
+                let name = task.clone();
+                s.apply_poll(task, now, move |row| random_update(row.stage, pick, &name))
+                    .await
+                    .expect("apply");
+            }
+            5 => {
+                s.remove(id(rng.u32(0..30)), now).await.expect("remove");
+            }
+            6 => {
+                s.prune(now - i64::from(rng.u32(0..3000)))
+                    .await
+                    .expect("prune");
+            }
+            7 => {
+                let due = s
+                    .due_deliveries(Vec::new(), Vec::new(), 5)
+                    .await
+                    .expect("due");
+                for d in &due {
+                    let next = match rng.u8(0..3) {
+                        0 => DeliveryNext::Delivered,
+                        1 => DeliveryNext::Retry(now),
+                        _ => DeliveryNext::Failed,
+                    };
+                    let attempt = AttemptRecord {
+                        started_at: now,
+                        duration_ms: 5,
+                        status: Some(500),
+                        error: Some("boom".into()),
+                    };
+                    s.record_attempt(d, attempt, next).await.expect("record");
+                }
+            }
+            8 => {
+                let what = if rng.bool() {
+                    Replay::Task(id(rng.u32(0..30)))
+                } else {
+                    Replay::FailedSince(0)
+                };
+                s.redeliver(what, None, vec![app_route()], now)
+                    .await
+                    .expect("redeliver");
+            }
+            _ => {
+                s.fail_orphans(vec!["app".into()], now)
+                    .await
+                    .expect("fail orphans");
+            }
+        }
+        if step % 20 == 19 {
+            assert_counts_match(s, seed, step).await;
+        }
+    }
+    assert_counts_match(s, seed, 400).await;
 }

@@ -144,6 +144,8 @@ pub struct TargetSummary {
     pub last_error: Option<String>,
     /// When it happened (Unix ms).
     pub last_error_at: Option<i64>,
+    /// When the oldest delivery still waiting was created (its event stored), if any waits.
+    pub oldest_pending_at: Option<i64>,
 }
 
 /// `scheme://host:port` of a URL, the key of per-destination concurrency limits.

@@ -1,4 +1,4 @@
-//! What a metrics scrape reads of the queue: a handful of index look-ups whose cost does not
+//! What a metrics scrape reads of the poll queue: a handful of index look-ups whose cost does not
 //! grow with the number of tasks or deliveries stored.
 
 /// The queue's gauges at one moment.
@@ -8,8 +8,6 @@ pub struct QueueGauges {
     pub polls_due: u64,
     /// The earliest next poll time of any active task (Unix ms), if there is one.
     pub earliest_due_at: Option<i64>,
-    /// Per target with pending deliveries: when its oldest pending delivery was created (Unix ms).
-    pub oldest_pending: Vec<(String, i64)>,
 }
 
 /// `polls_due` counts at most this many: past it the figure says "at least", and counting

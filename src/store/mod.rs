@@ -3,7 +3,9 @@
 //! What the daemon asks of its queue is named once, by the [`Backend`] trait, in terms of the
 //! store's own records (times as Unix milliseconds, URLs as stored); turning them into text for
 //! people is the control side's job. Today's one backend is `sqlite`: one SQLite database
-//! owned by one thread, with group commit. The schedule is the `next_poll_at` column, not
+//! written by one thread, with group commit, and read by operators' queries on read-only
+//! connections that never wait behind it. Counts are kept, not counted, so nothing an
+//! operator asks grows with the queue. The schedule is the `next_poll_at` column, not
 //! timers in memory, so 100 000 queued tasks cost disk, not RAM, and a restart resumes exactly
 //! where the last commit left off.
 //!
@@ -156,6 +158,14 @@ impl Store {
     /// calls on any handle fail with [`StoreError::Closed`].
     pub async fn close(&self) {
         on_backend!(self, b => b.close().await)
+    }
+
+    /// Proves the store can be written now, without writing anything: the write lock is taken
+    /// (after the work already queued, waiting for it only briefly) and released. A failure
+    /// (another process holds the lock, a read-only file) is recorded in [`Store::health`]
+    /// until a write succeeds, as a failed commit is.
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        on_backend!(self, b => b.probe_write().await)
     }
 
     /// Adds task IDs. Known IDs are left as they are (and reported); removed ones are tracked

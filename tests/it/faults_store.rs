@@ -356,6 +356,66 @@ async fn a_store_locked_by_another_process() {
     row.report_and_check();
 }
 
+/// A health check must not hang on a locked store: while another process holds SQLite's write
+/// lock, `status` answers within a second (not after the 5 s busy timeout, twice), still
+/// reports the queue from the last commit, and says the store is unhealthy, naming the lock;
+/// `list`, `show` and `events` answer too. Once the lock is gone, a write makes it healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_answers_within_a_second_while_the_write_lock_is_held() {
+    let api = FakeApi::start().await;
+    let mut d = daemon_with_data(&api).await;
+    d.restart().await;
+    let other = rusqlite::Connection::open(&d.store).expect("open");
+    other
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+
+    let t = Instant::now();
+    let status = d.status().await;
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "status took {took:?} while the write lock was held"
+    );
+    assert_eq!(status["healthy"], false, "{status}");
+    assert!(
+        status["problems"].to_string().contains("locked"),
+        "the problem names the lock: {status}"
+    );
+    assert_eq!(
+        status["tasks"]["done"], 2,
+        "the last commit's counts: {status}"
+    );
+    assert_eq!(status["tasks"]["events"], 6, "{status}");
+
+    let t = Instant::now();
+    let list = d
+        .request(json!({"cmd": "list", "state": "done", "limit": 10}))
+        .await;
+    let show = d.request(json!({"cmd": "show", "task_id": "kept-1"})).await;
+    let events = d.request(json!({"cmd": "events", "since": 0})).await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(1), "reads took {took:?}");
+    assert_eq!(list["tasks"].as_array().map(Vec::len), Some(2), "{list}");
+    assert_eq!(show["ok"], true, "{show}");
+    assert_eq!(
+        events["events"].as_array().map(Vec::len),
+        Some(6),
+        "{events}"
+    );
+
+    other.execute_batch("ROLLBACK").expect("release");
+    drop(other);
+    api.script_statuses("after", &["SUCCESS"]);
+    let v = d
+        .request(json!({"cmd": "add", "task_ids": ["after"]}))
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    let status = d.status().await;
+    assert_eq!(status["healthy"], true, "a write went through: {status}");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk() {
     let api = FakeApi::start().await;

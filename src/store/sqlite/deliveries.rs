@@ -44,14 +44,18 @@ pub(super) fn insert(
 /// Marks the first pending delivery of `task` to `target` ready and the others not: only the
 /// head of a queue may be sent, so `complete` never overtakes `first`.
 pub(super) fn refresh_ready(conn: &Connection, task: &str, target: &str) -> Sql<()> {
-    conn.prepare_cached(
-        "UPDATE deliveries SET ready = (event_seq = (SELECT MIN(event_seq) FROM deliveries p
-                                         WHERE p.task_id = ?1 AND p.target = ?2 AND p.state = 'pending'))
-         WHERE task_id = ?1 AND target = ?2 AND state = 'pending'",
-    )?
-    .execute(params![task, target])?;
+    conn.prepare_cached(REFRESH_READY)?
+        .execute(params![task, target])?;
     Ok(())
 }
+
+/// Marks the head of one (task, target) queue ready. INDEXED BY pins the plan to that queue:
+/// left to itself the planner may take `deliveries_target` (target, state) and walk every
+/// pending delivery of the target, which with a dead handler's backlog is all of them.
+pub(super) const REFRESH_READY: &str = "UPDATE deliveries INDEXED BY deliveries_order
+     SET ready = (event_seq = (SELECT MIN(event_seq) FROM deliveries p
+                               WHERE p.task_id = ?1 AND p.target = ?2 AND p.state = 'pending'))
+     WHERE task_id = ?1 AND target = ?2 AND state = 'pending'";
 
 pub(super) fn due(
     conn: &Connection,
@@ -341,25 +345,37 @@ pub(super) fn of_task(conn: &Connection, task: &str) -> Sql<Vec<(i64, DeliveryRe
     Ok(out)
 }
 
-/// Per-target counts and last success/error.
+/// Deliveries per target and state, from the kept counts.
+pub(super) const SUMMARY_COUNTS: &str =
+    "SELECT target, state, n FROM delivery_counts WHERE n > 0 ORDER BY target";
+/// A target's last success: one seek at the end of its delivered rows.
+pub(super) const LAST_SUCCESS: &str =
+    "SELECT MAX(delivered_at) FROM deliveries INDEXED BY deliveries_target
+     WHERE target = ?1 AND state = 'delivered'";
+/// A target's oldest waiting delivery: the first entry of its part of a partial index.
+pub(super) const OLDEST_PENDING: &str =
+    "SELECT created_at FROM deliveries INDEXED BY deliveries_pending
+     WHERE target = ?1 AND state = 'pending' ORDER BY created_at LIMIT 1";
+/// A target's last failure.
+pub(super) const LAST_ERROR: &str =
+    "SELECT last_error, last_attempt_at FROM deliveries INDEXED BY deliveries_errors
+     WHERE target = ?1 AND last_error IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1";
+
+/// Per-target counts, last success/error and oldest pending delivery.
 pub(super) fn target_summary(conn: &Connection) -> Sql<Vec<TargetSummary>> {
-    // Both queries are answered from indexes (deliveries_target covers the counts and the last
-    // success; deliveries_errors finds the last error), not by scanning rows.
-    let mut counts = conn.prepare_cached(
-        "SELECT target, state, COUNT(*), MAX(delivered_at) FROM deliveries
-         GROUP BY target, state ORDER BY target",
-    )?;
+    // The counts are the ones the schema's triggers keep (a handful of rows, whatever the size
+    // of the outbox); every other figure is one seek of an index per target.
+    let mut counts = conn.prepare_cached(SUMMARY_COUNTS)?;
     let mut out: Vec<TargetSummary> = Vec::new();
     let rows = counts.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, String>(1)?,
             r.get::<_, i64>(2)?,
-            r.get::<_, Option<i64>>(3)?,
         ))
     })?;
     for row in rows {
-        let (target, state, n, delivered_at) = row?;
+        let (target, state, n) = row?;
         if out.last().is_none_or(|t| t.target != target) {
             out.push(TargetSummary {
                 target,
@@ -369,24 +385,29 @@ pub(super) fn target_summary(conn: &Connection) -> Sql<Vec<TargetSummary>> {
                 last_success_at: None,
                 last_error: None,
                 last_error_at: None,
+                oldest_pending_at: None,
             });
         }
         let t = out.last_mut().expect("pushed above");
         match state.as_str() {
             "pending" => t.pending = n,
             "failed" => t.failed = n,
-            "delivered" => {
-                t.delivered = n;
-                t.last_success_at = delivered_at;
-            }
+            "delivered" => t.delivered = n,
             _ => {}
         }
     }
-    let mut last_error = conn.prepare_cached(
-        "SELECT last_error, last_attempt_at FROM deliveries
-         WHERE target = ?1 AND last_error IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1",
-    )?;
+    let mut last_success = conn.prepare_cached(LAST_SUCCESS)?;
+    let mut oldest_pending = conn.prepare_cached(OLDEST_PENDING)?;
+    let mut last_error = conn.prepare_cached(LAST_ERROR)?;
     for t in &mut out {
+        if t.delivered > 0 {
+            t.last_success_at = last_success.query_row([&t.target], |r| r.get(0))?;
+        }
+        if t.pending > 0 {
+            t.oldest_pending_at = oldest_pending
+                .query_row([&t.target], |r| r.get(0))
+                .optional()?;
+        }
         if let Some((e, at)) = last_error
             .query_row([&t.target], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))

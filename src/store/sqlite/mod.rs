@@ -1,7 +1,9 @@
-//! The SQLite backend: one database file, owned by one thread (`thread`), its schema,
-//! migrations and lock file (`schema`), and the SQL of each table family (`tasks`, `events`,
-//! `gate`, `deliveries`). Nothing of rusqlite leaves this module: every statement runs inside
-//! a job on the store thread, and its errors become [`StoreError`]s here.
+//! The SQLite backend: one database file, written by one thread (`thread`) and read through
+//! a small pool of read-only connections (`reader`), its schema, migrations and lock file
+//! (`schema`), and the SQL of each table family (`tasks`, `events`, `gate`, `deliveries`).
+//! Nothing of rusqlite leaves this module: every write (and every read the daemon's own loops
+//! decide on) runs inside a job on the store thread, what operators ask runs on the read path,
+//! and errors become [`StoreError`]s here.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +22,7 @@ mod deliveries;
 mod events;
 mod gate;
 mod gauges;
+mod reader;
 mod schema;
 mod tasks;
 mod thread;
@@ -79,6 +82,7 @@ type Sql<T> = Result<T, Error>;
 #[derive(Clone)]
 pub struct Sqlite {
     jobs: mpsc::Sender<thread::Message>,
+    readers: Arc<reader::Readers>,
     path: Arc<PathBuf>,
     health: Arc<StoreHealth>,
 }
@@ -118,6 +122,7 @@ impl Sqlite {
             .map_err(|e| open_err(format!("cannot start the store thread: {e}")))?;
         Ok(Sqlite {
             jobs,
+            readers: Arc::new(reader::Readers::new(path.to_owned(), health.clone())),
             path: Arc::new(path.to_owned()),
             health,
         })
@@ -137,6 +142,16 @@ impl Sqlite {
     {
         thread::call(&self.jobs, move |conn| f(conn).map_err(Error::into_store)).await
     }
+
+    /// Runs `f` on the read path: a read-only connection and its own read transaction, never
+    /// waiting for the store thread or its commits.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Sql<T> + Send + 'static,
+    {
+        self.readers.read(f).await
+    }
 }
 
 impl Backend for Sqlite {
@@ -145,7 +160,14 @@ impl Backend for Sqlite {
     }
 
     async fn close(&self) {
+        // Readers first: the store thread's connection, closing last, checkpoints the WAL and
+        // removes it, which it cannot while another connection is open.
+        self.readers.close();
         thread::close(&self.jobs).await;
+    }
+
+    async fn probe_write(&self) -> Result<(), StoreError> {
+        thread::probe(&self.jobs).await
     }
 
     async fn add(
@@ -194,11 +216,11 @@ impl Backend for Sqlite {
         state: Option<TaskState>,
         limit: Option<u32>,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        self.call(move |c| tasks::list(c, state, limit)).await
+        self.read(move |c| tasks::list(c, state, limit)).await
     }
 
     async fn show(&self, id: String) -> Result<Option<(TaskRecord, Vec<EventRecord>)>, StoreError> {
-        self.call(move |c| {
+        self.read(move |c| {
             let Some(task) = tasks::record(c, &id)? else {
                 return Ok(None);
             };
@@ -217,20 +239,20 @@ impl Backend for Sqlite {
         task: Option<String>,
         limit: Option<u32>,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        self.call(move |c| events::since(c, since, task.as_deref(), limit))
+        self.read(move |c| events::since(c, since, task.as_deref(), limit))
             .await
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
-        self.call(tasks::counts).await
+        self.read(tasks::counts).await
     }
 
     async fn active_count(&self) -> Result<i64, StoreError> {
-        self.call(tasks::active_count).await
+        self.read(tasks::active_count).await
     }
 
     async fn last_seq(&self) -> Result<i64, StoreError> {
-        self.call(events::last_seq).await
+        self.read(events::last_seq).await
     }
 
     async fn load_gate(&self) -> Result<Option<GateRow>, StoreError> {
@@ -297,15 +319,15 @@ impl Backend for Sqlite {
     }
 
     async fn deliveries_of(&self, task: String) -> Result<Vec<(i64, DeliveryRecord)>, StoreError> {
-        self.call(move |c| deliveries::of_task(c, &task)).await
+        self.read(move |c| deliveries::of_task(c, &task)).await
     }
 
     async fn target_summary(&self) -> Result<Vec<TargetSummary>, StoreError> {
-        self.call(deliveries::target_summary).await
+        self.read(deliveries::target_summary).await
     }
 
     async fn gauges(&self, now: i64) -> Result<QueueGauges, StoreError> {
-        self.call(move |c| gauges::gauges(c, now)).await
+        self.read(move |c| gauges::gauges(c, now)).await
     }
 }
 
@@ -355,6 +377,210 @@ mod tests {
             "the failed add left nothing behind"
         );
         assert!(s.health().last_error().is_some());
+    }
+
+    /// A store with tasks in every state and deliveries to two targets, for the plans.
+    async fn filled() -> (tempfile::TempDir, Sqlite) {
+        let (dir, s) = open();
+        let ids: Vec<String> = (0..300).map(|i| format!("t{i}")).collect();
+        s.add(ids, None, None, 1000, 1_000_000).await.expect("add");
+        for i in 0..200 {
+            let id = format!("t{i}");
+            let name = id.clone();
+            s.apply_poll(id, 2000, move |row| {
+                let (state, ev) = if i % 2 == 0 {
+                    (TaskState::Done, crate::events::error_event(&name, 500, "x"))
+                } else {
+                    (
+                        TaskState::Failed,
+                        crate::events::error_event(&name, 501, "y"),
+                    )
+                };
+                TaskUpdate {
+                    state,
+                    last_status: Some("X".into()),
+                    last_error: None,
+                    failures: row.failures,
+                    rejections: 0,
+                    next_poll_at: 5000,
+                    events: vec![ev],
+                    routes: ["app", "other"]
+                        .into_iter()
+                        .map(|t| Route {
+                            target: t.into(),
+                            url: "http://127.0.0.1:9/cb".into(),
+                            stages: crate::events::Stage::ALL.to_vec(),
+                        })
+                        .collect(),
+                    submitted_callback_url: None,
+                    first_delivery_delay: 0,
+                    timed_out: false,
+                }
+            })
+            .await
+            .expect("apply");
+        }
+        for i in 200..220 {
+            s.remove(format!("t{i}"), 3000).await.expect("remove");
+        }
+        (dir, s)
+    }
+
+    /// What `EXPLAIN QUERY PLAN` says of `sql` (parameters unbound), one detail per line.
+    async fn plan(s: &Sqlite, sql: String) -> String {
+        s.read(move |c| {
+            let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+            let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+            let details = stmt
+                .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(details.join("\n"))
+        })
+        .await
+        .expect("plan")
+    }
+
+    /// Nothing an operator asks grows with the queue: `status`'s counts and target summary and
+    /// `list --state X` read kept counts and walk indexes, never scanning a big table or
+    /// sorting it (a TEMP B-TREE). Checked without ANALYZE, as a daemon's store is.
+    #[tokio::test]
+    async fn operator_reads_never_scan_or_sort_the_queue() {
+        let (_dir, s) = filled().await;
+        let mut bounded = vec![
+            ("list --state", tasks::list_sql(true)),
+            ("task counts", tasks::TASK_COUNTS.to_owned()),
+            ("event count", tasks::EVENT_COUNT.to_owned()),
+            ("active count", tasks::ACTIVE_COUNT.to_owned()),
+            ("delivery counts", deliveries::SUMMARY_COUNTS.to_owned()),
+            ("last success", deliveries::LAST_SUCCESS.to_owned()),
+            ("oldest pending", deliveries::OLDEST_PENDING.to_owned()),
+            ("last error", deliveries::LAST_ERROR.to_owned()),
+        ];
+        for (what, sql) in bounded.drain(..) {
+            let p = plan(&s, sql).await;
+            for table in ["tasks", "events", "deliveries", "attempts"] {
+                assert!(
+                    !p.lines().any(|l| l.starts_with(&format!("SCAN {table}"))),
+                    "{what} scans {table}:\n{p}"
+                );
+            }
+            assert!(!p.contains("TEMP B-TREE"), "{what} sorts:\n{p}");
+        }
+        let p = plan(&s, tasks::list_sql(true)).await;
+        assert!(p.contains("USING INDEX tasks_state (state=?)"), "{p}");
+        // Not an operator read, but on every delivery's path: one queue, not one target's.
+        let p = plan(&s, deliveries::REFRESH_READY.to_owned()).await;
+        assert!(
+            p.lines()
+                .next()
+                .is_some_and(|l| l.contains("deliveries_order (task_id=? AND target=?)")),
+            "{p}"
+        );
+        // All tasks newest first: a walk from the end of the table that stops at the limit.
+        let p = plan(&s, tasks::list_sql(false)).await;
+        assert!(!p.contains("TEMP B-TREE"), "list sorts:\n{p}");
+    }
+
+    /// While another process holds the write lock, reads answer at once from the last commit,
+    /// and the write probe fails quickly, naming the lock, and is remembered as unhealthy
+    /// until a write succeeds.
+    #[tokio::test]
+    async fn reads_do_not_wait_behind_a_held_write_lock_and_the_probe_reports_it() {
+        let (dir, s) = filled().await;
+        let holder = Connection::open(dir.path().join("q.db")).expect("open");
+        holder
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 INSERT INTO tasks (id, state, added_at, updated_at, next_poll_at, deadline_at)
+                 VALUES ('uncommitted', 'active', 1, 1, 1, 1);",
+            )
+            .expect("take the write lock");
+        let t = std::time::Instant::now();
+        let counts = s.counts().await.expect("counts");
+        assert_eq!(
+            (counts.active, counts.done, counts.failed, counts.removed),
+            (80, 100, 100, 20)
+        );
+        assert_eq!(counts.events, 200);
+        let done = s
+            .list(Some(TaskState::Done), Some(1000))
+            .await
+            .expect("list");
+        assert_eq!(done.len(), 100);
+        assert!(
+            s.list(None, None)
+                .await
+                .expect("list")
+                .iter()
+                .all(|t| t.task_id != "uncommitted"),
+            "reads see only what was committed"
+        );
+        assert!(s.show("t0".into()).await.expect("show").is_some());
+        assert_eq!(s.events(0, None, Some(5)).await.expect("events").len(), 5);
+        let summary = s.target_summary().await.expect("summary");
+        assert_eq!(summary.len(), 2);
+        assert!(
+            summary
+                .iter()
+                .all(|t| t.pending == 200 && t.oldest_pending_at == Some(2000))
+        );
+        assert!(
+            !s.deliveries_of("t0".into())
+                .await
+                .expect("deliveries")
+                .is_empty()
+        );
+        let reads = t.elapsed();
+        assert!(
+            reads < std::time::Duration::from_secs(1),
+            "reads waited {reads:?} behind the lock (the writer's busy timeout is 5 s)"
+        );
+        assert!(
+            s.health().last_error().is_none(),
+            "reads alone are no failure"
+        );
+
+        let t = std::time::Instant::now();
+        let e = s.probe_write().await.expect_err("locked");
+        let probed = t.elapsed();
+        assert!(matches!(e, StoreError::Fault(_)), "{e}");
+        assert!(e.to_string().contains("locked"), "{e}");
+        assert!(
+            probed < std::time::Duration::from_secs(1),
+            "the probe waited {probed:?}"
+        );
+        assert!(
+            s.health().last_error().is_some(),
+            "the failure is remembered"
+        );
+
+        holder.execute_batch("ROLLBACK").expect("release");
+        s.probe_write().await.expect("writable again");
+        assert!(
+            s.health().last_error().is_some(),
+            "a probe writes nothing, so it proves too little to clear the failure"
+        );
+        s.add(vec!["after".into()], None, None, 4000, 10)
+            .await
+            .expect("add");
+        assert!(
+            s.health().last_error().is_none(),
+            "a committed write clears it"
+        );
+    }
+
+    /// Closing releases the readers too: later reads fail as closed, and the last connection
+    /// to close (the store thread's) takes the WAL with it.
+    #[tokio::test]
+    async fn close_ends_the_read_path() {
+        let (dir, s) = filled().await;
+        s.counts().await.expect("a reader is open");
+        s.close().await;
+        assert!(matches!(s.counts().await, Err(StoreError::Closed)));
+        assert!(
+            !dir.path().join("q.db-wal").exists(),
+            "the WAL was checkpointed and removed"
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::Connection;
 
 /// How long SQLite waits for a lock held by another process before failing.
-const BUSY_TIMEOUT_MS: u32 = 5000;
+pub(super) const BUSY_TIMEOUT_MS: u32 = 5000;
 
 /// The schema, one entry per version. `PRAGMA user_version` says how many have been applied.
 const MIGRATIONS: &[&str] = &[
@@ -103,9 +103,68 @@ CREATE INDEX deliveries_ready ON deliveries (next_attempt_at) WHERE state = 'pen
 CREATE INDEX deliveries_target ON deliveries (target, state, delivered_at);
 CREATE INDEX deliveries_errors ON deliveries (target, last_attempt_at) WHERE last_error IS NOT NULL;
 ",
-    // The age of each target's oldest pending delivery, for the metrics, in one index look-up.
+    // Nothing an operator asks may grow with the queue. Counts are kept, not counted: triggers
+    // keep them in the same transaction as every change of a task's or delivery's state, so no
+    // code path can forget one; the migration fills them by one recount. Tasks are counted per
+    // (state, kind) so task families can add their kind; today every task is 'music'. And
+    // `list --state X` walks `tasks_state` (its rowid order is newest first) instead of
+    // scanning, and the oldest pending delivery of a target is one seek of
+    // `deliveries_pending`.
     r"
-CREATE INDEX deliveries_pending_age ON deliveries (target, created_at) WHERE state = 'pending';
+CREATE INDEX tasks_state ON tasks (state);
+CREATE TABLE task_counts (
+    state TEXT NOT NULL,
+    kind  TEXT NOT NULL DEFAULT 'music',
+    n     INTEGER NOT NULL,
+    PRIMARY KEY (state, kind)
+) WITHOUT ROWID;
+INSERT INTO task_counts (state, kind, n) SELECT state, 'music', COUNT(*) FROM tasks GROUP BY state;
+CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO task_counts (state, kind, n) VALUES (NEW.state, 'music', 1)
+        ON CONFLICT (state, kind) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER task_counts_update AFTER UPDATE OF state ON tasks WHEN OLD.state IS NOT NEW.state BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE state = OLD.state AND kind = 'music';
+    INSERT INTO task_counts (state, kind, n) VALUES (NEW.state, 'music', 1)
+        ON CONFLICT (state, kind) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE state = OLD.state AND kind = 'music';
+END;
+CREATE TABLE event_counts (
+    stage TEXT PRIMARY KEY NOT NULL,
+    n     INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO event_counts (stage, n) SELECT stage, COUNT(*) FROM events GROUP BY stage;
+CREATE TRIGGER event_counts_insert AFTER INSERT ON events BEGIN
+    INSERT INTO event_counts (stage, n) VALUES (NEW.stage, 1)
+        ON CONFLICT (stage) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER event_counts_delete AFTER DELETE ON events BEGIN
+    UPDATE event_counts SET n = n - 1 WHERE stage = OLD.stage;
+END;
+CREATE TABLE delivery_counts (
+    target TEXT NOT NULL,
+    state  TEXT NOT NULL,
+    n      INTEGER NOT NULL,
+    PRIMARY KEY (target, state)
+) WITHOUT ROWID;
+INSERT INTO delivery_counts (target, state, n)
+    SELECT target, state, COUNT(*) FROM deliveries GROUP BY target, state;
+CREATE TRIGGER delivery_counts_insert AFTER INSERT ON deliveries BEGIN
+    INSERT INTO delivery_counts (target, state, n) VALUES (NEW.target, NEW.state, 1)
+        ON CONFLICT (target, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER delivery_counts_update AFTER UPDATE OF state ON deliveries
+    WHEN OLD.state IS NOT NEW.state BEGIN
+    UPDATE delivery_counts SET n = n - 1 WHERE target = OLD.target AND state = OLD.state;
+    INSERT INTO delivery_counts (target, state, n) VALUES (NEW.target, NEW.state, 1)
+        ON CONFLICT (target, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER delivery_counts_delete AFTER DELETE ON deliveries BEGIN
+    UPDATE delivery_counts SET n = n - 1 WHERE target = OLD.target AND state = OLD.state;
+END;
+CREATE INDEX deliveries_pending ON deliveries (target, created_at) WHERE state = 'pending';
 ",
 ];
 

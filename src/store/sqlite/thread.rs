@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -23,6 +24,11 @@ const QUEUE: usize = 1024;
 /// enough that one commit never holds the thread for long.
 const MAX_BATCH: usize = 256;
 
+/// How long a probe waits for the write lock. Short, because `status` waits for the probe and
+/// must answer within a second while another process holds the lock; a commit of our own
+/// holds it for milliseconds.
+const PROBE_WAIT: Duration = Duration::from_millis(300);
+
 type Completion = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 /// A job runs against the connection inside the batch's transaction and says whether it
 /// succeeded (and if not, whether the store itself failed), returning what to do once the
@@ -33,6 +39,9 @@ type Job =
 /// What the store thread receives.
 pub(super) enum Message {
     Job(Job),
+    /// Prove the write path works now: take the write lock (waiting at most [`PROBE_WAIT`])
+    /// and release it without writing. Run after the jobs already waiting.
+    Probe(oneshot::Sender<Result<(), StoreError>>),
     /// Finish, close the database, release the lock, then answer.
     Close(oneshot::Sender<()>),
 }
@@ -96,6 +105,15 @@ where
     rx.await.map_err(|_| StoreError::Closed)?
 }
 
+/// Asks the thread whether it can write now (see [`Message::Probe`]).
+pub(super) async fn probe(jobs: &mpsc::Sender<Message>) -> Result<(), StoreError> {
+    let (tx, rx) = oneshot::channel();
+    jobs.send(Message::Probe(tx))
+        .await
+        .map_err(|_| StoreError::Closed)?;
+    rx.await.map_err(|_| StoreError::Closed)?
+}
+
 /// Asks the thread to finish its queue and close; returns once it has.
 pub(super) async fn close(jobs: &mpsc::Sender<Message>) {
     let (tx, rx) = oneshot::channel();
@@ -116,101 +134,137 @@ fn run_jobs(
     health: &StoreHealth,
 ) -> Option<oneshot::Sender<()>> {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut probes = Vec::new();
     let mut closing = None;
     while closing.is_none() {
         match rx.blocking_recv() {
             None => break,
             Some(Message::Close(ack)) => closing = Some(ack),
             Some(Message::Job(job)) => batch.push(job),
+            Some(Message::Probe(tx)) => probes.push(tx),
         }
-        while batch.len() < MAX_BATCH && closing.is_none() {
+        while batch.len() < MAX_BATCH && closing.is_none() && probes.is_empty() {
             match rx.try_recv() {
                 Ok(Message::Job(job)) => batch.push(job),
                 Ok(Message::Close(ack)) => closing = Some(ack),
+                Ok(Message::Probe(tx)) => probes.push(tx),
                 Err(_) => break,
             }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let started = std::time::Instant::now();
-        let jobs = batch.len();
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            // No transaction: no job may run (in autocommit mode its writes would land one by
-            // one, half of an apply_poll say, while its caller hears it failed).
-            let e = sqlite_error(e);
-            health.set(Some(&e));
-            tracing::error!(error = %e, "store: cannot begin a transaction");
-            for job in batch.drain(..) {
-                let (_, done) = job(None);
-                done(Err(&e));
+        run_batch(conn, &mut batch, health);
+        if !probes.is_empty() {
+            let answer = probe_write(conn, health);
+            for tx in probes.drain(..) {
+                let _ = tx.send(answer.clone());
             }
-            health.committed(started.elapsed(), jobs, false);
-            continue;
-        }
-        let mut completions = Vec::with_capacity(batch.len());
-        let changes_before = conn.total_changes();
-        let mut fault = None;
-        let mut lost = None;
-        for job in batch.drain(..) {
-            if lost.is_some() {
-                let (_, done) = job(None);
-                completions.push(done);
-                continue;
-            }
-            let savepoint = conn.execute_batch("SAVEPOINT job");
-            let (ok, done) = job(Some(conn));
-            if let Err(Some(e)) = &ok {
-                fault = Some(e.clone());
-            }
-            if conn.is_autocommit() {
-                // SQLite rolled the whole transaction back by itself (it does after some I/O,
-                // full-disk and out-of-memory errors): every job of the batch is undone, and
-                // the rest must not run outside a transaction.
-                let e = fault.clone().unwrap_or_else(|| {
-                    StoreError::Fault("the transaction was rolled back".to_owned())
-                });
-                tracing::error!(error = %e, "store: the transaction was rolled back; failing the whole batch");
-                lost = Some(e);
-                completions.push(done);
-                continue;
-            }
-            if savepoint.is_ok() {
-                let end = if ok.is_ok() {
-                    "RELEASE job"
-                } else {
-                    "ROLLBACK TO job; RELEASE job"
-                };
-                if let Err(e) = conn.execute_batch(end) {
-                    tracing::error!(error = %e, "store: cannot close a savepoint");
-                }
-            }
-            completions.push(done);
-        }
-        let commit = match lost {
-            Some(e) => Err(e),
-            None => conn.execute_batch("COMMIT").map_err(sqlite_error),
-        };
-        if let Err(e) = &commit {
-            tracing::error!(error = %e, "store: the batch failed and was rolled back");
-            if !conn.is_autocommit() {
-                let _ = conn.execute_batch("ROLLBACK");
-            }
-        }
-        match (&commit, fault) {
-            (Err(e), _) => health.set(Some(e)),
-            (Ok(()), Some(e)) => {
-                tracing::error!(error = %e, "store: a request failed");
-                health.set(Some(&e));
-            }
-            // Only a committed write proves the store works again.
-            (Ok(()), None) if conn.total_changes() > changes_before => health.set(None),
-            (Ok(()), None) => {}
-        }
-        health.committed(started.elapsed(), jobs, commit.is_ok());
-        for done in completions {
-            done(commit.as_ref().map(|_| ()));
         }
     }
     closing
+}
+
+/// Takes the write lock and releases it without writing; a failure (locked, read-only) is
+/// recorded like a failed commit, so `status` keeps reporting it until a write succeeds.
+fn probe_write(conn: &Connection, health: &StoreHealth) -> Result<(), StoreError> {
+    let answer = conn
+        .busy_timeout(PROBE_WAIT)
+        .and_then(|()| conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;"))
+        .map_err(sqlite_error);
+    if !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    if let Err(e) = conn.busy_timeout(Duration::from_millis(u64::from(
+        super::schema::BUSY_TIMEOUT_MS,
+    ))) {
+        tracing::error!(error = %e, "store: cannot restore the busy timeout");
+    }
+    if let Err(e) = &answer {
+        tracing::error!(error = %e, "store: cannot take the write lock");
+        health.set(Some(e));
+    }
+    answer
+}
+
+/// Runs the waiting jobs in one transaction and answers each once it has ended.
+fn run_batch(conn: &Connection, batch: &mut Vec<Job>, health: &StoreHealth) {
+    if batch.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let jobs = batch.len();
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        // No transaction: no job may run (in autocommit mode its writes would land one by
+        // one, half of an apply_poll say, while its caller hears it failed).
+        let e = sqlite_error(e);
+        health.set(Some(&e));
+        tracing::error!(error = %e, "store: cannot begin a transaction");
+        for job in batch.drain(..) {
+            let (_, done) = job(None);
+            done(Err(&e));
+        }
+        health.committed(started.elapsed(), jobs, false);
+        return;
+    }
+    let mut completions = Vec::with_capacity(batch.len());
+    let changes_before = conn.total_changes();
+    let mut fault = None;
+    let mut lost = None;
+    for job in batch.drain(..) {
+        if lost.is_some() {
+            let (_, done) = job(None);
+            completions.push(done);
+            continue;
+        }
+        let savepoint = conn.execute_batch("SAVEPOINT job");
+        let (ok, done) = job(Some(conn));
+        if let Err(Some(e)) = &ok {
+            fault = Some(e.clone());
+        }
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back by itself (it does after some I/O,
+            // full-disk and out-of-memory errors): every job of the batch is undone, and
+            // the rest must not run outside a transaction.
+            let e = fault
+                .clone()
+                .unwrap_or_else(|| StoreError::Fault("the transaction was rolled back".to_owned()));
+            tracing::error!(error = %e, "store: the transaction was rolled back; failing the whole batch");
+            lost = Some(e);
+            completions.push(done);
+            continue;
+        }
+        if savepoint.is_ok() {
+            let end = if ok.is_ok() {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
+            if let Err(e) = conn.execute_batch(end) {
+                tracing::error!(error = %e, "store: cannot close a savepoint");
+            }
+        }
+        completions.push(done);
+    }
+    let commit = match lost {
+        Some(e) => Err(e),
+        None => conn.execute_batch("COMMIT").map_err(sqlite_error),
+    };
+    if let Err(e) = &commit {
+        tracing::error!(error = %e, "store: the batch failed and was rolled back");
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+    }
+    match (&commit, fault) {
+        (Err(e), _) => health.set(Some(e)),
+        (Ok(()), Some(e)) => {
+            tracing::error!(error = %e, "store: a request failed");
+            health.set(Some(&e));
+        }
+        // Only a committed write proves the store works again.
+        (Ok(()), None) if conn.total_changes() > changes_before => health.set(None),
+        (Ok(()), None) => {}
+    }
+    health.committed(started.elapsed(), jobs, commit.is_ok());
+    for done in completions {
+        done(commit.as_ref().map(|_| ()));
+    }
 }
