@@ -112,6 +112,7 @@ mod tests {
             deadline_at: 1,
             callback_url: Some("http://127.0.0.1:3000/cb".into()),
             submitted_callback_url: None,
+            asked: crate::store::Asked::default(),
         };
         let routes = router.routes(&task, Some("http://127.0.0.1:3000/other"));
         let targets: Vec<&str> = routes.iter().map(|r| r.target.as_str()).collect();

@@ -32,7 +32,7 @@ use crate::config::PollConfig;
 use crate::events::{NewEvent, Stage};
 use crate::forward::Router;
 use crate::store::TaskState;
-use crate::store::{DueRow, Store, StoreError, TaskRow, TaskUpdate};
+use crate::store::{Asked, DueRow, Store, StoreError, TaskRow, TaskUpdate};
 use crate::systemd::Notifier;
 
 pub use super::gate::{Gate, PauseKind, PollStatus, SharedStatus, pause_delay, status_line};
@@ -85,8 +85,30 @@ pub const DEADLINE_CODE: i64 = 408;
 /// current enough, and it bounds the task counting the line needs.
 pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 
+/// The time `asked` says the task has been asked about once the API answers about it at `now`:
+/// the time since its previous answer, but never more than the wait planned after that answer.
+/// So waiting in the backlog, a global pause, an outage or a wall-clock step (either way) add
+/// at most one planned wait, and the first answer adds nothing. Pure.
+pub fn asked_until(asked: Asked, now: i64) -> i64 {
+    match asked.at {
+        None => asked.total_ms,
+        Some(at) => asked
+            .total_ms
+            .saturating_add(now.saturating_sub(at).clamp(0, asked.gap_ms.max(0))),
+    }
+}
+
+/// How long `task` may be asked about before it is given up: its `task-deadline` when added.
+pub fn deadline_budget(task: &TaskRow) -> i64 {
+    task.deadline_at.saturating_sub(task.added_at).max(0)
+}
+
 /// What one poll's answer does to its task. Pure: the task's family, the stored task, the
 /// answer, the time, the policy and a jitter value in `[0, 1)` decide everything.
+///
+/// The deadline counts only the time the task was asked about ([`asked_until`]), and fires
+/// only on an answer, obtained now, that does not say the task finished: sunopoll never sends
+/// a 408 for a task the API would report done, nor for one it could not ask about.
 ///
 /// Global outcomes (throttled, unavailable, unauthorized) are the gate's business and must not
 /// be passed here; they leave the task untouched.
@@ -98,14 +120,15 @@ pub fn decide<F: Family>(
     policy: &PollConfig,
     jitter: f64,
 ) -> TaskUpdate {
-    let next_regular = now
-        .saturating_add(ms(policy.interval))
-        .min(task.deadline_at.max(now));
-    let past_deadline = now >= task.deadline_at;
+    let budget = deadline_budget(task);
+    let asked_ms = asked_until(task.asked, now);
+    // The regular next poll comes no later than the moment the budget runs out, so the answer
+    // that decides the deadline is asked for on time.
+    let next_regular =
+        now.saturating_add(ms(policy.interval).min(budget.saturating_sub(asked_ms).max(0)));
+    let past_deadline = asked_ms >= budget;
     let deadline_event = || {
-        let after = format_duration(Duration::from_millis(
-            u64::try_from(task.deadline_at.saturating_sub(task.added_at)).unwrap_or(0),
-        ));
+        let after = format_duration(Duration::from_millis(u64::try_from(budget).unwrap_or(0)));
         family.error_event(
             &task.id,
             DEADLINE_CODE,
@@ -124,6 +147,7 @@ pub fn decide<F: Family>(
         submitted_callback_url: None,
         first_delivery_delay: 0,
         timed_out: false,
+        asked: task.asked,
     };
     match outcome {
         Outcome::Progress(record) | Outcome::Pending(record) => {
@@ -169,6 +193,11 @@ pub fn decide<F: Family>(
         Some(Stage::Complete) => TaskState::Done,
         Some(Stage::Error) => TaskState::Failed,
         _ => TaskState::Active,
+    };
+    update.asked = Asked {
+        total_ms: asked_ms,
+        at: Some(now),
+        gap_ms: update.next_poll_at.saturating_sub(now).max(0),
     };
     update
 }
@@ -649,6 +678,8 @@ where
                             submitted_callback_url: None,
                             first_delivery_delay: 0,
                             timed_out: false,
+                            // Not an answer about the task: its deadline does not move.
+                            asked: row.asked,
                         };
                     }
                     GlobalForTask::TaskOnly => Outcome::Broken {
@@ -823,6 +854,7 @@ mod tests {
             deadline_at: 7_200_000,
             callback_url: None,
             submitted_callback_url: None,
+            asked: Asked::default(),
         }
     }
 
@@ -856,24 +888,39 @@ mod tests {
         assert!(u.events.is_empty());
     }
 
+    /// A task asked about every interval since it was added, last at `at`.
+    fn asked_since_added(mut t: TaskRow, at: i64) -> TaskRow {
+        t.asked = Asked {
+            total_ms: at,
+            at: Some(at),
+            gap_ms: 30_000,
+        };
+        t
+    }
+
+    fn pending() -> Outcome<Record> {
+        Outcome::Pending(record(TaskStatus::Pending))
+    }
+
     #[test]
     fn the_next_poll_is_never_after_the_deadline() {
         let u = decide(
             &Music,
-            &task(None),
-            &Outcome::Pending(record(TaskStatus::Pending)),
+            &asked_since_added(task(None), 7_160_000),
+            &pending(),
             7_190_000,
             &policy(),
             0.5,
         );
         assert_eq!(u.next_poll_at, 7_200_000);
+        assert_eq!(u.state, TaskState::Active);
     }
 
     #[test]
     fn past_the_deadline_a_running_task_ends_with_408() {
         let u = decide(
             &Music,
-            &task(Some(Stage::Text)),
+            &asked_since_added(task(Some(Stage::Text)), 7_170_000),
             &Outcome::Pending(record(TaskStatus::TextSuccess)),
             7_200_000,
             &policy(),
@@ -894,7 +941,7 @@ mod tests {
     fn a_final_answer_past_the_deadline_wins_over_the_timeout() {
         let u = decide(
             &Music,
-            &task(None),
+            &asked_since_added(task(None), 8_990_000),
             &Outcome::Progress(record(TaskStatus::Success)),
             9_000_000,
             &policy(),
@@ -975,5 +1022,154 @@ mod tests {
                 failures: POISON_LIMIT
             }
         );
+    }
+
+    #[test]
+    fn the_first_answer_adds_nothing_and_then_each_adds_at_most_the_planned_wait() {
+        let p = policy();
+        let mut t = task(None);
+        let u = decide(&Music, &t, &pending(), 50_000, &p, 0.5);
+        assert_eq!(
+            u.asked,
+            Asked {
+                total_ms: 0,
+                at: Some(50_000),
+                gap_ms: 30_000
+            }
+        );
+        t.asked = u.asked;
+        // A poll a little late counts only the planned 30 s; one a little early, what passed.
+        let u = decide(&Music, &t, &pending(), 81_000, &p, 0.5);
+        assert_eq!(u.asked.total_ms, 30_000);
+        t.asked = u.asked;
+        let u = decide(&Music, &t, &pending(), 101_000, &p, 0.5);
+        assert_eq!(u.asked.total_ms, 50_000);
+    }
+
+    #[test]
+    fn tasks_waiting_in_the_backlog_never_fail() {
+        // 14 400 tasks at 2 requests/s: a task's first poll comes 2 h after its add, long past
+        // the wall-clock deadline; its first answer says PENDING.
+        let u = decide(&Music, &task(None), &pending(), 7_300_000, &policy(), 0.5);
+        assert_eq!(u.state, TaskState::Active);
+        assert!(u.events.is_empty());
+        // And a task polled only every 10 minutes (the backlog's pace) counts 30 s per answer.
+        let mut t = task(None);
+        let mut now = 7_300_000;
+        for _ in 0..100 {
+            t.asked = decide(&Music, &t, &pending(), now, &policy(), 0.5).asked;
+            now += 600_000;
+        }
+        assert_eq!(t.asked.total_ms, 99 * 30_000);
+        assert!(t.asked.total_ms < deadline_budget(&t));
+    }
+
+    #[test]
+    fn no_408_on_the_first_answer_after_an_outage() {
+        // Asked about for one minute, then the API was down for 3 hours (past the wall-clock
+        // deadline): the first answer after it counts one planned wait, and the task goes on.
+        let t = asked_since_added(task(Some(Stage::Text)), 60_000);
+        let after_outage = 60_000 + 3 * 3_600_000;
+        let u = decide(
+            &Music,
+            &t,
+            &Outcome::Pending(record(TaskStatus::TextSuccess)),
+            after_outage,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(u.state, TaskState::Active, "{:?}", u.events);
+        assert!(u.events.is_empty());
+        assert_eq!(u.asked.total_ms, 90_000);
+        assert_eq!(u.next_poll_at, after_outage + 30_000);
+    }
+
+    #[test]
+    fn at_the_end_of_its_budget_only_an_unfinished_answer_fails_a_task() {
+        // 10 s of budget left: the next poll is planned for then, and the outage that follows
+        // does not count beyond it.
+        let t = asked_since_added(task(Some(Stage::Text)), 7_160_000);
+        let u = decide(&Music, &t, &pending(), 7_190_000, &policy(), 0.5);
+        assert_eq!(u.asked.gap_ms, 10_000);
+        let mut t = t;
+        t.asked = u.asked;
+        let later = 7_190_000 + 3_600_000;
+        let done = decide(
+            &Music,
+            &t,
+            &Outcome::Progress(record(TaskStatus::Success)),
+            later,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(done.state, TaskState::Done);
+        let failed = decide(
+            &Music,
+            &t,
+            &Outcome::Pending(record(TaskStatus::TextSuccess)),
+            later,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(failed.state, TaskState::Failed);
+        assert_eq!(failed.events[0].code, DEADLINE_CODE);
+        assert_eq!(failed.asked.total_ms, 7_200_000);
+    }
+
+    #[test]
+    fn wall_clock_steps_do_not_count_toward_the_deadline() {
+        let p = policy();
+        let t = asked_since_added(task(None), 3_600_000);
+        // The clock jumps 3 h ahead between two polls: one planned wait is counted, no more.
+        let ahead = decide(
+            &Music,
+            &t,
+            &pending(),
+            3_600_000 + 30_000 + 10_800_000,
+            &p,
+            0.5,
+        );
+        assert_eq!(ahead.asked.total_ms, 3_630_000);
+        assert_eq!(ahead.state, TaskState::Active);
+        // The clock jumps 1 h back: nothing is counted, and nothing goes negative.
+        let back = decide(
+            &Music,
+            &t,
+            &pending(),
+            3_600_000 + 30_000 - 3_600_000,
+            &p,
+            0.5,
+        );
+        assert_eq!(back.asked.total_ms, 3_600_000);
+        assert_eq!(back.next_poll_at, 30_000 + 30_000);
+    }
+
+    #[test]
+    fn global_answers_leave_the_deadline_where_it_was() {
+        // What a restart reads back is what the last answer stored: `asked` lives in the task
+        // row, and only answers about the task move it (see `apply_outcome`'s deferral).
+        let t = asked_since_added(task(None), 60_000);
+        assert_eq!(asked_until(t.asked, 60_000), 60_000);
+        assert_eq!(asked_until(t.asked, 10_000_000), 90_000);
+        assert_eq!(asked_until(Asked::default(), 10_000_000), 0);
+    }
+
+    #[test]
+    fn broken_and_rejected_answers_past_the_deadline_end_the_task() {
+        // Both are fresh answers about the task that do not say it finished.
+        let t = asked_since_added(task(None), 7_170_000);
+        for outcome in [
+            Outcome::Broken {
+                cause: "bad".into(),
+            },
+            Outcome::Rejected {
+                code: 404,
+                message: "not found".into(),
+            },
+        ] {
+            let u = decide(&Music, &t, &outcome, 7_200_000, &policy(), 0.5);
+            assert_eq!(u.state, TaskState::Failed, "{outcome:?}");
+            assert_eq!(u.events.last().map(|e| e.code), Some(DEADLINE_CODE));
+        }
     }
 }

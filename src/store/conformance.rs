@@ -35,6 +35,7 @@ mod sqlite {
         gate_round_trips_and_prune_keeps_active_tasks,
         a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt,
         only_the_head_of_a_queue_is_due,
+        the_deadline_time_used_is_kept_with_the_task,
     );
 }
 
@@ -51,6 +52,7 @@ fn update(state: TaskState, events: Vec<NewEvent>) -> TaskUpdate {
         submitted_callback_url: None,
         first_delivery_delay: 0,
         timed_out: false,
+        asked: crate::store::Asked::default(),
     }
 }
 
@@ -326,4 +328,49 @@ async fn only_the_head_of_a_queue_is_due(s: &impl Backend) {
     assert_eq!(summary.len(), 1);
     assert_eq!((summary[0].pending, summary[0].delivered), (1, 1));
     assert_eq!(summary[0].last_success_at, Some(1105));
+}
+
+async fn the_deadline_time_used_is_kept_with_the_task(s: &impl Backend) {
+    s.add(vec!["t".into()], None, None, 1000, 10_000)
+        .await
+        .expect("add");
+    let used = crate::store::Asked {
+        total_ms: 4000,
+        at: Some(2000),
+        gap_ms: 500,
+    };
+    s.apply_poll("t".into(), 2000, move |row| {
+        assert_eq!(
+            row.asked,
+            crate::store::Asked::default(),
+            "a new task used none"
+        );
+        let mut u = update(TaskState::Active, Vec::new());
+        u.asked = used;
+        u
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    s.apply_poll("t".into(), 3000, move |row| {
+        assert_eq!(row.asked, used, "what the last answer stored is read back");
+        let mut u = update(TaskState::Active, Vec::new());
+        u.asked = used;
+        u
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    // A task removed and added again starts its deadline afresh.
+    s.remove("t".into(), 4000).await.expect("remove");
+    s.add(vec!["t".into()], None, None, 5000, 10_000)
+        .await
+        .expect("readd");
+    s.apply_poll("t".into(), 6000, |row| {
+        assert_eq!(row.asked, crate::store::Asked::default());
+        update(TaskState::Active, Vec::new())
+    })
+    .await
+    .expect("apply")
+    .expect("active");
 }

@@ -32,7 +32,7 @@ pub use events::EventRecord;
 pub use gate::GateRow;
 pub use sqlite::PRUNE_CHUNK;
 pub use tasks::{
-    AddResult, AddedTask, Applied, Counts, DueRow, Pruned, TaskRecord, TaskRow, TaskState,
+    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, TaskRecord, TaskRow, TaskState,
     TaskUpdate,
 };
 

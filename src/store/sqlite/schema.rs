@@ -103,6 +103,15 @@ CREATE INDEX deliveries_ready ON deliveries (next_attempt_at) WHERE state = 'pen
 CREATE INDEX deliveries_target ON deliveries (target, state, delivered_at);
 CREATE INDEX deliveries_errors ON deliveries (target, last_attempt_at) WHERE last_error IS NOT NULL;
 ",
+    // A task's deadline counts only the time in which it was being asked about (issue 10):
+    // `asked_ms` is that time so far, `asked_at` when the API last answered about the task
+    // (NULL: never) and `asked_gap` the wait planned after that answer, which caps what the next
+    // answer adds, so backlog, pauses and clock steps never count.
+    r"
+ALTER TABLE tasks ADD COLUMN asked_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN asked_at INTEGER;
+ALTER TABLE tasks ADD COLUMN asked_gap INTEGER NOT NULL DEFAULT 0;
+",
 ];
 
 /// Takes an exclusive lock on `<store>.lock`, so two daemons never poll from one queue. The
