@@ -5,6 +5,7 @@
 mod binary;
 mod chaos;
 mod cli;
+mod clock;
 mod control;
 mod crash;
 mod faults_api;
