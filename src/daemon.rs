@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::{ApiClient, ApiKey};
-use crate::clock::{format_duration, now_ms};
+use crate::clock::{Clock, format_duration};
 use crate::config::Config;
 use crate::control::{self, Control, ControlSocket, DaemonInfo};
 use crate::forward::Router;
@@ -70,13 +70,33 @@ impl Daemon {
         passed: Option<PassedSocket>,
         supervision: Supervision,
     ) -> anyhow::Result<Daemon> {
-        let started_at = now_ms();
+        Daemon::start_clocked(config, key, passed, supervision, Clock::system()).await
+    }
+
+    /// [`Daemon::start_supervised`] with the job loops reading the wall clock from `clock`
+    /// (tests step it; waiting is on the monotonic clock either way).
+    pub async fn start_clocked(
+        config: Config,
+        key: ApiKey,
+        passed: Option<PassedSocket>,
+        supervision: Supervision,
+        clock: Clock,
+    ) -> anyhow::Result<Daemon> {
+        let started_at = clock.now_ms();
         let store_path = config.store.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .context("the store thread panicked while opening")??;
-        let started =
-            Daemon::start_on(config, key, passed, supervision, store.clone(), started_at).await;
+        let started = Daemon::start_on(
+            config,
+            key,
+            passed,
+            supervision,
+            store.clone(),
+            started_at,
+            clock,
+        )
+        .await;
         if started.is_err() {
             // A failed start holds nothing: left to itself the store thread would release the
             // queue's lock only once it noticed the dropped handle, and a start retried at once
@@ -94,6 +114,7 @@ impl Daemon {
         supervision: Supervision,
         store: Store,
         started_at: i64,
+        clock: Clock,
     ) -> anyhow::Result<Daemon> {
         let counts = store.counts().await.context("reading the queue")?;
 
@@ -147,6 +168,7 @@ impl Daemon {
             router: router.clone(),
             events: events_rx.clone(),
             wake: redeliver.clone(),
+            clock: clock.clone(),
         };
         let scheduler = Scheduler {
             store: store.clone(),
@@ -158,6 +180,7 @@ impl Daemon {
             router: router.clone(),
             notifier: supervision.notifier.clone(),
             watchdog: supervision.watchdog,
+            clock: clock.clone(),
         };
         let gate = scheduler.load_gate().await;
         tracker.spawn(scheduler.run(gate, cancel.clone(), tracker.clone()));

@@ -27,12 +27,12 @@ use tracing::{debug, error, info, warn};
 use super::{Admit, JobKind, StoreBackoffPolicy, Stored, WakeAt, backoff_delay, instant_at};
 use crate::api::families::music::Music;
 use crate::api::{ApiClient, Family, Outcome, clip};
-use crate::clock::{format_duration, format_utc, ms, now_ms};
+use crate::clock::{Clock, format_duration, format_utc, ms};
 use crate::config::PollConfig;
 use crate::events::{NewEvent, Stage};
 use crate::forward::Router;
 use crate::store::TaskState;
-use crate::store::{Asked, DueRow, Store, StoreError, TaskRow, TaskUpdate};
+use crate::store::{Asked, DueRow, Schedule, Store, StoreError, TaskRow, TaskUpdate};
 use crate::systemd::Notifier;
 
 pub use super::gate::{Gate, PauseKind, PollStatus, SharedStatus, pause_delay, status_line};
@@ -244,6 +244,8 @@ pub struct Scheduler {
     /// How often to ping the watchdog, if systemd runs one. The pings come from the loop
     /// itself, so a wedged loop stops them and systemd restarts the service.
     pub watchdog: Option<Duration>,
+    /// The wall clock stored times are read from.
+    pub clock: Clock,
 }
 
 impl Scheduler {
@@ -261,7 +263,7 @@ impl Scheduler {
             kind, until, cause, ..
         } = &gate
         {
-            let wait = (*until - now_ms()).max(0);
+            let wait = (*until - self.clock.now_ms()).max(0);
             warn!(
                 pause = kind.as_str(),
                 cause = %cause,
@@ -269,7 +271,7 @@ impl Scheduler {
                 "polling was paused before the restart; honouring the pause, then probing with one request"
             );
         }
-        publish(&self.status, &gate, 0, now_ms());
+        publish(&self.status, &gate, 0, self.clock.now_ms());
         gate
     }
 
@@ -337,7 +339,7 @@ impl JobKind for PollJob {
     }
 
     async fn prepare(&mut self, in_flight: usize, wake: &mut WakeAt) -> usize {
-        let now = now_ms();
+        let now = self.s.clock.now_ms();
         publish(&self.s.status, &self.gate, in_flight, now);
 
         // The watchdog is pinged here, in the loop that does the work, never from a timer
@@ -399,6 +401,7 @@ impl JobKind for PollJob {
             policy: self.s.policy.clone(),
             router: self.s.router.clone(),
             events: self.s.events.clone(),
+            clock: self.s.clock.clone(),
         };
         let (probe, epoch) = (self.probing, self.epoch);
         if let Ok(mut s) = self.s.status.lock() {
@@ -422,7 +425,7 @@ impl JobKind for PollJob {
         if f.probe {
             self.probe_in_flight = false;
         }
-        let now = now_ms();
+        let now = self.s.clock.now_ms();
         match f.outcome {
             OutcomeSummary::Global {
                 kind,
@@ -499,6 +502,39 @@ impl JobKind for PollJob {
     async fn woken(&mut self) {
         self.s.wake.notified().await;
         self.report.counts_changed = true;
+    }
+
+    fn clock(&self) -> &Clock {
+        &self.s.clock
+    }
+
+    /// Every poll is scheduled within one interval or the backoff cap of its answer.
+    fn max_ahead(&self) -> Option<Duration> {
+        Some(self.s.policy.interval.max(self.s.policy.backoff_max))
+    }
+
+    async fn clock_stepped(&mut self, by_ms: i64) {
+        // The pause is the loop's own: it keeps its length whichever way the clock went.
+        if let Gate::Paused { until, since, .. } = &mut self.gate {
+            *until = until.saturating_add(by_ms);
+            *since = since.saturating_add(by_ms);
+            if let Err(e) = self.s.store.save_gate(self.gate.to_row()).await {
+                error!(error = %e, "cannot save the pause state after the clock step");
+            }
+        }
+        // Back: every task looks due later by the step, and would stall that long; moving them
+        // back too restores the schedule, and a poll committed after the step that gets moved
+        // as well only comes early. Ahead: every task looks overdue; it is polled in its old
+        // order under the rate limit, so there is nothing to move (moving a poll committed
+        // after the step would stall it by the step).
+        if by_ms < 0 {
+            match self.s.store.shift_due(Schedule::Polls, by_ms).await {
+                Ok(n) => info!(tasks = n, "moved the tasks' next polls back with the clock"),
+                Err(e) => {
+                    error!(error = %e, "cannot move the next polls back with the clock; tasks due far ahead are polled now instead")
+                }
+            }
+        }
     }
 }
 
@@ -613,6 +649,7 @@ struct Commit {
     policy: PollConfig,
     router: Router,
     events: watch::Sender<i64>,
+    clock: Clock,
 }
 
 /// Applies one answer: global ones go back to the loop; per-task ones are decided and committed
@@ -633,6 +670,7 @@ where
         policy,
         router,
         events,
+        clock,
     } = commit;
     let kind = outcome.kind();
     let global = match &outcome {
@@ -645,7 +683,7 @@ where
         Outcome::Unauthorized { cause } => Some((PauseKind::Unauthorized, None, cause.clone())),
         _ => None,
     };
-    let now = now_ms();
+    let now = clock.now_ms();
     let jitter = fastrand::f64();
     let decide_policy = policy.clone();
     let routing = router.clone();

@@ -36,6 +36,7 @@ mod sqlite {
         a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt,
         only_the_head_of_a_queue_is_due,
         the_deadline_time_used_is_kept_with_the_task,
+        due_times_move_with_a_clock_step,
     );
 }
 
@@ -373,4 +374,33 @@ async fn the_deadline_time_used_is_kept_with_the_task(s: &impl Backend) {
     .await
     .expect("apply")
     .expect("active");
+}
+
+async fn due_times_move_with_a_clock_step(s: &impl Backend) {
+    s.add(vec!["a".into(), "b".into()], None, None, 10_000, 10_000)
+        .await
+        .expect("add");
+    s.add(vec!["done".into()], None, None, 10_000, 10_000)
+        .await
+        .expect("add");
+    s.apply_poll("done".into(), 10_000, |_| {
+        update(TaskState::Failed, vec![error_event("done", 1, "x")])
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    let moved = s
+        .shift_due(crate::store::Schedule::Polls, -3000)
+        .await
+        .expect("shift");
+    assert_eq!(moved, 2, "only active tasks move");
+    let w = s.due_window(10).await.expect("due");
+    assert!(w.iter().all(|r| r.next_poll_at == 7000), "{w:?}");
+    assert_eq!(
+        s.shift_due(crate::store::Schedule::Deliveries, -3000)
+            .await
+            .expect("shift"),
+        0,
+        "nothing pending to deliver"
+    );
 }

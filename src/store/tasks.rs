@@ -153,6 +153,15 @@ pub struct Applied {
     pub seqs: Vec<i64>,
 }
 
+/// A schedule kept in the store as wall-clock due times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Active tasks' `next_poll_at`.
+    Polls,
+    /// Pending deliveries' `next_attempt_at`.
+    Deliveries,
+}
+
 /// The earliest active tasks by `next_poll_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueRow {

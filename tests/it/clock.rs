@@ -6,6 +6,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sunopoll::api::ApiKey;
+use sunopoll::clock::Clock;
+use sunopoll::daemon::Daemon;
+use sunopoll::systemd::Supervision;
 
 use crate::helpers::*;
 
@@ -129,5 +133,122 @@ async fn the_first_answer_after_an_outage_is_a_fresh_poll_not_a_408() {
             "{id}: {task}"
         );
     }
+    d.stop().await;
+}
+
+/// A daemon whose job loops read the wall clock from `clock`.
+async fn start_clocked(
+    api: &FakeApi,
+    clock: &Clock,
+    tweak: impl FnOnce(&mut sunopoll::config::Config),
+) -> TestDaemon {
+    init_logs();
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let mut config = test_config(dir.path(), &api.uri());
+    tweak(&mut config);
+    let daemon = Deadline::patience()
+        .run(Daemon::start_clocked(
+            config.clone(),
+            ApiKey::new(KEY).expect("key"),
+            None,
+            Supervision::default(),
+            clock.clone(),
+        ))
+        .await
+        .expect("the daemon starts in time")
+        .expect("daemon starts");
+    TestDaemon {
+        daemon: Some(daemon),
+        config,
+        dir,
+    }
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// The wall clock goes back an hour, then ahead three, while ten tasks are mid-way and their
+/// first deliveries wait for a retry: no task fails, polling and forwarding go on (neither
+/// waits out the hour), and the API never sees more than the configured rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_steps_fail_nothing_stall_nothing_and_keep_the_rate() {
+    let api = FakeApi::start().await;
+    let receiver = Receiver::start().await;
+    let ids: Vec<String> = (0..10).map(|i| format!("step{i}")).collect();
+    for id in &ids {
+        api.script_statuses(
+            id,
+            &[
+                "TEXT_SUCCESS",
+                "TEXT_SUCCESS",
+                "TEXT_SUCCESS",
+                "TEXT_SUCCESS",
+                "TEXT_SUCCESS",
+                "SUCCESS",
+            ],
+        );
+    }
+    // Every first delivery fails, so each waits for a retry when the clock goes back.
+    receiver.script(&[(500, Duration::ZERO); 10]);
+    let url = receiver.url();
+    let clock = Clock::system();
+    let mut d = start_clocked(&api, &clock, |c| {
+        c.poll.interval = Duration::from_millis(300);
+        c.poll.max_requests_per_second = Some(10.0);
+        c.poll.task_deadline = Duration::from_secs(3);
+        c.forward.retry_schedule = vec![Duration::ZERO, Duration::from_secs(2)];
+        c.forward.targets.push(target("app", &url));
+    })
+    .await;
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    d.add(&refs).await;
+    wait_until(Deadline::patience(), "every first delivery failed", || {
+        receiver.count() >= 10
+    })
+    .await;
+
+    clock.step(-HOUR_MS);
+    let back = Instant::now();
+    // The retries were due 2 s after their failures; after the step they looked an hour away.
+    wait_until(
+        Deadline::after(Duration::from_secs(8)),
+        "the retries after the clock went back",
+        || receiver.count() >= 20,
+    )
+    .await;
+    assert!(back.elapsed() < Duration::from_secs(6));
+    let polled = api.total_calls();
+    wait_until(
+        Deadline::after(Duration::from_secs(5)),
+        "polling after the clock went back",
+        || api.total_calls() >= polled + 10,
+    )
+    .await;
+
+    clock.step(3 * HOUR_MS);
+    for id in &ids {
+        let (task, events) = d.wait_state(id, "done").await;
+        assert_eq!(
+            stages(&events),
+            ["text", "first", "complete"],
+            "{id}: {task}"
+        );
+    }
+    assert_eq!(
+        api.total_calls(),
+        60,
+        "six answers per task: nothing polled twice"
+    );
+    let mut times: Vec<Instant> = api.arrivals().into_iter().map(|a| a.0).collect();
+    assert_rate(&mut times, 10, Duration::from_millis(50));
+    // Every event reaches the handler: 10 failures, then 30 events delivered.
+    wait_until(Deadline::patience(), "every event delivered", || {
+        receiver
+            .received()
+            .iter()
+            .filter(|r| r.status == 200)
+            .count()
+            >= 30
+    })
+    .await;
     d.stop().await;
 }

@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 
 use super::{
     AddedTask, Applied, AttemptRecord, Backend, Counts, DeliveryNext, DeliveryRecord, DueDelivery,
-    DueRow, EventRecord, GateRow, Pruned, Replay, Route, StoreError, StoreHealth, TargetSummary,
-    TaskRecord, TaskRow, TaskState, TaskUpdate,
+    DueRow, EventRecord, GateRow, Pruned, Replay, Route, Schedule, StoreError, StoreHealth,
+    TargetSummary, TaskRecord, TaskRow, TaskState, TaskUpdate,
 };
 
 mod deliveries;
@@ -186,6 +186,11 @@ impl Backend for Sqlite {
             Ok(Some((task, events::since(c, 0, Some(&id), None)?)))
         })
         .await
+    }
+
+    async fn shift_due(&self, schedule: Schedule, by_ms: i64) -> Result<usize, StoreError> {
+        self.call(move |c| tasks::shift_due(c, schedule, by_ms))
+            .await
     }
 
     async fn remove(&self, id: String, now: i64) -> Result<Option<TaskState>, StoreError> {

@@ -6,8 +6,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::{Sql, deliveries, events};
 use crate::events::Stage;
 use crate::store::{
-    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, StoreError, TaskRecord, TaskRow,
-    TaskState, TaskUpdate,
+    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, StoreError, TaskRecord,
+    TaskRow, TaskState, TaskUpdate,
 };
 
 pub(super) fn add(
@@ -237,6 +237,20 @@ pub(super) fn task_row(conn: &Connection, id: &str) -> Sql<Option<TaskRow>> {
             })
         })
         .optional()?)
+}
+
+/// Both schedules live here so a step of the wall clock is corrected in one place; each is
+/// one walk of its partial index.
+pub(super) fn shift_due(conn: &Connection, schedule: Schedule, by_ms: i64) -> Sql<usize> {
+    let sql = match schedule {
+        Schedule::Polls => {
+            "UPDATE tasks SET next_poll_at = next_poll_at + ?1 WHERE state = 'active'"
+        }
+        Schedule::Deliveries => {
+            "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?1 WHERE state = 'pending'"
+        }
+    };
+    Ok(conn.prepare_cached(sql)?.execute([by_ms])?)
 }
 
 pub(super) fn remove(conn: &Connection, id: &str, now: i64) -> Sql<Option<TaskState>> {
