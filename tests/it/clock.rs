@@ -252,3 +252,131 @@ async fn wall_clock_steps_fail_nothing_stall_nothing_and_keep_the_rate() {
     .await;
     d.stop().await;
 }
+
+/// libfaketime's preload library, beside the `faketime` command Debian installs with it.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    let tool = sunopoll::testing::real_tool("faketime")?;
+    let mut dirs = vec![
+        std::path::PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime"),
+        std::path::PathBuf::from("/usr/lib/aarch64-linux-gnu/faketime"),
+        std::path::PathBuf::from("/usr/lib/faketime"),
+    ];
+    if let Some(prefix) = tool.parent().and_then(|bin| bin.parent()) {
+        dirs.push(prefix.join("lib/faketime"));
+    }
+    let found = dirs
+        .into_iter()
+        .map(|d| d.join("libfaketimeMT.so.1"))
+        .find(|p| p.is_file());
+    assert!(
+        found.is_some(),
+        "faketime is installed but libfaketimeMT.so.1 was not found"
+    );
+    found
+}
+
+/// The real binary under libfaketime, its wall clock stepped by rewriting the offset file
+/// (read on every call) to +3h, then to −1h, while the monotonic clock is left alone: no task
+/// fails, every task completes with exactly its scripted answers, and no second ever sees more
+/// requests than `max-requests-per-second`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_under_a_stepped_wall_clock_fails_nothing_and_keeps_the_rate() {
+    let Some(lib) = libfaketime() else {
+        return;
+    };
+    let api = FakeApi::start().await;
+    let ids: Vec<String> = (0..5).map(|i| format!("faked{i}")).collect();
+    let mut statuses = vec!["TEXT_SUCCESS"; 6];
+    statuses.push("SUCCESS");
+    for id in &ids {
+        api.script_statuses(id, &statuses);
+    }
+    let mut config = crate::binary::BinConfig::new(&api.uri());
+    config.interval = "300ms".to_owned();
+    config.rps = "5".to_owned();
+    config.task_deadline = "3s".to_owned();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config.to_toml()).expect("write config");
+    let offset = dir.path().join("faketime.rc");
+    std::fs::write(&offset, "+0\n").expect("write offset");
+    let log = dir.path().join("daemon.log");
+    let socket = dir.path().join("run/sunopoll.sock");
+    let mut child =
+        crate::binary::sunopoll(&["daemon", "--config", config_path.to_str().expect("utf-8")])
+            .env("SUNO_API_KEY", KEY)
+            .env("LD_PRELOAD", &lib)
+            .env("FAKETIME_TIMESTAMP_FILE", &offset)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn sunopoll");
+    wait_for_socket(&mut child, &socket, &log).await;
+    let request = |v: Value| {
+        let socket = socket.clone();
+        async move {
+            let mut c = RawClient::connect(&socket).await;
+            c.send_line(&v.to_string()).await;
+            c.read_json().await.expect("an answer")
+        }
+    };
+    let added = request(serde_json::json!({"cmd": "add", "task_ids": ids})).await;
+    assert_eq!(added["ok"], true, "{added}");
+
+    wait_until(Deadline::patience(), "every task asked twice", || {
+        ids.iter().all(|id| api.calls(id) >= 2)
+    })
+    .await;
+    std::fs::write(&offset, "+3h\n").expect("step ahead");
+    let before = api.total_calls();
+    wait_until(
+        Deadline::after(Duration::from_secs(5)),
+        "polling after the step ahead",
+        || api.total_calls() >= before + 5,
+    )
+    .await;
+    std::fs::write(&offset, "-1h\n").expect("step back");
+    let before = api.total_calls();
+    wait_until(
+        Deadline::after(Duration::from_secs(5)),
+        "polling after the step back (not an hour later)",
+        || api.total_calls() >= before + 5,
+    )
+    .await;
+
+    let deadline = Deadline::patience();
+    for id in &ids {
+        loop {
+            let v = request(serde_json::json!({"cmd": "show", "task_id": id})).await;
+            let state = v["task"]["state"].as_str().unwrap_or("?").to_owned();
+            if state != "active" {
+                let events = v["events"].as_array().cloned().unwrap_or_default();
+                assert_eq!(state, "done", "{id}: {v}");
+                assert_eq!(stages(&events), ["text", "first", "complete"], "{id}");
+                break;
+            }
+            assert!(
+                !deadline.passed(),
+                "{id} never finished: {v}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let status = crate::binary::terminate(child).await;
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{status}: {log_text}");
+    assert!(
+        log_text.contains("the wall clock was stepped"),
+        "the steps were noticed: {log_text}"
+    );
+    assert_eq!(
+        api.total_calls(),
+        35,
+        "seven answers per task, none repeated"
+    );
+    let mut times: Vec<Instant> = api.arrivals().into_iter().map(|a| a.0).collect();
+    assert_rate(&mut times, 5, Duration::from_millis(50));
+}
