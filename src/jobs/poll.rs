@@ -28,7 +28,7 @@ use super::{Admit, JobKind, StoreBackoffPolicy, Stored, WakeAt, backoff_delay, i
 use crate::api::families::music::Music;
 use crate::api::{ApiClient, Family, Outcome, clip};
 use crate::clock::{Clock, format_duration, format_utc, ms};
-use crate::config::PollConfig;
+use crate::config::{KeySource, PollConfig};
 use crate::events::{NewEvent, Stage};
 use crate::forward::Router;
 use crate::store::TaskState;
@@ -246,6 +246,11 @@ pub struct Scheduler {
     pub watchdog: Option<Duration>,
     /// The wall clock stored times are read from.
     pub clock: Clock,
+    /// `max-requests-per-second` as reloaded (`None`: unlimited); read at every round.
+    pub rate: watch::Receiver<Option<f64>>,
+    /// Where the API key comes from: read again before every probe after the key was
+    /// rejected, so a fixed key is used without a restart. `None`: keep the key given.
+    pub key_source: Option<KeySource>,
 }
 
 impl Scheduler {
@@ -339,6 +344,11 @@ impl JobKind for PollJob {
     }
 
     async fn prepare(&mut self, in_flight: usize, wake: &mut WakeAt) -> usize {
+        if self.s.rate.has_changed().unwrap_or(false) {
+            let rate = *self.s.rate.borrow_and_update();
+            self.limiter = rate.map(RateLimiter::new);
+            self.s.policy.max_requests_per_second = rate;
+        }
         let now = self.s.clock.now_ms();
         publish(&self.s.status, &self.gate, in_flight, now);
 
@@ -390,6 +400,22 @@ impl JobKind for PollJob {
         if self.probing {
             self.probe_in_flight = true;
             info!(task_id = %row.id, "pause over; probing the API with one request");
+            if let (Gate::Paused { kind: PauseKind::Unauthorized, .. }, Some(source)) =
+                (&self.gate, &self.s.key_source)
+            {
+                // The operator may have fixed the key since: each probe asks with the key as
+                // its source holds it now.
+                match source.read() {
+                    Ok(key) => {
+                        if self.s.api.set_key(key) {
+                            info!("the API key changed at its source; probing with the new key");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(problem = %e, "cannot read the API key again; probing with the old one")
+                    }
+                }
+            }
         }
         Admit::Go
     }
