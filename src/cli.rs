@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::client::{self, EXIT_REFUSED, EXIT_USAGE, Output};
-use crate::config::{Config, Environment};
 use crate::clock::Clock;
+use crate::config::{Config, Environment};
 use crate::daemon::{Daemon, StartOptions};
 use crate::logging;
 use crate::protocol::{AddRequest, EventsRequest, RedeliverRequest, Request, StatusRequest};
@@ -391,8 +391,7 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
             clock: Clock::system(),
             key_source: Some(config.key_source(env)),
         };
-        let mut daemon = match Daemon::start_with(config, key, passed, supervision, options).await
-        {
+        let mut daemon = match Daemon::start_with(config, key, passed, supervision, options).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!("cannot start: {e:#}");

@@ -127,8 +127,7 @@ impl Daemon {
         supervision: Supervision,
         options: StartOptions,
     ) -> anyhow::Result<Daemon> {
-        let StartOptions { clock, key_source } = options;
-        let started_at = clock.now_ms();
+        let started_at = options.clock.now_ms();
         let store_path = config.store.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
@@ -140,8 +139,7 @@ impl Daemon {
             supervision,
             store.clone(),
             started_at,
-            clock,
-            key_source,
+            options,
         )
         .await;
         if started.is_err() {
@@ -161,9 +159,9 @@ impl Daemon {
         supervision: Supervision,
         store: Store,
         started_at: i64,
-        clock: Clock,
-        key_source: Option<KeySource>,
+        options: StartOptions,
     ) -> anyhow::Result<Daemon> {
+        let StartOptions { clock, key_source } = options;
         let counts = store.counts().await.context("reading the queue")?;
 
         let api = ApiClient::new(&config.api.base_url, key, config.api.request_timeout)
@@ -338,18 +336,30 @@ impl Daemon {
             }
         }
         let restart_only = [
-            ("api.base-url", differs(&new.api.base_url, &old.api.base_url)),
+            (
+                "api.base-url",
+                differs(&new.api.base_url, &old.api.base_url),
+            ),
             (
                 "api.request-timeout",
                 differs(&new.api.request_timeout, &old.api.request_timeout),
             ),
-            ("api.key-file", differs(&new.api.key_file, &old.api.key_file)),
-            ("poll.interval", differs(&new.poll.interval, &old.poll.interval)),
+            (
+                "api.key-file",
+                differs(&new.api.key_file, &old.api.key_file),
+            ),
+            (
+                "poll.interval",
+                differs(&new.poll.interval, &old.poll.interval),
+            ),
             (
                 "poll.max-in-flight",
                 differs(&new.poll.max_in_flight, &old.poll.max_in_flight),
             ),
-            ("poll.backoff-max", differs(&new.poll.backoff_max, &old.poll.backoff_max)),
+            (
+                "poll.backoff-max",
+                differs(&new.poll.backoff_max, &old.poll.backoff_max),
+            ),
             (
                 "poll.task-deadline",
                 differs(&new.poll.task_deadline, &old.poll.task_deadline),
@@ -361,7 +371,10 @@ impl Daemon {
             ("store", differs(&new.store, &old.store)),
             ("control", differs(&new.control, &old.control)),
             ("log.format", differs(&new.log.format, &old.log.format)),
-            ("housekeeping", differs(&new.housekeeping, &old.housekeeping)),
+            (
+                "housekeeping",
+                differs(&new.housekeeping, &old.housekeeping),
+            ),
         ];
         r.need_restart.extend(
             restart_only

@@ -192,12 +192,7 @@ impl ApiClient {
         match read_capped(response, MAX_BODY_BYTES).await {
             // Redacted before anything reads it, so no cause, message or event can carry the
             // key even if the API echoes it back.
-            Ok(body) => classify(
-                family,
-                status,
-                retry_after,
-                &redact(&body, key.expose()),
-            ),
+            Ok(body) => classify(family, status, retry_after, &redact(&body, key.expose())),
             Err(BodyError::TooLarge) => Outcome::Broken {
                 cause: format!("HTTP {status} with a body over {MAX_BODY_BYTES} bytes"),
             },

@@ -119,7 +119,9 @@ pub struct PollConfig {
     /// `backoff-max`: the longest global pause.
     #[serde(deserialize_with = "de::duration")]
     pub backoff_max: Duration,
-    /// `task-deadline`: after this long since `add`, a task ends with an `error` (408).
+    /// `task-deadline`: after this much time being asked about (never time paused, throttled,
+    /// unreachable or in the backlog), a task the API still reports unfinished ends with an
+    /// `error` (408).
     #[serde(deserialize_with = "de::duration")]
     pub task_deadline: Duration,
     /// `fill-skipped-stages`: emit `text`/`first` before `complete` when a poll skipped them.

@@ -400,8 +400,13 @@ impl JobKind for PollJob {
         if self.probing {
             self.probe_in_flight = true;
             info!(task_id = %row.id, "pause over; probing the API with one request");
-            if let (Gate::Paused { kind: PauseKind::Unauthorized, .. }, Some(source)) =
-                (&self.gate, &self.s.key_source)
+            if let (
+                Gate::Paused {
+                    kind: PauseKind::Unauthorized,
+                    ..
+                },
+                Some(source),
+            ) = (&self.gate, &self.s.key_source)
             {
                 // The operator may have fixed the key since: each probe asks with the key as
                 // its source holds it now.

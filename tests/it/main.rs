@@ -18,6 +18,7 @@ mod hostile;
 mod monitoring;
 mod polling;
 mod props;
+mod reload;
 mod restart;
 mod security;
 mod systemd;
