@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::client::{self, EXIT_REFUSED, EXIT_USAGE, Output};
+use crate::clock::Clock;
 use crate::config::{Config, Environment};
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, StartOptions};
 use crate::logging;
 use crate::protocol::{
     AddRequest, CancelRequest, EventsRequest, RedeliverRequest, Request, StatusRequest,
@@ -446,7 +447,11 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
                 return ExitCode::from(EXIT_REFUSED);
             }
         };
-        let daemon = match Daemon::start_supervised(config, key, passed, supervision).await {
+        let options = StartOptions {
+            clock: Clock::system(),
+            key_source: Some(config.key_source(env)),
+        };
+        let mut daemon = match Daemon::start_with(config, key, passed, supervision, options).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!("cannot start: {e:#}");
@@ -463,7 +468,12 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
         // Config, store, socket and HTTP client are all up: only now is the service ready.
         notifier.ready();
         let mut signals = signals;
-        let which = signals.next().await;
+        let which = loop {
+            match signals.next().await {
+                "SIGHUP" => reload(&mut daemon, path.as_deref(), env),
+                stop => break stop,
+            }
+        };
         tracing::info!(signal = which, "received {which}");
         tokio::select! {
             () = daemon.shutdown() => ExitCode::SUCCESS,
@@ -475,10 +485,44 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
     })
 }
 
-/// SIGTERM and SIGINT, installed before the daemon reports itself ready.
+/// SIGHUP: reads the config file again with the same loader as at start, and applies what
+/// can change while running. An invalid file changes nothing: the daemon keeps running by the
+/// config it has, and says why.
+fn reload(daemon: &mut Daemon, path: Option<&std::path::Path>, env: &Environment) {
+    tracing::info!(signal = "SIGHUP", "received SIGHUP; reloading the config");
+    let new = match Config::load(path, env) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(problems = %e, "the config file is invalid; keeping the running config");
+            return;
+        }
+    };
+    match daemon.reload(new) {
+        Err(e) => {
+            tracing::error!(problem = %e, "cannot read the API key; keeping the running config");
+        }
+        Ok(r) => {
+            let applied = if r.applied.is_empty() {
+                "nothing changed".to_owned()
+            } else {
+                r.applied.join(", ")
+            };
+            tracing::info!(applied = %applied, "config reloaded");
+            if !r.need_restart.is_empty() {
+                tracing::warn!(
+                    settings = %r.need_restart.join(", "),
+                    "these settings changed in the file but take effect only after a restart"
+                );
+            }
+        }
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, installed before the daemon reports itself ready.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -487,6 +531,7 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -494,6 +539,7 @@ impl Signals {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
+            _ = self.hup.recv() => "SIGHUP",
         }
     }
 }

@@ -1,7 +1,56 @@
-//! Wall-clock time as sunopoll stores it (Unix milliseconds), and the human forms of times and
-//! durations: `"30s"`, `"1h30m"`, `"2026-01-01 00:00:41"`.
+//! Wall-clock time as sunopoll stores it (Unix milliseconds), the [`Clock`] the job loops read
+//! it from (a seam tests can step), how a step of the wall clock is told from the monotonic
+//! clock's steady count ([`clock_step`]), and the human forms of times and durations: `"30s"`,
+//! `"1h30m"`, `"2026-01-01 00:00:41"`.
+//!
+//! Waiting is always measured on the monotonic clock (tokio's `Instant`); the wall clock only
+//! says what to store and show. When an administrator or NTP steps the wall clock, stored due
+//! times shift relative to now, and the job loops correct for it (see `jobs::run`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The wall clock of the job loops: the system's, plus an offset that only tests move (to step
+/// the wall clock in-process while tokio's monotonic time goes on as before). Clones share the
+/// offset.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl Clock {
+    /// The system's wall clock.
+    pub fn system() -> Clock {
+        Clock::default()
+    }
+
+    /// Milliseconds since the Unix epoch, now, by this clock.
+    pub fn now_ms(&self) -> i64 {
+        now_ms().saturating_add(self.offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// Steps this clock's wall time by `by_ms` (negative: back), as `date -s` or an NTP step
+    /// does to the system clock; the monotonic clock is not touched. For tests.
+    pub fn step(&self, by_ms: i64) {
+        self.offset_ms.fetch_add(by_ms, Ordering::Relaxed);
+    }
+}
+
+/// Smallest difference between wall-clock and monotonic elapsed time taken for a step. Below
+/// it, differences are timer and scheduling noise.
+pub const STEP_TOLERANCE: Duration = Duration::from_secs(1);
+
+/// How far the wall clock was stepped while `mono_elapsed` passed on the monotonic clock and
+/// `wall_elapsed_ms` on the wall clock, if it was. NTP slews the wall clock by at most 500 ppm,
+/// so differences within a thousandth of the elapsed time (or [`STEP_TOLERANCE`]) are not
+/// steps. Pure.
+pub fn clock_step(wall_elapsed_ms: i64, mono_elapsed: Duration) -> Option<i64> {
+    let mono_ms = ms(mono_elapsed);
+    let step = wall_elapsed_ms.saturating_sub(mono_ms);
+    let tolerance = ms(STEP_TOLERANCE).max(mono_ms / 1000);
+    (step.abs() > tolerance).then_some(step)
+}
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
@@ -146,6 +195,29 @@ mod tests {
             assert_eq!(format_duration(parse_duration(s).expect(s)), s);
         }
         assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+    }
+
+    #[test]
+    fn steps_of_the_wall_clock_are_told_from_noise_and_slewing() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(clock_step(60_000, minute), None);
+        assert_eq!(clock_step(60_900, minute), None, "timer noise");
+        assert_eq!(clock_step(60_000 + 10_800_000, minute), Some(10_800_000));
+        assert_eq!(clock_step(60_000 - 3_600_000, minute), Some(-3_600_000));
+        // A day of sleep slewed by 500 ppm (43 s) is not a step; a 2-minute jump is.
+        let day = Duration::from_secs(86_400);
+        assert_eq!(clock_step(86_400_000 + 43_000, day), None);
+        assert_eq!(clock_step(86_400_000 - 120_000, day), Some(-120_000));
+    }
+
+    #[test]
+    fn a_stepped_clock_moves_every_clone() {
+        let c = Clock::system();
+        let twin = c.clone();
+        let before = c.now_ms();
+        twin.step(3 * 3_600_000);
+        let after = c.now_ms();
+        assert!(after - before >= 3 * 3_600_000 && after - before < 3 * 3_600_000 + 5_000);
     }
 
     #[test]

@@ -18,8 +18,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::{ApiClient, ApiKey};
-use crate::clock::{format_duration, now_ms, parse_utc};
-use crate::config::{Config, DEFAULT_ACCOUNT};
+use crate::clock::{Clock, format_duration, now_ms, parse_utc};
+use crate::config::{Config, DEFAULT_ACCOUNT, KeySource};
 use crate::control::{self, Control, ControlSocket, DaemonInfo};
 use crate::forward::Router;
 use crate::jobs::deliver::Forwarder;
@@ -70,6 +70,36 @@ pub struct Daemon {
     drain: Duration,
     notifier: Notifier,
     metrics_addr: Option<SocketAddr>,
+    live: Live,
+}
+
+/// How [`Daemon::start_with`] runs besides its config.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The wall clock of the job loops.
+    pub clock: Clock,
+    /// Where the API key comes from, read again before each probe after a rejected key.
+    pub key_source: Option<KeySource>,
+}
+
+/// What a reload can change while the daemon runs, and the config it runs by.
+struct Live {
+    config: Config,
+    api: ApiClient,
+    rate: watch::Sender<Option<f64>>,
+    router: Router,
+    wake: Arc<Notify>,
+    redeliver: Arc<Notify>,
+    key_source: Option<KeySource>,
+}
+
+/// What a reload did: the settings applied, and those that need a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Settings now in effect (`"poll.max-requests-per-second"`, `"api key"`, …).
+    pub applied: Vec<String>,
+    /// Settings that changed in the file but only take effect at the next start.
+    pub need_restart: Vec<String>,
 }
 
 impl Daemon {
@@ -92,13 +122,48 @@ impl Daemon {
         passed: Option<PassedSocket>,
         supervision: Supervision,
     ) -> anyhow::Result<Daemon> {
-        let started_at = now_ms();
+        Daemon::start_clocked(config, key, passed, supervision, Clock::system()).await
+    }
+
+    /// [`Daemon::start_supervised`] with the job loops reading the wall clock from `clock`
+    /// (tests step it; waiting is on the monotonic clock either way).
+    pub async fn start_clocked(
+        config: Config,
+        key: ApiKey,
+        passed: Option<PassedSocket>,
+        supervision: Supervision,
+        clock: Clock,
+    ) -> anyhow::Result<Daemon> {
+        let options = StartOptions {
+            clock,
+            key_source: None,
+        };
+        Daemon::start_with(config, key, passed, supervision, options).await
+    }
+
+    /// [`Daemon::start_supervised`] with every option.
+    pub async fn start_with(
+        config: Config,
+        key: ApiKey,
+        passed: Option<PassedSocket>,
+        supervision: Supervision,
+        options: StartOptions,
+    ) -> anyhow::Result<Daemon> {
+        let started_at = options.clock.now_ms();
         let store_path = config.store.path.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .context("the store thread panicked while opening")??;
-        let started =
-            Daemon::start_on(config, key, passed, supervision, store.clone(), started_at).await;
+        let started = Daemon::start_on(
+            config,
+            key,
+            passed,
+            supervision,
+            store.clone(),
+            started_at,
+            options,
+        )
+        .await;
         if started.is_err() {
             // A failed start holds nothing: left to itself the store thread would release the
             // queue's lock only once it noticed the dropped handle, and a start retried at once
@@ -116,7 +181,9 @@ impl Daemon {
         supervision: Supervision,
         store: Store,
         started_at: i64,
+        options: StartOptions,
     ) -> anyhow::Result<Daemon> {
+        let StartOptions { clock, key_source } = options;
         // Built from the config alone (and the bundled roots when the system has none), so a
         // failure here repeats on every start.
         let api = ApiClient::new(&config.api.base_url, key, config.api.request_timeout)
@@ -193,10 +260,12 @@ impl Daemon {
             events: events_rx.clone(),
             wake: redeliver.clone(),
             metrics: Arc::clone(&metrics),
+            clock: clock.clone(),
         };
+        let (rate_tx, rate_rx) = watch::channel(config.poll.max_requests_per_second);
         let scheduler = Scheduler {
             store: store.clone(),
-            api,
+            api: api.clone(),
             policy: config.poll.clone(),
             wake: wake.clone(),
             events: events_tx,
@@ -205,6 +274,9 @@ impl Daemon {
             notifier: supervision.notifier.clone(),
             watchdog: supervision.watchdog,
             metrics: Arc::clone(&metrics),
+            clock: clock.clone(),
+            rate: rate_rx,
+            key_source: key_source.clone(),
         };
         let mut metrics_addr = None;
         if let Some(wanted) = config.metrics.listen {
@@ -221,7 +293,7 @@ impl Daemon {
             } else {
                 warn!(listen = %addr, "serving metrics at http://{addr}/metrics on an address other machines may reach (metrics.listen)");
             }
-            let source = gauge_source(store.clone(), status.clone(), &config);
+            let source = gauge_source(store.clone(), status.clone(), rate_tx.subscribe(), &config);
             tracker.spawn(crate::metrics::serve(
                 listener,
                 Arc::clone(&metrics),
@@ -236,7 +308,7 @@ impl Daemon {
 
         let ctx = Arc::new(Control {
             store: store.clone(),
-            wake,
+            wake: wake.clone(),
             events: events_rx,
             status: status.clone(),
             policy: config.poll.clone(),
@@ -247,8 +319,8 @@ impl Daemon {
                 started_at,
             },
             idle_timeout: config.control.idle_timeout,
-            router,
-            redeliver,
+            router: router.clone(),
+            redeliver: redeliver.clone(),
         });
         tracker.spawn(control::serve(
             listener,
@@ -289,7 +361,107 @@ impl Daemon {
             drain,
             notifier: supervision.notifier,
             metrics_addr,
+            live: Live {
+                config,
+                api,
+                rate: rate_tx,
+                router,
+                wake,
+                redeliver,
+                key_source,
+            },
         })
+    }
+
+    /// Applies what can change safely while running from `new` (already validated by the same
+    /// loader as at start): the API key (read again from the key source given at start), the
+    /// request rate, `[forward]` (targets, their secrets and headers, the retry schedule) and
+    /// the log level. Everything else keeps its old value until a restart, and is reported so.
+    /// Fails, changing nothing, when the key cannot be read.
+    pub fn reload(&mut self, new: Config) -> Result<Reloaded, String> {
+        let live = &mut self.live;
+        let old = &live.config;
+        let mut r = Reloaded::default();
+        let key = live.key_source.as_ref().map(KeySource::read).transpose()?;
+        if let Some(key) = key
+            && live.api.set_key(key)
+        {
+            r.applied.push("api key".to_owned());
+        }
+        if new.poll.max_requests_per_second != old.poll.max_requests_per_second {
+            live.rate.send_replace(new.poll.max_requests_per_second);
+            live.wake.notify_one();
+            r.applied.push("poll.max-requests-per-second".to_owned());
+        }
+        if format!("{:?}", new.forward) != format!("{:?}", old.forward) {
+            live.router.replace(new.forward.clone());
+            live.redeliver.notify_one();
+            r.applied.push("forward".to_owned());
+        }
+        if new.log.level != old.log.level {
+            match crate::logging::set_level(&new.log.level) {
+                Ok(()) => r.applied.push("log.level".to_owned()),
+                Err(e) => {
+                    warn!(error = %e, "cannot change the log level while running");
+                    r.need_restart.push("log.level".to_owned());
+                }
+            }
+        }
+        let restart_only = [
+            (
+                "api.base-url",
+                differs(&new.api.base_url, &old.api.base_url),
+            ),
+            (
+                "api.request-timeout",
+                differs(&new.api.request_timeout, &old.api.request_timeout),
+            ),
+            (
+                "api.key-file",
+                differs(&new.api.key_file, &old.api.key_file),
+            ),
+            (
+                "poll.interval",
+                differs(&new.poll.interval, &old.poll.interval),
+            ),
+            (
+                "poll.max-in-flight",
+                differs(&new.poll.max_in_flight, &old.poll.max_in_flight),
+            ),
+            (
+                "poll.backoff-max",
+                differs(&new.poll.backoff_max, &old.poll.backoff_max),
+            ),
+            (
+                "poll.task-deadline",
+                differs(&new.poll.task_deadline, &old.poll.task_deadline),
+            ),
+            (
+                "poll.fill-skipped-stages",
+                differs(&new.poll.fill_skipped_stages, &old.poll.fill_skipped_stages),
+            ),
+            ("store", differs(&new.store, &old.store)),
+            ("control", differs(&new.control, &old.control)),
+            ("log.format", differs(&new.log.format, &old.log.format)),
+            (
+                "housekeeping",
+                differs(&new.housekeeping, &old.housekeeping),
+            ),
+        ];
+        r.need_restart.extend(
+            restart_only
+                .into_iter()
+                .filter(|(_, changed)| *changed)
+                .map(|(name, _)| name.to_owned()),
+        );
+        // What was applied is now the running config; what needs a restart keeps its old
+        // value, so a second reload reports it again.
+        live.config.poll.max_requests_per_second = new.poll.max_requests_per_second;
+        live.config.forward = new.forward;
+        if r.applied.iter().any(|a| a == "log.level") {
+            live.config.log.level = new.log.level;
+        }
+        Ok(r)
     }
 
     /// Where the metrics endpoint listens, if `[metrics] listen` is set.
@@ -335,8 +507,12 @@ impl Daemon {
 /// What a metrics scrape reads: the store's kept counts and bounded look-ups, and the poll
 /// job's published state. A store that does not answer leaves those gauges out of the scrape
 /// (the store's own error counter says why) rather than reporting zeros that are not true.
-fn gauge_source(store: Store, status: SharedStatus, config: &Config) -> GaugeSource {
-    let rate_limit = config.poll.max_requests_per_second.unwrap_or(0.0);
+fn gauge_source(
+    store: Store,
+    status: SharedStatus,
+    rate: watch::Receiver<Option<f64>>,
+    config: &Config,
+) -> GaugeSource {
     let backoff_max = config.poll.backoff_max;
     let mut configured: Vec<String> = config
         .forward
@@ -349,6 +525,8 @@ fn gauge_source(store: Store, status: SharedStatus, config: &Config) -> GaugeSou
         let store = store.clone();
         let status = status.clone();
         let configured = configured.clone();
+        // The rate as reloaded (SIGHUP), not as started.
+        let rate_limit = rate.borrow().unwrap_or(0.0);
         Box::pin(async move {
             let now = now_ms();
             let mut g = Gauges::default();
@@ -430,4 +608,10 @@ fn gauge_source(store: Store, status: SharedStatus, config: &Config) -> GaugeSou
             g
         })
     })
+}
+
+/// Whether a setting changed, by its debug form (config types carry no `PartialEq`; secrets
+/// print redacted, which is fine for "changed or not" outside `[forward]`).
+fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") != format!("{b:?}")
 }

@@ -142,13 +142,21 @@ pub fn is_journal_stream(journal_stream: Option<&str>, stream: &File) -> bool {
         .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
 }
 
+/// Changes the level of the subscriber [`init`] installed, for a reload.
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// Set once by [`init`]: the global subscriber is process-wide by nature, and so is its level.
+static SET_FILTER: std::sync::OnceLock<SetFilter> = std::sync::OnceLock::new();
+
 /// Installs the global subscriber at `level` (error, warn, info, debug or trace) in `format`, and
-/// returns what it chose. Safe to call more than once; later calls change nothing.
+/// returns what it chose. Safe to call more than once; later calls change nothing. The level can
+/// be changed later with [`set_level`].
 pub fn init(level: &str, format: LogFormat, stderr_is_journal: bool) -> Output {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
+    );
     let plain = || {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter())
+        tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(false)
             .event_format(SyslogPrefix(
@@ -158,51 +166,77 @@ pub fn init(level: &str, format: LogFormat, stderr_is_journal: bool) -> Output {
                     .without_time(),
             ))
     };
-    match choose(format, stderr_is_journal) {
+    let registry = tracing_subscriber::registry();
+    let (installed, output) = match choose(format, stderr_is_journal) {
         Output::Journal => match JournalLayer::connect(Path::new(JOURNAL_SOCKET)) {
-            Ok(layer) => {
-                let _ = tracing_subscriber::registry()
-                    .with(filter())
-                    .with(layer)
-                    .try_init();
-                Output::Journal
-            }
+            Ok(layer) => (
+                registry.with(filter).with(layer).try_init().is_ok(),
+                Output::Journal,
+            ),
             Err(e) => {
-                let _ = plain().try_init();
+                let installed = registry.with(filter).with(plain()).try_init().is_ok();
                 tracing::warn!(
                     error = %e,
                     socket = JOURNAL_SOCKET,
                     "cannot reach journald; logging plain lines to stderr instead"
                 );
-                Output::Plain
+                (installed, Output::Plain)
             }
         },
-        Output::Plain => {
-            let _ = plain().try_init();
-            Output::Plain
-        }
-        Output::Human => {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter())
-                .with_writer(std::io::stderr)
-                .with_target(false)
-                .with_ansi(std::io::stderr().is_terminal())
-                .try_init();
-            Output::Human
-        }
-        Output::Json => {
-            let _ = tracing_subscriber::fmt()
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(false)
-                .with_env_filter(filter())
-                .with_writer(std::io::stderr)
-                .with_target(false)
-                .try_init();
-            Output::Json
-        }
+        Output::Plain => (
+            registry.with(filter).with(plain()).try_init().is_ok(),
+            Output::Plain,
+        ),
+        Output::Human => (
+            registry
+                .with(filter)
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_target(false)
+                        .with_ansi(std::io::stderr().is_terminal()),
+                )
+                .try_init()
+                .is_ok(),
+            Output::Human,
+        ),
+        Output::Json => (
+            registry
+                .with(filter)
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(false)
+                        .with_span_list(false)
+                        .with_writer(std::io::stderr)
+                        .with_target(false),
+                )
+                .try_init()
+                .is_ok(),
+            Output::Json,
+        ),
+    };
+    if installed {
+        let _ = SET_FILTER.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
     }
+    output
+}
+
+/// Changes the level of the subscriber [`init`] installed (a reload). Fails when `RUST_LOG`
+/// overrides the configured level, when `level` is not one, or when [`init`] did not install
+/// the subscriber of this process.
+pub fn set_level(level: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Err("RUST_LOG is set, and overrides log.level".to_owned());
+    }
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level `{level}`: {e}"))?;
+    let set = SET_FILTER
+        .get()
+        .ok_or_else(|| "the log subscriber was not installed by sunopoll".to_owned())?;
+    set(filter)
 }
 
 /// The syslog priority journald gives a tracing level: error 3, warning 4, info 6, debug and

@@ -101,12 +101,13 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// The details-endpoint HTTP client, one for every task family. Cheap to clone.
+/// The details-endpoint HTTP client, one for every task family. Cheap to clone; clones share
+/// the key, so [`ApiClient::set_key`] (a reload, a re-read after a rejection) reaches them all.
 #[derive(Clone, Debug)]
 pub struct ApiClient {
     http: reqwest::Client,
     base_url: url::Url,
-    key: ApiKey,
+    key: std::sync::Arc<std::sync::RwLock<ApiKey>>,
 }
 
 impl ApiClient {
@@ -125,8 +126,24 @@ impl ApiClient {
         Ok(ApiClient {
             http,
             base_url: base_url.clone(),
-            key,
+            key: std::sync::Arc::new(std::sync::RwLock::new(key)),
         })
+    }
+
+    /// Uses `key` for every request from now on. Returns whether it differs from the old one.
+    pub fn set_key(&self, key: ApiKey) -> bool {
+        match self.key.write() {
+            Ok(mut k) => {
+                let changed = k.expose() != key.expose();
+                *k = key;
+                changed
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn current_key(&self) -> Option<ApiKey> {
+        self.key.read().ok().map(|k| k.clone())
     }
 
     /// Asks `family`'s details endpoint about one task and classifies the answer. Transport
@@ -146,10 +163,15 @@ impl ApiClient {
         url.query_pairs_mut()
             .append_pair(family.task_id_key(), task_id);
         let requested = format!("{}{}", url.origin().ascii_serialization(), url.path());
+        let Some(key) = self.current_key() else {
+            return Outcome::Unauthorized {
+                cause: "the API key is unreadable (a reload panicked)".to_owned(),
+            };
+        };
         let response = match self
             .http
             .get(url)
-            .bearer_auth(self.key.expose())
+            .bearer_auth(key.expose())
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
@@ -171,12 +193,7 @@ impl ApiClient {
         match read_capped(response, MAX_BODY_BYTES).await {
             // Redacted before anything reads it, so no cause, message or event can carry the
             // key even if the API echoes it back.
-            Ok(body) => match classify(
-                family,
-                status,
-                retry_after,
-                &redact(&body, self.key.expose()),
-            ) {
+            Ok(body) => match classify(family, status, retry_after, &redact(&body, key.expose())) {
                 // A wrong path, not a wrong task: almost always api.base-url with a path in it.
                 Outcome::Unavailable { retry_after, cause }
                     if status == 404 || cause.contains("404") =>

@@ -133,7 +133,9 @@ pub struct PollConfig {
     /// `backoff-max`: the longest global pause.
     #[serde(deserialize_with = "de::duration")]
     pub backoff_max: Duration,
-    /// `task-deadline`: after this long since `add`, a task ends with an `error` (408).
+    /// `task-deadline`: after this much time being asked about (never time paused, throttled,
+    /// unreachable or in the backlog), a task the API still reports unfinished ends with an
+    /// `error` (408).
     #[serde(deserialize_with = "de::duration")]
     pub task_deadline: Duration,
     /// `fill-skipped-stages`: emit `text`/`first` before `complete` when a poll skipped them.
@@ -427,9 +429,35 @@ impl Config {
         }
     }
 
+    /// Where this config takes the API key from, to read it again later (see [`KeySource`]).
+    pub fn key_source(&self, env: &Environment) -> KeySource {
+        KeySource {
+            key_file: self.api.key_file.clone(),
+            env: env.clone(),
+        }
+    }
+
     /// Finds the API key: `$CREDENTIALS_DIRECTORY/api-key`, else `api.key-file`, else
     /// `SUNO_API_KEY`. The error names all three places.
     pub fn api_key(&self, env: &Environment) -> Result<ApiKey, String> {
+        self.key_source(env).read()
+    }
+}
+
+/// Where the API key comes from: `$CREDENTIALS_DIRECTORY/api-key`, else `api.key-file`, else
+/// `SUNO_API_KEY`, as the environment was captured at start. Read again whenever the key may
+/// have changed: on a reload, and before every probe after the API rejected the key, so a
+/// fixed key file is picked up without a restart.
+#[derive(Debug, Clone)]
+pub struct KeySource {
+    key_file: Option<PathBuf>,
+    env: Environment,
+}
+
+impl KeySource {
+    /// Reads the key now. The error names all three places.
+    pub fn read(&self) -> Result<ApiKey, String> {
+        let env = &self.env;
         if let Some(dir) = &env.credentials_directory {
             let file = dir.join("api-key");
             match std::fs::read_to_string(&file) {
@@ -446,7 +474,7 @@ impl Config {
                 }
             }
         }
-        if let Some(file) = &self.api.key_file {
+        if let Some(file) = &self.key_file {
             return match std::fs::read_to_string(file) {
                 Ok(text) => ApiKey::parse(&text).map_err(|why| {
                     format!("the API key file {} (api.key-file) {why}", file.display())
@@ -467,7 +495,9 @@ impl Config {
                 .to_owned(),
         )
     }
+}
 
+impl Config {
     /// A short human summary, for `check-config` and the startup log.
     pub fn summary(&self) -> String {
         let mut s = self.base_summary();

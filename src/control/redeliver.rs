@@ -57,13 +57,8 @@ pub(super) async fn run(
             || target == crate::config::TARGET_TASK_URL
             || target == crate::config::TARGET_SUBMITTED_URL;
         if !known {
-            let mut names: Vec<&str> = ctx
-                .router
-                .config()
-                .targets
-                .iter()
-                .map(|t| t.name.as_str())
-                .collect();
+            let forward = ctx.router.config();
+            let mut names: Vec<&str> = forward.targets.iter().map(|t| t.name.as_str()).collect();
             names.extend([
                 crate::config::TARGET_TASK_URL,
                 crate::config::TARGET_SUBMITTED_URL,

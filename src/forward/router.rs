@@ -1,33 +1,47 @@
 //! Routing: which handlers a task's events go to, decided once when the events are stored.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::config::{ForwardConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig};
 use crate::events::Stage;
 use crate::store::{Route, TaskRow};
 
-/// Decides where a task's events go. Built from `[forward]` once at start.
+/// Decides where a task's events go. Built from `[forward]` at start; clones share it, so a
+/// reload ([`Router::replace`]) reaches every part that routes or delivers.
 #[derive(Debug, Clone)]
 pub struct Router {
-    config: Arc<ForwardConfig>,
+    config: Arc<RwLock<Arc<ForwardConfig>>>,
 }
 
 impl Router {
     /// A router for `config`.
     pub fn new(config: ForwardConfig) -> Router {
         Router {
-            config: Arc::new(config),
+            config: Arc::new(RwLock::new(Arc::new(config))),
         }
     }
 
-    /// The forward settings.
-    pub fn config(&self) -> &ForwardConfig {
-        &self.config
+    /// The forward settings now.
+    pub fn config(&self) -> Arc<ForwardConfig> {
+        match self.config.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Routes and delivers by `config` from now on (a reload): new events go to its targets,
+    /// and pending deliveries are signed with its secrets.
+    pub fn replace(&self, config: ForwardConfig) {
+        let config = Arc::new(config);
+        match self.config.write() {
+            Ok(mut c) => *c = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
     }
 
     /// The configured targets as routes.
     pub fn configured_routes(&self) -> Vec<Route> {
-        self.config
+        self.config()
             .targets
             .iter()
             .map(|t| Route {
@@ -60,7 +74,7 @@ impl Router {
         if let Some(url) = &task.callback_url {
             add(TARGET_TASK_URL, url);
         }
-        if self.config.use_task_callback_url
+        if self.config().use_task_callback_url
             && let Some(url) = submitted.or(task.submitted_callback_url.as_deref())
             && self.submitted_url_allowed(url)
         {
@@ -72,13 +86,17 @@ impl Router {
     /// True when a submitted `callBackUrl` may be used: http(s) and a host in `allow-hosts`.
     pub fn submitted_url_allowed(&self, url: &str) -> bool {
         url::Url::parse(url).is_ok_and(|u| {
-            (u.scheme() == "http" || u.scheme() == "https") && self.config.allows_host(&u)
+            (u.scheme() == "http" || u.scheme() == "https") && self.config().allows_host(&u)
         })
     }
 
     /// The configured target called `name`.
-    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
-        self.config.targets.iter().find(|t| t.name == name)
+    pub fn target(&self, name: &str) -> Option<TargetConfig> {
+        self.config()
+            .targets
+            .iter()
+            .find(|t| t.name == name)
+            .cloned()
     }
 }
 
@@ -112,6 +130,7 @@ mod tests {
             deadline_at: 1,
             callback_url: Some("http://127.0.0.1:3000/cb".into()),
             submitted_callback_url: None,
+            asked: crate::store::Asked::default(),
         };
         let routes = router.routes(&task, Some("http://127.0.0.1:3000/other"));
         let targets: Vec<&str> = routes.iter().map(|r| r.target.as_str()).collect();

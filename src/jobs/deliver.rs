@@ -21,11 +21,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::{Admit, JobKind, StoreBackoffPolicy, Stored, WakeAt};
-use crate::clock::{format_duration, ms, now_ms};
+use crate::clock::{Clock, format_duration, ms};
 use crate::forward::Router;
 use crate::forward::attempt::{AttemptResult, Attempted, attempt, http_client};
 use crate::metrics::Metrics;
-use crate::store::{AttemptRecord, DeliveryNext, DueDelivery, Store, StoreError};
+use crate::store::{AttemptRecord, DeliveryNext, DueDelivery, Schedule, Store, StoreError};
 
 /// Requests in flight to one destination (`scheme://host:port`) at once. A handler that hangs
 /// can tie up at most this many of the global slots, so other handlers keep getting theirs.
@@ -74,6 +74,8 @@ pub struct Forwarder {
     pub wake: Arc<Notify>,
     /// Where attempts are counted and timed.
     pub metrics: Arc<Metrics>,
+    /// The wall clock stored times are read from.
+    pub clock: Clock,
 }
 
 impl Forwarder {
@@ -94,7 +96,7 @@ impl Forwarder {
             .iter()
             .map(|t| t.name.clone())
             .collect();
-        match self.store.fail_orphans(known, now_ms()).await {
+        match self.store.fail_orphans(known, self.clock.now_ms()).await {
             Ok(0) => {}
             Ok(n) => warn!(
                 deliveries = n,
@@ -193,9 +195,10 @@ impl JobKind for DeliverJob {
         let router = self.f.router.clone();
         let http = self.http.clone();
         let metrics = Arc::clone(&self.f.metrics);
+        let clock = self.f.clock.clone();
         async move {
             let attempted = attempt(&router, &http, &row).await;
-            let recorded = record(&store, &router, &metrics, &row, attempted).await;
+            let recorded = record(&store, &router, &metrics, &clock, &row, attempted).await;
             Finished {
                 origin: row.origin,
                 recorded,
@@ -236,6 +239,26 @@ impl JobKind for DeliverJob {
             self.events_open = false;
         }
     }
+
+    fn clock(&self) -> &Clock {
+        &self.f.clock
+    }
+
+    async fn clock_stepped(&mut self, by_ms: i64) {
+        // As for polls: back, the retries move back with the clock (one stored after the step
+        // only comes early); ahead, they are all due and go under the per-destination limits.
+        if by_ms < 0 {
+            match self.f.store.shift_due(Schedule::Deliveries, by_ms).await {
+                Ok(n) => info!(
+                    deliveries = n,
+                    "moved the pending deliveries back with the clock"
+                ),
+                Err(e) => {
+                    error!(error = %e, "cannot move the pending deliveries back with the clock")
+                }
+            }
+        }
+    }
 }
 
 /// Records one finished attempt with what comes next, and logs it. Returns false if it could
@@ -244,6 +267,7 @@ async fn record(
     store: &Store,
     router: &Router,
     metrics: &Metrics,
+    clock: &Clock,
     row: &DueDelivery,
     attempted: Attempted,
 ) -> bool {
@@ -258,7 +282,7 @@ async fn record(
         attempt_no,
         &result,
         &config.retry_schedule,
-        now_ms(),
+        clock.now_ms(),
         fastrand::f64(),
     );
     let (status, error_text) = match &result {
@@ -305,7 +329,7 @@ async fn record(
             task_id = %row.task_id, stage = %row.stage, target = %row.target,
             cause = %error_text.unwrap_or_default(), attempt = attempt_no,
             of = config.retry_schedule.len(),
-            retry_in = %format_duration(Duration::from_millis((at - now_ms()).max(0).unsigned_abs())),
+            retry_in = %format_duration(Duration::from_millis((at - clock.now_ms()).max(0).unsigned_abs())),
             "delivery failed; will retry"
         ),
         DeliveryNext::Failed => error!(

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::clock::{format_duration, now_ms};
+use crate::clock::{Clock, clock_step, format_duration, ms};
 use crate::store::StoreError;
 
 pub mod backoff;
@@ -176,6 +176,47 @@ pub trait JobKind {
 
     /// Resolves when something outside may have made new rows due (an `add`, a new event).
     fn woken(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// The wall clock due times are stored by.
+    fn clock(&self) -> &Clock;
+
+    /// The furthest ahead this kind ever schedules a row. A row due later than that was
+    /// scheduled before the wall clock was stepped back, and is taken as due now rather than
+    /// left to stall. `None`: no such bound.
+    fn max_ahead(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The wall clock was stepped by `by_ms` since the last round (the monotonic clock says
+    /// how long really passed): the kind corrects its stored and in-memory due times.
+    fn clock_stepped(&mut self, by_ms: i64) -> impl Future<Output = ()> + Send;
+}
+
+/// Notices steps of the wall clock between rounds of one loop, by comparing how much time
+/// passed on it with how much passed on the monotonic clock.
+#[derive(Debug, Default)]
+pub struct StepWatch {
+    last: Option<(i64, Instant)>,
+}
+
+impl StepWatch {
+    /// Takes in the time now on both clocks; returns the step since the last call, if any.
+    pub fn observe(&mut self, wall_ms: i64, mono: Instant) -> Option<i64> {
+        let step = self.last.and_then(|(wall0, mono0)| {
+            clock_step(
+                wall_ms.saturating_sub(wall0),
+                mono.saturating_duration_since(mono0),
+            )
+        });
+        self.last = Some((wall_ms, mono));
+        step
+    }
+}
+
+/// Whether a row due at `due_at` is to wait, at `now`: not if it is due, nor if it is further
+/// ahead than the kind ever schedules (see [`JobKind::max_ahead`]).
+pub fn waits(due_at: i64, now: i64, max_ahead: Option<Duration>) -> bool {
+    due_at > now && max_ahead.is_none_or(|ahead| due_at <= now.saturating_add(ms(ahead)))
 }
 
 /// Why the loop woke.
@@ -194,6 +235,7 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
     let mut in_flight: HashSet<K::Key> = HashSet::new();
     let mut store_backoff = StoreBackoff::default();
     let backoff_policy = kind.store_backoff();
+    let mut steps = StepWatch::default();
 
     loop {
         // Take in every finished job first: they free slots and may change the limits.
@@ -204,6 +246,15 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
         }
         if cancel.is_cancelled() {
             break;
+        }
+        if let Some(by) = steps.observe(kind.clock().now_ms(), Instant::now()) {
+            let by_text = format_duration(Duration::from_millis(by.unsigned_abs()));
+            warn!(
+                step = %format!("{}{by_text}", if by < 0 { "-" } else { "+" }),
+                "the wall clock was stepped; {} keeps to the monotonic clock (due times corrected, no deadline counts the step)",
+                K::QUEUE
+            );
+            kind.clock_stepped(by).await;
         }
         let mut wake = WakeAt::default();
         let slots = kind.prepare(in_flight.len(), &mut wake).await;
@@ -220,7 +271,8 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
         if slots > 0 {
             match kind.claim(slots, &in_flight).await {
                 Ok(rows) => {
-                    let now = now_ms();
+                    let now = kind.clock().now_ms();
+                    let max_ahead = kind.max_ahead();
                     let mut started = 0;
                     for row in rows {
                         let key = K::key(&row);
@@ -228,7 +280,7 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
                             continue;
                         }
                         let due_at = K::due_at(&row);
-                        if due_at > now {
+                        if waits(due_at, now, max_ahead) {
                             // The earliest row not yet due: the next reason to wake.
                             wake.at(instant_at(due_at, now));
                             break;
@@ -319,6 +371,7 @@ mod tests {
         running: Arc<Mutex<(usize, usize)>>,
         started: Arc<Mutex<Vec<(u32, Instant)>>>,
         failures_left: u32,
+        clock: Clock,
     }
 
     impl JobKind for Fake {
@@ -385,6 +438,10 @@ mod tests {
         async fn woken(&mut self) {
             std::future::pending::<()>().await;
         }
+        fn clock(&self) -> &Clock {
+            &self.clock
+        }
+        async fn clock_stepped(&mut self, _by_ms: i64) {}
     }
 
     fn fake(rows: u32, max: usize, failures: u32) -> Fake {
@@ -394,6 +451,7 @@ mod tests {
             running: Arc::new(Mutex::new((0, 0))),
             started: Arc::new(Mutex::new(Vec::new())),
             failures_left: failures,
+            clock: Clock::system(),
         }
     }
 
@@ -491,6 +549,39 @@ mod tests {
             paused: "paused",
             resumed: "resumed",
         }
+    }
+
+    #[test]
+    fn a_step_is_noticed_once_between_two_rounds() {
+        let mut w = StepWatch::default();
+        let t = Instant::now();
+        assert_eq!(
+            w.observe(1_000_000, t),
+            None,
+            "the first round has nothing to compare"
+        );
+        let t2 = t + Duration::from_secs(30);
+        assert_eq!(w.observe(1_030_000, t2), None);
+        let t3 = t2 + Duration::from_secs(30);
+        assert_eq!(w.observe(1_060_000 - 3_600_000, t3), Some(-3_600_000));
+        assert_eq!(
+            w.observe(1_061_000 - 3_600_000, t3 + Duration::from_secs(1)),
+            None,
+            "the new time is the new normal"
+        );
+    }
+
+    #[test]
+    fn rows_scheduled_before_a_backward_step_do_not_wait() {
+        let ahead = Some(Duration::from_secs(600));
+        assert!(!waits(1000, 1000, ahead), "due");
+        assert!(waits(1001, 1000, ahead), "a little ahead");
+        assert!(waits(601_000, 1000, ahead), "as far as this kind schedules");
+        assert!(
+            !waits(601_001 + 3_600_000, 1000, ahead),
+            "further: scheduled before the clock went back"
+        );
+        assert!(waits(i64::MAX, 1000, None), "no bound");
     }
 
     #[test]

@@ -27,13 +27,13 @@ use tracing::{debug, error, info, warn};
 use super::{Admit, JobKind, StoreBackoffPolicy, Stored, WakeAt, backoff_delay, instant_at};
 use crate::api::families::music::Music;
 use crate::api::{ApiClient, Family, Outcome, clip};
-use crate::clock::{format_duration, format_utc, ms, now_ms};
-use crate::config::{DEFAULT_ACCOUNT, PollConfig};
+use crate::clock::{Clock, format_duration, format_utc, ms};
+use crate::config::{DEFAULT_ACCOUNT, KeySource, PollConfig};
 use crate::events::{NewEvent, Stage};
 use crate::forward::Router;
 use crate::metrics::Metrics;
 use crate::store::TaskState;
-use crate::store::{DueRow, Store, StoreError, TaskRow, TaskUpdate};
+use crate::store::{Asked, DueRow, Schedule, Store, StoreError, TaskRow, TaskUpdate};
 use crate::systemd::Notifier;
 
 pub use super::gate::{Gate, PauseKind, PollStatus, SharedStatus, pause_delay, status_line};
@@ -86,8 +86,30 @@ pub const DEADLINE_CODE: i64 = 408;
 /// current enough, and it bounds the task counting the line needs.
 pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 
+/// The time `asked` says the task has been asked about once the API answers about it at `now`:
+/// the time since its previous answer, but never more than the wait planned after that answer.
+/// So waiting in the backlog, a global pause, an outage or a wall-clock step (either way) add
+/// at most one planned wait, and the first answer adds nothing. Pure.
+pub fn asked_until(asked: Asked, now: i64) -> i64 {
+    match asked.at {
+        None => asked.total_ms,
+        Some(at) => asked
+            .total_ms
+            .saturating_add(now.saturating_sub(at).clamp(0, asked.gap_ms.max(0))),
+    }
+}
+
+/// How long `task` may be asked about before it is given up: its `task-deadline` when added.
+pub fn deadline_budget(task: &TaskRow) -> i64 {
+    task.deadline_at.saturating_sub(task.added_at).max(0)
+}
+
 /// What one poll's answer does to its task. Pure: the task's family, the stored task, the
 /// answer, the time, the policy and a jitter value in `[0, 1)` decide everything.
+///
+/// The deadline counts only the time the task was asked about ([`asked_until`]), and fires
+/// only on an answer, obtained now, that does not say the task finished: sunopoll never sends
+/// a 408 for a task the API would report done, nor for one it could not ask about.
 ///
 /// Global outcomes (throttled, unavailable, unauthorized) are the gate's business and must not
 /// be passed here; they leave the task untouched.
@@ -99,14 +121,15 @@ pub fn decide<F: Family>(
     policy: &PollConfig,
     jitter: f64,
 ) -> TaskUpdate {
-    let next_regular = now
-        .saturating_add(ms(policy.interval))
-        .min(task.deadline_at.max(now));
-    let past_deadline = now >= task.deadline_at;
+    let budget = deadline_budget(task);
+    let asked_ms = asked_until(task.asked, now);
+    // The regular next poll comes no later than the moment the budget runs out, so the answer
+    // that decides the deadline is asked for on time.
+    let next_regular =
+        now.saturating_add(ms(policy.interval).min(budget.saturating_sub(asked_ms).max(0)));
+    let past_deadline = asked_ms >= budget;
     let deadline_event = || {
-        let after = format_duration(Duration::from_millis(
-            u64::try_from(task.deadline_at.saturating_sub(task.added_at)).unwrap_or(0),
-        ));
+        let after = format_duration(Duration::from_millis(u64::try_from(budget).unwrap_or(0)));
         family.error_event(
             &task.id,
             DEADLINE_CODE,
@@ -125,6 +148,7 @@ pub fn decide<F: Family>(
         submitted_callback_url: None,
         first_delivery_delay: 0,
         timed_out: false,
+        asked: task.asked,
     };
     match outcome {
         Outcome::Progress(record) | Outcome::Pending(record) => {
@@ -170,6 +194,11 @@ pub fn decide<F: Family>(
         Some(Stage::Complete) => TaskState::Done,
         Some(Stage::Error) => TaskState::Failed,
         _ => TaskState::Active,
+    };
+    update.asked = Asked {
+        total_ms: asked_ms,
+        at: Some(now),
+        gap_ms: update.next_poll_at.saturating_sub(now).max(0),
     };
     update
 }
@@ -218,6 +247,13 @@ pub struct Scheduler {
     pub watchdog: Option<Duration>,
     /// Where polls, requests and events are counted.
     pub metrics: Arc<Metrics>,
+    /// The wall clock stored times are read from.
+    pub clock: Clock,
+    /// `max-requests-per-second` as reloaded (`None`: unlimited); read at every round.
+    pub rate: watch::Receiver<Option<f64>>,
+    /// Where the API key comes from: read again before every probe after the key was
+    /// rejected, so a fixed key is used without a restart. `None`: keep the key given.
+    pub key_source: Option<KeySource>,
 }
 
 impl Scheduler {
@@ -235,7 +271,7 @@ impl Scheduler {
             kind, until, cause, ..
         } = &gate
         {
-            let wait = (*until - now_ms()).max(0);
+            let wait = (*until - self.clock.now_ms()).max(0);
             warn!(
                 pause = kind.as_str(),
                 cause = %cause,
@@ -243,7 +279,7 @@ impl Scheduler {
                 "polling was paused before the restart; honouring the pause, then probing with one request"
             );
         }
-        publish(&self.status, &gate, 0, now_ms());
+        publish(&self.status, &gate, 0, self.clock.now_ms());
         gate
     }
 
@@ -311,7 +347,12 @@ impl JobKind for PollJob {
     }
 
     async fn prepare(&mut self, in_flight: usize, wake: &mut WakeAt) -> usize {
-        let now = now_ms();
+        if self.s.rate.has_changed().unwrap_or(false) {
+            let rate = *self.s.rate.borrow_and_update();
+            self.limiter = rate.map(RateLimiter::new);
+            self.s.policy.max_requests_per_second = rate;
+        }
+        let now = self.s.clock.now_ms();
         publish(&self.s.status, &self.gate, in_flight, now);
 
         // The watchdog is pinged here, in the loop that does the work, never from a timer
@@ -362,6 +403,27 @@ impl JobKind for PollJob {
         if self.probing {
             self.probe_in_flight = true;
             info!(task_id = %row.id, "pause over; probing the API with one request");
+            if let (
+                Gate::Paused {
+                    kind: PauseKind::Unauthorized,
+                    ..
+                },
+                Some(source),
+            ) = (&self.gate, &self.s.key_source)
+            {
+                // The operator may have fixed the key since: each probe asks with the key as
+                // its source holds it now.
+                match source.read() {
+                    Ok(key) => {
+                        if self.s.api.set_key(key) {
+                            info!("the API key changed at its source; probing with the new key");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(problem = %e, "cannot read the API key again; probing with the old one")
+                    }
+                }
+            }
         }
         Admit::Go
     }
@@ -374,6 +436,7 @@ impl JobKind for PollJob {
             router: self.s.router.clone(),
             events: self.s.events.clone(),
             metrics: Arc::clone(&self.s.metrics),
+            clock: self.s.clock.clone(),
         };
         self.s.metrics.api_request(DEFAULT_ACCOUNT);
         let (probe, epoch) = (self.probing, self.epoch);
@@ -398,7 +461,7 @@ impl JobKind for PollJob {
         if f.probe {
             self.probe_in_flight = false;
         }
-        let now = now_ms();
+        let now = self.s.clock.now_ms();
         match f.outcome {
             OutcomeSummary::Global {
                 kind,
@@ -475,6 +538,39 @@ impl JobKind for PollJob {
     async fn woken(&mut self) {
         self.s.wake.notified().await;
         self.report.counts_changed = true;
+    }
+
+    fn clock(&self) -> &Clock {
+        &self.s.clock
+    }
+
+    /// Every poll is scheduled within one interval or the backoff cap of its answer.
+    fn max_ahead(&self) -> Option<Duration> {
+        Some(self.s.policy.interval.max(self.s.policy.backoff_max))
+    }
+
+    async fn clock_stepped(&mut self, by_ms: i64) {
+        // The pause is the loop's own: it keeps its length whichever way the clock went.
+        if let Gate::Paused { until, since, .. } = &mut self.gate {
+            *until = until.saturating_add(by_ms);
+            *since = since.saturating_add(by_ms);
+            if let Err(e) = self.s.store.save_gate(self.gate.to_row()).await {
+                error!(error = %e, "cannot save the pause state after the clock step");
+            }
+        }
+        // Back: every task looks due later by the step, and would stall that long; moving them
+        // back too restores the schedule, and a poll committed after the step that gets moved
+        // as well only comes early. Ahead: every task looks overdue; it is polled in its old
+        // order under the rate limit, so there is nothing to move (moving a poll committed
+        // after the step would stall it by the step).
+        if by_ms < 0 {
+            match self.s.store.shift_due(Schedule::Polls, by_ms).await {
+                Ok(n) => info!(tasks = n, "moved the tasks' next polls back with the clock"),
+                Err(e) => {
+                    error!(error = %e, "cannot move the next polls back with the clock; tasks due far ahead are polled now instead")
+                }
+            }
+        }
     }
 }
 
@@ -590,6 +686,7 @@ struct Commit {
     router: Router,
     events: watch::Sender<i64>,
     metrics: Arc<Metrics>,
+    clock: Clock,
 }
 
 /// Applies one answer: global ones go back to the loop; per-task ones are decided and committed
@@ -611,6 +708,7 @@ where
         router,
         events,
         metrics,
+        clock,
     } = commit;
     let kind = outcome.kind();
     metrics.poll(DEFAULT_ACCOUNT, kind);
@@ -624,7 +722,7 @@ where
         Outcome::Unauthorized { cause } => Some((PauseKind::Unauthorized, None, cause.clone())),
         _ => None,
     };
-    let now = now_ms();
+    let now = clock.now_ms();
     let jitter = fastrand::f64();
     let decide_policy = policy.clone();
     let routing = router.clone();
@@ -657,6 +755,8 @@ where
                             submitted_callback_url: None,
                             first_delivery_delay: 0,
                             timed_out: false,
+                            // Not an answer about the task: its deadline does not move.
+                            asked: row.asked,
                         };
                     }
                     GlobalForTask::TaskOnly => Outcome::Broken {
@@ -850,6 +950,7 @@ mod tests {
             deadline_at: 7_200_000,
             callback_url: None,
             submitted_callback_url: None,
+            asked: Asked::default(),
         }
     }
 
@@ -883,24 +984,39 @@ mod tests {
         assert!(u.events.is_empty());
     }
 
+    /// A task asked about every interval since it was added, last at `at`.
+    fn asked_since_added(mut t: TaskRow, at: i64) -> TaskRow {
+        t.asked = Asked {
+            total_ms: at,
+            at: Some(at),
+            gap_ms: 30_000,
+        };
+        t
+    }
+
+    fn pending() -> Outcome<Record> {
+        Outcome::Pending(record(TaskStatus::Pending))
+    }
+
     #[test]
     fn the_next_poll_is_never_after_the_deadline() {
         let u = decide(
             &Music,
-            &task(None),
-            &Outcome::Pending(record(TaskStatus::Pending)),
+            &asked_since_added(task(None), 7_160_000),
+            &pending(),
             7_190_000,
             &policy(),
             0.5,
         );
         assert_eq!(u.next_poll_at, 7_200_000);
+        assert_eq!(u.state, TaskState::Active);
     }
 
     #[test]
     fn past_the_deadline_a_running_task_ends_with_408() {
         let u = decide(
             &Music,
-            &task(Some(Stage::Text)),
+            &asked_since_added(task(Some(Stage::Text)), 7_170_000),
             &Outcome::Pending(record(TaskStatus::TextSuccess)),
             7_200_000,
             &policy(),
@@ -921,7 +1037,7 @@ mod tests {
     fn a_final_answer_past_the_deadline_wins_over_the_timeout() {
         let u = decide(
             &Music,
-            &task(None),
+            &asked_since_added(task(None), 8_990_000),
             &Outcome::Progress(record(TaskStatus::Success)),
             9_000_000,
             &policy(),
@@ -1002,5 +1118,154 @@ mod tests {
                 failures: POISON_LIMIT
             }
         );
+    }
+
+    #[test]
+    fn the_first_answer_adds_nothing_and_then_each_adds_at_most_the_planned_wait() {
+        let p = policy();
+        let mut t = task(None);
+        let u = decide(&Music, &t, &pending(), 50_000, &p, 0.5);
+        assert_eq!(
+            u.asked,
+            Asked {
+                total_ms: 0,
+                at: Some(50_000),
+                gap_ms: 30_000
+            }
+        );
+        t.asked = u.asked;
+        // A poll a little late counts only the planned 30 s; one a little early, what passed.
+        let u = decide(&Music, &t, &pending(), 81_000, &p, 0.5);
+        assert_eq!(u.asked.total_ms, 30_000);
+        t.asked = u.asked;
+        let u = decide(&Music, &t, &pending(), 101_000, &p, 0.5);
+        assert_eq!(u.asked.total_ms, 50_000);
+    }
+
+    #[test]
+    fn tasks_waiting_in_the_backlog_never_fail() {
+        // 14 400 tasks at 2 requests/s: a task's first poll comes 2 h after its add, long past
+        // the wall-clock deadline; its first answer says PENDING.
+        let u = decide(&Music, &task(None), &pending(), 7_300_000, &policy(), 0.5);
+        assert_eq!(u.state, TaskState::Active);
+        assert!(u.events.is_empty());
+        // And a task polled only every 10 minutes (the backlog's pace) counts 30 s per answer.
+        let mut t = task(None);
+        let mut now = 7_300_000;
+        for _ in 0..100 {
+            t.asked = decide(&Music, &t, &pending(), now, &policy(), 0.5).asked;
+            now += 600_000;
+        }
+        assert_eq!(t.asked.total_ms, 99 * 30_000);
+        assert!(t.asked.total_ms < deadline_budget(&t));
+    }
+
+    #[test]
+    fn no_408_on_the_first_answer_after_an_outage() {
+        // Asked about for one minute, then the API was down for 3 hours (past the wall-clock
+        // deadline): the first answer after it counts one planned wait, and the task goes on.
+        let t = asked_since_added(task(Some(Stage::Text)), 60_000);
+        let after_outage = 60_000 + 3 * 3_600_000;
+        let u = decide(
+            &Music,
+            &t,
+            &Outcome::Pending(record(TaskStatus::TextSuccess)),
+            after_outage,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(u.state, TaskState::Active, "{:?}", u.events);
+        assert!(u.events.is_empty());
+        assert_eq!(u.asked.total_ms, 90_000);
+        assert_eq!(u.next_poll_at, after_outage + 30_000);
+    }
+
+    #[test]
+    fn at_the_end_of_its_budget_only_an_unfinished_answer_fails_a_task() {
+        // 10 s of budget left: the next poll is planned for then, and the outage that follows
+        // does not count beyond it.
+        let t = asked_since_added(task(Some(Stage::Text)), 7_160_000);
+        let u = decide(&Music, &t, &pending(), 7_190_000, &policy(), 0.5);
+        assert_eq!(u.asked.gap_ms, 10_000);
+        let mut t = t;
+        t.asked = u.asked;
+        let later = 7_190_000 + 3_600_000;
+        let done = decide(
+            &Music,
+            &t,
+            &Outcome::Progress(record(TaskStatus::Success)),
+            later,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(done.state, TaskState::Done);
+        let failed = decide(
+            &Music,
+            &t,
+            &Outcome::Pending(record(TaskStatus::TextSuccess)),
+            later,
+            &policy(),
+            0.5,
+        );
+        assert_eq!(failed.state, TaskState::Failed);
+        assert_eq!(failed.events[0].code, DEADLINE_CODE);
+        assert_eq!(failed.asked.total_ms, 7_200_000);
+    }
+
+    #[test]
+    fn wall_clock_steps_do_not_count_toward_the_deadline() {
+        let p = policy();
+        let t = asked_since_added(task(None), 3_600_000);
+        // The clock jumps 3 h ahead between two polls: one planned wait is counted, no more.
+        let ahead = decide(
+            &Music,
+            &t,
+            &pending(),
+            3_600_000 + 30_000 + 10_800_000,
+            &p,
+            0.5,
+        );
+        assert_eq!(ahead.asked.total_ms, 3_630_000);
+        assert_eq!(ahead.state, TaskState::Active);
+        // The clock jumps 1 h back: nothing is counted, and nothing goes negative.
+        let back = decide(
+            &Music,
+            &t,
+            &pending(),
+            3_600_000 + 30_000 - 3_600_000,
+            &p,
+            0.5,
+        );
+        assert_eq!(back.asked.total_ms, 3_600_000);
+        assert_eq!(back.next_poll_at, 30_000 + 30_000);
+    }
+
+    #[test]
+    fn global_answers_leave_the_deadline_where_it_was() {
+        // What a restart reads back is what the last answer stored: `asked` lives in the task
+        // row, and only answers about the task move it (see `apply_outcome`'s deferral).
+        let t = asked_since_added(task(None), 60_000);
+        assert_eq!(asked_until(t.asked, 60_000), 60_000);
+        assert_eq!(asked_until(t.asked, 10_000_000), 90_000);
+        assert_eq!(asked_until(Asked::default(), 10_000_000), 0);
+    }
+
+    #[test]
+    fn broken_and_rejected_answers_past_the_deadline_end_the_task() {
+        // Both are fresh answers about the task that do not say it finished.
+        let t = asked_since_added(task(None), 7_170_000);
+        for outcome in [
+            Outcome::Broken {
+                cause: "bad".into(),
+            },
+            Outcome::Rejected {
+                code: 404,
+                message: "not found".into(),
+            },
+        ] {
+            let u = decide(&Music, &t, &outcome, 7_200_000, &policy(), 0.5);
+            assert_eq!(u.state, TaskState::Failed, "{outcome:?}");
+            assert_eq!(u.events.last().map(|e| e.code), Some(DEADLINE_CODE));
+        }
     }
 }

@@ -19,7 +19,8 @@ use super::events::EventRecord;
 use super::gate::GateRow;
 use super::gauges::QueueGauges;
 use super::tasks::{
-    AddedTask, Applied, Counts, DueRow, Pruned, TaskRecord, TaskRow, TaskState, TaskUpdate,
+    AddedTask, Applied, Counts, DueRow, Pruned, Schedule, TaskRecord, TaskRow, TaskState,
+    TaskUpdate,
 };
 use super::{StoreError, StoreHealth};
 
@@ -78,6 +79,13 @@ pub trait Backend: Send + Sync {
     ) -> impl Future<Output = Result<Option<Applied>, StoreError>> + Send
     where
         F: FnOnce(&TaskRow) -> TaskUpdate + Send + 'static;
+
+    /// Moves every due time of `schedule` (active tasks, pending deliveries) by `by_ms`.
+    fn shift_due(
+        &self,
+        schedule: Schedule,
+        by_ms: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
     /// Tasks, newest first, optionally only those in `state`.
     fn list(

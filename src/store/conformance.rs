@@ -39,6 +39,8 @@ mod sqlite {
         a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt,
         only_the_head_of_a_queue_is_due,
         kept_counts_equal_a_recount_after_any_mix_of_changes,
+        the_deadline_time_used_is_kept_with_the_task,
+        due_times_move_with_a_clock_step,
     );
 }
 
@@ -55,6 +57,7 @@ fn update(state: TaskState, events: Vec<NewEvent>) -> TaskUpdate {
         submitted_callback_url: None,
         first_delivery_delay: 0,
         timed_out: false,
+        asked: crate::store::Asked::default(),
     }
 }
 
@@ -559,4 +562,77 @@ async fn kept_counts_equal_a_recount_after_any_mix_of_changes(s: &impl Backend) 
         }
     }
     assert_counts_match(s, seed, 400).await;
+}
+async fn the_deadline_time_used_is_kept_with_the_task(s: &impl Backend) {
+    s.add(vec!["t".into()], None, None, 1000, 10_000)
+        .await
+        .expect("add");
+    let used = crate::store::Asked {
+        total_ms: 4000,
+        at: Some(2000),
+        gap_ms: 500,
+    };
+    s.apply_poll("t".into(), 2000, move |row| {
+        assert_eq!(
+            row.asked,
+            crate::store::Asked::default(),
+            "a new task used none"
+        );
+        let mut u = update(TaskState::Active, Vec::new());
+        u.asked = used;
+        u
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    s.apply_poll("t".into(), 3000, move |row| {
+        assert_eq!(row.asked, used, "what the last answer stored is read back");
+        let mut u = update(TaskState::Active, Vec::new());
+        u.asked = used;
+        u
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    // A task removed and added again starts its deadline afresh.
+    s.remove("t".into(), 4000).await.expect("remove");
+    s.add(vec!["t".into()], None, None, 5000, 10_000)
+        .await
+        .expect("readd");
+    s.apply_poll("t".into(), 6000, |row| {
+        assert_eq!(row.asked, crate::store::Asked::default());
+        update(TaskState::Active, Vec::new())
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+}
+
+async fn due_times_move_with_a_clock_step(s: &impl Backend) {
+    s.add(vec!["a".into(), "b".into()], None, None, 10_000, 10_000)
+        .await
+        .expect("add");
+    s.add(vec!["done".into()], None, None, 10_000, 10_000)
+        .await
+        .expect("add");
+    s.apply_poll("done".into(), 10_000, |_| {
+        update(TaskState::Failed, vec![error_event("done", 1, "x")])
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    let moved = s
+        .shift_due(crate::store::Schedule::Polls, -3000)
+        .await
+        .expect("shift");
+    assert_eq!(moved, 2, "only active tasks move");
+    let w = s.due_window(10).await.expect("due");
+    assert!(w.iter().all(|r| r.next_poll_at == 7000), "{w:?}");
+    assert_eq!(
+        s.shift_due(crate::store::Schedule::Deliveries, -3000)
+            .await
+            .expect("shift"),
+        0,
+        "nothing pending to deliver"
+    );
 }

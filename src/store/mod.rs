@@ -36,8 +36,8 @@ pub use gate::{GateRow, PauseKind};
 pub use gauges::{DUE_COUNT_CAP, QueueGauges};
 pub use sqlite::PRUNE_CHUNK;
 pub use tasks::{
-    AddResult, AddedTask, Applied, Counts, DueRow, Pruned, TaskRecord, TaskRow, TaskState,
-    TaskUpdate,
+    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, TaskRecord, TaskRow,
+    TaskState, TaskUpdate,
 };
 
 /// A store failure. Cloneable because one failed commit answers every job in its batch.
@@ -212,6 +212,12 @@ impl Store {
         F: FnOnce(&TaskRow) -> TaskUpdate + Send + 'static,
     {
         on_backend!(self, b => b.apply_poll(id, now, decide).await)
+    }
+
+    /// Moves every due time of `schedule` by `by_ms`, after the wall clock was stepped (the
+    /// job loops notice it). Returns how many rows moved.
+    pub async fn shift_due(&self, schedule: Schedule, by_ms: i64) -> Result<usize, StoreError> {
+        on_backend!(self, b => b.shift_due(schedule, by_ms).await)
     }
 
     /// Tasks, newest first, optionally only those in `state`.

@@ -95,6 +95,21 @@ pub struct TaskRow {
     pub callback_url: Option<String>,
     /// The `callBackUrl` the task was submitted with, as last seen in record-info.
     pub submitted_callback_url: Option<String>,
+    /// How much of its deadline the task has used.
+    pub asked: Asked,
+}
+
+/// The part of a task's deadline it has used: only time in which it was being asked about
+/// counts (never time in the backlog, paused, throttled or unreachable), so the deadline
+/// survives restarts, outages and wall-clock steps. Advanced by each answer about the task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Asked {
+    /// Milliseconds counted so far.
+    pub total_ms: i64,
+    /// When the API last answered about this task (Unix ms; `None`: never).
+    pub at: Option<i64>,
+    /// The wait planned after that answer (ms): the most the next answer may add.
+    pub gap_ms: i64,
 }
 
 /// The new state of a task after a poll, decided by the scheduler from a [`TaskRow`].
@@ -123,6 +138,8 @@ pub struct TaskUpdate {
     pub first_delivery_delay: i64,
     /// True when the task ends because it passed its deadline (for the log).
     pub timed_out: bool,
+    /// The deadline time used, to store.
+    pub asked: Asked,
 }
 
 /// What a committed poll stored.
@@ -134,6 +151,15 @@ pub struct Applied {
     pub before: TaskRow,
     /// Sequence numbers of the stored events, in the order of `update.events`.
     pub seqs: Vec<i64>,
+}
+
+/// A schedule kept in the store as wall-clock due times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Active tasks' `next_poll_at`.
+    Polls,
+    /// Pending deliveries' `next_attempt_at`.
+    Deliveries,
 }
 
 /// The earliest active tasks by `next_poll_at`.

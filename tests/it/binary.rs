@@ -298,7 +298,7 @@ pub async fn terminate(mut child: Child) -> ExitStatus {
 }
 
 /// `kill SIGNAL pid` (the `kill` command: `Child::kill` only sends SIGKILL).
-async fn kill_pid(signal: &str, pid: u32) {
+pub async fn kill_pid(signal: &str, pid: u32) {
     let mut k = Command::new("kill");
     k.args([signal, &pid.to_string()])
         .stdout(Stdio::null())

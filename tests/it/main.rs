@@ -5,6 +5,7 @@
 mod binary;
 mod chaos;
 mod cli;
+mod clock;
 mod control;
 mod crash;
 mod edges;
@@ -19,6 +20,7 @@ mod metrics;
 mod monitoring;
 mod polling;
 mod props;
+mod reload;
 mod restart;
 mod security;
 mod systemd;

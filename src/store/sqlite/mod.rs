@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 
 use super::{
     AddedTask, Applied, AttemptRecord, Backend, Counts, DeliveryNext, DeliveryRecord, DueDelivery,
-    DueRow, EventRecord, GateRow, Pruned, QueueGauges, Replay, Route, StoreError, StoreHealth,
-    TargetSummary, TaskRecord, TaskRow, TaskState, TaskUpdate,
+    DueRow, EventRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError,
+    StoreHealth, TargetSummary, TaskRecord, TaskRow, TaskState, TaskUpdate,
 };
 
 mod codec;
@@ -229,6 +229,11 @@ impl Backend for Sqlite {
         .await
     }
 
+    async fn shift_due(&self, schedule: Schedule, by_ms: i64) -> Result<usize, StoreError> {
+        self.call(move |c| tasks::shift_due(c, schedule, by_ms))
+            .await
+    }
+
     async fn remove(&self, id: String, now: i64) -> Result<Option<TaskState>, StoreError> {
         self.call(move |c| tasks::remove(c, &id, now)).await
     }
@@ -415,6 +420,7 @@ mod tests {
                     submitted_callback_url: None,
                     first_delivery_delay: 0,
                     timed_out: false,
+                    asked: crate::store::Asked::default(),
                 }
             })
             .await

@@ -166,6 +166,15 @@ CREATE TRIGGER delivery_counts_delete AFTER DELETE ON deliveries BEGIN
 END;
 CREATE INDEX deliveries_pending ON deliveries (target, created_at) WHERE state = 'pending';
 ",
+    // A task's deadline counts only the time in which it was being asked about (issue 10):
+    // `asked_ms` is that time so far, `asked_at` when the API last answered about the task
+    // (NULL: never) and `asked_gap` the wait planned after that answer, which caps what the next
+    // answer adds, so backlog, pauses and clock steps never count.
+    r"
+ALTER TABLE tasks ADD COLUMN asked_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN asked_at INTEGER;
+ALTER TABLE tasks ADD COLUMN asked_gap INTEGER NOT NULL DEFAULT 0;
+",
 ];
 
 /// Why the store's lock was not taken.

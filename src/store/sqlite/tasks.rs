@@ -6,8 +6,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::{Sql, deliveries, events};
 use crate::events::Stage;
 use crate::store::{
-    AddResult, AddedTask, Applied, Counts, DueRow, Pruned, StoreError, TaskRecord, TaskRow,
-    TaskState, TaskUpdate,
+    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, StoreError, TaskRecord,
+    TaskRow, TaskState, TaskUpdate,
 };
 
 pub(super) fn add(
@@ -25,6 +25,7 @@ pub(super) fn add(
     let mut readd = conn.prepare_cached(
         "UPDATE tasks SET state = 'active', added_at = ?2, updated_at = ?2, next_poll_at = ?2,
                 deadline_at = ?3, finished_at = NULL, failures = 0, rejections = 0, last_error = NULL,
+                asked_ms = 0, asked_at = NULL, asked_gap = 0,
                 callback_url = COALESCE(?4, callback_url), label = COALESCE(?5, label)
          WHERE id = ?1 AND state = 'removed'",
     )?;
@@ -182,7 +183,8 @@ where
     conn.prepare_cached(
         "UPDATE tasks SET state = ?2, stage = ?3, last_status = COALESCE(?4, last_status), last_error = ?5,
                 polls = polls + 1, failures = ?6, rejections = ?7, updated_at = ?8, next_poll_at = ?9,
-                finished_at = ?10, submitted_callback_url = COALESCE(?11, submitted_callback_url)
+                finished_at = ?10, submitted_callback_url = COALESCE(?11, submitted_callback_url),
+                asked_ms = ?12, asked_at = ?13, asked_gap = ?14
          WHERE id = ?1",
     )?
     .execute(params![
@@ -197,6 +199,9 @@ where
         update.next_poll_at,
         finished,
         update.submitted_callback_url,
+        update.asked.total_ms,
+        update.asked.at,
+        update.asked.gap_ms,
     ])?;
     Ok(Some(Applied {
         update,
@@ -268,7 +273,7 @@ pub(super) fn task_row(conn: &Connection, id: &str) -> Sql<Option<TaskRow>> {
     Ok(conn
         .prepare_cached(
             "SELECT id, state, stage, last_status, failures, rejections, added_at, deadline_at,
-                    callback_url, submitted_callback_url
+                    callback_url, submitted_callback_url, asked_ms, asked_at, asked_gap
              FROM tasks WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -283,9 +288,28 @@ pub(super) fn task_row(conn: &Connection, id: &str) -> Sql<Option<TaskRow>> {
                 deadline_at: r.get(7)?,
                 callback_url: r.get(8)?,
                 submitted_callback_url: r.get(9)?,
+                asked: Asked {
+                    total_ms: r.get(10)?,
+                    at: r.get(11)?,
+                    gap_ms: r.get(12)?,
+                },
             })
         })
         .optional()?)
+}
+
+/// Both schedules live here so a step of the wall clock is corrected in one place; each is
+/// one walk of its partial index.
+pub(super) fn shift_due(conn: &Connection, schedule: Schedule, by_ms: i64) -> Sql<usize> {
+    let sql = match schedule {
+        Schedule::Polls => {
+            "UPDATE tasks SET next_poll_at = next_poll_at + ?1 WHERE state = 'active'"
+        }
+        Schedule::Deliveries => {
+            "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?1 WHERE state = 'pending'"
+        }
+    };
+    Ok(conn.prepare_cached(sql)?.execute([by_ms])?)
 }
 
 pub(super) fn remove(conn: &Connection, id: &str, now: i64) -> Sql<Option<TaskState>> {
