@@ -460,6 +460,31 @@ mod tests {
     }
 
     #[test]
+    fn every_family_fixture_is_used_by_its_familys_tests() {
+        let sources = [
+            include_str!("lyrics.rs"),
+            include_str!("wav.rs"),
+            include_str!("stems.rs"),
+            include_str!("midi.rs"),
+            include_str!("mp4.rs"),
+            include_str!("cover.rs"),
+        ]
+        .concat();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("the fixtures are there") {
+            let name = entry.expect("a directory entry").file_name();
+            let name = name.to_string_lossy();
+            assert!(
+                sources.contains(&format!("\"{name}\"")),
+                "{name} is not tested"
+            );
+            seen += 1;
+        }
+        assert!(seen >= 55, "only {seen} fixtures");
+    }
+
+    #[test]
     fn urls_that_are_missing_null_or_blank_are_absent() {
         assert_eq!(url(None), None);
         assert_eq!(url(Some(&json!(null))), None);
