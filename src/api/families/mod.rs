@@ -1,18 +1,56 @@
-//! Task families behind one seam. Each family (music today; lyrics, wav, stems, midi, mp4 and
-//! cover next, see `../shared/api/families.md`) has its own details endpoint, its own record
+//! Task families behind one seam. Each family (music, lyrics, wav, stems, midi, mp4 and cover,
+//! see `../shared/api/families.md`) has its own details endpoint, its own record
 //! inside the shared envelope, and its own callback bodies. A [`Family`] says exactly those
 //! things and nothing else: the envelope rules ([`crate::api::classify`]), the HTTP client and
 //! the polling policy are the same for all of them.
 //!
 //! A family is a value, not only a type, so one that differs by provider flavour (sunoapi or
 //! kie key spellings) carries its flavour, and a dispatching enum can stand for "the task's
-//! family" once tasks record theirs.
+//! family" once tasks record theirs. The six families that send one callback per task share
+//! their record and status rules in [`common`].
 
 use serde_json::Value;
 
 use crate::events::{NewEvent, Stage};
 
+pub mod common;
+pub mod cover;
+pub mod lyrics;
+pub mod midi;
+pub mod mp4;
 pub mod music;
+pub mod stems;
+pub mod wav;
+
+/// The provider flavour of an account: which key spellings its callback bodies use where the
+/// providers disagree (`../shared/api/families.md`: lyrics, stems, mp4). The paths are the
+/// same on every provider.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Flavor {
+    /// api.sunoapi.org's spellings.
+    #[default]
+    Sunoapi,
+    /// api.kie.ai's (and its clone api.apikley.ru's) spellings.
+    Kie,
+}
+
+impl Flavor {
+    /// Both flavours.
+    pub const ALL: [Flavor; 2] = [Flavor::Sunoapi, Flavor::Kie];
+
+    /// The flavour's name as configuration spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavor::Sunoapi => "sunoapi",
+            Flavor::Kie => "kie",
+        }
+    }
+
+    /// Reads a flavour's name.
+    pub fn parse(s: &str) -> Option<Flavor> {
+        Flavor::ALL.into_iter().find(|f| f.as_str() == s)
+    }
+}
 
 /// One task family: where its details are, how its record reads, and which events a record
 /// means. Every method is pure.
@@ -62,4 +100,18 @@ pub trait Family {
     /// The family's failure event with `code` and `msg`, for the failures sunopoll itself
     /// decides (a task the API keeps rejecting, a task past its deadline).
     fn error_event(&self, task_id: &str, code: i64, msg: &str) -> NewEvent;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flavour_names_round_trip() {
+        for f in Flavor::ALL {
+            assert_eq!(Flavor::parse(f.as_str()), Some(f));
+        }
+        assert_eq!(Flavor::parse("apikley"), None);
+        assert_eq!(Flavor::default(), Flavor::Sunoapi);
+    }
 }

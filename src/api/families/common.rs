@@ -1,0 +1,496 @@
+//! What the six single-callback families (lyrics, wav, stems, midi, mp4, cover) share: the
+//! [`Details`] record around each family's own result, the status classes a status falls into,
+//! and the rules of `../shared/api/families.md` §1 that are the same for all of them — reading
+//! a status leniently (§1.3), the failure `code` (§1.5) and `msg` (§1.6), absent URLs (§1.7),
+//! and `CALLBACK_EXCEPTION` (§1.4, §1.8). Each family's file keeps only its endpoint, its status
+//! table, its result and its bodies.
+
+use serde_json::{Map, Value};
+
+use crate::api::envelope::{json_kind, str_of};
+use crate::events::{NewEvent, Stage};
+
+/// What a status means for a single-callback family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Still running: nothing to emit yet.
+    Pending,
+    /// Finished: the success body.
+    Success,
+    /// Failed, with the family's default code for this status (used when `errorCode` is unusable).
+    Failure(i64),
+    /// The provider's own callback failed: success if the result is there, else failure (500).
+    CallbackException,
+    /// A status the family does not document: not terminal, logged once, polled on.
+    Unknown,
+}
+
+/// The code of a `CALLBACK_EXCEPTION` without a result, and of most failures (§1.5): the one
+/// failure code every family's code list has in both flavours.
+pub const DEFAULT_FAILURE_CODE: i64 = 500;
+
+/// One details answer of a single-callback family: the status in the API's spelling and its
+/// class, the failure fields, the submitted callback URL, and the family's result `R`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Details<R> {
+    /// The status as the API spelt it (`"SUCCESS"`, or `"1"` for an integer `successFlag`).
+    pub status: String,
+    /// What the status means.
+    pub class: Class,
+    /// `errorCode`, only when it can be a failure code: an integer (or digit string) in
+    /// 100–599 other than 200.
+    pub error_code: Option<i64>,
+    /// `errorMessage`, when it is a non-blank string.
+    pub error_message: Option<String>,
+    /// The callback URL the task was submitted with (`callbackUrl`, else `param`'s `callBackUrl`).
+    pub callback_url: Option<String>,
+    /// The family's result, read leniently (absent while pending).
+    pub result: R,
+}
+
+/// How a task ended, once its status is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The success body is due.
+    Success,
+    /// The failure body is due, with this code and message.
+    Failure {
+        /// The callback's `code`.
+        code: i64,
+        /// The callback's `msg`.
+        msg: String,
+    },
+}
+
+impl<R> Details<R> {
+    /// Reads a details `data` object: the status from `status_key`, classified by `class_of`,
+    /// and the result by `read_result` from the whole object.
+    pub fn parse(
+        data: &Value,
+        status_key: &str,
+        class_of: impl Fn(&str) -> Class,
+        read_result: impl Fn(&Map<String, Value>) -> R,
+    ) -> Result<Details<R>, String> {
+        let obj = data
+            .as_object()
+            .ok_or_else(|| format!("`data` is {}, not an object", json_kind(data)))?;
+        let status = read_status(obj, status_key)?;
+        Ok(Details {
+            class: class_of(&status),
+            status,
+            error_code: obj.get("errorCode").and_then(failure_code),
+            error_message: str_of(obj.get("errorMessage")),
+            callback_url: submitted_callback_url(obj),
+            result: read_result(obj),
+        })
+    }
+
+    /// True while the task runs: pending, or a status nobody documents.
+    pub fn is_running(&self) -> bool {
+        matches!(self.class, Class::Pending | Class::Unknown)
+    }
+
+    /// False for a status the family does not document.
+    pub fn is_known(&self) -> bool {
+        self.class != Class::Unknown
+    }
+
+    /// How the task ended, if it did and nothing terminal was emitted yet (`reached`): a terminal
+    /// status is final, so nothing is due a second time. `has_result` says whether the family's
+    /// result is present (§1.8); `default_msg` is the family's failure message.
+    pub fn ending(
+        &self,
+        reached: Option<Stage>,
+        has_result: bool,
+        default_msg: &str,
+    ) -> Option<Ending> {
+        if reached.is_some_and(Stage::is_terminal) {
+            return None;
+        }
+        let failure = |default_code: i64| Ending::Failure {
+            code: self.error_code.unwrap_or(default_code),
+            msg: self
+                .error_message
+                .clone()
+                .unwrap_or_else(|| default_msg.to_owned()),
+        };
+        match self.class {
+            Class::Pending | Class::Unknown => None,
+            Class::Success => Some(Ending::Success),
+            Class::CallbackException if has_result => Some(Ending::Success),
+            Class::CallbackException => Some(failure(DEFAULT_FAILURE_CODE)),
+            Class::Failure(default_code) => Some(failure(default_code)),
+        }
+    }
+}
+
+/// The status field's value in the API's spelling. A string is taken as it is (string families
+/// compare exact values), an integer as its digits; anything else cannot be a status.
+fn read_status(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
+    match obj.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(Value::String(_)) => Err(format!("`data.{key}` is an empty string")),
+        Some(other) => Err(format!("`data.{key}` is {}", json_kind(other))),
+        None => Err(format!("`data.{key}` is missing")),
+    }
+}
+
+/// An integer `successFlag` read from its spelling: digits, possibly around blanks (`1`, `"1"`).
+pub fn flag_of(status: &str) -> Option<u64> {
+    let s = status.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// `errorCode` as a failure code (§1.5): an integer or a digit string in 100–599, and not 200
+/// (cover records carry `errorCode: 200` on success).
+fn failure_code(v: &Value) -> Option<i64> {
+    let code = match v {
+        Value::Number(n) => n.as_i64()?,
+        Value::String(s) => i64::try_from(flag_of(s)?).ok()?,
+        _ => return None,
+    };
+    ((100..=599).contains(&code) && code != 200).then_some(code)
+}
+
+/// `callbackUrl` (wav, stems, midi, mp4, cover), else the `callBackUrl` inside `param`, the
+/// JSON string of the request (lyrics).
+fn submitted_callback_url(obj: &Map<String, Value>) -> Option<String> {
+    url(obj.get("callbackUrl")).or_else(|| {
+        let param: Value = serde_json::from_str(obj.get("param")?.as_str()?).ok()?;
+        url(param.get("callBackUrl"))
+    })
+}
+
+/// A URL field (§1.7): missing, `null`, `""`, blank and non-strings are all absent.
+pub fn url(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// The object under `response`, if there is one.
+pub fn response(obj: &Map<String, Value>) -> Option<&Map<String, Value>> {
+    obj.get("response").and_then(Value::as_object)
+}
+
+/// A terminal event with its body. `count` is how many result items the body carries (files,
+/// lyrics, instruments), for the log line.
+pub fn terminal_event(stage: Stage, code: i64, body: &Value, count: usize) -> NewEvent {
+    NewEvent {
+        stage,
+        code,
+        body: serde_json::to_string(body).expect("a JSON value always serialises"),
+        tracks: count,
+        filled: false,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! What every family's tests share: fixtures, the way we minify them, and arbitrary JSON.
+
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use crate::api::{Family, Outcome, classify};
+
+    /// The bytes of `tests/fixtures/families/NAME`.
+    pub fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/tests/fixtures/families/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// A record-info fixture through the real envelope rules, with its outcome's kind.
+    pub fn classified<F: Family>(family: &F, name: &str) -> (&'static str, F::Record)
+    where
+        F::Record: std::fmt::Debug,
+    {
+        match classify(family, 200, None, &fixture(name)) {
+            Outcome::Progress(r) => ("progress", r),
+            Outcome::Pending(r) => ("pending", r),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    /// The fixture with whitespace outside strings removed: the bytes we must produce.
+    pub fn minified(name: &str) -> String {
+        let text = String::from_utf8(fixture(name)).expect("utf8");
+        let (mut out, mut in_string, mut escaped) = (String::new(), false, false);
+        for c in text.chars() {
+            if in_string {
+                out.push(c);
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => in_string = false,
+                    _ => {}
+                }
+            } else if !c.is_whitespace() {
+                in_string = c == '"';
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Parses a JSON literal of a test.
+    pub fn json(s: &str) -> Value {
+        serde_json::from_str(s).expect("valid json")
+    }
+
+    /// Any JSON value, a few levels deep.
+    pub fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f)
+                .map(Value::Number)),
+            any::<String>().prop_map(Value::String),
+            "[A-Z_0-9]{0,24}".prop_map(Value::String),
+            Just(Value::String("https://files.example.com/a.mp3".into())),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((any::<String>(), inner.clone()), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                prop::collection::vec(
+                    (
+                        prop::sample::select(vec![
+                            "response",
+                            "midiData",
+                            "images",
+                            "data",
+                            "lyricsData",
+                            "audioWavUrl",
+                            "videoUrl",
+                            "originUrl",
+                            "vocalUrl",
+                            "Url",
+                            "instruments",
+                            "state",
+                            "text",
+                            "status",
+                        ]),
+                        inner
+                    ),
+                    0..6
+                )
+                .prop_map(|kv| Value::Object(
+                    kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    /// A details `data` object shaped like the family's: its status field with a documented or
+    /// arbitrary value, the fields the families read, each plausible or arbitrary.
+    pub fn details(status_key: &'static str, statuses: Vec<Value>) -> impl Strategy<Value = Value> {
+        (
+            prop_oneof![prop::sample::select(statuses), json_value()],
+            prop::option::of(json_value()),
+            prop::option::of(json_value()),
+            prop::option::of(prop_oneof![
+                prop::sample::select(vec![Value::from(200), Value::from(500), "451".into()]),
+                json_value()
+            ]),
+            prop::option::of(json_value()),
+            prop::option::of(json_value()),
+            prop::option::of(json_value()),
+        )
+            .prop_map(
+                move |(status, response, midi, code, message, callback, param)| {
+                    let mut m = serde_json::Map::new();
+                    m.insert(status_key.to_owned(), status);
+                    for (k, v) in [
+                        ("response", response),
+                        ("midiData", midi),
+                        ("errorCode", code),
+                        ("errorMessage", message),
+                        ("callbackUrl", callback),
+                        ("param", param),
+                    ] {
+                        if let Some(v) = v {
+                            m.insert(k.to_owned(), v);
+                        }
+                    }
+                    Value::Object(m)
+                },
+            )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn details(data: Value) -> Result<Details<()>, String> {
+        Details::parse(
+            &data,
+            "successFlag",
+            |s| match flag_of(s) {
+                Some(1) => Class::Success,
+                Some(0) => Class::Pending,
+                Some(3) => Class::Failure(501),
+                _ => Class::Unknown,
+            },
+            |_| (),
+        )
+    }
+
+    #[test]
+    fn a_status_is_a_non_empty_string_or_a_number() {
+        assert_eq!(
+            details(json!({"successFlag": 1})).map(|d| d.status),
+            Ok("1".into())
+        );
+        assert_eq!(
+            details(json!({"successFlag": "1"})).map(|d| d.class),
+            Ok(Class::Success)
+        );
+        assert_eq!(
+            details(json!({"successFlag": " 0 "})).map(|d| d.class),
+            Ok(Class::Pending)
+        );
+        assert_eq!(
+            details(json!({"successFlag": 7})).map(|d| d.class),
+            Ok(Class::Unknown)
+        );
+        assert_eq!(
+            details(json!({"successFlag": -1})).map(|d| d.class),
+            Ok(Class::Unknown)
+        );
+        assert_eq!(
+            details(json!({"successFlag": 1.5})).map(|d| d.class),
+            Ok(Class::Unknown)
+        );
+        for bad in [
+            json!({}),
+            json!({"successFlag": null}),
+            json!({"successFlag": ""}),
+        ] {
+            assert!(details(bad.clone()).is_err(), "{bad}");
+        }
+        assert!(details(json!([])).is_err());
+        assert!(details(json!({"successFlag": true})).is_err());
+    }
+
+    #[test]
+    fn the_failure_code_is_error_code_only_in_100_to_599_and_not_200() {
+        for (given, want) in [
+            (json!(451), Some(451)),
+            (json!("451"), Some(451)),
+            (json!(" 531 "), Some(531)),
+            (json!(100), Some(100)),
+            (json!(599), Some(599)),
+            (json!(200), None),
+            (json!("200"), None),
+            (json!(99), None),
+            (json!(600), None),
+            (json!(-500), None),
+            (json!("-500"), None),
+            (json!("5x0"), None),
+            (json!(500.5), None),
+            (json!(null), None),
+            (json!(""), None),
+            (json!([500]), None),
+        ] {
+            assert_eq!(failure_code(&given), want, "{given}");
+        }
+    }
+
+    #[test]
+    fn a_failure_takes_error_code_and_message_or_the_defaults() {
+        let d = details(json!({"successFlag": 3, "errorCode": 200, "errorMessage": " "}))
+            .expect("parses");
+        assert_eq!(
+            d.ending(None, false, "Cover generation failed"),
+            Some(Ending::Failure {
+                code: 501,
+                msg: "Cover generation failed".into()
+            })
+        );
+        let d = details(json!({"successFlag": 3, "errorCode": "400", "errorMessage": "bad"}))
+            .expect("parses");
+        assert_eq!(
+            d.ending(None, false, "x"),
+            Some(Ending::Failure {
+                code: 400,
+                msg: "bad".into()
+            })
+        );
+    }
+
+    #[test]
+    fn nothing_is_due_after_a_terminal_stage() {
+        let d = details(json!({"successFlag": 1})).expect("parses");
+        assert_eq!(d.ending(None, true, "x"), Some(Ending::Success));
+        assert_eq!(d.ending(Some(Stage::Complete), true, "x"), None);
+        assert_eq!(d.ending(Some(Stage::Error), true, "x"), None);
+        let d = details(json!({"successFlag": 0})).expect("parses");
+        assert_eq!(d.ending(None, true, "x"), None);
+        assert!(d.is_running() && d.is_known());
+        let d = details(json!({"successFlag": 9})).expect("parses");
+        assert_eq!(d.ending(None, true, "x"), None);
+        assert!(d.is_running() && !d.is_known());
+    }
+
+    #[test]
+    fn the_callback_url_is_callback_url_else_param() {
+        let d = details(json!({"successFlag": 0, "callbackUrl": "https://a.example.com/cb"}))
+            .expect("parses");
+        assert_eq!(d.callback_url.as_deref(), Some("https://a.example.com/cb"));
+        let d = details(json!({"successFlag": 0, "callbackUrl": "",
+            "param": "{\"callBackUrl\":\"https://b.example.com/cb\"}"}))
+        .expect("parses");
+        assert_eq!(d.callback_url.as_deref(), Some("https://b.example.com/cb"));
+        let d = details(json!({"successFlag": 0, "param": "not json"})).expect("parses");
+        assert_eq!(d.callback_url, None);
+    }
+
+    #[test]
+    fn every_family_fixture_is_used_by_its_familys_tests() {
+        let sources = [
+            include_str!("lyrics.rs"),
+            include_str!("wav.rs"),
+            include_str!("stems.rs"),
+            include_str!("midi.rs"),
+            include_str!("mp4.rs"),
+            include_str!("cover.rs"),
+        ]
+        .concat();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("the fixtures are there") {
+            let name = entry.expect("a directory entry").file_name();
+            let name = name.to_string_lossy();
+            assert!(
+                sources.contains(&format!("\"{name}\"")),
+                "{name} is not tested"
+            );
+            seen += 1;
+        }
+        assert!(seen >= 55, "only {seen} fixtures");
+    }
+
+    #[test]
+    fn urls_that_are_missing_null_or_blank_are_absent() {
+        assert_eq!(url(None), None);
+        assert_eq!(url(Some(&json!(null))), None);
+        assert_eq!(url(Some(&json!(""))), None);
+        assert_eq!(url(Some(&json!("  "))), None);
+        assert_eq!(url(Some(&json!(5))), None);
+        assert_eq!(url(Some(&json!("https://x"))), Some("https://x".into()));
+    }
+}
