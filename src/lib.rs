@@ -8,7 +8,8 @@
 //!
 //! - [`config`]: the TOML file, defaults, and where the API key comes from.
 //! - [`api`]: the details client, the pure [`api::classify`] of its answers, and the task
-//!   families behind one [`api::Family`] seam (music: [`api::families::music`]).
+//!   families behind one [`api::Family`] seam ([`api::families`]: music, and the
+//!   single-callback lyrics, wav, stems, midi, mp4 and cover adapters).
 //! - [`events`]: what one event is (its stage and stored body), shared with the store.
 //! - [`store`]: the durable queue behind the [`store::Backend`] seam; SQLite (one thread,
 //!   group commit) is its backend.
