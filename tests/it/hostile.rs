@@ -399,30 +399,45 @@ async fn crowds_and_clients_that_never_speak() {
     let mut busy_note = String::from("over-limit case skipped (open-files limit too low)");
     if open_files_limit() >= 2 * (limit as u64 + 100) {
         let mut hogs = Vec::new();
+        let first_connected = std::time::Instant::now();
         for _ in 0..limit {
             hogs.push(UnixStream::connect(&socket).await.expect("connect"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         let late = try_request_at(&socket, &json!({"cmd": "status"})).await;
+        // On a loaded machine connecting 512 clients and serving the late one can take longer
+        // than the 1 s idle timeout, and then the first hog may be closed by the timeout before
+        // anyone needs its slot: that answer is right too. Eviction is required whenever the
+        // late client was served before the first hog could have timed out.
+        let timeout_possible = first_connected.elapsed() >= Duration::from_secs(1);
         let late = late.expect("an answer");
         assert_eq!(
             late["ok"], true,
             "served although every slot was taken: {late}"
         );
-        let mut line = String::new();
-        let mut first = BufReader::new(hogs.remove(0));
-        Deadline::patience()
-            .run(first.read_line(&mut line))
-            .await
-            .expect("the longest-idle client hears why")
-            .expect("read");
-        assert!(line.contains("\"evicted\""), "{line}");
+        // One of them was closed for it with `evicted` — the one the daemon saw idle longest,
+        // which under load need not be the first to connect. The rest are closed by the idle
+        // timeout; every one hears why, within one deadline.
+        let deadline = Deadline::patience();
+        let mut evicted = 0;
+        for hog in hogs.drain(..) {
+            let mut line = String::new();
+            let mut r = BufReader::new(hog);
+            deadline
+                .run(r.read_line(&mut line))
+                .await
+                .expect("every hog hears why it is closed")
+                .expect("read");
+            evicted += usize::from(line.contains("\"evicted\""));
+        }
+        assert!(
+            evicted >= 1 || timeout_possible,
+            "the late client was served by closing an idle connection with `evicted`"
+        );
         for _ in 0..10 {
             let out = d.cli(&["status"]).await;
             assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         }
-        drop(hogs);
-
         let mut followers = Vec::new();
         for _ in 0..limit {
             let mut s = UnixStream::connect(&socket).await.expect("connect");
