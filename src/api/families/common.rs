@@ -62,6 +62,39 @@ pub enum Ending {
     },
 }
 
+/// The `Family` methods every single-callback family answers the same way from its
+/// [`Details`] record (the id is `taskId` in every details query; a terminal status is final, so
+/// nothing goes backwards). Expanded inside each family's `impl Family`, whose `Record` is a
+/// `Details<…>`.
+macro_rules! details_methods {
+    () => {
+        fn task_id_key(&self) -> &'static str {
+            "taskId"
+        }
+
+        fn status<'r>(&self, record: &'r Record) -> &'r str {
+            &record.status
+        }
+
+        fn is_running(&self, record: &Record) -> bool {
+            record.is_running()
+        }
+
+        fn is_known(&self, record: &Record) -> bool {
+            record.is_known()
+        }
+
+        fn went_backwards(&self, _record: &Record, _reached: Option<Stage>) -> bool {
+            false
+        }
+
+        fn submitted_callback_url(&self, record: &Record) -> Option<String> {
+            record.callback_url.clone()
+        }
+    };
+}
+pub(super) use details_methods;
+
 impl<R> Details<R> {
     /// Reads a details `data` object: the status from `status_key`, classified by `class_of`,
     /// and the result by `read_result` from the whole object.

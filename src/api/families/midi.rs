@@ -85,35 +85,13 @@ impl Family for Midi {
         "api/v1/midi/record-info"
     }
 
-    fn task_id_key(&self) -> &'static str {
-        "taskId"
-    }
-
     fn parse(&self, data: &Value) -> Result<Record, String> {
         Details::parse(data, "successFlag", class_of, |obj| {
             obj.get("midiData").and_then(Value::as_object).cloned()
         })
     }
 
-    fn status<'r>(&self, record: &'r Record) -> &'r str {
-        &record.status
-    }
-
-    fn is_running(&self, record: &Record) -> bool {
-        record.is_running()
-    }
-
-    fn is_known(&self, record: &Record) -> bool {
-        record.is_known()
-    }
-
-    fn went_backwards(&self, _record: &Record, _reached: Option<Stage>) -> bool {
-        false
-    }
-
-    fn submitted_callback_url(&self, record: &Record) -> Option<String> {
-        record.callback_url.clone()
-    }
+    super::common::details_methods!();
 
     fn events(
         &self,
