@@ -80,6 +80,13 @@ pub enum Command {
         /// stage is emitted twice. Without it, a known ID is left as it is.
         #[arg(long)]
         again: bool,
+        /// The tasks' family: music (generate, extend, covers, add-vocals, …), lyrics, wav,
+        /// stems (vocal removal and stem separation), midi, mp4 or cover.
+        #[arg(long, value_name = "KIND", default_value = "music")]
+        kind: String,
+        /// The account to poll them on, by its `[[api.account]]` name (default: the first).
+        #[arg(long, value_name = "NAME")]
+        account: Option<String>,
     },
     /// List tasks, newest first.
     List {
@@ -216,7 +223,16 @@ pub fn main() -> ExitCode {
             callback_url,
             label,
             again,
+            kind,
+            account,
         } => {
+            if crate::api::families::Kind::parse(&kind).is_none() {
+                let what = format!(
+                    "--kind {kind:?} is not a task kind; the kinds are {}",
+                    crate::api::families::Kind::names()
+                );
+                return usage_error(&opts, "invalid_kind", &what);
+            }
             let task_ids = if task_ids == ["-"] {
                 match client::read_ids(std::io::stdin()) {
                     Ok(ids) if !ids.is_empty() => ids,
@@ -242,6 +258,9 @@ pub fn main() -> ExitCode {
                     callback_url,
                     label,
                     again,
+                    // Music is the default on both sides: an old daemon still understands it.
+                    kind: (kind != "music").then_some(kind),
+                    account,
                 }),
             )
         }
@@ -449,7 +468,7 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
         };
         let options = StartOptions {
             clock: Clock::system(),
-            key_source: Some(config.key_source(env)),
+            env: Some(env.clone()),
         };
         let mut daemon = match Daemon::start_with(config, key, passed, supervision, options).await {
             Ok(d) => d,

@@ -290,12 +290,28 @@ fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
         tasks: Vec::new(),
     };
     for chunk in req.task_ids.chunks(ADD_BATCH) {
-        let answer: AddResponse = conn.call(&Request::Add(AddRequest {
-            task_ids: chunk.to_vec(),
-            callback_url: req.callback_url.clone(),
-            label: req.label.clone(),
-            again: req.again,
-        }))?;
+        let answer: AddResponse = conn
+            .call(&Request::Add(AddRequest {
+                task_ids: chunk.to_vec(),
+                callback_url: req.callback_url.clone(),
+                label: req.label.clone(),
+                again: req.again,
+                kind: req.kind.clone(),
+                account: req.account.clone(),
+            }))
+            .map_err(|e| match e {
+                // Each batch is its own request: say what earlier ones did.
+                ClientError::Refused(mut body) if !all.tasks.is_empty() => {
+                    body.message = format!(
+                        "{} (in a later batch: the {} IDs before it were sent and stored, {} of them new)",
+                        body.message,
+                        all.tasks.len(),
+                        all.added
+                    );
+                    ClientError::Refused(body)
+                }
+                e => e,
+            })?;
         all.added += answer.added;
         all.existing += answer.existing;
         all.tasks.extend(answer.tasks);
@@ -316,6 +332,9 @@ fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
                     .map(|s| format!(", last event {s}"))
                     .unwrap_or_default()
             ),
+            // The daemon refuses the whole request instead; an old or foreign daemon's answer
+            // is shown as it is.
+            AddResult::OtherKind => out!("refused   {id}  (a {} task)", t.kind),
         }
     }
     if all.tasks.len() > 1 {
@@ -491,6 +510,8 @@ fn print_show(answer: &ShowResponse) {
     let polls = t.polls.to_string();
     for (name, value) in [
         ("task", Some(t.task_id.as_str())),
+        ("kind", Some(t.kind.as_str())),
+        ("account", Some(t.account.as_str())),
         ("state", Some(t.state.as_str())),
         ("last event", t.stage.map(Stage::as_str)),
         ("last status", t.last_status.as_deref()),
@@ -513,6 +534,7 @@ fn print_show(answer: &ShowResponse) {
         let view = EventView {
             seq: ev.seq,
             task_id: ev.task_id.clone(),
+            kind: ev.kind,
             stage: ev.stage,
             code: ev.code,
             created_at: ev.created_at.clone(),

@@ -24,6 +24,8 @@ pub struct Environment {
     pub credentials_directory: Option<PathBuf>,
     /// `$SUNO_API_KEY`.
     pub suno_api_key: Option<String>,
+    /// `$SUNO_API_KEY_<NAME>` of each named account, by variable name.
+    pub account_keys: std::collections::BTreeMap<String, String>,
 }
 
 impl Environment {
@@ -50,6 +52,19 @@ impl Environment {
             runtime_directory: first(path("RUNTIME_DIRECTORY")),
             credentials_directory: path("CREDENTIALS_DIRECTORY"),
             suno_api_key: std::env::var("SUNO_API_KEY").ok().filter(|v| !v.is_empty()),
+            account_keys: std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .filter(|(k, v)| k.starts_with("SUNO_API_KEY_") && !v.is_empty())
+                .collect(),
+        }
+    }
+
+    /// The value of the key variable `name` (`SUNO_API_KEY` or `SUNO_API_KEY_<NAME>`).
+    pub fn api_key_var(&self, name: &str) -> Option<String> {
+        if name == "SUNO_API_KEY" {
+            self.suno_api_key.clone()
+        } else {
+            self.account_keys.get(name).cloned()
         }
     }
 

@@ -57,16 +57,25 @@ pub struct DaemonInfo {
     pub started_at: i64,
 }
 
+/// One account's poll loop, as request handlers reach it.
+#[derive(Debug, Clone)]
+pub struct AccountHandle {
+    /// Its name.
+    pub name: String,
+    /// Wakes its scheduler after an `add` of its tasks.
+    pub wake: Arc<Notify>,
+    /// Its scheduler's status.
+    pub status: SharedStatus,
+}
+
 /// What request handlers share.
 pub struct Control {
     /// The queue.
     pub store: Store,
-    /// Wakes the scheduler after an `add`.
-    pub wake: Arc<Notify>,
+    /// The accounts, in configured order: the first is the default for `add`. Never empty.
+    pub accounts: Vec<AccountHandle>,
     /// The newest event sequence number.
     pub events: watch::Receiver<i64>,
-    /// The scheduler's status.
-    pub status: SharedStatus,
     /// `[poll]` settings (deadline, backoff cap for health).
     pub policy: PollConfig,
     /// Facts for `status`.

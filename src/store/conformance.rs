@@ -73,8 +73,7 @@ async fn add_is_idempotent_and_reports_state(s: &impl Backend) {
     let r = s
         .add(
             vec!["a".into(), "b".into()],
-            None,
-            Some("l".into()),
+            crate::store::TaskSpec::music(None, Some("l".into())),
             1000,
             10,
         )
@@ -85,7 +84,12 @@ async fn add_is_idempotent_and_reports_state(s: &impl Backend) {
         [AddResult::Added, AddResult::Added]
     );
     let r = s
-        .add(vec!["a".into()], None, Some("other".into()), 2000, 10)
+        .add(
+            vec!["a".into()],
+            crate::store::TaskSpec::music(None, Some("other".into())),
+            2000,
+            10,
+        )
         .await
         .expect("add");
     assert_eq!(r[0].result, AddResult::Exists);
@@ -102,13 +106,26 @@ async fn add_is_idempotent_and_reports_state(s: &impl Backend) {
 }
 
 async fn due_window_orders_by_next_poll(s: &impl Backend) {
-    s.add(vec!["late".into()], None, None, 3000, 10)
+    s.add(
+        vec!["late".into()],
+        crate::store::TaskSpec::music(None, None),
+        3000,
+        10,
+    )
+    .await
+    .expect("add");
+    s.add(
+        vec!["early".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10,
+    )
+    .await
+    .expect("add");
+    let w = s
+        .due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
         .await
-        .expect("add");
-    s.add(vec!["early".into()], None, None, 1000, 10)
-        .await
-        .expect("add");
-    let w = s.due_window(10).await.expect("due");
+        .expect("due");
     assert_eq!(
         w.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
         ["early", "late"]
@@ -116,9 +133,14 @@ async fn due_window_orders_by_next_poll(s: &impl Backend) {
 }
 
 async fn apply_poll_writes_events_once_and_in_order(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let ev = error_event("t", 501, "failed");
     let applied = s
         .apply_poll("t".into(), 2000, move |row| {
@@ -146,9 +168,14 @@ async fn apply_poll_writes_events_once_and_in_order(s: &impl Backend) {
 }
 
 async fn a_failing_job_undoes_only_itself(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let text = || NewEvent {
         stage: Stage::Text,
         code: 200,
@@ -178,27 +205,53 @@ async fn a_failing_job_undoes_only_itself(s: &impl Backend) {
 }
 
 async fn remove_and_readd(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10,
+    )
+    .await
+    .expect("add");
     assert_eq!(
         s.remove("t".into(), 2000).await.expect("rm"),
         Some(TaskState::Active)
     );
     assert_eq!(s.remove("nope".into(), 2000).await.expect("rm"), None);
-    assert!(s.due_window(10).await.expect("due").is_empty());
+    assert!(
+        s.due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+            .await
+            .expect("due")
+            .is_empty()
+    );
     let r = s
-        .add(vec!["t".into()], None, None, 3000, 10)
+        .add(
+            vec!["t".into()],
+            crate::store::TaskSpec::music(None, None),
+            3000,
+            10,
+        )
         .await
         .expect("add");
     assert_eq!(r[0].result, AddResult::Readded);
-    assert_eq!(s.due_window(10).await.expect("due").len(), 1);
+    assert_eq!(
+        s.due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+            .await
+            .expect("due")
+            .len(),
+        1
+    );
 }
 
 async fn retrack_polls_a_failed_task_again_keeping_its_events(s: &impl Backend) {
-    s.add(vec!["t".into(), "ok".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into(), "ok".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let text_ev = NewEvent {
         stage: Stage::Text,
         code: 200,
@@ -216,8 +269,7 @@ async fn retrack_polls_a_failed_task_again_keeping_its_events(s: &impl Backend) 
     let r = s
         .retrack(
             vec!["t".into(), "ok".into(), "new".into()],
-            None,
-            None,
+            crate::store::TaskSpec::music(None, None),
             3000,
             10_000,
         )
@@ -257,14 +309,34 @@ async fn gate_round_trips_and_prune_keeps_active_tasks(s: &impl Backend) {
         since: 1,
         cause: "HTTP 200, code 430".into(),
     };
-    s.save_gate(Some(g.clone())).await.expect("save");
-    assert_eq!(s.load_gate().await.expect("load"), Some(g));
-    s.save_gate(None).await.expect("clear");
-    assert_eq!(s.load_gate().await.expect("load"), None);
-
-    s.add(vec!["old".into(), "live".into()], None, None, 1000, 10_000)
+    let (a, b) = (|| "a".to_owned(), || "b".to_owned());
+    assert_eq!(s.load_account(a()).await.expect("load"), Default::default());
+    s.save_gate(a(), Some(g.clone())).await.expect("save");
+    s.save_learnt_rate(a(), Some(0.45))
         .await
-        .expect("add");
+        .expect("save rate");
+    let row = s.load_account(a()).await.expect("load");
+    assert_eq!((row.gate, row.learnt_rate), (Some(g.clone()), Some(0.45)));
+    // Each account has its own: b is neither paused nor learnt.
+    assert_eq!(
+        s.load_account(b()).await.expect("load b"),
+        Default::default()
+    );
+    // Clearing the pause keeps what was learnt.
+    s.save_gate(a(), None).await.expect("clear");
+    let row = s.load_account(a()).await.expect("load");
+    assert_eq!((row.gate, row.learnt_rate), (None, Some(0.45)));
+    s.save_learnt_rate(a(), None).await.expect("forget rate");
+    assert_eq!(s.load_account(a()).await.expect("load"), Default::default());
+
+    s.add(
+        vec!["old".into(), "live".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     s.apply_poll("old".into(), 1500, |_| {
         update(TaskState::Failed, vec![error_event("old", 500, "x")])
     })
@@ -288,9 +360,14 @@ async fn gate_round_trips_and_prune_keeps_active_tasks(s: &impl Backend) {
 }
 
 async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     s.apply_poll("t".into(), 1000, |_| {
         let mut u = update(TaskState::Done, vec![error_event("t", 500, "x")]);
         u.routes = vec![app_route()];
@@ -337,9 +414,14 @@ async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt(
 }
 
 async fn only_the_head_of_a_queue_is_due(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let text = NewEvent {
         stage: Stage::Text,
         code: 200,
@@ -504,7 +586,9 @@ async fn kept_counts_equal_a_recount_after_any_mix_of_changes(s: &impl Backend) 
         match rng.u8(0..10) {
             0 | 1 => {
                 let ids = (0..rng.u32(1..4)).map(|_| id(rng.u32(0..30))).collect();
-                s.add(ids, None, None, now, 50_000).await.expect("add");
+                s.add(ids, crate::store::TaskSpec::music(None, None), now, 50_000)
+                    .await
+                    .expect("add");
             }
             2..=4 => {
                 let (task, pick) = (id(rng.u32(0..30)), rng.u8(..));
@@ -564,9 +648,14 @@ async fn kept_counts_equal_a_recount_after_any_mix_of_changes(s: &impl Backend) 
     assert_counts_match(s, seed, 400).await;
 }
 async fn the_deadline_time_used_is_kept_with_the_task(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let used = crate::store::Asked {
         total_ms: 4000,
         at: Some(2000),
@@ -596,9 +685,14 @@ async fn the_deadline_time_used_is_kept_with_the_task(s: &impl Backend) {
     .expect("active");
     // A task removed and added again starts its deadline afresh.
     s.remove("t".into(), 4000).await.expect("remove");
-    s.add(vec!["t".into()], None, None, 5000, 10_000)
-        .await
-        .expect("readd");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        5000,
+        10_000,
+    )
+    .await
+    .expect("readd");
     s.apply_poll("t".into(), 6000, |row| {
         assert_eq!(row.asked, crate::store::Asked::default());
         update(TaskState::Active, Vec::new())
@@ -609,12 +703,22 @@ async fn the_deadline_time_used_is_kept_with_the_task(s: &impl Backend) {
 }
 
 async fn due_times_move_with_a_clock_step(s: &impl Backend) {
-    s.add(vec!["a".into(), "b".into()], None, None, 10_000, 10_000)
-        .await
-        .expect("add");
-    s.add(vec!["done".into()], None, None, 10_000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["a".into(), "b".into()],
+        crate::store::TaskSpec::music(None, None),
+        10_000,
+        10_000,
+    )
+    .await
+    .expect("add");
+    s.add(
+        vec!["done".into()],
+        crate::store::TaskSpec::music(None, None),
+        10_000,
+        10_000,
+    )
+    .await
+    .expect("add");
     s.apply_poll("done".into(), 10_000, |_| {
         update(TaskState::Failed, vec![error_event("done", 1, "x")])
     })
@@ -622,11 +726,17 @@ async fn due_times_move_with_a_clock_step(s: &impl Backend) {
     .expect("apply")
     .expect("active");
     let moved = s
-        .shift_due(crate::store::Schedule::Polls, -3000)
+        .shift_due(
+            crate::store::Schedule::Polls(crate::config::DEFAULT_ACCOUNT.to_owned()),
+            -3000,
+        )
         .await
         .expect("shift");
     assert_eq!(moved, 2, "only active tasks move");
-    let w = s.due_window(10).await.expect("due");
+    let w = s
+        .due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+        .await
+        .expect("due");
     assert!(w.iter().all(|r| r.next_poll_at == 7000), "{w:?}");
     assert_eq!(
         s.shift_due(crate::store::Schedule::Deliveries, -3000)

@@ -3,6 +3,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Sql;
+use crate::api::families::Kind;
 use crate::events::Stage;
 use crate::store::EventRecord;
 
@@ -18,11 +19,11 @@ pub(super) fn since(
     // every event.
     let mut stmt = match task {
         Some(_) => conn.prepare_cached(
-            "SELECT seq, task_id, stage, code, created_at, body FROM events
+            "SELECT seq, task_id, stage, code, created_at, body, kind FROM events
              WHERE task_id = ?2 AND seq > ?1 ORDER BY seq LIMIT ?3",
         )?,
         None => conn.prepare_cached(
-            "SELECT seq, task_id, stage, code, created_at, body FROM events
+            "SELECT seq, task_id, stage, code, created_at, body, kind FROM events
              WHERE seq > ?1 AND ?2 IS NULL ORDER BY seq LIMIT ?3",
         )?,
     };
@@ -35,14 +36,16 @@ pub(super) fn since(
                 r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
+                r.get(6)?,
             ))
         })?
-        .collect::<Result<Vec<(i64, String, Stage, i64, i64, String)>, _>>()?;
+        .collect::<Result<Vec<(i64, String, Stage, i64, i64, String, Kind)>, _>>()?;
     rows.into_iter()
-        .map(|(seq, task_id, stage, code, created_at, body)| {
+        .map(|(seq, task_id, stage, code, created_at, body, kind)| {
             Ok(EventRecord {
                 seq,
                 task_id,
+                kind,
                 stage,
                 code,
                 created_at,

@@ -12,9 +12,10 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::{
-    AddedTask, Applied, AttemptRecord, Backend, Counts, DeliveryNext, DeliveryRecord, DueDelivery,
-    DueRow, EventRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError,
-    StoreHealth, TargetSummary, TaskRecord, TaskRow, TaskState, TaskUpdate,
+    AccountRow, AddedTask, Applied, AttemptRecord, Backend, Counts, DeliveryNext, DeliveryRecord,
+    DueDelivery, DueRow, EventRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule,
+    StoreError, StoreHealth, TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState,
+    TaskUpdate,
 };
 
 mod codec;
@@ -173,29 +174,28 @@ impl Backend for Sqlite {
     async fn add(
         &self,
         ids: Vec<String>,
-        callback_url: Option<String>,
-        label: Option<String>,
+        spec: TaskSpec,
         now: i64,
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
-        self.call(move |c| tasks::add(c, ids, callback_url, label, now, deadline_after))
+        self.call(move |c| tasks::add(c, ids, &spec, now, deadline_after))
             .await
     }
 
     async fn retrack(
         &self,
         ids: Vec<String>,
-        callback_url: Option<String>,
-        label: Option<String>,
+        spec: TaskSpec,
         now: i64,
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
-        self.call(move |c| tasks::retrack(c, ids, callback_url, label, now, deadline_after))
+        self.call(move |c| tasks::retrack(c, ids, &spec, now, deadline_after))
             .await
     }
 
-    async fn due_window(&self, limit: usize) -> Result<Vec<DueRow>, StoreError> {
-        self.call(move |c| tasks::due_window(c, limit)).await
+    async fn due_window(&self, account: String, limit: usize) -> Result<Vec<DueRow>, StoreError> {
+        self.call(move |c| tasks::due_window(c, &account, limit))
+            .await
     }
 
     async fn apply_poll<F>(
@@ -260,12 +260,20 @@ impl Backend for Sqlite {
         self.read(events::last_seq).await
     }
 
-    async fn load_gate(&self) -> Result<Option<GateRow>, StoreError> {
-        self.call(gate::load).await
+    async fn load_account(&self, account: String) -> Result<AccountRow, StoreError> {
+        self.call(move |c| gate::load(c, &account)).await
     }
 
-    async fn save_gate(&self, row: Option<GateRow>) -> Result<(), StoreError> {
-        self.call(move |c| gate::save(c, row)).await
+    async fn save_gate(&self, account: String, row: Option<GateRow>) -> Result<(), StoreError> {
+        self.call(move |c| gate::save(c, &account, row)).await
+    }
+
+    async fn save_learnt_rate(&self, account: String, rate: Option<f64>) -> Result<(), StoreError> {
+        self.call(move |c| gate::save_rate(c, &account, rate)).await
+    }
+
+    async fn task_breakdown(&self) -> Result<Vec<TaskCount>, StoreError> {
+        self.read(tasks::breakdown).await
     }
 
     async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
@@ -372,7 +380,12 @@ mod tests {
         // The store waits out its busy timeout, then must fail the add without running it:
         // in autocommit mode its INSERT would have landed while the caller heard "failed".
         let e = s
-            .add(vec!["ghost".into()], None, None, 1000, 10)
+            .add(
+                vec!["ghost".into()],
+                crate::store::TaskSpec::music(None, None),
+                1000,
+                10,
+            )
             .await
             .expect_err("locked");
         assert!(matches!(e, StoreError::Fault(_)), "{e}");
@@ -388,7 +401,14 @@ mod tests {
     async fn filled() -> (tempfile::TempDir, Sqlite) {
         let (dir, s) = open();
         let ids: Vec<String> = (0..300).map(|i| format!("t{i}")).collect();
-        s.add(ids, None, None, 1000, 1_000_000).await.expect("add");
+        s.add(
+            ids,
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            1_000_000,
+        )
+        .await
+        .expect("add");
         for i in 0..200 {
             let id = format!("t{i}");
             let name = id.clone();
@@ -566,9 +586,14 @@ mod tests {
             s.health().last_error().is_some(),
             "a probe writes nothing, so it proves too little to clear the failure"
         );
-        s.add(vec!["after".into()], None, None, 4000, 10)
-            .await
-            .expect("add");
+        s.add(
+            vec!["after".into()],
+            crate::store::TaskSpec::music(None, None),
+            4000,
+            10,
+        )
+        .await
+        .expect("add");
         assert!(
             s.health().last_error().is_none(),
             "a committed write clears it"
@@ -610,16 +635,24 @@ mod tests {
     #[tokio::test]
     async fn a_stored_value_this_build_does_not_know_fails_loudly() {
         let (dir, s) = open();
-        s.add(vec!["t1".into()], None, None, 1000, 10)
-            .await
-            .expect("add");
-        s.save_gate(Some(GateRow {
-            kind: crate::store::PauseKind::Throttled,
-            attempt: 1,
-            paused_until: 2000,
-            since: 1000,
-            cause: "HTTP 429".into(),
-        }))
+        s.add(
+            vec!["t1".into()],
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            10,
+        )
+        .await
+        .expect("add");
+        s.save_gate(
+            "default".into(),
+            Some(GateRow {
+                kind: crate::store::PauseKind::Throttled,
+                attempt: 1,
+                paused_until: 2000,
+                since: 1000,
+                cause: "HTTP 429".into(),
+            }),
+        )
         .await
         .expect("gate");
         // Another writer (a newer sunopoll, or damage) leaves spellings this build lacks.
@@ -628,7 +661,7 @@ mod tests {
             .execute_batch(
                 "PRAGMA ignore_check_constraints = ON;
                  UPDATE tasks SET state = 'sleeping' WHERE id = 't1';
-                 UPDATE gate SET kind = 'bored';",
+                 UPDATE accounts SET pause_kind = 'bored';",
             )
             .expect("poke");
         drop(other);
@@ -637,13 +670,21 @@ mod tests {
             e.to_string().contains("unknown task state \"sleeping\""),
             "{e}"
         );
-        let e = s.load_gate().await.expect_err("an unknown pause kind");
+        let e = s
+            .load_account("default".into())
+            .await
+            .expect_err("an unknown pause kind");
         assert!(
             e.to_string().contains("unknown pause kind \"bored\""),
             "{e}"
         );
         let e = s
-            .add(vec!["t1".into()], None, None, 1000, 10)
+            .add(
+                vec!["t1".into()],
+                crate::store::TaskSpec::music(None, None),
+                1000,
+                10,
+            )
             .await
             .expect_err("add reads the known state back");
         assert!(e.to_string().contains("sleeping"), "{e}");

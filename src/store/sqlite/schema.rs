@@ -175,6 +175,58 @@ ALTER TABLE tasks ADD COLUMN asked_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN asked_at INTEGER;
 ALTER TABLE tasks ADD COLUMN asked_gap INTEGER NOT NULL DEFAULT 0;
 ",
+    // Task families and accounts (issue 11). A task is polled through its `kind`'s adapter on
+    // its `account`; every task so far is a music task on the one account ('default', the
+    // name the single `[api]` section's account has). Events carry their task's kind so a
+    // follower and a target's `kinds` filter need no join. Each account polls its own tasks
+    // (`tasks_account_due`), counts are kept per (state, kind, account), and each account has
+    // its own pause and its learnt request rate (`accounts`, replacing the one-row `gate`).
+    r"
+ALTER TABLE tasks ADD COLUMN kind TEXT NOT NULL DEFAULT 'music';
+ALTER TABLE tasks ADD COLUMN account TEXT NOT NULL DEFAULT 'default';
+ALTER TABLE events ADD COLUMN kind TEXT NOT NULL DEFAULT 'music';
+CREATE INDEX tasks_account_due ON tasks (account, next_poll_at) WHERE state = 'active';
+DROP TRIGGER task_counts_insert;
+DROP TRIGGER task_counts_update;
+DROP TRIGGER task_counts_delete;
+DROP TABLE task_counts;
+CREATE TABLE task_counts (
+    state   TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    account TEXT NOT NULL,
+    n       INTEGER NOT NULL,
+    PRIMARY KEY (state, kind, account)
+) WITHOUT ROWID;
+INSERT INTO task_counts (state, kind, account, n)
+    SELECT state, kind, account, COUNT(*) FROM tasks GROUP BY state, kind, account;
+CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO task_counts (state, kind, account, n) VALUES (NEW.state, NEW.kind, NEW.account, 1)
+        ON CONFLICT (state, kind, account) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER task_counts_update AFTER UPDATE OF state, kind, account ON tasks
+    WHEN OLD.state IS NOT NEW.state OR OLD.kind IS NOT NEW.kind OR OLD.account IS NOT NEW.account BEGIN
+    UPDATE task_counts SET n = n - 1
+        WHERE state = OLD.state AND kind = OLD.kind AND account = OLD.account;
+    INSERT INTO task_counts (state, kind, account, n) VALUES (NEW.state, NEW.kind, NEW.account, 1)
+        ON CONFLICT (state, kind, account) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN
+    UPDATE task_counts SET n = n - 1
+        WHERE state = OLD.state AND kind = OLD.kind AND account = OLD.account;
+END;
+CREATE TABLE accounts (
+    name         TEXT PRIMARY KEY NOT NULL,
+    pause_kind   TEXT,
+    attempt      INTEGER NOT NULL DEFAULT 0,
+    paused_until INTEGER NOT NULL DEFAULT 0,
+    since        INTEGER NOT NULL DEFAULT 0,
+    cause        TEXT NOT NULL DEFAULT '',
+    learnt_rate  REAL
+) WITHOUT ROWID;
+INSERT INTO accounts (name, pause_kind, attempt, paused_until, since, cause)
+    SELECT 'default', kind, attempt, paused_until, since, cause FROM gate;
+DROP TABLE gate;
+",
 ];
 
 /// Why the store's lock was not taken.
