@@ -177,7 +177,7 @@ async fn a_store_directory_that_cannot_be_written() {
             Ok(fs) => fs,
             Err(why) => return skipped("store directory read-only", &why),
         };
-        for name in ["sunopoll.db", "sunopoll.db.lock"] {
+        for name in ["sunopoll.db"] {
             let from = d.store.with_file_name(name);
             if from.exists() {
                 std::fs::copy(&from, fs.0.join(name)).expect("copy");
@@ -275,12 +275,11 @@ async fn a_store_locked_by_another_process() {
     let api = FakeApi::start().await;
     let mut d = daemon_with_data(&api).await;
 
-    // Another process holds the daemon's lock file (as a second daemon would).
-    let lock_path = PathBuf::from(format!("{}.lock", d.store.display()));
+    // Another process holds the lock on the database file (as a second daemon would).
     let lock = std::fs::OpenOptions::new()
         .write(true)
-        .open(&lock_path)
-        .expect("open lock");
+        .open(&d.store)
+        .expect("open the store file");
     lock.try_lock().expect("lock");
     let before = snapshot(d.store.parent().expect("dir"));
     let (code, log) = failed_start(&mut d).await;

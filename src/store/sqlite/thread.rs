@@ -7,13 +7,13 @@
 //! write thousands of results a second while an acknowledged `add` is still on disk before the
 //! caller hears "ok".
 
-use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::schema::StoreFile;
 use crate::store::{StoreError, StoreHealth};
 
 /// Jobs waiting for the store thread. Bounded so a flood of requests queues in the callers
@@ -46,19 +46,24 @@ pub(super) enum Message {
     Close(oneshot::Sender<()>),
 }
 
-/// Starts the thread that owns `conn` (and `lock`, released when the thread ends).
+/// Starts the thread that owns `conn` (and `file`, whose lock is released when the thread
+/// ends, after the connection has closed).
 pub(super) fn spawn(
     conn: Connection,
-    lock: File,
+    file: StoreFile,
     health: Arc<StoreHealth>,
 ) -> std::io::Result<mpsc::Sender<Message>> {
     let (tx, rx) = mpsc::channel(QUEUE);
     std::thread::Builder::new()
         .name("sunopoll-store".to_owned())
         .spawn(move || {
-            let closed = run_jobs(&conn, rx, &health);
+            let mut watch = Watch {
+                file: &file,
+                reported: false,
+            };
+            let closed = run_jobs(&conn, rx, &health, &mut watch);
             drop(conn);
-            drop(lock);
+            drop(file);
             if let Some(ack) = closed {
                 let _ = ack.send(());
             }
@@ -132,6 +137,7 @@ fn run_jobs(
     conn: &Connection,
     mut rx: mpsc::Receiver<Message>,
     health: &StoreHealth,
+    watch: &mut Watch<'_>,
 ) -> Option<oneshot::Sender<()>> {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut probes = Vec::new();
@@ -151,15 +157,64 @@ fn run_jobs(
                 Err(_) => break,
             }
         }
-        run_batch(conn, &mut batch, health);
+        let gone = watch.check(health);
+        match &gone {
+            Ok(()) => run_batch(conn, &mut batch, health),
+            Err(e) => fail_batch(&mut batch, e, health),
+        }
         if !probes.is_empty() {
-            let answer = probe_write(conn, health);
+            let answer = match gone {
+                Ok(()) => probe_write(conn, health),
+                Err(e) => Err(e),
+            };
             for tx in probes.drain(..) {
                 let _ = tx.send(answer.clone());
             }
         }
     }
     closing
+}
+
+/// Whether the store file is still the one opened at start (see [`StoreFile::check`]).
+struct Watch<'a> {
+    file: &'a StoreFile,
+    /// True once the loss was logged: one error line, not one per refused write.
+    reported: bool,
+}
+
+impl Watch<'_> {
+    fn check(&mut self, health: &StoreHealth) -> Result<(), StoreError> {
+        match self.file.check() {
+            Ok(()) => {
+                if self.reported {
+                    tracing::info!("the store file is back in place; writing again");
+                    self.reported = false;
+                }
+                Ok(())
+            }
+            Err(what) => {
+                let e = StoreError::Fault(what);
+                if !self.reported {
+                    tracing::error!(error = %e, "store: refusing every write");
+                    self.reported = true;
+                }
+                health.set(Some(&e));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Answers every job of `batch` with `e` without running any.
+fn fail_batch(batch: &mut Vec<Job>, e: &StoreError, health: &StoreHealth) {
+    let jobs = batch.len();
+    for job in batch.drain(..) {
+        let (_, done) = job(None);
+        done(Err(e));
+    }
+    if jobs > 0 {
+        health.committed(std::time::Duration::ZERO, jobs, false);
+    }
 }
 
 /// Takes the write lock and releases it without writing; a failure (locked, read-only) is
