@@ -87,6 +87,8 @@ struct ForwardFile {
     timeout: Duration,
     #[serde(deserialize_with = "de::count")]
     max_in_flight: usize,
+    #[serde(deserialize_with = "de::some_url")]
+    proxy: Option<url::Url>,
 }
 
 impl Default for ForwardFile {
@@ -100,6 +102,7 @@ impl Default for ForwardFile {
             task_secret_file: None,
             timeout: DEFAULT_FORWARD_TIMEOUT,
             max_in_flight: DEFAULT_FORWARD_IN_FLIGHT,
+            proxy: None,
         }
     }
 }
@@ -128,11 +131,12 @@ struct TargetFile {
 }
 
 impl TargetFile {
-    /// Deliveries are tracked per name; without one, the URL is the name.
+    /// Deliveries are tracked per name; without one, the URL is the name, without its
+    /// credentials (the name is shown in logs, `status`, `show` and metrics).
     fn name(&self) -> Option<String> {
         self.name
             .clone()
-            .or_else(|| self.url.as_ref().map(url::Url::to_string))
+            .or_else(|| self.url.as_ref().map(|u| crate::api::redact_url(u.as_str())))
     }
 }
 
@@ -333,6 +337,7 @@ impl File {
                 task_secret,
                 timeout: f.timeout,
                 max_in_flight: f.max_in_flight,
+                proxy: f.proxy,
             },
         }
     }
