@@ -134,9 +134,11 @@ impl TargetFile {
     /// Deliveries are tracked per name; without one, the URL is the name, without its
     /// credentials (the name is shown in logs, `status`, `show` and metrics).
     fn name(&self) -> Option<String> {
-        self.name
-            .clone()
-            .or_else(|| self.url.as_ref().map(|u| crate::api::redact_url(u.as_str())))
+        self.name.clone().or_else(|| {
+            self.url
+                .as_ref()
+                .map(|u| crate::api::redact_url(u.as_str()))
+        })
     }
 }
 
@@ -308,11 +310,12 @@ impl File {
         let task_secret = secret(task_file, f.task_secret, f.task_secret_file);
         let mut targets = Vec::new();
         for (i, t) in f.target.into_iter().enumerate() {
+            let name = t.name();
             let key = format!("forward.target[{i}].secret-file");
             let secret = secret(key, t.secret, t.secret_file);
             let Some(url) = t.url else { continue };
             targets.push(TargetConfig {
-                name: t.name.unwrap_or_else(|| url.to_string()),
+                name: name.unwrap_or_else(|| crate::api::redact_url(url.as_str())),
                 url,
                 stages: t.stages.unwrap_or_else(|| Stage::ALL.to_vec()),
                 secret,

@@ -30,9 +30,7 @@ use crate::clock::format_duration;
 use crate::logging::LogFormat;
 use de::show;
 
-pub use env::{
-    Environment, check_private_dir, current_uid, judge_private_dir, private_tmp_dir,
-};
+pub use env::{Environment, check_private_dir, current_uid, judge_private_dir, private_tmp_dir};
 
 /// The default API host (sunoapi.org). kie.ai and other clones serve the same paths.
 pub const DEFAULT_BASE_URL: &str = "https://api.sunoapi.org";

@@ -619,9 +619,20 @@ mod tests {
                     .is_socket(),
             ));
         })
-        .unwrap_or_else(|e| panic!("bind: {}", match e { Bound::Taken(m) | Bound::Failed(m) => m }));
+        .unwrap_or_else(|e| {
+            panic!(
+                "bind: {}",
+                match e {
+                    Bound::Taken(m) | Bound::Failed(m) => m,
+                }
+            )
+        });
         let (parent, is_dir, mode, owner, is_socket) = seen.expect("the hook ran");
-        assert_ne!(parent, dir.path(), "not bound in the shared directory itself");
+        assert_ne!(
+            parent,
+            dir.path(),
+            "not bound in the shared directory itself"
+        );
         assert!(is_dir && is_socket);
         assert_eq!(mode, 0o700, "bound in a directory only its owner can enter");
         assert_eq!(owner, uid);
@@ -629,7 +640,11 @@ mod tests {
             .expect("read_dir")
             .map(|e| e.expect("entry").file_name())
             .collect();
-        assert_eq!(entries, vec![std::ffi::OsString::from("s.sock")], "nothing left behind");
+        assert_eq!(
+            entries,
+            vec![std::ffi::OsString::from("s.sock")],
+            "nothing left behind"
+        );
         assert_eq!(
             std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
             0o600
@@ -654,8 +669,14 @@ mod tests {
             let e = judge_private_dir(dir, is_dir, owner, mode, 1000).expect_err(why);
             assert!(e.contains(why), "{e}");
             assert!(e.contains("/tmp/sunopoll-1000"), "names the directory: {e}");
-            assert!(e.contains(&format!("owner uid {owner}")), "and its owner: {e}");
-            assert!(e.contains(&format!("mode {:04o}", mode & 0o7777)), "and mode: {e}");
+            assert!(
+                e.contains(&format!("owner uid {owner}")),
+                "and its owner: {e}"
+            );
+            assert!(
+                e.contains(&format!("mode {:04o}", mode & 0o7777)),
+                "and mode: {e}"
+            );
             assert_eq!(e.lines().count(), 1);
         }
     }

@@ -205,7 +205,9 @@ impl JobKind for DeliverJob {
                     self.proxy = proxy;
                 }
                 // Keep the client that works; the next delivery tries again.
-                Err(e) => error!(error = %e, "cannot build the HTTP client for the new forward.proxy; keeping the old one"),
+                Err(e) => {
+                    error!(error = %e, "cannot build the HTTP client for the new forward.proxy; keeping the old one")
+                }
             }
         }
         let store = self.f.store.clone();

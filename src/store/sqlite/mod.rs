@@ -755,7 +755,11 @@ mod tests {
         s.close().await;
         let again = Sqlite::open(&hard).expect("free once the first one closed");
         assert!(
-            again.show("still-mine".into()).await.expect("show").is_some(),
+            again
+                .show("still-mine".into())
+                .await
+                .expect("show")
+                .is_some(),
             "the same queue, through the hard link"
         );
     }
@@ -806,7 +810,10 @@ mod tests {
         let before = std::fs::read(&path).expect("read");
         let e = Sqlite::open(&path).expect_err("refused");
         let m = e.to_string();
-        assert!(m.contains("not a sunopoll store") && m.contains("invoices"), "{m}");
+        assert!(
+            m.contains("not a sunopoll store") && m.contains("invoices"),
+            "{m}"
+        );
         assert!(m.contains(&path.display().to_string()), "{m}");
         assert_eq!(m.lines().count(), 1, "{m}");
         assert_eq!(std::fs::read(&path).expect("read"), before, "byte for byte");
