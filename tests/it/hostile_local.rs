@@ -68,7 +68,7 @@ async fn the_default_socket_directory_cannot_be_taken_over() {
     }
     let api = FakeApi::start().await;
     let uid = unused_uid();
-    let private = sunopoll::config::private_tmp_dir(uid);
+    let private = PathBuf::from(format!("/tmp/sunopoll-{uid}"));
     let socket = private.join("sunopoll.sock");
     let _ = std::fs::remove_dir_all(&private);
 
