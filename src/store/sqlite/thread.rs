@@ -5,7 +5,9 @@
 //! itself), commits once, and only then answers each caller. With `synchronous=FULL` every
 //! commit is an fsync, and sharing it between concurrent polls is what lets a small machine
 //! write thousands of results a second while an acknowledged `add` is still on disk before the
-//! caller hears "ok".
+//! caller hears "ok". Before each batch it checks that the store's path still names the file it
+//! opened: a deleted or replaced store fails every job (and the health probe) instead of
+//! acknowledging writes into a file no later start will see.
 
 use std::sync::Arc;
 use std::time::Duration;
