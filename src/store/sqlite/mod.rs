@@ -824,6 +824,23 @@ mod tests {
         assert_eq!(mode, "delete", "never switched to WAL");
     }
 
+    #[test]
+    fn a_failing_migration_is_reported_in_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("half.db");
+        {
+            let c = Connection::open(&path).expect("create");
+            // Schema 1, plus a table that migration 2 wants to create.
+            c.execute_batch(schema::MIGRATIONS[0]).expect("schema 1");
+            c.execute_batch("CREATE TABLE deliveries (x); PRAGMA user_version = 1;")
+                .expect("in the way");
+        }
+        let m = Sqlite::open(&path).expect_err("refused").to_string();
+        assert!(m.contains("migration to schema 2 failed"), "{m}");
+        assert_eq!(m.lines().count(), 1, "{m}");
+        assert!(!m.contains("CREATE"), "no SQL: {m}");
+    }
+
     #[tokio::test]
     async fn a_backup_is_a_complete_store_and_never_overwrites() {
         let (dir, s) = open();

@@ -13,7 +13,7 @@ use rusqlite::Connection;
 pub(super) const BUSY_TIMEOUT_MS: u32 = 5000;
 
 /// The schema, one entry per version. `PRAGMA user_version` says how many have been applied.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r"
 CREATE TABLE tasks (
     id           TEXT PRIMARY KEY NOT NULL,
@@ -308,7 +308,7 @@ pub(super) fn inspect(conn: &Connection) -> Result<(), String> {
     let mut names = tables
         .iter()
         .take(SHOWN)
-        .map(|t| crate::api::clip(&t.escape_debug().to_string(), 40))
+        .map(|t| clip(&t.escape_debug().to_string(), 40))
         .collect::<Vec<_>>()
         .join(", ");
     if tables.len() > SHOWN {
@@ -347,7 +347,21 @@ pub(super) fn configure(conn: &Connection) -> rusqlite::Result<()> {
 
 /// The first line of `text`, clipped: error text that goes on one log line.
 fn one_line(text: &str) -> String {
-    crate::api::clip(text.lines().next().unwrap_or_default(), 200)
+    clip(text.lines().next().unwrap_or_default(), 200)
+}
+
+/// At most `max` characters of `text`, control characters as spaces, `…` if cut. (The store
+/// keeps its own: it depends on no other part for formatting.)
+fn clip(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().count() > max {
+        out.push('…');
+    }
+    out
 }
 
 pub(super) fn explain_open_error(e: &rusqlite::Error) -> String {
