@@ -798,6 +798,21 @@ mod tests {
         assert!(s.health().last_error().is_some());
     }
 
+    #[tokio::test]
+    async fn an_idle_store_notices_its_file_deleted_without_a_write() {
+        let (dir, s) = open();
+        assert!(s.health().last_error().is_none());
+        std::fs::remove_file(dir.path().join("q.db")).expect("rm");
+        // Nothing is asked of the store: its periodic check alone must find it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while s.health().last_error().is_none() {
+            assert!(std::time::Instant::now() < deadline, "never noticed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let (_, e) = s.health().last_error().expect("set");
+        assert!(e.contains("was deleted"), "{e}");
+    }
+
     #[test]
     fn a_foreign_database_is_refused_in_one_line_before_anything_changes() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -5,9 +5,9 @@
 //! itself), commits once, and only then answers each caller. With `synchronous=FULL` every
 //! commit is an fsync, and sharing it between concurrent polls is what lets a small machine
 //! write thousands of results a second while an acknowledged `add` is still on disk before the
-//! caller hears "ok". Before each batch it checks that the store's path still names the file it
-//! opened: a deleted or replaced store fails every job (and the health probe) instead of
-//! acknowledging writes into a file no later start will see.
+//! caller hears "ok". Before each batch, and every few seconds when idle, it checks that the
+//! store's path still names the file it opened: a deleted or replaced store fails every job (and
+//! the health probe) instead of acknowledging writes into a file no later start will see.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +46,14 @@ pub(super) enum Message {
     Probe(oneshot::Sender<Result<(), StoreError>>),
     /// Finish, close the database, release the lock, then answer.
     Close(oneshot::Sender<()>),
+    /// Check that the store file is still in place, even with nothing to write (sent every
+    /// [`FILE_CHECK_INTERVAL`]).
+    Check,
 }
+
+/// How often an idle store checks that its file is still in place: a deleted store shows in
+/// `status` and the log within this, not only at the next write.
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Starts the thread that owns `conn` (and `file`, whose lock is released when the thread
 /// ends, after the connection has closed).
@@ -68,6 +75,20 @@ pub(super) fn spawn(
             drop(file);
             if let Some(ack) = closed {
                 let _ = ack.send(());
+            }
+        })?;
+    // The ticker holds only a weak handle: it never keeps the store open, and ends once the
+    // store thread is gone.
+    let weak = tx.downgrade();
+    std::thread::Builder::new()
+        .name("sunopoll-store-check".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(FILE_CHECK_INTERVAL);
+                let Some(tx) = weak.upgrade() else { return };
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Message::Check) {
+                    return;
+                }
             }
         })?;
     Ok(tx)
@@ -150,12 +171,14 @@ fn run_jobs(
             Some(Message::Close(ack)) => closing = Some(ack),
             Some(Message::Job(job)) => batch.push(job),
             Some(Message::Probe(tx)) => probes.push(tx),
+            Some(Message::Check) => {}
         }
         while batch.len() < MAX_BATCH && closing.is_none() && probes.is_empty() {
             match rx.try_recv() {
                 Ok(Message::Job(job)) => batch.push(job),
                 Ok(Message::Close(ack)) => closing = Some(ack),
                 Ok(Message::Probe(tx)) => probes.push(tx),
+                Ok(Message::Check) => {}
                 Err(_) => break,
             }
         }
