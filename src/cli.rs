@@ -146,6 +146,12 @@ pub enum Command {
         #[command(subcommand)]
         action: DeliveriesAction,
     },
+    /// The store file: `sunopoll store backup PATH` copies it safely, even while the daemon runs.
+    Store {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Check a config file (and say where the API key would come from). Exits 2 on problems.
     CheckConfig,
     /// Print the control socket client commands would use (for socat, scripts): the same
@@ -159,6 +165,22 @@ pub enum Command {
     },
     /// Print the manual page (roff) to standard output: `sunopoll man | man -l -`.
     Man,
+}
+
+/// `sunopoll store …`.
+#[derive(Debug, Subcommand)]
+pub enum StoreAction {
+    /// Copy the store into a new file with SQLite's online backup API: a consistent snapshot
+    /// of everything committed, safe while the daemon runs. Never overwrites a file. Restore
+    /// by stopping the daemon and putting the copy in the store's place (see the README).
+    Backup {
+        /// The new file to write.
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+        /// The store to copy (default: store.path of --config, or the built-in default).
+        #[arg(long, value_name = "PATH")]
+        store: Option<PathBuf>,
+    },
 }
 
 /// `sunopoll deliveries …`.
@@ -184,6 +206,12 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Daemon => match daemon_only(&opts, "daemon") {
             Ok(()) => run_daemon(opts.config, &env),
+            Err(code) => code,
+        },
+        Command::Store {
+            action: StoreAction::Backup { path, store },
+        } => match daemon_only(&opts, "store backup") {
+            Ok(()) => backup(opts.config, store, &path, &env),
             Err(code) => code,
         },
         Command::CheckConfig => match daemon_only(&opts, "check-config") {
@@ -414,6 +442,40 @@ fn check_config(path: Option<PathBuf>, env: &Environment) -> ExitCode {
         Err(e) => {
             eprintln!("sunopoll: {e}");
             ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// `sunopoll store backup`: the store named by `--store`, else by the config, copied to `to`.
+fn backup(
+    config: Option<PathBuf>,
+    store: Option<PathBuf>,
+    to: &std::path::Path,
+    env: &Environment,
+) -> ExitCode {
+    let from = match store {
+        Some(p) => p,
+        None => match Config::load(config.as_deref(), env) {
+            Ok(c) => c.store.path,
+            Err(e) => {
+                eprintln!("sunopoll: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    match crate::store::Store::backup(&from, to) {
+        Ok(tasks) => {
+            println!(
+                "backed up {} to {} ({tasks} task{})",
+                from.display(),
+                to.display(),
+                if tasks == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sunopoll: {e}");
+            ExitCode::from(EXIT_REFUSED)
         }
     }
 }

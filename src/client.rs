@@ -107,8 +107,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to the daemon's socket.
+    /// Connects to the daemon's socket (after checking its directory, when it is the per-user
+    /// one in `/tmp`: see [`check_socket_dir`]).
     pub fn open(path: &Path) -> Result<Connection, ClientError> {
+        check_socket_dir(path, crate::config::current_uid()).map_err(ClientError::Unreachable)?;
         let stream = UnixStream::connect(path).map_err(|e| {
             let hint = match e.kind() {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -205,6 +207,20 @@ fn parse<T: DeserializeOwned>(line: &str) -> Result<T, ClientError> {
     parse_answer(line).map_err(|e| {
         ClientError::Protocol(format!("the daemon's answer has an unexpected shape: {e}"))
     })
+}
+
+/// Refuses a socket in `uid`'s per-user directory in `/tmp` when that directory is not private
+/// (another user made it, or can write it): whoever answers there may not be our daemon, and
+/// would hear every request. A directory that does not exist is left to `connect` to report.
+pub fn check_socket_dir(socket: &Path, uid: u32) -> Result<(), String> {
+    let dir = crate::config::private_tmp_dir(uid);
+    if socket.parent() != Some(dir.as_path()) {
+        return Ok(());
+    }
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        _ => crate::config::check_private_dir(&dir, uid),
+    }
 }
 
 /// Where the CLI looks for the daemon: `--socket`, then `$SUNOPOLL_SOCKET`, then the config

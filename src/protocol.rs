@@ -521,7 +521,7 @@ impl TaskView {
             updated_at: format_utc(t.updated_at),
             deadline_at: format_utc(t.deadline_at),
             finished_at: t.finished_at.map(format_utc),
-            callback_url: t.callback_url,
+            callback_url: t.callback_url.as_deref().map(crate::api::redact_url),
             label: t.label,
         }
     }
@@ -533,7 +533,7 @@ impl DeliveryView {
     pub fn from_record(d: DeliveryRecord) -> DeliveryView {
         DeliveryView {
             next_attempt_at: (d.state == "pending").then(|| format_utc(d.next_attempt_at)),
-            target: d.target,
+            target: crate::api::redact_url(&d.target),
             url: crate::api::redact_url(&d.url),
             webhook_id: d.webhook_id,
             state: d.state,
@@ -569,7 +569,9 @@ impl TargetStatus {
     /// Presents a target's stored delivery summary.
     pub fn from_summary(t: TargetSummary) -> TargetStatus {
         TargetStatus {
-            target: t.target,
+            // A target named by its URL before names were redacted keeps that name in the
+            // store: it is shown without its credentials all the same.
+            target: crate::api::redact_url(&t.target),
             pending: t.pending,
             failed: t.failed,
             delivered: t.delivered,

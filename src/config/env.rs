@@ -1,7 +1,7 @@
 //! The parts of the process environment that configuration depends on, captured once in `main`,
 //! and the default store and socket paths they imply (systemd directories, XDG, root).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{SOCKET_FILE, STORE_FILE, SYSTEM_SOCKET};
 
@@ -94,9 +94,54 @@ impl Environment {
         }
         match &self.xdg_runtime_dir {
             Some(dir) => dir.join(SOCKET_FILE),
-            None => PathBuf::from(format!("/tmp/sunopoll-{}", self.uid)).join(SOCKET_FILE),
+            None => private_tmp_dir(self.uid).join(SOCKET_FILE),
         }
     }
+}
+
+/// The per-user directory in `/tmp` that holds the socket when there is no runtime directory.
+/// `/tmp` is shared: another user may have created it first to catch the socket, so whoever
+/// uses it checks it with [`check_private_dir`] (as ssh-agent and tmux do theirs).
+pub fn private_tmp_dir(uid: u32) -> PathBuf {
+    PathBuf::from(format!("/tmp/sunopoll-{uid}"))
+}
+
+/// What is wrong with `dir` as `uid`'s private socket directory, from its `lstat`: it must be a
+/// real directory (not a symlink), owned by `uid`, and not writable by group or others (who
+/// could otherwise move the socket aside and put their own in its place).
+pub fn judge_private_dir(
+    dir: &Path,
+    is_dir: bool,
+    owner: u32,
+    mode: u32,
+    uid: u32,
+) -> Result<(), String> {
+    let problem = if !is_dir {
+        Some("it is not a directory (a symlink, or a file)".to_owned())
+    } else if owner != uid {
+        Some(format!("it does not belong to uid {uid}"))
+    } else if mode & 0o022 != 0 {
+        Some("other users can write it".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(why) => Err(format!(
+            "refusing the socket directory {} (owner uid {owner}, mode {:04o}): {why}; another user may have created it to intercept the socket — remove it, or set $XDG_RUNTIME_DIR or [control] socket",
+            dir.display(),
+            mode & 0o7777
+        )),
+    }
+}
+
+/// Checks `dir` as `uid`'s private socket directory (see [`judge_private_dir`]), without
+/// following a symlink.
+pub fn check_private_dir(dir: &Path, uid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot inspect the socket directory {}: {e}", dir.display()))?;
+    judge_private_dir(dir, meta.file_type().is_dir(), meta.uid(), meta.mode(), uid)
 }
 
 /// The effective uid, read without `unsafe`: `/proc/self` is owned by the process's user.

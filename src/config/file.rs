@@ -87,6 +87,8 @@ struct ForwardFile {
     timeout: Duration,
     #[serde(deserialize_with = "de::count")]
     max_in_flight: usize,
+    #[serde(deserialize_with = "de::some_url")]
+    proxy: Option<url::Url>,
 }
 
 impl Default for ForwardFile {
@@ -100,6 +102,7 @@ impl Default for ForwardFile {
             task_secret_file: None,
             timeout: DEFAULT_FORWARD_TIMEOUT,
             max_in_flight: DEFAULT_FORWARD_IN_FLIGHT,
+            proxy: None,
         }
     }
 }
@@ -130,11 +133,14 @@ struct TargetFile {
 }
 
 impl TargetFile {
-    /// Deliveries are tracked per name; without one, the URL is the name.
+    /// Deliveries are tracked per name; without one, the URL is the name, without its
+    /// credentials (the name is shown in logs, `status`, `show` and metrics).
     fn name(&self) -> Option<String> {
-        self.name
-            .clone()
-            .or_else(|| self.url.as_ref().map(url::Url::to_string))
+        self.name.clone().or_else(|| {
+            self.url
+                .as_ref()
+                .map(|u| crate::api::redact_url(u.as_str()))
+        })
     }
 }
 
@@ -355,11 +361,12 @@ impl File {
         let task_secret = secret(task_file, f.task_secret, f.task_secret_file);
         let mut targets = Vec::new();
         for (i, t) in f.target.into_iter().enumerate() {
+            let name = t.name();
             let key = format!("forward.target[{i}].secret-file");
             let secret = secret(key, t.secret, t.secret_file);
             let Some(url) = t.url else { continue };
             targets.push(TargetConfig {
-                name: t.name.unwrap_or_else(|| url.to_string()),
+                name: name.unwrap_or_else(|| crate::api::redact_url(url.as_str())),
                 url,
                 stages: t.stages.unwrap_or_else(|| Stage::ALL.to_vec()),
                 secret,
@@ -385,6 +392,7 @@ impl File {
                 task_secret,
                 timeout: f.timeout,
                 max_in_flight: f.max_in_flight,
+                proxy: f.proxy,
             },
         }
     }

@@ -31,7 +31,7 @@ use crate::clock::format_duration;
 use crate::logging::LogFormat;
 use de::show;
 
-pub use env::{Environment, current_uid};
+pub use env::{Environment, check_private_dir, current_uid, judge_private_dir, private_tmp_dir};
 
 /// The default API host (sunoapi.org). kie.ai and other clones serve the same paths.
 pub const DEFAULT_BASE_URL: &str = "https://api.sunoapi.org";
@@ -324,6 +324,9 @@ pub struct ForwardConfig {
     pub timeout: Duration,
     /// `max-in-flight`: deliveries at once over all targets.
     pub max_in_flight: usize,
+    /// `proxy`: the HTTP proxy deliveries go through. Unset, they go direct whatever
+    /// `HTTP_PROXY` says: handlers are local, and a proxy would see their `Authorization`.
+    pub proxy: Option<url::Url>,
 }
 
 impl ForwardConfig {
@@ -663,13 +666,17 @@ impl Config {
             .map(|d| format_duration(*d))
             .collect();
         s.push_str(&format!(
-            "\nforward: {} target{}, retry schedule [{}], use-task-callback-url {} (allow-hosts: {}), task-secret {}",
+            "\nforward: {} target{}, retry schedule [{}], use-task-callback-url {} (allow-hosts: {}), task-secret {}, {}",
             f.targets.len(),
             if f.targets.len() == 1 { "" } else { "s" },
             schedule.join(", "),
             f.use_task_callback_url,
             f.allow_hosts.join(", "),
             if f.task_secret.is_some() { "set" } else { "not set" },
+            f.proxy.as_ref().map_or_else(
+                || "no proxy".to_owned(),
+                |p| format!("proxy {}", crate::api::redact_url(p.as_str()))
+            ),
         ));
         for t in &f.targets {
             let stages: Vec<&str> = t.stages.iter().map(|s| s.as_str()).collect();

@@ -145,6 +145,13 @@ impl Store {
         })
     }
 
+    /// Copies the store file at `from` into the new file `to`, safely while a daemon runs on
+    /// it (SQLite's online backup API, on a read-only connection). Refuses an existing `to`.
+    /// Returns how many tasks the copy holds. Blocking.
+    pub fn backup(from: &Path, to: &Path) -> Result<i64, StoreError> {
+        sqlite::backup(from, to)
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         on_backend!(self, b => b.path())
