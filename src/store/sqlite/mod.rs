@@ -790,7 +790,7 @@ mod tests {
         let _ = std::fs::remove_file(dir.path().join("q.db.lock"));
         assert_in_use(&db);
         // The refused opens changed nothing for the daemon that holds it.
-        s.add(vec!["still-mine".into()], None, None, 1000, 10)
+        s.add(vec!["still-mine".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
             .await
             .expect("the first store still writes");
         s.close().await;
@@ -809,14 +809,14 @@ mod tests {
     async fn a_deleted_or_replaced_store_file_refuses_every_write() {
         let (dir, s) = open();
         let db = dir.path().join("q.db");
-        s.add(vec!["before".into()], None, None, 1000, 10)
+        s.add(vec!["before".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
             .await
             .expect("add");
         // Replaced: another file now has the store's name.
         std::fs::rename(&db, dir.path().join("moved.db")).expect("move away");
         std::fs::write(&db, b"").expect("a new file in its place");
         let e = s
-            .add(vec!["lost".into()], None, None, 1000, 10)
+            .add(vec!["lost".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
             .await
             .expect_err("refused");
         assert!(
@@ -829,7 +829,7 @@ mod tests {
         std::fs::remove_file(&db).expect("rm");
         std::fs::remove_file(dir.path().join("moved.db")).expect("rm");
         let e = s
-            .add(vec!["lost".into()], None, None, 1000, 10)
+            .add(vec!["lost".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
             .await
             .expect_err("refused");
         assert!(
@@ -900,7 +900,7 @@ mod tests {
     #[tokio::test]
     async fn a_backup_is_a_complete_store_and_never_overwrites() {
         let (dir, s) = open();
-        s.add(vec!["a".into(), "b".into()], None, None, 1000, 10)
+        s.add(vec!["a".into(), "b".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
             .await
             .expect("add");
         let to = dir.path().join("copy.db");

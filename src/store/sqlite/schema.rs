@@ -327,7 +327,7 @@ impl StoreFile {
 }
 
 /// Tables every sunopoll store has from schema version 1 on.
-const OWN_TABLES: [&str; 3] = ["tasks", "events", "gate"];
+const OWN_TABLES: [&str; 2] = ["tasks", "events"];
 
 /// Checks, reading only, that the database is a sunopoll store (or an empty one) before
 /// anything is changed: another application's database must not be switched to WAL or
