@@ -14,7 +14,10 @@ pub use client::{
     install_crypto_provider, parse_retry_after, redact, redact_url, tls_roots, transport_cause,
     with_tls_roots,
 };
-pub use envelope::{MAX_RETRY_AFTER, Outcome, classify};
+pub use envelope::{
+    Answer, FAILURE_CODES, MAX_RETRY_AFTER, Notes, Outcome, classify, failure_code, passable_url,
+    read_answer,
+};
 pub use families::Family;
 
 /// Shortens `s` to at most `max` characters for a log line, on a character boundary, and
