@@ -114,6 +114,16 @@ pub fn failure_code(v: &Value) -> Option<i64> {
     FAILURE_CODES.contains(&code).then_some(code)
 }
 
+/// Longest status string kept. Every documented status is under 30 characters; a longer one
+/// is unknown anyway, and keeping it whole would put a 1 MB string into the store, every log
+/// line about the task and `list`.
+pub const MAX_STATUS: usize = 200;
+
+/// A status string as kept: at most [`MAX_STATUS`] characters.
+pub(crate) fn status_text(s: &str) -> String {
+    crate::logging::truncated(s, MAX_STATUS).into_owned()
+}
+
 /// Reads a non-empty string.
 pub(crate) fn str_of(v: Option<&Value>) -> Option<String> {
     match v? {

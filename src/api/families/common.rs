@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::envelope::{failure_code, json_kind, str_of};
+use crate::api::envelope::{failure_code, json_kind, status_text, str_of};
 use crate::events::{NewEvent, Stage};
 
 /// What a status means for a single-callback family.
@@ -161,8 +161,8 @@ impl<R> Details<R> {
 /// compare exact values), an integer as its digits; anything else cannot be a status.
 fn read_status(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
     match obj.get(key) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(Value::String(s)) if !s.is_empty() => Ok(status_text(s)),
+        Some(Value::Number(n)) => Ok(status_text(&n.to_string())),
         Some(Value::String(_)) => Err(format!("`data.{key}` is an empty string")),
         Some(other) => Err(format!("`data.{key}` is {}", json_kind(other))),
         None => Err(format!("`data.{key}` is missing")),

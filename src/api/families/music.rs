@@ -113,7 +113,7 @@ impl TaskStatus {
             "GENERATE_AUDIO_FAILED" => TaskStatus::GenerateAudioFailed,
             "CALLBACK_EXCEPTION" => TaskStatus::CallbackException,
             "SENSITIVE_WORD_ERROR" => TaskStatus::SensitiveWordError,
-            other => TaskStatus::Other(other.to_owned()),
+            other => TaskStatus::Other(crate::api::envelope::status_text(other)),
         }
     }
 
