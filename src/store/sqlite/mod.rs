@@ -219,6 +219,16 @@ impl Backend for Sqlite {
         self.read(move |c| tasks::list(c, state, limit)).await
     }
 
+    async fn list_page(
+        &self,
+        state: Option<TaskState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(Vec<TaskRecord>, Option<i64>), StoreError> {
+        self.read(move |c| tasks::list_page(c, state, before, limit))
+            .await
+    }
+
     async fn show(&self, id: String) -> Result<Option<(TaskRecord, Vec<EventRecord>)>, StoreError> {
         self.read(move |c| {
             let Some(task) = tasks::record(c, &id)? else {
@@ -245,6 +255,17 @@ impl Backend for Sqlite {
         limit: Option<u32>,
     ) -> Result<Vec<EventRecord>, StoreError> {
         self.read(move |c| events::since(c, since, task.as_deref(), limit))
+            .await
+    }
+
+    async fn events_page(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.read(move |c| events::since_capped(c, since, task.as_deref(), Some(limit), max_bytes))
             .await
     }
 
