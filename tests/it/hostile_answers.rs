@@ -334,3 +334,153 @@ async fn text_from_the_api_cannot_forge_terminal_output_or_flood_the_log() {
     let longest = log.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 4096, "a log line of {longest} bytes");
 }
+
+/// Sends one request on a fresh connection and reads its whole answer line, however long.
+async fn answer_bytes(socket: &std::path::Path, request: &Value) -> String {
+    let mut c = RawClient::connect(socket).await;
+    c.send_line(&request.to_string()).await;
+    let v = c.read_json().await.expect("an answer");
+    assert_eq!(v["ok"], true, "{}", crate::helpers::compact(&v["error"]));
+    serde_json::to_string(&v).expect("json")
+}
+
+/// KiB to MiB, for messages.
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_list_is_streamed_not_built_whole() {
+    let api = FakeApi::start().await;
+    let mut config = BinConfig::new(&api.uri());
+    // The tasks only need to be there; polling them all would only load the machine.
+    config.rps = "1".to_owned();
+    let d = BinDaemon::start(&config).await;
+    let n = count_from_env("SUNOPOLL_LIST_TASKS", 30_000);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let ids: Vec<String> = chunk.iter().map(|i| format!("list-task-{i:07}")).collect();
+        let v = d
+            .request(json!({"cmd": "add", "task_ids": ids, "label": "a label to make rows longer"}))
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    // A short one first, so the connection and the allocator's arenas are warm. Not a long
+    // one: a whole answer built once leaves its memory to the next.
+    let warm = answer_bytes(&d.socket, &json!({"cmd": "list", "limit": 1000})).await;
+    assert!(warm.len() > 100_000);
+    let (_, peak_before) = d.memory_kib();
+    let answer = answer_bytes(&d.socket, &json!({"cmd": "list"})).await;
+    let (_, peak_after) = d.memory_kib();
+    let v: Value = serde_json::from_str(&answer).expect("json");
+    assert_eq!(
+        v["tasks"].as_array().map(Vec::len),
+        Some(n),
+        "every task is listed"
+    );
+    let answer_kib = answer.len() as u64 / 1024;
+    let grew = peak_after.saturating_sub(peak_before);
+    // Built whole, the answer costs the daemon several times its size (the records, the views,
+    // the line); streamed, one page of 256 rows, plus SQLite's page cache (2 MiB) warming up.
+    assert!(
+        grew < answer_kib / 3,
+        "the daemon's peak grew by {:.1} MiB for a {:.1} MiB answer",
+        mib(grew),
+        mib(answer_kib)
+    );
+}
+
+/// Adds `n` tasks whose SUCCESS answers carry `prompt_bytes` of prompt per track, and waits
+/// until every one is done: about three events each, two of them large.
+async fn large_events(api: &FakeApi, d: &BinDaemon, n: usize, prompt_bytes: usize) {
+    let long = "x".repeat(prompt_bytes);
+    let ids: Vec<String> = (0..n).map(|i| format!("big-{i:03}")).collect();
+    for id in &ids {
+        api.script(
+            id,
+            vec![success_with(id, |t| {
+                t.replace("\"prompt\": \"", &format!("\"prompt\": \"{long}"))
+            })],
+        );
+    }
+    let v = d.request(json!({"cmd": "add", "task_ids": ids})).await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(d.wait_finished(&ids).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_events_page_is_streamed_and_stalled_followers_hold_one_page() {
+    let api = FakeApi::start().await;
+    let config = BinConfig::new(&api.uri());
+    let mut d = BinDaemon::start(&config).await;
+    large_events(&api, &d, 40, 150_000).await;
+    let (rss_start, _) = d.memory_kib();
+
+    // One `events` request with limit 10000 over ~40 MB of bodies.
+    let warm = answer_bytes(&d.socket, &json!({"cmd": "events", "limit": 2})).await;
+    assert!(warm.len() > 100_000);
+    let (_, peak_before) = d.memory_kib();
+    let answer = answer_bytes(
+        &d.socket,
+        &json!({"cmd": "events", "since": 0, "limit": 10000}),
+    )
+    .await;
+    let (_, peak_after) = d.memory_kib();
+    let v: Value = serde_json::from_str(&answer).expect("json");
+    assert_eq!(v["more"], false);
+    assert!(v["events"].as_array().map_or(0, Vec::len) >= 80);
+    let answer_kib = answer.len() as u64 / 1024;
+    let grew = peak_after.saturating_sub(peak_before);
+    // Whole, several times the answer; streamed, one page and SQLite's page cache (2 MiB).
+    assert!(
+        grew < answer_kib / 3,
+        "the daemon's peak grew by {:.1} MiB for a {:.1} MiB answer",
+        mib(grew),
+        mib(answer_kib)
+    );
+
+    // Followers from the first event that never read: each holds one page (at most 256 KiB
+    // of bodies and one more), not the whole log, and the memory comes back when they go.
+    let followers = 40;
+    let mut stalled = Vec::new();
+    for _ in 0..followers {
+        let mut c = RawClient::connect(&d.socket).await;
+        c.send_line(&json!({"cmd": "events", "follow": true, "since": 0}).to_string())
+            .await;
+        stalled.push(c);
+    }
+    // Each has been served from its first page (a follower reads its page before it writes
+    // the first line); then none reads any more, and their writes block.
+    for c in &mut stalled {
+        let line = c.read_json().await.expect("the first event");
+        assert!(line["event"]["seq"].is_i64(), "{line}");
+    }
+    let status = d.status().await;
+    assert_eq!(status["ok"], true);
+    let (_, peak_followed) = d.memory_kib();
+    let per_follower = peak_followed.saturating_sub(peak_after) / followers;
+    assert!(
+        per_follower < 4 * 1024,
+        "a stalled follower costs {:.1} MiB (the log is {:.1} MiB)",
+        mib(per_follower),
+        mib(answer_kib)
+    );
+    drop(stalled);
+    poll_until(
+        Deadline::patience(),
+        "the daemon to drop the followers",
+        std::time::Duration::from_millis(50),
+        || async {
+            let v = d.request(json!({"cmd": "status"})).await;
+            (v["ok"] == true).then_some(())
+        },
+    )
+    .await;
+    let (rss_end, _) = d.memory_kib();
+    assert!(
+        rss_end < rss_start + 64 * 1024,
+        "RSS {:.1} MiB after the clients left, {:.1} MiB before",
+        mib(rss_end),
+        mib(rss_start)
+    );
+    d.stop().await;
+}
