@@ -192,14 +192,15 @@ pub fn decide<F: Family>(
     let reached = update.events.last().map(|e| e.stage).or(task.stage);
     if !reached.is_some_and(Stage::is_terminal) && past_deadline {
         if let Outcome::Broken { cause } = outcome {
-            // The API answered, but not legibly: the task may well have finished, so a 408
-            // "timed out" would be false. Say what happened.
+            // The API answered, but not legibly (or, for a task it alone keeps failing, not
+            // usably): the task may well have finished, so a 408 "timed out" would be false.
+            // Say what happened.
             update.events.push(family.error_event(
                 &task.id,
                 UNREADABLE_CODE,
                 &format!(
-                    "Unreadable: the task-deadline ({}) passed and the API's answer about this \
-                     task could not be read: {}",
+                    "Unreadable: the task-deadline ({}) passed and the API's answers about \
+                     this task could not be read or used: {}",
                     format_duration(Duration::from_millis(u64::try_from(budget).unwrap_or(0))),
                     clip(cause, 200)
                 ),
