@@ -766,6 +766,60 @@ pub fn answer_line<T: Serialize>(body: &T) -> Result<String, serde_json::Error> 
     Ok(s)
 }
 
+/// A successful answer whose one list field is written row by row, for answers too long to
+/// build whole (`list` over a million tasks, `events` over large bodies): the bytes are the
+/// ones [`answer_line`] writes for the whole answer, so the client reads one line either way,
+/// but the daemon only ever holds the rows not yet taken. Only for answers whose list field
+/// comes first and whose other fields are known once the rows are ([`ListResponse`],
+/// [`EventsResponse`]).
+#[derive(Debug)]
+pub struct RowStream {
+    buf: String,
+    rows: usize,
+}
+
+impl RowStream {
+    /// Starts the answer: `{"ok":true,"<field>":[`.
+    pub fn open(field: &str) -> RowStream {
+        RowStream {
+            buf: format!("{{\"ok\":true,\"{field}\":["),
+            rows: 0,
+        }
+    }
+
+    /// Adds one row.
+    pub fn push<T: Serialize>(&mut self, row: &T) -> Result<(), serde_json::Error> {
+        if self.rows > 0 {
+            self.buf.push(',');
+        }
+        self.rows += 1;
+        let json = serde_json::to_string(row)?;
+        self.buf.push_str(&json);
+        Ok(())
+    }
+
+    /// Bytes written so far and not yet taken.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Takes the bytes written so far, to send them.
+    pub fn take(&mut self) -> String {
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Ends the list and the answer; `fields` are the answer's other fields, in order
+    /// (`[("more", false)]`). Returns the last bytes, newline included.
+    pub fn close(mut self, fields: &[(&str, &Value)]) -> String {
+        self.buf.push(']');
+        for (name, value) in fields {
+            self.buf.push_str(&format!(",\"{name}\":{value}"));
+        }
+        self.buf.push_str("}\n");
+        self.buf
+    }
+}
+
 /// Reads a successful answer's fields from its line (`ok` itself is not among them).
 pub fn parse_answer<T: serde::de::DeserializeOwned>(line: &str) -> Result<T, serde_json::Error> {
     serde_json::from_str(line)
@@ -774,6 +828,44 @@ pub fn parse_answer<T: serde::de::DeserializeOwned>(line: &str) -> Result<T, ser
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_streamed_answer_is_the_same_line_as_the_whole_answer() {
+        let task = |id: &str| TaskView {
+            task_id: id.into(),
+            kind: Kind::Music,
+            account: "default".into(),
+            state: TaskState::Active,
+            stage: None,
+            last_status: Some("PENDING\n\u{1b}".into()),
+            last_error: None,
+            polls: 1,
+            added_at: "2026-01-01T00:00:00Z".into(),
+            updated_at: "2026-01-01T00:00:00Z".into(),
+            next_poll_at: None,
+            deadline_at: "2026-01-01T02:00:00Z".into(),
+            finished_at: None,
+            callback_url: None,
+            label: None,
+        };
+        for n in [0, 1, 3] {
+            let tasks: Vec<TaskView> = (0..n).map(|i| task(&format!("t{i}"))).collect();
+            let mut stream = RowStream::open("tasks");
+            let mut line = String::new();
+            for t in &tasks {
+                stream.push(t).expect("row");
+                line.push_str(&stream.take());
+            }
+            line.push_str(&stream.close(&[]));
+            let whole = answer_line(&ListResponse { tasks }).expect("line");
+            assert_eq!(line, whole);
+        }
+        let events: Vec<EventView> = vec![];
+        let stream = RowStream::open("events");
+        let line = stream.close(&[("more", &Value::Bool(true))]);
+        let whole = answer_line(&EventsResponse { events, more: true }).expect("line");
+        assert_eq!(line, whole);
+    }
 
     #[test]
     fn requests_round_trip() {

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{Control, MAX_CONNECTIONS, WRITE_TIMEOUT};
+use super::{Control, WRITE_TIMEOUT, max_connections};
 use crate::clock::format_duration;
 use crate::protocol::{ErrorBody, MAX_LINE, Request};
 
@@ -344,7 +344,12 @@ pub async fn serve(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let cap = max_connections();
+    debug!(
+        connections = cap,
+        "control connections served at once (from the open-files limit)"
+    );
+    let permits = Arc::new(Semaphore::new(cap));
     let connections = SharedConnections::default();
     let mut accept_errors = 0u32;
     loop {
@@ -523,8 +528,7 @@ async fn handle_connection(
         {
             return super::events::follow(req, ctx, &mut reader, &mut write, cancel).await;
         }
-        let response = super::handle(request, ctx).await;
-        write_line(&mut write, &response).await?;
+        super::answer(request, ctx, &mut write).await?;
     }
 }
 

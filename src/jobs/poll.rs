@@ -81,6 +81,10 @@ pub const REJECTION_LIMIT: u32 = 3;
 /// "timeout" code).
 pub const DEADLINE_CODE: i64 = 408;
 
+/// The callback code of the `error` event sent when the answers about a task could not be read
+/// until its deadline: 500, the one failure code in every family's list (`families.md` §1.5).
+pub const UNREADABLE_CODE: i64 = 500;
+
 /// The shortest gap between two `STATUS=` lines sent to systemd. A busy queue changes its
 /// counts many times a second; `systemctl status` is read by people, so every few seconds is
 /// current enough, and it bounds the task counting the line needs.
@@ -187,8 +191,24 @@ pub fn decide<F: Family>(
     }
     let reached = update.events.last().map(|e| e.stage).or(task.stage);
     if !reached.is_some_and(Stage::is_terminal) && past_deadline {
-        update.events.push(deadline_event());
-        update.timed_out = true;
+        if let Outcome::Broken { cause } = outcome {
+            // The API answered, but not legibly (or, for a task it alone keeps failing, not
+            // usably): the task may well have finished, so a 408 "timed out" would be false.
+            // Say what happened.
+            update.events.push(family.error_event(
+                &task.id,
+                UNREADABLE_CODE,
+                &format!(
+                    "Unreadable: the task-deadline ({}) passed and the API's answers about \
+                     this task could not be read or used: {}",
+                    format_duration(Duration::from_millis(u64::try_from(budget).unwrap_or(0))),
+                    clip(cause, 200)
+                ),
+            ));
+        } else {
+            update.events.push(deadline_event());
+            update.timed_out = true;
+        }
     }
     update.state = match update.events.last().map(|e| e.stage) {
         Some(Stage::Complete) => TaskState::Done,
@@ -1414,7 +1434,34 @@ mod tests {
         ] {
             let u = decide(&Music, &t, &outcome, 7_200_000, &policy(), 0.5);
             assert_eq!(u.state, TaskState::Failed, "{outcome:?}");
-            assert_eq!(u.events.last().map(|e| e.code), Some(DEADLINE_CODE));
+            let want = match outcome {
+                Outcome::Broken { .. } => UNREADABLE_CODE,
+                _ => DEADLINE_CODE,
+            };
+            assert_eq!(u.events.last().map(|e| e.code), Some(want));
         }
+    }
+
+    #[test]
+    fn unreadable_answers_past_the_deadline_end_the_task_saying_so_not_with_a_timeout() {
+        let t = asked_since_added(task(None), 7_170_000);
+        let broken = Outcome::Broken {
+            cause: "HTTP 200 with a body over 8388608 bytes".into(),
+        };
+        let u = decide(&Music, &t, &broken, 7_200_000, &policy(), 0.5);
+        assert_eq!(u.state, TaskState::Failed);
+        assert!(
+            !u.timed_out,
+            "nothing timed out: the answers were unreadable"
+        );
+        let ev = u.events.last().expect("an error event");
+        assert_eq!((ev.stage, ev.code), (Stage::Error, UNREADABLE_CODE));
+        let body: serde_json::Value = serde_json::from_str(&ev.body).expect("json");
+        let msg = body["msg"].as_str().expect("msg");
+        assert!(
+            msg.starts_with("Unreadable:") && msg.contains("8388608"),
+            "{msg}"
+        );
+        assert!(!msg.contains("Timed out"), "{msg}");
     }
 }

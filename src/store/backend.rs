@@ -95,6 +95,17 @@ pub trait Backend: Send + Sync {
         limit: Option<u32>,
     ) -> impl Future<Output = Result<Vec<TaskRecord>, StoreError>> + Send;
 
+    /// One page of [`Backend::list`] for an answer streamed page by page: at most `limit`
+    /// tasks, newest first, older than the page `before` ended at (`None`: from the newest),
+    /// and the cursor of the page after this one (`None` when this is the last). Pages of one
+    /// listing never repeat or skip a task that stays in the store.
+    fn list_page(
+        &self,
+        state: Option<TaskState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<TaskRecord>, Option<i64>), StoreError>> + Send;
+
     /// One task and its events, or `None` if it is unknown.
     fn show(
         &self,
@@ -114,6 +125,16 @@ pub trait Backend: Send + Sync {
         since: i64,
         task: Option<String>,
         limit: Option<u32>,
+    ) -> impl Future<Output = Result<Vec<EventRecord>, StoreError>> + Send;
+
+    /// Like [`Backend::events`], and the page stops once its bodies hold `max_bytes` (always
+    /// at least one event): a page of large bodies costs a bounded amount of memory.
+    fn events_page(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: u32,
+        max_bytes: usize,
     ) -> impl Future<Output = Result<Vec<EventRecord>, StoreError>> + Send;
 
     /// Task counts and the event sequence high-water mark.

@@ -41,6 +41,7 @@ mod sqlite {
         kept_counts_equal_a_recount_after_any_mix_of_changes,
         the_deadline_time_used_is_kept_with_the_task,
         due_times_move_with_a_clock_step,
+        pages_of_tasks_and_events_add_up_to_the_whole_listing,
     );
 }
 
@@ -745,4 +746,59 @@ async fn due_times_move_with_a_clock_step(s: &impl Backend) {
         0,
         "nothing pending to deliver"
     );
+}
+
+async fn pages_of_tasks_and_events_add_up_to_the_whole_listing(s: &impl Backend) {
+    let ids: Vec<String> = (0..23).map(|i| format!("t{i:02}")).collect();
+    s.add(
+        ids.clone(),
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
+    for id in ids.iter().step_by(3) {
+        let ev = error_event(id, 501, &"x".repeat(100));
+        s.apply_poll(id.clone(), 2000, move |_| {
+            update(TaskState::Failed, vec![ev])
+        })
+        .await
+        .expect("apply")
+        .expect("active");
+    }
+    for state in [None, Some(TaskState::Failed), Some(TaskState::Active)] {
+        let whole: Vec<String> = s
+            .list(state, None)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        let (mut paged, mut before, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let (page, next) = s.list_page(state, before, 5).await.expect("page");
+            assert!(page.len() <= 5);
+            paged.extend(page.into_iter().map(|t| t.task_id));
+            pages += 1;
+            match next {
+                Some(n) => before = Some(n),
+                None => break,
+            }
+            assert!(pages < 100, "the pages end");
+        }
+        assert_eq!(paged, whole, "{state:?}");
+    }
+    // Event pages stop at their byte budget, but always hold one event.
+    let all = s.events(0, None, None).await.expect("events");
+    assert_eq!(all.len(), 8);
+    let one = all[0].body.len();
+    let page = s.events_page(0, None, 100, one * 3).await.expect("page");
+    assert_eq!(page.len(), 3);
+    assert_eq!(page[0].seq, all[0].seq);
+    let page = s.events_page(all[6].seq, None, 100, 1).await.expect("page");
+    assert_eq!(page.len(), 1, "one event even over the budget");
+    assert_eq!(page[0].seq, all[7].seq);
+    let page = s.events_page(0, None, 2, usize::MAX).await.expect("page");
+    assert_eq!(page.len(), 2, "and never more than the limit");
 }

@@ -240,6 +240,16 @@ impl Store {
         on_backend!(self, b => b.list(state, limit).await)
     }
 
+    /// One page of [`Store::list`], for streamed answers: see [`Backend::list_page`].
+    pub async fn list_page(
+        &self,
+        state: Option<TaskState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(Vec<TaskRecord>, Option<i64>), StoreError> {
+        on_backend!(self, b => b.list_page(state, before, limit).await)
+    }
+
     /// One task and its events, or `None` if it is unknown.
     pub async fn show(
         &self,
@@ -261,6 +271,18 @@ impl Store {
         limit: Option<u32>,
     ) -> Result<Vec<EventRecord>, StoreError> {
         on_backend!(self, b => b.events(since, task, limit).await)
+    }
+
+    /// Events above `since`, at most `limit` and about `max_bytes` of bodies: see
+    /// [`Backend::events_page`].
+    pub async fn events_page(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        on_backend!(self, b => b.events_page(since, task, limit, max_bytes).await)
     }
 
     /// Task counts and the event sequence high-water mark.

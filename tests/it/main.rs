@@ -16,6 +16,7 @@ mod figures;
 mod forward;
 mod helpers;
 mod hostile;
+mod hostile_answers;
 mod hostile_local;
 mod metrics;
 mod monitoring;

@@ -3,7 +3,6 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Sql;
-use crate::api::families::Kind;
 use crate::events::Stage;
 use crate::store::EventRecord;
 
@@ -13,6 +12,18 @@ pub(super) fn since(
     since: i64,
     task: Option<&str>,
     limit: Option<u32>,
+) -> Sql<Vec<EventRecord>> {
+    since_capped(conn, since, task, limit, usize::MAX)
+}
+
+/// [`since`], stopping once the bodies read hold `max_bytes` (at least one event is read).
+/// Rows are read one by one, so the rest are never loaded.
+pub(super) fn since_capped(
+    conn: &Connection,
+    since: i64,
+    task: Option<&str>,
+    limit: Option<u32>,
+    max_bytes: usize,
 ) -> Sql<Vec<EventRecord>> {
     // Two statements, not `(?2 IS NULL OR task_id = ?2)`: SQLite plans a statement once, and
     // that form cannot use the (task_id, stage) index, so one task's events meant a scan of
@@ -27,32 +38,24 @@ pub(super) fn since(
              WHERE seq > ?1 AND ?2 IS NULL ORDER BY seq LIMIT ?3",
         )?,
     };
-    let rows = stmt
-        .query_map(params![since, task, limit.map_or(-1, i64::from)], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            ))
-        })?
-        .collect::<Result<Vec<(i64, String, Stage, i64, i64, String, Kind)>, _>>()?;
-    rows.into_iter()
-        .map(|(seq, task_id, stage, code, created_at, body, kind)| {
-            Ok(EventRecord {
-                seq,
-                task_id,
-                kind,
-                stage,
-                code,
-                created_at,
-                body,
-            })
-        })
-        .collect()
+    let mut rows = stmt.query(params![since, task, limit.map_or(-1, i64::from)])?;
+    let (mut out, mut bytes) = (Vec::new(), 0usize);
+    while bytes < max_bytes
+        && let Some(r) = rows.next()?
+    {
+        let body: String = r.get(5)?;
+        bytes = bytes.saturating_add(body.len());
+        out.push(EventRecord {
+            seq: r.get(0)?,
+            task_id: r.get(1)?,
+            stage: r.get(2)?,
+            code: r.get(3)?,
+            created_at: r.get(4)?,
+            kind: r.get(6)?,
+            body,
+        });
+    }
+    Ok(out)
 }
 
 /// `(seq, task, stage)` of the events matching `filter`, oldest first.

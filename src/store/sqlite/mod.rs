@@ -292,6 +292,16 @@ impl Backend for Sqlite {
         self.read(move |c| tasks::list(c, state, limit)).await
     }
 
+    async fn list_page(
+        &self,
+        state: Option<TaskState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(Vec<TaskRecord>, Option<i64>), StoreError> {
+        self.read(move |c| tasks::list_page(c, state, before, limit))
+            .await
+    }
+
     async fn show(&self, id: String) -> Result<Option<(TaskRecord, Vec<EventRecord>)>, StoreError> {
         self.read(move |c| {
             let Some(task) = tasks::record(c, &id)? else {
@@ -318,6 +328,17 @@ impl Backend for Sqlite {
         limit: Option<u32>,
     ) -> Result<Vec<EventRecord>, StoreError> {
         self.read(move |c| events::since(c, since, task.as_deref(), limit))
+            .await
+    }
+
+    async fn events_page(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.read(move |c| events::since_capped(c, since, task.as_deref(), Some(limit), max_bytes))
             .await
     }
 
@@ -790,9 +811,14 @@ mod tests {
         let _ = std::fs::remove_file(dir.path().join("q.db.lock"));
         assert_in_use(&db);
         // The refused opens changed nothing for the daemon that holds it.
-        s.add(vec!["still-mine".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
-            .await
-            .expect("the first store still writes");
+        s.add(
+            vec!["still-mine".into()],
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            10,
+        )
+        .await
+        .expect("the first store still writes");
         s.close().await;
         let again = Sqlite::open(&hard).expect("free once the first one closed");
         assert!(
@@ -809,14 +835,24 @@ mod tests {
     async fn a_deleted_or_replaced_store_file_refuses_every_write() {
         let (dir, s) = open();
         let db = dir.path().join("q.db");
-        s.add(vec!["before".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
-            .await
-            .expect("add");
+        s.add(
+            vec!["before".into()],
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            10,
+        )
+        .await
+        .expect("add");
         // Replaced: another file now has the store's name.
         std::fs::rename(&db, dir.path().join("moved.db")).expect("move away");
         std::fs::write(&db, b"").expect("a new file in its place");
         let e = s
-            .add(vec!["lost".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
+            .add(
+                vec!["lost".into()],
+                crate::store::TaskSpec::music(None, None),
+                1000,
+                10,
+            )
             .await
             .expect_err("refused");
         assert!(
@@ -829,7 +865,12 @@ mod tests {
         std::fs::remove_file(&db).expect("rm");
         std::fs::remove_file(dir.path().join("moved.db")).expect("rm");
         let e = s
-            .add(vec!["lost".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
+            .add(
+                vec!["lost".into()],
+                crate::store::TaskSpec::music(None, None),
+                1000,
+                10,
+            )
             .await
             .expect_err("refused");
         assert!(
@@ -900,9 +941,14 @@ mod tests {
     #[tokio::test]
     async fn a_backup_is_a_complete_store_and_never_overwrites() {
         let (dir, s) = open();
-        s.add(vec!["a".into(), "b".into()], crate::store::TaskSpec::music(None, None), 1000, 10)
-            .await
-            .expect("add");
+        s.add(
+            vec!["a".into(), "b".into()],
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            10,
+        )
+        .await
+        .expect("add");
         let to = dir.path().join("copy.db");
         // While the store is open and writing (WAL, nothing checkpointed yet).
         assert_eq!(backup(s.path(), &to).expect("backup"), 2);

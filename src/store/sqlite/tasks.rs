@@ -320,6 +320,42 @@ pub(super) fn list(
     Ok(rows)
 }
 
+/// The statement of `list_page`: as [`list_sql`], below a rowid. The rowid is the cursor:
+/// it orders the listing already, and every index holds it.
+fn list_page_sql(by_state: bool) -> String {
+    if by_state {
+        format!(
+            "SELECT {RECORD_COLUMNS}, rowid AS page_cursor FROM tasks INDEXED BY tasks_state
+             WHERE state = ?1 AND rowid < ?2 ORDER BY rowid DESC LIMIT ?3"
+        )
+    } else {
+        format!(
+            "SELECT {RECORD_COLUMNS}, rowid AS page_cursor FROM tasks WHERE rowid < ?1
+             ORDER BY rowid DESC LIMIT ?2"
+        )
+    }
+}
+
+pub(super) fn list_page(
+    conn: &Connection,
+    state: Option<TaskState>,
+    before: Option<i64>,
+    limit: u32,
+) -> Sql<(Vec<TaskRecord>, Option<i64>)> {
+    let before = before.unwrap_or(i64::MAX);
+    let mut stmt = conn.prepare_cached(&list_page_sql(state.is_some()))?;
+    let with_cursor = |r: &Row<'_>| Ok((record_from_row(r)?, r.get::<_, i64>("page_cursor")?));
+    let rows = match state {
+        Some(state) => stmt.query_map(params![state.as_str(), before, limit], with_cursor)?,
+        None => stmt.query_map(params![before, limit], with_cursor)?,
+    }
+    .collect::<Result<Vec<_>, _>>()?;
+    let next = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|(_, cursor)| *cursor))
+        .flatten();
+    Ok((rows.into_iter().map(|(r, _)| r).collect(), next))
+}
+
 pub(super) fn record(conn: &Connection, id: &str) -> Sql<Option<TaskRecord>> {
     Ok(conn
         .prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM tasks WHERE id = ?1"))?
