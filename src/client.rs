@@ -504,8 +504,9 @@ fn print_list(req: &ListRequest, answer: &ListResponse) {
         return;
     }
     out!(
-        "{:<34} {:<8} {:<9} {:<22} {:<21} LABEL",
+        "{:<34} {:<6} {:<8} {:<9} {:<22} {:<21} LABEL",
         "TASK ID",
+        "KIND",
         "STATE",
         "STAGE",
         "LAST STATUS",
@@ -513,8 +514,9 @@ fn print_list(req: &ListRequest, answer: &ListResponse) {
     );
     for t in tasks {
         out!(
-            "{:<34} {:<8} {:<9} {:<22} {:<21} {}",
+            "{:<34} {:<6} {:<8} {:<9} {:<22} {:<21} {}",
             esc(&t.task_id),
+            t.kind.as_str(),
             t.state.as_str(),
             shown(t.stage.map(Stage::as_str)),
             shown(t.last_status.as_deref()),

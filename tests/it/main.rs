@@ -9,6 +9,7 @@ mod clock;
 mod control;
 mod crash;
 mod edges;
+mod families;
 mod faults_api;
 mod faults_handler;
 mod faults_store;
