@@ -425,16 +425,25 @@ fn check_config(path: Option<PathBuf>, env: &Environment) -> ExitCode {
     match Config::load(path.as_deref(), env) {
         Ok(config) => {
             println!("{}", config.summary());
-            match config.api_key(env) {
-                Ok(_) => println!("api key: found"),
-                // A key file the config names but that cannot be read stops the daemon (exit
-                // 2), so it is a problem here too. Without one, the key may well come from
-                // systemd's credential or the service's environment, which only it sees.
-                Err(e) if config.api.key_file.is_some() => {
-                    eprintln!("sunopoll: api.key-file: {e}; the daemon would not start");
-                    return ExitCode::from(EXIT_USAGE);
+            let accounts = config.accounts();
+            for account in &accounts {
+                let whose = if account.implicit {
+                    "api key".to_owned()
+                } else {
+                    format!("api key of account {:?}", account.name)
+                };
+                match crate::config::KeySource::of(account, env).read() {
+                    Ok(_) => println!("{whose}: found"),
+                    // A key file the config names but that cannot be read stops the daemon
+                    // (exit 2), so it is a problem here too. Without one, the key may well
+                    // come from systemd's credential or the service's environment, which only
+                    // it sees.
+                    Err(e) if account.key_file.is_some() => {
+                        eprintln!("sunopoll: {whose}: {e}; the daemon would not start");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                    Err(e) => println!("{whose}: not available here ({e})"),
                 }
-                Err(e) => println!("api key: not available here ({e})"),
             }
             println!("ok");
             ExitCode::SUCCESS

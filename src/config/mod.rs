@@ -602,11 +602,10 @@ impl KeySource {
 
     /// Reads the key now. The error names all three places.
     pub fn read(&self) -> Result<ApiKey, String> {
-        let whose = self
-            .account
-            .as_ref()
-            .map_or_else(String::new, |a| format!(" of account {a:?}"));
-        self.read_key().map_err(|e| format!("{e}{whose}"))
+        match &self.account {
+            None => self.read_key(),
+            Some(a) => self.read_key().map_err(|e| format!("account {a:?}: {e}")),
+        }
     }
 
     fn read_key(&self) -> Result<ApiKey, String> {
@@ -659,6 +658,28 @@ impl Config {
     /// A short human summary, for `check-config` and the startup log.
     pub fn summary(&self) -> String {
         let mut s = self.base_summary();
+        if !self.api.account.is_empty() {
+            for a in self.accounts() {
+                s.push_str(&format!(
+                    "\naccount {:?}: {} ({}), {}, at most {} in flight, key from {}{} or ${}",
+                    a.name,
+                    crate::api::redact_url(a.base_url.as_str()),
+                    a.flavor.as_str(),
+                    a.max_requests_per_second.map_or_else(
+                        || "no request rate limit".to_owned(),
+                        |r| format!("at most {r} requests/s")
+                    ),
+                    a.max_in_flight,
+                    format_args!("$CREDENTIALS_DIRECTORY/{}", a.credential()),
+                    a.key_file
+                        .as_ref()
+                        .map_or_else(String::new, |f| format!(", {}", f.display())),
+                    a.env_var(),
+                ));
+            }
+        } else if let Some(flavor) = self.api.flavor {
+            s.push_str(&format!("\nflavor: {}", flavor.as_str()));
+        }
         let f = &self.forward;
         let schedule: Vec<String> = f
             .retry_schedule
