@@ -26,6 +26,9 @@ pub enum Mode {
     Close,
     /// Read the request, then reset without answering.
     Reset,
+    /// Relay, holding each piece of a request for a varying 0–`ms` milliseconds before passing
+    /// it on: a network whose latency jitters, so requests sent evenly arrive bunched.
+    Jitter(u64),
 }
 
 /// The misbehaving server.
@@ -52,6 +55,8 @@ impl Chaos {
                     let mode = *mode_rx.borrow();
                     if mode == Mode::Pass {
                         relay(stream, upstream, mode_rx).await;
+                    } else if let Mode::Jitter(ms) = mode {
+                        relay_jittered(stream, upstream, ms).await;
                     } else {
                         misbehave(stream, mode, &seen).await;
                     }
@@ -105,6 +110,32 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, mut mode: watch::Rec
     }
 }
 
+async fn relay_jittered(client: TcpStream, upstream: SocketAddr, max_ms: u64) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut client_r, mut client_w) = client.into_split();
+    let (mut server_r, mut server_w) = server.into_split();
+    let up = async move {
+        let mut buf = [0u8; 16384];
+        loop {
+            let n = match client_r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let hold = fastrand::u64(0..=max_ms);
+            tokio::time::sleep(Duration::from_millis(hold)).await;
+            if server_w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let down = async move {
+        let _ = tokio::io::copy(&mut server_r, &mut client_w).await;
+    };
+    tokio::join!(up, down);
+}
+
 /// Reads one HTTP/1.1 request (head, then a `Content-Length` body), at most 1 MiB; returns
 /// its head, lower-cased.
 async fn read_request(stream: &mut TcpStream) -> Option<String> {
@@ -149,7 +180,7 @@ async fn misbehave(mut stream: TcpStream, mode: Mode, seen: &Mutex<Vec<(Instant,
     seen.lock().expect("faults").push((arrived, id));
     let partial = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4096\r\n\r\n{\"code\":200,\"msg\":\"success\",\"data\":{\"taskId\":\"";
     match mode {
-        Mode::Pass => {}
+        Mode::Pass | Mode::Jitter(_) => {}
         Mode::Truncate => {
             let _ = stream.write_all(partial).await;
             let _ = stream.flush().await;
