@@ -660,18 +660,12 @@ pub fn headline(v: &StatusResponse) -> String {
     )
 }
 
-fn print_status(v: &StatusResponse) {
-    out!("{}", esc(&headline(v)));
-    out!("sunopoll {}", esc(&v.version));
-    for p in v.problems.iter().skip(1) {
-        out!("  problem: {}", esc(p));
-    }
-    let poll = &v.poll;
+/// An account's polling state in words: polling, or paused with why and until when.
+fn polling_state(poll: &crate::jobs::gate::PollStatus) -> String {
     match poll.state.as_str() {
-        "polling" => out!(
-            "polling:      yes ({} in flight, {} requests since start)",
-            poll.in_flight,
-            poll.requests
+        "polling" => format!(
+            "yes ({} in flight, {} requests since start)",
+            poll.in_flight, poll.requests
         ),
         state => {
             let kind = poll
@@ -687,12 +681,55 @@ fn print_status(v: &StatusResponse) {
                 .as_deref()
                 .map(|c| format!(": {c}"))
                 .unwrap_or_default();
+            esc(&format!(
+                "{state} — {kind} (pause #{}{until}){cause}",
+                poll.pause_attempt
+            ))
+            .into_owned()
+        }
+    }
+}
+
+/// An account's request rate: its ceiling, and what it learnt from throttling if lower.
+fn rate_text(poll: &crate::jobs::gate::PollStatus) -> String {
+    let ceiling = poll
+        .rate_limit
+        .map_or_else(|| "no rate limit".to_owned(), |r| format!("at most {r}/s"));
+    match poll.learnt_rate {
+        Some(l) => format!("{ceiling}, learnt {l:.3}/s from throttling"),
+        None => ceiling,
+    }
+}
+
+fn print_status(v: &StatusResponse) {
+    out!("{}", esc(&headline(v)));
+    out!("sunopoll {}", esc(&v.version));
+    for p in v.problems.iter().skip(1) {
+        out!("  problem: {}", esc(p));
+    }
+    let poll = &v.poll;
+    if v.accounts.len() > 1 {
+        out!("accounts:");
+        for a in &v.accounts {
+            let active: i64 = v
+                .breakdown
+                .iter()
+                .filter(|c| c.account == a.account && c.state == crate::store::TaskState::Active)
+                .map(|c| c.n)
+                .sum();
             out!(
-                "polling:      {} — {kind} (pause #{}{until}){}",
-                esc(state),
-                poll.pause_attempt,
-                esc(&cause)
+                "  {} ({}): {}; {}; {active} active task{}",
+                esc(&a.account),
+                esc(&a.flavor),
+                polling_state(a),
+                rate_text(a),
+                if active == 1 { "" } else { "s" }
             );
+        }
+    } else {
+        out!("polling:      {}", polling_state(poll));
+        if poll.learnt_rate.is_some() {
+            out!("rate:         {}", rate_text(poll));
         }
     }
     match (poll.last_answer.as_deref(), poll.last_answer_at.as_deref()) {
