@@ -149,6 +149,7 @@ pub fn decide<F: Family>(
         first_delivery_delay: 0,
         timed_out: false,
         asked: task.asked,
+        archive: Vec::new(),
     };
     match outcome {
         Outcome::Progress(record) | Outcome::Pending(record) => {
@@ -757,6 +758,7 @@ where
                             timed_out: false,
                             // Not an answer about the task: its deadline does not move.
                             asked: row.asked,
+                            archive: Vec::new(),
                         };
                     }
                     GlobalForTask::TaskOnly => Outcome::Broken {

@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Sql, deliveries, events};
+use super::{Sql, archive, deliveries, events};
 use crate::events::Stage;
 use crate::store::{
     AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, StoreError, TaskRecord,
@@ -178,6 +178,9 @@ where
     }
     for route in &update.routes {
         deliveries::refresh_ready(conn, id, &route.target)?;
+    }
+    if !update.archive.is_empty() {
+        archive::insert(conn, id, &update.archive, now)?;
     }
     let finished = (update.state != TaskState::Active).then_some(now);
     conn.prepare_cached(
