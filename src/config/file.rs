@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::strict::Problem;
 use super::{
-    ApiConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS, DEFAULT_FORWARD_IN_FLIGHT,
+    ApiConfig, ArchiveConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS, DEFAULT_FORWARD_IN_FLIGHT,
     DEFAULT_FORWARD_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_RETRY_SCHEDULE, Environment,
     ForwardConfig, HousekeepingConfig, LogConfig, MetricsConfig, PollConfig, SigningSecret,
     StoreConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig, de,
@@ -34,6 +34,7 @@ pub(super) struct File {
     housekeeping: HousekeepingConfig,
     forward: ForwardFile,
     metrics: MetricsConfig,
+    archive: ArchiveConfig,
 }
 
 impl Default for File {
@@ -47,6 +48,7 @@ impl Default for File {
             housekeeping: HousekeepingConfig::default(),
             forward: ForwardFile::default(),
             metrics: MetricsConfig::default(),
+            archive: ArchiveConfig::default(),
         }
     }
 }
@@ -213,6 +215,10 @@ impl File {
                 format!("{what}, got an empty array"),
             );
         }
+        if self.archive.allow_hosts.iter().any(|h| h.trim().is_empty()) {
+            let what = "expected a list of host names or addresses";
+            bad("archive.allow-hosts", what.to_owned());
+        }
         if f.allow_hosts.iter().any(|h| h.trim().is_empty()) {
             let what = "expected a list of host names or addresses";
             bad("forward.allow-hosts", what.to_owned());
@@ -287,6 +293,9 @@ impl File {
         } else {
             env.default_socket_path()
         };
+        let mut archive = self.archive;
+        archive.dir = archive.dir.map(anchor);
+        archive.allow_hosts = archive.allow_hosts.iter().map(|h| h.trim().to_owned()).collect();
         let f = self.forward;
         // Secret files are read only now, after parsing: an inline secret wins (both set is
         // already a problem), and what cannot be read or parsed is named by its key.
@@ -325,6 +334,7 @@ impl File {
             log: self.log,
             housekeeping: self.housekeeping,
             metrics: self.metrics,
+            archive,
             forward: ForwardConfig {
                 targets,
                 retry_schedule: f.retry_schedule.into_iter().map(|d| d.0).collect(),
