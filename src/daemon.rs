@@ -20,8 +20,10 @@ use tracing::{info, warn};
 use crate::api::{ApiClient, ApiKey};
 use crate::clock::{Clock, format_duration, now_ms, parse_utc};
 use crate::config::{Config, DEFAULT_ACCOUNT, KeySource};
+use crate::control::ArchiveControl;
 use crate::control::{self, Control, ControlSocket, DaemonInfo};
 use crate::forward::Router;
+use crate::jobs::archive::{ArchiveStatus, Archiver, SharedArchiveStatus};
 use crate::jobs::deliver::Forwarder;
 use crate::jobs::poll::{PollStatus, Scheduler, SharedStatus};
 use crate::metrics::{AccountGauges, GaugeSource, Gauges, Metrics, TargetGauges};
@@ -277,7 +279,10 @@ impl Daemon {
             clock: clock.clone(),
             rate: rate_rx,
             key_source: key_source.clone(),
+            archive: config.archive.enabled(),
         };
+        let archive_status: SharedArchiveStatus = Arc::new(Mutex::new(ArchiveStatus::default()));
+        let archive_wake = Arc::new(Notify::new());
         let mut metrics_addr = None;
         if let Some(wanted) = config.metrics.listen {
             let listener = tokio::net::TcpListener::bind(wanted)
@@ -305,6 +310,18 @@ impl Daemon {
         let gate = scheduler.load_gate().await;
         tracker.spawn(scheduler.run(gate, cancel.clone(), tracker.clone()));
         tracker.spawn(forwarder.run(cancel.clone(), tracker.clone()));
+        if config.archive.enabled() {
+            let archiver = Archiver {
+                store: store.clone(),
+                config: config.archive.clone(),
+                events: events_rx.clone(),
+                wake: archive_wake.clone(),
+                metrics: Arc::clone(&metrics),
+                status: archive_status.clone(),
+                clock: clock.clone(),
+            };
+            tracker.spawn(archiver.run(cancel.clone(), tracker.clone()));
+        }
 
         let ctx = Arc::new(Control {
             store: store.clone(),
@@ -321,6 +338,11 @@ impl Daemon {
             idle_timeout: config.control.idle_timeout,
             router: router.clone(),
             redeliver: redeliver.clone(),
+            archive: config.archive.dir.clone().map(|dir| ArchiveControl {
+                dir,
+                status: archive_status.clone(),
+                wake: archive_wake.clone(),
+            }),
         });
         tracker.spawn(control::serve(
             listener,

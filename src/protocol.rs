@@ -21,7 +21,7 @@ use crate::events::Stage;
 use crate::jobs::gate::PollStatus;
 /// States and add results travel on the wire as the store names them.
 pub use crate::store::{AddResult, TaskState};
-use crate::store::{AddedTask, Counts};
+use crate::store::{AddedTask, ArchiveCounts, Counts, FileRecord, FileState};
 use crate::store::{AttemptLog, DeliveryRecord, EventRecord, TargetSummary, TaskRecord};
 
 /// Longest request line accepted. A batch of ~1 800 32-character IDs fits; the CLI splits larger
@@ -50,6 +50,7 @@ pub const COMMANDS: &[&str] = &[
     "status",
     "redeliver",
     "cancel",
+    "archive-redo",
 ];
 
 /// `add`: start tracking one or more task IDs.
@@ -157,6 +158,15 @@ pub struct CancelRequest {
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {}
 
+/// `archive-redo`: check one task's kept files against their recorded SHA-256, and fetch again
+/// those that are missing, damaged, failed or expired (while the API still has them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveRedoRequest {
+    /// The task.
+    pub task_id: String,
+}
+
 /// A request, as sent on the wire (`{"cmd": "...", ...}`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -177,6 +187,9 @@ pub enum Request {
     Redeliver(RedeliverRequest),
     /// See [`CancelRequest`].
     Cancel(CancelRequest),
+    /// See [`ArchiveRedoRequest`].
+    #[serde(rename = "archive-redo")]
+    ArchiveRedo(ArchiveRedoRequest),
 }
 
 /// Why a request line was refused. `code` is stable for scripts; `message` is for people.
@@ -249,6 +262,7 @@ impl Request {
             "status" => Request::Status(body(&cmd, value)?),
             "redeliver" => Request::Redeliver(body(&cmd, value)?),
             "cancel" => Request::Cancel(body(&cmd, value)?),
+            "archive-redo" => Request::ArchiveRedo(body(&cmd, value)?),
             other => {
                 return Err(ErrorBody::new(
                     "unknown_command",
@@ -649,6 +663,79 @@ pub struct ShowResponse {
     pub task: TaskView,
     /// Its events, oldest first, each with its deliveries.
     pub events: Vec<ShownEvent>,
+    /// Its archived files (none unless `[archive]` is on and the task completed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileView>,
+}
+
+/// One archive file of a task, as `show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileView {
+    /// Local name inside the task's directory.
+    pub name: String,
+    /// What the file is (`audio`, `source_audio`, `image`, `wav`, `stem`, `video`, …).
+    pub kind: String,
+    /// The track it belongs to, if any.
+    pub audio_id: Option<String>,
+    /// `pending`, `done`, `failed` or `expired`.
+    pub state: FileState,
+    /// Where it is (or will be) kept.
+    pub path: PathBuf,
+    /// Where it came from (credentials redacted); `null`: written from the result itself.
+    pub url: Option<String>,
+    /// Bytes, once kept.
+    pub size: Option<u64>,
+    /// Lowercase hex SHA-256, once kept.
+    pub sha256: Option<String>,
+    /// Tries so far.
+    pub attempts: u32,
+    /// The last problem, if the last try had one.
+    pub last_error: Option<String>,
+    /// When it was kept.
+    pub kept_at: Option<String>,
+}
+
+impl FileView {
+    /// The view of `f`, kept at `path`.
+    pub fn from_record(f: FileRecord, path: PathBuf) -> FileView {
+        FileView {
+            name: f.name,
+            kind: f.kind,
+            audio_id: f.audio_id,
+            state: f.state,
+            path,
+            url: f.url.map(|u| crate::api::redact_url(&u)),
+            size: f.size,
+            sha256: f.sha256,
+            attempts: f.attempts,
+            last_error: f.last_error,
+            kept_at: f.done_at.map(format_utc),
+        }
+    }
+}
+
+/// The answer to `archive-redo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRedoResponse {
+    /// Kept files whose bytes still match their SHA-256.
+    pub verified: u64,
+    /// Files to be fetched again: missing, damaged, failed or expired.
+    pub refetching: Vec<String>,
+}
+
+/// The archive's part of `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveStatusView {
+    /// `fetching`, or `paused` (then `paused_cause` says why).
+    pub state: String,
+    /// Why downloads are paused.
+    pub paused_cause: Option<String>,
+    /// Files being fetched now.
+    pub in_flight: usize,
+    /// The archive directory.
+    pub dir: String,
+    /// Files per state and bytes kept; `null` when the store is not answering.
+    pub files: Option<ArchiveCounts>,
 }
 
 /// The answer to `remove`.
@@ -717,6 +804,9 @@ pub struct StatusResponse {
     pub poll: PollStatus,
     /// Delivery health per target.
     pub targets: Vec<TargetStatus>,
+    /// The archive, when `[archive]` is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveStatusView>,
 }
 
 /// The `{"ok": true, ...}` envelope: `ok` first, then the answer's own fields.

@@ -10,6 +10,8 @@
 
 use serde_json::Value;
 
+use crate::events::{NewEvent, Stage};
+
 pub use crate::store::{AssetFile, AssetSource};
 
 /// The files to keep for a task of family `kind` that ended with the `complete` body `body`.
@@ -83,6 +85,17 @@ pub fn files_for(kind: &str, body: &Value) -> Vec<AssetFile> {
         _ => {}
     }
     out.0
+}
+
+/// The files named by the `complete` event among `events` (none without one), for a task of
+/// family `kind`. A body that is not JSON names none.
+pub fn files_of_events(kind: &str, events: &[NewEvent]) -> Vec<AssetFile> {
+    events
+        .iter()
+        .filter(|e| e.stage == Stage::Complete)
+        .filter_map(|e| serde_json::from_str::<Value>(&e.body).ok())
+        .flat_map(|body| files_for(kind, &body))
+        .collect()
 }
 
 /// The list being built; names stay unique per task.

@@ -17,4 +17,4 @@ pub mod download;
 pub mod hosts;
 pub mod manifest;
 
-pub use assets::{AssetFile, AssetSource, files_for};
+pub use assets::{AssetFile, AssetSource, files_for, files_of_events};

@@ -225,7 +225,11 @@ fn byte_size(v: &Value) -> Check<u64> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        _ => return Err(format!("`{text}`: unknown unit (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ));
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("`{text}` is too large"))

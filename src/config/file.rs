@@ -14,10 +14,11 @@ use serde::Deserialize;
 
 use super::strict::Problem;
 use super::{
-    ApiConfig, ArchiveConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS, DEFAULT_FORWARD_IN_FLIGHT,
-    DEFAULT_FORWARD_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_RETRY_SCHEDULE, Environment,
-    ForwardConfig, HousekeepingConfig, LogConfig, MetricsConfig, PollConfig, SigningSecret,
-    StoreConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig, de,
+    ApiConfig, ArchiveConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS,
+    DEFAULT_FORWARD_IN_FLIGHT, DEFAULT_FORWARD_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_RETRY_SCHEDULE, Environment, ForwardConfig, HousekeepingConfig, LogConfig,
+    MetricsConfig, PollConfig, SigningSecret, StoreConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL,
+    TargetConfig, de,
 };
 use crate::clock::format_duration;
 use crate::events::Stage;
@@ -295,7 +296,11 @@ impl File {
         };
         let mut archive = self.archive;
         archive.dir = archive.dir.map(anchor);
-        archive.allow_hosts = archive.allow_hosts.iter().map(|h| h.trim().to_owned()).collect();
+        archive.allow_hosts = archive
+            .allow_hosts
+            .iter()
+            .map(|h| h.trim().to_owned())
+            .collect();
         let f = self.forward;
         // Secret files are read only now, after parsing: an inline secret wins (both set is
         // already a problem), and what cannot be read or parsed is named by its key.

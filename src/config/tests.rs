@@ -502,7 +502,11 @@ fn the_archive_is_off_until_a_dir_is_set_and_reads_sizes() {
     )
     .expect("ok");
     let a = &c.archive;
-    assert_eq!(a.dir.as_deref(), Some(Path::new("/etc/sunopoll/files")), "anchored");
+    assert_eq!(
+        a.dir.as_deref(),
+        Some(Path::new("/etc/sunopoll/files")),
+        "anchored"
+    );
     assert_eq!(a.max_in_flight, 3);
     assert_eq!(a.max_bytes_per_second, Some(10 << 20));
     assert_eq!(a.max_file_size, 1_000_000_000);
@@ -510,7 +514,11 @@ fn the_archive_is_off_until_a_dir_is_set_and_reads_sizes() {
     assert_eq!(a.allow_hosts, ["127.0.0.1", "::1"]);
     assert_eq!(a.expire_after, Duration::from_secs(3 * 86_400));
     assert_eq!(a.retry_interval, Duration::from_millis(100));
-    assert!(c.summary().contains("archive: /etc/sunopoll/files"), "{}", c.summary());
+    assert!(
+        c.summary().contains("archive: /etc/sunopoll/files"),
+        "{}",
+        c.summary()
+    );
     let p = problems(
         r#"
         [archive]
@@ -521,8 +529,18 @@ fn the_archive_is_off_until_a_dir_is_set_and_reads_sizes() {
         "#,
     );
     assert_eq!(p.len(), 4, "{p:?}");
-    assert!(p.iter().any(|l| l.starts_with("archive.dir: is empty")), "{p:?}");
-    assert!(p.iter().any(|l| l.contains("archive.max-file-size") && l.contains("unknown unit")), "{p:?}");
-    assert!(p.iter().any(|l| l.contains("archive.max-bytes-per-second")), "{p:?}");
+    assert!(
+        p.iter().any(|l| l.starts_with("archive.dir: is empty")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.contains("archive.max-file-size") && l.contains("unknown unit")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|l| l.contains("archive.max-bytes-per-second")),
+        "{p:?}"
+    );
     assert!(p.iter().any(|l| l.contains("archive.size")), "{p:?}");
 }

@@ -20,6 +20,7 @@ use crate::protocol::{ErrorBody, Request, answer_line, check_task_id};
 use crate::store::{Store, StoreError};
 
 mod add;
+mod archive;
 mod cancel;
 mod events;
 mod list;
@@ -77,6 +78,18 @@ pub struct Control {
     pub router: Router,
     /// Wakes the forwarder after a `redeliver`.
     pub redeliver: Arc<Notify>,
+    /// The archive, when `[archive]` is on.
+    pub archive: Option<ArchiveControl>,
+}
+
+/// What handlers need of the archive.
+pub struct ArchiveControl {
+    /// `[archive] dir`.
+    pub dir: PathBuf,
+    /// What the archive job reports.
+    pub status: crate::jobs::archive::SharedArchiveStatus,
+    /// Wakes the archive job after an `archive redo`.
+    pub wake: Arc<Notify>,
 }
 
 /// Runs one request (anything but `events --follow`, which streams) and returns its answer
@@ -91,6 +104,7 @@ async fn handle(request: Request, ctx: &Control) -> String {
         Request::Status(_) => line(status::run(ctx).await),
         Request::Redeliver(req) => line(redeliver::run(req, ctx).await),
         Request::Cancel(req) => line(cancel::run(req, ctx).await),
+        Request::ArchiveRedo(req) => line(archive::redo(req, ctx).await),
     }
 }
 

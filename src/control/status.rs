@@ -106,6 +106,8 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
             format_utc(at)
         ));
     }
+    let (archive, archive_problem) = super::archive::status(ctx).await;
+    problems.extend(archive_problem);
     Ok(StatusResponse {
         version: crate::VERSION.to_owned(),
         healthy: problems.is_empty(),
@@ -118,5 +120,6 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
         tasks: counts,
         poll,
         targets,
+        archive,
     })
 }

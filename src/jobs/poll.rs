@@ -255,6 +255,8 @@ pub struct Scheduler {
     /// Where the API key comes from: read again before every probe after the key was
     /// rejected, so a fixed key is used without a restart. `None`: keep the key given.
     pub key_source: Option<KeySource>,
+    /// True when `[archive]` is on: a `complete` event's files are stored with it.
+    pub archive: bool,
 }
 
 impl Scheduler {
@@ -438,6 +440,7 @@ impl JobKind for PollJob {
             events: self.s.events.clone(),
             metrics: Arc::clone(&self.s.metrics),
             clock: self.s.clock.clone(),
+            archive: self.s.archive,
         };
         self.s.metrics.api_request(DEFAULT_ACCOUNT);
         let (probe, epoch) = (self.probing, self.epoch);
@@ -688,6 +691,7 @@ struct Commit {
     events: watch::Sender<i64>,
     metrics: Arc<Metrics>,
     clock: Clock,
+    archive: bool,
 }
 
 /// Applies one answer: global ones go back to the loop; per-task ones are decided and committed
@@ -710,7 +714,9 @@ where
         events,
         metrics,
         clock,
+        archive,
     } = commit;
+    let archive = *archive;
     let kind = outcome.kind();
     metrics.poll(DEFAULT_ACCOUNT, kind);
     let global = match &outcome {
@@ -767,6 +773,9 @@ where
                 },
             };
             let mut update = decide(&fam, row, &effective, now, &decide_policy, jitter);
+            if archive {
+                update.archive = crate::archive::files_of_events(fam.name(), &update.events);
+            }
             let submitted = match &effective {
                 Outcome::Progress(r) | Outcome::Pending(r) => fam.submitted_callback_url(r),
                 _ => None,
