@@ -463,6 +463,7 @@ impl Daemon {
                 differs(&new.poll.fill_skipped_stages, &old.poll.fill_skipped_stages),
             ),
             ("store", differs(&new.store, &old.store)),
+            ("archive", differs(&new.archive, &old.archive)),
             ("control", differs(&new.control, &old.control)),
             ("log.format", differs(&new.log.format, &old.log.format)),
             (

@@ -869,6 +869,9 @@ mod tests {
                 target: Some("app".into()),
                 ..RedeliverRequest::default()
             }),
+            Request::ArchiveRedo(ArchiveRedoRequest {
+                task_id: "t".into(),
+            }),
         ];
         for r in reqs {
             let line = r.to_line();
@@ -1072,6 +1075,7 @@ mod tests {
             &ShowResponse {
                 task: task_view(),
                 events: vec![ShownEvent::new(event_view(), vec![delivery])],
+                files: Vec::new(),
             },
             &format!(r#"{{"ok":true,"task":{TASK_JSON},"events":[{shown_event}]}}"#),
         );
@@ -1125,6 +1129,7 @@ mod tests {
                 last_error: Some("HTTP 500".into()),
                 last_error_at: Some("2026-11-26T09:58:00Z".into()),
             }],
+            archive: None,
         };
         const POLL: &str = r#"{"state":"paused","pause_kind":"throttled","pause_attempt":2,"paused_until":"2026-11-26T10:05:00Z","paused_since":"2026-11-26T10:00:00Z","paused_for_ms":1500,"pause_cause":"HTTP 429","in_flight":0,"requests":41,"last_answer_at":"2026-11-26T10:00:00Z","last_answer":"throttled"}"#;
         const TARGETS: &str = r#"[{"target":"app","pending":1,"failed":0,"delivered":5,"last_success_at":"2026-11-26T09:59:00Z","last_error":"HTTP 500","last_error_at":"2026-11-26T09:58:00Z"}]"#;

@@ -543,6 +543,6 @@ mod tests {
     fn free_space_is_read_and_task_dirs_stay_inside() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(free_bytes(dir.path()).expect("statvfs") > 0);
-        assert_eq!(task_dir(Path::new("/a"), "../x"), PathBuf::from("/a/_x"));
+        assert_eq!(task_dir(Path::new("/a"), "../x"), PathBuf::from("/a/__x"));
     }
 }
