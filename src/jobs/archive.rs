@@ -145,7 +145,8 @@ impl Archiver {
         if let Err(e) = std::fs::create_dir_all(&dir) {
             error!(dir = %dir.display(), error = %e, "cannot create the archive directory; files are not archived until it can be created");
         }
-        let http = match reqwest::Client::builder()
+        crate::api::install_crypto_provider();
+        let http = match crate::api::with_tls_roots(reqwest::Client::builder())
             .user_agent(crate::USER_AGENT)
             .connect_timeout(Duration::from_secs(15))
             .redirect(reqwest::redirect::Policy::limited(5))
