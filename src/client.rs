@@ -521,7 +521,7 @@ fn print_show(answer: &ShowResponse) {
                 (_, _, Some(e)) => format!("{} tries; {}", f.attempts, crate::api::clip(e, 120)),
                 _ => format!("{} tries", f.attempts),
             };
-            out!("  {} {} ({detail})", f.state.as_str(), f.path.display());
+            out!("  {} {} ({detail})", f.state.as_str(), f.path);
         }
     }
     out!("events        {}", answer.events.len());

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::{ApiClient, ApiKey};
+use crate::archive::sink::Sink;
 use crate::clock::{Clock, format_duration, now_ms, parse_utc};
 use crate::config::{Config, DEFAULT_ACCOUNT, KeySource};
 use crate::control::ArchiveControl;
@@ -283,6 +284,15 @@ impl Daemon {
         };
         let archive_status: SharedArchiveStatus = Arc::new(Mutex::new(ArchiveStatus::default()));
         let archive_wake = Arc::new(Notify::new());
+        // Built now so that a bucket that cannot be set up (unreadable keys) stops the start.
+        let archive_http = crate::jobs::archive::http_client()
+            .map_err(|e| Unrecoverable(format!("building the archive's HTTP client: {e}")))?;
+        let archive_sink = match config.archive.enabled() {
+            false => None,
+            true => Some(Arc::new(
+                Sink::from_config(&config.archive, archive_http.clone()).map_err(Unrecoverable)?,
+            )),
+        };
         let mut metrics_addr = None;
         if let Some(wanted) = config.metrics.listen {
             let listener = tokio::net::TcpListener::bind(wanted)
@@ -310,10 +320,12 @@ impl Daemon {
         let gate = scheduler.load_gate().await;
         tracker.spawn(scheduler.run(gate, cancel.clone(), tracker.clone()));
         tracker.spawn(forwarder.run(cancel.clone(), tracker.clone()));
-        if config.archive.enabled() {
+        if let Some(sink) = &archive_sink {
             let archiver = Archiver {
                 store: store.clone(),
                 config: config.archive.clone(),
+                sink: Arc::clone(sink),
+                http: archive_http.clone(),
                 events: events_rx.clone(),
                 wake: archive_wake.clone(),
                 metrics: Arc::clone(&metrics),
@@ -338,8 +350,8 @@ impl Daemon {
             idle_timeout: config.control.idle_timeout,
             router: router.clone(),
             redeliver: redeliver.clone(),
-            archive: config.archive.dir.clone().map(|dir| ArchiveControl {
-                dir,
+            archive: archive_sink.clone().map(|sink| ArchiveControl {
+                sink,
                 status: archive_status.clone(),
                 wake: archive_wake.clone(),
             }),

@@ -679,8 +679,8 @@ pub struct FileView {
     pub audio_id: Option<String>,
     /// `pending`, `done`, `failed` or `expired`.
     pub state: FileState,
-    /// Where it is (or will be) kept.
-    pub path: PathBuf,
+    /// Where it is (or will be) kept: a path, or an `s3://` URL.
+    pub path: String,
     /// Where it came from (credentials redacted); `null`: written from the result itself.
     pub url: Option<String>,
     /// Bytes, once kept.
@@ -697,7 +697,7 @@ pub struct FileView {
 
 impl FileView {
     /// The view of `f`, kept at `path`.
-    pub fn from_record(f: FileRecord, path: PathBuf) -> FileView {
+    pub fn from_record(f: FileRecord, path: String) -> FileView {
         FileView {
             name: f.name,
             kind: f.kind,

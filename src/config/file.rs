@@ -216,6 +216,24 @@ impl File {
                 format!("{what}, got an empty array"),
             );
         }
+        let a = &self.archive;
+        if a.dir.is_some() && a.url.is_some() {
+            bad(
+                "archive.url",
+                "set either `dir` or `url`, not both".to_owned(),
+            );
+        }
+        if let Some(Err(what)) = a.url.as_deref().map(super::parse_s3_url) {
+            bad("archive.url", what);
+        }
+        if let Some(e) = &a.endpoint
+            && url::Url::parse(e).map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
+        {
+            bad(
+                "archive.endpoint",
+                format!("`{e}` is not an http:// or https:// URL"),
+            );
+        }
         if self.archive.allow_hosts.iter().any(|h| h.trim().is_empty()) {
             let what = "expected a list of host names or addresses";
             bad("archive.allow-hosts", what.to_owned());
@@ -296,6 +314,25 @@ impl File {
         };
         let mut archive = self.archive;
         archive.dir = archive.dir.map(anchor);
+        archive.credentials_file = archive.credentials_file.map(anchor).or_else(|| {
+            let passed = env.credentials_directory.as_ref()?.join("archive-s3");
+            passed.exists().then_some(passed)
+        });
+        if let Some(Ok((bucket, prefix))) = archive.url.as_deref().map(super::parse_s3_url) {
+            archive.s3 = Some(super::S3Config {
+                bucket,
+                prefix,
+                endpoint: archive.endpoint.clone(),
+                region: archive.region.clone(),
+                credentials_file: archive.credentials_file.clone(),
+                allow_http: archive.allow_http,
+                staging: store
+                    .path
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .join("archive-staging"),
+            });
+        }
         archive.allow_hosts = archive
             .allow_hosts
             .iter()

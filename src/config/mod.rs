@@ -134,6 +134,53 @@ pub struct ArchiveConfig {
     /// `retry-interval`: the first wait after a failed try (doubling, up to an hour).
     #[serde(deserialize_with = "de::duration")]
     pub retry_interval: Duration,
+    /// `url`: an S3-compatible bucket instead of `dir`, as `s3://bucket/prefix`.
+    pub url: Option<String>,
+    /// `endpoint`: the bucket's server (an S3-compatible one: MinIO, Ceph, R2, …).
+    pub endpoint: Option<String>,
+    /// `region`.
+    pub region: String,
+    /// `credentials-file`: `access-key-id = …` and `secret-access-key = …` (or the AWS
+    /// spellings). Unset: `$CREDENTIALS_DIRECTORY/archive-s3` if systemd passed it.
+    #[serde(deserialize_with = "de::some_path")]
+    pub credentials_file: Option<PathBuf>,
+    /// `allow-http`: let `endpoint` be plain http (a local test server).
+    #[serde(deserialize_with = "de::flag")]
+    pub allow_http: bool,
+    /// The bucket, once `url` is checked and paths are anchored.
+    #[serde(skip)]
+    pub s3: Option<S3Config>,
+}
+
+/// The bucket an `[archive] url` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    /// The bucket.
+    pub bucket: String,
+    /// The key prefix (no leading or trailing `/`).
+    pub prefix: String,
+    /// The server, if not AWS's own.
+    pub endpoint: Option<String>,
+    /// The region.
+    pub region: String,
+    /// Where the keys are read from.
+    pub credentials_file: Option<PathBuf>,
+    /// Plain http allowed.
+    pub allow_http: bool,
+    /// Where files are downloaded to before they are uploaded: next to the store.
+    pub staging: PathBuf,
+}
+
+/// Splits `s3://bucket/prefix` into bucket and prefix. Pure.
+pub fn parse_s3_url(url: &str) -> Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| format!("`{url}` is not an s3://bucket/prefix URL"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() || bucket.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{url}` names no bucket (s3://bucket/prefix)"));
+    }
+    Ok((bucket.to_owned(), prefix.trim_matches('/').to_owned()))
 }
 
 impl Default for ArchiveConfig {
@@ -147,6 +194,12 @@ impl Default for ArchiveConfig {
             allow_hosts: Vec::new(),
             expire_after: DEFAULT_EXPIRE_AFTER,
             retry_interval: DEFAULT_ARCHIVE_RETRY,
+            url: None,
+            endpoint: None,
+            region: "us-east-1".to_owned(),
+            credentials_file: None,
+            allow_http: false,
+            s3: None,
         }
     }
 }
@@ -154,7 +207,16 @@ impl Default for ArchiveConfig {
 impl ArchiveConfig {
     /// True when archiving is on.
     pub fn enabled(&self) -> bool {
-        self.dir.is_some()
+        self.dir.is_some() || self.s3.is_some()
+    }
+
+    /// Where files are kept, for logs and `status`: the directory or the bucket's URL.
+    pub fn destination(&self) -> Option<String> {
+        match (&self.dir, &self.s3) {
+            (Some(dir), _) => Some(dir.display().to_string()),
+            (None, Some(s3)) => Some(format!("s3://{}/{}", s3.bucket, s3.prefix)),
+            (None, None) => None,
+        }
     }
 }
 
@@ -585,11 +647,11 @@ impl Config {
             if f.task_secret.is_some() { "set" } else { "not set" },
         ));
         let a = &self.archive;
-        match &a.dir {
+        match a.destination() {
             None => s.push_str("\narchive: off"),
-            Some(dir) => s.push_str(&format!(
+            Some(dest) => s.push_str(&format!(
                 "\narchive: {} ({} in flight, {}, files up to {} bytes, min-free {} bytes, expire after {}, allow-hosts: {})",
-                dir.display(),
+                dest,
                 a.max_in_flight,
                 a.max_bytes_per_second
                     .map_or_else(|| "no bandwidth cap".to_owned(), |r| format!("at most {r} bytes/s")),

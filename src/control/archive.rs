@@ -1,20 +1,11 @@
 //! `archive-redo`, and the archive's parts of `show` and `status`: each file with its state and
 //! local path, the counts, and why downloads are paused.
 
-use std::path::PathBuf;
-
-use super::{ArchiveControl, Control, check_id, not_found, store_error};
-use crate::archive::download::hash_file;
-use crate::jobs::archive::task_dir;
+use super::{Control, check_id, not_found, store_error};
 use crate::protocol::{
     ArchiveRedoRequest, ArchiveRedoResponse, ArchiveStatusView, ErrorBody, FileView,
 };
-use crate::store::{FileRecord, FileState};
-
-/// Where `f` of `task` is kept under `archive`'s directory.
-fn path_of(archive: &ArchiveControl, task: &str, f: &FileRecord) -> PathBuf {
-    task_dir(&archive.dir, task).join(crate::archive::assets::sanitize(&f.name))
-}
+use crate::store::FileState;
 
 /// `show`'s list of files (empty with the archive off).
 pub(super) async fn files(ctx: &Control, task: &str) -> Result<Vec<FileView>, ErrorBody> {
@@ -29,8 +20,8 @@ pub(super) async fn files(ctx: &Control, task: &str) -> Result<Vec<FileView>, Er
     Ok(files
         .into_iter()
         .map(|f| {
-            let path = path_of(archive, task, &f);
-            FileView::from_record(f, path)
+            let location = archive.sink.location(task, &f.name);
+            FileView::from_record(f, location)
         })
         .collect())
 }
@@ -54,7 +45,7 @@ pub(super) async fn status(ctx: &Control) -> (Option<ArchiveStatusView>, Option<
         },
         paused_cause: s.paused_cause,
         in_flight: s.in_flight,
-        dir: archive.dir.display().to_string(),
+        dir: s.dir,
         files: counts,
     };
     (Some(view), problem)
@@ -89,28 +80,33 @@ pub(super) async fn redo(
     let mut verified = 0;
     let mut again = Vec::new();
     for f in &files {
-        let path = path_of(archive, &req.task_id, f);
         match f.state {
             FileState::Pending => {}
             FileState::Failed | FileState::Expired => again.push(f.name.clone()),
-            FileState::Done => match hash_file(&path).await {
-                Ok((size, sha)) if Some(size) == f.size && Some(&sha) == f.sha256.as_ref() => {
+            FileState::Done => match archive.sink.verify(&req.task_id, &f.name).await {
+                Ok(Some((size, sha)))
+                    if Some(size) == f.size && Some(&sha) == f.sha256.as_ref() =>
+                {
                     verified += 1;
                 }
-                Ok(_) => {
+                Ok(Some(_)) => {
                     // Damaged: out of the way, or the archive job would take it as kept.
-                    let mut bad = path.clone().into_os_string();
-                    bad.push(".damaged");
-                    if let Err(e) = tokio::fs::rename(&path, &bad).await {
+                    if let Err(e) = archive.sink.set_aside(&req.task_id, &f.name).await {
                         return Err(ErrorBody::new(
                             "io_error",
-                            format!("cannot move the damaged {} aside: {e}", path.display()),
+                            format!("cannot move the damaged {} aside: {e}", f.name),
                         ));
                     }
-                    tracing::warn!(task_id = %req.task_id, file = %f.name, "archived file does not match its SHA-256; moved aside as .damaged and fetched again");
+                    tracing::warn!(task_id = %req.task_id, file = %f.name, "archived file does not match its SHA-256; fetched again");
                     again.push(f.name.clone());
                 }
-                Err(_) => again.push(f.name.clone()),
+                Ok(None) => again.push(f.name.clone()),
+                Err(e) => {
+                    return Err(ErrorBody::new(
+                        "io_error",
+                        format!("cannot read the kept {}: {e}", f.name),
+                    ));
+                }
             },
         }
     }

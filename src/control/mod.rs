@@ -84,8 +84,8 @@ pub struct Control {
 
 /// What handlers need of the archive.
 pub struct ArchiveControl {
-    /// `[archive] dir`.
-    pub dir: PathBuf,
+    /// Where files are kept.
+    pub sink: Arc<crate::archive::sink::Sink>,
     /// What the archive job reports.
     pub status: crate::jobs::archive::SharedArchiveStatus,
     /// Wakes the archive job after an `archive redo`.

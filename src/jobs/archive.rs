@@ -29,6 +29,7 @@ use crate::archive::assets::sanitize;
 use crate::archive::download::{
     Bandwidth, FetchError, Fetched, Limits, already_kept, fetch, write_inline,
 };
+use crate::archive::sink::Sink;
 use crate::archive::{hosts, manifest};
 use crate::clock::{Clock, format_duration, ms};
 use crate::config::{ARCHIVE_RETRY_MAX, ArchiveConfig};
@@ -112,6 +113,17 @@ pub fn task_dir(dir: &Path, task_id: &str) -> PathBuf {
     dir.join(sanitize(task_id))
 }
 
+/// The HTTP client of the archive (downloads and the bucket): the bundled roots, the ring
+/// provider, a connect timeout, a few redirects (CDNs use them).
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    crate::api::install_crypto_provider();
+    crate::api::with_tls_roots(reqwest::Client::builder())
+        .user_agent(crate::USER_AGENT)
+        .connect_timeout(Duration::from_secs(15))
+        .redirect(reqwest::redirect::Policy::limited(5))
+        .build()
+}
+
 /// Free bytes for unprivileged users on the file system holding `dir`.
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let st = rustix::fs::statvfs(dir).map_err(std::io::Error::from)?;
@@ -122,8 +134,12 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 pub struct Archiver {
     /// The queue of files.
     pub store: Store,
-    /// `[archive]`; `dir` is set.
+    /// `[archive]`, on.
     pub config: ArchiveConfig,
+    /// Where files are kept.
+    pub sink: Arc<Sink>,
+    /// The HTTP client downloads use (see [`http_client`]).
+    pub http: reqwest::Client,
     /// The newest event sequence number: a change means a task may have completed.
     pub events: watch::Receiver<i64>,
     /// Poked by `archive redo`.
@@ -139,28 +155,14 @@ pub struct Archiver {
 impl Archiver {
     /// Runs until `cancel` fires; tries already started finish and are recorded.
     pub async fn run(self, cancel: CancellationToken, tracker: TaskTracker) {
-        let Some(dir) = self.config.dir.clone() else {
-            return;
-        };
+        let dir = self.sink.local_root().to_owned();
         if let Err(e) = std::fs::create_dir_all(&dir) {
             error!(dir = %dir.display(), error = %e, "cannot create the archive directory; files are not archived until it can be created");
         }
-        crate::api::install_crypto_provider();
-        let http = match crate::api::with_tls_roots(reqwest::Client::builder())
-            .user_agent(crate::USER_AGENT)
-            .connect_timeout(Duration::from_secs(15))
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .build()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                error!(error = %e, "cannot build the HTTP client for the archive; files are not archived");
-                return;
-            }
-        };
+        let http = self.http.clone();
         if let Ok(mut s) = self.status.lock() {
             s.state = "fetching".to_owned();
-            s.dir = dir.display().to_string();
+            s.dir = self.config.destination().unwrap_or_default();
         }
         let job = ArchiveJob {
             bandwidth: Arc::new(Bandwidth::new(self.config.max_bytes_per_second)),
@@ -277,7 +279,7 @@ impl JobKind for ArchiveJob {
         let t = Try {
             store: self.a.store.clone(),
             config: self.a.config.clone(),
-            dir: self.dir.clone(),
+            sink: Arc::clone(&self.a.sink),
             http: self.http.clone(),
             bandwidth: Arc::clone(&self.bandwidth),
             metrics: Arc::clone(&self.a.metrics),
@@ -333,7 +335,7 @@ impl JobKind for ArchiveJob {
 struct Try {
     store: Store,
     config: ArchiveConfig,
-    dir: PathBuf,
+    sink: Arc<Sink>,
     http: reqwest::Client,
     bandwidth: Arc<Bandwidth>,
     metrics: Arc<Metrics>,
@@ -344,10 +346,16 @@ impl Try {
     /// Fetches (or writes) the file, records what came of it, and writes the task's manifest
     /// when it was the last one. False if the outcome could not be recorded.
     async fn run(self, row: DueFile) -> bool {
-        let task_dir = task_dir(&self.dir, &row.task_id);
-        let dest = task_dir.join(sanitize(&row.name));
+        let dest = self.sink.local(&row.task_id, &row.name);
         let attempt = row.attempts.saturating_add(1);
-        let result = self.fetch(&row, &dest).await;
+        let result = match self.fetch(&row, &dest).await {
+            // Kept locally: now where it belongs (a bucket's upload; nothing for a directory).
+            Ok(Ok(f)) => match self.sink.commit(&row.task_id, &row.name, &dest).await {
+                Ok(()) => Ok(Ok(f)),
+                Err(e) => Ok(Err(FetchError::Io(format!("upload: {e}")))),
+            },
+            other => other,
+        };
         let now = self.clock.now_ms();
         let next = match &result {
             Err(Refusal(why)) => FileNext::Failed { error: why.clone() },
@@ -377,8 +385,10 @@ impl Try {
                     Ok(Ok(f)) => f.resumed_from,
                     _ => 0,
                 };
-                info!(task_id = %row.task_id, file = %row.name, size, sha256 = %sha256, resumed_from = resumed, path = %dest.display(), "archived");
-                self.maybe_manifest(&row.task_id, &task_dir).await;
+                self.sink.committed(&dest).await;
+                let location = self.sink.location(&row.task_id, &row.name);
+                info!(task_id = %row.task_id, file = %row.name, size, sha256 = %sha256, resumed_from = resumed, path = %location, "archived");
+                self.maybe_manifest(&row.task_id).await;
             }
             FileNext::Retry { at, error } => warn!(
                 task_id = %row.task_id, file = %row.name, cause = %error, attempt,
@@ -438,7 +448,7 @@ impl Try {
     }
 
     /// Writes the task's manifest if every one of its files is kept.
-    async fn maybe_manifest(&self, task: &str, task_dir: &Path) {
+    async fn maybe_manifest(&self, task: &str) {
         let files = match self.store.files_of(task.to_owned()).await {
             Ok(f) => f,
             Err(e) => {
@@ -447,9 +457,13 @@ impl Try {
             }
         };
         if files.iter().all(|f| f.state == FileState::Done) {
-            match manifest::write(task_dir, task, &files).await {
+            match self
+                .sink
+                .manifest(task, &manifest::render(task, &files))
+                .await
+            {
                 Ok(()) => {
-                    info!(task_id = %task, files = files.len(), path = %task_dir.join(manifest::MANIFEST).display(), "every file of the task is archived; manifest written")
+                    info!(task_id = %task, files = files.len(), path = %self.sink.location(task, manifest::MANIFEST), "every file of the task is archived; manifest written")
                 }
                 Err(e) => {
                     error!(task_id = %task, error = %e, "cannot write the task's archive manifest")
