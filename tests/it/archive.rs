@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use object_store::ObjectStoreExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sunopoll::config::Config;
@@ -725,4 +726,178 @@ async fn a_kill_9_mid_file_resumes_with_a_range_request_and_ends_byte_exact() {
     assert_eq!(seen[1].if_range.as_deref(), Some(etag(&big).as_str()));
     let log = d.stop().await;
     assert!(log.contains("archived"), "{log}");
+}
+
+/// moto's S3 server on 127.0.0.1, stopped when dropped.
+struct Moto {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    /// Starts `moto_server` (`None`, said on stderr, where it is not installed and not in CI).
+    async fn start() -> Option<Moto> {
+        let tool = sunopoll::testing::real_tool("moto_server")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new(tool)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let moto = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        poll_until(
+            Deadline::patience(),
+            "moto_server to listen",
+            Duration::from_millis(50),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        Some(moto)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_bucket_keeps_every_file_byte_exact_once_with_its_manifest() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    sunopoll::api::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let made = http
+        .put(format!("{}/kept", moto.url))
+        .send()
+        .await
+        .expect("create the bucket");
+    assert!(made.status().is_success(), "{}", made.status());
+
+    let server = FileServer::start().await;
+    let api = FakeApi::start().await;
+    let (reply, paths) = music_task(&server, "s3task", 300);
+    api.script("s3task", vec![reply]);
+    let keys = tempfile::tempdir().expect("tempdir");
+    let credentials = keys.path().join("s3.keys");
+    std::fs::write(
+        &credentials,
+        "access-key-id = testing\nsecret-access-key = testing\n",
+    )
+    .expect("keys");
+    let endpoint = moto.url.clone();
+    let d = TestDaemon::start(&api, |c| {
+        archive_on(c);
+        c.archive.dir = None;
+        c.archive.s3 = Some(sunopoll::config::S3Config {
+            bucket: "kept".into(),
+            prefix: "suno/archive".into(),
+            endpoint: Some(endpoint),
+            region: "us-east-1".into(),
+            credentials_file: Some(credentials),
+            allow_http: true,
+            staging: c.store.path.parent().expect("dir").join("archive-staging"),
+        });
+    })
+    .await;
+    d.add(&["s3task"]).await;
+    let files = files_until(
+        &d,
+        "s3task",
+        "every file of s3task kept in the bucket",
+        |f| all_in(f, "done"),
+    )
+    .await;
+    assert_eq!(files.len(), 8);
+    let bodies: Vec<Vec<u8>> = {
+        let state = server.state.lock().expect("state");
+        paths.iter().map(|p| state.files[p].body.clone()).collect()
+    };
+    // Read back with signed requests (moto's buckets are private), as any S3 client would.
+    let bucket = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("kept")
+        .with_region("us-east-1")
+        .with_endpoint(moto.url.as_str())
+        .with_allow_http(true)
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .with_http_connector(object_store::client::ReqwestConnector::default())
+        .build()
+        .expect("a client of the bucket");
+    for (f, want) in files.iter().zip(&bodies) {
+        let location = f["path"].as_str().expect("location");
+        let key = location
+            .strip_prefix("s3://kept/")
+            .unwrap_or_else(|| panic!("{location} is in the bucket"));
+        assert!(key.starts_with("suno/archive/s3task/"), "{key}");
+        let got = bucket
+            .get(&object_store::path::Path::from(key))
+            .await
+            .expect("get the object")
+            .bytes()
+            .await
+            .expect("its bytes");
+        assert!(
+            got.as_ref() == want.as_slice(),
+            "{key} differs from the server's file: {} bytes of {}: {:?}",
+            got.len(),
+            want.len(),
+            String::from_utf8_lossy(&got[..got.len().min(300)])
+        );
+        assert_eq!(f["sha256"], sha256(want), "{key}");
+    }
+    for p in &paths {
+        assert_eq!(server.seen(p).len(), 1, "{p} fetched once");
+    }
+    let manifest: Value = poll_until(
+        Deadline::patience(),
+        "the manifest in the bucket",
+        Duration::from_millis(50),
+        || async {
+            let path = object_store::path::Path::from("suno/archive/s3task/manifest.json");
+            let bytes = bucket.get(&path).await.ok()?.bytes().await.ok()?;
+            serde_json::from_slice(&bytes).ok()
+        },
+    )
+    .await;
+    assert_eq!(manifest["files"].as_array().expect("files").len(), 8);
+    let staged = d
+        .config
+        .archive
+        .s3
+        .as_ref()
+        .expect("s3")
+        .staging
+        .join("s3task");
+    let left: Vec<_> = std::fs::read_dir(&staged)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "staged copies are removed once kept: {left:?}"
+    );
+    let v = d
+        .request(json!({"cmd": "archive-redo", "task_id": "s3task"}))
+        .await;
+    assert_eq!(v["verified"], 8, "every object matches its SHA-256: {v}");
+    let status = d.request(json!({"cmd": "status"})).await;
+    assert_eq!(
+        status["archive"]["dir"], "s3://kept/suno/archive",
+        "{status}"
+    );
 }
