@@ -544,3 +544,64 @@ fn the_archive_is_off_until_a_dir_is_set_and_reads_sizes() {
     );
     assert!(p.iter().any(|l| l.contains("archive.size")), "{p:?}");
 }
+
+#[test]
+fn an_s3_archive_is_checked_and_stages_next_to_the_store() {
+    let c = Config::parse(
+        r#"
+        [store]
+        path = "/var/lib/sunopoll/sunopoll.db"
+        [archive]
+        url = "s3://kept/suno/files/"
+        endpoint = "http://127.0.0.1:9000"
+        allow-http = true
+        credentials-file = "s3.keys"
+        "#,
+        Some(Path::new("/etc/sunopoll/config.toml")),
+        &env(),
+    )
+    .expect("ok");
+    let s3 = c.archive.s3.as_ref().expect("a bucket");
+    assert!(c.archive.enabled());
+    assert_eq!(
+        (s3.bucket.as_str(), s3.prefix.as_str()),
+        ("kept", "suno/files")
+    );
+    assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    assert_eq!(s3.region, "us-east-1");
+    assert_eq!(
+        s3.credentials_file.as_deref(),
+        Some(Path::new("/etc/sunopoll/s3.keys"))
+    );
+    assert_eq!(
+        s3.staging,
+        PathBuf::from("/var/lib/sunopoll/archive-staging")
+    );
+    assert_eq!(
+        c.archive.destination().as_deref(),
+        Some("s3://kept/suno/files")
+    );
+    let p = problems(
+        r#"
+        [archive]
+        dir = "/x"
+        url = "https://kept"
+        endpoint = "ftp://x"
+        "#,
+    );
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert!(
+        p.iter().any(|l| l.contains("either `dir` or `url`")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|l| l.contains("not an s3://bucket/prefix")),
+        "{p:?}"
+    );
+    assert!(p.iter().any(|l| l.starts_with("archive.endpoint")), "{p:?}");
+    assert_eq!(
+        parse_s3_url("s3://b").expect("bucket only"),
+        ("b".to_owned(), String::new())
+    );
+    assert!(parse_s3_url("s3:///x").is_err());
+}
