@@ -285,7 +285,7 @@ impl Daemon {
         let archive_status: SharedArchiveStatus = Arc::new(Mutex::new(ArchiveStatus::default()));
         let archive_wake = Arc::new(Notify::new());
         // Built now so that a bucket that cannot be set up (unreadable keys) stops the start.
-        let archive_http = crate::jobs::archive::http_client()
+        let archive_http = crate::jobs::archive::http_client(config.archive.allow_hosts.clone())
             .map_err(|e| Unrecoverable(format!("building the archive's HTTP client: {e}")))?;
         let archive_sink = match config.archive.enabled() {
             false => None,

@@ -106,6 +106,22 @@ impl Bandwidth {
     }
 }
 
+/// `e` with its causes ("error following redirect: …: redirected to a refused host …"),
+/// credentials cut out of any URL in it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    crate::api::redact_url(&text)
+}
+
 /// The `.part` next to `dest`.
 pub fn part_path(dest: &Path) -> PathBuf {
     let mut p = dest.as_os_str().to_owned();
@@ -233,7 +249,7 @@ where
     let mut response = request
         .send()
         .await
-        .map_err(|e| FetchError::Transport(crate::api::redact_url(&e.to_string())))?;
+        .map_err(|e| FetchError::Transport(chain(&e)))?;
     let status = response.status();
     let offset = match status {
         StatusCode::PARTIAL_CONTENT if resuming => {
@@ -322,9 +338,7 @@ where
             Ok(Err(e)) => {
                 // Keep what arrived: the next try resumes after it.
                 file.sync_all().await?;
-                return Err(FetchError::Transport(crate::api::redact_url(
-                    &e.to_string(),
-                )));
+                return Err(FetchError::Transport(chain(&e)));
             }
             Ok(Ok(None)) => break,
             Ok(Ok(Some(chunk))) => chunk,

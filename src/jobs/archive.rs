@@ -113,14 +113,27 @@ pub fn task_dir(dir: &Path, task_id: &str) -> PathBuf {
     dir.join(sanitize(task_id))
 }
 
+/// Redirects followed per download: CDNs use one or two.
+pub const MAX_REDIRECTS: usize = 5;
+
 /// The HTTP client of the archive (downloads and the bucket): the bundled roots, the ring
-/// provider, a connect timeout, a few redirects (CDNs use them).
-pub fn http_client() -> reqwest::Result<reqwest::Client> {
+/// provider, a connect timeout, and redirects followed only to hosts the archive may fetch
+/// from (`allow`), so a redirect cannot lead it to a loopback or private address either.
+pub fn http_client(allow: Vec<String>) -> reqwest::Result<reqwest::Client> {
     crate::api::install_crypto_provider();
+    let policy = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        match hosts::check(attempt.url().as_str(), &allow) {
+            Ok(_) => attempt.follow(),
+            Err(e) => attempt.error(format!("redirected to a refused host: {e}")),
+        }
+    });
     crate::api::with_tls_roots(reqwest::Client::builder())
         .user_agent(crate::USER_AGENT)
         .connect_timeout(Duration::from_secs(15))
-        .redirect(reqwest::redirect::Policy::limited(5))
+        .redirect(policy)
         .build()
 }
 

@@ -34,6 +34,8 @@ struct Spec {
     cut_first_at: Option<usize>,
     /// Stream in chunks of this size, this far apart.
     slow: Option<(usize, Duration)>,
+    /// Answer `302 Found` to this location instead.
+    redirect: Option<String>,
 }
 
 /// One request the server saw.
@@ -162,6 +164,15 @@ async fn serve(mut stream: tokio::net::TcpStream, state: Arc<Mutex<ServerState>>
             .await;
         return;
     };
+    if let Some(to) = &spec.redirect {
+        let _ = stream
+            .write_all(
+                format!("HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+        return;
+    }
     let tag = etag(&spec.body);
     let start = match (&seen.range, &seen.if_range, spec.ignore_range) {
         (Some(r), validator, false) if validator.as_ref().is_none_or(|v| *v == tag) => r
@@ -612,6 +623,31 @@ async fn internal_hosts_are_refused_unless_allowed_and_redo_fetches_a_lost_file_
         "{files:?}"
     );
     assert_eq!(server.total(), 0, "nothing fetched from 127.0.0.1");
+
+    // Nor does a redirect lead there: 127.0.0.1 is allowed, `localhost` is not.
+    let (reply, paths) = music_task(&server, "hop1", 85);
+    let target = format!("http://localhost:{}/hop1/elsewhere", server.addr.port());
+    let mut spec = server.state.lock().expect("state").files[&paths[0]].clone();
+    spec.redirect = Some(target);
+    server.put(&paths[0], spec);
+    api.script("hop1", vec![reply]);
+    let hop = TestDaemon::start(&api, archive_on).await;
+    hop.add(&["hop1"]).await;
+    let files = files_until(&hop, "hop1", "the redirect refused", |f| {
+        f.len() == 8
+            && f[0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("refused host"))
+    })
+    .await;
+    assert_eq!(
+        files[0]["state"], "pending",
+        "a transport failure, retried: {files:?}"
+    );
+    assert!(
+        server.seen("/hop1/elsewhere").is_empty(),
+        "the redirect was not followed"
+    );
 
     let (reply, paths) = music_task(&server, "redo1", 90);
     api.script("redo1", vec![reply]);
