@@ -80,6 +80,13 @@ pub enum Command {
         /// stage is emitted twice. Without it, a known ID is left as it is.
         #[arg(long)]
         again: bool,
+        /// The tasks' family: music (generate, extend, covers, add-vocals, …), lyrics, wav,
+        /// stems (vocal removal and stem separation), midi, mp4 or cover.
+        #[arg(long, value_name = "KIND", default_value = "music")]
+        kind: String,
+        /// The account to poll them on, by its `[[api.account]]` name (default: the first).
+        #[arg(long, value_name = "NAME")]
+        account: Option<String>,
     },
     /// List tasks, newest first.
     List {
@@ -146,6 +153,12 @@ pub enum Command {
         #[command(subcommand)]
         action: ArchiveAction,
     },
+    /// The store file: `sunopoll store backup PATH` copies it safely, even while the daemon runs.
+    Store {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Check a config file (and say where the API key would come from). Exits 2 on problems.
     CheckConfig,
     /// Print the control socket client commands would use (for socat, scripts): the same
@@ -172,6 +185,22 @@ pub enum ArchiveAction {
     },
 }
 
+/// `sunopoll store …`.
+#[derive(Debug, Subcommand)]
+pub enum StoreAction {
+    /// Copy the store into a new file with SQLite's online backup API: a consistent snapshot
+    /// of everything committed, safe while the daemon runs. Never overwrites a file. Restore
+    /// by stopping the daemon and putting the copy in the store's place (see the README).
+    Backup {
+        /// The new file to write.
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+        /// The store to copy (default: store.path of --config, or the built-in default).
+        #[arg(long, value_name = "PATH")]
+        store: Option<PathBuf>,
+    },
+}
+
 /// `sunopoll deliveries …`.
 #[derive(Debug, Subcommand)]
 pub enum DeliveriesAction {
@@ -195,6 +224,12 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Daemon => match daemon_only(&opts, "daemon") {
             Ok(()) => run_daemon(opts.config, &env),
+            Err(code) => code,
+        },
+        Command::Store {
+            action: StoreAction::Backup { path, store },
+        } => match daemon_only(&opts, "store backup") {
+            Ok(()) => backup(opts.config, store, &path, &env),
             Err(code) => code,
         },
         Command::CheckConfig => match daemon_only(&opts, "check-config") {
@@ -234,7 +269,16 @@ pub fn main() -> ExitCode {
             callback_url,
             label,
             again,
+            kind,
+            account,
         } => {
+            if crate::api::families::Kind::parse(&kind).is_none() {
+                let what = format!(
+                    "--kind {kind:?} is not a task kind; the kinds are {}",
+                    crate::api::families::Kind::names()
+                );
+                return usage_error(&opts, "invalid_kind", &what);
+            }
             let task_ids = if task_ids == ["-"] {
                 match client::read_ids(std::io::stdin()) {
                     Ok(ids) if !ids.is_empty() => ids,
@@ -260,6 +304,9 @@ pub fn main() -> ExitCode {
                     callback_url,
                     label,
                     again,
+                    // Music is the default on both sides: an old daemon still understands it.
+                    kind: (kind != "music").then_some(kind),
+                    account,
                 }),
             )
         }
@@ -424,6 +471,40 @@ fn check_config(path: Option<PathBuf>, env: &Environment) -> ExitCode {
     }
 }
 
+/// `sunopoll store backup`: the store named by `--store`, else by the config, copied to `to`.
+fn backup(
+    config: Option<PathBuf>,
+    store: Option<PathBuf>,
+    to: &std::path::Path,
+    env: &Environment,
+) -> ExitCode {
+    let from = match store {
+        Some(p) => p,
+        None => match Config::load(config.as_deref(), env) {
+            Ok(c) => c.store.path,
+            Err(e) => {
+                eprintln!("sunopoll: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    match crate::store::Store::backup(&from, to) {
+        Ok(tasks) => {
+            println!(
+                "backed up {} to {} ({tasks} task{})",
+                from.display(),
+                to.display(),
+                if tasks == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sunopoll: {e}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+    }
+}
+
 fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
     let config = match Config::load(path.as_deref(), env) {
         Ok(c) => c,
@@ -474,7 +555,7 @@ fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {
         };
         let options = StartOptions {
             clock: Clock::system(),
-            key_source: Some(config.key_source(env)),
+            env: Some(env.clone()),
         };
         let mut daemon = match Daemon::start_with(config, key, passed, supervision, options).await {
             Ok(d) => d,

@@ -86,7 +86,7 @@ pub fn print_error(out: Output, error: &ErrorBody, human: &str) {
     if out.json {
         eprint!("{}", error.to_line());
     } else {
-        eprintln!("sunopoll: {human}");
+        eprintln!("sunopoll: {}", esc(human));
     }
 }
 
@@ -107,8 +107,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to the daemon's socket.
+    /// Connects to the daemon's socket (after checking its directory, when it is the per-user
+    /// one in `/tmp`: see [`check_socket_dir`]).
     pub fn open(path: &Path) -> Result<Connection, ClientError> {
+        check_socket_dir(path, crate::config::current_uid()).map_err(ClientError::Unreachable)?;
         let stream = UnixStream::connect(path).map_err(|e| {
             let hint = match e.kind() {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -207,6 +209,20 @@ fn parse<T: DeserializeOwned>(line: &str) -> Result<T, ClientError> {
     })
 }
 
+/// Refuses a socket in `uid`'s per-user directory in `/tmp` when that directory is not private
+/// (another user made it, or can write it): whoever answers there may not be our daemon, and
+/// would hear every request. A directory that does not exist is left to `connect` to report.
+pub fn check_socket_dir(socket: &Path, uid: u32) -> Result<(), String> {
+    let dir = crate::config::private_tmp_dir(uid);
+    if socket.parent() != Some(dir.as_path()) {
+        return Ok(());
+    }
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        _ => crate::config::check_private_dir(&dir, uid),
+    }
+}
+
 /// Where the CLI looks for the daemon: `--socket`, then `$SUNOPOLL_SOCKET`, then the config
 /// file's `control.socket`, then the built-in default for this user, then the system service's
 /// socket. The first existing candidate among the defaults wins.
@@ -293,12 +309,28 @@ fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
         tasks: Vec::new(),
     };
     for chunk in req.task_ids.chunks(ADD_BATCH) {
-        let answer: AddResponse = conn.call(&Request::Add(AddRequest {
-            task_ids: chunk.to_vec(),
-            callback_url: req.callback_url.clone(),
-            label: req.label.clone(),
-            again: req.again,
-        }))?;
+        let answer: AddResponse = conn
+            .call(&Request::Add(AddRequest {
+                task_ids: chunk.to_vec(),
+                callback_url: req.callback_url.clone(),
+                label: req.label.clone(),
+                again: req.again,
+                kind: req.kind.clone(),
+                account: req.account.clone(),
+            }))
+            .map_err(|e| match e {
+                // Each batch is its own request: say what earlier ones did.
+                ClientError::Refused(mut body) if !all.tasks.is_empty() => {
+                    body.message = format!(
+                        "{} (in a later batch: the {} IDs before it were sent and stored, {} of them new)",
+                        body.message,
+                        all.tasks.len(),
+                        all.added
+                    );
+                    ClientError::Refused(body)
+                }
+                e => e,
+            })?;
         all.added += answer.added;
         all.existing += answer.existing;
         all.tasks.extend(answer.tasks);
@@ -308,7 +340,7 @@ fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
         return Ok(0);
     }
     for t in &all.tasks {
-        let id = &t.task_id;
+        let id = esc(&t.task_id);
         match t.result {
             AddResult::Added => out!("added     {id}"),
             AddResult::Readded => out!("re-added  {id}"),
@@ -319,6 +351,9 @@ fn add(socket: &Path, req: AddRequest, out: Output) -> Result<u8, ClientError> {
                     .map(|s| format!(", last event {s}"))
                     .unwrap_or_default()
             ),
+            // The daemon refuses the whole request instead; an old or foreign daemon's answer
+            // is shown as it is.
+            AddResult::OtherKind => out!("refused   {id}  (a {} task)", t.kind),
         }
     }
     if all.tasks.len() > 1 {
@@ -417,9 +452,17 @@ fn status(socket: &Path, req: StatusRequest, out: Output) -> Result<u8, ClientEr
     Ok(if v.healthy { 0 } else { EXIT_REFUSED })
 }
 
-/// An optional value as shown in tables: `-` when absent.
-fn shown(v: Option<&str>) -> &str {
-    v.unwrap_or("-")
+/// A string from the daemon (and so perhaps from the API or a handler) as human output shows
+/// it: control characters escaped ([`crate::logging::printable`]), so a status string with a
+/// newline and an ESC byte cannot forge lines or recolour the terminal. `--json` output is
+/// never passed through this: it stays exact.
+fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    crate::logging::printable(s)
+}
+
+/// An optional value as shown in tables: `-` when absent, escaped ([`esc`]).
+fn shown(v: Option<&str>) -> std::borrow::Cow<'_, str> {
+    esc(v.unwrap_or("-"))
 }
 
 /// How an enum is spelt on the wire (its serde name), for showing it.
@@ -444,8 +487,8 @@ fn print_event(ev: &EventView, out: Output) -> Result<(), ClientError> {
     out!(
         "#{:<6} {}  {}  {:<8} {}  {}",
         ev.seq,
-        ev.created_at,
-        ev.task_id,
+        esc(&ev.created_at),
+        esc(&ev.task_id),
         ev.stage.as_str(),
         ev.code,
         if ev.stage == Stage::Error {
@@ -474,12 +517,12 @@ fn print_list(req: &ListRequest, answer: &ListResponse) {
     for t in tasks {
         out!(
             "{:<34} {:<8} {:<9} {:<22} {:<21} {}",
-            t.task_id,
+            esc(&t.task_id),
             t.state.as_str(),
             shown(t.stage.map(Stage::as_str)),
             shown(t.last_status.as_deref()),
             shown(t.next_poll_at.as_deref()),
-            t.label.as_deref().unwrap_or("")
+            esc(t.label.as_deref().unwrap_or(""))
         );
     }
     if let Some(limit) = req.limit
@@ -494,6 +537,8 @@ fn print_show(answer: &ShowResponse) {
     let polls = t.polls.to_string();
     for (name, value) in [
         ("task", Some(t.task_id.as_str())),
+        ("kind", Some(t.kind.as_str())),
+        ("account", Some(t.account.as_str())),
         ("state", Some(t.state.as_str())),
         ("last event", t.stage.map(Stage::as_str)),
         ("last status", t.last_status.as_deref()),
@@ -507,7 +552,7 @@ fn print_show(answer: &ShowResponse) {
         ("last error", t.last_error.as_deref()),
     ] {
         if let Some(value) = value {
-            out!("{name:<13} {value}");
+            out!("{name:<13} {}", esc(value));
         }
     }
     if !answer.files.is_empty() {
@@ -530,6 +575,7 @@ fn print_show(answer: &ShowResponse) {
         let view = EventView {
             seq: ev.seq,
             task_id: ev.task_id.clone(),
+            kind: ev.kind,
             stage: ev.stage,
             code: ev.code,
             created_at: ev.created_at.clone(),
@@ -541,10 +587,14 @@ fn print_show(answer: &ShowResponse) {
             print_delivery(d);
         }
         let body: Value = serde_json::from_str(ev.body.get()).unwrap_or(Value::Null);
-        out!(
-            "{}",
-            serde_json::to_string_pretty(&body).unwrap_or_default()
-        );
+        // JSON escapes C0 inside strings but not DEL, C1 or the bidi controls; its own
+        // newlines are layout, so each line is escaped on its own.
+        for line in serde_json::to_string_pretty(&body)
+            .unwrap_or_default()
+            .lines()
+        {
+            out!("{}", esc(line));
+        }
     }
 }
 
@@ -582,7 +632,7 @@ fn print_redeliver(answer: &RedeliverResponse) {
 }
 
 fn print_remove(answer: &RemoveResponse) {
-    let id = &answer.task_id;
+    let id = esc(&answer.task_id);
     if answer.removed {
         out!("removed {id}; it is no longer polled (its events are kept)");
     } else {
@@ -639,10 +689,10 @@ pub fn headline(v: &StatusResponse) -> String {
 }
 
 fn print_status(v: &StatusResponse) {
-    out!("{}", headline(v));
-    out!("sunopoll {}", v.version);
+    out!("{}", esc(&headline(v)));
+    out!("sunopoll {}", esc(&v.version));
     for p in v.problems.iter().skip(1) {
-        out!("  problem: {p}");
+        out!("  problem: {}", esc(p));
     }
     let poll = &v.poll;
     match poll.state.as_str() {
@@ -666,14 +716,16 @@ fn print_status(v: &StatusResponse) {
                 .map(|c| format!(": {c}"))
                 .unwrap_or_default();
             out!(
-                "polling:      {state} — {kind} (pause #{}{until}){cause}",
-                poll.pause_attempt
+                "polling:      {} — {kind} (pause #{}{until}){}",
+                esc(state),
+                poll.pause_attempt,
+                esc(&cause)
             );
         }
     }
     match (poll.last_answer.as_deref(), poll.last_answer_at.as_deref()) {
-        (Some(what), Some(at)) => out!("last answer:  {what} at {at}"),
-        (Some(what), None) => out!("last answer:  {what}"),
+        (Some(what), Some(at)) => out!("last answer:  {} at {}", esc(what), esc(at)),
+        (Some(what), None) => out!("last answer:  {}", esc(what)),
         _ => out!("last answer:  none yet (no poll answered since start)"),
     }
     match &v.tasks {
@@ -693,15 +745,15 @@ fn print_status(v: &StatusResponse) {
             }
         }
     }
-    out!("started:      {}", v.started_at);
-    out!("store:        {}", v.store.display());
-    out!("socket:       {}", v.socket.display());
+    out!("started:      {}", esc(&v.started_at));
+    out!("store:        {}", esc(&v.store.display().to_string()));
+    out!("socket:       {}", esc(&v.socket.display().to_string()));
     out!(
         "config:       {}",
-        v.config.as_ref().map_or_else(
+        esc(&v.config.as_ref().map_or_else(
             || "built-in defaults".to_owned(),
             |c| c.display().to_string()
-        )
+        ))
     );
     if let Some(a) = &v.archive {
         let files = a.files.as_ref().map_or_else(
@@ -740,11 +792,13 @@ fn print_status(v: &StatusResponse) {
             })
             .unwrap_or_default();
         out!(
-            "target {}: {} pending, {} failed, {} delivered; {success}{error}",
-            t.target,
+            "target {}: {} pending, {} failed, {} delivered; {}{}",
+            esc(&t.target),
             t.pending,
             t.failed,
-            t.delivered
+            t.delivered,
+            esc(&success),
+            esc(&error)
         );
     }
 }
@@ -760,21 +814,22 @@ fn print_delivery(d: &DeliveryView) {
         _ => String::new(),
     };
     out!(
-        "  → {} {}{status}{when} after {} attempt{} ({}, {})",
-        d.target,
-        d.state,
+        "  → {} {}{status}{} after {} attempt{} ({}, {})",
+        esc(&d.target),
+        esc(&d.state),
+        esc(&when),
         d.attempts,
         if d.attempts == 1 { "" } else { "s" },
-        d.url,
-        d.webhook_id
+        esc(&d.url),
+        esc(&d.webhook_id)
     );
     for a in &d.attempt_log {
         out!(
             "      #{} {} {}ms {}{}",
             a.attempt,
-            a.at,
+            esc(&a.at),
             a.duration_ms,
-            a.outcome,
+            esc(&a.outcome),
             a.error
                 .as_deref()
                 .map(|e| format!(": {}", crate::api::clip(e, 160)))

@@ -20,9 +20,9 @@ use tracing::{info, warn};
 use crate::api::{ApiClient, ApiKey};
 use crate::archive::sink::Sink;
 use crate::clock::{Clock, format_duration, now_ms, parse_utc};
-use crate::config::{Config, DEFAULT_ACCOUNT, KeySource};
+use crate::config::{AccountConfig, Config, Environment, KeySource};
 use crate::control::ArchiveControl;
-use crate::control::{self, Control, ControlSocket, DaemonInfo};
+use crate::control::{self, AccountHandle, Control, ControlSocket, DaemonInfo};
 use crate::forward::Router;
 use crate::jobs::archive::{ArchiveStatus, Archiver, SharedArchiveStatus};
 use crate::jobs::deliver::Forwarder;
@@ -81,19 +81,27 @@ pub struct Daemon {
 pub struct StartOptions {
     /// The wall clock of the job loops.
     pub clock: Clock,
-    /// Where the API key comes from, read again before each probe after a rejected key.
-    pub key_source: Option<KeySource>,
+    /// Where the accounts' keys come from. With it, every account's key is read from its
+    /// source at start (the first account's is the `key` given), and again before each probe
+    /// after a rejected key and on a reload. Without it (tests), every account uses `key`.
+    pub env: Option<Environment>,
+}
+
+/// One account's reloadable parts.
+struct LiveAccount {
+    config: AccountConfig,
+    api: ApiClient,
+    rate: watch::Sender<Option<f64>>,
+    wake: Arc<Notify>,
+    key_source: Option<KeySource>,
 }
 
 /// What a reload can change while the daemon runs, and the config it runs by.
 struct Live {
     config: Config,
-    api: ApiClient,
-    rate: watch::Sender<Option<f64>>,
+    accounts: Vec<LiveAccount>,
     router: Router,
-    wake: Arc<Notify>,
     redeliver: Arc<Notify>,
-    key_source: Option<KeySource>,
 }
 
 /// What a reload did: the settings applied, and those that need a restart.
@@ -137,10 +145,7 @@ impl Daemon {
         supervision: Supervision,
         clock: Clock,
     ) -> anyhow::Result<Daemon> {
-        let options = StartOptions {
-            clock,
-            key_source: None,
-        };
+        let options = StartOptions { clock, env: None };
         Daemon::start_with(config, key, passed, supervision, options).await
     }
 
@@ -186,11 +191,27 @@ impl Daemon {
         started_at: i64,
         options: StartOptions,
     ) -> anyhow::Result<Daemon> {
-        let StartOptions { clock, key_source } = options;
-        // Built from the config alone (and the bundled roots when the system has none), so a
-        // failure here repeats on every start.
-        let api = ApiClient::new(&config.api.base_url, key, config.api.request_timeout)
-            .map_err(|e| Unrecoverable(format!("building the HTTP client: {e:#}")))?;
+        let StartOptions { clock, env } = options;
+        // Each account's client, with its own key. Built from the config alone (and the
+        // bundled roots when the system has none), so a failure here repeats on every start.
+        let accounts = config.accounts();
+        let mut clients = Vec::with_capacity(accounts.len());
+        for (i, account) in accounts.iter().enumerate() {
+            let source = env.as_ref().map(|env| KeySource::of(account, env));
+            let key = match (&source, i) {
+                (Some(source), 1..) => source.read().map_err(Unrecoverable)?,
+                _ => key.clone(),
+            };
+            let api = ApiClient::new(&account.base_url, key, config.api.request_timeout).map_err(
+                |e| {
+                    Unrecoverable(format!(
+                        "building the HTTP client of account {:?}: {e:#}",
+                        account.name
+                    ))
+                },
+            )?;
+            clients.push((api, source));
+        }
 
         let (listener, socket) = match passed {
             Some(p) => {
@@ -242,9 +263,7 @@ impl Daemon {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let wake = Arc::new(Notify::new());
         let (events_tx, events_rx) = watch::channel(last_seq);
-        let status: SharedStatus = Arc::new(Mutex::new(PollStatus::default()));
 
         let metrics = Arc::new(Metrics::new());
         {
@@ -265,23 +284,54 @@ impl Daemon {
             metrics: Arc::clone(&metrics),
             clock: clock.clone(),
         };
-        let (rate_tx, rate_rx) = watch::channel(config.poll.max_requests_per_second);
-        let scheduler = Scheduler {
-            store: store.clone(),
-            api: api.clone(),
-            policy: config.poll.clone(),
-            wake: wake.clone(),
-            events: events_tx,
-            status: status.clone(),
-            router: router.clone(),
-            notifier: supervision.notifier.clone(),
-            watchdog: supervision.watchdog,
-            metrics: Arc::clone(&metrics),
-            clock: clock.clone(),
-            rate: rate_rx,
-            key_source: key_source.clone(),
-            archive: config.archive.enabled(),
-        };
+        // One poll loop per account. Only the first reports to systemd: one STATUS= line,
+        // one watchdog (a wedged first loop stops the pings; the loops share every part a
+        // wedge could come from: the store, the runtime).
+        let mut schedulers = Vec::with_capacity(accounts.len());
+        let mut live_accounts = Vec::with_capacity(accounts.len());
+        let mut handles = Vec::with_capacity(accounts.len());
+        for (i, (account, (api, key_source))) in accounts.iter().zip(clients).enumerate() {
+            let (rate_tx, rate_rx) = watch::channel(account.max_requests_per_second);
+            let wake = Arc::new(Notify::new());
+            let status: SharedStatus = Arc::new(Mutex::new(PollStatus::default()));
+            let mut policy = config.poll.clone();
+            policy.max_in_flight = account.max_in_flight;
+            policy.max_requests_per_second = account.max_requests_per_second;
+            schedulers.push(Scheduler {
+                store: store.clone(),
+                api: api.clone(),
+                account: account.name.clone(),
+                flavor: account.flavor,
+                policy,
+                wake: wake.clone(),
+                events: events_tx.clone(),
+                status: status.clone(),
+                router: router.clone(),
+                notifier: if i == 0 {
+                    supervision.notifier.clone()
+                } else {
+                    Notifier::default()
+                },
+                watchdog: if i == 0 { supervision.watchdog } else { None },
+                metrics: Arc::clone(&metrics),
+                clock: clock.clone(),
+                rate: rate_rx,
+                key_source: key_source.clone(),
+                archive: config.archive.enabled(),
+            });
+            handles.push(AccountHandle {
+                name: account.name.clone(),
+                wake: wake.clone(),
+                status,
+            });
+            live_accounts.push(LiveAccount {
+                config: account.clone(),
+                api,
+                rate: rate_tx,
+                wake,
+                key_source,
+            });
+        }
         let archive_status: SharedArchiveStatus = Arc::new(Mutex::new(ArchiveStatus::default()));
         let archive_wake = Arc::new(Notify::new());
         // Built now so that a bucket that cannot be set up (unreadable keys) stops the start.
@@ -308,7 +358,12 @@ impl Daemon {
             } else {
                 warn!(listen = %addr, "serving metrics at http://{addr}/metrics on an address other machines may reach (metrics.listen)");
             }
-            let source = gauge_source(store.clone(), status.clone(), rate_tx.subscribe(), &config);
+            let accounts = handles
+                .iter()
+                .zip(&live_accounts)
+                .map(|(h, l)| (h.status.clone(), l.rate.subscribe()))
+                .collect();
+            let source = gauge_source(store.clone(), accounts, &config);
             tracker.spawn(crate::metrics::serve(
                 listener,
                 Arc::clone(&metrics),
@@ -317,8 +372,10 @@ impl Daemon {
                 tracker.clone(),
             ));
         }
-        let gate = scheduler.load_gate().await;
-        tracker.spawn(scheduler.run(gate, cancel.clone(), tracker.clone()));
+        for scheduler in schedulers {
+            let loaded = scheduler.load_gate().await;
+            tracker.spawn(scheduler.run(loaded, cancel.clone(), tracker.clone()));
+        }
         tracker.spawn(forwarder.run(cancel.clone(), tracker.clone()));
         if let Some(sink) = &archive_sink {
             let archiver = Archiver {
@@ -337,9 +394,8 @@ impl Daemon {
 
         let ctx = Arc::new(Control {
             store: store.clone(),
-            wake: wake.clone(),
+            accounts: handles,
             events: events_rx,
-            status: status.clone(),
             policy: config.poll.clone(),
             info: DaemonInfo {
                 config: config.source.clone(),
@@ -374,7 +430,11 @@ impl Daemon {
             config = %config.source.as_ref().map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string()),
             store = %config.store.path.display(),
             socket = %socket.path.display(),
-            api = %config.api.base_url,
+            api = %accounts.iter().map(|a| if accounts.len() == 1 {
+                a.base_url.to_string()
+            } else {
+                format!("{} {} ({})", a.name, a.base_url, a.flavor.as_str())
+            }).collect::<Vec<_>>().join(", "),
             interval = %format_duration(config.poll.interval),
             watchdog = %supervision.watchdog.map_or_else(
                 || "off".to_owned(),
@@ -397,12 +457,9 @@ impl Daemon {
             metrics_addr,
             live: Live {
                 config,
-                api,
-                rate: rate_tx,
+                accounts: live_accounts,
                 router,
-                wake,
                 redeliver,
-                key_source,
             },
         })
     }
@@ -416,16 +473,48 @@ impl Daemon {
         let live = &mut self.live;
         let old = &live.config;
         let mut r = Reloaded::default();
-        let key = live.key_source.as_ref().map(KeySource::read).transpose()?;
-        if let Some(key) = key
-            && live.api.set_key(key)
-        {
-            r.applied.push("api key".to_owned());
+        // Every key is read before any is set: a reload that fails changes nothing.
+        let keys = live
+            .accounts
+            .iter()
+            .map(|a| a.key_source.as_ref().map(KeySource::read).transpose())
+            .collect::<Result<Vec<_>, String>>()?;
+        let single = live.accounts.len() == 1;
+        let new_accounts = new.accounts();
+        let same_accounts = new_accounts.len() == live.accounts.len()
+            && new_accounts.iter().zip(&live.accounts).all(|(n, l)| {
+                n.name == l.config.name
+                    && n.base_url == l.config.base_url
+                    && n.flavor == l.config.flavor
+                    && n.key_file == l.config.key_file
+                    && n.max_in_flight == l.config.max_in_flight
+            });
+        for (account, key) in live.accounts.iter().zip(keys) {
+            if let Some(key) = key
+                && account.api.set_key(key)
+            {
+                r.applied.push(if single {
+                    "api key".to_owned()
+                } else {
+                    format!("api key of account {:?}", account.config.name)
+                });
+            }
         }
-        if new.poll.max_requests_per_second != old.poll.max_requests_per_second {
-            live.rate.send_replace(new.poll.max_requests_per_second);
-            live.wake.notify_one();
-            r.applied.push("poll.max-requests-per-second".to_owned());
+        if same_accounts {
+            for (account, new) in live.accounts.iter_mut().zip(&new_accounts) {
+                if new.max_requests_per_second != account.config.max_requests_per_second {
+                    account.rate.send_replace(new.max_requests_per_second);
+                    account.wake.notify_one();
+                    account.config.max_requests_per_second = new.max_requests_per_second;
+                    r.applied.push(if single {
+                        "poll.max-requests-per-second".to_owned()
+                    } else {
+                        format!("max-requests-per-second of account {:?}", new.name)
+                    });
+                }
+            }
+        } else {
+            r.need_restart.push("api.account".to_owned());
         }
         if format!("{:?}", new.forward) != format!("{:?}", old.forward) {
             live.router.replace(new.forward.clone());
@@ -544,8 +633,7 @@ impl Daemon {
 /// (the store's own error counter says why) rather than reporting zeros that are not true.
 fn gauge_source(
     store: Store,
-    status: SharedStatus,
-    rate: watch::Receiver<Option<f64>>,
+    accounts: Vec<(SharedStatus, watch::Receiver<Option<f64>>)>,
     config: &Config,
 ) -> GaugeSource {
     let backoff_max = config.poll.backoff_max;
@@ -558,26 +646,35 @@ fn gauge_source(
     configured.sort();
     Arc::new(move || {
         let store = store.clone();
-        let status = status.clone();
         let configured = configured.clone();
-        // The rate as reloaded (SIGHUP), not as started.
-        let rate_limit = rate.borrow().unwrap_or(0.0);
+        // The rate as reloaded (SIGHUP), not as started; and as learnt, if lower.
+        let accounts: Vec<(PollStatus, f64)> = accounts
+            .iter()
+            .map(|(status, rate)| {
+                let poll = status.lock().map(|s| s.clone()).unwrap_or_default();
+                let ceiling = *rate.borrow();
+                let held_to = match (poll.learnt_rate, ceiling) {
+                    (Some(l), Some(c)) => l.min(c),
+                    (_, c) => c.unwrap_or(0.0),
+                };
+                (poll, held_to)
+            })
+            .collect();
         Box::pin(async move {
             let now = now_ms();
             let mut g = Gauges::default();
-            if let Ok(c) = store.counts().await {
-                for (state, n) in [
-                    ("active", c.active),
-                    ("done", c.done),
-                    ("failed", c.failed),
-                    ("removed", c.removed),
-                ] {
-                    g.tasks.push((
-                        state.to_owned(),
-                        "music".to_owned(),
-                        n.max(0).unsigned_abs(),
-                    ));
+            if let Ok(counts) = store.task_breakdown().await {
+                // Per (state, kind), summed over accounts; every state of music always, so
+                // a fresh daemon's scrape has the series an alert expects.
+                let mut by: std::collections::BTreeMap<(String, String), u64> = Default::default();
+                for state in ["active", "done", "failed", "removed"] {
+                    by.insert((state.to_owned(), "music".to_owned()), 0);
                 }
+                for c in counts {
+                    *by.entry((c.state.as_str().to_owned(), c.kind.as_str().to_owned()))
+                        .or_default() += c.n.max(0).unsigned_abs();
+                }
+                g.tasks = by.into_iter().map(|((s, k), n)| (s, k, n)).collect();
             }
             if let Ok(q) = store.gauges(now).await {
                 g.polls_due = q.polls_due;
@@ -614,32 +711,33 @@ fn gauge_source(
                     }
                 }
             }
-            let poll = status.lock().map(|s| s.clone()).unwrap_or_default();
-            let pause = poll.pause_kind.map(|kind| {
-                let until = poll
-                    .paused_until
-                    .as_deref()
-                    .and_then(parse_utc)
-                    .unwrap_or(now);
-                (
-                    kind.as_str(),
-                    Duration::from_millis((until - now).max(0).unsigned_abs()),
-                )
-            });
-            g.accounts.push(AccountGauges {
-                account: DEFAULT_ACCOUNT.to_owned(),
-                rate_limit,
-                // From the pause's start, not the figure published with it: the poll job sleeps
-                // through a pause, and a scrape must see it grow.
-                paused_for: match (&pause, poll.paused_since.as_deref().and_then(parse_utc)) {
-                    (Some(_), Some(since)) => {
-                        Duration::from_millis((now - since).max(0).unsigned_abs())
-                    }
-                    _ => Duration::ZERO,
-                },
-                pause,
-                backoff_max,
-            });
+            for (poll, rate_limit) in accounts {
+                let pause = poll.pause_kind.map(|kind| {
+                    let until = poll
+                        .paused_until
+                        .as_deref()
+                        .and_then(parse_utc)
+                        .unwrap_or(now);
+                    (
+                        kind.as_str(),
+                        Duration::from_millis((until - now).max(0).unsigned_abs()),
+                    )
+                });
+                g.accounts.push(AccountGauges {
+                    account: poll.account.clone(),
+                    rate_limit,
+                    // From the pause's start, not the figure published with it: the poll job
+                    // sleeps through a pause, and a scrape must see it grow.
+                    paused_for: match (&pause, poll.paused_since.as_deref().and_then(parse_utc)) {
+                        (Some(_), Some(since)) => {
+                            Duration::from_millis((now - since).max(0).unsigned_abs())
+                        }
+                        _ => Duration::ZERO,
+                    },
+                    pause,
+                    backoff_max,
+                });
+            }
             g
         })
     })

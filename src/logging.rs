@@ -443,8 +443,90 @@ fn put_field(entry: &mut Vec<u8>, name: &str, value: &[u8]) {
     entry.push(b'\n');
 }
 
+/// `s` safe to print on a terminal or in a log line: every control character (C0, DEL and
+/// C1: newline, carriage return, ESC, CSI …) and every character that reorders or breaks
+/// displayed text (the bidirectional overrides and isolates, the line and paragraph
+/// separators) is written as an escape (`\n`, `\r`, `\t`, else `\u{1b}`). Text from the
+/// API or a handler (a status, an error message) then cannot start a new line, move the
+/// cursor or recolour the terminal. Everything else, backslashes included, is kept. Borrows
+/// when there is nothing to escape, which is almost always.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+    }
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if unsafe_char(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// `s` shortened to at most `max` characters (on a character boundary, with `…` when cut) and
+/// made [`printable`]: for API strings in log lines and messages, so a 1 MB status string is
+/// not a 1 MB log line and an API message cannot forge lines.
+pub fn clip(s: &str, max: usize) -> String {
+    printable(&truncated(s, max)).into_owned()
+}
+
+/// `s` shortened to at most `max` characters, on a character boundary, with `…` when cut;
+/// otherwise unchanged. For API strings that are kept (a status string), where escaping is
+/// left to whoever shows them.
+pub fn truncated(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        None => std::borrow::Cow::Borrowed(s),
+        Some((i, _)) => std::borrow::Cow::Owned(format!("{}…", &s[..i])),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::{clip, printable};
+
+    #[test]
+    fn printable_escapes_every_control_character_and_keeps_the_rest() {
+        assert_eq!(printable("PENDING"), "PENDING");
+        assert!(matches!(
+            printable("plain ü ✓ \\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(printable("a\nb\rc\td"), "a\\nb\\rc\\td");
+        assert_eq!(
+            printable("\u{1b}[31mred\u{1b}[0m"),
+            "\\u{1b}[31mred\\u{1b}[0m"
+        );
+        assert_eq!(
+            printable("\u{0}\u{7f}\u{9b}\u{85}"),
+            "\\u{0}\\u{7f}\\u{9b}\\u{85}"
+        );
+        assert_eq!(printable("\u{202e}txt.exe"), "\\u{202e}txt.exe");
+        for c in (0u32..0x20).chain(0x7f..0xa0).filter_map(char::from_u32) {
+            let shown = printable(&c.to_string()).into_owned();
+            assert!(!shown.chars().any(char::is_control), "{c:?} → {shown:?}");
+        }
+    }
+
+    #[test]
+    fn clip_cuts_long_strings_with_a_marker_and_escapes() {
+        assert_eq!(clip("a\nb\rc", 10), "a\\nb\\rc");
+        assert_eq!(clip("abcdef", 3), "abc…");
+        assert_eq!(clip("abc", 3), "abc");
+        assert_eq!(clip("ééééé", 2), "éé…");
+        let long = "x".repeat(1_000_000);
+        assert_eq!(clip(&long, 200).chars().count(), 201);
+    }
+
     use super::*;
 
     #[test]

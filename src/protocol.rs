@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! → {"cmd":"add","task_ids":["5c79…"],"callback_url":"http://127.0.0.1:3000/suno","label":"demo"}
-//! ← {"ok":true,"tasks":[{"task_id":"5c79…","result":"added","state":"active",…}]}
+//! ← {"ok":true,"tasks":[{"task_id":"5c79…","result":"added","kind":"music","state":"active",…}]}
 //! ← {"ok":false,"error":{"code":"invalid_task_id","message":"…"}}
 //! ```
 //!
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::api::families::Kind;
 use crate::clock::format_utc;
 use crate::events::Stage;
 use crate::jobs::gate::PollStatus;
@@ -69,6 +70,13 @@ pub struct AddRequest {
     /// is emitted twice). Without it, a known ID is left as it is.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub again: bool,
+    /// The tasks' family: `music` (the default), `lyrics`, `wav`, `stems`, `midi`, `mp4` or
+    /// `cover`. One task is one (kind, ID): an ID tracked under another kind is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The account to poll them on (default: the first configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }
 
 /// `list`: tasks, optionally filtered by state.
@@ -394,6 +402,12 @@ pub fn check_callback_url(url: &str) -> Result<(), ErrorBody> {
 pub struct TaskView {
     /// The API's task ID.
     pub task_id: String,
+    /// Its family (`music`, `wav`, …).
+    #[serde(default)]
+    pub kind: Kind,
+    /// The account it is polled on.
+    #[serde(default)]
+    pub account: String,
     /// Lifecycle state.
     pub state: TaskState,
     /// The last stage emitted, if any.
@@ -491,6 +505,9 @@ pub struct EventView {
     pub seq: i64,
     /// The task.
     pub task_id: String,
+    /// The task's family.
+    #[serde(default)]
+    pub kind: Kind,
     /// The stage.
     pub stage: Stage,
     /// The callback `code`.
@@ -507,6 +524,8 @@ impl TaskView {
         TaskView {
             next_poll_at: (t.state == TaskState::Active).then(|| format_utc(t.next_poll_at)),
             task_id: t.task_id,
+            kind: t.kind,
+            account: t.account,
             state: t.state,
             stage: t.stage,
             last_status: t.last_status,
@@ -516,7 +535,7 @@ impl TaskView {
             updated_at: format_utc(t.updated_at),
             deadline_at: format_utc(t.deadline_at),
             finished_at: t.finished_at.map(format_utc),
-            callback_url: t.callback_url,
+            callback_url: t.callback_url.as_deref().map(crate::api::redact_url),
             label: t.label,
         }
     }
@@ -528,7 +547,7 @@ impl DeliveryView {
     pub fn from_record(d: DeliveryRecord) -> DeliveryView {
         DeliveryView {
             next_attempt_at: (d.state == "pending").then(|| format_utc(d.next_attempt_at)),
-            target: d.target,
+            target: crate::api::redact_url(&d.target),
             url: crate::api::redact_url(&d.url),
             webhook_id: d.webhook_id,
             state: d.state,
@@ -564,7 +583,9 @@ impl TargetStatus {
     /// Presents a target's stored delivery summary.
     pub fn from_summary(t: TargetSummary) -> TargetStatus {
         TargetStatus {
-            target: t.target,
+            // A target named by its URL before names were redacted keeps that name in the
+            // store: it is shown without its credentials all the same.
+            target: crate::api::redact_url(&t.target),
             pending: t.pending,
             failed: t.failed,
             delivered: t.delivered,
@@ -595,6 +616,7 @@ impl EventView {
         Ok(EventView {
             seq,
             task_id: e.task_id,
+            kind: e.kind,
             stage: e.stage,
             code: e.code,
             created_at: format_utc(e.created_at),
@@ -611,6 +633,9 @@ pub struct ShownEvent {
     pub seq: i64,
     /// The task.
     pub task_id: String,
+    /// The task's family.
+    #[serde(default)]
+    pub kind: Kind,
     /// The stage.
     pub stage: Stage,
     /// The callback `code`.
@@ -629,6 +654,7 @@ impl ShownEvent {
         ShownEvent {
             seq: ev.seq,
             task_id: ev.task_id,
+            kind: ev.kind,
             stage: ev.stage,
             code: ev.code,
             created_at: ev.created_at,
@@ -800,8 +826,14 @@ pub struct StatusResponse {
     pub socket: PathBuf,
     /// Task counts; `null` when the store is not answering.
     pub tasks: Option<Counts>,
-    /// The polling loop.
+    /// The first (default) account's polling loop.
     pub poll: PollStatus,
+    /// Every account's polling loop, the first as in `poll`.
+    #[serde(default)]
+    pub accounts: Vec<PollStatus>,
+    /// Task counts per kind, account and state (kept counts; zeros left out).
+    #[serde(default)]
+    pub breakdown: Vec<crate::store::TaskCount>,
     /// Delivery health per target.
     pub targets: Vec<TargetStatus>,
     /// The archive, when `[archive]` is on.
@@ -824,6 +856,60 @@ pub fn answer_line<T: Serialize>(body: &T) -> Result<String, serde_json::Error> 
     Ok(s)
 }
 
+/// A successful answer whose one list field is written row by row, for answers too long to
+/// build whole (`list` over a million tasks, `events` over large bodies): the bytes are the
+/// ones [`answer_line`] writes for the whole answer, so the client reads one line either way,
+/// but the daemon only ever holds the rows not yet taken. Only for answers whose list field
+/// comes first and whose other fields are known once the rows are ([`ListResponse`],
+/// [`EventsResponse`]).
+#[derive(Debug)]
+pub struct RowStream {
+    buf: String,
+    rows: usize,
+}
+
+impl RowStream {
+    /// Starts the answer: `{"ok":true,"<field>":[`.
+    pub fn open(field: &str) -> RowStream {
+        RowStream {
+            buf: format!("{{\"ok\":true,\"{field}\":["),
+            rows: 0,
+        }
+    }
+
+    /// Adds one row.
+    pub fn push<T: Serialize>(&mut self, row: &T) -> Result<(), serde_json::Error> {
+        if self.rows > 0 {
+            self.buf.push(',');
+        }
+        self.rows += 1;
+        let json = serde_json::to_string(row)?;
+        self.buf.push_str(&json);
+        Ok(())
+    }
+
+    /// Bytes written so far and not yet taken.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Takes the bytes written so far, to send them.
+    pub fn take(&mut self) -> String {
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Ends the list and the answer; `fields` are the answer's other fields, in order
+    /// (`[("more", false)]`). Returns the last bytes, newline included.
+    pub fn close(mut self, fields: &[(&str, &Value)]) -> String {
+        self.buf.push(']');
+        for (name, value) in fields {
+            self.buf.push_str(&format!(",\"{name}\":{value}"));
+        }
+        self.buf.push_str("}\n");
+        self.buf
+    }
+}
+
 /// Reads a successful answer's fields from its line (`ok` itself is not among them).
 pub fn parse_answer<T: serde::de::DeserializeOwned>(line: &str) -> Result<T, serde_json::Error> {
     serde_json::from_str(line)
@@ -834,6 +920,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_streamed_answer_is_the_same_line_as_the_whole_answer() {
+        let task = |id: &str| TaskView {
+            task_id: id.into(),
+            kind: Kind::Music,
+            account: "default".into(),
+            state: TaskState::Active,
+            stage: None,
+            last_status: Some("PENDING\n\u{1b}".into()),
+            last_error: None,
+            polls: 1,
+            added_at: "2026-01-01T00:00:00Z".into(),
+            updated_at: "2026-01-01T00:00:00Z".into(),
+            next_poll_at: None,
+            deadline_at: "2026-01-01T02:00:00Z".into(),
+            finished_at: None,
+            callback_url: None,
+            label: None,
+        };
+        for n in [0, 1, 3] {
+            let tasks: Vec<TaskView> = (0..n).map(|i| task(&format!("t{i}"))).collect();
+            let mut stream = RowStream::open("tasks");
+            let mut line = String::new();
+            for t in &tasks {
+                stream.push(t).expect("row");
+                line.push_str(&stream.take());
+            }
+            line.push_str(&stream.close(&[]));
+            let whole = answer_line(&ListResponse { tasks }).expect("line");
+            assert_eq!(line, whole);
+        }
+        let events: Vec<EventView> = vec![];
+        let stream = RowStream::open("events");
+        let line = stream.close(&[("more", &Value::Bool(true))]);
+        let whole = answer_line(&EventsResponse { events, more: true }).expect("line");
+        assert_eq!(line, whole);
+    }
+
+    #[test]
     fn requests_round_trip() {
         let reqs = [
             Request::Add(AddRequest {
@@ -841,6 +965,8 @@ mod tests {
                 callback_url: Some("http://127.0.0.1:1/x".into()),
                 label: Some("l".into()),
                 again: false,
+                kind: Some("wav".into()),
+                account: Some("second".into()),
             }),
             Request::Add(AddRequest {
                 task_ids: vec!["a".into()],
@@ -950,6 +1076,8 @@ mod tests {
     fn task_view() -> TaskView {
         TaskView {
             task_id: "t1".into(),
+            kind: Kind::Music,
+            account: "default".into(),
             state: TaskState::Active,
             stage: Some(Stage::Text),
             last_status: Some("TEXT_SUCCESS".into()),
@@ -965,12 +1093,13 @@ mod tests {
         }
     }
 
-    const TASK_JSON: &str = r#"{"task_id":"t1","state":"active","stage":"text","last_status":"TEXT_SUCCESS","last_error":null,"polls":2,"added_at":"2026-11-26T10:00:00Z","updated_at":"2026-11-26T10:00:30Z","next_poll_at":"2026-11-26T10:01:00Z","deadline_at":"2026-11-26T10:30:00Z","finished_at":null,"callback_url":"http://127.0.0.1:3000/cb","label":null}"#;
+    const TASK_JSON: &str = r#"{"task_id":"t1","kind":"music","account":"default","state":"active","stage":"text","last_status":"TEXT_SUCCESS","last_error":null,"polls":2,"added_at":"2026-11-26T10:00:00Z","updated_at":"2026-11-26T10:00:30Z","next_poll_at":"2026-11-26T10:01:00Z","deadline_at":"2026-11-26T10:30:00Z","finished_at":null,"callback_url":"http://127.0.0.1:3000/cb","label":null}"#;
 
     fn event_view() -> EventView {
         EventView {
             seq: 7,
             task_id: "t1".into(),
+            kind: Kind::Music,
             stage: Stage::Text,
             code: 200,
             created_at: "2026-11-26T10:00:30Z".into(),
@@ -980,7 +1109,7 @@ mod tests {
         }
     }
 
-    const EVENT_JSON: &str = r#"{"seq":7,"task_id":"t1","stage":"text","code":200,"created_at":"2026-11-26T10:00:30Z","body":{"code":200,"msg":"Text generation completed.","data":{"callbackType":"text","task_id":"t1","data":[]}}}"#;
+    const EVENT_JSON: &str = r#"{"seq":7,"task_id":"t1","kind":"music","stage":"text","code":200,"created_at":"2026-11-26T10:00:30Z","body":{"code":200,"msg":"Text generation completed.","data":{"callbackType":"text","task_id":"t1","data":[]}}}"#;
 
     #[test]
     fn add_list_remove_redeliver_answers_keep_their_wire_shape() {
@@ -992,18 +1121,20 @@ mod tests {
                     AddedTask {
                         task_id: "a".into(),
                         result: AddResult::Added,
+                        kind: crate::api::families::Kind::Music,
                         state: TaskState::Active,
                         stage: None,
                     },
                     AddedTask {
                         task_id: "b".into(),
                         result: AddResult::Exists,
+                        kind: crate::api::families::Kind::Music,
                         state: TaskState::Done,
                         stage: Some(Stage::Complete),
                     },
                 ],
             },
-            r#"{"ok":true,"added":1,"existing":1,"tasks":[{"task_id":"a","result":"added","state":"active","stage":null},{"task_id":"b","result":"exists","state":"done","stage":"complete"}]}"#,
+            r#"{"ok":true,"added":1,"existing":1,"tasks":[{"task_id":"a","result":"added","kind":"music","state":"active","stage":null},{"task_id":"b","result":"exists","kind":"music","state":"done","stage":"complete"}]}"#,
         );
         same_wire(
             &ListResponse {
@@ -1097,6 +1228,10 @@ mod tests {
     #[test]
     fn the_status_answer_keeps_its_wire_shape() {
         let poll = PollStatus {
+            account: "default".into(),
+            flavor: "sunoapi".into(),
+            rate_limit: Some(2.0),
+            learnt_rate: Some(0.45),
             state: "paused".into(),
             pause_kind: Some(crate::jobs::gate::PauseKind::Throttled),
             pause_attempt: 2,
@@ -1120,6 +1255,13 @@ mod tests {
             socket: "/run/sunopoll/sunopoll.sock".into(),
             tasks,
             poll: poll.clone(),
+            accounts: vec![poll.clone()],
+            breakdown: vec![crate::store::TaskCount {
+                kind: Kind::Wav,
+                account: "default".into(),
+                state: TaskState::Active,
+                n: 1,
+            }],
             targets: vec![TargetStatus {
                 target: "app".into(),
                 pending: 1,
@@ -1131,13 +1273,13 @@ mod tests {
             }],
             archive: None,
         };
-        const POLL: &str = r#"{"state":"paused","pause_kind":"throttled","pause_attempt":2,"paused_until":"2026-11-26T10:05:00Z","paused_since":"2026-11-26T10:00:00Z","paused_for_ms":1500,"pause_cause":"HTTP 429","in_flight":0,"requests":41,"last_answer_at":"2026-11-26T10:00:00Z","last_answer":"throttled"}"#;
+        const POLL: &str = r#"{"account":"default","flavor":"sunoapi","rate_limit":2.0,"learnt_rate":0.45,"state":"paused","pause_kind":"throttled","pause_attempt":2,"paused_until":"2026-11-26T10:05:00Z","paused_since":"2026-11-26T10:00:00Z","paused_for_ms":1500,"pause_cause":"HTTP 429","in_flight":0,"requests":41,"last_answer_at":"2026-11-26T10:00:00Z","last_answer":"throttled"}"#;
         const TARGETS: &str = r#"[{"target":"app","pending":1,"failed":0,"delivered":5,"last_success_at":"2026-11-26T09:59:00Z","last_error":"HTTP 500","last_error_at":"2026-11-26T09:58:00Z"}]"#;
         const HEAD: &str = r#"{"ok":true,"version":"0.1.0","healthy":false,"problems":["the store is not answering: x"],"started_at":"2026-11-26T09:00:00Z","uptime_ms":3600000"#;
         same_wire(
             &status(None, None),
             &format!(
-                r#"{HEAD},"config":null,"store":"/var/lib/sunopoll/queue.db","socket":"/run/sunopoll/sunopoll.sock","tasks":null,"poll":{POLL},"targets":{TARGETS}}}"#
+                r#"{HEAD},"config":null,"store":"/var/lib/sunopoll/queue.db","socket":"/run/sunopoll/sunopoll.sock","tasks":null,"poll":{POLL},"accounts":[{POLL}],"breakdown":[{{"kind":"wav","account":"default","state":"active","n":1}}],"targets":{TARGETS}}}"#
             ),
         );
         let counts = Counts {
@@ -1151,7 +1293,7 @@ mod tests {
         same_wire(
             &status(Some(counts), Some("/etc/sunopoll.toml".into())),
             &format!(
-                r#"{HEAD},"config":"/etc/sunopoll.toml","store":"/var/lib/sunopoll/queue.db","socket":"/run/sunopoll/sunopoll.sock","tasks":{{"active":1,"done":2,"failed":3,"removed":4,"events":9,"last_seq":11}},"poll":{POLL},"targets":{TARGETS}}}"#
+                r#"{HEAD},"config":"/etc/sunopoll.toml","store":"/var/lib/sunopoll/queue.db","socket":"/run/sunopoll/sunopoll.sock","tasks":{{"active":1,"done":2,"failed":3,"removed":4,"events":9,"last_seq":11}},"poll":{POLL},"accounts":[{POLL}],"breakdown":[{{"kind":"wav","account":"default","state":"active","n":1}}],"targets":{TARGETS}}}"#
             ),
         );
     }
@@ -1178,6 +1320,8 @@ mod tests {
         );
         let record = TaskRecord {
             task_id: "t".into(),
+            kind: crate::api::families::Kind::Wav,
+            account: "default".into(),
             state: TaskState::Done,
             stage: Some(Stage::Complete),
             last_status: None,
@@ -1200,6 +1344,7 @@ mod tests {
         let bad = EventView::from_record(EventRecord {
             seq: 3,
             task_id: "t".into(),
+            kind: crate::api::families::Kind::Music,
             stage: Stage::Text,
             code: 200,
             created_at: 0,

@@ -6,12 +6,16 @@ use std::fmt;
 use std::time::Duration;
 
 use super::clip;
-use super::envelope::{Outcome, classify};
+use super::envelope::{Answer, Outcome, read_answer};
 use super::families::Family;
 
-/// Largest details body we read. Real answers are a few KiB (two tracks with lyrics); a body
-/// this large is a broken proxy or a hostile server, and reading it whole would cost memory.
-pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Largest details body we read. Most answers are a few KiB (two tracks with lyrics), but a
+/// MIDI record carries every note of every instrument (about 60 bytes a note: a long, dense
+/// song with many instruments reaches the high hundreds of KiB) and a lyrics record may hold
+/// long texts; 8 MiB leaves ten times that, so no real answer is refused as "too large",
+/// while one poll still cannot make the daemon hold more than this per request in flight. A
+/// bigger body is a broken proxy or a hostile server.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// A URL for logs and output: any `user:password@` part is replaced, so credentials embedded
 /// in a handler or API URL are never printed.
@@ -193,7 +197,13 @@ impl ApiClient {
         match read_capped(response, MAX_BODY_BYTES).await {
             // Redacted before anything reads it, so no cause, message or event can carry the
             // key even if the API echoes it back.
-            Ok(body) => match classify(family, status, retry_after, &redact(&body, key.expose())) {
+            Ok(body) => match self.read(
+                family,
+                task_id,
+                status,
+                retry_after,
+                &redact(&body, key.expose()),
+            ) {
                 // A wrong path, not a wrong task: almost always api.base-url with a path in it.
                 Outcome::Unavailable { retry_after, cause }
                     if status == 404 || cause.contains("404") =>
@@ -216,6 +226,34 @@ impl ApiClient {
                 cause: format!("HTTP {status}, then {}", transport_cause(&e)),
             },
         }
+    }
+}
+
+impl ApiClient {
+    /// [`read_answer`] for `task_id`, logging at warn what it had to remove from the answer,
+    /// with the task id: the answer is used as it should have been, the operator still hears
+    /// what the API said.
+    fn read<F: Family>(
+        &self,
+        family: &F,
+        task_id: &str,
+        status: u16,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> Outcome<F::Record> {
+        let Answer { outcome, notes } =
+            read_answer(family, Some(task_id), status, retry_after, body);
+        for url in &notes.dropped_urls {
+            tracing::warn!(task_id = %task_id, family = family.name(), url = %url,
+                "the API's answer holds a URL that is not a plain http(s) URL or points at a \
+                 link-local/metadata address; it is passed on as absent");
+        }
+        if let Some(code) = &notes.ignored_error_code {
+            tracing::warn!(task_id = %task_id, family = family.name(), error_code = %code,
+                "the API's errorCode for this failed task is not a documented failure code; the \
+                 error event carries the family's default code instead");
+        }
+        outcome
     }
 }
 

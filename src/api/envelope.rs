@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::clip;
 use super::families::Family;
+use crate::events::Stage;
 
 /// Upper bound on an honoured `Retry-After`. A server asking for more than a day is more likely
 /// wrong than right, and a day-long pause is already an outage the operator must look at.
@@ -75,13 +76,52 @@ impl<R> Outcome<R> {
     }
 }
 
-/// Reads an integer that may be a JSON number or a numeric string.
+/// Reads an integer that may be a JSON number or a numeric string. A float counts only when it
+/// is a whole number an `i64` holds exactly (`1e30` is no code, not `i64::MAX`).
 pub(crate) fn int_of(v: &Value) -> Option<i64> {
     match v {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::Number(n) => n.as_i64().or_else(|| {
+            let f = n.as_f64()?;
+            // 2^63 is the first float past i64::MAX; `as` would saturate to it.
+            (f.fract() == 0.0 && f.abs() < 9.223_372_036_854_775e18).then_some(f as i64)
+        }),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
+}
+
+/// The failure codes a task's callback may carry: the union of every callback code list of
+/// every family in both flavours (`../shared/api/suno-api.md` §3.4, `families.md` §3–§8). A
+/// handler reads the callback's `code`, so an `error` event with a 2xx code (the API's
+/// `errorCode: 200` on a failed task) would read as success, and an invented one as nothing
+/// it knows.
+pub const FAILURE_CODES: [i64; 7] = [400, 408, 413, 451, 500, 501, 531];
+
+/// `errorCode` as a failure code: an integer or a digit string among [`FAILURE_CODES`]. Anything
+/// else (200, 1e30, -500, 7) is unusable and the family's default code is used instead.
+pub fn failure_code(v: &Value) -> Option<i64> {
+    let code = match v {
+        Value::Number(n) => n.as_i64()?,
+        Value::String(s) => {
+            let s = s.trim();
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()?
+        }
+        _ => return None,
+    };
+    FAILURE_CODES.contains(&code).then_some(code)
+}
+
+/// Longest status string kept. Every documented status is under 30 characters; a longer one
+/// is unknown anyway, and keeping it whole would put a 1 MB string into the store, every log
+/// line about the task and `list`.
+pub const MAX_STATUS: usize = 200;
+
+/// A status string as kept: at most [`MAX_STATUS`] characters.
+pub(crate) fn status_text(s: &str) -> String {
+    crate::logging::truncated(s, MAX_STATUS).into_owned()
 }
 
 /// Reads a non-empty string.
@@ -107,7 +147,8 @@ pub(crate) fn json_kind(v: &Value) -> &'static str {
 /// Decides what one HTTP answer from `family`'s details endpoint means. Pure: the HTTP status,
 /// the `Retry-After` header (already parsed) and the body bytes are all it looks at; the
 /// envelope's `data` is read by [`Family::parse`], and [`Family::is_running`] tells a pending
-/// record from one that moved on.
+/// record from one that moved on. [`read_answer`] does the same and also checks the answer is
+/// about the task asked for and says what it removed.
 ///
 /// Rules, in order:
 /// 1. If the body is a JSON envelope with a numeric `code`, the code decides (the API sends
@@ -120,8 +161,65 @@ pub fn classify<F: Family>(
     retry_after: Option<Duration>,
     body: &[u8],
 ) -> Outcome<F::Record> {
+    read_answer(family, None, http_status, retry_after, body).outcome
+}
+
+/// What [`read_answer`] changed in an answer before the family read it, for the log: the
+/// answer itself is taken as it should have been, so the operator hears what the API said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notes {
+    /// URL values removed because they are not safe to pass on ([`passable_url`]), clipped.
+    pub dropped_urls: Vec<String>,
+    /// The API's `errorCode`, when it is no failure code ([`FAILURE_CODES`]) and the answer
+    /// ends the task with an `error`, which then carries the family's default code instead.
+    pub ignored_error_code: Option<String>,
+}
+
+/// A classified answer and what was removed from it on the way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer<R> {
+    /// What the answer means.
+    pub outcome: Outcome<R>,
+    /// What the log should hear about.
+    pub notes: Notes,
+}
+
+/// [`classify`] for the answer about `task_id` (when given), with the rules every family shares
+/// for an answer that is there but cannot be taken as it is:
+///
+/// - the body is read leniently: invalid UTF-8 is replaced (U+FFFD) and a number no `f64`
+///   holds (`1e400`) reads as `null`, so one bad value cannot lose a good result;
+/// - an answer whose `data.taskId` (or `task_id`) names another task is [`Outcome::Broken`]:
+///   a caching proxy that ignores the query string would otherwise give every task the same
+///   result. A record without a task id is taken as it is (no family's details omit it, but
+///   an absent field is no evidence of a mix-up);
+/// - every URL value ([`passable_url`]) that is not a plain `http`/`https` URL to a
+///   non-link-local host becomes `null`, so the family treats it as absent (§1.7) and no
+///   handler is handed `javascript:`, `file:` or the cloud metadata address;
+/// - an `errorCode` that is no failure code ([`failure_code`]) becomes `null`, so a failure
+///   carries the family's default code, never 200 or `i64::MAX`.
+pub fn read_answer<F: Family>(
+    family: &F,
+    task_id: Option<&str>,
+    http_status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Answer<F::Record> {
+    let mut notes = Notes::default();
+    let outcome = classify_inner(family, task_id, http_status, retry_after, body, &mut notes);
+    Answer { outcome, notes }
+}
+
+fn classify_inner<F: Family>(
+    family: &F,
+    task_id: Option<&str>,
+    http_status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    notes: &mut Notes,
+) -> Outcome<F::Record> {
     let retry_after = retry_after.map(|d| d.min(MAX_RETRY_AFTER));
-    let envelope: Option<Value> = serde_json::from_slice(body).ok();
+    let mut envelope: Option<Value> = parse_lenient(body);
     let code = envelope
         .as_ref()
         .and_then(|v| v.get("code"))
@@ -132,17 +230,43 @@ pub fn classify<F: Family>(
         .unwrap_or_default();
     let is_2xx = (200..300).contains(&http_status);
 
-    if let (Some(code), Some(envelope)) = (code, envelope.as_ref()) {
+    if let (Some(code), Some(envelope)) = (code, envelope.as_mut()) {
         if code == 200 && is_2xx {
-            return match envelope.get("data") {
-                None | Some(Value::Null) => Outcome::Broken {
-                    cause: "answer has code 200 but no `data`".to_owned(),
-                },
-                Some(data) => match family.parse(data) {
-                    Ok(record) if family.is_running(&record) => Outcome::Pending(record),
-                    Ok(record) => Outcome::Progress(record),
-                    Err(why) => Outcome::Broken { cause: why },
-                },
+            let data = match envelope.get_mut("data") {
+                None | Some(Value::Null) => {
+                    return Outcome::Broken {
+                        cause: "answer has code 200 but no `data`".to_owned(),
+                    };
+                }
+                Some(data) => data,
+            };
+            if let (Some(asked), Some(said)) = (task_id, answered_task_id(data))
+                && said != asked
+            {
+                return Outcome::Broken {
+                    cause: format!(
+                        "the answer is about task {}, not about {asked} (a proxy or cache \
+                         answering for another task?); not taken",
+                        clip(&said, MAX_TASK_ID_SHOWN)
+                    ),
+                };
+            }
+            scrub_urls(data, false, &mut notes.dropped_urls);
+            let ignored = scrub_error_code(data);
+            return match family.parse(data) {
+                Ok(record) if family.is_running(&record) => Outcome::Pending(record),
+                Ok(record) => {
+                    if let Some(raw) = ignored
+                        && family
+                            .events(task_id.unwrap_or(""), None, &record, false)
+                            .iter()
+                            .any(|e| e.stage == Stage::Error)
+                    {
+                        notes.ignored_error_code = Some(raw);
+                    }
+                    Outcome::Progress(record)
+                }
+                Err(why) => Outcome::Broken { cause: why },
             };
         }
         if code != 200 {
@@ -189,6 +313,151 @@ pub fn classify<F: Family>(
         describe_raw(http_status, body)
     };
     classify_http(http_status, retry_after, said)
+}
+
+/// How much of a foreign task id a cause shows (real ones are 32 characters).
+const MAX_TASK_ID_SHOWN: usize = 128;
+
+/// The body as JSON, read leniently: as it is if it parses; else with invalid UTF-8 replaced;
+/// else also with every number no `f64` can hold (`1e400`, which serde_json refuses) read as
+/// `null`. The slow paths run only for a body that failed the fast one.
+fn parse_lenient(body: &[u8]) -> Option<Value> {
+    if let Ok(v) = serde_json::from_slice(body) {
+        return Some(v);
+    }
+    let text = String::from_utf8_lossy(body);
+    if matches!(text, std::borrow::Cow::Owned(_))
+        && let Ok(v) = serde_json::from_str(&text)
+    {
+        return Some(v);
+    }
+    serde_json::from_str(&null_unrepresentable_numbers(&text)?).ok()
+}
+
+/// `text` with every number token outside strings that overflows an `f64` replaced by `null`;
+/// `None` if there is none (nothing to retry). Only tokens are looked at, so a malformed body
+/// stays malformed.
+fn null_unrepresentable_numbers(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped, mut changed) = (false, false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '-' || c.is_ascii_digit() {
+            let len = rest
+                .find(|ch: char| {
+                    !(ch.is_ascii_digit() || matches!(ch, '-' | '+' | '.' | 'e' | 'E'))
+                })
+                .unwrap_or(rest.len());
+            let token = &rest[..len];
+            if token.parse::<f64>().is_ok_and(f64::is_infinite) {
+                out.push_str("null");
+                changed = true;
+            } else {
+                out.push_str(token);
+            }
+            rest = &rest[len..];
+            continue;
+        }
+        in_string = c == '"';
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    changed.then_some(out)
+}
+
+/// The task id a details `data` names (`taskId`, or kie's `task_id`), if it names one.
+fn answered_task_id(data: &Value) -> Option<String> {
+    let obj = data.as_object()?;
+    match obj.get("taskId").or_else(|| obj.get("task_id"))? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// True for a URL sunopoll passes on to handlers: `http` or `https`, a host, no whitespace or
+/// control characters, and not a link-local or cloud-metadata address (169.254.0.0/16,
+/// fe80::/10, `metadata.google.internal`), which a handler that downloads `audio_url` would
+/// fetch from inside its own network.
+pub fn passable_url(s: &str) -> bool {
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let Ok(u) = url::Url::parse(s) else {
+        return false;
+    };
+    if !matches!(u.scheme(), "http" | "https") {
+        return false;
+    }
+    match u.host() {
+        None => false,
+        Some(url::Host::Ipv4(a)) => !a.is_link_local(),
+        Some(url::Host::Ipv6(a)) => {
+            let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+            !link_local && !a.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+        }
+        Some(url::Host::Domain(d)) => !d
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case("metadata.google.internal"),
+    }
+}
+
+/// True for a key whose value is a URL (or a list of them) in some family's details: `audioUrl`,
+/// `audio_url`, `images`, … A new field named like one is covered without a change here.
+fn is_url_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.ends_with("url") || k.ends_with("urls") || k == "images"
+}
+
+/// Replaces, anywhere in `v`, each URL value that is not [`passable_url`] with `null` and
+/// records it (clipped) in `dropped`. `under_url_key` says `v` is the value of a URL key.
+/// Blank strings are left alone: they are "absent" already.
+fn scrub_urls(v: &mut Value, under_url_key: bool, dropped: &mut Vec<String>) {
+    match v {
+        Value::String(s) if under_url_key && !s.trim().is_empty() && !passable_url(s) => {
+            dropped.push(clip(s, 200));
+            *v = Value::Null;
+        }
+        Value::Array(items) => {
+            for item in items {
+                scrub_urls(item, under_url_key, dropped);
+            }
+        }
+        Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                scrub_urls(child, is_url_key(key), dropped);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Sets `data.errorCode` to `null` when it is present but no failure code, and returns what it
+/// was (clipped, for the log). `null`, `""` and real failure codes are left alone.
+fn scrub_error_code(data: &mut Value) -> Option<String> {
+    let code = data.as_object_mut()?.get_mut("errorCode")?;
+    let unusable = match &*code {
+        Value::Null => false,
+        Value::String(s) if s.trim().is_empty() => false,
+        other => failure_code(other).is_none(),
+    };
+    if !unusable {
+        return None;
+    }
+    let raw = clip(&code.to_string(), 64);
+    *code = Value::Null;
+    Some(raw)
 }
 
 /// The HTTP-status half of [`classify`], used when the JSON does not decide.
@@ -461,6 +730,280 @@ mod tests {
         assert_eq!(
             classify(&Music, 200, None, br#"{"code":999,"msg":"?","data":null}"#).kind(),
             "broken"
+        );
+    }
+
+    fn success_for(task: &str) -> Vec<u8> {
+        String::from_utf8(fixture("record-info.SUCCESS.json"))
+            .expect("utf8")
+            .replace("a3f9c2e17b4d4e8f9c0b5d6e7f8a9b10", task)
+            .into_bytes()
+    }
+
+    #[test]
+    fn an_answer_about_another_task_is_broken_for_this_one() {
+        let asked = "5c79be8e1f8b4b1f9c2a3d4e5f6a7b8c";
+        let Answer { outcome, .. } =
+            read_answer(&Music, Some(asked), 200, None, &success_for("b0b"));
+        match outcome {
+            Outcome::Broken { cause } => {
+                assert!(cause.contains("b0b") && cause.contains(asked), "{cause}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same answer about the task asked for is taken; kie's `task_id` is read too.
+        let ok = read_answer(&Music, Some(asked), 200, None, &success_for(asked));
+        assert_eq!(ok.outcome.kind(), "progress");
+        let kie = br#"{"code":200,"data":{"task_id":"other","status":"PENDING"}}"#;
+        assert_eq!(
+            read_answer(&Music, Some(asked), 200, None, kie)
+                .outcome
+                .kind(),
+            "broken"
+        );
+        // No task id in the record: nothing to compare, taken.
+        let bare = br#"{"code":200,"data":{"status":"PENDING"}}"#;
+        assert_eq!(
+            read_answer(&Music, Some(asked), 200, None, bare)
+                .outcome
+                .kind(),
+            "pending"
+        );
+    }
+
+    #[test]
+    fn the_task_id_is_checked_for_every_family() {
+        use crate::api::families::{
+            Flavor, cover::Cover, lyrics::Lyrics, midi::Midi, mp4::Mp4, stems::Stems, wav::Wav,
+        };
+        fn check<F: Family>(f: &F, fixture_name: &str) {
+            let path = format!(
+                "{}/tests/fixtures/families/{fixture_name}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let body = std::fs::read(&path).expect("fixture");
+            let v: Value = serde_json::from_slice(&body).expect("json");
+            let id = v["data"]["taskId"]
+                .as_str()
+                .expect("the fixture names its task")
+                .to_owned();
+            assert_ne!(
+                read_answer(f, Some(&id), 200, None, &body).outcome.kind(),
+                "broken",
+                "{fixture_name}"
+            );
+            assert_eq!(
+                read_answer(f, Some("another"), 200, None, &body)
+                    .outcome
+                    .kind(),
+                "broken",
+                "{fixture_name}"
+            );
+        }
+        check(&Lyrics(Flavor::Sunoapi), "lyrics.record-info.SUCCESS.json");
+        check(&Wav, "wav.record-info.SUCCESS.json");
+        check(&Stems(Flavor::Sunoapi), "stems.record-info.SUCCESS.json");
+        check(&Midi, "midi.record-info.SUCCESS.json");
+        check(&Mp4(Flavor::Sunoapi), "mp4.record-info.SUCCESS.json");
+        check(&Cover, "cover.record-info.SUCCESS.json");
+    }
+
+    #[test]
+    fn a_failure_never_carries_a_success_or_undocumented_code() {
+        for (code, want) in [
+            ("200", 501),
+            ("\"200\"", 501),
+            ("1e30", 501),
+            ("204", 501),
+            ("-1", 501),
+            ("9223372036854775807", 501),
+            ("531", 531),
+            ("\"451\"", 451),
+        ] {
+            let body = format!(
+                r#"{{"code":200,"data":{{"status":"GENERATE_AUDIO_FAILED","errorCode":{code},"errorMessage":"x"}}}}"#
+            );
+            let Answer { outcome, notes } = read_answer(&Music, None, 200, None, body.as_bytes());
+            let Outcome::Progress(r) = outcome else {
+                panic!("{code}")
+            };
+            let ev = Music.events("t", None, &r, true);
+            assert_eq!(ev.len(), 1, "{code}");
+            assert_eq!(ev[0].code, want, "{code}");
+            assert_eq!(
+                notes.ignored_error_code.is_some(),
+                want == 501,
+                "the API's value is kept for the log: {code}"
+            );
+        }
+        // A cover success says errorCode 200: not a failure, nothing to note.
+        let body = br#"{"code":200,"data":{"taskId":"t","successFlag":1,"errorCode":200,"response":{"images":["https://i/1.png"]}}}"#;
+        let a = read_answer(
+            &crate::api::families::cover::Cover,
+            Some("t"),
+            200,
+            None,
+            body,
+        );
+        assert_eq!(a.outcome.kind(), "progress");
+        assert_eq!(a.notes, Notes::default());
+    }
+
+    #[test]
+    fn one_bad_value_does_not_lose_a_good_result() {
+        let good = String::from_utf8(fixture("record-info.SUCCESS.json")).expect("utf8");
+        // An invalid UTF-8 byte inside a title.
+        let mut bad_utf8 = good.clone().into_bytes();
+        let at = good.find("\"title\": \"").expect("a title") + 10;
+        bad_utf8.insert(at, 0xff);
+        let Outcome::Progress(r) = classify(&Music, 200, None, &bad_utf8) else {
+            panic!("invalid UTF-8 lost the answer")
+        };
+        assert!(
+            r.tracks[0]
+                .title
+                .as_deref()
+                .is_some_and(|t| t.starts_with('\u{fffd}'))
+        );
+        assert_eq!(r.status.as_str(), "SUCCESS");
+        // A number no f64 holds reads as absent; the rest of the track is kept.
+        let huge = good.replacen("\"duration\": 187.32", "\"duration\": 1e400", 1);
+        assert_ne!(huge, good, "the fixture has that duration");
+        let Outcome::Progress(r) = classify(&Music, 200, None, huge.as_bytes()) else {
+            panic!("1e400 lost the answer")
+        };
+        assert_eq!(r.tracks[0].duration, None);
+        assert!(r.tracks[0].has_audio());
+        let neg = good.replacen("\"duration\": 187.32", "\"duration\": -1E+999", 1);
+        assert_eq!(
+            classify(&Music, 200, None, neg.as_bytes()).kind(),
+            "progress"
+        );
+        // Inside strings nothing is touched; a malformed body stays malformed.
+        assert_eq!(
+            null_unrepresentable_numbers(r#"{"a":"1e400","b":1e400,"c":[-2e999,3]}"#).as_deref(),
+            Some(r#"{"a":"1e400","b":null,"c":[null,3]}"#)
+        );
+        assert_eq!(null_unrepresentable_numbers(r#"{"a":1.5e3}"#), None);
+        assert_eq!(
+            classify(&Music, 200, None, b"{\"code\":200,1e400").kind(),
+            "broken"
+        );
+    }
+
+    #[test]
+    fn only_http_urls_to_ordinary_hosts_pass() {
+        for ok in [
+            "https://cdn1.suno.ai/a.mp3",
+            "http://files.example.com:8080/x?y=1",
+            "https://[2001:db8::1]/a",
+            "http://10.0.0.5/private-but-not-link-local",
+        ] {
+            assert!(passable_url(ok), "{ok}");
+        }
+        for bad in [
+            "javascript:alert(1)",
+            "file:///etc/passwd",
+            "data:audio/mp3;base64,AAAA",
+            "ftp://files.example.com/a.mp3",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://2852039166/latest/meta-data/",
+            "http://[fe80::1]/a",
+            "http://[febf::1]/a",
+            "http://[::ffff:169.254.169.254]/",
+            "http://metadata.google.internal./computeMetadata/v1/",
+            "https://a.example.com/x\ny",
+            " https://a.example.com/",
+            "not a url",
+            "https://",
+        ] {
+            assert!(!passable_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dangerous_urls_become_absent_in_every_url_field() {
+        let body = br#"{"code":200,"data":{"taskId":"t","status":"SUCCESS","response":{"sunoData":[
+            {"id":"a","audioUrl":"javascript:alert(1)","sourceAudioUrl":"file:///etc/passwd",
+             "streamAudioUrl":"http://169.254.169.254/x","sourceStreamAudioUrl":"https://ok.example.com/s",
+             "imageUrl":"data:image/png;base64,AAAA","sourceImageUrl":"https://ok.example.com/i","title":"javascript:t"}]}}}"#;
+        let Answer { outcome, notes } = read_answer(&Music, Some("t"), 200, None, body);
+        let Outcome::Progress(r) = outcome else {
+            panic!("not progress")
+        };
+        let t = &r.tracks[0];
+        assert_eq!(t.audio_url, None);
+        assert_eq!(t.source_audio_url, None);
+        assert_eq!(t.stream_audio_url, None);
+        assert_eq!(t.image_url, None);
+        assert_eq!(
+            t.source_stream_audio_url.as_deref(),
+            Some("https://ok.example.com/s")
+        );
+        assert_eq!(
+            t.source_image_url.as_deref(),
+            Some("https://ok.example.com/i")
+        );
+        assert_eq!(
+            t.title.as_deref(),
+            Some("javascript:t"),
+            "only URL fields are URLs"
+        );
+        assert_eq!(notes.dropped_urls.len(), 4, "{notes:?}");
+        // The body keeps its shape: the fields are there, as null.
+        let ev = Music.events("t", Some(Stage::First), &r, true);
+        let body: Value = serde_json::from_str(&ev[0].body).expect("json");
+        assert_eq!(body["data"]["data"][0]["audio_url"], Value::Null);
+        assert_eq!(body["data"]["data"][0]["image_url"], Value::Null);
+        assert!(!ev[0].body.contains("javascript:alert") && !ev[0].body.contains("169.254"));
+    }
+
+    #[test]
+    fn every_familys_url_fields_are_scrubbed() {
+        use crate::api::families::{Flavor, cover::Cover, mp4::Mp4, stems::Stems, wav::Wav};
+        fn body_of<F: Family>(f: &F, data: &str) -> String {
+            let body = format!(r#"{{"code":200,"data":{data}}}"#);
+            let Outcome::Progress(r) =
+                read_answer(f, Some("t"), 200, None, body.as_bytes()).outcome
+            else {
+                panic!("{data}")
+            };
+            f.events("t", None, &r, false).remove(0).body
+        }
+        let bad = "file:///etc/passwd";
+        let wav = body_of(
+            &Wav,
+            &format!(
+                r#"{{"taskId":"t","successFlag":"SUCCESS","response":{{"audioWavUrl":"{bad}"}}}}"#
+            ),
+        );
+        assert!(wav.contains(r#""audioWavUrl":null"#), "{wav}");
+        let mp4 = body_of(
+            &Mp4(Flavor::Sunoapi),
+            &format!(
+                r#"{{"taskId":"t","successFlag":"SUCCESS","response":{{"videoUrl":"{bad}"}}}}"#
+            ),
+        );
+        assert!(mp4.contains(r#""video_url":null"#), "{mp4}");
+        let stems = body_of(
+            &Stems(Flavor::Sunoapi),
+            &format!(
+                r#"{{"taskId":"t","successFlag":"SUCCESS","response":{{"originUrl":"{bad}","vocalUrl":"https://v.example.com/v","drumsUrl":"{bad}"}}}}"#
+            ),
+        );
+        assert!(
+            !stems.contains(bad) && stems.contains("https://v.example.com/v"),
+            "{stems}"
+        );
+        let cover = body_of(
+            &Cover,
+            &format!(
+                r#"{{"taskId":"t","successFlag":1,"response":{{"images":["{bad}","https://i.example.com/1.png"]}}}}"#
+            ),
+        );
+        assert!(
+            cover.contains(r#""images":["https://i.example.com/1.png"]"#),
+            "{cover}"
         );
     }
 

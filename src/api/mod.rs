@@ -14,30 +14,22 @@ pub use client::{
     install_crypto_provider, parse_retry_after, redact, redact_url, tls_roots, transport_cause,
     with_tls_roots,
 };
-pub use envelope::{MAX_RETRY_AFTER, Outcome, classify};
+pub use envelope::{
+    Answer, FAILURE_CODES, MAX_RETRY_AFTER, Notes, Outcome, classify, failure_code, passable_url,
+    read_answer,
+};
 pub use families::Family;
 
-/// Shortens `s` to at most `max` characters for a log line, on a character boundary, and
-/// replaces control characters so an API message cannot forge log lines.
-pub fn clip(s: &str, max: usize) -> String {
-    let mut out: String = s
-        .chars()
-        .take(max)
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if s.chars().count() > max {
-        out.push('…');
-    }
-    out
-}
+/// Shortens `s` for a log line and makes it printable: see [`crate::logging::clip`].
+pub use crate::logging::clip;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn clip_removes_control_characters() {
-        assert_eq!(clip("a\nb\rc", 10), "a b c");
+    fn clip_escapes_control_characters() {
+        assert_eq!(clip("a\nb\rc", 10), "a\\nb\\rc");
         assert_eq!(clip("abcdef", 3), "abc…");
     }
 }

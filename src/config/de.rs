@@ -10,6 +10,7 @@ use serde::de::{Deserialize, Deserializer, Error as _};
 use toml::Value;
 
 use super::{MAX_RPS, MIN_RPS, SigningSecret};
+use crate::api::families::{Flavor, Kind};
 use crate::clock::{format_duration, parse_duration};
 use crate::events::Stage;
 use crate::logging::LogFormat;
@@ -67,6 +68,44 @@ formats! {
             Err(e) => Err(format!("`{s}` is not a URL: {e}")),
         }
     };
+    /// An account's `base-url`, as [`base_url`].
+    some_base_url -> Option<url::Url> = |v| {
+        let s = string(v)?;
+        match url::Url::parse(s) {
+            Ok(mut u) if is_http(&u) => {
+                if !u.path().ends_with('/') {
+                    let p = format!("{}/", u.path());
+                    u.set_path(&p);
+                }
+                Ok(Some(u))
+            }
+            Ok(_) => Err(format!("`{s}` must be an http:// or https:// URL")),
+            Err(e) => Err(format!("`{s}` is not a URL: {e}")),
+        }
+    };
+    /// An account's `flavor`: which provider's callback spellings it uses.
+    some_flavor -> Option<Flavor> = |v| {
+        let s = string(v)?;
+        Flavor::parse(s).map(Some).ok_or_else(|| format!("`{s}` is not one of \"sunoapi\", \"kie\""))
+    };
+    /// An account's own `max-requests-per-second` ([`rate`]; unset: `[poll]`'s).
+    some_rate -> Option<Option<f64>> = |v| rate_of(v).map(Some);
+    /// An account's own `max-in-flight` ([`count`]; unset: `[poll]`'s).
+    some_count -> Option<usize> = |v| count_of(v).map(Some);
+    /// A target's `kinds`: a non-empty list of task kinds.
+    some_kinds -> Option<Vec<Kind>> = |v| {
+        let list = "a list like [\"music\", \"wav\"]";
+        let items = v.as_array().ok_or_else(|| expected(list, v))?;
+        if items.is_empty() {
+            return Err("is empty: the target would get nothing".to_owned());
+        }
+        let kind = |item: &Value| {
+            item.as_str().and_then(Kind::parse).ok_or_else(|| {
+                format!("{} is not one of {}", show(item), Kind::names())
+            })
+        };
+        items.iter().map(kind).collect::<Check<_>>().map(Some)
+    };
     /// A target's `url`: http(s), kept as written.
     some_url -> Option<url::Url> = |v| {
         let s = string(v)?;
@@ -76,22 +115,9 @@ formats! {
     /// An inline signing secret (`whsec_…`). Secret files are read after parsing, not here.
     some_secret -> Option<SigningSecret> = |v| SigningSecret::parse(string(v)?).map(Some);
     /// In-flight limits: 1 to 1024.
-    count -> usize = |v| match v {
-        Value::Integer(i) => usize::try_from(*i)
-            .ok()
-            .filter(|n| (1..=1024).contains(n))
-            .ok_or_else(|| format!("{i} is outside 1..=1024")),
-        _ => Err(expected("an integer", v)),
-    };
+    count -> usize = count_of;
     /// `poll.max-requests-per-second`: a number in range (an integer too), or `"unlimited"`.
-    rate -> Option<f64> = |v| match (v, v.as_float().or_else(|| v.as_integer().map(|i| i as f64))) {
-        (Value::String(s), _) if s == "unlimited" => Ok(None),
-        (_, Some(x)) if (MIN_RPS..=MAX_RPS).contains(&x) => Ok(Some(x)),
-        _ => Err(expected(
-            &format!("a number from {MIN_RPS} to {MAX_RPS} (like 2 or 0.5) or \"unlimited\""),
-            v,
-        )),
-    };
+    rate -> Option<f64> = rate_of;
     /// A size in bytes: an integer, or a string like "512MiB", "2GiB", "10MB" (at least 1).
     bytes -> u64 = |v| byte_size(v).and_then(|n| if n == 0 {
         Err("must be at least 1 byte".to_owned())
@@ -152,6 +178,27 @@ formats! {
         };
         items.iter().map(stage).collect::<Check<_>>().map(Some)
     };
+}
+
+fn count_of(v: &Value) -> Check<usize> {
+    match v {
+        Value::Integer(i) => usize::try_from(*i)
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or_else(|| format!("{i} is outside 1..=1024")),
+        _ => Err(expected("an integer", v)),
+    }
+}
+
+fn rate_of(v: &Value) -> Check<Option<f64>> {
+    match (v, v.as_float().or_else(|| v.as_integer().map(|i| i as f64))) {
+        (Value::String(s), _) if s == "unlimited" => Ok(None),
+        (_, Some(x)) if (MIN_RPS..=MAX_RPS).contains(&x) => Ok(Some(x)),
+        _ => Err(expected(
+            &format!("a number from {MIN_RPS} to {MAX_RPS} (like 2 or 0.5) or \"unlimited\""),
+            v,
+        )),
+    }
 }
 
 /// One delay of `forward.retry-schedule`: a type of its own, so a bad delay is named by its

@@ -90,6 +90,8 @@ struct ForwardFile {
     timeout: Duration,
     #[serde(deserialize_with = "de::count")]
     max_in_flight: usize,
+    #[serde(deserialize_with = "de::some_url")]
+    proxy: Option<url::Url>,
 }
 
 impl Default for ForwardFile {
@@ -103,6 +105,7 @@ impl Default for ForwardFile {
             task_secret_file: None,
             timeout: DEFAULT_FORWARD_TIMEOUT,
             max_in_flight: DEFAULT_FORWARD_IN_FLIGHT,
+            proxy: None,
         }
     }
 }
@@ -128,14 +131,19 @@ struct TargetFile {
     headers: BTreeMap<String, String>,
     #[serde(deserialize_with = "de::some_duration")]
     timeout: Option<Duration>,
+    #[serde(deserialize_with = "de::some_kinds")]
+    kinds: Option<Vec<crate::api::families::Kind>>,
 }
 
 impl TargetFile {
-    /// Deliveries are tracked per name; without one, the URL is the name.
+    /// Deliveries are tracked per name; without one, the URL is the name, without its
+    /// credentials (the name is shown in logs, `status`, `show` and metrics).
     fn name(&self) -> Option<String> {
-        self.name
-            .clone()
-            .or_else(|| self.url.as_ref().map(url::Url::to_string))
+        self.name.clone().or_else(|| {
+            self.url
+                .as_ref()
+                .map(|u| crate::api::redact_url(u.as_str()))
+        })
     }
 }
 
@@ -185,6 +193,13 @@ fn check_operator_slips(file: &File, bad: &mut impl FnMut(&str, String)) {
             ),
         );
     }
+}
+
+/// An account name: it becomes part of a credential file name and an environment variable.
+fn valid_account_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn not_both(key: &str) -> String {
@@ -245,6 +260,45 @@ impl File {
         if f.task_secret.is_some() && f.task_secret_file.is_some() {
             bad("forward.task-secret", not_both("task-secret"));
         }
+        let api = &self.api;
+        let mut accounts = HashSet::new();
+        for (i, a) in api.account.iter().enumerate() {
+            let key = |k: &str| format!("api.account[{i}].{k}");
+            match a.name.as_deref() {
+                None if !earlier.iter().any(|(k, _)| *k == key("name")) => {
+                    bad(&key("name"), "is required".to_owned());
+                }
+                None => {}
+                Some(n) if !valid_account_name(n) => {
+                    let what = format!(
+                        "{n:?} must be 1-64 characters of a-z A-Z 0-9 _ - (it names the \
+                         credential api-key-NAME and the variable SUNO_API_KEY_NAME)"
+                    );
+                    bad(&key("name"), what);
+                }
+                Some(n) if !accounts.insert(n.to_owned()) => {
+                    let what = format!("two accounts are named {n:?}; give each a distinct `name`");
+                    bad("api.account", what);
+                }
+                Some(_) => {}
+            }
+        }
+        if !api.account.is_empty() {
+            // With several accounts, what the lone [api] section would say about its one
+            // account belongs in each entry: refuse it rather than guess which it meant.
+            if api.key_file.is_some() {
+                bad(
+                    "api.key-file",
+                    "with [[api.account]] entries, set `key-file` in each entry".to_owned(),
+                );
+            }
+            if api.flavor.is_some() {
+                bad(
+                    "api.flavor",
+                    "with [[api.account]] entries, set `flavor` in each entry".to_owned(),
+                );
+            }
+        }
         let mut names = HashSet::new();
         for (i, t) in f.target.iter().enumerate() {
             let key = |k: &str| format!("forward.target[{i}].{k}");
@@ -299,6 +353,9 @@ impl File {
         let anchor = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let mut api = self.api;
         api.key_file = api.key_file.map(anchor);
+        for a in &mut api.account {
+            a.key_file = a.key_file.take().map(anchor);
+        }
         let store = StoreConfig {
             path: match self.store.path {
                 p if p.as_os_str().is_empty() => env.default_store_path(),
@@ -355,16 +412,18 @@ impl File {
         let task_secret = secret(task_file, f.task_secret, f.task_secret_file);
         let mut targets = Vec::new();
         for (i, t) in f.target.into_iter().enumerate() {
+            let name = t.name();
             let key = format!("forward.target[{i}].secret-file");
             let secret = secret(key, t.secret, t.secret_file);
             let Some(url) = t.url else { continue };
             targets.push(TargetConfig {
-                name: t.name.unwrap_or_else(|| url.to_string()),
+                name: name.unwrap_or_else(|| crate::api::redact_url(url.as_str())),
                 url,
                 stages: t.stages.unwrap_or_else(|| Stage::ALL.to_vec()),
                 secret,
                 headers: t.headers.into_iter().collect(),
                 timeout: t.timeout.unwrap_or(f.timeout),
+                kinds: t.kinds,
             });
         }
         Config {
@@ -385,6 +444,7 @@ impl File {
                 task_secret,
                 timeout: f.timeout,
                 max_in_flight: f.max_in_flight,
+                proxy: f.proxy,
             },
         }
     }

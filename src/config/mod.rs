@@ -26,11 +26,12 @@ use serde::Deserialize;
 use toml::{Table, Value};
 
 use crate::api::ApiKey;
+use crate::api::families::Flavor;
 use crate::clock::format_duration;
 use crate::logging::LogFormat;
 use de::show;
 
-pub use env::{Environment, current_uid};
+pub use env::{Environment, check_private_dir, current_uid, judge_private_dir, private_tmp_dir};
 
 /// The default API host (sunoapi.org). kie.ai and other clones serve the same paths.
 pub const DEFAULT_BASE_URL: &str = "https://api.sunoapi.org";
@@ -245,6 +246,84 @@ pub struct ApiConfig {
     /// `request-timeout`: the whole request, connect to last byte.
     #[serde(deserialize_with = "de::duration")]
     pub request_timeout: Duration,
+    /// `flavor` of the account `[api]` itself describes (when no `[[api.account]]` is given).
+    #[serde(deserialize_with = "de::some_flavor")]
+    pub flavor: Option<Flavor>,
+    /// `[[api.account]]`: several accounts, each with its own key, host and limits.
+    pub account: Vec<AccountEntry>,
+}
+
+/// One `[[api.account]]` as written; [`AccountConfig`] is what it means.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(
+    rename_all = "kebab-case",
+    default,
+    deny_unknown_fields,
+    expecting = "an [[api.account]] table"
+)]
+pub struct AccountEntry {
+    /// `name`: how `add --account`, `status`, logs and metrics call it.
+    pub name: Option<String>,
+    /// `base-url` (default: sunoapi.org).
+    #[serde(deserialize_with = "de::some_base_url")]
+    pub base_url: Option<url::Url>,
+    /// `flavor`: "sunoapi" (default) or "kie".
+    #[serde(deserialize_with = "de::some_flavor")]
+    pub flavor: Option<Flavor>,
+    /// `key-file`: a file holding its key.
+    #[serde(deserialize_with = "de::some_path")]
+    pub key_file: Option<PathBuf>,
+    /// `max-requests-per-second` (default: `[poll]`'s).
+    #[serde(deserialize_with = "de::some_rate")]
+    pub max_requests_per_second: Option<Option<f64>>,
+    /// `max-in-flight` (default: `[poll]`'s).
+    #[serde(deserialize_with = "de::some_count")]
+    pub max_in_flight: Option<usize>,
+}
+
+/// One API account as the daemon polls it: where, in which provider's spelling, with which
+/// key, and how hard. A throttled or rejected account pauses only its own tasks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountConfig {
+    /// Its name (`default` for the account a lone `[api]` section describes).
+    pub name: String,
+    /// The API's root URL.
+    pub base_url: url::Url,
+    /// Its provider flavour.
+    pub flavor: Flavor,
+    /// A file holding its key, if configured.
+    pub key_file: Option<PathBuf>,
+    /// Its requests per second ceiling; `None`: unlimited.
+    pub max_requests_per_second: Option<f64>,
+    /// Its requests at once.
+    pub max_in_flight: usize,
+    /// True for the account a lone `[api]` section describes: its key is found where a
+    /// single-account sunopoll has always found it (`api-key`, `SUNO_API_KEY`).
+    pub implicit: bool,
+}
+
+impl AccountConfig {
+    /// The systemd credential holding its key (`api-key`, or `api-key-NAME`).
+    pub fn credential(&self) -> String {
+        if self.implicit {
+            "api-key".to_owned()
+        } else {
+            format!("api-key-{}", self.name)
+        }
+    }
+
+    /// The environment variable holding its key (`SUNO_API_KEY`, or `SUNO_API_KEY_NAME` with
+    /// the name upper-cased and `-` as `_`).
+    pub fn env_var(&self) -> String {
+        if self.implicit {
+            "SUNO_API_KEY".to_owned()
+        } else {
+            format!(
+                "SUNO_API_KEY_{}",
+                self.name.to_ascii_uppercase().replace('-', "_")
+            )
+        }
+    }
 }
 
 /// `[poll]`: how often and how hard to poll.
@@ -375,6 +454,9 @@ pub struct ForwardConfig {
     pub timeout: Duration,
     /// `max-in-flight`: deliveries at once over all targets.
     pub max_in_flight: usize,
+    /// `proxy`: the HTTP proxy deliveries go through. Unset, they go direct whatever
+    /// `HTTP_PROXY` says: handlers are local, and a proxy would see their `Authorization`.
+    pub proxy: Option<url::Url>,
 }
 
 impl ForwardConfig {
@@ -405,6 +487,15 @@ pub struct TargetConfig {
     pub headers: Vec<(String, String)>,
     /// `timeout`: per request.
     pub timeout: Duration,
+    /// `kinds`: which task families' events go there (`None`: all).
+    pub kinds: Option<Vec<crate::api::families::Kind>>,
+}
+
+impl TargetConfig {
+    /// True when events of a task of `kind` go to this target.
+    pub fn takes_kind(&self, kind: crate::api::families::Kind) -> bool {
+        self.kinds.as_ref().is_none_or(|k| k.contains(&kind))
+    }
 }
 
 /// A Standard Webhooks signing secret (`whsec_` + base64 of the key). Never printed.
@@ -474,6 +565,8 @@ impl Default for ApiConfig {
             base_url: url::Url::parse(DEFAULT_BASE_URL).expect("the default URL parses"),
             key_file: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            flavor: None,
+            account: Vec::new(),
         }
     }
 }
@@ -559,18 +652,51 @@ impl Config {
         }
     }
 
-    /// Where this config takes the API key from, to read it again later (see [`KeySource`]).
-    pub fn key_source(&self, env: &Environment) -> KeySource {
-        KeySource {
-            key_file: self.api.key_file.clone(),
-            env: env.clone(),
+    /// The accounts polled: the `[[api.account]]` entries in order, or the one `[api]` and
+    /// `[poll]` describe. Never empty; the first is the default for `add`. Computed from
+    /// `api` and `poll` each time, so there is one source of truth to change.
+    pub fn accounts(&self) -> Vec<AccountConfig> {
+        let (api, poll) = (&self.api, &self.poll);
+        if api.account.is_empty() {
+            return vec![AccountConfig {
+                name: DEFAULT_ACCOUNT.to_owned(),
+                base_url: api.base_url.clone(),
+                flavor: api.flavor.unwrap_or_default(),
+                key_file: api.key_file.clone(),
+                max_requests_per_second: poll.max_requests_per_second,
+                max_in_flight: poll.max_in_flight,
+                implicit: true,
+            }];
         }
+        api.account
+            .iter()
+            .map(|a| AccountConfig {
+                name: a.name.clone().unwrap_or_default(),
+                base_url: a.base_url.clone().unwrap_or_else(|| api.base_url.clone()),
+                flavor: a.flavor.unwrap_or_default(),
+                key_file: a.key_file.clone(),
+                max_requests_per_second: a
+                    .max_requests_per_second
+                    .unwrap_or(poll.max_requests_per_second),
+                max_in_flight: a.max_in_flight.unwrap_or(poll.max_in_flight),
+                implicit: false,
+            })
+            .collect()
     }
 
-    /// Finds the API key: `$CREDENTIALS_DIRECTORY/api-key`, else `api.key-file`, else
-    /// `SUNO_API_KEY`. The error names all three places.
+    /// Where the default (first) account takes its key from (see [`KeySource`]).
+    pub fn key_source(&self, env: &Environment) -> KeySource {
+        KeySource::of(&self.accounts()[0], env)
+    }
+
+    /// Finds the default account's API key (see [`KeySource::read`]).
     pub fn api_key(&self, env: &Environment) -> Result<ApiKey, String> {
         self.key_source(env).read()
+    }
+
+    /// The account named `name`.
+    pub fn account(&self, name: &str) -> Option<AccountConfig> {
+        self.accounts().into_iter().find(|a| a.name == name)
     }
 }
 
@@ -580,16 +706,42 @@ impl Config {
 /// fixed key file is picked up without a restart.
 #[derive(Debug, Clone)]
 pub struct KeySource {
+    /// The account's name, for errors about a named account.
+    account: Option<String>,
+    credential: String,
     key_file: Option<PathBuf>,
-    env: Environment,
+    env_var: String,
+    env_value: Option<String>,
+    credentials_directory: Option<PathBuf>,
 }
 
 impl KeySource {
+    /// Where `account`'s key is in `env`: `$CREDENTIALS_DIRECTORY/api-key[-NAME]`, its
+    /// `key-file`, `$SUNO_API_KEY[_NAME]`.
+    pub fn of(account: &AccountConfig, env: &Environment) -> KeySource {
+        let env_var = account.env_var();
+        KeySource {
+            account: (!account.implicit).then(|| account.name.clone()),
+            credential: account.credential(),
+            key_file: account.key_file.clone(),
+            env_value: env.api_key_var(&env_var),
+            env_var,
+            credentials_directory: env.credentials_directory.clone(),
+        }
+    }
+
     /// Reads the key now. The error names all three places.
     pub fn read(&self) -> Result<ApiKey, String> {
-        let env = &self.env;
-        if let Some(dir) = &env.credentials_directory {
-            let file = dir.join("api-key");
+        let whose = self
+            .account
+            .as_ref()
+            .map_or_else(String::new, |a| format!(" of account {a:?}"));
+        self.read_key().map_err(|e| format!("{e}{whose}"))
+    }
+
+    fn read_key(&self) -> Result<ApiKey, String> {
+        if let Some(dir) = &self.credentials_directory {
+            let file = dir.join(&self.credential);
             match std::fs::read_to_string(&file) {
                 Ok(text) => {
                     return ApiKey::parse(&text)
@@ -615,15 +767,21 @@ impl KeySource {
                 )),
             };
         }
-        if let Some(text) = env.suno_api_key.as_deref() {
-            return ApiKey::parse(text).map_err(|why| format!("SUNO_API_KEY {why}"));
+        if let Some(text) = self.env_value.as_deref() {
+            return ApiKey::parse(text).map_err(|why| format!("{} {why}", self.env_var));
         }
-        Err(
-            "no API key found: sunopoll looks in $CREDENTIALS_DIRECTORY/api-key (systemd \
-             LoadCredential=api-key:…), then in the file named by `key-file` in [api], then in the \
-             SUNO_API_KEY environment variable"
-                .to_owned(),
-        )
+        let section = if self.account.is_some() {
+            "its [[api.account]] entry"
+        } else {
+            "[api]"
+        };
+        Err(format!(
+            "no API key found: sunopoll looks in $CREDENTIALS_DIRECTORY/{cred} (systemd \
+             LoadCredential={cred}:…), then in the file named by `key-file` in {section}, then in the \
+             {var} environment variable",
+            cred = self.credential,
+            var = self.env_var
+        ))
     }
 }
 
@@ -638,13 +796,17 @@ impl Config {
             .map(|d| format_duration(*d))
             .collect();
         s.push_str(&format!(
-            "\nforward: {} target{}, retry schedule [{}], use-task-callback-url {} (allow-hosts: {}), task-secret {}",
+            "\nforward: {} target{}, retry schedule [{}], use-task-callback-url {} (allow-hosts: {}), task-secret {}, {}",
             f.targets.len(),
             if f.targets.len() == 1 { "" } else { "s" },
             schedule.join(", "),
             f.use_task_callback_url,
             f.allow_hosts.join(", "),
             if f.task_secret.is_some() { "set" } else { "not set" },
+            f.proxy.as_ref().map_or_else(
+                || "no proxy".to_owned(),
+                |p| format!("proxy {}", crate::api::redact_url(p.as_str()))
+            ),
         ));
         let a = &self.archive;
         match a.destination() {

@@ -605,3 +605,49 @@ fn an_s3_archive_is_checked_and_stages_next_to_the_store() {
     );
     assert!(parse_s3_url("s3:///x").is_err());
 }
+
+#[test]
+fn forward_proxy_is_off_by_default_and_must_be_an_http_url() {
+    assert!(
+        Config::parse("", None, &env())
+            .expect("ok")
+            .forward
+            .proxy
+            .is_none()
+    );
+    let c = Config::parse(
+        "[forward]\nproxy = \"http://proxy.internal:3128\"\n",
+        None,
+        &env(),
+    )
+    .expect("ok");
+    assert_eq!(
+        c.forward.proxy.as_ref().map(url::Url::as_str),
+        Some("http://proxy.internal:3128/")
+    );
+    for bad in ["socks5://127.0.0.1:1080", "not a url", ""] {
+        let p = problems(&format!("[forward]\nproxy = \"{bad}\"\n"));
+        assert!(
+            p.iter().any(|p| p.contains("forward.proxy")),
+            "{bad}: {p:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unnamed_target_is_named_by_its_url_without_credentials() {
+    let c = Config::parse(
+        "[[forward.target]]\nurl = \"http://hook:s3cret-pw@127.0.0.1:3000/cb\"\n",
+        None,
+        &env(),
+    )
+    .expect("ok");
+    let t = &c.forward.targets[0];
+    assert_eq!(t.name, "http://***@127.0.0.1:3000/cb");
+    assert_eq!(
+        t.url.password(),
+        Some("s3cret-pw"),
+        "the URL itself keeps them"
+    );
+    assert!(!c.summary().contains("s3cret-pw"), "{}", c.summary());
+}

@@ -5,11 +5,13 @@
 //! The handlers build every answer people see: times from the store's Unix milliseconds to
 //! RFC 3339, credentials redacted from URLs. The store only hands over its records.
 
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Notify, watch};
 use tracing::error;
 
@@ -35,9 +37,51 @@ pub use socket::{BindError, ControlSocket, LineRead, bind, read_line, serve};
 /// How long writing one response may take before the client is considered gone.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Connections served at once. Each costs a task and a small buffer; past this, new clients get
-/// a "busy" answer instead of queueing without bound.
-pub const MAX_CONNECTIONS: usize = 512;
+/// Descriptors kept back from the connection cap for everything else the daemon opens (the
+/// store and its WAL, the log socket, files being read).
+pub const FD_RESERVE: u64 = 64;
+
+/// Fewest connections served at once, however low the open-files limit: `status` must get
+/// through.
+pub const MIN_CONNECTIONS: usize = 16;
+
+/// Most connections served at once, however high the open-files limit (systemd's default
+/// hard limit is 524 288): each costs a task, a buffer and, while it reads events or a long
+/// list, one page, so the cap also bounds that memory.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// The cap when the open-files limit cannot be read (not Linux, no /proc).
+pub const FALLBACK_CONNECTIONS: usize = 512;
+
+/// Connections served at once, from the process's soft open-files limit: half of what is left
+/// after [`FD_RESERVE`], since each control connection may meet an outgoing one (a poll, a
+/// delivery) and both need a descriptor; within [`MIN_CONNECTIONS`]..=[`MAX_CONNECTIONS`].
+/// Past this, new clients get a "busy" (or an idle one is evicted) instead of the accept loop
+/// failing with EMFILE. Pure.
+pub fn connection_cap(soft_open_files: Option<u64>) -> usize {
+    match soft_open_files {
+        None => FALLBACK_CONNECTIONS,
+        Some(n) => usize::try_from(n.saturating_sub(FD_RESERVE) / 2)
+            .unwrap_or(MAX_CONNECTIONS)
+            .clamp(MIN_CONNECTIONS, MAX_CONNECTIONS),
+    }
+}
+
+/// [`connection_cap`] for this process, read from `/proc/self/limits` ("unlimited" counts as
+/// more than enough).
+pub fn max_connections() -> usize {
+    connection_cap(open_files_soft_limit())
+}
+
+/// The soft `RLIMIT_NOFILE` as `/proc/self/limits` shows it (no libc call needed).
+fn open_files_soft_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    match line.split_whitespace().nth(3)? {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    }
+}
 
 /// Events per answer of a one-off `events` listing when the client sets no limit.
 pub const EVENTS_PAGE: u32 = 1000;
@@ -58,16 +102,25 @@ pub struct DaemonInfo {
     pub started_at: i64,
 }
 
+/// One account's poll loop, as request handlers reach it.
+#[derive(Debug, Clone)]
+pub struct AccountHandle {
+    /// Its name.
+    pub name: String,
+    /// Wakes its scheduler after an `add` of its tasks.
+    pub wake: Arc<Notify>,
+    /// Its scheduler's status.
+    pub status: SharedStatus,
+}
+
 /// What request handlers share.
 pub struct Control {
     /// The queue.
     pub store: Store,
-    /// Wakes the scheduler after an `add`.
-    pub wake: Arc<Notify>,
+    /// The accounts, in configured order: the first is the default for `add`. Never empty.
+    pub accounts: Vec<AccountHandle>,
     /// The newest event sequence number.
     pub events: watch::Receiver<i64>,
-    /// The scheduler's status.
-    pub status: SharedStatus,
     /// `[poll]` settings (deadline, backoff cap for health).
     pub policy: PollConfig,
     /// Facts for `status`.
@@ -92,20 +145,23 @@ pub struct ArchiveControl {
     pub wake: Arc<Notify>,
 }
 
-/// Runs one request (anything but `events --follow`, which streams) and returns its answer
-/// line, success or error.
-async fn handle(request: Request, ctx: &Control) -> String {
-    match request {
+/// Answers one request (anything but `events --follow`, which streams until the client goes)
+/// on `write`, success or error. `list` and `events` write their answer a page at a time as
+/// they read it (one answer line all the same); every other command's answer is small and
+/// written whole.
+async fn answer(request: Request, ctx: &Control, write: &mut OwnedWriteHalf) -> io::Result<()> {
+    let line = match request {
+        Request::List(req) => return list::stream(req, ctx, write).await,
+        Request::Events(req) => return events::stream(req, ctx, write).await,
         Request::Add(req) => line(add::run(req, ctx).await),
-        Request::List(req) => line(list::run(req, ctx).await),
         Request::Show(req) => line(show::run(req, ctx).await),
         Request::Remove(req) => line(remove::run(req, ctx).await),
-        Request::Events(req) => line(events::list(req, ctx).await),
         Request::Status(_) => line(status::run(ctx).await),
         Request::Redeliver(req) => line(redeliver::run(req, ctx).await),
         Request::Cancel(req) => line(cancel::run(req, ctx).await),
         Request::ArchiveRedo(req) => line(archive::redo(req, ctx).await),
-    }
+    };
+    socket::write_line(write, &line).await
 }
 
 /// The answer line for a handler's result.
@@ -143,4 +199,21 @@ fn not_found(id: &str) -> ErrorBody {
 
 fn check_id(id: &str) -> Result<(), ErrorBody> {
     check_task_id(id).map_err(|e| ErrorBody::new("invalid_task_id", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_follows_the_open_files_limit() {
+        assert_eq!(connection_cap(None), FALLBACK_CONNECTIONS);
+        assert_eq!(connection_cap(Some(1024)), 480);
+        assert_eq!(connection_cap(Some(20_000)), MAX_CONNECTIONS);
+        assert_eq!(connection_cap(Some(u64::MAX)), MAX_CONNECTIONS);
+        assert_eq!(connection_cap(Some(64)), MIN_CONNECTIONS);
+        assert_eq!(connection_cap(Some(0)), MIN_CONNECTIONS);
+        let own = max_connections();
+        assert!((MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&own));
+    }
 }

@@ -3,8 +3,10 @@
 //!
 //! Creating: a path that exists and is not a socket is never touched; a socket another daemon
 //! answers on makes start-up fail; a stale one (nobody answers) is replaced. The new socket is
-//! bound under a temporary name, given its mode and group, and only then renamed into place, so
-//! it is never reachable with looser permissions than configured.
+//! bound inside a private (0700) directory next to its path, given its mode and group there,
+//! and only then renamed into place, so under any umask it is never reachable with looser
+//! permissions than configured. The per-user default directory in `/tmp` is created 0700 and
+//! refused when another user owns it or can write it.
 //!
 //! Serving: one task per connection, behind a semaphore. Each line is capped at
 //! [`MAX_LINE`] and each wait for a line by `control.idle-timeout`;
@@ -26,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{Control, MAX_CONNECTIONS, WRITE_TIMEOUT};
+use super::{Control, WRITE_TIMEOUT, max_connections};
 use crate::clock::format_duration;
 use crate::protocol::{ErrorBody, MAX_LINE, Request};
 
@@ -88,7 +90,7 @@ pub fn bind(
     mode: u32,
     group: Option<&str>,
 ) -> Result<(UnixListener, ControlSocket), BindError> {
-    bind_inner(path, mode, group).map_err(|e| match e {
+    bind_inner(path, mode, group, crate::config::current_uid(), |_| {}).map_err(|e| match e {
         Bound::Taken(m) => BindError::Taken(m),
         Bound::Failed(m) => BindError::Failed(m),
     })
@@ -106,10 +108,14 @@ impl From<String> for Bound {
     }
 }
 
+/// [`bind`] for user `uid`; `bound` sees the new socket's path while it is still in its private
+/// directory (tests check that nobody else could reach it there).
 fn bind_inner(
     path: &Path,
     mode: u32,
     group: Option<&str>,
+    uid: u32,
+    bound: impl FnOnce(&Path),
 ) -> Result<(UnixListener, ControlSocket), Bound> {
     let shown = path.display();
     let gid = group.map(resolve_group).transpose()?;
@@ -117,7 +123,22 @@ fn bind_inner(
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if !dir.exists() {
+    if dir == crate::config::private_tmp_dir(uid) {
+        // The default directory in the shared /tmp: created private, and refused if someone
+        // else made it (or made it writable) first.
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Bound::Failed(format!(
+                    "cannot create the socket directory {}: {e}",
+                    dir.display()
+                )));
+            }
+        }
+        crate::config::check_private_dir(dir, uid)?;
+    } else if !dir.exists() {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -155,10 +176,12 @@ fn bind_inner(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "sunopoll.sock".to_owned());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = std::os::unix::net::UnixListener::bind(&tmp)
-        .map_err(|e| format!("cannot create the socket {shown}: {e}"))?;
+    // Bound inside a directory only we can enter, given its mode and group there, and only then
+    // renamed into place: under any umask (even 000) nobody can connect before the socket has
+    // the permissions it was configured with.
+    let private = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let (listener, tmp) = bind_privately(&private, &shown)?;
+    bound(&tmp);
     let finish = || -> Result<(), String> {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
             .map_err(|e| format!("cannot set mode {mode:04o} on {shown}: {e}"))?;
@@ -173,10 +196,12 @@ fn bind_inner(
         std::fs::rename(&tmp, path)
             .map_err(|e| format!("cannot move the socket into place at {shown}: {e}"))
     };
-    if let Err(e) = finish() {
+    let finished = finish();
+    if finished.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Bound::Failed(e));
     }
+    let _ = std::fs::remove_dir(&private);
+    finished.map_err(Bound::Failed)?;
     let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{shown}: {e}"))?;
     listener
         .set_nonblocking(true)
@@ -189,6 +214,36 @@ fn bind_inner(
             created: Some(FileId::of(&meta)),
         },
     ))
+}
+
+/// Creates the directory `private` (mode 0700; a leftover of an earlier process with our pid is
+/// cleared first) and binds a socket inside it. Returns the listener and the socket's path.
+fn bind_privately(
+    private: &Path,
+    shown: &std::path::Display<'_>,
+) -> Result<(std::os::unix::net::UnixListener, PathBuf), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let tmp = private.join("s");
+    let create = || std::fs::DirBuilder::new().mode(0o700).create(private);
+    if let Err(e) = create() {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(format!(
+                "cannot create {} to bind the socket {shown} in: {e}",
+                private.display()
+            ));
+        }
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::remove_dir(private)
+            .and_then(|()| create())
+            .map_err(|e| format!("cannot replace the leftover {}: {e}", private.display()))?;
+    }
+    match std::os::unix::net::UnixListener::bind(&tmp) {
+        Ok(listener) => Ok((listener, tmp)),
+        Err(e) => {
+            let _ = std::fs::remove_dir(private);
+            Err(format!("cannot create the socket {shown}: {e}"))
+        }
+    }
 }
 
 /// A group name or number → gid, from `/etc/group` (no NSS lookups: keep it simple and safe).
@@ -289,7 +344,12 @@ pub async fn serve(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let cap = max_connections();
+    debug!(
+        connections = cap,
+        "control connections served at once (from the open-files limit)"
+    );
+    let permits = Arc::new(Semaphore::new(cap));
     let connections = SharedConnections::default();
     let mut accept_errors = 0u32;
     loop {
@@ -468,8 +528,7 @@ async fn handle_connection(
         {
             return super::events::follow(req, ctx, &mut reader, &mut write, cancel).await;
         }
-        let response = super::handle(request, ctx).await;
-        write_line(&mut write, &response).await?;
+        super::answer(request, ctx, &mut write).await?;
     }
 }
 
@@ -539,6 +598,91 @@ mod tests {
         assert!(path.exists());
         sock2.remove();
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_bound_where_nobody_else_can_reach_it_and_moved_into_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A shared, world-writable directory (like a group's socket directory under umask 000).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let path = dir.path().join("s.sock");
+        let uid = crate::config::current_uid();
+        let mut seen = None;
+        let (_listener, sock) = bind_inner(&path, 0o600, None, uid, |tmp| {
+            let parent = tmp.parent().expect("parent").to_owned();
+            let meta = std::fs::symlink_metadata(&parent).expect("private dir");
+            seen = Some((
+                parent,
+                meta.file_type().is_dir(),
+                meta.permissions().mode() & 0o7777,
+                meta.uid(),
+                std::fs::symlink_metadata(tmp)
+                    .expect("socket")
+                    .file_type()
+                    .is_socket(),
+            ));
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "bind: {}",
+                match e {
+                    Bound::Taken(m) | Bound::Failed(m) => m,
+                }
+            )
+        });
+        let (parent, is_dir, mode, owner, is_socket) = seen.expect("the hook ran");
+        assert_ne!(
+            parent,
+            dir.path(),
+            "not bound in the shared directory itself"
+        );
+        assert!(is_dir && is_socket);
+        assert_eq!(mode, 0o700, "bound in a directory only its owner can enter");
+        assert_eq!(owner, uid);
+        let entries: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            entries,
+            vec![std::ffi::OsString::from("s.sock")],
+            "nothing left behind"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+        sock.remove();
+    }
+
+    #[test]
+    fn the_per_user_tmp_directory_must_be_private() {
+        use crate::config::judge_private_dir;
+        let dir = Path::new("/tmp/sunopoll-1000");
+        assert!(judge_private_dir(dir, true, 1000, 0o40700, 1000).is_ok());
+        assert!(judge_private_dir(dir, true, 1000, 0o40755, 1000).is_ok());
+        for (is_dir, owner, mode, why) in [
+            (true, 1001, 0o40700, "does not belong to uid 1000"),
+            (true, 0, 0o40777, "does not belong to uid 1000"),
+            (true, 1000, 0o40777, "other users can write it"),
+            (true, 1000, 0o40770, "other users can write it"),
+            (true, 1000, 0o41733, "other users can write it"),
+            (false, 1000, 0o120777, "not a directory"),
+        ] {
+            let e = judge_private_dir(dir, is_dir, owner, mode, 1000).expect_err(why);
+            assert!(e.contains(why), "{e}");
+            assert!(e.contains("/tmp/sunopoll-1000"), "names the directory: {e}");
+            assert!(
+                e.contains(&format!("owner uid {owner}")),
+                "and its owner: {e}"
+            );
+            assert!(
+                e.contains(&format!("mode {:04o}", mode & 0o7777)),
+                "and mode: {e}"
+            );
+            assert_eq!(e.lines().count(), 1);
+        }
     }
 
     #[test]

@@ -20,8 +20,9 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
     // even while the write lock is held; whether the store can be written is asked of the
     // store thread itself, with a bound. Whatever the store cannot say is left out (`tasks` is
     // null) and listed as a problem.
-    let (counts, summary, writable) = tokio::join!(
+    let (counts, breakdown, summary, writable) = tokio::join!(
         ctx.store.counts(),
+        ctx.store.task_breakdown(),
         ctx.store.target_summary(),
         tokio::time::timeout(WRITE_PROBE_WAIT, ctx.store.probe_write()),
     );
@@ -71,32 +72,61 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
             targets.push(TargetStatus::idle(t.name.clone()));
         }
     }
-    let mut poll = ctx.status.lock().map(|s| s.clone()).unwrap_or_default();
-    // The loop refreshes its status when it wakes, which during a long pause may be rarely:
-    // measure the pause now.
-    if let Some(since) = poll
-        .paused_since
-        .as_deref()
-        .and_then(crate::clock::parse_utc)
-    {
-        poll.paused_for_ms = (now_ms() - since).max(0);
+    let several = ctx.accounts.len() > 1;
+    let mut accounts = Vec::with_capacity(ctx.accounts.len());
+    for account in &ctx.accounts {
+        let mut poll = account.status.lock().map(|s| s.clone()).unwrap_or_default();
+        // The loop refreshes its status when it wakes, which during a long pause may be
+        // rarely: measure the pause now.
+        if let Some(since) = poll
+            .paused_since
+            .as_deref()
+            .and_then(crate::clock::parse_utc)
+        {
+            poll.paused_for_ms = (now_ms() - since).max(0);
+        }
+        // With one account, the problems read as they always have; with several, each says
+        // whose it is.
+        let whose = if several {
+            format!("account {:?}: ", account.name)
+        } else {
+            String::new()
+        };
+        if poll.pause_kind == Some(PauseKind::Unauthorized) {
+            problems.push(format!(
+                "{whose}the API rejected the API key ({}): check the key ($CREDENTIALS_DIRECTORY/api-key, \
+                 api.key-file or SUNO_API_KEY; api-key-NAME, key-file or SUNO_API_KEY_NAME for a \
+                 named account) and the account's credits; polling resumes by itself once a probe \
+                 is accepted",
+                poll.pause_cause.as_deref().unwrap_or("401")
+            ));
+        } else if poll.pause_kind.is_some() && poll.paused_for_ms > ms(ctx.policy.backoff_max) {
+            problems.push(format!(
+                "{whose}polling has been paused for {} (longer than backoff-max {}): {}; the API is down or \
+                 refusing — nothing is lost, and polling resumes with one probe when it answers",
+                format_duration(Duration::from_millis(poll.paused_for_ms.unsigned_abs())),
+                format_duration(ctx.policy.backoff_max),
+                poll.pause_cause.as_deref().unwrap_or("no cause given")
+            ));
+        }
+        accounts.push(poll);
     }
-    if poll.pause_kind == Some(PauseKind::Unauthorized) {
-        problems.push(format!(
-            "the API rejected the API key ({}): check the key ($CREDENTIALS_DIRECTORY/api-key, \
-             api.key-file or SUNO_API_KEY) and the account's credits; polling resumes by itself \
-             once a probe is accepted",
-            poll.pause_cause.as_deref().unwrap_or("401")
-        ));
-    } else if poll.pause_kind.is_some() && poll.paused_for_ms > ms(ctx.policy.backoff_max) {
-        problems.push(format!(
-            "polling has been paused for {} (longer than backoff-max {}): {}; the API is down or \
-             refusing — nothing is lost, and polling resumes with one probe when it answers",
-            format_duration(Duration::from_millis(poll.paused_for_ms.unsigned_abs())),
-            format_duration(ctx.policy.backoff_max),
-            poll.pause_cause.as_deref().unwrap_or("no cause given")
-        ));
+    let breakdown = breakdown.unwrap_or_default();
+    for c in &breakdown {
+        if c.state == crate::store::TaskState::Active
+            && !ctx.accounts.iter().any(|a| a.name == c.account)
+        {
+            problems.push(format!(
+                "{} active {} task{} belong to account {:?}, which is not configured: they are not \
+                 polled until an [[api.account]] of that name is configured again (nothing is lost)",
+                c.n,
+                c.kind,
+                if c.n == 1 { "" } else { "s" },
+                c.account
+            ));
+        }
     }
+    let poll = accounts.first().cloned().unwrap_or_default();
     if let Some((at, e)) = ctx.store.health().last_error()
         && answering
     {
@@ -119,6 +149,8 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
         socket: ctx.info.socket.clone(),
         tasks: counts,
         poll,
+        accounts,
+        breakdown,
         targets,
         archive,
     })

@@ -42,13 +42,20 @@ pub struct Attempted {
     pub took: Duration,
 }
 
-/// The HTTP client for deliveries: sunopoll's user agent, and no redirects.
-pub fn http_client() -> reqwest::Result<reqwest::Client> {
+/// The HTTP client for deliveries: sunopoll's user agent, no redirects, and `proxy` or none.
+pub fn http_client(proxy: Option<&url::Url>) -> reqwest::Result<reqwest::Client> {
     crate::api::install_crypto_provider();
-    crate::api::with_tls_roots(reqwest::Client::builder())
+    let builder = crate::api::with_tls_roots(reqwest::Client::builder())
         .user_agent(crate::USER_AGENT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
+        .redirect(reqwest::redirect::Policy::none());
+    // `HTTP_PROXY` is set for the API (the outside world), not for the local handlers: a proxy
+    // there would see every event and the handler's `Authorization` header, or fail the
+    // delivery outright. Only `[forward] proxy` sends deliveries through one.
+    let builder = match proxy {
+        Some(p) => builder.proxy(reqwest::Proxy::all(p.as_str())?),
+        None => builder.no_proxy(),
+    };
+    builder.build()
 }
 
 /// POSTs `row`'s body to its target, signed when the target has a secret, and reads the answer.
@@ -97,7 +104,15 @@ pub async fn attempt(router: &Router, http: &reqwest::Client, row: &DueDelivery)
         },
     };
     // A handler may echo the credentials it was sent (an `Authorization` header) in its error
-    // page; its answer goes to the log and the attempt history, so they are cut out first.
+    // page, and a transport error may quote the URL with its password; the cause goes to the
+    // log and the attempt history, so they are cut out first.
+    let password = url::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.password().map(str::to_owned));
+    let secrets = headers
+        .iter()
+        .map(|(_, v)| v.as_str())
+        .chain(password.as_deref());
     let result = match result {
         AttemptResult::Failed {
             status,
@@ -105,7 +120,7 @@ pub async fn attempt(router: &Router, http: &reqwest::Client, row: &DueDelivery)
             retry_after,
         } => AttemptResult::Failed {
             status,
-            cause: headers.iter().fold(cause, |c, (_, v)| {
+            cause: secrets.fold(cause, |c, v| {
                 String::from_utf8_lossy(&crate::api::redact(c.as_bytes(), v)).into_owned()
             }),
             retry_after,

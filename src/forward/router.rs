@@ -57,7 +57,17 @@ impl Router {
     /// A URL already routed to (a configured target, or the `--callback-url`) is not added a
     /// second time: the handler would get every event twice under two `webhook-id`s.
     pub fn routes(&self, task: &TaskRow, submitted: Option<&str>) -> Vec<Route> {
-        let mut routes = self.configured_routes();
+        let mut routes: Vec<Route> = self
+            .config()
+            .targets
+            .iter()
+            .filter(|t| t.takes_kind(task.kind))
+            .map(|t| Route {
+                target: t.name.clone(),
+                url: t.url.to_string(),
+                stages: t.stages.clone(),
+            })
+            .collect();
         let same = |a: &str, b: &str| match (url::Url::parse(a), url::Url::parse(b)) {
             (Ok(a), Ok(b)) => a == b,
             _ => a == b,
@@ -117,10 +127,13 @@ mod tests {
             secret: None,
             headers: Vec::new(),
             timeout: Duration::from_secs(1),
+            kinds: None,
         });
         let router = Router::new(config);
         let task = TaskRow {
             id: "t".into(),
+            kind: crate::api::families::Kind::Music,
+            account: "default".into(),
             state: crate::store::TaskState::Active,
             stage: None,
             last_status: None,

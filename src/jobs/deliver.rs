@@ -82,7 +82,8 @@ impl Forwarder {
     /// Runs until `cancel` fires. Attempts already started finish (bounded by their timeout)
     /// and are recorded; the caller waits for `tracker`.
     pub async fn run(self, cancel: CancellationToken, tracker: TaskTracker) {
-        let http = match http_client() {
+        let proxy = self.router.config().proxy.clone();
+        let http = match http_client(proxy.as_ref()) {
             Ok(c) => c,
             Err(e) => {
                 error!(error = %e, "cannot build the HTTP client for forwarding; events are stored but not forwarded");
@@ -107,6 +108,7 @@ impl Forwarder {
         let job = DeliverJob {
             f: self,
             http,
+            proxy,
             per_origin: HashMap::new(),
             events_open: true,
         };
@@ -118,6 +120,8 @@ impl Forwarder {
 struct DeliverJob {
     f: Forwarder,
     http: reqwest::Client,
+    /// The `[forward] proxy` `http` was built with; a reload that changes it rebuilds `http`.
+    proxy: Option<url::Url>,
     /// Attempts in flight per destination (`scheme://host:port`).
     per_origin: HashMap<String, usize>,
     /// False once the event channel closed (the poll job is gone at shutdown): nothing new
@@ -191,6 +195,21 @@ impl JobKind for DeliverJob {
     }
 
     fn start(&mut self, row: DueDelivery) -> impl Future<Output = Finished> + Send + 'static {
+        let proxy = self.f.router.config().proxy.clone();
+        if proxy != self.proxy {
+            match http_client(proxy.as_ref()) {
+                Ok(http) => {
+                    info!(proxy = %proxy.as_ref().map_or_else(|| "none".to_owned(), |p| crate::api::redact_url(p.as_str())),
+                          "forwarding proxy changed");
+                    self.http = http;
+                    self.proxy = proxy;
+                }
+                // Keep the client that works; the next delivery tries again.
+                Err(e) => {
+                    error!(error = %e, "cannot build the HTTP client for the new forward.proxy; keeping the old one")
+                }
+            }
+        }
         let store = self.f.store.clone();
         let router = self.f.router.clone();
         let http = self.http.clone();

@@ -92,6 +92,18 @@ impl Gate {
 /// What `status` shows about polling. Updated by the loop, read by the control server.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PollStatus {
+    /// The account polled.
+    #[serde(default)]
+    pub account: String,
+    /// Its provider flavour (`sunoapi`, `kie`).
+    #[serde(default)]
+    pub flavor: String,
+    /// Its configured ceiling, requests per second (`None`: unlimited).
+    #[serde(default)]
+    pub rate_limit: Option<f64>,
+    /// The rate learnt from throttling, if below the ceiling (requests per second).
+    #[serde(default)]
+    pub learnt_rate: Option<f64>,
     /// `polling`, `paused` or `probing`.
     pub state: String,
     /// Why polling is paused, if it is.

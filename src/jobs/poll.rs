@@ -25,10 +25,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::{Admit, JobKind, StoreBackoffPolicy, Stored, WakeAt, backoff_delay, instant_at};
-use crate::api::families::music::Music;
+use crate::api::families::Flavor;
 use crate::api::{ApiClient, Family, Outcome, clip};
 use crate::clock::{Clock, format_duration, format_utc, ms};
-use crate::config::{DEFAULT_ACCOUNT, KeySource, PollConfig};
+use crate::config::{KeySource, PollConfig};
 use crate::events::{NewEvent, Stage};
 use crate::forward::Router;
 use crate::metrics::Metrics;
@@ -37,7 +37,7 @@ use crate::store::{Asked, DueRow, Schedule, Store, StoreError, TaskRow, TaskUpda
 use crate::systemd::Notifier;
 
 pub use super::gate::{Gate, PauseKind, PollStatus, SharedStatus, pause_delay, status_line};
-use super::rate::RateLimiter;
+use super::rate::{RateLearner, RateLimiter};
 
 /// Consecutive global failures (throttled, unavailable) of one task, each while the API was
 /// answering others, after which they count against that task alone: it backs off by itself
@@ -80,6 +80,10 @@ pub const REJECTION_LIMIT: u32 = 3;
 /// The callback code of the `error` event sent when a task passes its deadline (the API's own
 /// "timeout" code).
 pub const DEADLINE_CODE: i64 = 408;
+
+/// The callback code of the `error` event sent when the answers about a task could not be read
+/// until its deadline: 500, the one failure code in every family's list (`families.md` §1.5).
+pub const UNREADABLE_CODE: i64 = 500;
 
 /// The shortest gap between two `STATUS=` lines sent to systemd. A busy queue changes its
 /// counts many times a second; `systemctl status` is read by people, so every few seconds is
@@ -188,8 +192,24 @@ pub fn decide<F: Family>(
     }
     let reached = update.events.last().map(|e| e.stage).or(task.stage);
     if !reached.is_some_and(Stage::is_terminal) && past_deadline {
-        update.events.push(deadline_event());
-        update.timed_out = true;
+        if let Outcome::Broken { cause } = outcome {
+            // The API answered, but not legibly (or, for a task it alone keeps failing, not
+            // usably): the task may well have finished, so a 408 "timed out" would be false.
+            // Say what happened.
+            update.events.push(family.error_event(
+                &task.id,
+                UNREADABLE_CODE,
+                &format!(
+                    "Unreadable: the task-deadline ({}) passed and the API's answers about \
+                     this task could not be read or used: {}",
+                    format_duration(Duration::from_millis(u64::try_from(budget).unwrap_or(0))),
+                    clip(cause, 200)
+                ),
+            ));
+        } else {
+            update.events.push(deadline_event());
+            update.timed_out = true;
+        }
     }
     update.state = match update.events.last().map(|e| e.stage) {
         Some(Stage::Complete) => TaskState::Done,
@@ -225,13 +245,20 @@ enum OutcomeSummary {
     StoreFailed,
 }
 
-/// Everything the poll job needs: the entry point the daemon starts.
+/// Everything the poll job of one account needs: the entry point the daemon starts, once per
+/// account. Each account's loop polls only its own tasks, with its own key, limits and pause,
+/// so a throttled or rejected key holds back only its own tasks.
 pub struct Scheduler {
     /// The queue.
     pub store: Store,
-    /// The API.
+    /// The account's API.
     pub api: ApiClient,
-    /// `[poll]` settings.
+    /// The account's name (tasks, pause, learnt rate, metrics and logs are keyed by it).
+    pub account: String,
+    /// Its provider flavour: which spelling the family adapters give callback bodies.
+    pub flavor: Flavor,
+    /// `[poll]` settings, with the account's own `max-in-flight` and
+    /// `max-requests-per-second`.
     pub policy: PollConfig,
     /// Poked by `add`.
     pub wake: Arc<Notify>,
@@ -241,7 +268,8 @@ pub struct Scheduler {
     pub status: SharedStatus,
     /// Where new events are delivered.
     pub router: Router,
-    /// Where `STATUS=` lines and watchdog pings go (systemd's notify socket, or nowhere).
+    /// Where `STATUS=` lines and watchdog pings go (systemd's notify socket, or nowhere: only
+    /// the first account's loop reports, so systemd gets one line and one watchdog).
     pub notifier: Notifier,
     /// How often to ping the watchdog, if systemd runs one. The pings come from the loop
     /// itself, so a wedged loop stops them and systemd restarts the service.
@@ -262,12 +290,12 @@ pub struct Scheduler {
 impl Scheduler {
     /// Loads the persisted pause (if any) and publishes the initial status. Call before
     /// [`Scheduler::run`] so `status` is right from the first request.
-    pub async fn load_gate(&self) -> Gate {
-        let gate = match self.store.load_gate().await {
-            Ok(row) => Gate::from_row(row),
+    pub async fn load_gate(&self) -> Loaded {
+        let (gate, learnt_rate) = match self.store.load_account(self.account.clone()).await {
+            Ok(row) => (Gate::from_row(row.gate), row.learnt_rate),
             Err(e) => {
-                error!(error = %e, "cannot read the saved pause state; starting unpaused");
-                Gate::Open
+                error!(account = %self.account, error = %e, "cannot read the saved pause state; starting unpaused");
+                (Gate::Open, None)
             }
         };
         if let Gate::Paused {
@@ -276,33 +304,65 @@ impl Scheduler {
         {
             let wait = (*until - self.clock.now_ms()).max(0);
             warn!(
+                account = %self.account,
                 pause = kind.as_str(),
                 cause = %cause,
                 resume_in = %format_duration(Duration::from_millis(wait.unsigned_abs())),
                 "polling was paused before the restart; honouring the pause, then probing with one request"
             );
         }
+        if let (Some(rate), Some(ceiling)) = (learnt_rate, self.policy.max_requests_per_second)
+            && rate < ceiling
+        {
+            info!(
+                account = %self.account,
+                learnt_rate = rate,
+                ceiling,
+                "resuming at the request rate learnt from the API's throttling"
+            );
+        }
+        if let Ok(mut s) = self.status.lock() {
+            s.account = self.account.clone();
+            s.flavor = self.flavor.as_str().to_owned();
+            s.rate_limit = self.policy.max_requests_per_second;
+            s.learnt_rate =
+                learnt_rate.filter(|r| self.policy.max_requests_per_second.is_some_and(|c| *r < c));
+        }
         publish(&self.status, &gate, 0, self.clock.now_ms());
-        gate
+        Loaded { gate, learnt_rate }
     }
 
     /// Runs from `gate` until `cancel` fires, then stops starting polls. Polls already started
     /// keep running in `tracker` and commit their results, and a pause their answers call for is
     /// still saved; the caller bounds the wait.
-    pub async fn run(self, gate: Gate, cancel: CancellationToken, tracker: TaskTracker) {
-        let limiter = self.policy.max_requests_per_second.map(RateLimiter::new);
+    pub async fn run(self, loaded: Loaded, cancel: CancellationToken, tracker: TaskTracker) {
+        let learner = self
+            .policy
+            .max_requests_per_second
+            .map(|ceiling| RateLearner::new(ceiling, loaded.learnt_rate, Instant::now()));
+        let limiter = learner.as_ref().map(|l| RateLimiter::new(l.rate()));
         let job = PollJob {
             s: self,
-            gate,
+            gate: loaded.gate,
             epoch: 0,
             probe_in_flight: false,
             probing: false,
             limiter,
+            learner,
             next_ping: Instant::now(),
             report: StatusReport::new(),
         };
         super::run(job, cancel, tracker).await;
     }
+}
+
+/// What the store kept for an account: its pause and learnt rate ([`Scheduler::load_gate`]).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The pause.
+    pub gate: Gate,
+    /// The learnt rate, if any.
+    pub learnt_rate: Option<f64>,
 }
 
 /// The poll job on the loop: the scheduler's settings and the limits' state.
@@ -316,6 +376,8 @@ struct PollJob {
     /// This round's polls are the probe after a pause.
     probing: bool,
     limiter: Option<RateLimiter>,
+    /// The rate learnt from throttling, under the ceiling (none when unlimited).
+    learner: Option<RateLearner>,
     next_ping: Instant,
     report: StatusReport,
 }
@@ -352,8 +414,24 @@ impl JobKind for PollJob {
     async fn prepare(&mut self, in_flight: usize, wake: &mut WakeAt) -> usize {
         if self.s.rate.has_changed().unwrap_or(false) {
             let rate = *self.s.rate.borrow_and_update();
-            self.limiter = rate.map(RateLimiter::new);
+            self.learner = match (self.learner.take(), rate) {
+                (Some(mut l), Some(ceiling)) => {
+                    l.set_ceiling(ceiling);
+                    Some(l)
+                }
+                (None, Some(ceiling)) => Some(RateLearner::new(ceiling, None, Instant::now())),
+                (_, None) => None,
+            };
+            self.limiter = match (self.limiter.take(), self.learner.as_ref()) {
+                (Some(mut limiter), Some(l)) => {
+                    limiter.set_rate(l.rate());
+                    Some(limiter)
+                }
+                (None, Some(l)) => Some(RateLimiter::new(l.rate())),
+                (_, None) => None,
+            };
             self.s.policy.max_requests_per_second = rate;
+            self.publish_rate();
         }
         let now = self.s.clock.now_ms();
         publish(&self.s.status, &self.gate, in_flight, now);
@@ -391,7 +469,10 @@ impl JobKind for PollJob {
         slots: usize,
         in_flight: &HashSet<String>,
     ) -> Result<Vec<DueRow>, StoreError> {
-        self.s.store.due_window(slots + in_flight.len() + 1).await
+        self.s
+            .store
+            .due_window(self.s.account.clone(), slots + in_flight.len() + 1)
+            .await
     }
 
     fn admit(&mut self, row: &DueRow) -> Admit {
@@ -402,10 +483,13 @@ impl JobKind for PollJob {
                 return Admit::Wait(ready);
             }
             limiter.record(t);
+            if let Some(learner) = self.learner.as_mut() {
+                learner.sent(t);
+            }
         }
         if self.probing {
             self.probe_in_flight = true;
-            info!(task_id = %row.id, "pause over; probing the API with one request");
+            info!(account = %self.s.account, task_id = %row.id, "pause over; probing the API with one request");
             if let (
                 Gate::Paused {
                     kind: PauseKind::Unauthorized,
@@ -441,17 +525,20 @@ impl JobKind for PollJob {
             metrics: Arc::clone(&self.s.metrics),
             clock: self.s.clock.clone(),
             archive: self.s.archive,
+            account: self.s.account.clone(),
         };
-        self.s.metrics.api_request(DEFAULT_ACCOUNT);
+        self.s.metrics.api_request(&self.s.account);
+        let flavor = self.s.flavor;
         let (probe, epoch) = (self.probing, self.epoch);
         if let Ok(mut s) = self.s.status.lock() {
             s.requests += 1;
         }
         async move {
-            // One family today; once tasks record theirs, this is the task's family.
-            let family = Music;
-            let outcome = api.details(&family, &row.id).await;
-            let summary = apply_outcome(&commit, &family, &row.id, outcome, probe).await;
+            // The task's own family, in its account's flavour: one generic path per family.
+            let summary = crate::with_family!(row.kind, flavor, |family| {
+                let outcome = api.details(&family, &row.id).await;
+                apply_outcome(&commit, &family, &row.id, outcome, probe).await
+            });
             Finished {
                 probe,
                 epoch,
@@ -478,12 +565,23 @@ impl JobKind for PollJob {
                     debug!(task_id = %id, cause = %cause, "another failure from a request sent before the pause");
                     return Stored::Untouched;
                 }
+                if kind == PauseKind::Throttled {
+                    self.learn(|l, t| Some(l.throttled(t))).await;
+                }
                 let (attempt, since) = match &self.gate {
                     Gate::Paused { attempt, since, .. } => (*attempt + 1, *since),
                     Gate::Open => (1, now),
                 };
                 let delay = match kind {
                     PauseKind::Unauthorized => self.s.policy.backoff_max,
+                    // With a learnt rate the pause need only let the API's window pass: the
+                    // rate that follows it is already lowered. (Retry-After still wins, and
+                    // throttles in a row still double it.)
+                    PauseKind::Throttled if self.learner.is_some() => {
+                        let mut p = self.s.policy.clone();
+                        p.interval = p.interval.min(super::rate::LEARN_WINDOW);
+                        pause_delay(attempt, &p, retry_after, fastrand::f64())
+                    }
                     _ => pause_delay(attempt, &self.s.policy, retry_after, fastrand::f64()),
                 };
                 let retry_in = format_duration(delay);
@@ -512,13 +610,19 @@ impl JobKind for PollJob {
                     cause,
                 };
                 self.epoch += 1;
-                if let Err(e) = self.s.store.save_gate(self.gate.to_row()).await {
+                if let Err(e) = self
+                    .s
+                    .store
+                    .save_gate(self.s.account.clone(), self.gate.to_row())
+                    .await
+                {
                     error!(error = %e, "cannot save the pause state; a restart would not honour it");
                 }
                 Stored::Untouched
             }
             OutcomeSummary::Answered(kind) => {
                 self.record_answer(kind, now);
+                self.learn(RateLearner::answered).await;
                 if f.probe
                     && let Gate::Paused { since, attempt, .. } = &self.gate
                 {
@@ -529,7 +633,7 @@ impl JobKind for PollJob {
                     );
                     self.gate = Gate::Open;
                     self.epoch += 1;
-                    if let Err(e) = self.s.store.save_gate(None).await {
+                    if let Err(e) = self.s.store.save_gate(self.s.account.clone(), None).await {
                         error!(error = %e, "cannot clear the saved pause state");
                     }
                 }
@@ -558,7 +662,12 @@ impl JobKind for PollJob {
         if let Gate::Paused { until, since, .. } = &mut self.gate {
             *until = until.saturating_add(by_ms);
             *since = since.saturating_add(by_ms);
-            if let Err(e) = self.s.store.save_gate(self.gate.to_row()).await {
+            if let Err(e) = self
+                .s
+                .store
+                .save_gate(self.s.account.clone(), self.gate.to_row())
+                .await
+            {
                 error!(error = %e, "cannot save the pause state after the clock step");
             }
         }
@@ -568,7 +677,12 @@ impl JobKind for PollJob {
         // order under the rate limit, so there is nothing to move (moving a poll committed
         // after the step would stall it by the step).
         if by_ms < 0 {
-            match self.s.store.shift_due(Schedule::Polls, by_ms).await {
+            match self
+                .s
+                .store
+                .shift_due(Schedule::Polls(self.s.account.clone()), by_ms)
+                .await
+            {
                 Ok(n) => info!(tasks = n, "moved the tasks' next polls back with the clock"),
                 Err(e) => {
                     error!(error = %e, "cannot move the next polls back with the clock; tasks due far ahead are polled now instead")
@@ -579,6 +693,57 @@ impl JobKind for PollJob {
 }
 
 impl PollJob {
+    /// Lets the rate learner see an answer; a changed rate is used from now on, shown in
+    /// `status` and persisted, so a restart does not relearn it by being throttled again.
+    async fn learn(&mut self, step: impl FnOnce(&mut RateLearner, Instant) -> Option<f64>) {
+        let Some(learner) = self.learner.as_mut() else {
+            return;
+        };
+        let before = learner.rate();
+        let Some(rate) = step(learner, Instant::now()) else {
+            return;
+        };
+        if rate == before {
+            return;
+        }
+        let learnt = learner.is_learnt();
+        match self.limiter.as_mut() {
+            Some(limiter) => limiter.set_rate(rate),
+            None => self.limiter = Some(RateLimiter::new(rate)),
+        }
+        if rate < before {
+            info!(
+                account = %self.s.account,
+                rate = format!("{rate:.3}"),
+                was = format!("{before:.3}"),
+                "throttled: lowering this account's request rate, then raising it slowly"
+            );
+        } else {
+            debug!(account = %self.s.account, rate = format!("{rate:.3}"), "raising the request rate one step");
+        }
+        self.publish_rate();
+        let saved = learnt.then_some(rate);
+        if let Err(e) = self
+            .s
+            .store
+            .save_learnt_rate(self.s.account.clone(), saved)
+            .await
+        {
+            warn!(account = %self.s.account, error = %e, "cannot save the learnt request rate; a restart would learn it again");
+        }
+    }
+
+    fn publish_rate(&self) {
+        if let Ok(mut s) = self.s.status.lock() {
+            s.rate_limit = self.s.policy.max_requests_per_second;
+            s.learnt_rate = self
+                .learner
+                .as_ref()
+                .filter(|l| l.is_learnt())
+                .map(RateLearner::rate);
+        }
+    }
+
     /// Sends systemd a new `STATUS=` line if it changed, at most once per [`STATUS_EVERY`].
     /// Returns when to come back if a change is waiting for that gap to pass.
     async fn report_status(&mut self, now: i64) -> Option<Instant> {
@@ -692,6 +857,7 @@ struct Commit {
     metrics: Arc<Metrics>,
     clock: Clock,
     archive: bool,
+    account: String,
 }
 
 /// Applies one answer: global ones go back to the loop; per-task ones are decided and committed
@@ -715,10 +881,11 @@ where
         metrics,
         clock,
         archive,
+        account,
     } = commit;
     let archive = *archive;
     let kind = outcome.kind();
-    metrics.poll(DEFAULT_ACCOUNT, kind);
+    metrics.poll(account, kind);
     let global = match &outcome {
         Outcome::Throttled { retry_after, cause } => {
             Some((PauseKind::Throttled, *retry_after, cause.clone()))
@@ -936,7 +1103,7 @@ fn log_event(id: &str, ev: &NewEvent, seq: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::families::music::{Record, TaskStatus};
+    use crate::api::families::music::{Music, Record, TaskStatus};
 
     fn policy() -> PollConfig {
         PollConfig {
@@ -952,6 +1119,8 @@ mod tests {
     fn task(stage: Option<Stage>) -> TaskRow {
         TaskRow {
             id: "t1".into(),
+            kind: crate::api::families::Kind::Music,
+            account: "default".into(),
             state: TaskState::Active,
             stage,
             last_status: None,
@@ -1276,7 +1445,34 @@ mod tests {
         ] {
             let u = decide(&Music, &t, &outcome, 7_200_000, &policy(), 0.5);
             assert_eq!(u.state, TaskState::Failed, "{outcome:?}");
-            assert_eq!(u.events.last().map(|e| e.code), Some(DEADLINE_CODE));
+            let want = match outcome {
+                Outcome::Broken { .. } => UNREADABLE_CODE,
+                _ => DEADLINE_CODE,
+            };
+            assert_eq!(u.events.last().map(|e| e.code), Some(want));
         }
+    }
+
+    #[test]
+    fn unreadable_answers_past_the_deadline_end_the_task_saying_so_not_with_a_timeout() {
+        let t = asked_since_added(task(None), 7_170_000);
+        let broken = Outcome::Broken {
+            cause: "HTTP 200 with a body over 8388608 bytes".into(),
+        };
+        let u = decide(&Music, &t, &broken, 7_200_000, &policy(), 0.5);
+        assert_eq!(u.state, TaskState::Failed);
+        assert!(
+            !u.timed_out,
+            "nothing timed out: the answers were unreadable"
+        );
+        let ev = u.events.last().expect("an error event");
+        assert_eq!((ev.stage, ev.code), (Stage::Error, UNREADABLE_CODE));
+        let body: serde_json::Value = serde_json::from_str(&ev.body).expect("json");
+        let msg = body["msg"].as_str().expect("msg");
+        assert!(
+            msg.starts_with("Unreadable:") && msg.contains("8388608"),
+            "{msg}"
+        );
+        assert!(!msg.contains("Timed out"), "{msg}");
     }
 }

@@ -1,4 +1,5 @@
-//! The request-rate limit of polling: the pure bookkeeping of when the next request may start.
+//! The request-rate limit of polling: the pure bookkeeping of when the next request may start
+//! ([`RateLimiter`]), and of the rate an account learns from being throttled ([`RateLearner`]).
 
 use std::time::Duration;
 
@@ -33,6 +34,17 @@ impl RateLimiter {
         }
     }
 
+    /// Changes the rate, keeping the requests already sent: the next may start one new period
+    /// after the last, and the window still counts the recent ones (a fresh limiter would let
+    /// one go at once, which next to the last one is a burst the API counts).
+    pub fn set_rate(&mut self, rate: f64) {
+        let mut fresh = RateLimiter::new(rate);
+        let keep = self.recent.len().saturating_sub(fresh.k);
+        fresh.recent = self.recent.drain(keep..).collect();
+        fresh.next = fresh.recent.back().map(|last| *last + fresh.period);
+        *self = fresh;
+    }
+
     /// The earliest time the next request may start (`now` if it may start now).
     pub fn ready_at(&self, now: Instant) -> Instant {
         let grid = self.next.unwrap_or(now);
@@ -60,6 +72,133 @@ impl RateLimiter {
 
 /// Extra spacing per rate window; costs at most 1 % of the rate at 500 requests/s.
 pub const RATE_WINDOW_MARGIN: Duration = Duration::from_millis(10);
+
+/// The window the API counts requests in (sunoapi.org documents "20 requests per 10 seconds";
+/// kie.ai the same): what a throttle says was too much is measured over it.
+pub const LEARN_WINDOW: Duration = Duration::from_secs(10);
+
+/// Time without a throttle, spent busy at the learnt rate, before it is raised one step.
+/// Three API windows: a rate is tried long enough to tell before the next is.
+pub const CLIMB_EVERY: Duration = Duration::from_secs(30);
+
+/// Each step up: 5 % of the learnt rate. Small, because a step too far costs a throttle, a
+/// pause and a probe: from 85 % of a limit back up to it takes about 3.5 steps (~100 s).
+pub const CLIMB_FACTOR: f64 = 1.05;
+
+/// After a throttle the rate drops to at most this share of what it was...
+pub const DECREASE_FACTOR: f64 = 0.85;
+
+/// ...or to this share of the rate measured over the last [`LEARN_WINDOW`], if lower: the
+/// API refused that much, so a little under it is the best estimate of the limit.
+pub const MEASURED_FACTOR: f64 = 0.9;
+
+/// A measured rate needs this many requests in the window to be trusted over the plain decrease
+/// (one lone request throttled says the key is shared, not how fast we may go).
+const MEASURE_MIN_SENDS: usize = 3;
+
+/// The slowest rate learnt: one request per 100 s. Lower would make a key shared with a busy
+/// application unusable; the pause and probe already keep sunopoll from adding to its throttling.
+pub const LEARN_FLOOR: f64 = 0.01;
+
+/// The request rate an account learns: additive-increase, multiplicative-decrease under its
+/// configured ceiling. Without it, a ceiling above the account's real limit polls in a
+/// sawtooth: every probe that succeeds resumes at the full rate and is throttled again within
+/// a second. With it, a throttle lowers the rate to a little under what the API refused, and
+/// the rate climbs back only slowly, and only while polling is actually held back by it, so
+/// the share of throttled requests stays small while the achieved rate stays near the limit.
+/// Pure: time is passed in.
+#[derive(Debug, Clone)]
+pub struct RateLearner {
+    ceiling: f64,
+    rate: f64,
+    changed_at: Instant,
+    started: Instant,
+    sent: std::collections::VecDeque<Instant>,
+}
+
+impl RateLearner {
+    /// A learner under `ceiling` (> 0), starting from a rate learnt before (persisted), if any.
+    pub fn new(ceiling: f64, learnt: Option<f64>, now: Instant) -> RateLearner {
+        RateLearner {
+            ceiling,
+            rate: learnt.map_or(ceiling, |r| r.clamp(LEARN_FLOOR.min(ceiling), ceiling)),
+            changed_at: now,
+            started: now,
+            sent: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// The rate to poll at now.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// True when the rate is below the ceiling (something was learnt).
+    pub fn is_learnt(&self) -> bool {
+        self.rate < self.ceiling
+    }
+
+    /// Notes a request sent at `at`.
+    pub fn sent(&mut self, at: Instant) {
+        self.forget_before(at);
+        self.sent.push_back(at);
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        while self
+            .sent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > LEARN_WINDOW)
+        {
+            self.sent.pop_front();
+        }
+    }
+
+    /// The API throttled a request at `now`: lowers the rate. Returns the new rate.
+    pub fn throttled(&mut self, now: Instant) -> f64 {
+        self.forget_before(now);
+        let mut rate = self.rate * DECREASE_FACTOR;
+        // A measure needs a whole window watched: right after a start, the few requests seen
+        // say nothing of the limit.
+        let watched = now.saturating_duration_since(self.started) >= LEARN_WINDOW;
+        if watched && self.sent.len() >= MEASURE_MIN_SENDS {
+            let measured = self.sent.len() as f64 / LEARN_WINDOW.as_secs_f64();
+            rate = rate.min(measured * MEASURED_FACTOR);
+        }
+        self.rate = rate.clamp(LEARN_FLOOR.min(self.ceiling), self.ceiling);
+        self.changed_at = now;
+        self.rate
+    }
+
+    /// The API answered at `now` without throttling: after [`CLIMB_EVERY`] without a throttle,
+    /// while the rate was what held polling back (the last window was nearly full), raises
+    /// the rate one step. Returns the new rate when it changed.
+    pub fn answered(&mut self, now: Instant) -> Option<f64> {
+        if self.rate >= self.ceiling || now.saturating_duration_since(self.changed_at) < CLIMB_EVERY
+        {
+            return None;
+        }
+        self.forget_before(now);
+        let busy = self.sent.len() as f64 >= 0.8 * self.rate * LEARN_WINDOW.as_secs_f64();
+        if !busy {
+            return None;
+        }
+        self.rate = (self.rate * CLIMB_FACTOR).min(self.ceiling);
+        self.changed_at = now;
+        Some(self.rate)
+    }
+
+    /// A new ceiling (a reload): a learnt rate stays, under it; a rate that was the ceiling
+    /// follows it.
+    pub fn set_ceiling(&mut self, ceiling: f64) {
+        self.rate = if self.is_learnt() {
+            self.rate.min(ceiling)
+        } else {
+            ceiling
+        };
+        self.ceiling = ceiling;
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -99,6 +238,108 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// An API that allows `limit` requests in any [`LEARN_WINDOW`] (counting refused ones),
+    /// polled as the poll job does: at the limiter's rate, pausing for `pause` after a
+    /// throttle, then one probe. Returns (requests, throttled, seconds) for the second half
+    /// of `run`, once learnt.
+    fn simulate(ceiling: f64, limit: usize, pause: Duration, run: Duration) -> (usize, usize, f64) {
+        let t0 = Instant::now();
+        let mut learner = RateLearner::new(ceiling, None, t0);
+        let mut limiter = RateLimiter::new(learner.rate());
+        let mut api: std::collections::VecDeque<Instant> = Default::default();
+        let mut t = t0;
+        let half = t0 + run / 2;
+        let (mut sent, mut refused) = (0, 0);
+        while t < t0 + run {
+            t = limiter.ready_at(t).max(t);
+            limiter.record(t);
+            learner.sent(t);
+            while api
+                .front()
+                .is_some_and(|s| t.duration_since(*s) >= LEARN_WINDOW)
+            {
+                api.pop_front();
+            }
+            let throttled = api.len() >= limit;
+            api.push_back(t);
+            if t >= half {
+                sent += 1;
+                refused += usize::from(throttled);
+            }
+            if throttled {
+                limiter.set_rate(learner.throttled(t));
+                t += pause;
+            } else if let Some(rate) = learner.answered(t) {
+                limiter.set_rate(rate);
+            }
+        }
+        (sent, refused, (run / 2).as_secs_f64())
+    }
+
+    #[test]
+    fn a_learnt_rate_is_rarely_throttled_and_stays_near_the_limit() {
+        // The case: 5 per 10 s with the rate set higher; and the documented limit
+        // (20 per 10 s) with a ceiling five times above it; each throttle pausing for one
+        // API window, as the poll job does with the default 30 s interval.
+        for (ceiling, limit) in [(2.0, 5), (10.0, 20), (2.0, 20)] {
+            let (sent, refused, secs) =
+                simulate(ceiling, limit, LEARN_WINDOW, Duration::from_secs(4 * 3600));
+            let share = refused as f64 / sent as f64;
+            let achieved = sent as f64 / secs;
+            let allowed = (limit as f64 / LEARN_WINDOW.as_secs_f64()).min(ceiling);
+            eprintln!(
+                "ceiling {ceiling}, limit {limit}: {share:.4} throttled, {achieved:.3}/s of {allowed}/s"
+            );
+            assert!(
+                share < 0.05,
+                "ceiling {ceiling}, limit {limit}: {share:.3} throttled"
+            );
+            assert!(
+                achieved >= 0.8 * allowed && achieved <= allowed * 1.001,
+                "ceiling {ceiling}, limit {limit}: {achieved:.3}/s against {allowed}/s"
+            );
+        }
+    }
+
+    #[test]
+    fn the_learner_never_climbs_above_its_ceiling_nor_while_idle() {
+        let t0 = Instant::now();
+        let mut l = RateLearner::new(2.0, Some(5.0), t0);
+        assert_eq!(
+            l.rate(),
+            2.0,
+            "a persisted rate above the ceiling is capped"
+        );
+        let r = l.throttled(t0);
+        assert!(
+            (r - 1.7).abs() < 1e-9,
+            "too few sends to measure: plain decrease, got {r}"
+        );
+        // Idle: answers come, but the rate never held anything back.
+        assert_eq!(l.answered(t0 + Duration::from_secs(600)), None);
+        // Busy at the rate: it climbs, by one step, never above the ceiling.
+        let mut t = t0 + Duration::from_secs(600);
+        for _ in 0..200 {
+            t += Duration::from_secs_f64(1.0 / l.rate());
+            l.sent(t);
+            l.answered(t);
+        }
+        assert_eq!(l.rate(), 2.0);
+        assert!(!l.is_learnt());
+        l.set_ceiling(1.0);
+        assert_eq!(l.rate(), 1.0);
+        l.set_ceiling(4.0);
+        assert_eq!(l.rate(), 4.0, "an unlearnt rate follows a raised ceiling");
+        let learnt = l.throttled(t);
+        assert!(learnt < 4.0);
+        l.set_ceiling(8.0);
+        assert_eq!(
+            l.rate(),
+            learnt,
+            "a learnt rate stays under a raised ceiling"
+        );
     }
 
     #[test]

@@ -17,11 +17,11 @@ use super::deliveries::{
     AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route, TargetSummary,
 };
 use super::events::EventRecord;
-use super::gate::GateRow;
+use super::gate::{AccountRow, GateRow};
 use super::gauges::QueueGauges;
 use super::tasks::{
-    AddedTask, Applied, Counts, DueRow, Pruned, Schedule, TaskRecord, TaskRow, TaskState,
-    TaskUpdate,
+    AddedTask, Applied, Counts, DueRow, Pruned, Schedule, TaskCount, TaskRecord, TaskRow, TaskSpec,
+    TaskState, TaskUpdate,
 };
 use super::{StoreError, StoreHealth};
 
@@ -39,13 +39,14 @@ pub trait Backend: Send + Sync {
     /// [`Backend::health`] (until a write succeeds), as a failed commit is.
     fn probe_write(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Adds task IDs. Known IDs are left as they are (and reported); removed ones are tracked
-    /// again. New tasks are due at once.
+    /// Adds task IDs with `spec`'s kind and account. Known IDs are left as they are (and
+    /// reported); removed ones are tracked again (on `spec`'s account). New tasks are due at
+    /// once. If any ID is tracked under another kind, nothing is written and only those IDs
+    /// come back, as [`AddResult::OtherKind`](super::AddResult::OtherKind).
     fn add(
         &self,
         ids: Vec<String>,
-        callback_url: Option<String>,
-        label: Option<String>,
+        spec: TaskSpec,
         now: i64,
         deadline_after: i64,
     ) -> impl Future<Output = Result<Vec<AddedTask>, StoreError>> + Send;
@@ -57,15 +58,15 @@ pub trait Backend: Send + Sync {
     fn retrack(
         &self,
         ids: Vec<String>,
-        callback_url: Option<String>,
-        label: Option<String>,
+        spec: TaskSpec,
         now: i64,
         deadline_after: i64,
     ) -> impl Future<Output = Result<Vec<AddedTask>, StoreError>> + Send;
 
-    /// The first `limit` active tasks by `next_poll_at` (due or not).
+    /// The first `limit` active tasks of `account` by `next_poll_at` (due or not).
     fn due_window(
         &self,
+        account: String,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DueRow>, StoreError>> + Send;
 
@@ -95,6 +96,17 @@ pub trait Backend: Send + Sync {
         limit: Option<u32>,
     ) -> impl Future<Output = Result<Vec<TaskRecord>, StoreError>> + Send;
 
+    /// One page of [`Backend::list`] for an answer streamed page by page: at most `limit`
+    /// tasks, newest first, older than the page `before` ended at (`None`: from the newest),
+    /// and the cursor of the page after this one (`None` when this is the last). Pages of one
+    /// listing never repeat or skip a task that stays in the store.
+    fn list_page(
+        &self,
+        state: Option<TaskState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<TaskRecord>, Option<i64>), StoreError>> + Send;
+
     /// One task and its events, or `None` if it is unknown.
     fn show(
         &self,
@@ -116,6 +128,16 @@ pub trait Backend: Send + Sync {
         limit: Option<u32>,
     ) -> impl Future<Output = Result<Vec<EventRecord>, StoreError>> + Send;
 
+    /// Like [`Backend::events`], and the page stops once its bodies hold `max_bytes` (always
+    /// at least one event): a page of large bodies costs a bounded amount of memory.
+    fn events_page(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<EventRecord>, StoreError>> + Send;
+
     /// Task counts and the event sequence high-water mark.
     fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
 
@@ -125,12 +147,26 @@ pub trait Backend: Send + Sync {
     /// The highest event sequence number ever assigned (0 if none), even after pruning.
     fn last_seq(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
 
-    /// The persisted global pause, if any.
-    fn load_gate(&self) -> impl Future<Output = Result<Option<GateRow>, StoreError>> + Send;
+    /// An account's persisted pause and learnt rate (an account never saved: open, none).
+    fn load_account(
+        &self,
+        account: String,
+    ) -> impl Future<Output = Result<AccountRow, StoreError>> + Send;
 
-    /// Persists (or, with `None`, clears) the global pause.
+    /// Persists the request rate an account has learnt (`None`: forget it).
+    fn save_learnt_rate(
+        &self,
+        account: String,
+        rate: Option<f64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Task counts per (kind, account, state), kept, not counted; zero counts left out.
+    fn task_breakdown(&self) -> impl Future<Output = Result<Vec<TaskCount>, StoreError>> + Send;
+
+    /// Persists (or, with `None`, clears) an account's pause; its learnt rate stays.
     fn save_gate(
         &self,
+        account: String,
         gate: Option<GateRow>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 

@@ -43,6 +43,7 @@ mod sqlite {
         due_times_move_with_a_clock_step,
         archive_files_come_with_the_terminal_event_and_go_oldest_first,
         archive_counts_equal_a_recount_and_redo_starts_over,
+        pages_of_tasks_and_events_add_up_to_the_whole_listing,
     );
 }
 
@@ -76,8 +77,7 @@ async fn add_is_idempotent_and_reports_state(s: &impl Backend) {
     let r = s
         .add(
             vec!["a".into(), "b".into()],
-            None,
-            Some("l".into()),
+            crate::store::TaskSpec::music(None, Some("l".into())),
             1000,
             10,
         )
@@ -88,7 +88,12 @@ async fn add_is_idempotent_and_reports_state(s: &impl Backend) {
         [AddResult::Added, AddResult::Added]
     );
     let r = s
-        .add(vec!["a".into()], None, Some("other".into()), 2000, 10)
+        .add(
+            vec!["a".into()],
+            crate::store::TaskSpec::music(None, Some("other".into())),
+            2000,
+            10,
+        )
         .await
         .expect("add");
     assert_eq!(r[0].result, AddResult::Exists);
@@ -105,13 +110,26 @@ async fn add_is_idempotent_and_reports_state(s: &impl Backend) {
 }
 
 async fn due_window_orders_by_next_poll(s: &impl Backend) {
-    s.add(vec!["late".into()], None, None, 3000, 10)
+    s.add(
+        vec!["late".into()],
+        crate::store::TaskSpec::music(None, None),
+        3000,
+        10,
+    )
+    .await
+    .expect("add");
+    s.add(
+        vec!["early".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10,
+    )
+    .await
+    .expect("add");
+    let w = s
+        .due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
         .await
-        .expect("add");
-    s.add(vec!["early".into()], None, None, 1000, 10)
-        .await
-        .expect("add");
-    let w = s.due_window(10).await.expect("due");
+        .expect("due");
     assert_eq!(
         w.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
         ["early", "late"]
@@ -119,9 +137,14 @@ async fn due_window_orders_by_next_poll(s: &impl Backend) {
 }
 
 async fn apply_poll_writes_events_once_and_in_order(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let ev = error_event("t", 501, "failed");
     let applied = s
         .apply_poll("t".into(), 2000, move |row| {
@@ -149,9 +172,14 @@ async fn apply_poll_writes_events_once_and_in_order(s: &impl Backend) {
 }
 
 async fn a_failing_job_undoes_only_itself(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let text = || NewEvent {
         stage: Stage::Text,
         code: 200,
@@ -181,27 +209,53 @@ async fn a_failing_job_undoes_only_itself(s: &impl Backend) {
 }
 
 async fn remove_and_readd(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10,
+    )
+    .await
+    .expect("add");
     assert_eq!(
         s.remove("t".into(), 2000).await.expect("rm"),
         Some(TaskState::Active)
     );
     assert_eq!(s.remove("nope".into(), 2000).await.expect("rm"), None);
-    assert!(s.due_window(10).await.expect("due").is_empty());
+    assert!(
+        s.due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+            .await
+            .expect("due")
+            .is_empty()
+    );
     let r = s
-        .add(vec!["t".into()], None, None, 3000, 10)
+        .add(
+            vec!["t".into()],
+            crate::store::TaskSpec::music(None, None),
+            3000,
+            10,
+        )
         .await
         .expect("add");
     assert_eq!(r[0].result, AddResult::Readded);
-    assert_eq!(s.due_window(10).await.expect("due").len(), 1);
+    assert_eq!(
+        s.due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+            .await
+            .expect("due")
+            .len(),
+        1
+    );
 }
 
 async fn retrack_polls_a_failed_task_again_keeping_its_events(s: &impl Backend) {
-    s.add(vec!["t".into(), "ok".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into(), "ok".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let text_ev = NewEvent {
         stage: Stage::Text,
         code: 200,
@@ -219,8 +273,7 @@ async fn retrack_polls_a_failed_task_again_keeping_its_events(s: &impl Backend) 
     let r = s
         .retrack(
             vec!["t".into(), "ok".into(), "new".into()],
-            None,
-            None,
+            crate::store::TaskSpec::music(None, None),
             3000,
             10_000,
         )
@@ -260,14 +313,34 @@ async fn gate_round_trips_and_prune_keeps_active_tasks(s: &impl Backend) {
         since: 1,
         cause: "HTTP 200, code 430".into(),
     };
-    s.save_gate(Some(g.clone())).await.expect("save");
-    assert_eq!(s.load_gate().await.expect("load"), Some(g));
-    s.save_gate(None).await.expect("clear");
-    assert_eq!(s.load_gate().await.expect("load"), None);
-
-    s.add(vec!["old".into(), "live".into()], None, None, 1000, 10_000)
+    let (a, b) = (|| "a".to_owned(), || "b".to_owned());
+    assert_eq!(s.load_account(a()).await.expect("load"), Default::default());
+    s.save_gate(a(), Some(g.clone())).await.expect("save");
+    s.save_learnt_rate(a(), Some(0.45))
         .await
-        .expect("add");
+        .expect("save rate");
+    let row = s.load_account(a()).await.expect("load");
+    assert_eq!((row.gate, row.learnt_rate), (Some(g.clone()), Some(0.45)));
+    // Each account has its own: b is neither paused nor learnt.
+    assert_eq!(
+        s.load_account(b()).await.expect("load b"),
+        Default::default()
+    );
+    // Clearing the pause keeps what was learnt.
+    s.save_gate(a(), None).await.expect("clear");
+    let row = s.load_account(a()).await.expect("load");
+    assert_eq!((row.gate, row.learnt_rate), (None, Some(0.45)));
+    s.save_learnt_rate(a(), None).await.expect("forget rate");
+    assert_eq!(s.load_account(a()).await.expect("load"), Default::default());
+
+    s.add(
+        vec!["old".into(), "live".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     s.apply_poll("old".into(), 1500, |_| {
         update(TaskState::Failed, vec![error_event("old", 500, "x")])
     })
@@ -291,9 +364,14 @@ async fn gate_round_trips_and_prune_keeps_active_tasks(s: &impl Backend) {
 }
 
 async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     s.apply_poll("t".into(), 1000, |_| {
         let mut u = update(TaskState::Done, vec![error_event("t", 500, "x")]);
         u.routes = vec![app_route()];
@@ -340,9 +418,14 @@ async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt(
 }
 
 async fn only_the_head_of_a_queue_is_due(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let text = NewEvent {
         stage: Stage::Text,
         code: 200,
@@ -507,7 +590,9 @@ async fn kept_counts_equal_a_recount_after_any_mix_of_changes(s: &impl Backend) 
         match rng.u8(0..10) {
             0 | 1 => {
                 let ids = (0..rng.u32(1..4)).map(|_| id(rng.u32(0..30))).collect();
-                s.add(ids, None, None, now, 50_000).await.expect("add");
+                s.add(ids, crate::store::TaskSpec::music(None, None), now, 50_000)
+                    .await
+                    .expect("add");
             }
             2..=4 => {
                 let (task, pick) = (id(rng.u32(0..30)), rng.u8(..));
@@ -567,9 +652,14 @@ async fn kept_counts_equal_a_recount_after_any_mix_of_changes(s: &impl Backend) 
     assert_counts_match(s, seed, 400).await;
 }
 async fn the_deadline_time_used_is_kept_with_the_task(s: &impl Backend) {
-    s.add(vec!["t".into()], None, None, 1000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
     let used = crate::store::Asked {
         total_ms: 4000,
         at: Some(2000),
@@ -599,9 +689,14 @@ async fn the_deadline_time_used_is_kept_with_the_task(s: &impl Backend) {
     .expect("active");
     // A task removed and added again starts its deadline afresh.
     s.remove("t".into(), 4000).await.expect("remove");
-    s.add(vec!["t".into()], None, None, 5000, 10_000)
-        .await
-        .expect("readd");
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        5000,
+        10_000,
+    )
+    .await
+    .expect("readd");
     s.apply_poll("t".into(), 6000, |row| {
         assert_eq!(row.asked, crate::store::Asked::default());
         update(TaskState::Active, Vec::new())
@@ -612,12 +707,22 @@ async fn the_deadline_time_used_is_kept_with_the_task(s: &impl Backend) {
 }
 
 async fn due_times_move_with_a_clock_step(s: &impl Backend) {
-    s.add(vec!["a".into(), "b".into()], None, None, 10_000, 10_000)
-        .await
-        .expect("add");
-    s.add(vec!["done".into()], None, None, 10_000, 10_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["a".into(), "b".into()],
+        crate::store::TaskSpec::music(None, None),
+        10_000,
+        10_000,
+    )
+    .await
+    .expect("add");
+    s.add(
+        vec!["done".into()],
+        crate::store::TaskSpec::music(None, None),
+        10_000,
+        10_000,
+    )
+    .await
+    .expect("add");
     s.apply_poll("done".into(), 10_000, |_| {
         update(TaskState::Failed, vec![error_event("done", 1, "x")])
     })
@@ -625,11 +730,17 @@ async fn due_times_move_with_a_clock_step(s: &impl Backend) {
     .expect("apply")
     .expect("active");
     let moved = s
-        .shift_due(crate::store::Schedule::Polls, -3000)
+        .shift_due(
+            crate::store::Schedule::Polls(crate::config::DEFAULT_ACCOUNT.to_owned()),
+            -3000,
+        )
         .await
         .expect("shift");
     assert_eq!(moved, 2, "only active tasks move");
-    let w = s.due_window(10).await.expect("due");
+    let w = s
+        .due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+        .await
+        .expect("due");
     assert!(w.iter().all(|r| r.next_poll_at == 7000), "{w:?}");
     assert_eq!(
         s.shift_due(crate::store::Schedule::Deliveries, -3000)
@@ -661,9 +772,14 @@ fn complete(id: &str) -> NewEvent {
 
 /// Completes task `id` at `now` with `files` to archive.
 async fn complete_with(s: &impl Backend, id: &str, now: i64, files: Vec<AssetFile>) {
-    s.add(vec![id.into()], None, None, now - 10, 1_000_000)
-        .await
-        .expect("add");
+    s.add(
+        vec![id.into()],
+        crate::store::TaskSpec::music(None, None),
+        now - 10,
+        1_000_000,
+    )
+    .await
+    .expect("add");
     let ev = complete(id);
     s.apply_poll(id.into(), now, move |_| {
         let mut u = update(TaskState::Done, vec![ev]);
@@ -677,9 +793,14 @@ async fn complete_with(s: &impl Backend, id: &str, now: i64, files: Vec<AssetFil
 
 async fn archive_files_come_with_the_terminal_event_and_go_oldest_first(s: &impl Backend) {
     // A poll whose write is refused (a stage out of order) leaves no files behind either.
-    s.add(vec!["bad".into()], None, None, 100, 1_000_000)
-        .await
-        .expect("add");
+    s.add(
+        vec!["bad".into()],
+        crate::store::TaskSpec::music(None, None),
+        100,
+        1_000_000,
+    )
+    .await
+    .expect("add");
     let refused = s
         .apply_poll("bad".into(), 200, |_| {
             let mut u = update(TaskState::Done, vec![complete("bad"), complete("bad")]);
@@ -844,4 +965,59 @@ async fn archive_counts_equal_a_recount_and_redo_starts_over(s: &impl Backend) {
         due.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
         ["a", "c"]
     );
+}
+
+async fn pages_of_tasks_and_events_add_up_to_the_whole_listing(s: &impl Backend) {
+    let ids: Vec<String> = (0..23).map(|i| format!("t{i:02}")).collect();
+    s.add(
+        ids.clone(),
+        crate::store::TaskSpec::music(None, None),
+        1000,
+        10_000,
+    )
+    .await
+    .expect("add");
+    for id in ids.iter().step_by(3) {
+        let ev = error_event(id, 501, &"x".repeat(100));
+        s.apply_poll(id.clone(), 2000, move |_| {
+            update(TaskState::Failed, vec![ev])
+        })
+        .await
+        .expect("apply")
+        .expect("active");
+    }
+    for state in [None, Some(TaskState::Failed), Some(TaskState::Active)] {
+        let whole: Vec<String> = s
+            .list(state, None)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        let (mut paged, mut before, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let (page, next) = s.list_page(state, before, 5).await.expect("page");
+            assert!(page.len() <= 5);
+            paged.extend(page.into_iter().map(|t| t.task_id));
+            pages += 1;
+            match next {
+                Some(n) => before = Some(n),
+                None => break,
+            }
+            assert!(pages < 100, "the pages end");
+        }
+        assert_eq!(paged, whole, "{state:?}");
+    }
+    // Event pages stop at their byte budget, but always hold one event.
+    let all = s.events(0, None, None).await.expect("events");
+    assert_eq!(all.len(), 8);
+    let one = all[0].body.len();
+    let page = s.events_page(0, None, 100, one * 3).await.expect("page");
+    assert_eq!(page.len(), 3);
+    assert_eq!(page[0].seq, all[0].seq);
+    let page = s.events_page(all[6].seq, None, 100, 1).await.expect("page");
+    assert_eq!(page.len(), 1, "one event even over the budget");
+    assert_eq!(page[0].seq, all[7].seq);
+    let page = s.events_page(0, None, 2, usize::MAX).await.expect("page");
+    assert_eq!(page.len(), 2, "and never more than the limit");
 }

@@ -9,6 +9,8 @@ pub struct EventRecord {
     pub seq: i64,
     /// The task.
     pub task_id: String,
+    /// The task's family.
+    pub kind: crate::api::families::Kind,
     /// The stage.
     pub stage: Stage,
     /// The callback `code`.

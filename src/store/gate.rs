@@ -35,7 +35,16 @@ impl PauseKind {
     }
 }
 
-/// The persisted global pause.
+/// What the store keeps per account: its pause and the request rate it has learnt.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AccountRow {
+    /// The pause, if the account is paused.
+    pub gate: Option<GateRow>,
+    /// The rate (requests per second) learnt from the API's throttling, if any.
+    pub learnt_rate: Option<f64>,
+}
+
+/// An account's persisted pause.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GateRow {
     /// Why polling is paused.

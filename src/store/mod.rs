@@ -37,12 +37,13 @@ pub use deliveries::{
     TargetSummary, origin_of, webhook_id,
 };
 pub use events::EventRecord;
+pub use gate::AccountRow;
 pub use gate::{GateRow, PauseKind};
 pub use gauges::{DUE_COUNT_CAP, QueueGauges};
 pub use sqlite::PRUNE_CHUNK;
 pub use tasks::{
-    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, TaskRecord, TaskRow,
-    TaskState, TaskUpdate,
+    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, TaskCount, TaskRecord,
+    TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
 
 /// A store failure. Cloneable because one failed commit answers every job in its batch.
@@ -149,6 +150,13 @@ impl Store {
         })
     }
 
+    /// Copies the store file at `from` into the new file `to`, safely while a daemon runs on
+    /// it (SQLite's online backup API, on a read-only connection). Refuses an existing `to`.
+    /// Returns how many tasks the copy holds. Blocking.
+    pub fn backup(from: &Path, to: &Path) -> Result<i64, StoreError> {
+        sqlite::backup(from, to)
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         on_backend!(self, b => b.path())
@@ -178,12 +186,11 @@ impl Store {
     pub async fn add(
         &self,
         ids: Vec<String>,
-        callback_url: Option<String>,
-        label: Option<String>,
+        spec: TaskSpec,
         now: i64,
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
-        on_backend!(self, b => b.add(ids, callback_url, label, now, deadline_after).await)
+        on_backend!(self, b => b.add(ids, spec, now, deadline_after).await)
     }
 
     /// Adds task IDs and polls `failed` or `removed` ones again, keeping their events (see
@@ -191,17 +198,21 @@ impl Store {
     pub async fn retrack(
         &self,
         ids: Vec<String>,
-        callback_url: Option<String>,
-        label: Option<String>,
+        spec: TaskSpec,
         now: i64,
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
-        on_backend!(self, b => b.retrack(ids, callback_url, label, now, deadline_after).await)
+        on_backend!(self, b => b.retrack(ids, spec, now, deadline_after).await)
     }
 
-    /// The first `limit` active tasks by `next_poll_at` (due or not), for the scheduler.
-    pub async fn due_window(&self, limit: usize) -> Result<Vec<DueRow>, StoreError> {
-        on_backend!(self, b => b.due_window(limit).await)
+    /// The first `limit` active tasks of `account` by `next_poll_at` (due or not), for its
+    /// scheduler.
+    pub async fn due_window(
+        &self,
+        account: String,
+        limit: usize,
+    ) -> Result<Vec<DueRow>, StoreError> {
+        on_backend!(self, b => b.due_window(account, limit).await)
     }
 
     /// Applies one poll's result to an active task: `decide` sees the task as stored now and
@@ -234,6 +245,16 @@ impl Store {
         on_backend!(self, b => b.list(state, limit).await)
     }
 
+    /// One page of [`Store::list`], for streamed answers: see [`Backend::list_page`].
+    pub async fn list_page(
+        &self,
+        state: Option<TaskState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(Vec<TaskRecord>, Option<i64>), StoreError> {
+        on_backend!(self, b => b.list_page(state, before, limit).await)
+    }
+
     /// One task and its events, or `None` if it is unknown.
     pub async fn show(
         &self,
@@ -257,6 +278,18 @@ impl Store {
         on_backend!(self, b => b.events(since, task, limit).await)
     }
 
+    /// Events above `since`, at most `limit` and about `max_bytes` of bodies: see
+    /// [`Backend::events_page`].
+    pub async fn events_page(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        on_backend!(self, b => b.events_page(since, task, limit, max_bytes).await)
+    }
+
     /// Task counts and the event sequence high-water mark.
     pub async fn counts(&self) -> Result<Counts, StoreError> {
         on_backend!(self, b => b.counts().await)
@@ -273,14 +306,32 @@ impl Store {
         on_backend!(self, b => b.last_seq().await)
     }
 
-    /// The persisted global pause, if any.
-    pub async fn load_gate(&self) -> Result<Option<GateRow>, StoreError> {
-        on_backend!(self, b => b.load_gate().await)
+    /// An account's persisted pause and learnt rate (nothing saved: open, none learnt).
+    pub async fn load_account(&self, account: String) -> Result<AccountRow, StoreError> {
+        on_backend!(self, b => b.load_account(account).await)
     }
 
-    /// Persists (or, with `None`, clears) the global pause.
-    pub async fn save_gate(&self, gate: Option<GateRow>) -> Result<(), StoreError> {
-        on_backend!(self, b => b.save_gate(gate).await)
+    /// Persists (or, with `None`, clears) an account's pause.
+    pub async fn save_gate(
+        &self,
+        account: String,
+        gate: Option<GateRow>,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.save_gate(account, gate).await)
+    }
+
+    /// Persists the request rate an account has learnt (`None`: none learnt, use the ceiling).
+    pub async fn save_learnt_rate(
+        &self,
+        account: String,
+        rate: Option<f64>,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.save_learnt_rate(account, rate).await)
+    }
+
+    /// Task counts per (kind, account, state), kept like [`Store::counts`].
+    pub async fn task_breakdown(&self) -> Result<Vec<TaskCount>, StoreError> {
+        on_backend!(self, b => b.task_breakdown().await)
     }
 
     /// Deletes tasks that finished (done, failed or removed) before `before`, with their events.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::archive::AssetFile;
 use super::deliveries::Route;
+use crate::api::families::Kind;
 use crate::events::{NewEvent, Stage};
 
 /// A task's lifecycle state.
@@ -58,6 +59,34 @@ pub enum AddResult {
     Readded,
     /// Already known; nothing changed.
     Exists,
+    /// Already tracked under another kind: one task is one (kind, ID), so the whole `add` was
+    /// refused and nothing changed. `kind` says the kind it has.
+    OtherKind,
+}
+
+/// What `add` records with each new ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskSpec {
+    /// The task's family.
+    pub kind: Kind,
+    /// The account it is polled on.
+    pub account: String,
+    /// Per-task callback URL (`add --callback-url`).
+    pub callback_url: Option<String>,
+    /// Free-text label.
+    pub label: Option<String>,
+}
+
+impl TaskSpec {
+    /// A music task on the default account (what a lone `[api]` section polls).
+    pub fn music(callback_url: Option<String>, label: Option<String>) -> TaskSpec {
+        TaskSpec {
+            kind: Kind::Music,
+            account: crate::config::DEFAULT_ACCOUNT.to_owned(),
+            callback_url,
+            label,
+        }
+    }
 }
 
 /// One ID as `add` left it. It carries no times or URLs, so the protocol answers with it as is.
@@ -67,6 +96,9 @@ pub struct AddedTask {
     pub task_id: String,
     /// What `add` did with it.
     pub result: AddResult,
+    /// Its kind as stored (for [`AddResult::OtherKind`], the kind that refused the add).
+    #[serde(default)]
+    pub kind: Kind,
     /// Its state now.
     pub state: TaskState,
     /// Its last stage, if any.
@@ -78,6 +110,10 @@ pub struct AddedTask {
 pub struct TaskRow {
     /// The task ID.
     pub id: String,
+    /// Its family.
+    pub kind: Kind,
+    /// The account it is polled on.
+    pub account: String,
     /// Lifecycle state.
     pub state: TaskState,
     /// Last stage emitted.
@@ -158,10 +194,10 @@ pub struct Applied {
 }
 
 /// A schedule kept in the store as wall-clock due times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Schedule {
-    /// Active tasks' `next_poll_at`.
-    Polls,
+    /// One account's active tasks' `next_poll_at` (each account's loop moves its own).
+    Polls(String),
     /// Pending deliveries' `next_attempt_at`.
     Deliveries,
 }
@@ -171,6 +207,8 @@ pub enum Schedule {
 pub struct DueRow {
     /// The task ID.
     pub id: String,
+    /// Its family: which adapter polls it.
+    pub kind: Kind,
     /// When it is due (Unix ms).
     pub next_poll_at: i64,
 }
@@ -180,6 +218,10 @@ pub struct DueRow {
 pub struct TaskRecord {
     /// The API's task ID.
     pub task_id: String,
+    /// Its family.
+    pub kind: Kind,
+    /// The account it is polled on.
+    pub account: String,
     /// Lifecycle state.
     pub state: TaskState,
     /// The last stage emitted, if any.
@@ -221,6 +263,19 @@ pub struct Counts {
     pub events: i64,
     /// Highest event sequence number ever assigned.
     pub last_seq: i64,
+}
+
+/// How many tasks of one kind on one account are in one state (a kept count).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCount {
+    /// The family.
+    pub kind: Kind,
+    /// The account.
+    pub account: String,
+    /// The state.
+    pub state: TaskState,
+    /// How many.
+    pub n: i64,
 }
 
 /// What housekeeping removed.

@@ -176,7 +176,7 @@ async fn a_second_daemon_on_the_same_socket_is_refused_and_a_stale_socket_replac
     assert!(e.contains("already listening"), "{e}");
     // A refused start has let go of the store it opened (its lock is free at once), so the
     // start below cannot find that store "in use" by a daemon that never started.
-    let lock = std::fs::File::open(config.store.path.with_extension("db.lock")).expect("lock file");
+    let lock = std::fs::File::open(&config.store.path).expect("store file");
     lock.try_lock()
         .expect("the refused daemon released the store lock before returning");
     drop(lock);

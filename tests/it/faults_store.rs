@@ -177,11 +177,8 @@ async fn a_store_directory_that_cannot_be_written() {
             Ok(fs) => fs,
             Err(why) => return skipped("store directory read-only", &why),
         };
-        for name in ["sunopoll.db", "sunopoll.db.lock"] {
-            let from = d.store.with_file_name(name);
-            if from.exists() {
-                std::fs::copy(&from, fs.0.join(name)).expect("copy");
-            }
+        if d.store.exists() {
+            std::fs::copy(&d.store, fs.0.join("sunopoll.db")).expect("copy");
         }
         let toml = std::fs::read_to_string(&d.config)
             .expect("config")
@@ -275,12 +272,11 @@ async fn a_store_locked_by_another_process() {
     let api = FakeApi::start().await;
     let mut d = daemon_with_data(&api).await;
 
-    // Another process holds the daemon's lock file (as a second daemon would).
-    let lock_path = PathBuf::from(format!("{}.lock", d.store.display()));
+    // Another process holds the lock on the database file (as a second daemon would).
     let lock = std::fs::OpenOptions::new()
         .write(true)
-        .open(&lock_path)
-        .expect("open lock");
+        .open(&d.store)
+        .expect("open the store file");
     lock.try_lock().expect("lock");
     let before = snapshot(d.store.parent().expect("dir"));
     let (code, log) = failed_start(&mut d).await;

@@ -782,5 +782,6 @@ pub fn target(name: &str, url: &str) -> sunopoll::config::TargetConfig {
         secret: None,
         headers: Vec::new(),
         timeout: Duration::from_secs(2),
+        kinds: None,
     }
 }

@@ -17,6 +17,8 @@ mod figures;
 mod forward;
 mod helpers;
 mod hostile;
+mod hostile_answers;
+mod hostile_local;
 mod metrics;
 mod monitoring;
 mod polling;

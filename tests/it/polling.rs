@@ -500,7 +500,14 @@ async fn one_task_the_api_always_fails_does_not_stop_polling_for_the_others() {
         api.calls("ok-b")
     );
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0]["code"], 408, "{events:?}");
+    // Its answers were fresh but unusable: it ends saying so, not with a 408 "timed out".
+    assert_eq!(events[0]["code"], 500, "{events:?}");
+    assert!(
+        events[0]["body"]["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Unreadable:") && m.contains("code 500")),
+        "{events:?}"
+    );
     assert!(
         task["last_error"].as_str().unwrap_or("").contains("500"),
         "{task}"

@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::envelope::{json_kind, str_of};
+use crate::api::envelope::{failure_code, json_kind, status_text, str_of};
 use crate::events::{NewEvent, Stage};
 
 /// What a status means for a single-callback family.
@@ -37,8 +37,8 @@ pub struct Details<R> {
     pub status: String,
     /// What the status means.
     pub class: Class,
-    /// `errorCode`, only when it can be a failure code: an integer (or digit string) in
-    /// 100–599 other than 200.
+    /// `errorCode`, only when it can be a failure code: an integer (or digit string) among
+    /// [`crate::api::envelope::FAILURE_CODES`] (never 200: cover records carry it on success).
     pub error_code: Option<i64>,
     /// `errorMessage`, when it is a non-blank string.
     pub error_message: Option<String>,
@@ -161,8 +161,8 @@ impl<R> Details<R> {
 /// compare exact values), an integer as its digits; anything else cannot be a status.
 fn read_status(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
     match obj.get(key) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(Value::String(s)) if !s.is_empty() => Ok(status_text(s)),
+        Some(Value::Number(n)) => Ok(status_text(&n.to_string())),
         Some(Value::String(_)) => Err(format!("`data.{key}` is an empty string")),
         Some(other) => Err(format!("`data.{key}` is {}", json_kind(other))),
         None => Err(format!("`data.{key}` is missing")),
@@ -176,17 +176,6 @@ pub fn flag_of(status: &str) -> Option<u64> {
         return None;
     }
     s.parse().ok()
-}
-
-/// `errorCode` as a failure code (§1.5): an integer or a digit string in 100–599, and not 200
-/// (cover records carry `errorCode: 200` on success).
-fn failure_code(v: &Value) -> Option<i64> {
-    let code = match v {
-        Value::Number(n) => n.as_i64()?,
-        Value::String(s) => i64::try_from(flag_of(s)?).ok()?,
-        _ => return None,
-    };
-    ((100..=599).contains(&code) && code != 200).then_some(code)
 }
 
 /// `callbackUrl` (wav, stems, midi, mp4, cover), else the `callBackUrl` inside `param`, the
@@ -420,21 +409,25 @@ mod tests {
     }
 
     #[test]
-    fn the_failure_code_is_error_code_only_in_100_to_599_and_not_200() {
+    fn the_failure_code_is_error_code_only_when_it_is_a_documented_failure_code() {
         for (given, want) in [
             (json!(451), Some(451)),
             (json!("451"), Some(451)),
             (json!(" 531 "), Some(531)),
-            (json!(100), Some(100)),
-            (json!(599), Some(599)),
+            (json!(400), Some(400)),
+            (json!(501), Some(501)),
             (json!(200), None),
             (json!("200"), None),
+            (json!(204), None),
+            (json!(100), None),
+            (json!(599), None),
             (json!(99), None),
             (json!(600), None),
             (json!(-500), None),
             (json!("-500"), None),
             (json!("5x0"), None),
             (json!(500.5), None),
+            (json!(1e30), None),
             (json!(null), None),
             (json!(""), None),
             (json!([500]), None),

@@ -52,6 +52,125 @@ impl Flavor {
     }
 }
 
+/// A task's family as the store records it and `add --kind` names it. Which adapter a task is
+/// polled through follows from its kind and its account's [`Flavor`] ([`with_family!`]).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Every music-shaped task (generate, extend, covers, add-vocals, …): `text`, `first`,
+    /// `complete` or `error`.
+    #[default]
+    Music,
+    /// Lyrics generation.
+    Lyrics,
+    /// WAV conversion.
+    Wav,
+    /// Vocal removal and stem separation.
+    Stems,
+    /// MIDI generation.
+    Midi,
+    /// Music videos.
+    Mp4,
+    /// Cover images.
+    Cover,
+}
+
+impl Kind {
+    /// Every kind, in the order the README lists them.
+    pub const ALL: [Kind; 7] = [
+        Kind::Music,
+        Kind::Lyrics,
+        Kind::Wav,
+        Kind::Stems,
+        Kind::Midi,
+        Kind::Mp4,
+        Kind::Cover,
+    ];
+
+    /// The kind's name, as stored, shown and given to `add --kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Music => "music",
+            Kind::Lyrics => "lyrics",
+            Kind::Wav => "wav",
+            Kind::Stems => "stems",
+            Kind::Midi => "midi",
+            Kind::Mp4 => "mp4",
+            Kind::Cover => "cover",
+        }
+    }
+
+    /// Reads a kind's name.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The names of every kind, for error messages.
+    pub fn names() -> String {
+        Kind::ALL.map(Kind::as_str).join(", ")
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Runs `$body` with `$f` bound to the adapter of kind `$kind` for flavour `$flavor`: one
+/// monomorphised copy of `$body` per family, so the poll path stays generic over [`Family`]
+/// and a new family is one more arm here.
+#[macro_export]
+macro_rules! with_family {
+    ($kind:expr, $flavor:expr, |$f:ident| $body:expr) => {{
+        use $crate::api::families as fam;
+        let flavor: fam::Flavor = $flavor;
+        let _ = flavor;
+        match $kind {
+            fam::Kind::Music => {
+                let $f = fam::music::Music;
+                $body
+            }
+            fam::Kind::Lyrics => {
+                let $f = fam::lyrics::Lyrics(flavor);
+                $body
+            }
+            fam::Kind::Wav => {
+                let $f = fam::wav::Wav;
+                $body
+            }
+            fam::Kind::Stems => {
+                let $f = fam::stems::Stems(flavor);
+                $body
+            }
+            fam::Kind::Midi => {
+                let $f = fam::midi::Midi;
+                $body
+            }
+            fam::Kind::Mp4 => {
+                let $f = fam::mp4::Mp4(flavor);
+                $body
+            }
+            fam::Kind::Cover => {
+                let $f = fam::cover::Cover;
+                $body
+            }
+        }
+    }};
+}
+
 /// One task family: where its details are, how its record reads, and which events a record
 /// means. Every method is pure.
 pub trait Family {
@@ -113,5 +232,18 @@ mod tests {
         }
         assert_eq!(Flavor::parse("apikley"), None);
         assert_eq!(Flavor::default(), Flavor::Sunoapi);
+    }
+
+    #[test]
+    fn kind_names_round_trip_and_each_kind_polls_its_own_family() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
+            for flavor in Flavor::ALL {
+                let name = crate::with_family!(k, flavor, |f| f.name());
+                assert_eq!(name, k.as_str(), "{k} dispatches to the {name} adapter");
+            }
+        }
+        assert_eq!(Kind::parse("Music"), None);
+        assert_eq!(Kind::default(), Kind::Music);
     }
 }

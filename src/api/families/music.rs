@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Family;
-use crate::api::envelope::{int_of, json_kind, str_of};
+use crate::api::envelope::{failure_code, json_kind, str_of};
 use crate::events::{NewEvent, Stage, error_event};
 
 /// What one record-info answer means for a music task.
@@ -113,7 +113,7 @@ impl TaskStatus {
             "GENERATE_AUDIO_FAILED" => TaskStatus::GenerateAudioFailed,
             "CALLBACK_EXCEPTION" => TaskStatus::CallbackException,
             "SENSITIVE_WORD_ERROR" => TaskStatus::SensitiveWordError,
-            other => TaskStatus::Other(other.to_owned()),
+            other => TaskStatus::Other(crate::api::envelope::status_text(other)),
         }
     }
 
@@ -147,7 +147,8 @@ pub struct Record {
     pub status: TaskStatus,
     /// `data.response.sunoData`, in the API's order.
     pub tracks: Vec<Track>,
-    /// `data.errorCode` (number or numeric string).
+    /// `data.errorCode` (number or numeric string), only when it is a documented failure code
+    /// ([`crate::api::envelope::FAILURE_CODES`]): never 200, never a saturated `1e30`.
     pub error_code: Option<i64>,
     /// `data.errorMessage`, else `data.response.errorMessage`.
     pub error_message: Option<String>,
@@ -263,7 +264,7 @@ pub fn parse_record(data: &Value) -> Result<Record, String> {
             .collect(),
         _ => Vec::new(),
     };
-    let error_code = obj.get("errorCode").and_then(int_of);
+    let error_code = obj.get("errorCode").and_then(failure_code);
     let error_message = str_of(obj.get("errorMessage"))
         .or_else(|| str_of(response.and_then(|r| r.get("errorMessage"))));
     let param = str_of(obj.get("param"));

@@ -7,6 +7,7 @@ use std::fmt;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 
+use crate::api::families::Kind;
 use crate::events::Stage;
 use crate::store::{PauseKind, TaskState};
 
@@ -54,6 +55,7 @@ macro_rules! stored_enum {
 stored_enum!(Stage, "stage");
 stored_enum!(TaskState, "task state");
 stored_enum!(PauseKind, "pause kind");
+stored_enum!(Kind, "task kind");
 
 #[cfg(test)]
 mod tests {

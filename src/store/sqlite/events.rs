@@ -13,43 +13,49 @@ pub(super) fn since(
     task: Option<&str>,
     limit: Option<u32>,
 ) -> Sql<Vec<EventRecord>> {
+    since_capped(conn, since, task, limit, usize::MAX)
+}
+
+/// [`since`], stopping once the bodies read hold `max_bytes` (at least one event is read).
+/// Rows are read one by one, so the rest are never loaded.
+pub(super) fn since_capped(
+    conn: &Connection,
+    since: i64,
+    task: Option<&str>,
+    limit: Option<u32>,
+    max_bytes: usize,
+) -> Sql<Vec<EventRecord>> {
     // Two statements, not `(?2 IS NULL OR task_id = ?2)`: SQLite plans a statement once, and
     // that form cannot use the (task_id, stage) index, so one task's events meant a scan of
     // every event.
     let mut stmt = match task {
         Some(_) => conn.prepare_cached(
-            "SELECT seq, task_id, stage, code, created_at, body FROM events
+            "SELECT seq, task_id, stage, code, created_at, body, kind FROM events
              WHERE task_id = ?2 AND seq > ?1 ORDER BY seq LIMIT ?3",
         )?,
         None => conn.prepare_cached(
-            "SELECT seq, task_id, stage, code, created_at, body FROM events
+            "SELECT seq, task_id, stage, code, created_at, body, kind FROM events
              WHERE seq > ?1 AND ?2 IS NULL ORDER BY seq LIMIT ?3",
         )?,
     };
-    let rows = stmt
-        .query_map(params![since, task, limit.map_or(-1, i64::from)], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })?
-        .collect::<Result<Vec<(i64, String, Stage, i64, i64, String)>, _>>()?;
-    rows.into_iter()
-        .map(|(seq, task_id, stage, code, created_at, body)| {
-            Ok(EventRecord {
-                seq,
-                task_id,
-                stage,
-                code,
-                created_at,
-                body,
-            })
-        })
-        .collect()
+    let mut rows = stmt.query(params![since, task, limit.map_or(-1, i64::from)])?;
+    let (mut out, mut bytes) = (Vec::new(), 0usize);
+    while bytes < max_bytes
+        && let Some(r) = rows.next()?
+    {
+        let body: String = r.get(5)?;
+        bytes = bytes.saturating_add(body.len());
+        out.push(EventRecord {
+            seq: r.get(0)?,
+            task_id: r.get(1)?,
+            stage: r.get(2)?,
+            code: r.get(3)?,
+            created_at: r.get(4)?,
+            kind: r.get(6)?,
+            body,
+        });
+    }
+    Ok(out)
 }
 
 /// `(seq, task, stage)` of the events matching `filter`, oldest first.

@@ -12,10 +12,10 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::{
-    AddedTask, Applied, ArchiveCounts, AttemptRecord, Backend, Counts, DeliveryNext,
+    AccountRow, AddedTask, Applied, ArchiveCounts, AttemptRecord, Backend, Counts, DeliveryNext,
     DeliveryRecord, DueDelivery, DueFile, DueRow, EventRecord, FileNext, FileRecord, GateRow,
     Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth, TargetSummary,
-    TaskRecord, TaskRow, TaskState, TaskUpdate,
+    TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
 
 mod archive;
@@ -110,17 +110,28 @@ impl Sqlite {
                 .create(dir)
                 .map_err(|e| open_err(format!("cannot create directory {}: {e}", dir.display())))?;
         }
-        let lock = schema::lock_store(path).map_err(|e| match e {
+        let file = schema::StoreFile::lock(path).map_err(|e| match e {
             schema::LockError::Held(what) => {
                 StoreError::InUse(format!("store {}: {what}", path.display()))
             }
             schema::LockError::Failed(what) => open_err(what),
         })?;
         let conn = Connection::open(path).map_err(|e| open_err(format!("cannot open: {e}")))?;
+        schema::set_busy_timeout(&conn).map_err(|e| open_err(schema::explain_open_error(&e)))?;
+        // Before anything writes: another application's database is refused as it was found.
+        schema::inspect(&conn).map_err(open_err)?;
         schema::configure(&conn).map_err(|e| open_err(schema::explain_open_error(&e)))?;
         schema::migrate(&conn).map_err(open_err)?;
+        if file.created {
+            // A queue that vanished (deleted file, wrong path, a new mount) would otherwise
+            // start again empty without a word.
+            tracing::warn!(
+                store = %path.display(),
+                "created a new, empty store; if tasks were queued before, this is not their store"
+            );
+        }
         let health = Arc::new(StoreHealth::default());
-        let jobs = thread::spawn(conn, lock, health.clone())
+        let jobs = thread::spawn(conn, file, health.clone())
             .map_err(|e| open_err(format!("cannot start the store thread: {e}")))?;
         Ok(Sqlite {
             jobs,
@@ -156,6 +167,68 @@ impl Sqlite {
     }
 }
 
+/// Pages copied per step of a backup: small steps let the daemon's commits go on between them.
+const BACKUP_PAGES_PER_STEP: std::ffi::c_int = 256;
+
+/// Copies the store at `from` into a new file `to` with SQLite's online backup API, safe while
+/// a daemon runs on `from`: the copy is read on a read-only connection (WAL lets it read beside
+/// the daemon's writer) and is one consistent snapshot, committed work only, restarted by SQLite
+/// if a write lands mid-copy. `to` must not exist. Returns the number of tasks in the copy.
+pub fn backup(from: &Path, to: &Path) -> Result<i64, StoreError> {
+    use rusqlite::OpenFlags;
+    let fail = |what: String| StoreError::Open(what);
+    let source = Connection::open_with_flags(
+        from,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| fail(format!("store {}: cannot open it: {e}", from.display())))?;
+    let refuse = |e: String| fail(format!("store {}: {e}", from.display()));
+    schema::set_busy_timeout(&source).map_err(|e| refuse(schema::explain_open_error(&e)))?;
+    schema::inspect(&source).map_err(refuse)?;
+    // Created here, exclusively: an existing file (an older backup, the live store itself) is
+    // never overwritten, even one appearing between a check and the copy.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => fail(format!(
+                "{} already exists; refusing to overwrite it (choose a new file name)",
+                to.display()
+            )),
+            _ => fail(format!("cannot create {}: {e}", to.display())),
+        })?;
+    let copied = (|| -> rusqlite::Result<i64> {
+        let mut target = Connection::open(to)?;
+        {
+            let step = rusqlite::backup::Backup::new(&source, &mut target)?;
+            step.run_to_completion(
+                BACKUP_PAGES_PER_STEP,
+                std::time::Duration::from_millis(5),
+                None,
+            )?;
+        }
+        let check: String = target.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "the copy failed its integrity check: {check}"
+            )));
+        }
+        target.query_row("SELECT COALESCE(SUM(n), 0) FROM task_counts", [], |r| {
+            r.get(0)
+        })
+    })();
+    copied.map_err(|e| {
+        // Half a backup is worse than none: it looks like one.
+        let _ = std::fs::remove_file(to);
+        fail(format!(
+            "backing up {} to {} failed: {e}",
+            from.display(),
+            to.display()
+        ))
+    })
+}
+
 impl Backend for Sqlite {
     fn health(&self) -> &StoreHealth {
         &self.health
@@ -175,29 +248,28 @@ impl Backend for Sqlite {
     async fn add(
         &self,
         ids: Vec<String>,
-        callback_url: Option<String>,
-        label: Option<String>,
+        spec: TaskSpec,
         now: i64,
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
-        self.call(move |c| tasks::add(c, ids, callback_url, label, now, deadline_after))
+        self.call(move |c| tasks::add(c, ids, &spec, now, deadline_after))
             .await
     }
 
     async fn retrack(
         &self,
         ids: Vec<String>,
-        callback_url: Option<String>,
-        label: Option<String>,
+        spec: TaskSpec,
         now: i64,
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
-        self.call(move |c| tasks::retrack(c, ids, callback_url, label, now, deadline_after))
+        self.call(move |c| tasks::retrack(c, ids, &spec, now, deadline_after))
             .await
     }
 
-    async fn due_window(&self, limit: usize) -> Result<Vec<DueRow>, StoreError> {
-        self.call(move |c| tasks::due_window(c, limit)).await
+    async fn due_window(&self, account: String, limit: usize) -> Result<Vec<DueRow>, StoreError> {
+        self.call(move |c| tasks::due_window(c, &account, limit))
+            .await
     }
 
     async fn apply_poll<F>(
@@ -219,6 +291,16 @@ impl Backend for Sqlite {
         limit: Option<u32>,
     ) -> Result<Vec<TaskRecord>, StoreError> {
         self.read(move |c| tasks::list(c, state, limit)).await
+    }
+
+    async fn list_page(
+        &self,
+        state: Option<TaskState>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(Vec<TaskRecord>, Option<i64>), StoreError> {
+        self.read(move |c| tasks::list_page(c, state, before, limit))
+            .await
     }
 
     async fn show(&self, id: String) -> Result<Option<(TaskRecord, Vec<EventRecord>)>, StoreError> {
@@ -250,6 +332,17 @@ impl Backend for Sqlite {
             .await
     }
 
+    async fn events_page(
+        &self,
+        since: i64,
+        task: Option<String>,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.read(move |c| events::since_capped(c, since, task.as_deref(), Some(limit), max_bytes))
+            .await
+    }
+
     async fn counts(&self) -> Result<Counts, StoreError> {
         self.read(tasks::counts).await
     }
@@ -262,12 +355,20 @@ impl Backend for Sqlite {
         self.read(events::last_seq).await
     }
 
-    async fn load_gate(&self) -> Result<Option<GateRow>, StoreError> {
-        self.call(gate::load).await
+    async fn load_account(&self, account: String) -> Result<AccountRow, StoreError> {
+        self.call(move |c| gate::load(c, &account)).await
     }
 
-    async fn save_gate(&self, row: Option<GateRow>) -> Result<(), StoreError> {
-        self.call(move |c| gate::save(c, row)).await
+    async fn save_gate(&self, account: String, row: Option<GateRow>) -> Result<(), StoreError> {
+        self.call(move |c| gate::save(c, &account, row)).await
+    }
+
+    async fn save_learnt_rate(&self, account: String, rate: Option<f64>) -> Result<(), StoreError> {
+        self.call(move |c| gate::save_rate(c, &account, rate)).await
+    }
+
+    async fn task_breakdown(&self) -> Result<Vec<TaskCount>, StoreError> {
+        self.read(tasks::breakdown).await
     }
 
     async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
@@ -410,7 +511,12 @@ mod tests {
         // The store waits out its busy timeout, then must fail the add without running it:
         // in autocommit mode its INSERT would have landed while the caller heard "failed".
         let e = s
-            .add(vec!["ghost".into()], None, None, 1000, 10)
+            .add(
+                vec!["ghost".into()],
+                crate::store::TaskSpec::music(None, None),
+                1000,
+                10,
+            )
             .await
             .expect_err("locked");
         assert!(matches!(e, StoreError::Fault(_)), "{e}");
@@ -426,7 +532,14 @@ mod tests {
     async fn filled() -> (tempfile::TempDir, Sqlite) {
         let (dir, s) = open();
         let ids: Vec<String> = (0..300).map(|i| format!("t{i}")).collect();
-        s.add(ids, None, None, 1000, 1_000_000).await.expect("add");
+        s.add(
+            ids,
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            1_000_000,
+        )
+        .await
+        .expect("add");
         for i in 0..200 {
             let id = format!("t{i}");
             let name = id.clone();
@@ -605,9 +718,14 @@ mod tests {
             s.health().last_error().is_some(),
             "a probe writes nothing, so it proves too little to clear the failure"
         );
-        s.add(vec!["after".into()], None, None, 4000, 10)
-            .await
-            .expect("add");
+        s.add(
+            vec!["after".into()],
+            crate::store::TaskSpec::music(None, None),
+            4000,
+            10,
+        )
+        .await
+        .expect("add");
         assert!(
             s.health().last_error().is_none(),
             "a committed write clears it"
@@ -649,16 +767,24 @@ mod tests {
     #[tokio::test]
     async fn a_stored_value_this_build_does_not_know_fails_loudly() {
         let (dir, s) = open();
-        s.add(vec!["t1".into()], None, None, 1000, 10)
-            .await
-            .expect("add");
-        s.save_gate(Some(GateRow {
-            kind: crate::store::PauseKind::Throttled,
-            attempt: 1,
-            paused_until: 2000,
-            since: 1000,
-            cause: "HTTP 429".into(),
-        }))
+        s.add(
+            vec!["t1".into()],
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            10,
+        )
+        .await
+        .expect("add");
+        s.save_gate(
+            "default".into(),
+            Some(GateRow {
+                kind: crate::store::PauseKind::Throttled,
+                attempt: 1,
+                paused_until: 2000,
+                since: 1000,
+                cause: "HTTP 429".into(),
+            }),
+        )
         .await
         .expect("gate");
         // Another writer (a newer sunopoll, or damage) leaves spellings this build lacks.
@@ -667,7 +793,7 @@ mod tests {
             .execute_batch(
                 "PRAGMA ignore_check_constraints = ON;
                  UPDATE tasks SET state = 'sleeping' WHERE id = 't1';
-                 UPDATE gate SET kind = 'bored';",
+                 UPDATE accounts SET pause_kind = 'bored';",
             )
             .expect("poke");
         drop(other);
@@ -676,15 +802,199 @@ mod tests {
             e.to_string().contains("unknown task state \"sleeping\""),
             "{e}"
         );
-        let e = s.load_gate().await.expect_err("an unknown pause kind");
+        let e = s
+            .load_account("default".into())
+            .await
+            .expect_err("an unknown pause kind");
         assert!(
             e.to_string().contains("unknown pause kind \"bored\""),
             "{e}"
         );
         let e = s
-            .add(vec!["t1".into()], None, None, 1000, 10)
+            .add(
+                vec!["t1".into()],
+                crate::store::TaskSpec::music(None, None),
+                1000,
+                10,
+            )
             .await
             .expect_err("add reads the known state back");
         assert!(e.to_string().contains("sleeping"), "{e}");
+    }
+
+    /// The second open must be refused as "in use", naming the store.
+    fn assert_in_use(path: &Path) {
+        match Sqlite::open(path) {
+            Err(StoreError::InUse(m)) => {
+                assert!(m.contains("in use by another sunopoll daemon"), "{m}");
+                assert!(m.contains(&path.display().to_string()), "{m}");
+            }
+            Err(e) => panic!("expected InUse, got {e}"),
+            Ok(_) => panic!("a second store on the same database file opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_lock_belongs_to_the_database_file_not_to_a_name() {
+        let (dir, s) = open();
+        let db = dir.path().join("q.db");
+        // The same file under another name: a symlink, and a hard link.
+        let symlink = dir.path().join("via-symlink.db");
+        std::os::unix::fs::symlink(&db, &symlink).expect("symlink");
+        assert_in_use(&symlink);
+        let hard = dir.path().join("via-hard-link.db");
+        std::fs::hard_link(&db, &hard).expect("hard link");
+        assert_in_use(&hard);
+        // An old-style lock file deleted, or never there: nothing a name can undo.
+        let _ = std::fs::remove_file(dir.path().join("q.db.lock"));
+        assert_in_use(&db);
+        // The refused opens changed nothing for the daemon that holds it.
+        s.add(
+            vec!["still-mine".into()],
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            10,
+        )
+        .await
+        .expect("the first store still writes");
+        s.close().await;
+        let again = Sqlite::open(&hard).expect("free once the first one closed");
+        assert!(
+            again
+                .show("still-mine".into())
+                .await
+                .expect("show")
+                .is_some(),
+            "the same queue, through the hard link"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deleted_or_replaced_store_file_refuses_every_write() {
+        let (dir, s) = open();
+        let db = dir.path().join("q.db");
+        s.add(
+            vec!["before".into()],
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            10,
+        )
+        .await
+        .expect("add");
+        // Replaced: another file now has the store's name.
+        std::fs::rename(&db, dir.path().join("moved.db")).expect("move away");
+        std::fs::write(&db, b"").expect("a new file in its place");
+        let e = s
+            .add(
+                vec!["lost".into()],
+                crate::store::TaskSpec::music(None, None),
+                1000,
+                10,
+            )
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&e, StoreError::Fault(m) if m.contains("was replaced")),
+            "{e}"
+        );
+        assert!(s.probe_write().await.is_err(), "the probe says so too");
+        assert!(s.health().last_error().is_some());
+        // Deleted.
+        std::fs::remove_file(&db).expect("rm");
+        std::fs::remove_file(dir.path().join("moved.db")).expect("rm");
+        let e = s
+            .add(
+                vec!["lost".into()],
+                crate::store::TaskSpec::music(None, None),
+                1000,
+                10,
+            )
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&e, StoreError::Fault(m) if m.contains("was deleted")),
+            "{e}"
+        );
+        assert!(s.health().last_error().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_idle_store_notices_its_file_deleted_without_a_write() {
+        let (dir, s) = open();
+        assert!(s.health().last_error().is_none());
+        std::fs::remove_file(dir.path().join("q.db")).expect("rm");
+        // Nothing is asked of the store: its periodic check alone must find it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while s.health().last_error().is_none() {
+            assert!(std::time::Instant::now() < deadline, "never noticed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let (_, e) = s.health().last_error().expect("set");
+        assert!(e.contains("was deleted"), "{e}");
+    }
+
+    #[test]
+    fn a_foreign_database_is_refused_in_one_line_before_anything_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("other-app.db");
+        {
+            let c = Connection::open(&path).expect("create");
+            c.execute_batch("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL); INSERT INTO invoices (total) VALUES (9.5);")
+                .expect("fill");
+        }
+        let before = std::fs::read(&path).expect("read");
+        let e = Sqlite::open(&path).expect_err("refused");
+        let m = e.to_string();
+        assert!(
+            m.contains("not a sunopoll store") && m.contains("invoices"),
+            "{m}"
+        );
+        assert!(m.contains(&path.display().to_string()), "{m}");
+        assert_eq!(m.lines().count(), 1, "{m}");
+        assert_eq!(std::fs::read(&path).expect("read"), before, "byte for byte");
+        let c = Connection::open(&path).expect("open");
+        let mode: String = c
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, "delete", "never switched to WAL");
+    }
+
+    #[test]
+    fn a_failing_migration_is_reported_in_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("half.db");
+        {
+            let c = Connection::open(&path).expect("create");
+            // Schema 1, plus a table that migration 2 wants to create.
+            c.execute_batch(schema::MIGRATIONS[0]).expect("schema 1");
+            c.execute_batch("CREATE TABLE deliveries (x); PRAGMA user_version = 1;")
+                .expect("in the way");
+        }
+        let m = Sqlite::open(&path).expect_err("refused").to_string();
+        assert!(m.contains("migration to schema 2 failed"), "{m}");
+        assert_eq!(m.lines().count(), 1, "{m}");
+        assert!(!m.contains("CREATE"), "no SQL: {m}");
+    }
+
+    #[tokio::test]
+    async fn a_backup_is_a_complete_store_and_never_overwrites() {
+        let (dir, s) = open();
+        s.add(
+            vec!["a".into(), "b".into()],
+            crate::store::TaskSpec::music(None, None),
+            1000,
+            10,
+        )
+        .await
+        .expect("add");
+        let to = dir.path().join("copy.db");
+        // While the store is open and writing (WAL, nothing checkpointed yet).
+        assert_eq!(backup(s.path(), &to).expect("backup"), 2);
+        let e = backup(s.path(), &to).expect_err("exists");
+        assert!(e.to_string().contains("already exists"), "{e}");
+        let e = backup(s.path(), s.path()).expect_err("the store itself");
+        assert!(e.to_string().contains("already exists"), "{e}");
+        let copy = Sqlite::open(&to).expect("the copy opens as a store");
+        assert!(copy.show("b".into()).await.expect("show").is_some());
     }
 }

@@ -1,6 +1,8 @@
 //! The SQLite schema and everything about the file itself: migrations by `PRAGMA
-//! user_version`, the pragmas that make a commit durable (WAL, `synchronous=FULL`), the lock
-//! file that keeps a second daemon out, and open errors explained for people.
+//! user_version`, the check that a file is a sunopoll store before anything is changed, the
+//! pragmas that make a commit durable (WAL, `synchronous=FULL`), the lock on the database file
+//! that keeps a second daemon out (and notices the file being deleted or replaced), and open
+//! errors explained for people.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use rusqlite::Connection;
 pub(super) const BUSY_TIMEOUT_MS: u32 = 5000;
 
 /// The schema, one entry per version. `PRAGMA user_version` says how many have been applied.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r"
 CREATE TABLE tasks (
     id           TEXT PRIMARY KEY NOT NULL,
@@ -175,10 +177,61 @@ ALTER TABLE tasks ADD COLUMN asked_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN asked_at INTEGER;
 ALTER TABLE tasks ADD COLUMN asked_gap INTEGER NOT NULL DEFAULT 0;
 ",
+    // Task families and accounts (issue 11). A task is polled through its `kind`'s adapter on
+    // its `account`; every task so far is a music task on the one account ('default', the
+    // name the single `[api]` section's account has). Events carry their task's kind so a
+    // follower and a target's `kinds` filter need no join. Each account polls its own tasks
+    // (`tasks_account_due`), counts are kept per (state, kind, account), and each account has
+    // its own pause and its learnt request rate (`accounts`, replacing the one-row `gate`).
+    r"
+ALTER TABLE tasks ADD COLUMN kind TEXT NOT NULL DEFAULT 'music';
+ALTER TABLE tasks ADD COLUMN account TEXT NOT NULL DEFAULT 'default';
+ALTER TABLE events ADD COLUMN kind TEXT NOT NULL DEFAULT 'music';
+CREATE INDEX tasks_account_due ON tasks (account, next_poll_at) WHERE state = 'active';
+DROP TRIGGER task_counts_insert;
+DROP TRIGGER task_counts_update;
+DROP TRIGGER task_counts_delete;
+DROP TABLE task_counts;
+CREATE TABLE task_counts (
+    state   TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    account TEXT NOT NULL,
+    n       INTEGER NOT NULL,
+    PRIMARY KEY (state, kind, account)
+) WITHOUT ROWID;
+INSERT INTO task_counts (state, kind, account, n)
+    SELECT state, kind, account, COUNT(*) FROM tasks GROUP BY state, kind, account;
+CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO task_counts (state, kind, account, n) VALUES (NEW.state, NEW.kind, NEW.account, 1)
+        ON CONFLICT (state, kind, account) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER task_counts_update AFTER UPDATE OF state, kind, account ON tasks
+    WHEN OLD.state IS NOT NEW.state OR OLD.kind IS NOT NEW.kind OR OLD.account IS NOT NEW.account BEGIN
+    UPDATE task_counts SET n = n - 1
+        WHERE state = OLD.state AND kind = OLD.kind AND account = OLD.account;
+    INSERT INTO task_counts (state, kind, account, n) VALUES (NEW.state, NEW.kind, NEW.account, 1)
+        ON CONFLICT (state, kind, account) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN
+    UPDATE task_counts SET n = n - 1
+        WHERE state = OLD.state AND kind = OLD.kind AND account = OLD.account;
+END;
+CREATE TABLE accounts (
+    name         TEXT PRIMARY KEY NOT NULL,
+    pause_kind   TEXT,
+    attempt      INTEGER NOT NULL DEFAULT 0,
+    paused_until INTEGER NOT NULL DEFAULT 0,
+    since        INTEGER NOT NULL DEFAULT 0,
+    cause        TEXT NOT NULL DEFAULT '',
+    learnt_rate  REAL
+) WITHOUT ROWID;
+INSERT INTO accounts (name, pause_kind, attempt, paused_until, since, cause)
+    SELECT 'default', kind, attempt, paused_until, since, cause FROM gate;
+DROP TABLE gate;
+",
     // Migration 8 (issue 12, the archive): one row per file a finished task leaves behind,
-    // written in the same transaction as its `complete` event. Number 7 is the tasks' `kind`
-    // (issue 11); this entry goes after it on merge. Rows are not tied to `tasks` by a foreign
-    // key: pruning a task never forgets what was kept of it. `validator` is the first answer's
+    // written in the same transaction as its `complete` event. Rows are not tied to `tasks` by a
+    // foreign key: pruning a task never forgets what was kept of it. `validator` is the first answer's
     // ETag or Last-Modified, for `If-Range` when a `.part` is resumed; `inline` the content of
     // a file written from the result itself (midi, lyrics). Counts and bytes per state are
     // kept by triggers, as the other counts are.
@@ -229,42 +282,153 @@ END;
 pub(super) enum LockError {
     /// Another process holds it.
     Held(String),
-    /// The lock file could not be opened or locked.
+    /// The database file could not be opened or locked.
     Failed(String),
 }
 
-/// Takes an exclusive lock on `<store>.lock`, so two daemons never poll from one queue. The
-/// lock is released by the kernel when the process dies, so a crash never leaves it stale.
-pub(super) fn lock_store(path: &Path) -> Result<File, LockError> {
-    let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let lock_path = PathBuf::from(lock_path);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| {
-            LockError::Failed(format!(
-                "cannot open lock file {}: {e}",
-                lock_path.display()
-            ))
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held(format!(
-            "it is in use by another sunopoll daemon (lock {} is held); stop that one first",
-            lock_path.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(LockError::Failed(format!(
-            "cannot lock {}: {e}",
-            lock_path.display()
-        ))),
+/// The database file itself, opened and locked by this daemon for as long as it runs.
+///
+/// The lock is `flock(2)` on the database file (std's `File::try_lock`), not on a second file
+/// named after it: a symlink or a hard link to the same database, or a deleted lock file, then
+/// cannot let a second daemon share the queue, because the lock belongs to the inode. `flock`
+/// locks are per open file description and independent of the POSIX `fcntl` locks SQLite takes
+/// on the same file, so neither disturbs the other; and this descriptor stays open until the
+/// store thread has closed its connection (closing any descriptor of a file drops the process's
+/// POSIX locks on it, so it must not be closed while SQLite holds one).
+pub(super) struct StoreFile {
+    file: File,
+    path: PathBuf,
+    /// (device, inode) of the file opened at start.
+    id: (u64, u64),
+    /// True when the file did not exist (or was empty) before this start: a new store.
+    pub(super) created: bool,
+}
+
+impl StoreFile {
+    /// Opens (creating if needed) and locks the database file at `path`. A kernel lock is
+    /// released when the process dies, so a crash never leaves it stale.
+    pub(super) fn lock(path: &Path) -> Result<StoreFile, LockError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let shown = path.display();
+        let created = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            // SQLite's own default for the files it creates.
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| LockError::Failed(format!("cannot open {shown}: {e}")))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LockError::Held(
+                    "it is in use by another sunopoll daemon (the database file is locked); stop that one first"
+                        .to_owned(),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(LockError::Failed(format!("cannot lock {shown}: {e}")));
+            }
+        }
+        let meta = file
+            .metadata()
+            .map_err(|e| LockError::Failed(format!("cannot inspect {shown}: {e}")))?;
+        Ok(StoreFile {
+            file,
+            path: path.to_owned(),
+            id: (meta.dev(), meta.ino()),
+            created,
+        })
+    }
+
+    /// Whether the path still names the file this daemon opened. A store deleted or replaced
+    /// under a running daemon would go on taking writes that no later start can see (or, for
+    /// a replaced one, corrupt the new file's WAL on the next start), so every write checks
+    /// first: two `stat`s, next to an fsync per commit.
+    pub(super) fn check(&self) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let shown = self.path.display();
+        let advice = "nothing more is written; put the file back (or restore a backup) and restart the daemon";
+        let open = self
+            .file
+            .metadata()
+            .map_err(|e| format!("cannot inspect the open store file {shown}: {e}"))?;
+        if open.nlink() == 0 {
+            return Err(format!(
+                "the store file {shown} was deleted while the daemon ran; {advice}"
+            ));
+        }
+        match std::fs::metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.id => Ok(()),
+            Ok(_) => Err(format!(
+                "the store file {shown} was replaced by another file while the daemon ran; {advice}"
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+                "the store file {shown} was deleted (or moved) while the daemon ran; {advice}"
+            )),
+            Err(e) => Err(format!("cannot inspect the store file {shown}: {e}")),
+        }
     }
 }
 
+/// Tables every sunopoll store has from schema version 1 on.
+const OWN_TABLES: [&str; 2] = ["tasks", "events"];
+
+/// Checks, reading only, that the database is a sunopoll store (or an empty one) before
+/// anything is changed: another application's database must not be switched to WAL or
+/// migrated before it is refused.
+pub(super) fn inspect(conn: &Connection) -> Result<(), String> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| explain_open_error(&e))?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') \
+             AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )
+        .map_err(|e| explain_open_error(&e))?;
+    let tables: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| explain_open_error(&e))?;
+    let foreign = if version == 0 {
+        !tables.is_empty()
+    } else {
+        OWN_TABLES
+            .iter()
+            .any(|t| !tables.iter().any(|have| have == t))
+    };
+    if !foreign {
+        return Ok(());
+    }
+    const SHOWN: usize = 5;
+    let mut names = tables
+        .iter()
+        .take(SHOWN)
+        .map(|t| clip(&t.escape_debug().to_string(), 40))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if tables.len() > SHOWN {
+        names.push_str(&format!(" and {} more", tables.len() - SHOWN));
+    }
+    if names.is_empty() {
+        names = "no tables".to_owned();
+    }
+    Err(format!(
+        "not a sunopoll store (schema version {version}, tables: {names}); it was left untouched — point store.path at sunopoll's own file"
+    ))
+}
+
+/// Sets how long SQLite waits for another process's lock (changes nothing in the file).
+pub(super) fn set_busy_timeout(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))
+}
+
+/// Switches the file to WAL and sets the durability pragmas. Only for a file [`inspect`]
+/// accepted: the WAL switch rewrites the file's header.
 pub(super) fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(std::time::Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(rusqlite::Error::InvalidParameterName(format!(
@@ -278,6 +442,25 @@ pub(super) fn configure(conn: &Connection) -> rusqlite::Result<()> {
          PRAGMA temp_store = MEMORY;",
     )?;
     Ok(())
+}
+
+/// The first line of `text`, clipped: error text that goes on one log line.
+fn one_line(text: &str) -> String {
+    clip(text.lines().next().unwrap_or_default(), 200)
+}
+
+/// At most `max` characters of `text`, control characters as spaces, `…` if cut. (The store
+/// keeps its own: it depends on no other part for formatting.)
+fn clip(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().count() > max {
+        out.push('…');
+    }
+    out
 }
 
 pub(super) fn explain_open_error(e: &rusqlite::Error) -> String {
@@ -314,10 +497,12 @@ pub(super) fn migrate(conn: &Connection) -> Result<(), String> {
         );
         if let Err(e) = conn.execute_batch(&step) {
             let _ = conn.execute_batch("ROLLBACK");
+            // SQLite's message alone: the statement's text (dozens of lines of SQL) is of no
+            // use to an operator.
             return Err(format!(
                 "migration to schema {} failed: {}",
                 i + 1,
-                explain_open_error(&e)
+                one_line(&explain_open_error(&e))
             ));
         }
     }

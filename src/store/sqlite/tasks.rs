@@ -4,50 +4,98 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{Sql, archive, deliveries, events};
+use crate::api::families::Kind;
 use crate::events::Stage;
 use crate::store::{
-    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, StoreError, TaskRecord,
-    TaskRow, TaskState, TaskUpdate,
+    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, StoreError, TaskCount,
+    TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
+
+/// The IDs among `ids` tracked under a kind other than `kind`, with theirs.
+fn other_kinds(conn: &Connection, ids: &[String], kind: Kind) -> Sql<Vec<AddedTask>> {
+    let mut known = conn.prepare_cached("SELECT kind, state, stage FROM tasks WHERE id = ?1")?;
+    let mut out = Vec::new();
+    for id in ids {
+        let row: Option<(Kind, TaskState, Option<Stage>)> = known
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        if let Some((stored, state, stage)) = row
+            && stored != kind
+        {
+            out.push(AddedTask {
+                task_id: id.clone(),
+                result: AddResult::OtherKind,
+                kind: stored,
+                state,
+                stage,
+            });
+        }
+    }
+    Ok(out)
+}
 
 pub(super) fn add(
     conn: &Connection,
     ids: Vec<String>,
-    callback_url: Option<String>,
-    label: Option<String>,
+    spec: &TaskSpec,
     now: i64,
     deadline_after: i64,
 ) -> Sql<Vec<AddedTask>> {
+    // One task is one (kind, ID): an ID known under another kind refuses the whole add before
+    // anything is written, so a mistyped `--kind` never half-applies.
+    let conflicts = other_kinds(conn, &ids, spec.kind)?;
+    if !conflicts.is_empty() {
+        return Ok(conflicts);
+    }
     let mut insert = conn.prepare_cached(
-        "INSERT INTO tasks (id, state, added_at, updated_at, next_poll_at, deadline_at, callback_url, label)
-         VALUES (?1, 'active', ?2, ?2, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO tasks (id, kind, account, state, added_at, updated_at, next_poll_at, deadline_at,
+                            callback_url, label)
+         VALUES (?1, ?6, ?7, 'active', ?2, ?2, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
     )?;
     let mut readd = conn.prepare_cached(
         "UPDATE tasks SET state = 'active', added_at = ?2, updated_at = ?2, next_poll_at = ?2,
                 deadline_at = ?3, finished_at = NULL, failures = 0, rejections = 0, last_error = NULL,
-                asked_ms = 0, asked_at = NULL, asked_gap = 0,
+                asked_ms = 0, asked_at = NULL, asked_gap = 0, account = ?6,
                 callback_url = COALESCE(?4, callback_url), label = COALESCE(?5, label)
          WHERE id = ?1 AND state = 'removed'",
     )?;
     let mut known = conn.prepare_cached("SELECT state, stage FROM tasks WHERE id = ?1")?;
     let deadline = now.saturating_add(deadline_after);
+    let (callback_url, label) = (&spec.callback_url, &spec.label);
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        let (result, state, stage) =
-            if insert.execute(params![id, now, deadline, callback_url, label])? == 1 {
-                (AddResult::Added, TaskState::Active, None)
+        let (result, state, stage) = if insert.execute(params![
+            id,
+            now,
+            deadline,
+            callback_url,
+            label,
+            spec.kind,
+            spec.account
+        ])? == 1
+        {
+            (AddResult::Added, TaskState::Active, None)
+        } else {
+            let (state, stage): (TaskState, Option<Stage>) =
+                known.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            if readd.execute(params![
+                id,
+                now,
+                deadline,
+                callback_url,
+                label,
+                spec.account
+            ])? == 1
+            {
+                (AddResult::Readded, TaskState::Active, stage)
             } else {
-                let (state, stage): (TaskState, Option<Stage>) =
-                    known.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                if readd.execute(params![id, now, deadline, callback_url, label])? == 1 {
-                    (AddResult::Readded, TaskState::Active, stage)
-                } else {
-                    (AddResult::Exists, state, stage)
-                }
-            };
+                (AddResult::Exists, state, stage)
+            }
+        };
         out.push(AddedTask {
             task_id: id,
             result,
+            kind: spec.kind,
             state,
             stage,
         });
@@ -58,19 +106,15 @@ pub(super) fn add(
 pub(super) fn retrack(
     conn: &Connection,
     ids: Vec<String>,
-    callback_url: Option<String>,
-    label: Option<String>,
+    spec: &TaskSpec,
     now: i64,
     deadline_after: i64,
 ) -> Sql<Vec<AddedTask>> {
-    let mut out = add(
-        conn,
-        ids,
-        callback_url.clone(),
-        label.clone(),
-        now,
-        deadline_after,
-    )?;
+    let (callback_url, label) = (spec.callback_url.clone(), spec.label.clone());
+    let mut out = add(conn, ids, spec, now, deadline_after)?;
+    if out.iter().any(|t| t.result == AddResult::OtherKind) {
+        return Ok(out);
+    }
     let mut stages = conn.prepare_cached("SELECT stage FROM events WHERE task_id = ?1")?;
     let mut reopen = conn.prepare_cached(
         "UPDATE tasks SET state = 'active', stage = ?2, updated_at = ?3, next_poll_at = ?3,
@@ -109,20 +153,24 @@ pub(super) fn retrack(
     Ok(out)
 }
 
-pub(super) fn due_window(conn: &Connection, limit: usize) -> Sql<Vec<DueRow>> {
+pub(super) fn due_window(conn: &Connection, account: &str, limit: usize) -> Sql<Vec<DueRow>> {
     let mut stmt = conn.prepare_cached(
-        // INDEXED BY pins the plan: walking tasks_due in order stops after `limit` rows,
-        // where any other index would sort every active task first (14 ms at 100 000).
-        "SELECT id, next_poll_at FROM tasks INDEXED BY tasks_due WHERE state = 'active'
-         ORDER BY next_poll_at, id LIMIT ?1",
+        // INDEXED BY pins the plan: walking tasks_account_due in order stops after `limit`
+        // rows, where any other index would sort every active task first (14 ms at 100 000).
+        "SELECT id, next_poll_at, kind FROM tasks INDEXED BY tasks_account_due
+         WHERE state = 'active' AND account = ?2 ORDER BY next_poll_at LIMIT ?1",
     )?;
     let rows = stmt
-        .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-            Ok(DueRow {
-                id: r.get(0)?,
-                next_poll_at: r.get(1)?,
-            })
-        })?
+        .query_map(
+            params![i64::try_from(limit).unwrap_or(i64::MAX), account],
+            |r| {
+                Ok(DueRow {
+                    id: r.get(0)?,
+                    next_poll_at: r.get(1)?,
+                    kind: r.get(2)?,
+                })
+            },
+        )?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
@@ -146,8 +194,8 @@ where
     let mut stage = before.stage;
     let mut seqs = Vec::with_capacity(update.events.len());
     let mut insert = conn.prepare_cached(
-        "INSERT INTO events (task_id, stage, code, body, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (task_id, stage) DO NOTHING",
+        "INSERT INTO events (task_id, stage, code, body, created_at, kind)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (task_id, stage) DO NOTHING",
     )?;
     for ev in &update.events {
         if stage.is_some_and(|s| s >= ev.stage) {
@@ -158,7 +206,15 @@ where
             ))
             .into());
         }
-        if insert.execute(params![id, ev.stage.as_str(), ev.code, ev.body, now])? != 1 {
+        if insert.execute(params![
+            id,
+            ev.stage.as_str(),
+            ev.code,
+            ev.body,
+            now,
+            before.kind
+        ])? != 1
+        {
             // Only a task polled again (`retrack`) can reach a stage it has stored already:
             // its first `error`. That event stays the only one; the task's state still moves.
             stage = Some(ev.stage);
@@ -214,7 +270,7 @@ where
 }
 
 const RECORD_COLUMNS: &str = "id, state, stage, last_status, last_error, polls, added_at, updated_at, next_poll_at, \
-                              deadline_at, finished_at, callback_url, label";
+                              deadline_at, finished_at, callback_url, label, kind, account";
 
 fn record_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
     Ok(TaskRecord {
@@ -231,6 +287,8 @@ fn record_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         finished_at: r.get(10)?,
         callback_url: r.get(11)?,
         label: r.get(12)?,
+        kind: r.get(13)?,
+        account: r.get(14)?,
     })
 }
 
@@ -265,6 +323,42 @@ pub(super) fn list(
     Ok(rows)
 }
 
+/// The statement of `list_page`: as [`list_sql`], below a rowid. The rowid is the cursor:
+/// it orders the listing already, and every index holds it.
+fn list_page_sql(by_state: bool) -> String {
+    if by_state {
+        format!(
+            "SELECT {RECORD_COLUMNS}, rowid AS page_cursor FROM tasks INDEXED BY tasks_state
+             WHERE state = ?1 AND rowid < ?2 ORDER BY rowid DESC LIMIT ?3"
+        )
+    } else {
+        format!(
+            "SELECT {RECORD_COLUMNS}, rowid AS page_cursor FROM tasks WHERE rowid < ?1
+             ORDER BY rowid DESC LIMIT ?2"
+        )
+    }
+}
+
+pub(super) fn list_page(
+    conn: &Connection,
+    state: Option<TaskState>,
+    before: Option<i64>,
+    limit: u32,
+) -> Sql<(Vec<TaskRecord>, Option<i64>)> {
+    let before = before.unwrap_or(i64::MAX);
+    let mut stmt = conn.prepare_cached(&list_page_sql(state.is_some()))?;
+    let with_cursor = |r: &Row<'_>| Ok((record_from_row(r)?, r.get::<_, i64>("page_cursor")?));
+    let rows = match state {
+        Some(state) => stmt.query_map(params![state.as_str(), before, limit], with_cursor)?,
+        None => stmt.query_map(params![before, limit], with_cursor)?,
+    }
+    .collect::<Result<Vec<_>, _>>()?;
+    let next = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|(_, cursor)| *cursor))
+        .flatten();
+    Ok((rows.into_iter().map(|(r, _)| r).collect(), next))
+}
+
 pub(super) fn record(conn: &Connection, id: &str) -> Sql<Option<TaskRecord>> {
     Ok(conn
         .prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM tasks WHERE id = ?1"))?
@@ -276,12 +370,14 @@ pub(super) fn task_row(conn: &Connection, id: &str) -> Sql<Option<TaskRow>> {
     Ok(conn
         .prepare_cached(
             "SELECT id, state, stage, last_status, failures, rejections, added_at, deadline_at,
-                    callback_url, submitted_callback_url, asked_ms, asked_at, asked_gap
+                    callback_url, submitted_callback_url, asked_ms, asked_at, asked_gap, kind, account
              FROM tasks WHERE id = ?1",
         )?
         .query_row([id], |r| {
             Ok(TaskRow {
                 id: r.get(0)?,
+                kind: r.get(13)?,
+                account: r.get(14)?,
                 state: r.get(1)?,
                 stage: r.get(2)?,
                 last_status: r.get(3)?,
@@ -304,15 +400,19 @@ pub(super) fn task_row(conn: &Connection, id: &str) -> Sql<Option<TaskRow>> {
 /// Both schedules live here so a step of the wall clock is corrected in one place; each is
 /// one walk of its partial index.
 pub(super) fn shift_due(conn: &Connection, schedule: Schedule, by_ms: i64) -> Sql<usize> {
-    let sql = match schedule {
-        Schedule::Polls => {
-            "UPDATE tasks SET next_poll_at = next_poll_at + ?1 WHERE state = 'active'"
-        }
-        Schedule::Deliveries => {
-            "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?1 WHERE state = 'pending'"
-        }
-    };
-    Ok(conn.prepare_cached(sql)?.execute([by_ms])?)
+    Ok(match schedule {
+        Schedule::Polls(account) => conn
+            .prepare_cached(
+                "UPDATE tasks SET next_poll_at = next_poll_at + ?1
+                 WHERE state = 'active' AND account = ?2",
+            )?
+            .execute(params![by_ms, account])?,
+        Schedule::Deliveries => conn
+            .prepare_cached(
+                "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?1 WHERE state = 'pending'",
+            )?
+            .execute([by_ms])?,
+    })
 }
 
 pub(super) fn remove(conn: &Connection, id: &str, now: i64) -> Sql<Option<TaskState>> {
@@ -328,7 +428,24 @@ pub(super) fn remove(conn: &Connection, id: &str, now: i64) -> Sql<Option<TaskSt
     Ok(Some(row.state))
 }
 
-/// Tasks per state, summed over kinds.
+pub(super) fn breakdown(conn: &Connection) -> Sql<Vec<TaskCount>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT kind, account, state, n FROM task_counts WHERE n <> 0 ORDER BY account, kind, state",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(TaskCount {
+                kind: r.get(0)?,
+                account: r.get(1)?,
+                state: r.get(2)?,
+                n: r.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Tasks per state, summed over kinds and accounts.
 pub(super) const TASK_COUNTS: &str = "SELECT state, SUM(n) FROM task_counts GROUP BY state";
 /// Events stored.
 pub(super) const EVENT_COUNT: &str = "SELECT COALESCE(SUM(n), 0) FROM event_counts";

@@ -5,15 +5,17 @@
 //! itself), commits once, and only then answers each caller. With `synchronous=FULL` every
 //! commit is an fsync, and sharing it between concurrent polls is what lets a small machine
 //! write thousands of results a second while an acknowledged `add` is still on disk before the
-//! caller hears "ok".
+//! caller hears "ok". Before each batch, and every few seconds when idle, it checks that the
+//! store's path still names the file it opened: a deleted or replaced store fails every job (and
+//! the health probe) instead of acknowledging writes into a file no later start will see.
 
-use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::schema::StoreFile;
 use crate::store::{StoreError, StoreHealth};
 
 /// Jobs waiting for the store thread. Bounded so a flood of requests queues in the callers
@@ -44,23 +46,49 @@ pub(super) enum Message {
     Probe(oneshot::Sender<Result<(), StoreError>>),
     /// Finish, close the database, release the lock, then answer.
     Close(oneshot::Sender<()>),
+    /// Check that the store file is still in place, even with nothing to write (sent every
+    /// [`FILE_CHECK_INTERVAL`]).
+    Check,
 }
 
-/// Starts the thread that owns `conn` (and `lock`, released when the thread ends).
+/// How often an idle store checks that its file is still in place: a deleted store shows in
+/// `status` and the log within this, not only at the next write.
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Starts the thread that owns `conn` (and `file`, whose lock is released when the thread
+/// ends, after the connection has closed).
 pub(super) fn spawn(
     conn: Connection,
-    lock: File,
+    file: StoreFile,
     health: Arc<StoreHealth>,
 ) -> std::io::Result<mpsc::Sender<Message>> {
     let (tx, rx) = mpsc::channel(QUEUE);
     std::thread::Builder::new()
         .name("sunopoll-store".to_owned())
         .spawn(move || {
-            let closed = run_jobs(&conn, rx, &health);
+            let mut watch = Watch {
+                file: &file,
+                reported: false,
+            };
+            let closed = run_jobs(&conn, rx, &health, &mut watch);
             drop(conn);
-            drop(lock);
+            drop(file);
             if let Some(ack) = closed {
                 let _ = ack.send(());
+            }
+        })?;
+    // The ticker holds only a weak handle: it never keeps the store open, and ends once the
+    // store thread is gone.
+    let weak = tx.downgrade();
+    std::thread::Builder::new()
+        .name("sunopoll-store-check".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(FILE_CHECK_INTERVAL);
+                let Some(tx) = weak.upgrade() else { return };
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Message::Check) {
+                    return;
+                }
             }
         })?;
     Ok(tx)
@@ -132,6 +160,7 @@ fn run_jobs(
     conn: &Connection,
     mut rx: mpsc::Receiver<Message>,
     health: &StoreHealth,
+    watch: &mut Watch<'_>,
 ) -> Option<oneshot::Sender<()>> {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut probes = Vec::new();
@@ -142,24 +171,75 @@ fn run_jobs(
             Some(Message::Close(ack)) => closing = Some(ack),
             Some(Message::Job(job)) => batch.push(job),
             Some(Message::Probe(tx)) => probes.push(tx),
+            Some(Message::Check) => {}
         }
         while batch.len() < MAX_BATCH && closing.is_none() && probes.is_empty() {
             match rx.try_recv() {
                 Ok(Message::Job(job)) => batch.push(job),
                 Ok(Message::Close(ack)) => closing = Some(ack),
                 Ok(Message::Probe(tx)) => probes.push(tx),
+                Ok(Message::Check) => {}
                 Err(_) => break,
             }
         }
-        run_batch(conn, &mut batch, health);
+        let gone = watch.check(health);
+        match &gone {
+            Ok(()) => run_batch(conn, &mut batch, health),
+            Err(e) => fail_batch(&mut batch, e, health),
+        }
         if !probes.is_empty() {
-            let answer = probe_write(conn, health);
+            let answer = match gone {
+                Ok(()) => probe_write(conn, health),
+                Err(e) => Err(e),
+            };
             for tx in probes.drain(..) {
                 let _ = tx.send(answer.clone());
             }
         }
     }
     closing
+}
+
+/// Whether the store file is still the one opened at start (see [`StoreFile::check`]).
+struct Watch<'a> {
+    file: &'a StoreFile,
+    /// True once the loss was logged: one error line, not one per refused write.
+    reported: bool,
+}
+
+impl Watch<'_> {
+    fn check(&mut self, health: &StoreHealth) -> Result<(), StoreError> {
+        match self.file.check() {
+            Ok(()) => {
+                if self.reported {
+                    tracing::info!("the store file is back in place; writing again");
+                    self.reported = false;
+                }
+                Ok(())
+            }
+            Err(what) => {
+                let e = StoreError::Fault(what);
+                if !self.reported {
+                    tracing::error!(error = %e, "store: refusing every write");
+                    self.reported = true;
+                }
+                health.set(Some(&e));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Answers every job of `batch` with `e` without running any.
+fn fail_batch(batch: &mut Vec<Job>, e: &StoreError, health: &StoreHealth) {
+    let jobs = batch.len();
+    for job in batch.drain(..) {
+        let (_, done) = job(None);
+        done(Err(e));
+    }
+    if jobs > 0 {
+        health.committed(std::time::Duration::ZERO, jobs, false);
+    }
 }
 
 /// Takes the write lock and releases it without writing; a failure (locked, read-only) is
