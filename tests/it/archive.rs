@@ -937,3 +937,93 @@ async fn an_s3_bucket_keeps_every_file_byte_exact_once_with_its_manifest() {
         "{status}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_family_keeps_its_own_files() {
+    use wiremock::matchers::{method, path, query_param};
+    let server = FileServer::start().await;
+    let api = FakeApi::start().await;
+    let local = format!("http://{}", server.addr);
+    // kind, details endpoint, the names its files are kept under.
+    let families: [(&str, &str, &[&str]); 6] = [
+        ("wav", "wav", &["audio.wav"]),
+        ("stems", "vocal-removal", &["instrumental.mp3", "vocal.mp3"]),
+        ("mp4", "mp4", &["video.mp4"]),
+        ("cover", "suno/cover", &["cover_1.png", "cover_2.png"]),
+        ("midi", "midi", &["midi.json"]),
+        ("lyrics", "lyrics", &["lyrics.json"]),
+    ];
+    let mut ids = Vec::new();
+    for (i, (kind, endpoint, _)) in families.iter().enumerate() {
+        let text = String::from_utf8(fixture(&format!(
+            "families/{kind}.record-info.SUCCESS.json"
+        )))
+        .expect("utf8")
+        .replace("https://files.example.com", &format!("{local}/{kind}"));
+        let v: Value = serde_json::from_str(&text).expect("json");
+        let id = v["data"]["taskId"].as_str().expect("taskId").to_owned();
+        // Every URL on the file server gets content of its own.
+        for (j, url) in text
+            .split('"')
+            .filter(|s| s.starts_with(&local))
+            .enumerate()
+        {
+            let p = url.strip_prefix(&local).expect("local").to_owned();
+            server.put(
+                &p,
+                Spec {
+                    body: content(1000 + (i * 10 + j) as u64, 10_000 + j),
+                    ..Spec::default()
+                },
+            );
+        }
+        wiremock::Mock::given(method("GET"))
+            .and(path(format!("/api/v1/{endpoint}/record-info")))
+            .and(query_param("taskId", id.as_str()))
+            .respond_with(
+                wiremock::ResponseTemplate::new(200).set_body_raw(text, "application/json"),
+            )
+            .mount(&api.server)
+            .await;
+        ids.push(id);
+    }
+    let d = TestDaemon::start(&api, archive_on).await;
+    for ((kind, _, names), id) in families.iter().zip(&ids) {
+        let v = d
+            .request(json!({"cmd": "add", "task_ids": [id], "kind": kind}))
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+        let files = files_until(&d, id, &format!("the {kind} task's files kept"), |f| {
+            all_in(f, "done")
+        })
+        .await;
+        let kept: Vec<&str> = files
+            .iter()
+            .map(|f| f["name"].as_str().expect("name"))
+            .collect();
+        assert_eq!(kept, *names, "{kind}");
+        for f in &files {
+            let local_path = Path::new(f["path"].as_str().expect("path"));
+            let got = std::fs::read(local_path).expect("kept");
+            assert_eq!(f["sha256"], sha256(&got), "{kind}");
+            match f["url"].as_str() {
+                Some(url) => {
+                    let p = url.strip_prefix(&local).expect("from the file server");
+                    let want = server.state.lock().expect("state").files[p].body.clone();
+                    assert!(got == want, "{kind}: {p} kept byte-exact");
+                    assert_eq!(server.seen(p).len(), 1, "{kind}: {p} fetched once");
+                }
+                None => {
+                    // The result itself: the complete event's body, as JSON.
+                    let (_, events) = d.show(id).await;
+                    let complete = events
+                        .iter()
+                        .find(|e| e["stage"] == "complete")
+                        .expect("a complete event");
+                    let kept: Value = serde_json::from_slice(&got).expect("json");
+                    assert_eq!(kept, complete["body"], "{kind}");
+                }
+            }
+        }
+    }
+}
