@@ -146,6 +146,13 @@ pub enum Command {
         #[command(subcommand)]
         action: DeliveriesAction,
     },
+    /// The asset archive: `sunopoll archive redo TASK` checks a task's kept files against their
+    /// SHA-256 and fetches again those missing or damaged (while the API still has them).
+    Archive {
+        /// What to do.
+        #[command(subcommand)]
+        action: ArchiveAction,
+    },
     /// The store file: `sunopoll store backup PATH` copies it safely, even while the daemon runs.
     Store {
         /// What to do with it.
@@ -165,6 +172,17 @@ pub enum Command {
     },
     /// Print the manual page (roff) to standard output: `sunopoll man | man -l -`.
     Man,
+}
+
+/// `sunopoll archive …`.
+#[derive(Debug, Subcommand)]
+pub enum ArchiveAction {
+    /// Verify a task's kept files (SHA-256) and fetch again the missing, damaged, failed or
+    /// expired ones.
+    Redo {
+        /// The task.
+        task_id: String,
+    },
 }
 
 /// `sunopoll store …`.
@@ -320,6 +338,13 @@ pub fn main() -> ExitCode {
             }),
         ),
         Command::Status => run_client(&opts, &env, Request::Status(StatusRequest {})),
+        Command::Archive {
+            action: ArchiveAction::Redo { task_id },
+        } => run_client(
+            &opts,
+            &env,
+            Request::ArchiveRedo(crate::protocol::ArchiveRedoRequest { task_id }),
+        ),
         Command::Deliveries {
             action: DeliveriesAction::Cancel { seq, task },
         } => run_client(

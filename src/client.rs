@@ -17,10 +17,10 @@ use serde_json::Value;
 use crate::config::{Environment, SYSTEM_SOCKET};
 use crate::events::Stage;
 use crate::protocol::{
-    ADD_BATCH, AddRequest, AddResponse, AddResult, CancelResponse, DeliveryView, ErrorBody,
-    EventLine, EventView, EventsRequest, EventsResponse, ListRequest, ListResponse,
-    RedeliverResponse, RemoveRequest, RemoveResponse, Request, ShowRequest, ShowResponse,
-    StatusRequest, StatusResponse, answer_line, parse_answer,
+    ADD_BATCH, AddRequest, AddResponse, AddResult, ArchiveRedoResponse, CancelResponse,
+    DeliveryView, ErrorBody, EventLine, EventView, EventsRequest, EventsResponse, ListRequest,
+    ListResponse, RedeliverResponse, RemoveRequest, RemoveResponse, Request, ShowRequest,
+    ShowResponse, StatusRequest, StatusResponse, answer_line, parse_answer,
 };
 
 /// Prints a line to stdout. A closed stdout (`sunopoll events | head`) ends the process
@@ -264,6 +264,9 @@ pub fn run(socket: &Path, request: Request, out: Output) -> ExitCode {
         Request::Remove(req) => one_call(socket, Request::Remove(req), out, print_remove),
         Request::Redeliver(req) => one_call(socket, Request::Redeliver(req), out, print_redeliver),
         Request::Cancel(req) => one_call(socket, Request::Cancel(req), out, print_cancel),
+        Request::ArchiveRedo(req) => {
+            one_call(socket, Request::ArchiveRedo(req), out, print_archive_redo)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -554,6 +557,20 @@ fn print_show(answer: &ShowResponse) {
             out!("{name:<13} {}", esc(value));
         }
     }
+    if !answer.files.is_empty() {
+        out!("files         {}", answer.files.len());
+        for f in &answer.files {
+            let detail = match (f.state, f.size, f.last_error.as_deref()) {
+                (crate::store::FileState::Done, Some(size), _) => format!(
+                    "{size} bytes, sha256 {}",
+                    f.sha256.as_deref().unwrap_or("?")
+                ),
+                (_, _, Some(e)) => format!("{} tries; {}", f.attempts, crate::api::clip(e, 120)),
+                _ => format!("{} tries", f.attempts),
+            };
+            out!("  {} {} ({detail})", f.state.as_str(), f.path);
+        }
+    }
     out!("events        {}", answer.events.len());
     for ev in &answer.events {
         out!("");
@@ -580,6 +597,19 @@ fn print_show(answer: &ShowResponse) {
         {
             out!("{}", esc(line));
         }
+    }
+}
+
+fn print_archive_redo(answer: &ArchiveRedoResponse) {
+    out!(
+        "{} kept file(s) verified against their SHA-256",
+        answer.verified
+    );
+    if answer.refetching.is_empty() {
+        out!("nothing to fetch again");
+    }
+    for name in &answer.refetching {
+        out!("fetching again: {name}");
     }
 }
 
@@ -764,6 +794,22 @@ fn print_status(v: &StatusResponse) {
             |c| c.display().to_string()
         ))
     );
+    if let Some(a) = &v.archive {
+        let files = a.files.as_ref().map_or_else(
+            || "counts unknown (the store is not answering)".to_owned(),
+            |c| {
+                format!(
+                    "{} pending, {} done ({} bytes), {} failed, {} expired",
+                    c.pending, c.done, c.bytes, c.failed, c.expired
+                )
+            },
+        );
+        let state = match &a.paused_cause {
+            Some(cause) => format!("paused: {cause}"),
+            None => format!("{} ({} in flight)", a.state, a.in_flight),
+        };
+        out!("archive:      {} — {state}; {files}", a.dir);
+    }
     if v.targets.is_empty() {
         out!("forwarding:   no targets");
     }

@@ -18,10 +18,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::{ApiClient, ApiKey};
+use crate::archive::sink::Sink;
 use crate::clock::{Clock, format_duration, now_ms, parse_utc};
 use crate::config::{AccountConfig, Config, Environment, KeySource};
+use crate::control::ArchiveControl;
 use crate::control::{self, AccountHandle, Control, ControlSocket, DaemonInfo};
 use crate::forward::Router;
+use crate::jobs::archive::{ArchiveStatus, Archiver, SharedArchiveStatus};
 use crate::jobs::deliver::Forwarder;
 use crate::jobs::poll::{PollStatus, Scheduler, SharedStatus};
 use crate::metrics::{AccountGauges, GaugeSource, Gauges, Metrics, TargetGauges};
@@ -314,6 +317,7 @@ impl Daemon {
                 clock: clock.clone(),
                 rate: rate_rx,
                 key_source: key_source.clone(),
+                archive: config.archive.enabled(),
             });
             handles.push(AccountHandle {
                 name: account.name.clone(),
@@ -328,6 +332,17 @@ impl Daemon {
                 key_source,
             });
         }
+        let archive_status: SharedArchiveStatus = Arc::new(Mutex::new(ArchiveStatus::default()));
+        let archive_wake = Arc::new(Notify::new());
+        // Built now so that a bucket that cannot be set up (unreadable keys) stops the start.
+        let archive_http = crate::jobs::archive::http_client(config.archive.allow_hosts.clone())
+            .map_err(|e| Unrecoverable(format!("building the archive's HTTP client: {e}")))?;
+        let archive_sink = match config.archive.enabled() {
+            false => None,
+            true => Some(Arc::new(
+                Sink::from_config(&config.archive, archive_http.clone()).map_err(Unrecoverable)?,
+            )),
+        };
         let mut metrics_addr = None;
         if let Some(wanted) = config.metrics.listen {
             let listener = tokio::net::TcpListener::bind(wanted)
@@ -362,6 +377,20 @@ impl Daemon {
             tracker.spawn(scheduler.run(loaded, cancel.clone(), tracker.clone()));
         }
         tracker.spawn(forwarder.run(cancel.clone(), tracker.clone()));
+        if let Some(sink) = &archive_sink {
+            let archiver = Archiver {
+                store: store.clone(),
+                config: config.archive.clone(),
+                sink: Arc::clone(sink),
+                http: archive_http.clone(),
+                events: events_rx.clone(),
+                wake: archive_wake.clone(),
+                metrics: Arc::clone(&metrics),
+                status: archive_status.clone(),
+                clock: clock.clone(),
+            };
+            tracker.spawn(archiver.run(cancel.clone(), tracker.clone()));
+        }
 
         let ctx = Arc::new(Control {
             store: store.clone(),
@@ -377,6 +406,11 @@ impl Daemon {
             idle_timeout: config.control.idle_timeout,
             router: router.clone(),
             redeliver: redeliver.clone(),
+            archive: archive_sink.clone().map(|sink| ArchiveControl {
+                sink,
+                status: archive_status.clone(),
+                wake: archive_wake.clone(),
+            }),
         });
         tracker.spawn(control::serve(
             listener,
@@ -530,6 +564,7 @@ impl Daemon {
                 differs(&new.poll.fill_skipped_stages, &old.poll.fill_skipped_stages),
             ),
             ("store", differs(&new.store, &old.store)),
+            ("archive", differs(&new.archive, &old.archive)),
             ("control", differs(&new.control, &old.control)),
             ("log.format", differs(&new.log.format, &old.log.format)),
             (

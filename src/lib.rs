@@ -10,6 +10,7 @@
 //! - [`api`]: the details client, the pure [`api::classify`] of its answers, and the task
 //!   families behind one [`api::Family`] seam ([`api::families`]: music, and the
 //!   single-callback lyrics, wav, stems, midi, mp4 and cover adapters).
+//! - [`archive`]: keeping the files finished tasks leave behind, before the API deletes them.
 //! - [`events`]: what one event is (its stage and stored body), shared with the store.
 //! - [`store`]: the durable queue behind the [`store::Backend`] seam; SQLite (one thread,
 //!   group commit) is its backend.
@@ -27,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod archive;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -140,6 +140,14 @@ pub const METRICS: &[MetricInfo] = &[
         "sunopoll_store_errors_total",
         "Store commits that failed (disk full, locked, I/O error).",
     ),
+    MetricInfo::counter(
+        "sunopoll_archive_files_total",
+        "Tries at archive files by result (done, retry, failed, expired).",
+    ),
+    MetricInfo::counter(
+        "sunopoll_archive_bytes_total",
+        "Bytes of archive files kept (each file counted once, when it is kept).",
+    ),
 ];
 
 /// What kind of value a metric is.
@@ -294,6 +302,12 @@ impl Metrics {
             .counter("sunopoll_store_errors_total", &[])
             .increment(0);
         metrics
+            .counter("sunopoll_archive_files_total", &[("result", "done")])
+            .increment(0);
+        metrics
+            .counter("sunopoll_archive_bytes_total", &[])
+            .increment(0);
+        metrics
     }
 
     fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
@@ -321,6 +335,17 @@ impl Metrics {
     fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
         self.recorder
             .register_histogram(&Self::key(name, labels), &Self::metadata())
+    }
+
+    /// One try at an archive file ended with `result` (done, retry, failed, expired); `bytes`
+    /// kept when done.
+    pub fn archive_try(&self, result: &'static str, bytes: u64) {
+        self.counter("sunopoll_archive_files_total", &[("result", result)])
+            .increment(1);
+        if bytes > 0 {
+            self.counter("sunopoll_archive_bytes_total", &[])
+                .increment(bytes);
+        }
     }
 
     /// One request sent to the API for `account`.

@@ -22,7 +22,7 @@ use crate::events::Stage;
 use crate::jobs::gate::PollStatus;
 /// States and add results travel on the wire as the store names them.
 pub use crate::store::{AddResult, TaskState};
-use crate::store::{AddedTask, Counts};
+use crate::store::{AddedTask, ArchiveCounts, Counts, FileRecord, FileState};
 use crate::store::{AttemptLog, DeliveryRecord, EventRecord, TargetSummary, TaskRecord};
 
 /// Longest request line accepted. A batch of ~1 800 32-character IDs fits; the CLI splits larger
@@ -51,6 +51,7 @@ pub const COMMANDS: &[&str] = &[
     "status",
     "redeliver",
     "cancel",
+    "archive-redo",
 ];
 
 /// `add`: start tracking one or more task IDs.
@@ -165,6 +166,15 @@ pub struct CancelRequest {
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {}
 
+/// `archive-redo`: check one task's kept files against their recorded SHA-256, and fetch again
+/// those that are missing, damaged, failed or expired (while the API still has them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveRedoRequest {
+    /// The task.
+    pub task_id: String,
+}
+
 /// A request, as sent on the wire (`{"cmd": "...", ...}`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -185,6 +195,9 @@ pub enum Request {
     Redeliver(RedeliverRequest),
     /// See [`CancelRequest`].
     Cancel(CancelRequest),
+    /// See [`ArchiveRedoRequest`].
+    #[serde(rename = "archive-redo")]
+    ArchiveRedo(ArchiveRedoRequest),
 }
 
 /// Why a request line was refused. `code` is stable for scripts; `message` is for people.
@@ -257,6 +270,7 @@ impl Request {
             "status" => Request::Status(body(&cmd, value)?),
             "redeliver" => Request::Redeliver(body(&cmd, value)?),
             "cancel" => Request::Cancel(body(&cmd, value)?),
+            "archive-redo" => Request::ArchiveRedo(body(&cmd, value)?),
             other => {
                 return Err(ErrorBody::new(
                     "unknown_command",
@@ -675,6 +689,79 @@ pub struct ShowResponse {
     pub task: TaskView,
     /// Its events, oldest first, each with its deliveries.
     pub events: Vec<ShownEvent>,
+    /// Its archived files (none unless `[archive]` is on and the task completed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileView>,
+}
+
+/// One archive file of a task, as `show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileView {
+    /// Local name inside the task's directory.
+    pub name: String,
+    /// What the file is (`audio`, `source_audio`, `image`, `wav`, `stem`, `video`, …).
+    pub kind: String,
+    /// The track it belongs to, if any.
+    pub audio_id: Option<String>,
+    /// `pending`, `done`, `failed` or `expired`.
+    pub state: FileState,
+    /// Where it is (or will be) kept: a path, or an `s3://` URL.
+    pub path: String,
+    /// Where it came from (credentials redacted); `null`: written from the result itself.
+    pub url: Option<String>,
+    /// Bytes, once kept.
+    pub size: Option<u64>,
+    /// Lowercase hex SHA-256, once kept.
+    pub sha256: Option<String>,
+    /// Tries so far.
+    pub attempts: u32,
+    /// The last problem, if the last try had one.
+    pub last_error: Option<String>,
+    /// When it was kept.
+    pub kept_at: Option<String>,
+}
+
+impl FileView {
+    /// The view of `f`, kept at `path`.
+    pub fn from_record(f: FileRecord, path: String) -> FileView {
+        FileView {
+            name: f.name,
+            kind: f.kind,
+            audio_id: f.audio_id,
+            state: f.state,
+            path,
+            url: f.url.map(|u| crate::api::redact_url(&u)),
+            size: f.size,
+            sha256: f.sha256,
+            attempts: f.attempts,
+            last_error: f.last_error,
+            kept_at: f.done_at.map(format_utc),
+        }
+    }
+}
+
+/// The answer to `archive-redo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRedoResponse {
+    /// Kept files whose bytes still match their SHA-256.
+    pub verified: u64,
+    /// Files to be fetched again: missing, damaged, failed or expired.
+    pub refetching: Vec<String>,
+}
+
+/// The archive's part of `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveStatusView {
+    /// `fetching`, or `paused` (then `paused_cause` says why).
+    pub state: String,
+    /// Why downloads are paused.
+    pub paused_cause: Option<String>,
+    /// Files being fetched now.
+    pub in_flight: usize,
+    /// The archive directory.
+    pub dir: String,
+    /// Files per state and bytes kept; `null` when the store is not answering.
+    pub files: Option<ArchiveCounts>,
 }
 
 /// The answer to `remove`.
@@ -749,6 +836,9 @@ pub struct StatusResponse {
     pub breakdown: Vec<crate::store::TaskCount>,
     /// Delivery health per target.
     pub targets: Vec<TargetStatus>,
+    /// The archive, when `[archive]` is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveStatusView>,
 }
 
 /// The `{"ok": true, ...}` envelope: `ok` first, then the answer's own fields.
@@ -904,6 +994,9 @@ mod tests {
                 task_id: Some("a".into()),
                 target: Some("app".into()),
                 ..RedeliverRequest::default()
+            }),
+            Request::ArchiveRedo(ArchiveRedoRequest {
+                task_id: "t".into(),
             }),
         ];
         for r in reqs {
@@ -1113,6 +1206,7 @@ mod tests {
             &ShowResponse {
                 task: task_view(),
                 events: vec![ShownEvent::new(event_view(), vec![delivery])],
+                files: Vec::new(),
             },
             &format!(r#"{{"ok":true,"task":{TASK_JSON},"events":[{shown_event}]}}"#),
         );
@@ -1177,6 +1271,7 @@ mod tests {
                 last_error: Some("HTTP 500".into()),
                 last_error_at: Some("2026-11-26T09:58:00Z".into()),
             }],
+            archive: None,
         };
         const POLL: &str = r#"{"account":"default","flavor":"sunoapi","rate_limit":2.0,"learnt_rate":0.45,"state":"paused","pause_kind":"throttled","pause_attempt":2,"paused_until":"2026-11-26T10:05:00Z","paused_since":"2026-11-26T10:00:00Z","paused_for_ms":1500,"pause_cause":"HTTP 429","in_flight":0,"requests":41,"last_answer_at":"2026-11-26T10:00:00Z","last_answer":"throttled"}"#;
         const TARGETS: &str = r#"[{"target":"app","pending":1,"failed":0,"delivered":5,"last_success_at":"2026-11-26T09:59:00Z","last_error":"HTTP 500","last_error_at":"2026-11-26T09:58:00Z"}]"#;

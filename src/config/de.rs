@@ -118,6 +118,23 @@ formats! {
     count -> usize = count_of;
     /// `poll.max-requests-per-second`: a number in range (an integer too), or `"unlimited"`.
     rate -> Option<f64> = rate_of;
+    /// A size in bytes: an integer, or a string like "512MiB", "2GiB", "10MB" (at least 1).
+    bytes -> u64 = |v| byte_size(v).and_then(|n| if n == 0 {
+        Err("must be at least 1 byte".to_owned())
+    } else {
+        Ok(n)
+    });
+    /// A size in bytes that may be zero (`archive.min-free`).
+    any_bytes -> u64 = byte_size;
+    /// A byte rate, or `"unlimited"`.
+    some_bytes -> Option<u64> = |v| match v {
+        Value::String(s) if s == "unlimited" => Ok(None),
+        _ => byte_size(v).and_then(|n| if n == 0 {
+            Err("must be at least 1 byte per second (or \"unlimited\")".to_owned())
+        } else {
+            Ok(Some(n))
+        }),
+    };
     /// A boolean, named the way TOML spells it.
     flag -> bool = |v| v.as_bool().ok_or_else(|| expected("true or false", v));
     /// `control.mode`.
@@ -227,6 +244,42 @@ fn at_least(v: &Value, min: Duration) -> Check<Duration> {
         )),
         d => Ok(d),
     }
+}
+
+/// `1048576`, `"1MiB"`, `"1 MB"`, `"512KiB"`, `"2G"`: binary and decimal suffixes, any case.
+fn byte_size(v: &Value) -> Check<u64> {
+    let text = match v {
+        Value::Integer(i) => {
+            return u64::try_from(*i).map_err(|_| format!("{i} is not a size in bytes"));
+        }
+        Value::String(s) => s.trim(),
+        _ => return Err(expected("a size like 1048576 or \"512MiB\"", v)),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like \"512MiB\" or \"2GB\""))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 fn non_empty_path(v: &Value) -> Check<PathBuf> {

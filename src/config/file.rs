@@ -14,10 +14,11 @@ use serde::Deserialize;
 
 use super::strict::Problem;
 use super::{
-    ApiConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS, DEFAULT_FORWARD_IN_FLIGHT,
-    DEFAULT_FORWARD_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_RETRY_SCHEDULE, Environment,
-    ForwardConfig, HousekeepingConfig, LogConfig, MetricsConfig, PollConfig, SigningSecret,
-    StoreConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig, de,
+    ApiConfig, ArchiveConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS,
+    DEFAULT_FORWARD_IN_FLIGHT, DEFAULT_FORWARD_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_RETRY_SCHEDULE, Environment, ForwardConfig, HousekeepingConfig, LogConfig,
+    MetricsConfig, PollConfig, SigningSecret, StoreConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL,
+    TargetConfig, de,
 };
 use crate::clock::format_duration;
 use crate::events::Stage;
@@ -34,6 +35,7 @@ pub(super) struct File {
     housekeeping: HousekeepingConfig,
     forward: ForwardFile,
     metrics: MetricsConfig,
+    archive: ArchiveConfig,
 }
 
 impl Default for File {
@@ -47,6 +49,7 @@ impl Default for File {
             housekeeping: HousekeepingConfig::default(),
             forward: ForwardFile::default(),
             metrics: MetricsConfig::default(),
+            archive: ArchiveConfig::default(),
         }
     }
 }
@@ -228,6 +231,28 @@ impl File {
                 format!("{what}, got an empty array"),
             );
         }
+        let a = &self.archive;
+        if a.dir.is_some() && a.url.is_some() {
+            bad(
+                "archive.url",
+                "set either `dir` or `url`, not both".to_owned(),
+            );
+        }
+        if let Some(Err(what)) = a.url.as_deref().map(super::parse_s3_url) {
+            bad("archive.url", what);
+        }
+        if let Some(e) = &a.endpoint
+            && url::Url::parse(e).map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
+        {
+            bad(
+                "archive.endpoint",
+                format!("`{e}` is not an http:// or https:// URL"),
+            );
+        }
+        if self.archive.allow_hosts.iter().any(|h| h.trim().is_empty()) {
+            let what = "expected a list of host names or addresses";
+            bad("archive.allow-hosts", what.to_owned());
+        }
         if f.allow_hosts.iter().any(|h| h.trim().is_empty()) {
             let what = "expected a list of host names or addresses";
             bad("forward.allow-hosts", what.to_owned());
@@ -344,6 +369,32 @@ impl File {
         } else {
             env.default_socket_path()
         };
+        let mut archive = self.archive;
+        archive.dir = archive.dir.map(anchor);
+        archive.credentials_file = archive.credentials_file.map(anchor).or_else(|| {
+            let passed = env.credentials_directory.as_ref()?.join("archive-s3");
+            passed.exists().then_some(passed)
+        });
+        if let Some(Ok((bucket, prefix))) = archive.url.as_deref().map(super::parse_s3_url) {
+            archive.s3 = Some(super::S3Config {
+                bucket,
+                prefix,
+                endpoint: archive.endpoint.clone(),
+                region: archive.region.clone(),
+                credentials_file: archive.credentials_file.clone(),
+                allow_http: archive.allow_http,
+                staging: store
+                    .path
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .join("archive-staging"),
+            });
+        }
+        archive.allow_hosts = archive
+            .allow_hosts
+            .iter()
+            .map(|h| h.trim().to_owned())
+            .collect();
         let f = self.forward;
         // Secret files are read only now, after parsing: an inline secret wins (both set is
         // already a problem), and what cannot be read or parsed is named by its key.
@@ -384,6 +435,7 @@ impl File {
             log: self.log,
             housekeeping: self.housekeeping,
             metrics: self.metrics,
+            archive,
             forward: ForwardConfig {
                 targets,
                 retry_schedule: f.retry_schedule.into_iter().map(|d| d.0).collect(),

@@ -89,6 +89,136 @@ pub struct Config {
     pub forward: ForwardConfig,
     /// `[metrics]`
     pub metrics: MetricsConfig,
+    /// `[archive]`
+    pub archive: ArchiveConfig,
+}
+
+/// Files the archive fetches at once by default: few, so downloads never crowd out polls.
+pub const DEFAULT_ARCHIVE_IN_FLIGHT: usize = 2;
+/// The largest file kept by default. A WAV of a 8-minute track is ~85 MB and a video a few
+/// hundred; anything near this is not a result.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 2 << 30;
+/// The free space kept on the archive's file system by default.
+pub const DEFAULT_MIN_FREE: u64 = 1 << 30;
+/// How long after a task ends the API keeps its files (it says 14–15 days).
+pub const DEFAULT_EXPIRE_AFTER: Duration = Duration::from_secs(14 * 86_400);
+/// The first wait after a failed try; it doubles up to [`ARCHIVE_RETRY_MAX`].
+pub const DEFAULT_ARCHIVE_RETRY: Duration = Duration::from_secs(30);
+/// The longest wait between two tries of one file.
+pub const ARCHIVE_RETRY_MAX: Duration = Duration::from_secs(3600);
+
+/// `[archive]`: keeping the files a finished task leaves behind. Off until `dir` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// `dir`: where files are kept, as `<dir>/<task_id>/<name>`. `None`: archiving is off.
+    #[serde(deserialize_with = "de::some_path")]
+    pub dir: Option<PathBuf>,
+    /// `max-in-flight`: files fetched at once.
+    #[serde(deserialize_with = "de::count")]
+    pub max_in_flight: usize,
+    /// `max-bytes-per-second`: over all downloads; `None` is unlimited.
+    #[serde(deserialize_with = "de::some_bytes")]
+    pub max_bytes_per_second: Option<u64>,
+    /// `max-file-size`: a larger file is not kept (state `failed`).
+    #[serde(deserialize_with = "de::bytes")]
+    pub max_file_size: u64,
+    /// `min-free`: below this much free space on `dir`'s file system, downloads pause.
+    #[serde(deserialize_with = "de::any_bytes")]
+    pub min_free: u64,
+    /// `allow-hosts`: loopback, private or link-local hosts asset URLs may point at.
+    pub allow_hosts: Vec<String>,
+    /// `expire-after`: how long after a task ends its URLs are taken as dead, so a 403/404/410
+    /// means `expired` rather than "not ready yet".
+    #[serde(deserialize_with = "de::duration")]
+    pub expire_after: Duration,
+    /// `retry-interval`: the first wait after a failed try (doubling, up to an hour).
+    #[serde(deserialize_with = "de::duration")]
+    pub retry_interval: Duration,
+    /// `url`: an S3-compatible bucket instead of `dir`, as `s3://bucket/prefix`.
+    pub url: Option<String>,
+    /// `endpoint`: the bucket's server (an S3-compatible one: MinIO, Ceph, R2, …).
+    pub endpoint: Option<String>,
+    /// `region`.
+    pub region: String,
+    /// `credentials-file`: `access-key-id = …` and `secret-access-key = …` (or the AWS
+    /// spellings). Unset: `$CREDENTIALS_DIRECTORY/archive-s3` if systemd passed it.
+    #[serde(deserialize_with = "de::some_path")]
+    pub credentials_file: Option<PathBuf>,
+    /// `allow-http`: let `endpoint` be plain http (a local test server).
+    #[serde(deserialize_with = "de::flag")]
+    pub allow_http: bool,
+    /// The bucket, once `url` is checked and paths are anchored.
+    #[serde(skip)]
+    pub s3: Option<S3Config>,
+}
+
+/// The bucket an `[archive] url` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    /// The bucket.
+    pub bucket: String,
+    /// The key prefix (no leading or trailing `/`).
+    pub prefix: String,
+    /// The server, if not AWS's own.
+    pub endpoint: Option<String>,
+    /// The region.
+    pub region: String,
+    /// Where the keys are read from.
+    pub credentials_file: Option<PathBuf>,
+    /// Plain http allowed.
+    pub allow_http: bool,
+    /// Where files are downloaded to before they are uploaded: next to the store.
+    pub staging: PathBuf,
+}
+
+/// Splits `s3://bucket/prefix` into bucket and prefix. Pure.
+pub fn parse_s3_url(url: &str) -> Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| format!("`{url}` is not an s3://bucket/prefix URL"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() || bucket.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{url}` names no bucket (s3://bucket/prefix)"));
+    }
+    Ok((bucket.to_owned(), prefix.trim_matches('/').to_owned()))
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> ArchiveConfig {
+        ArchiveConfig {
+            dir: None,
+            max_in_flight: DEFAULT_ARCHIVE_IN_FLIGHT,
+            max_bytes_per_second: None,
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            min_free: DEFAULT_MIN_FREE,
+            allow_hosts: Vec::new(),
+            expire_after: DEFAULT_EXPIRE_AFTER,
+            retry_interval: DEFAULT_ARCHIVE_RETRY,
+            url: None,
+            endpoint: None,
+            region: "us-east-1".to_owned(),
+            credentials_file: None,
+            allow_http: false,
+            s3: None,
+        }
+    }
+}
+
+impl ArchiveConfig {
+    /// True when archiving is on.
+    pub fn enabled(&self) -> bool {
+        self.dir.is_some() || self.s3.is_some()
+    }
+
+    /// Where files are kept, for logs and `status`: the directory or the bucket's URL.
+    pub fn destination(&self) -> Option<String> {
+        match (&self.dir, &self.s3) {
+            (Some(dir), _) => Some(dir.display().to_string()),
+            (None, Some(s3)) => Some(format!("s3://{}/{}", s3.bucket, s3.prefix)),
+            (None, None) => None,
+        }
+    }
 }
 
 /// The name of the one API account the `[api]` table describes (in logs and metrics labels).
@@ -699,6 +829,21 @@ impl Config {
                 |p| format!("proxy {}", crate::api::redact_url(p.as_str()))
             ),
         ));
+        let a = &self.archive;
+        match a.destination() {
+            None => s.push_str("\narchive: off"),
+            Some(dest) => s.push_str(&format!(
+                "\narchive: {} ({} in flight, {}, files up to {} bytes, min-free {} bytes, expire after {}, allow-hosts: {})",
+                dest,
+                a.max_in_flight,
+                a.max_bytes_per_second
+                    .map_or_else(|| "no bandwidth cap".to_owned(), |r| format!("at most {r} bytes/s")),
+                a.max_file_size,
+                a.min_free,
+                format_duration(a.expire_after),
+                if a.allow_hosts.is_empty() { "none".to_owned() } else { a.allow_hosts.join(", ") },
+            )),
+        }
         for t in &f.targets {
             let stages: Vec<&str> = t.stages.iter().map(|s| s.as_str()).collect();
             s.push_str(&format!(

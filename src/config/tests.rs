@@ -480,6 +480,133 @@ fn the_example_file_shows_the_defaults() {
 }
 
 #[test]
+fn the_archive_is_off_until_a_dir_is_set_and_reads_sizes() {
+    let c = Config::parse("", None, &env()).expect("ok");
+    assert!(!c.archive.enabled());
+    assert_eq!(c.archive.max_in_flight, DEFAULT_ARCHIVE_IN_FLIGHT);
+    assert_eq!(c.archive.expire_after, DEFAULT_EXPIRE_AFTER);
+    let c = Config::parse(
+        r#"
+        [archive]
+        dir = "files"
+        max-in-flight = 3
+        max-bytes-per-second = "10MiB"
+        max-file-size = "1GB"
+        min-free = 0
+        allow-hosts = ["127.0.0.1", " ::1 "]
+        expire-after = "3d"
+        retry-interval = "100ms"
+        "#,
+        Some(Path::new("/etc/sunopoll/config.toml")),
+        &env(),
+    )
+    .expect("ok");
+    let a = &c.archive;
+    assert_eq!(
+        a.dir.as_deref(),
+        Some(Path::new("/etc/sunopoll/files")),
+        "anchored"
+    );
+    assert_eq!(a.max_in_flight, 3);
+    assert_eq!(a.max_bytes_per_second, Some(10 << 20));
+    assert_eq!(a.max_file_size, 1_000_000_000);
+    assert_eq!(a.min_free, 0);
+    assert_eq!(a.allow_hosts, ["127.0.0.1", "::1"]);
+    assert_eq!(a.expire_after, Duration::from_secs(3 * 86_400));
+    assert_eq!(a.retry_interval, Duration::from_millis(100));
+    assert!(
+        c.summary().contains("archive: /etc/sunopoll/files"),
+        "{}",
+        c.summary()
+    );
+    let p = problems(
+        r#"
+        [archive]
+        dir = ""
+        max-file-size = "12 parsecs"
+        max-bytes-per-second = 0
+        size = 1
+        "#,
+    );
+    assert_eq!(p.len(), 4, "{p:?}");
+    assert!(
+        p.iter().any(|l| l.starts_with("archive.dir: is empty")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.contains("archive.max-file-size") && l.contains("unknown unit")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|l| l.contains("archive.max-bytes-per-second")),
+        "{p:?}"
+    );
+    assert!(p.iter().any(|l| l.contains("archive.size")), "{p:?}");
+}
+
+#[test]
+fn an_s3_archive_is_checked_and_stages_next_to_the_store() {
+    let c = Config::parse(
+        r#"
+        [store]
+        path = "/var/lib/sunopoll/sunopoll.db"
+        [archive]
+        url = "s3://kept/suno/files/"
+        endpoint = "http://127.0.0.1:9000"
+        allow-http = true
+        credentials-file = "s3.keys"
+        "#,
+        Some(Path::new("/etc/sunopoll/config.toml")),
+        &env(),
+    )
+    .expect("ok");
+    let s3 = c.archive.s3.as_ref().expect("a bucket");
+    assert!(c.archive.enabled());
+    assert_eq!(
+        (s3.bucket.as_str(), s3.prefix.as_str()),
+        ("kept", "suno/files")
+    );
+    assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    assert_eq!(s3.region, "us-east-1");
+    assert_eq!(
+        s3.credentials_file.as_deref(),
+        Some(Path::new("/etc/sunopoll/s3.keys"))
+    );
+    assert_eq!(
+        s3.staging,
+        PathBuf::from("/var/lib/sunopoll/archive-staging")
+    );
+    assert_eq!(
+        c.archive.destination().as_deref(),
+        Some("s3://kept/suno/files")
+    );
+    let p = problems(
+        r#"
+        [archive]
+        dir = "/x"
+        url = "https://kept"
+        endpoint = "ftp://x"
+        "#,
+    );
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert!(
+        p.iter().any(|l| l.contains("either `dir` or `url`")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|l| l.contains("not an s3://bucket/prefix")),
+        "{p:?}"
+    );
+    assert!(p.iter().any(|l| l.starts_with("archive.endpoint")), "{p:?}");
+    assert_eq!(
+        parse_s3_url("s3://b").expect("bucket only"),
+        ("b".to_owned(), String::new())
+    );
+    assert!(parse_s3_url("s3:///x").is_err());
+}
+
+#[test]
 fn forward_proxy_is_off_by_default_and_must_be_an_http_url() {
     assert!(
         Config::parse("", None, &env())

@@ -22,6 +22,7 @@ use crate::protocol::{ErrorBody, Request, answer_line, check_task_id};
 use crate::store::{Store, StoreError};
 
 mod add;
+mod archive;
 mod cancel;
 mod events;
 mod list;
@@ -130,6 +131,18 @@ pub struct Control {
     pub router: Router,
     /// Wakes the forwarder after a `redeliver`.
     pub redeliver: Arc<Notify>,
+    /// The archive, when `[archive]` is on.
+    pub archive: Option<ArchiveControl>,
+}
+
+/// What handlers need of the archive.
+pub struct ArchiveControl {
+    /// Where files are kept.
+    pub sink: Arc<crate::archive::sink::Sink>,
+    /// What the archive job reports.
+    pub status: crate::jobs::archive::SharedArchiveStatus,
+    /// Wakes the archive job after an `archive redo`.
+    pub wake: Arc<Notify>,
 }
 
 /// Answers one request (anything but `events --follow`, which streams until the client goes)
@@ -146,6 +159,7 @@ async fn answer(request: Request, ctx: &Control, write: &mut OwnedWriteHalf) -> 
         Request::Status(_) => line(status::run(ctx).await),
         Request::Redeliver(req) => line(redeliver::run(req, ctx).await),
         Request::Cancel(req) => line(cancel::run(req, ctx).await),
+        Request::ArchiveRedo(req) => line(archive::redo(req, ctx).await),
     };
     socket::write_line(write, &line).await
 }

@@ -34,8 +34,10 @@ pub(super) async fn run(req: ShowRequest, ctx: &Control) -> Result<ShowResponse,
             ShownEvent::new(ev, mine)
         })
         .collect();
+    let files = super::archive::files(ctx, &req.task_id).await?;
     Ok(ShowResponse {
         task: TaskView::from_record(task),
         events,
+        files,
     })
 }

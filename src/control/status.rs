@@ -136,6 +136,8 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
             format_utc(at)
         ));
     }
+    let (archive, archive_problem) = super::archive::status(ctx).await;
+    problems.extend(archive_problem);
     Ok(StatusResponse {
         version: crate::VERSION.to_owned(),
         healthy: problems.is_empty(),
@@ -150,5 +152,6 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
         accounts,
         breakdown,
         targets,
+        archive,
     })
 }

@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 use crate::clock::{Clock, clock_step, format_duration, ms};
 use crate::store::StoreError;
 
+pub mod archive;
 pub mod backoff;
 pub mod deliver;
 pub mod gate;

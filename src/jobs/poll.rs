@@ -153,6 +153,7 @@ pub fn decide<F: Family>(
         first_delivery_delay: 0,
         timed_out: false,
         asked: task.asked,
+        archive: Vec::new(),
     };
     match outcome {
         Outcome::Progress(record) | Outcome::Pending(record) => {
@@ -282,6 +283,8 @@ pub struct Scheduler {
     /// Where the API key comes from: read again before every probe after the key was
     /// rejected, so a fixed key is used without a restart. `None`: keep the key given.
     pub key_source: Option<KeySource>,
+    /// True when `[archive]` is on: a `complete` event's files are stored with it.
+    pub archive: bool,
 }
 
 impl Scheduler {
@@ -521,6 +524,7 @@ impl JobKind for PollJob {
             events: self.s.events.clone(),
             metrics: Arc::clone(&self.s.metrics),
             clock: self.s.clock.clone(),
+            archive: self.s.archive,
             account: self.s.account.clone(),
         };
         self.s.metrics.api_request(&self.s.account);
@@ -852,6 +856,7 @@ struct Commit {
     events: watch::Sender<i64>,
     metrics: Arc<Metrics>,
     clock: Clock,
+    archive: bool,
     account: String,
 }
 
@@ -875,8 +880,10 @@ where
         events,
         metrics,
         clock,
+        archive,
         account,
     } = commit;
+    let archive = *archive;
     let kind = outcome.kind();
     metrics.poll(account, kind);
     let global = match &outcome {
@@ -924,6 +931,7 @@ where
                             timed_out: false,
                             // Not an answer about the task: its deadline does not move.
                             asked: row.asked,
+                            archive: Vec::new(),
                         };
                     }
                     GlobalForTask::TaskOnly => Outcome::Broken {
@@ -932,6 +940,9 @@ where
                 },
             };
             let mut update = decide(&fam, row, &effective, now, &decide_policy, jitter);
+            if archive {
+                update.archive = crate::archive::files_of_events(fam.name(), &update.events);
+            }
             let submitted = match &effective {
                 Outcome::Progress(r) | Outcome::Pending(r) => fam.submitted_callback_url(r),
                 _ => None,

@@ -12,6 +12,7 @@
 
 use std::future::Future;
 
+use super::archive::{ArchiveCounts, DueFile, FileNext, FileRecord};
 use super::deliveries::{
     AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route, TargetSummary,
 };
@@ -226,4 +227,45 @@ pub trait Backend: Send + Sync {
 
     /// The queue's gauges at `now` (see [`QueueGauges`]); its cost must not grow with the queue.
     fn gauges(&self, now: i64) -> impl Future<Output = Result<QueueGauges, StoreError>> + Send;
+
+    /// Archive files due at `now`, oldest task first, skipping `busy`, at most `limit`; then
+    /// the pending one due soonest after `now`, if any.
+    fn due_files(
+        &self,
+        busy: Vec<i64>,
+        now: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DueFile>, StoreError>> + Send;
+
+    /// Records one try at a file and its consequence.
+    fn record_file(
+        &self,
+        id: i64,
+        next: FileNext,
+        now: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Stores (or with `None` forgets) a file's resume validator.
+    fn save_validator(
+        &self,
+        id: i64,
+        validator: Option<String>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every archive file of one task, in listing order.
+    fn files_of(
+        &self,
+        task: String,
+    ) -> impl Future<Output = Result<Vec<FileRecord>, StoreError>> + Send;
+
+    /// Archive files per state and bytes kept; kept counts, equal to a recount.
+    fn archive_counts(&self) -> impl Future<Output = Result<ArchiveCounts, StoreError>> + Send;
+
+    /// Puts the named files of a task back to pending, due at `now`, with fresh tries.
+    fn redo_files(
+        &self,
+        task: String,
+        names: Vec<String>,
+        now: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 }

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    AddResult, AttemptRecord, Backend, Counts, DeliveryNext, GateRow, Pruned, Replay, Route,
-    TaskState, TaskUpdate,
+    AddResult, ArchiveCounts, AssetFile, AssetSource, AttemptRecord, Backend, Counts, DeliveryNext,
+    FileNext, FileState, GateRow, Pruned, Replay, Route, TaskState, TaskUpdate,
 };
 use crate::events::{NewEvent, Stage, error_event};
 
@@ -41,6 +41,8 @@ mod sqlite {
         kept_counts_equal_a_recount_after_any_mix_of_changes,
         the_deadline_time_used_is_kept_with_the_task,
         due_times_move_with_a_clock_step,
+        archive_files_come_with_the_terminal_event_and_go_oldest_first,
+        archive_counts_equal_a_recount_and_redo_starts_over,
         pages_of_tasks_and_events_add_up_to_the_whole_listing,
     );
 }
@@ -59,6 +61,7 @@ fn update(state: TaskState, events: Vec<NewEvent>) -> TaskUpdate {
         first_delivery_delay: 0,
         timed_out: false,
         asked: crate::store::Asked::default(),
+        archive: Vec::new(),
     }
 }
 
@@ -745,6 +748,222 @@ async fn due_times_move_with_a_clock_step(s: &impl Backend) {
             .expect("shift"),
         0,
         "nothing pending to deliver"
+    );
+}
+
+fn asset(name: &str) -> AssetFile {
+    AssetFile {
+        name: name.into(),
+        kind: "audio".into(),
+        audio_id: Some("a1".into()),
+        source: AssetSource::Url(format!("https://files.example.com/{name}")),
+    }
+}
+
+fn complete(id: &str) -> NewEvent {
+    NewEvent {
+        stage: Stage::Complete,
+        code: 200,
+        body: format!("{{\"task\":\"{id}\"}}"),
+        tracks: 2,
+        filled: false,
+    }
+}
+
+/// Completes task `id` at `now` with `files` to archive.
+async fn complete_with(s: &impl Backend, id: &str, now: i64, files: Vec<AssetFile>) {
+    s.add(
+        vec![id.into()],
+        crate::store::TaskSpec::music(None, None),
+        now - 10,
+        1_000_000,
+    )
+    .await
+    .expect("add");
+    let ev = complete(id);
+    s.apply_poll(id.into(), now, move |_| {
+        let mut u = update(TaskState::Done, vec![ev]);
+        u.archive = files;
+        u
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+}
+
+async fn archive_files_come_with_the_terminal_event_and_go_oldest_first(s: &impl Backend) {
+    // A poll whose write is refused (a stage out of order) leaves no files behind either.
+    s.add(
+        vec!["bad".into()],
+        crate::store::TaskSpec::music(None, None),
+        100,
+        1_000_000,
+    )
+    .await
+    .expect("add");
+    let refused = s
+        .apply_poll("bad".into(), 200, |_| {
+            let mut u = update(TaskState::Done, vec![complete("bad"), complete("bad")]);
+            u.archive = vec![asset("x.mp3")];
+            u
+        })
+        .await;
+    assert!(refused.is_err());
+    assert!(s.files_of("bad".into()).await.expect("files").is_empty());
+
+    complete_with(s, "newer", 5000, vec![asset("n.mp3")]).await;
+    complete_with(s, "older", 1000, vec![asset("o1.mp3"), asset("o2.jpeg")]).await;
+    let due = s.due_files(Vec::new(), 6000, 10).await.expect("due");
+    let names: Vec<&str> = due.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["o1.mp3", "o2.jpeg", "n.mp3"], "oldest task first");
+    assert_eq!(
+        due[0].url.as_deref(),
+        Some("https://files.example.com/o1.mp3")
+    );
+    assert_eq!((due[0].created_at, due[0].attempts), (1000, 0));
+    let busy = vec![due[0].id];
+    let due2 = s.due_files(busy, 6000, 1).await.expect("due");
+    assert_eq!(due2[0].name, "o2.jpeg", "files in flight are skipped");
+
+    let (o1, o2) = (due[0].id, due[1].id);
+    s.save_validator(o1, Some("\"etag-1\"".into()))
+        .await
+        .expect("validator");
+    s.record_file(
+        o2,
+        FileNext::Retry {
+            at: 9000,
+            error: "HTTP 404".into(),
+        },
+        6000,
+    )
+    .await
+    .expect("retry");
+    let due = s.due_files(Vec::new(), 6000, 10).await.expect("due");
+    let names: Vec<(&str, i64)> = due
+        .iter()
+        .map(|f| (f.name.as_str(), f.next_try_at))
+        .collect();
+    assert_eq!(
+        names,
+        [("o1.mp3", 1000), ("n.mp3", 5000), ("o2.jpeg", 9000)],
+        "the retried file comes last, as the next one due"
+    );
+    assert_eq!(due[0].validator.as_deref(), Some("\"etag-1\""));
+    assert_eq!(due[2].attempts, 1);
+    s.record_file(
+        o1,
+        FileNext::Done {
+            size: 10,
+            sha256: "ab".into(),
+        },
+        7000,
+    )
+    .await
+    .expect("done");
+    let files = s.files_of("older".into()).await.expect("files");
+    assert_eq!(files[0].state, FileState::Done);
+    assert_eq!(
+        (files[0].size, files[0].sha256.as_deref()),
+        (Some(10), Some("ab"))
+    );
+    assert_eq!(files[0].done_at, Some(7000));
+    assert_eq!(files[1].state, FileState::Pending);
+    assert_eq!(files[1].last_error.as_deref(), Some("HTTP 404"));
+    // Pruning the task forgets nothing that was kept.
+    s.prune(i64::MAX).await.expect("prune");
+    assert_eq!(s.files_of("older".into()).await.expect("files").len(), 2);
+}
+
+async fn archive_counts_equal_a_recount_and_redo_starts_over(s: &impl Backend) {
+    complete_with(
+        s,
+        "t",
+        1000,
+        vec![asset("a"), asset("b"), asset("c"), asset("d")],
+    )
+    .await;
+    // The same task's files listed again (a retracked task completing twice) stay one each.
+    assert_eq!(s.counts().await.expect("counts").done, 1);
+    let due = s.due_files(Vec::new(), 2000, 10).await.expect("due");
+    let id = |n: &str| due.iter().find(|f| f.name == n).expect("file").id;
+    s.record_file(
+        id("a"),
+        FileNext::Done {
+            size: 100,
+            sha256: "1".into(),
+        },
+        2000,
+    )
+    .await
+    .expect("record");
+    s.record_file(
+        id("b"),
+        FileNext::Done {
+            size: 23,
+            sha256: "2".into(),
+        },
+        2000,
+    )
+    .await
+    .expect("record");
+    s.record_file(
+        id("c"),
+        FileNext::Expired {
+            error: "HTTP 404".into(),
+        },
+        2000,
+    )
+    .await
+    .expect("record");
+    s.record_file(
+        id("d"),
+        FileNext::Failed {
+            error: "too big".into(),
+        },
+        2000,
+    )
+    .await
+    .expect("record");
+    let recount = |files: &[crate::store::FileRecord]| {
+        let mut c = ArchiveCounts::default();
+        for f in files {
+            match f.state {
+                FileState::Pending => c.pending += 1,
+                FileState::Done => {
+                    c.done += 1;
+                    c.bytes += i64::try_from(f.size.unwrap_or(0)).expect("size");
+                }
+                FileState::Failed => c.failed += 1,
+                FileState::Expired => c.expired += 1,
+            }
+        }
+        c
+    };
+    let files = s.files_of("t".into()).await.expect("files");
+    let kept = s.archive_counts().await.expect("counts");
+    assert_eq!(kept, recount(&files));
+    assert_eq!(
+        (kept.done, kept.bytes, kept.expired, kept.failed),
+        (2, 123, 1, 1)
+    );
+    let n = s
+        .redo_files(
+            "t".into(),
+            vec!["a".into(), "c".into(), "nope".into()],
+            3000,
+        )
+        .await
+        .expect("redo");
+    assert_eq!(n, 2);
+    let files = s.files_of("t".into()).await.expect("files");
+    assert_eq!(s.archive_counts().await.expect("counts"), recount(&files));
+    assert_eq!(files[0].state, FileState::Pending);
+    assert_eq!((files[0].size, files[0].attempts), (None, 0));
+    let due = s.due_files(Vec::new(), 3000, 10).await.expect("due");
+    assert_eq!(
+        due.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        ["a", "c"]
     );
 }
 

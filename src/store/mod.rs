@@ -11,11 +11,13 @@
 //!
 //! - `tasks`, `events`, `gate`, `deliveries`: the records of each table family (and, for the
 //!   outbox, how a delivery is identified: [`webhook_id`], [`origin_of`]).
+//! - `archive`: the files each finished task leaves behind ([`AssetFile`], [`DueFile`]).
 //! - [`Backend`]: the seam; `conformance` runs one test suite against every backend.
 
 use std::path::Path;
 use std::sync::Mutex;
 
+mod archive;
 mod backend;
 #[cfg(test)]
 mod conformance;
@@ -26,6 +28,9 @@ mod gauges;
 mod sqlite;
 mod tasks;
 
+pub use archive::{
+    ArchiveCounts, AssetFile, AssetSource, DueFile, FileNext, FileRecord, FileState,
+};
 pub use backend::Backend;
 pub use deliveries::{
     AttemptLog, AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route,
@@ -404,5 +409,51 @@ impl Store {
     /// The queue's gauges at `now`, for a metrics scrape: bounded index look-ups only.
     pub async fn gauges(&self, now: i64) -> Result<QueueGauges, StoreError> {
         on_backend!(self, b => b.gauges(now).await)
+    }
+
+    /// Archive files due at `now`, oldest task first, skipping `busy` ones; then the one due
+    /// soonest after `now`, if any, so the archive job knows when to look again.
+    pub async fn due_files(
+        &self,
+        busy: Vec<i64>,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<DueFile>, StoreError> {
+        on_backend!(self, b => b.due_files(busy, now, limit).await)
+    }
+
+    /// Records what one try at archive file `id` led to.
+    pub async fn record_file(&self, id: i64, next: FileNext, now: i64) -> Result<(), StoreError> {
+        on_backend!(self, b => b.record_file(id, next, now).await)
+    }
+
+    /// Remembers the validator (`ETag` or `Last-Modified`) of a file's first answer, for
+    /// `If-Range` when its `.part` is resumed; `None` forgets it.
+    pub async fn save_validator(
+        &self,
+        id: i64,
+        validator: Option<String>,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.save_validator(id, validator).await)
+    }
+
+    /// Every archive file of one task, in listing order.
+    pub async fn files_of(&self, task: String) -> Result<Vec<FileRecord>, StoreError> {
+        on_backend!(self, b => b.files_of(task).await)
+    }
+
+    /// Archive files per state and bytes kept (kept counts, cheap at any size).
+    pub async fn archive_counts(&self) -> Result<ArchiveCounts, StoreError> {
+        on_backend!(self, b => b.archive_counts().await)
+    }
+
+    /// Puts the named files of `task` back to pending, due at `now`. Returns how many.
+    pub async fn redo_files(
+        &self,
+        task: String,
+        names: Vec<String>,
+        now: i64,
+    ) -> Result<usize, StoreError> {
+        on_backend!(self, b => b.redo_files(task, names, now).await)
     }
 }

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::archive::AssetFile;
 use super::deliveries::Route;
 use crate::api::families::Kind;
 use crate::events::{NewEvent, Stage};
@@ -176,6 +177,9 @@ pub struct TaskUpdate {
     pub timed_out: bool,
     /// The deadline time used, to store.
     pub asked: Asked,
+    /// Files the task leaves behind, to archive: written with its terminal event (empty
+    /// unless archiving is on and the task completed).
+    pub archive: Vec<AssetFile>,
 }
 
 /// What a committed poll stored.

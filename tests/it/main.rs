@@ -2,6 +2,7 @@
 //! a fake API on 127.0.0.1, plus black-box runs of the real binary, and the fault suites of
 //! `RELIABILITY.md`.
 
+mod archive;
 mod binary;
 mod chaos;
 mod cli;

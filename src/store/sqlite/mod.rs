@@ -12,12 +12,13 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::{
-    AccountRow, AddedTask, Applied, AttemptRecord, Backend, Counts, DeliveryNext, DeliveryRecord,
-    DueDelivery, DueRow, EventRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule,
-    StoreError, StoreHealth, TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState,
-    TaskUpdate,
+    AccountRow, AddedTask, Applied, ArchiveCounts, AttemptRecord, Backend, Counts, DeliveryNext,
+    DeliveryRecord, DueDelivery, DueFile, DueRow, EventRecord, FileNext, FileRecord, GateRow,
+    Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth, TargetSummary,
+    TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
 
+mod archive;
 mod codec;
 mod deliveries;
 mod events;
@@ -436,6 +437,42 @@ impl Backend for Sqlite {
     async fn gauges(&self, now: i64) -> Result<QueueGauges, StoreError> {
         self.read(move |c| gauges::gauges(c, now)).await
     }
+
+    async fn due_files(
+        &self,
+        busy: Vec<i64>,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<DueFile>, StoreError> {
+        self.call(move |c| archive::due(c, &busy, now, limit)).await
+    }
+
+    async fn record_file(&self, id: i64, next: FileNext, now: i64) -> Result<(), StoreError> {
+        self.call(move |c| archive::record(c, id, &next, now)).await
+    }
+
+    async fn save_validator(&self, id: i64, validator: Option<String>) -> Result<(), StoreError> {
+        self.call(move |c| archive::save_validator(c, id, validator.as_deref()))
+            .await
+    }
+
+    async fn files_of(&self, task: String) -> Result<Vec<FileRecord>, StoreError> {
+        self.read(move |c| archive::of_task(c, &task)).await
+    }
+
+    async fn archive_counts(&self) -> Result<ArchiveCounts, StoreError> {
+        self.read(archive::counts).await
+    }
+
+    async fn redo_files(
+        &self,
+        task: String,
+        names: Vec<String>,
+        now: i64,
+    ) -> Result<usize, StoreError> {
+        self.call(move |c| archive::redo(c, &task, &names, now))
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -535,6 +572,7 @@ mod tests {
                     first_delivery_delay: 0,
                     timed_out: false,
                     asked: crate::store::Asked::default(),
+                    archive: Vec::new(),
                 }
             })
             .await

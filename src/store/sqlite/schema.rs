@@ -229,6 +229,53 @@ INSERT INTO accounts (name, pause_kind, attempt, paused_until, since, cause)
     SELECT 'default', kind, attempt, paused_until, since, cause FROM gate;
 DROP TABLE gate;
 ",
+    // Migration 8 (issue 12, the archive): one row per file a finished task leaves behind,
+    // written in the same transaction as its `complete` event. Rows are not tied to `tasks` by a
+    // foreign key: pruning a task never forgets what was kept of it. `validator` is the first answer's
+    // ETag or Last-Modified, for `If-Range` when a `.part` is resumed; `inline` the content of
+    // a file written from the result itself (midi, lyrics). Counts and bytes per state are
+    // kept by triggers, as the other counts are.
+    r"
+CREATE TABLE archive_files (
+    id          INTEGER PRIMARY KEY,
+    task_id     TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    audio_id    TEXT,
+    url         TEXT,
+    inline      TEXT,
+    state       TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed', 'expired')),
+    size        INTEGER,
+    sha256      TEXT,
+    validator   TEXT,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_try_at INTEGER NOT NULL,
+    last_error  TEXT,
+    created_at  INTEGER NOT NULL,
+    done_at     INTEGER,
+    updated_at  INTEGER NOT NULL,
+    UNIQUE (task_id, name)
+);
+CREATE INDEX archive_oldest ON archive_files (created_at, id) WHERE state = 'pending';
+CREATE INDEX archive_next ON archive_files (next_try_at) WHERE state = 'pending';
+CREATE TABLE archive_counts (
+    state TEXT PRIMARY KEY NOT NULL,
+    n     INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER archive_counts_insert AFTER INSERT ON archive_files BEGIN
+    INSERT INTO archive_counts (state, n, bytes) VALUES (NEW.state, 1, COALESCE(NEW.size, 0))
+        ON CONFLICT (state) DO UPDATE SET n = n + 1, bytes = bytes + COALESCE(NEW.size, 0);
+END;
+CREATE TRIGGER archive_counts_update AFTER UPDATE OF state, size ON archive_files BEGIN
+    UPDATE archive_counts SET n = n - 1, bytes = bytes - COALESCE(OLD.size, 0) WHERE state = OLD.state;
+    INSERT INTO archive_counts (state, n, bytes) VALUES (NEW.state, 1, COALESCE(NEW.size, 0))
+        ON CONFLICT (state) DO UPDATE SET n = n + 1, bytes = bytes + COALESCE(NEW.size, 0);
+END;
+CREATE TRIGGER archive_counts_delete AFTER DELETE ON archive_files BEGIN
+    UPDATE archive_counts SET n = n - 1, bytes = bytes - COALESCE(OLD.size, 0) WHERE state = OLD.state;
+END;
+",
 ];
 
 /// Why the store's lock was not taken.

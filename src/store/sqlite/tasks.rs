@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Sql, deliveries, events};
+use super::{Sql, archive, deliveries, events};
 use crate::api::families::Kind;
 use crate::events::Stage;
 use crate::store::{
@@ -234,6 +234,9 @@ where
     }
     for route in &update.routes {
         deliveries::refresh_ready(conn, id, &route.target)?;
+    }
+    if !update.archive.is_empty() {
+        archive::insert(conn, id, &update.archive, now)?;
     }
     let finished = (update.state != TaskState::Active).then_some(now);
     conn.prepare_cached(
