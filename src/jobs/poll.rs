@@ -981,7 +981,7 @@ where
                 warn!(task_id = %id, "Timed out: the task did not finish before its task-deadline; giving it up with an error event (code 408)");
             }
             for (ev, seq) in a.update.events.iter().zip(&a.seqs) {
-                log_event(id, ev, *seq);
+                log_event(id, family.name(), ev, *seq);
             }
             count_events(metrics, family.name(), &a.before, &a.update.events, now);
             if let Some(max) = a.seqs.iter().max() {
@@ -1010,7 +1010,7 @@ where
               "the task was submitted with a callBackUrl whose host is not in [forward] allow-hosts; not forwarding there");
     }
     for (ev, seq) in applied.update.events.iter().zip(&applied.seqs) {
-        log_event(id, ev, *seq);
+        log_event(id, family.name(), ev, *seq);
     }
     count_events(
         metrics,
@@ -1087,15 +1087,15 @@ fn log_poll<F: Family>(
 
 /// Every event is one info line: it is the task's news, not a problem of sunopoll's (a task
 /// that failed upstream is reported as its `error` event, with the API's message).
-fn log_event(id: &str, ev: &NewEvent, seq: i64) {
+fn log_event(id: &str, kind: &str, ev: &NewEvent, seq: i64) {
     if ev.stage == Stage::Error {
         let msg = serde_json::from_str::<serde_json::Value>(&ev.body)
             .ok()
             .and_then(|v| v.get("msg").and_then(|m| m.as_str()).map(|m| clip(m, 200)))
             .unwrap_or_default();
-        info!(task_id = %id, stage = %ev.stage, code = ev.code, tracks = 0, seq, msg = %msg, "event");
+        info!(task_id = %id, kind, stage = %ev.stage, code = ev.code, tracks = 0, seq, msg = %msg, "event");
     } else {
-        info!(task_id = %id, stage = %ev.stage, code = ev.code, tracks = ev.tracks, seq,
+        info!(task_id = %id, kind, stage = %ev.stage, code = ev.code, tracks = ev.tracks, seq,
               filled = ev.filled, "event");
     }
 }

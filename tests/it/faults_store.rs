@@ -375,7 +375,9 @@ async fn status_answers_within_a_second_while_the_write_lock_is_held() {
     );
     assert_eq!(status["healthy"], false, "{status}");
     assert!(
-        status["problems"].to_string().contains("locked"),
+        // "database is locked" from the probe, or, when the store thread itself is slow to
+        // start the probe on a loaded machine, "no write could begin … (its lock is held …)".
+        status["problems"].to_string().contains("lock"),
         "the problem names the lock: {status}"
     );
     assert_eq!(
