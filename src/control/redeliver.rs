@@ -69,34 +69,49 @@ pub(super) async fn run(
             ));
         }
     }
+    // The kind of the task replayed: a target that takes only other kinds gets no new
+    // delivery of it (replays of the failed or delivered span only repeat existing ones).
+    let mut kind = None;
     if let Replay::Event(seq) = what {
         let found = ctx
             .store
             .events(seq - 1, None, Some(1))
             .await
             .map_err(|e| store_error(&e))?;
-        if found.first().is_none_or(|e| e.seq != seq) {
-            return Err(ErrorBody::new("not_found", format!("no event #{seq}")));
+        match found.first() {
+            Some(e) if e.seq == seq => kind = Some(e.kind),
+            _ => return Err(ErrorBody::new("not_found", format!("no event #{seq}"))),
         }
     }
-    if let Replay::Task(task) = &what
-        && ctx
+    if let Replay::Task(task) = &what {
+        match ctx
             .store
             .show(task.clone())
             .await
             .map_err(|e| store_error(&e))?
-            .is_none()
-    {
-        return Err(not_found(task));
+        {
+            Some((t, _)) => kind = Some(t.kind),
+            None => return Err(not_found(task)),
+        }
     }
+    let config = ctx.router.config();
+    let routes = ctx
+        .router
+        .configured_routes()
+        .into_iter()
+        .filter(|r| {
+            kind.is_none_or(|k| {
+                config
+                    .targets
+                    .iter()
+                    .find(|t| t.name == r.target)
+                    .is_none_or(|t| t.takes_kind(k))
+            })
+        })
+        .collect();
     let count = ctx
         .store
-        .redeliver(
-            what.clone(),
-            req.target.clone(),
-            ctx.router.configured_routes(),
-            now_ms(),
-        )
+        .redeliver(what.clone(), req.target.clone(), routes, now_ms())
         .await
         .map_err(|e| store_error(&e))?;
     if count > 0 {

@@ -827,3 +827,61 @@ listen = "127.0.0.1:0"
         "{status}"
     );
 }
+
+/// A target's `kinds` filter: a wav task's event goes to the target that takes wav, never to
+/// one that takes only music, not even when the task is redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_filtered_by_kinds_gets_only_those_kinds_even_on_redelivery() {
+    let api = FamilyApi::start().await;
+    let music_only = Receiver::start().await;
+    let wav_only = Receiver::start().await;
+    let mut config = BinConfig::new(&api.uri());
+    config.extra = format!(
+        r#"
+[[forward.target]]
+name = "music-app"
+url = "{}"
+kinds = ["music"]
+
+[[forward.target]]
+name = "wav-app"
+url = "{}"
+kinds = ["wav"]
+"#,
+        music_only.url(),
+        wav_only.url()
+    );
+    let d = BinDaemon::start(&config).await;
+    let id = case_id('k', 0);
+    api.script("wav", &id, &["wav.record-info.SUCCESS.json"]);
+    assert!(d.cli(&["add", "--kind", "wav", &id]).await.status.success());
+    assert!(d.wait_finished(std::slice::from_ref(&id)).await);
+    wait_until(Deadline::patience(), "the wav target got its event", || {
+        wav_only.count() == 1
+    })
+    .await;
+    let out = d.cli(&["redeliver", "--task", &id, "--json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        v["deliveries"], 1,
+        "only the wav target's delivery is replayed: {v}"
+    );
+    wait_until(
+        Deadline::patience(),
+        "the replay reached the wav target",
+        || wav_only.count() == 2,
+    )
+    .await;
+    assert_eq!(music_only.count(), 0, "a music-only target got a wav event");
+    let expected = minify(&for_task(
+        &family_fixture("wav.callback.complete.json"),
+        &id,
+    ));
+    assert!(
+        wav_only
+            .received()
+            .iter()
+            .all(|r| r.body == expected.as_bytes())
+    );
+}
