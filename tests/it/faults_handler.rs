@@ -78,7 +78,10 @@ fn assert_within_schedule(
         let gap = w[1].duration_since(w[0]);
         let delay = Duration::from_millis(schedule[(k + 1).min(schedule.len() - 1)]);
         let earliest = delay.mul_f64(0.9);
-        let latest = delay.mul_f64(1.1) + attempt_takes + Duration::from_secs(3);
+        // Early would be the broken promise (hammering a handler); late only matters as a
+        // stall, a retry forgotten until something else wakes the forwarder. So the upper
+        // bound is loose: on a machine loaded by other builds, retries were seen 4.3 s late.
+        let latest = delay.mul_f64(1.1) + attempt_takes + Duration::from_secs(15);
         assert!(
             gap + slack >= earliest,
             "{id}: retry {} came {gap:?} after the previous attempt (schedule: {delay:?})",
