@@ -885,3 +885,60 @@ kinds = ["wav"]
             .all(|r| r.body == expected.as_bytes())
     );
 }
+
+/// What an account learnt from being throttled survives a restart: it resumes at the learnt
+/// rate instead of being throttled again to relearn it, and `status` shows it from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learnt_rate_is_kept_across_a_restart() {
+    let api = FamilyApi::start().await;
+    let mut config = BinConfig::new(&api.uri());
+    config.rps = "10".to_owned();
+    let mut d = BinDaemon::start(&config).await;
+    let id = case_id('l', 0);
+    api.script("wav", &id, &["wav.record-info.PENDING.json"]);
+    api.set_override(Some((
+        200,
+        String::from_utf8(fixture("error.429.rate-limited.kie.json")).expect("utf8"),
+    )));
+    assert!(d.cli(&["add", "--kind", "wav", &id]).await.status.success());
+    let learnt = poll_until(
+        Deadline::patience(),
+        "a rate learnt from the throttle",
+        Duration::from_millis(20),
+        || async {
+            let s = d.status().await;
+            s["accounts"][0]["learnt_rate"].as_f64()
+        },
+    )
+    .await;
+    assert!(learnt < 10.0, "{learnt}");
+    // Once the API answers again no throttle can lower it further, and a climb takes 30 s:
+    // the rate read now is the one stored.
+    api.set_override(None);
+    let learnt = poll_until(
+        Deadline::patience(),
+        "an answer that is not a throttle",
+        Duration::from_millis(20),
+        || async {
+            let s = d.status().await;
+            (s["accounts"][0]["last_answer"] == "pending")
+                .then(|| s["accounts"][0]["learnt_rate"].as_f64())
+                .flatten()
+        },
+    )
+    .await;
+    d.terminate().await;
+    d.restart().await;
+    let s = d.status().await;
+    assert_eq!(
+        s["accounts"][0]["learnt_rate"].as_f64(),
+        Some(learnt),
+        "the learnt rate is kept: {s}"
+    );
+    assert!(
+        d.log_text()
+            .contains("resuming at the request rate learnt from the API's throttling"),
+        "{}",
+        d.log_text()
+    );
+}
