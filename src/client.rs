@@ -747,11 +747,21 @@ fn print_status(v: &StatusResponse) {
                 .filter(|c| c.account == a.account && c.state == crate::store::TaskState::Active)
                 .map(|c| c.n)
                 .sum();
+            let state = match a.state.as_str() {
+                "polling" => format!(
+                    "polling ({} in flight, {} requests)",
+                    a.in_flight, a.requests
+                ),
+                _ => polling_state(a),
+            };
+            let last = match (a.last_answer.as_deref(), a.last_answer_at.as_deref()) {
+                (Some(what), Some(at)) => format!("last answer {} at {}", esc(what), esc(at)),
+                _ => "no answer yet".to_owned(),
+            };
             out!(
-                "  {} ({}): {}; {}; {active} active task{}",
+                "  {} ({}): {state}; {}; {active} active task{}; {last}",
                 esc(&a.account),
                 esc(&a.flavor),
-                polling_state(a),
                 rate_text(a),
                 if active == 1 { "" } else { "s" }
             );
@@ -763,6 +773,8 @@ fn print_status(v: &StatusResponse) {
         }
     }
     match (poll.last_answer.as_deref(), poll.last_answer_at.as_deref()) {
+        // With several accounts, each line above has its own.
+        _ if v.accounts.len() > 1 => {}
         (Some(what), Some(at)) => out!("last answer:  {} at {}", esc(what), esc(at)),
         (Some(what), None) => out!("last answer:  {}", esc(what)),
         _ => out!("last answer:  none yet (no poll answered since start)"),
