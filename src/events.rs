@@ -135,7 +135,10 @@ mod tests {
     #[test]
     fn archived_parses_but_is_no_callback_stage() {
         assert_eq!(Stage::parse("archived"), Some(Stage::Archived));
-        assert!(!Stage::ALL.contains(&Stage::Archived), "not a default stage");
+        assert!(
+            !Stage::ALL.contains(&Stage::Archived),
+            "not a default stage"
+        );
         assert!(Stage::Complete < Stage::Archived && Stage::Error < Stage::Archived);
         assert!(!Stage::Archived.is_terminal());
     }

@@ -241,7 +241,11 @@ fn archived_is_taken_only_when_a_target_lists_it() {
     )
     .expect("ok");
     let t = &c.forward.targets;
-    assert_eq!(t[0].stages, Stage::ALL, "the default stages are the callback stages");
+    assert_eq!(
+        t[0].stages,
+        Stage::ALL,
+        "the default stages are the callback stages"
+    );
     assert!(!t[0].stages.contains(&Stage::Archived));
     assert_eq!(t[1].stages, [Stage::Complete, Stage::Archived]);
 }

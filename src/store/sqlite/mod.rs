@@ -12,10 +12,10 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::{
-    AccountRow, AddedTask, Applied, ArchiveCounts, AttemptRecord, Backend, Counts, DeliveryNext,
-    DeliveryRecord, DueDelivery, DueFile, DueRow, EventRecord, FileNext, FileRecord, GateRow,
-    Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth, TargetSummary,
-    TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
+    AccountRow, AddedTask, Applied, ArchiveCounts, ArchivedNotice, AttemptRecord, Backend, Counts,
+    DeliveryNext, DeliveryRecord, DueDelivery, DueFile, DueRow, Emitted, EventRecord, FileNext,
+    FileRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth,
+    TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
 
 mod archive;
@@ -447,8 +447,21 @@ impl Backend for Sqlite {
         self.call(move |c| archive::due(c, &busy, now, limit)).await
     }
 
-    async fn record_file(&self, id: i64, next: FileNext, now: i64) -> Result<(), StoreError> {
-        self.call(move |c| archive::record(c, id, &next, now)).await
+    async fn record_file(
+        &self,
+        id: i64,
+        next: FileNext,
+        now: i64,
+        notice: Option<ArchivedNotice>,
+    ) -> Result<Option<Emitted>, StoreError> {
+        self.call(move |c| {
+            archive::record(c, id, &next, now)?;
+            match (notice, &next) {
+                (Some(notice), FileNext::Done { .. }) => archive::notify(c, id, notice, now),
+                _ => Ok(None),
+            }
+        })
+        .await
     }
 
     async fn save_validator(&self, id: i64, validator: Option<String>) -> Result<(), StoreError> {
@@ -1036,10 +1049,7 @@ mod tests {
             .expect("query")
             .collect::<Result<_, _>>()
             .expect("rows");
-        assert_eq!(
-            deliveries,
-            [(1, "delivered".into()), (2, "pending".into())]
-        );
+        assert_eq!(deliveries, [(1, "delivered".into()), (2, "pending".into())]);
         assert_eq!(s.last_seq().await.expect("seq"), 3, "the high-water mark");
         let stray: i64 = c
             .query_row(
