@@ -493,6 +493,9 @@ fn print_event(ev: &EventView, out: Output) -> Result<(), ClientError> {
         ev.code,
         if ev.stage == Stage::Error {
             crate::api::clip(msg, 120)
+        } else if ev.stage == Stage::Archived {
+            let files = body["files"].as_array().map_or(0, Vec::len);
+            format!("{files} file{} kept", if files == 1 { "" } else { "s" })
         } else {
             format!("{tracks} track{}", if tracks == 1 { "" } else { "s" })
         }

@@ -384,6 +384,8 @@ impl Daemon {
                 sink: Arc::clone(sink),
                 http: archive_http.clone(),
                 events: events_rx.clone(),
+                published: events_tx.clone(),
+                router: router.clone(),
                 wake: archive_wake.clone(),
                 metrics: Arc::clone(&metrics),
                 status: archive_status.clone(),

@@ -8,7 +8,8 @@ use std::fmt;
 
 use serde::Serialize;
 
-/// A callback stage. The order of the variants is the order a task goes through them.
+/// A stage of an event. The four callback stages come in the order a task goes through them;
+/// [`Stage::Archived`] is sunopoll's own notification, after them, and never a task's stage.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
 )]
@@ -22,11 +23,23 @@ pub enum Stage {
     Complete,
     /// The task failed. Terminal.
     Error,
+    /// Every file of the task is kept (sunopoll's own notification, opt-in per target): never
+    /// stored as a task's stage, never a callback body.
+    Archived,
 }
 
 impl Stage {
-    /// All stages, in order.
+    /// The callback stages, in order: what a target gets unless its `stages` say otherwise.
     pub const ALL: [Stage; 4] = [Stage::Text, Stage::First, Stage::Complete, Stage::Error];
+
+    /// Every stage an event can have: the callback stages and `archived`.
+    pub const EVERY: [Stage; 5] = [
+        Stage::Text,
+        Stage::First,
+        Stage::Complete,
+        Stage::Error,
+        Stage::Archived,
+    ];
 
     /// The callback's `callbackType` spelling.
     pub fn as_str(self) -> &'static str {
@@ -35,12 +48,13 @@ impl Stage {
             Stage::First => "first",
             Stage::Complete => "complete",
             Stage::Error => "error",
+            Stage::Archived => "archived",
         }
     }
 
-    /// Parses a `callbackType` spelling.
+    /// Parses a stage's spelling (a `callbackType`, or `archived`).
     pub fn parse(s: &str) -> Option<Stage> {
-        Stage::ALL.into_iter().find(|st| st.as_str() == s)
+        Stage::EVERY.into_iter().find(|st| st.as_str() == s)
     }
 
     /// True for the stages after which a task is never polled again.
@@ -116,6 +130,17 @@ mod tests {
         }
         assert_eq!(Stage::parse("done"), None);
         assert!(Stage::Text < Stage::First && Stage::First < Stage::Complete);
+    }
+
+    #[test]
+    fn archived_parses_but_is_no_callback_stage() {
+        assert_eq!(Stage::parse("archived"), Some(Stage::Archived));
+        assert!(
+            !Stage::ALL.contains(&Stage::Archived),
+            "not a default stage"
+        );
+        assert!(Stage::Complete < Stage::Archived && Stage::Error < Stage::Archived);
+        assert!(!Stage::Archived.is_terminal());
     }
 
     #[test]

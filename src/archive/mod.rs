@@ -8,6 +8,7 @@
 //! - [`hosts`]: which asset hosts may be fetched (no loopback, private or link-local address
 //!   unless `allow-hosts` names it).
 //! - [`manifest`]: `<dir>/<task_id>/manifest.json`, written atomically once every file is kept.
+//! - [`notice`]: the body of the `archived` notification, sent once every file is kept.
 //! - [`sink`]: where kept files end up: the directory, or an S3-compatible bucket.
 //!
 //! The durable part — which files are due, their tries and states — is the store's
@@ -17,6 +18,7 @@ pub mod assets;
 pub mod download;
 pub mod hosts;
 pub mod manifest;
+pub mod notice;
 pub mod sink;
 
 pub use assets::{AssetFile, AssetSource, files_for, files_of_events};

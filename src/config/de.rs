@@ -173,7 +173,7 @@ formats! {
             return Err("is empty: the target would get nothing".to_owned());
         }
         let stage = |item: &Value| {
-            let known = "is not one of \"text\", \"first\", \"complete\", \"error\"";
+            let known = "is not one of \"text\", \"first\", \"complete\", \"error\", \"archived\"";
             item.as_str().and_then(Stage::parse).ok_or_else(|| format!("{} {known}", show(item)))
         };
         items.iter().map(stage).collect::<Check<_>>().map(Some)

@@ -225,6 +225,32 @@ fn forward_targets_are_read_and_checked() {
 }
 
 #[test]
+fn archived_is_taken_only_when_a_target_lists_it() {
+    use crate::events::Stage;
+    let c = Config::parse(
+        r#"
+        [[forward.target]]
+        url = "http://127.0.0.1:3000/suno"
+        [[forward.target]]
+        name = "files"
+        url = "http://127.0.0.1:3000/files"
+        stages = ["complete", "archived"]
+        "#,
+        None,
+        &env(),
+    )
+    .expect("ok");
+    let t = &c.forward.targets;
+    assert_eq!(
+        t[0].stages,
+        Stage::ALL,
+        "the default stages are the callback stages"
+    );
+    assert!(!t[0].stages.contains(&Stage::Archived));
+    assert_eq!(t[1].stages, [Stage::Complete, Stage::Archived]);
+}
+
+#[test]
 fn bad_forward_targets_are_all_reported() {
     let p = problems(
         r#"

@@ -93,6 +93,22 @@ impl Router {
         routes
     }
 
+    /// Where the `archived` notification of a task of `kind` goes: the configured targets that
+    /// list `archived` in their `stages` and take the kind. Never a task's own callback URLs:
+    /// they stand for the API's callbacks, and this is no callback.
+    pub fn archived_routes(&self, kind: crate::api::families::Kind) -> Vec<Route> {
+        self.config()
+            .targets
+            .iter()
+            .filter(|t| t.stages.contains(&Stage::Archived) && t.takes_kind(kind))
+            .map(|t| Route {
+                target: t.name.clone(),
+                url: t.url.to_string(),
+                stages: t.stages.clone(),
+            })
+            .collect()
+    }
+
     /// True when a submitted `callBackUrl` may be used: http(s) and a host in `allow-hosts`.
     pub fn submitted_url_allowed(&self, url: &str) -> bool {
         url::Url::parse(url).is_ok_and(|u| {
@@ -154,5 +170,40 @@ mod tests {
         );
         let routes = router.routes(&task, Some("http://127.0.0.1:3000/cb"));
         assert_eq!(routes.len(), 1);
+        assert!(
+            routes.iter().all(|r| !r.stages.contains(&Stage::Archived)),
+            "a task's own URLs never get the archived notification"
+        );
+    }
+
+    #[test]
+    fn archived_goes_only_to_targets_that_list_it_and_take_the_kind() {
+        use crate::api::families::Kind;
+        let mut config =
+            crate::config::Config::defaults(&crate::config::Environment::default()).forward;
+        let target = |name: &str, stages: Vec<Stage>, kinds: Option<Vec<Kind>>| TargetConfig {
+            name: name.into(),
+            url: url::Url::parse(&format!("http://127.0.0.1:3000/{name}")).expect("url"),
+            stages,
+            secret: None,
+            headers: Vec::new(),
+            timeout: Duration::from_secs(1),
+            kinds,
+        };
+        config.targets = vec![
+            target("all", Stage::ALL.to_vec(), None),
+            target("files", vec![Stage::Complete, Stage::Archived], None),
+            target("wav-files", vec![Stage::Archived], Some(vec![Kind::Wav])),
+        ];
+        let router = Router::new(config);
+        let names = |kind| -> Vec<String> {
+            router
+                .archived_routes(kind)
+                .into_iter()
+                .map(|r| r.target)
+                .collect()
+        };
+        assert_eq!(names(Kind::Music), ["files"]);
+        assert_eq!(names(Kind::Wav), ["files", "wav-files"]);
     }
 }

@@ -30,11 +30,12 @@ use crate::archive::download::{
     Bandwidth, FetchError, Fetched, Limits, already_kept, fetch, write_inline,
 };
 use crate::archive::sink::Sink;
-use crate::archive::{hosts, manifest};
+use crate::archive::{hosts, manifest, notice};
 use crate::clock::{Clock, format_duration, ms};
 use crate::config::{ARCHIVE_RETRY_MAX, ArchiveConfig};
+use crate::forward::Router;
 use crate::metrics::Metrics;
-use crate::store::{DueFile, FileNext, FileState, Store, StoreError};
+use crate::store::{ArchivedNotice, DueFile, FileNext, FileState, Notice, Store, StoreError};
 
 /// Tries of one file that fail for other reasons than "not there" before it is given up:
 /// with the backoff capped at an hour, more than a day of trying.
@@ -155,6 +156,10 @@ pub struct Archiver {
     pub http: reqwest::Client,
     /// The newest event sequence number: a change means a task may have completed.
     pub events: watch::Receiver<i64>,
+    /// Where a stored `archived` notification is announced (to the forwarder and followers).
+    pub published: watch::Sender<i64>,
+    /// Which targets take the `archived` notification.
+    pub router: Router,
     /// Poked by `archive redo`.
     pub wake: Arc<Notify>,
     /// Where tries are counted.
@@ -297,6 +302,8 @@ impl JobKind for ArchiveJob {
             bandwidth: Arc::clone(&self.bandwidth),
             metrics: Arc::clone(&self.a.metrics),
             clock: self.a.clock.clone(),
+            router: self.a.router.clone(),
+            published: self.a.published.clone(),
         };
         async move { t.run(row).await }
     }
@@ -353,6 +360,8 @@ struct Try {
     bandwidth: Arc<Bandwidth>,
     metrics: Arc<Metrics>,
     clock: Clock,
+    router: Router,
+    published: watch::Sender<i64>,
 }
 
 impl Try {
@@ -387,10 +396,17 @@ impl Try {
             FileNext::Failed { .. } => ("failed", 0),
             FileNext::Expired { .. } => ("expired", 0),
         };
-        if let Err(e) = self.store.record_file(row.id, next.clone(), now).await {
-            error!(task_id = %row.task_id, file = %row.name, error = %e, "cannot record an archive download; it will be checked again");
-            return false;
-        }
+        let emitted = match self
+            .store
+            .record_file(row.id, next.clone(), now, Some(self.notice(&row.task_id)))
+            .await
+        {
+            Ok(emitted) => emitted,
+            Err(e) => {
+                error!(task_id = %row.task_id, file = %row.name, error = %e, "cannot record an archive download; it will be checked again");
+                return false;
+            }
+        };
         self.metrics.archive_try(result_name, bytes);
         match &next {
             FileNext::Done { size, sha256 } => {
@@ -402,6 +418,13 @@ impl Try {
                 let location = self.sink.location(&row.task_id, &row.name);
                 info!(task_id = %row.task_id, file = %row.name, size, sha256 = %sha256, resumed_from = resumed, path = %location, "archived");
                 self.maybe_manifest(&row.task_id).await;
+                if let Some(e) = emitted {
+                    info!(task_id = %e.task_id, seq = e.seq, targets = %e.targets.join(","), "archived notification stored");
+                    // Announced after the manifest is written, so the forwarder, woken by it,
+                    // mostly finds the manifest the notification names already in place.
+                    self.published
+                        .send_modify(|latest| *latest = (*latest).max(e.seq));
+                }
             }
             FileNext::Retry { at, error } => warn!(
                 task_id = %row.task_id, file = %row.name, cause = %error, attempt,
@@ -418,6 +441,16 @@ impl Try {
             ),
         }
         true
+    }
+
+    /// How the store builds the task's `archived` notification, if this try keeps its last
+    /// file: the targets that take it by the task's kind, and the body with where each file is.
+    fn notice(&self, task: &str) -> ArchivedNotice {
+        let (task, sink, router) = (task.to_owned(), Arc::clone(&self.sink), self.router.clone());
+        Box::new(move |kind, files| Notice {
+            routes: router.archived_routes(kind),
+            body: notice::body(&task, kind, files, |name| sink.location(&task, name)),
+        })
     }
 
     /// The try itself: a file already in place is taken as kept (its rename was the last step

@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Route;
+use crate::api::families::Kind;
+
 /// Where one kept file stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -172,4 +175,31 @@ pub struct ArchiveCounts {
     pub expired: i64,
     /// Bytes of the kept files.
     pub bytes: i64,
+}
+
+/// What the `archived` notification of a task is, decided from its kind and its files (all
+/// kept): its body and the targets that take it. The store knows neither where files are kept
+/// nor the body's shape, so the archive job says; it is asked only inside the transaction that
+/// records the task's last kept file.
+pub type ArchivedNotice = Box<dyn FnOnce(Kind, &[FileRecord]) -> Notice + Send>;
+
+/// One `archived` notification, ready to be stored as an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The exact body, sunopoll's own shape (never a callback's).
+    pub body: String,
+    /// Where it goes: targets whose `stages` include `archived` and whose `kinds` take the
+    /// task's. None: nothing is stored.
+    pub routes: Vec<Route>,
+}
+
+/// An `archived` notification the store just stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emitted {
+    /// Its event's sequence number.
+    pub seq: i64,
+    /// Its task.
+    pub task_id: String,
+    /// The targets it is delivered to.
+    pub targets: Vec<String>,
 }

@@ -12,7 +12,7 @@
 
 use std::future::Future;
 
-use super::archive::{ArchiveCounts, DueFile, FileNext, FileRecord};
+use super::archive::{ArchiveCounts, ArchivedNotice, DueFile, Emitted, FileNext, FileRecord};
 use super::deliveries::{
     AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route, TargetSummary,
 };
@@ -237,13 +237,16 @@ pub trait Backend: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DueFile>, StoreError>> + Send;
 
-    /// Records one try at a file and its consequence.
+    /// Records one try at a file and its consequence; when that makes every file of its task
+    /// kept and the task has no `archived` event yet, stores the one `notice` builds (if it
+    /// has routes) with its deliveries, due at `now`, in the same transaction.
     fn record_file(
         &self,
         id: i64,
         next: FileNext,
         now: i64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        notice: Option<ArchivedNotice>,
+    ) -> impl Future<Output = Result<Option<Emitted>, StoreError>> + Send;
 
     /// Stores (or with `None` forgets) a file's resume validator.
     fn save_validator(

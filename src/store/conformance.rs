@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use super::{
-    AddResult, ArchiveCounts, AssetFile, AssetSource, AttemptRecord, Backend, Counts, DeliveryNext,
-    FileNext, FileState, GateRow, Pruned, Replay, Route, TaskState, TaskUpdate,
+    AddResult, ArchiveCounts, ArchivedNotice, AssetFile, AssetSource, AttemptRecord, Backend,
+    Counts, DeliveryNext, FileNext, FileState, GateRow, Notice, Pruned, Replay, Route, TaskState,
+    TaskUpdate,
 };
 use crate::events::{NewEvent, Stage, error_event};
 
@@ -43,6 +44,7 @@ mod sqlite {
         due_times_move_with_a_clock_step,
         archive_files_come_with_the_terminal_event_and_go_oldest_first,
         archive_counts_equal_a_recount_and_redo_starts_over,
+        the_archived_notice_is_stored_once_with_the_last_kept_file,
         pages_of_tasks_and_events_add_up_to_the_whole_listing,
     );
 }
@@ -836,6 +838,7 @@ async fn archive_files_come_with_the_terminal_event_and_go_oldest_first(s: &impl
             error: "HTTP 404".into(),
         },
         6000,
+        None,
     )
     .await
     .expect("retry");
@@ -858,6 +861,7 @@ async fn archive_files_come_with_the_terminal_event_and_go_oldest_first(s: &impl
             sha256: "ab".into(),
         },
         7000,
+        None,
     )
     .await
     .expect("done");
@@ -894,6 +898,7 @@ async fn archive_counts_equal_a_recount_and_redo_starts_over(s: &impl Backend) {
             sha256: "1".into(),
         },
         2000,
+        None,
     )
     .await
     .expect("record");
@@ -904,6 +909,7 @@ async fn archive_counts_equal_a_recount_and_redo_starts_over(s: &impl Backend) {
             sha256: "2".into(),
         },
         2000,
+        None,
     )
     .await
     .expect("record");
@@ -913,6 +919,7 @@ async fn archive_counts_equal_a_recount_and_redo_starts_over(s: &impl Backend) {
             error: "HTTP 404".into(),
         },
         2000,
+        None,
     )
     .await
     .expect("record");
@@ -922,6 +929,7 @@ async fn archive_counts_equal_a_recount_and_redo_starts_over(s: &impl Backend) {
             error: "too big".into(),
         },
         2000,
+        None,
     )
     .await
     .expect("record");
@@ -1020,4 +1028,132 @@ async fn pages_of_tasks_and_events_add_up_to_the_whole_listing(s: &impl Backend)
     assert_eq!(page[0].seq, all[7].seq);
     let page = s.events_page(0, None, 2, usize::MAX).await.expect("page");
     assert_eq!(page.len(), 2, "and never more than the limit");
+}
+
+/// A notice whose body names the task's kind and each file's name and hash, routed to `to`.
+fn notice(to: Vec<Route>) -> Option<ArchivedNotice> {
+    Some(Box::new(move |kind, files| Notice {
+        body: format!(
+            "{}:{}",
+            kind.as_str(),
+            files
+                .iter()
+                .map(|f| format!("{}={}", f.name, f.sha256.as_deref().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        routes: to,
+    }))
+}
+
+fn kept(sha256: &str) -> FileNext {
+    FileNext::Done {
+        size: 1,
+        sha256: sha256.into(),
+    }
+}
+
+async fn the_archived_notice_is_stored_once_with_the_last_kept_file(s: &impl Backend) {
+    let files = Route {
+        target: "files".into(),
+        url: "http://127.0.0.1:9/files".into(),
+        stages: vec![Stage::Complete, Stage::Archived],
+    };
+    s.add(
+        vec!["t".into()],
+        crate::store::TaskSpec::music(None, None),
+        990,
+        1_000_000,
+    )
+    .await
+    .expect("add");
+    let (ev, route) = (complete("t"), files.clone());
+    s.apply_poll("t".into(), 1000, move |_| {
+        let mut u = update(TaskState::Done, vec![ev]);
+        u.archive = vec![asset("a"), asset("b")];
+        u.routes = vec![route];
+        u
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    let due = s.due_files(Vec::new(), 2000, 10).await.expect("due");
+    let id = |n: &str| due.iter().find(|f| f.name == n).expect("file").id;
+    let to = || notice(vec![files.clone()]);
+    let first = s.record_file(id("a"), kept("h-a"), 2000, to()).await;
+    assert_eq!(first.expect("record"), None, "b is not kept yet");
+    let retry = FileNext::Retry {
+        at: 3000,
+        error: "HTTP 503".into(),
+    };
+    let retried = s.record_file(id("b"), retry, 2000, to()).await;
+    assert_eq!(retried.expect("record"), None);
+    let emitted = s
+        .record_file(id("b"), kept("h-b"), 3000, to())
+        .await
+        .expect("record")
+        .expect("the last kept file brings the notice");
+    assert_eq!(
+        (emitted.task_id.as_str(), &emitted.targets[..]),
+        ("t", &["files".to_owned()][..])
+    );
+
+    let events = s.events(0, Some("t".into()), None).await.expect("events");
+    let stages: Vec<Stage> = events.iter().map(|e| e.stage).collect();
+    assert_eq!(stages, [Stage::Complete, Stage::Archived]);
+    assert_eq!(events[1].seq, emitted.seq);
+    assert_eq!(
+        events[1].body, "music:a=h-a,b=h-b",
+        "built from every kept file"
+    );
+    assert_eq!(events[1].created_at, 3000);
+    let deliveries = s.deliveries_of("t".into()).await.expect("deliveries");
+    let archived: Vec<_> = deliveries
+        .iter()
+        .filter(|(seq, _)| *seq == emitted.seq)
+        .map(|(_, d)| (d.target.as_str(), d.state.as_str(), d.next_attempt_at))
+        .collect();
+    assert_eq!(archived, [("files", "pending", 3000)], "due at once");
+    // Behind the complete callback in the target's queue, as every later stage is.
+    let due = s
+        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert_eq!(
+        due.iter().map(|d| d.stage).collect::<Vec<_>>(),
+        [Stage::Complete]
+    );
+
+    // Kept again after `archive redo`: still the one notice.
+    assert_eq!(
+        s.redo_files("t".into(), vec!["b".into()], 4000)
+            .await
+            .expect("redo"),
+        1
+    );
+    let again = s.record_file(id("b"), kept("h-b"), 5000, to()).await;
+    assert_eq!(again.expect("record"), None, "once per task");
+    let events = s.events(0, Some("t".into()), None).await.expect("events");
+    assert_eq!(events.len(), 2);
+
+    // No target takes it: nothing is stored. A pruned task: nothing either.
+    complete_with(s, "quiet", 1000, vec![asset("q")]).await;
+    complete_with(s, "gone", 1000, vec![asset("g")]).await;
+    let due = s.due_files(Vec::new(), 6000, 10).await.expect("due");
+    let id = |n: &str| due.iter().find(|f| f.name == n).expect("file").id;
+    let quiet = s
+        .record_file(id("q"), kept("h"), 6000, notice(Vec::new()))
+        .await;
+    assert_eq!(quiet.expect("record"), None);
+    let (gone, q) = (id("g"), id("q"));
+    assert_ne!(gone, q);
+    s.prune(i64::MAX).await.expect("prune");
+    let pruned = s.record_file(gone, kept("h"), 7000, to()).await;
+    assert_eq!(
+        pruned.expect("record"),
+        None,
+        "a pruned task's events are gone"
+    );
+    let all = s.events(0, None, None).await.expect("events");
+    assert_eq!(all.iter().filter(|e| e.stage == Stage::Archived).count(), 1);
 }

@@ -29,7 +29,8 @@ mod sqlite;
 mod tasks;
 
 pub use archive::{
-    ArchiveCounts, AssetFile, AssetSource, DueFile, FileNext, FileRecord, FileState,
+    ArchiveCounts, ArchivedNotice, AssetFile, AssetSource, DueFile, Emitted, FileNext, FileRecord,
+    FileState, Notice,
 };
 pub use backend::Backend;
 pub use deliveries::{
@@ -422,9 +423,18 @@ impl Store {
         on_backend!(self, b => b.due_files(busy, now, limit).await)
     }
 
-    /// Records what one try at archive file `id` led to.
-    pub async fn record_file(&self, id: i64, next: FileNext, now: i64) -> Result<(), StoreError> {
-        on_backend!(self, b => b.record_file(id, next, now).await)
+    /// Records what one try at archive file `id` led to. When it was the last file of its
+    /// task to be kept, `notice` (if given) is asked for the task's `archived` notification,
+    /// which is stored in the same transaction, with its deliveries due at `now`: once per
+    /// task, whatever crashes or `archive redo`s follow. Returns it if it was stored.
+    pub async fn record_file(
+        &self,
+        id: i64,
+        next: FileNext,
+        now: i64,
+        notice: Option<ArchivedNotice>,
+    ) -> Result<Option<Emitted>, StoreError> {
+        on_backend!(self, b => b.record_file(id, next, now, notice).await)
     }
 
     /// Remembers the validator (`ETag` or `Last-Modified`) of a file's first answer, for

@@ -1027,3 +1027,115 @@ async fn every_family_keeps_its_own_files() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_lists_archived_gets_one_notification_after_complete_listing_every_file() {
+    let server = FileServer::start().await;
+    let api = FakeApi::start().await;
+    let (reply, paths) = music_task(&server, "arch9", 9);
+    api.script("arch9", vec![reply]);
+    let files_handler = Receiver::start().await;
+    let plain_handler = Receiver::start().await;
+    let (files_url, plain_url) = (files_handler.url(), plain_handler.url());
+    let d = TestDaemon::start(&api, |c| {
+        archive_on(c);
+        let mut t = target("files", &files_url);
+        t.stages = vec![
+            sunopoll::events::Stage::Complete,
+            sunopoll::events::Stage::Archived,
+        ];
+        t.secret = Some(
+            sunopoll::config::SigningSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+                .expect("secret"),
+        );
+        c.forward.targets.push(t);
+        c.forward.targets.push(target("plain", &plain_url));
+    })
+    .await;
+    d.add(&["arch9"]).await;
+    eventually(
+        "the complete callback and the archived notification",
+        || files_handler.count() >= 2,
+    )
+    .await;
+    let kept = files_until(&d, "arch9", "every file of arch9 kept", |f| {
+        all_in(f, "done")
+    })
+    .await;
+    let (_, events) = d
+        .show_until("arch9", "every delivery recorded", |_, events| {
+            events.iter().any(|e| e["stage"] == "archived")
+                && events.iter().all(|e| {
+                    e["deliveries"]
+                        .as_array()
+                        .is_some_and(|ds| ds.iter().all(|d| d["state"] == "delivered"))
+                })
+        })
+        .await;
+
+    let received = files_handler.received();
+    assert_eq!(received.len(), 2, "complete, then exactly one archived");
+    assert_eq!(received[0].stage(), "complete");
+    let note = received[1].json();
+    assert_eq!(note["type"], "sunopoll.archived", "{note}");
+    assert_eq!(
+        (&note["task_id"], &note["kind"]),
+        (&json!("arch9"), &json!("music"))
+    );
+    assert!(note.get("data").is_none(), "never a callback body: {note}");
+    assert!(
+        received[1].header("webhook-signature").starts_with("v1,"),
+        "signed like the callbacks"
+    );
+    assert_ne!(
+        received[1].header("webhook-id"),
+        received[0].header("webhook-id")
+    );
+    let listed = note["files"].as_array().expect("files");
+    assert_eq!(listed.len(), paths.len(), "{note}");
+    assert_eq!(listed.len(), kept.len());
+    {
+        let state = server.state.lock().expect("state");
+        for f in listed {
+            let url = f["url"].as_str().expect("url");
+            let path = paths
+                .iter()
+                .find(|p| url.ends_with(p.as_str()))
+                .unwrap_or_else(|| panic!("{url} is not one of the task's files"));
+            let want = &state.files[path].body;
+            assert_eq!(f["sha256"], sha256(want), "{path}");
+            assert_eq!(f["size"], want.len(), "{path}");
+            let local = Path::new(f["path"].as_str().expect("path"));
+            assert!(local.starts_with(archive_dir(&d)), "{}", local.display());
+            assert_eq!(std::fs::read(local).expect("the listed path exists"), *want);
+        }
+    }
+    let manifest = note["manifest"].as_str().expect("manifest");
+    poll_until(
+        Deadline::patience(),
+        "the manifest the notification names",
+        Duration::from_millis(20),
+        || async { Path::new(manifest).exists().then_some(()) },
+    )
+    .await;
+    // The stored event goes to the target that asked for it only.
+    let archived = events
+        .iter()
+        .find(|e| e["stage"] == "archived")
+        .expect("the archived event");
+    let targets: Vec<&str> = archived["deliveries"]
+        .as_array()
+        .expect("deliveries")
+        .iter()
+        .map(|d| d["target"].as_str().expect("target"))
+        .collect();
+    assert_eq!(targets, ["files"]);
+    let plain = plain_handler.received();
+    assert!(!plain.is_empty(), "the default target got its callbacks");
+    assert!(
+        plain
+            .iter()
+            .all(|r| r.json().get("type").is_none() && r.stage() != "?"),
+        "the default stages never include archived"
+    );
+}

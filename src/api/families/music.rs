@@ -291,7 +291,8 @@ fn went_backwards(status: &TaskStatus, reached: Option<Stage>) -> bool {
         None => 0,
         Some(Stage::Text) => 1,
         Some(Stage::First) => 2,
-        Some(Stage::Complete | Stage::Error) => 3,
+        // `archived` is never a task's stage; were it one, it would come after `complete`.
+        Some(Stage::Complete | Stage::Error | Stage::Archived) => 3,
     };
     says < was
 }

@@ -1,11 +1,14 @@
 //! The `archive_files` table: the files each finished task leaves behind, inserted with its
 //! terminal event, fetched oldest first by the archive job, and read by `show` and `status`.
 
-use rusqlite::{Connection, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::Sql;
+use super::{Sql, deliveries};
+use crate::api::families::Kind;
+use crate::events::Stage;
 use crate::store::{
-    ArchiveCounts, AssetFile, AssetSource, DueFile, FileNext, FileRecord, FileState, StoreError,
+    ArchiveCounts, ArchivedNotice, AssetFile, AssetSource, DueFile, Emitted, FileNext, FileRecord,
+    FileState, StoreError,
 };
 
 /// Writes `task`'s files as pending, due at once. A file already known keeps its row.
@@ -99,6 +102,77 @@ pub(super) fn record(conn: &Connection, id: i64, next: &FileNext, now: i64) -> S
         }
     };
     Ok(())
+}
+
+/// After file `id` was recorded kept: if every file of its task is now kept and the task has
+/// no `archived` event yet, stores the one `notice` builds, with a delivery per route due at
+/// `now`. A task already pruned has no events to join (they went with it): nothing is stored.
+/// The event's UNIQUE (task_id, stage) makes it once per task, even after `archive redo`.
+pub(super) fn notify(
+    conn: &Connection,
+    id: i64,
+    notice: ArchivedNotice,
+    now: i64,
+) -> Sql<Option<Emitted>> {
+    let Some(task) = conn
+        .prepare_cached("SELECT task_id FROM archive_files WHERE id = ?1")?
+        .query_row([id], |r| r.get::<_, String>(0))
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let waiting: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM archive_files WHERE task_id = ?1 AND state <> 'done'",
+        )?
+        .query_row([&task], |r| r.get(0))?;
+    let emitted: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE task_id = ?1 AND stage = 'archived')",
+        )?
+        .query_row([&task], |r| r.get(0))?;
+    if waiting > 0 || emitted {
+        return Ok(None);
+    }
+    let Some(kind) = conn
+        .prepare_cached("SELECT kind FROM tasks WHERE id = ?1")?
+        .query_row([&task], |r| r.get::<_, Kind>(0))
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let files = of_task(conn, &task)?;
+    let note = notice(kind, &files);
+    if note.routes.is_empty() {
+        return Ok(None);
+    }
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO events (task_id, stage, code, body, created_at, kind)
+             VALUES (?1, ?2, 200, ?3, ?4, ?5) ON CONFLICT (task_id, stage) DO NOTHING",
+        )?
+        .execute(params![
+            task,
+            Stage::Archived.as_str(),
+            note.body,
+            now,
+            kind
+        ])?;
+    if inserted != 1 {
+        return Ok(None);
+    }
+    let seq = conn.last_insert_rowid();
+    let mut targets = Vec::with_capacity(note.routes.len());
+    for route in &note.routes {
+        deliveries::insert(conn, seq, &task, Stage::Archived, route, now, now)?;
+        deliveries::refresh_ready(conn, &task, &route.target)?;
+        targets.push(route.target.clone());
+    }
+    Ok(Some(Emitted {
+        seq,
+        task_id: task,
+        targets,
+    }))
 }
 
 /// Remembers the validator of a file's first answer (`None` forgets it: a new download).

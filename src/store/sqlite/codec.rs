@@ -70,7 +70,7 @@ mod tests {
     #[test]
     fn every_known_value_round_trips() {
         let conn = Connection::open_in_memory().expect("sqlite");
-        for stage in Stage::ALL {
+        for stage in Stage::EVERY {
             let back: Stage = conn
                 .query_row("SELECT ?1", [stage], |r| r.get(0))
                 .expect("round trip");

@@ -12,10 +12,10 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::{
-    AccountRow, AddedTask, Applied, ArchiveCounts, AttemptRecord, Backend, Counts, DeliveryNext,
-    DeliveryRecord, DueDelivery, DueFile, DueRow, EventRecord, FileNext, FileRecord, GateRow,
-    Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth, TargetSummary,
-    TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
+    AccountRow, AddedTask, Applied, ArchiveCounts, ArchivedNotice, AttemptRecord, Backend, Counts,
+    DeliveryNext, DeliveryRecord, DueDelivery, DueFile, DueRow, Emitted, EventRecord, FileNext,
+    FileRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth,
+    TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
 
 mod archive;
@@ -447,8 +447,21 @@ impl Backend for Sqlite {
         self.call(move |c| archive::due(c, &busy, now, limit)).await
     }
 
-    async fn record_file(&self, id: i64, next: FileNext, now: i64) -> Result<(), StoreError> {
-        self.call(move |c| archive::record(c, id, &next, now)).await
+    async fn record_file(
+        &self,
+        id: i64,
+        next: FileNext,
+        now: i64,
+        notice: Option<ArchivedNotice>,
+    ) -> Result<Option<Emitted>, StoreError> {
+        self.call(move |c| {
+            archive::record(c, id, &next, now)?;
+            match (notice, &next) {
+                (Some(notice), FileNext::Done { .. }) => archive::notify(c, id, notice, now),
+                _ => Ok(None),
+            }
+        })
+        .await
     }
 
     async fn save_validator(&self, id: i64, validator: Option<String>) -> Result<(), StoreError> {
@@ -974,6 +987,102 @@ mod tests {
         assert!(m.contains("migration to schema 2 failed"), "{m}");
         assert_eq!(m.lines().count(), 1, "{m}");
         assert!(!m.contains("CREATE"), "no SQL: {m}");
+    }
+
+    #[tokio::test]
+    async fn migration_9_keeps_events_deliveries_and_the_seq_high_water_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("eight.db");
+        {
+            let c = Connection::open(&path).expect("create");
+            c.execute_batch("PRAGMA foreign_keys = ON;").expect("fk");
+            for sql in &schema::MIGRATIONS[..8] {
+                c.execute_batch(sql).expect("schema 1..8");
+            }
+            // Two tasks with events and deliveries; the newest event (seq 3) pruned with its
+            // task, so the high-water mark (3) is above every seq left (2).
+            c.execute_batch(
+                "PRAGMA user_version = 8;
+                 INSERT INTO tasks (id, state, stage, added_at, updated_at, next_poll_at, deadline_at)
+                   VALUES ('a', 'done', 'complete', 1, 1, 1, 9), ('b', 'done', 'error', 1, 1, 1, 9);
+                 INSERT INTO events (task_id, stage, code, body, created_at, kind)
+                   VALUES ('a', 'first', 200, '{\"x\":1}', 5, 'music'),
+                          ('a', 'complete', 200, '{\"x\":2}', 6, 'wav'),
+                          ('b', 'error', 500, '{\"x\":3}', 7, 'music');
+                 INSERT INTO deliveries (event_seq, task_id, target, url, origin, webhook_id, state,
+                                         next_attempt_at, created_at, updated_at, ready)
+                   VALUES (1, 'a', 'app', 'http://h/', 'http://h:80', 'w1', 'delivered', 0, 5, 5, 0),
+                          (2, 'a', 'app', 'http://h/', 'http://h:80', 'w2', 'pending', 0, 6, 6, 1),
+                          (3, 'b', 'app', 'http://h/', 'http://h:80', 'w3', 'pending', 0, 7, 7, 1);
+                 DELETE FROM tasks WHERE id = 'b';",
+            )
+            .expect("fill schema 8");
+            let left: i64 = c
+                .query_row("SELECT COUNT(*) FROM deliveries", [], |r| r.get(0))
+                .expect("count");
+            assert_eq!(left, 2, "pruning cascaded to the event and its delivery");
+        }
+        let s = Sqlite::open(&path).expect("migrates");
+        let c = Connection::open(&path).expect("read");
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 9);
+        let events: Vec<(i64, String, String, String)> = c
+            .prepare("SELECT seq, stage, body, kind FROM events ORDER BY seq")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(
+            events,
+            [
+                (1, "first".into(), r#"{"x":1}"#.into(), "music".into()),
+                (2, "complete".into(), r#"{"x":2}"#.into(), "wav".into()),
+            ]
+        );
+        let deliveries: Vec<(i64, String)> = c
+            .prepare("SELECT event_seq, state FROM deliveries ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(deliveries, [(1, "delivered".into()), (2, "pending".into())]);
+        assert_eq!(s.last_seq().await.expect("seq"), 3, "the high-water mark");
+        let stray: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'events_new'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("seq rows");
+        assert_eq!(stray, 0, "no row left for the rebuilt table's old name");
+        drop(c);
+        // The rebuilt table takes 'archived', never reuses a pruned seq, keeps its counts, and
+        // its foreign keys are on again: deleting a task still cascades.
+        s.call(|c| {
+            c.execute_batch(
+                "INSERT INTO events (task_id, stage, code, body, created_at, kind)
+                   VALUES ('a', 'archived', 0, '{}', 8, 'music');",
+            )?;
+            assert_eq!(c.last_insert_rowid(), 4, "seq 3 is never used again");
+            let archived: i64 = c.query_row(
+                "SELECT n FROM event_counts WHERE stage = 'archived'",
+                [],
+                |r| r.get(0),
+            )?;
+            assert_eq!(archived, 1, "the event_counts triggers were made again");
+            let fk: i64 = c.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
+            assert_eq!(fk, 1, "foreign keys are on again after the rebuild");
+            c.execute_batch("DELETE FROM tasks WHERE id = 'a'")?;
+            let left: i64 = c.query_row("SELECT COUNT(*) FROM deliveries", [], |r| r.get(0))?;
+            assert_eq!(left, 0, "the deliveries still refer to the rebuilt events");
+            Ok(())
+        })
+        .await
+        .expect("writes after the migration");
     }
 
     #[tokio::test]

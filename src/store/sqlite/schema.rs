@@ -276,7 +276,49 @@ CREATE TRIGGER archive_counts_delete AFTER DELETE ON archive_files BEGIN
     UPDATE archive_counts SET n = n - 1, bytes = bytes - COALESCE(OLD.size, 0) WHERE state = OLD.state;
 END;
 ",
+    // Migration 9 (issue 12, the `archived` notification): events may have the stage
+    // 'archived', sunopoll's own notification once every file of a task is kept. SQLite cannot
+    // change a CHECK, so `events` is rebuilt (its 12-step procedure; `migrate` turns foreign
+    // keys off around this step, so dropping the old table cascades to no delivery, and checks
+    // them before the commit). Dropping the table forgets its AUTOINCREMENT high-water mark,
+    // which pruned events may have left above every seq still stored: it is saved and put
+    // back, so a seq is never used twice. The event_counts triggers go with the old table and
+    // are made again. `tasks.stage` keeps its CHECK: 'archived' is never a task's stage.
+    r"
+CREATE TEMP TABLE events_high_water AS SELECT seq FROM sqlite_sequence WHERE name = 'events';
+CREATE TABLE events_new (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id    TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    stage      TEXT NOT NULL CHECK (stage IN ('text', 'first', 'complete', 'error', 'archived')),
+    code       INTEGER NOT NULL,
+    body       TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    kind       TEXT NOT NULL DEFAULT 'music',
+    UNIQUE (task_id, stage)
+);
+INSERT INTO events_new (seq, task_id, stage, code, body, created_at, kind)
+    SELECT seq, task_id, stage, code, body, created_at, kind FROM events;
+DROP TABLE events;
+ALTER TABLE events_new RENAME TO events;
+DELETE FROM sqlite_sequence WHERE name IN ('events', 'events_new');
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'events', MAX(seq) FROM (SELECT seq FROM temp.events_high_water
+                                    UNION ALL SELECT MAX(seq) AS seq FROM events)
+    HAVING MAX(seq) IS NOT NULL;
+DROP TABLE temp.events_high_water;
+CREATE TRIGGER event_counts_insert AFTER INSERT ON events BEGIN
+    INSERT INTO event_counts (stage, n) VALUES (NEW.stage, 1)
+        ON CONFLICT (stage) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER event_counts_delete AFTER DELETE ON events BEGIN
+    UPDATE event_counts SET n = n - 1 WHERE stage = OLD.stage;
+END;
+",
 ];
+
+/// Migrations (by the version they lead to) that rebuild a table others refer to: foreign keys
+/// are off while they run, as SQLite's table rebuild requires.
+const REBUILDS: [usize; 1] = [9];
 
 /// Why the store's lock was not taken.
 pub(super) enum LockError {
@@ -445,6 +487,19 @@ pub(super) fn configure(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// The first line of `text`, clipped: error text that goes on one log line.
+/// Fails if any row breaks a foreign key: a rebuild ran with them off, and must leave none.
+fn foreign_key_violations(conn: &Connection) -> Result<(), String> {
+    let broken: i64 = conn
+        .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| explain_open_error(&e))?;
+    if broken > 0 {
+        return Err(format!("{broken} rows break a foreign key"));
+    }
+    Ok(())
+}
+
 fn one_line(text: &str) -> String {
     clip(text.lines().next().unwrap_or_default(), 200)
 }
@@ -491,19 +546,41 @@ pub(super) fn migrate(conn: &Connection) -> Result<(), String> {
         ));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let step = format!(
-            "BEGIN IMMEDIATE; {sql} PRAGMA user_version = {}; COMMIT;",
-            i + 1
-        );
-        if let Err(e) = conn.execute_batch(&step) {
+        let to = i + 1;
+        let rebuild = REBUILDS.contains(&to);
+        // `PRAGMA foreign_keys` does nothing inside a transaction: it is set around one.
+        let foreign_keys: bool = if rebuild {
+            let on = conn
+                .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+                .map_err(|e| explain_open_error(&e))?;
+            conn.execute_batch("PRAGMA foreign_keys = OFF")
+                .map_err(|e| explain_open_error(&e))?;
+            on
+        } else {
+            false
+        };
+        let step = format!("BEGIN IMMEDIATE; {sql} PRAGMA user_version = {to};");
+        let result = conn
+            .execute_batch(&step)
+            .map_err(|e| explain_open_error(&e))
+            .and_then(|()| {
+                if rebuild {
+                    foreign_key_violations(conn)?;
+                }
+                conn.execute_batch("COMMIT")
+                    .map_err(|e| explain_open_error(&e))
+            });
+        if result.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
+        }
+        if rebuild && foreign_keys {
+            // After the transaction, where the pragma takes effect again.
+            let _ = conn.execute_batch("PRAGMA foreign_keys = ON");
+        }
+        if let Err(e) = result {
             // SQLite's message alone: the statement's text (dozens of lines of SQL) is of no
             // use to an operator.
-            return Err(format!(
-                "migration to schema {} failed: {}",
-                i + 1,
-                one_line(&explain_open_error(&e))
-            ));
+            return Err(format!("migration to schema {to} failed: {}", one_line(&e)));
         }
     }
     Ok(())
