@@ -522,10 +522,6 @@ async fn jittered_latency_never_puts_more_than_the_limit_into_an_api_window() {
         busiest <= 200,
         "{busiest} requests arrived within one 10 s window (limit 200)"
     );
-    // The headroom is small: the rate is still nearly reached.
-    let span = times[times.len() - 1]
-        .duration_since(times[0])
-        .as_secs_f64();
-    let achieved = (times.len() - 1) as f64 / span;
-    assert!(achieved >= 18.0, "achieved {achieved:.2}/s of 20/s");
+    // What the headroom costs (2.4 % of the rate) is measured by the unit test in `jobs::rate`,
+    // not here: a rate achieved on a shared machine is no test.
 }
