@@ -236,10 +236,9 @@ fn hex(bytes: &[u8]) -> String {
 /// returns its SHA-256.
 fn write_big(path: &Path) -> String {
     let mut rng = fastrand::Rng::with_seed(12);
-    let block: Vec<u8> = (0..CHUNK).map(|_| rng.u8(..)).collect();
+    let mut chunk: Vec<u8> = (0..CHUNK).map(|_| rng.u8(..)).collect();
     let mut f = std::fs::File::create(path).expect("create the big file");
     let mut hasher = Sha256::new();
-    let mut chunk = block.clone();
     for i in 0..BIG / CHUNK as u64 {
         chunk[..8].copy_from_slice(&i.to_le_bytes());
         f.write_all(&chunk).expect("write the big file");
@@ -308,7 +307,7 @@ pub fn archive(dir: &Path, results: &mut Results) {
     let small_sha = {
         let mut s = server.state.lock().expect("state");
         s.files
-            .insert("/files/big.mp3".into(), Body::File(big_path.clone(), BIG));
+            .insert("/files/big.mp3".into(), Body::File(big_path, BIG));
         s.files.insert(
             "/files/big.jpeg".into(),
             Body::Bytes(Arc::new(vec![7u8; 64 * 1024])),
