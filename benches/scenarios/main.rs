@@ -3,10 +3,12 @@
 //!
 //! Run all: `bench/run` (or `cargo bench --bench scenarios`). Run some:
 //! `cargo bench --bench scenarios -- add idle`. Scenarios: add, startup, idle, throughput,
-//! rate, latency, fairness, memory, and `million` (operator reads with 1 000 000 tasks in the
-//! store; not part of a run of everything, it builds a store of a few hundred MB). Prints a Markdown table
-//! for BENCHMARKS.md.
+//! rate, latency, fairness, memory, and, only when named (not part of a run of everything),
+//! `million` (operator reads with 1 000 000 tasks in the store; it builds a store of a few
+//! hundred MB) and `archive` (a 1 GiB download and 200 small ones; it writes ~2 GiB to a temp
+//! dir). Prints a Markdown table for BENCHMARKS.md.
 
+mod archive;
 mod fake;
 mod proc;
 
@@ -86,6 +88,10 @@ fn main() {
     if wanted.iter().any(|w| w == "million") {
         let dir = tempfile::tempdir().expect("tempdir");
         million(&runtime, dir.path(), &mut results);
+    }
+    if wanted.iter().any(|w| w == "archive") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        archive::archive(dir.path(), &mut results);
     }
     for name in &all[3..] {
         if !run(name) {

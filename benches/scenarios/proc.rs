@@ -123,6 +123,12 @@ impl Daemon {
 
     /// CPU time used so far (user + system).
     pub fn cpu(&self) -> Duration {
+        let (user, system) = self.cpu_user_system();
+        user + system
+    }
+
+    /// CPU time used so far, user and system apart (utime, stime).
+    pub fn cpu_user_system(&self) -> (Duration, Duration) {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         // Fields after the command name (which may contain spaces) start after ") ".
@@ -131,8 +137,9 @@ impl Daemon {
             .split_whitespace()
             .map(|x| x.parse().unwrap_or(0))
             .collect();
-        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-        Duration::from_millis(ticks * 1000 / clock_ticks())
+        let ticks = clock_ticks();
+        let at = |i: usize| Duration::from_millis(f.get(i).copied().unwrap_or(0) * 1000 / ticks);
+        (at(11), at(12))
     }
 
     /// Context switches so far, per thread: each time a thread sleeps after waking counts one,
