@@ -54,35 +54,9 @@ formats! {
         })
     };
     /// `api.base-url`: http(s), with a trailing slash so that `join` keeps any path it has.
-    base_url -> url::Url = |v| {
-        let s = string(v)?;
-        match url::Url::parse(s) {
-            Ok(mut u) if is_http(&u) => {
-                if !u.path().ends_with('/') {
-                    let p = format!("{}/", u.path());
-                    u.set_path(&p);
-                }
-                Ok(u)
-            }
-            Ok(_) => Err(format!("`{s}` must be an http:// or https:// URL")),
-            Err(e) => Err(format!("`{s}` is not a URL: {e}")),
-        }
-    };
+    base_url -> url::Url = base_url_of;
     /// An account's `base-url`, as [`base_url`].
-    some_base_url -> Option<url::Url> = |v| {
-        let s = string(v)?;
-        match url::Url::parse(s) {
-            Ok(mut u) if is_http(&u) => {
-                if !u.path().ends_with('/') {
-                    let p = format!("{}/", u.path());
-                    u.set_path(&p);
-                }
-                Ok(Some(u))
-            }
-            Ok(_) => Err(format!("`{s}` must be an http:// or https:// URL")),
-            Err(e) => Err(format!("`{s}` is not a URL: {e}")),
-        }
-    };
+    some_base_url -> Option<url::Url> = |v| base_url_of(v).map(Some);
     /// An account's `flavor`: which provider's callback spellings it uses.
     some_flavor -> Option<Flavor> = |v| {
         let s = string(v)?;
@@ -178,6 +152,21 @@ formats! {
         };
         items.iter().map(stage).collect::<Check<_>>().map(Some)
     };
+}
+
+fn base_url_of(v: &Value) -> Check<url::Url> {
+    let s = string(v)?;
+    match url::Url::parse(s) {
+        Ok(mut u) if is_http(&u) => {
+            if !u.path().ends_with('/') {
+                let p = format!("{}/", u.path());
+                u.set_path(&p);
+            }
+            Ok(u)
+        }
+        Ok(_) => Err(format!("`{s}` must be an http:// or https:// URL")),
+        Err(e) => Err(format!("`{s}` is not a URL: {e}")),
+    }
 }
 
 fn count_of(v: &Value) -> Check<usize> {

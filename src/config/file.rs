@@ -182,16 +182,22 @@ fn check_operator_slips(file: &File, bad: &mut impl FnMut(&str, String)) {
             ),
         );
     }
-    let path = file.api.base_url.path();
-    if let Some(at) = path.find("/api/v1") {
-        let root = file.api.base_url.as_str();
-        let root = root.split(&path[at..]).next().unwrap_or(root);
-        bad(
-            "api.base-url",
-            format!(
-                "give the API's root (like \"{root}\"): sunopoll adds /api/v1/generate/record-info itself"
-            ),
-        );
+    let accounts = file.api.account.iter().enumerate();
+    let urls = std::iter::once(("api.base-url".to_owned(), Some(&file.api.base_url)))
+        .chain(accounts.map(|(i, a)| (format!("api.account[{i}].base-url"), a.base_url.as_ref())));
+    for (key, url) in urls {
+        let Some(url) = url else { continue };
+        let path = url.path();
+        if let Some(at) = path.find("/api/v1") {
+            let root = url.as_str();
+            let root = root.split(&path[at..]).next().unwrap_or(root);
+            bad(
+                &key,
+                format!(
+                    "give the API's root (like \"{root}\"): sunopoll adds /api/v1/…/record-info itself"
+                ),
+            );
+        }
     }
 }
 

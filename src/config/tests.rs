@@ -677,3 +677,29 @@ fn an_unnamed_target_is_named_by_its_url_without_credentials() {
     );
     assert!(!c.summary().contains("s3cret-pw"), "{}", c.summary());
 }
+
+#[test]
+fn a_base_url_with_the_api_path_in_it_is_refused_for_every_account() {
+    let p = problems(
+        r#"
+[api]
+base-url = "https://api.sunoapi.org/api/v1/generate"
+
+[[api.account]]
+name = "main"
+
+[[api.account]]
+name = "kie"
+base-url = "https://api.kie.ai/api/v1"
+"#,
+    );
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("api.base-url: give the API's root (like \"https://api.sunoapi.org"),
+        "{p:?}"
+    );
+    assert!(
+        p[1].starts_with("api.account[1].base-url: give the API's root (like \"https://api.kie.ai"),
+        "{p:?}"
+    );
+}

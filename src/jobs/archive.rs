@@ -317,22 +317,7 @@ impl JobKind for ArchiveJob {
     }
 
     async fn woken(&mut self) {
-        let open = self.events_open;
-        let events = &mut self.a.events;
-        let wake = &self.a.wake;
-        let closed = tokio::select! {
-            open = async {
-                if open {
-                    events.changed().await.is_ok()
-                } else {
-                    std::future::pending().await
-                }
-            } => !open,
-            () = wake.notified() => false,
-        };
-        if closed {
-            self.events_open = false;
-        }
+        super::event_or_wake(&mut self.a.events, &mut self.events_open, &self.a.wake).await;
     }
 
     fn clock(&self) -> &Clock {

@@ -240,23 +240,7 @@ impl JobKind for DeliverJob {
     }
 
     async fn woken(&mut self) {
-        let open = self.events_open;
-        let events = &mut self.f.events;
-        let wake = &self.f.wake;
-        let closed = tokio::select! {
-            open = async {
-                if open {
-                    events.changed().await.is_ok()
-                } else {
-                    std::future::pending().await
-                }
-            } => !open,
-            () = wake.notified() => false,
-        };
-        if closed {
-            // Closed means the poll job is gone (shutdown): nothing new will be stored.
-            self.events_open = false;
-        }
+        super::event_or_wake(&mut self.f.events, &mut self.events_open, &self.f.wake).await;
     }
 
     fn clock(&self) -> &Clock {

@@ -53,6 +53,30 @@ impl WakeAt {
     }
 }
 
+/// Waits for a new event (`events` changed) or an outside wake-up (`wake`), for the job kinds
+/// that act on stored events (deliveries, the archive). Once `events` is closed (the poll job
+/// is gone: shutdown), `open` turns false and only `wake` is waited for.
+pub async fn event_or_wake(
+    events: &mut tokio::sync::watch::Receiver<i64>,
+    open: &mut bool,
+    wake: &tokio::sync::Notify,
+) {
+    let listening = *open;
+    let closed = tokio::select! {
+        still_open = async {
+            if listening {
+                events.changed().await.is_ok()
+            } else {
+                std::future::pending().await
+            }
+        } => !still_open,
+        () = wake.notified() => false,
+    };
+    if closed {
+        *open = false;
+    }
+}
+
 /// Whether a due row may start now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
