@@ -800,7 +800,7 @@ fn print_status(v: &StatusResponse) {
         }
     }
     out!("started:      {}", esc(&v.started_at));
-    out!("store:        {}", esc(&v.store.display().to_string()));
+    out!("store:        {}", esc(&v.store));
     out!("socket:       {}", esc(&v.socket.display().to_string()));
     out!(
         "config:       {}",

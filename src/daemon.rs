@@ -158,10 +158,15 @@ impl Daemon {
         options: StartOptions,
     ) -> anyhow::Result<Daemon> {
         let started_at = options.clock.now_ms();
-        let store_path = config.store.path.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
-            .await
-            .context("the store thread panicked while opening")??;
+        let store = match &config.store.postgres {
+            Some(options) => Store::open_postgres(options).await?,
+            None => {
+                let store_path = config.store.path.clone();
+                tokio::task::spawn_blocking(move || Store::open(&store_path))
+                    .await
+                    .context("the store thread panicked while opening")??
+            }
+        };
         let started = Daemon::start_on(
             config,
             key,
@@ -401,7 +406,7 @@ impl Daemon {
             policy: config.poll.clone(),
             info: DaemonInfo {
                 config: config.source.clone(),
-                store: config.store.path.clone(),
+                store: store.shown(),
                 socket: socket.path.clone(),
                 started_at,
             },
@@ -430,7 +435,7 @@ impl Daemon {
         info!(
             version = crate::VERSION,
             config = %config.source.as_ref().map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string()),
-            store = %config.store.path.display(),
+            store = %store.shown(),
             socket = %socket.path.display(),
             api = %accounts.iter().map(|a| if accounts.len() == 1 {
                 a.base_url.to_string()

@@ -820,8 +820,8 @@ pub struct StatusResponse {
     pub uptime_ms: i64,
     /// The config file, if any.
     pub config: Option<PathBuf>,
-    /// The store file.
-    pub store: PathBuf,
+    /// The store: the SQLite file, or the PostgreSQL database (never its password).
+    pub store: String,
     /// The control socket.
     pub socket: PathBuf,
     /// Task counts; `null` when the store is not answering.

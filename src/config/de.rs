@@ -86,6 +86,11 @@ formats! {
         let url = url::Url::parse(s).ok().filter(is_http);
         url.map(Some).ok_or_else(|| format!("`{s}` is not an http:// or https:// URL"))
     };
+    /// A non-empty string (`store.url`).
+    some_string -> Option<String> = |v| match string(v)?.trim() {
+        "" => Err("is empty".to_owned()),
+        s => Ok(Some(s.to_owned())),
+    };
     /// An inline signing secret (`whsec_…`). Secret files are read after parsing, not here.
     some_secret -> Option<SigningSecret> = |v| SigningSecret::parse(string(v)?).map(Some);
     /// In-flight limits: 1 to 1024.

@@ -59,6 +59,11 @@ impl Default for File {
 pub(super) fn unset_store() -> StoreConfig {
     StoreConfig {
         path: PathBuf::new(),
+        url: None,
+        password_file: None,
+        ca_file: None,
+        lease: super::DEFAULT_LEASE,
+        postgres: None,
     }
 }
 
@@ -362,12 +367,51 @@ impl File {
         for a in &mut api.account {
             a.key_file = a.key_file.take().map(anchor);
         }
-        let store = StoreConfig {
+        let path_set = !self.store.path.as_os_str().is_empty();
+        let mut store = StoreConfig {
             path: match self.store.path {
                 p if p.as_os_str().is_empty() => env.default_store_path(),
                 p => anchor(p),
             },
+            url: self.store.url,
+            password_file: self.store.password_file.map(anchor),
+            ca_file: self.store.ca_file.map(anchor),
+            lease: self.store.lease,
+            postgres: None,
         };
+        if let Some(url) = &store.url {
+            if path_set {
+                problems.push((
+                    "store".to_owned(),
+                    "set `path` (SQLite) or `url` (PostgreSQL), not both".to_owned(),
+                ));
+            }
+            let longest = api.request_timeout.max(self.forward.timeout).max(
+                self.forward
+                    .target
+                    .iter()
+                    .filter_map(|t| t.timeout)
+                    .max()
+                    .unwrap_or_default(),
+            );
+            if store.lease < longest * 2 {
+                problems.push((
+                    "store.lease".to_owned(),
+                    format!(
+                        "{} is too short: it must hold the longest request twice ({} here), or \
+                         another daemon could take work still in flight",
+                        crate::clock::format_duration(store.lease),
+                        crate::clock::format_duration(longest)
+                    ),
+                ));
+            }
+            match super::store_password(env, store.password_file.as_deref()).and_then(|password| {
+                crate::store::PgOptions::new(url, password, store.lease, store.ca_file.clone())
+            }) {
+                Ok(options) => store.postgres = Some(options),
+                Err(what) => problems.push(("store.url".to_owned(), what)),
+            }
+        }
         let mut control = self.control;
         control.socket_configured = !control.socket.as_os_str().is_empty();
         control.socket = if control.socket_configured {

@@ -363,7 +363,53 @@ pub struct StoreConfig {
     /// `path`: the SQLite file.
     #[serde(deserialize_with = "de::path")]
     pub path: PathBuf,
+    /// `url`: a PostgreSQL database shared by several daemons, instead of the SQLite file.
+    #[serde(deserialize_with = "de::some_string")]
+    pub url: Option<String>,
+    /// `password-file`: the database password, when `$CREDENTIALS_DIRECTORY/store-password`
+    /// is not there.
+    #[serde(deserialize_with = "de::some_path")]
+    pub password_file: Option<PathBuf>,
+    /// `ca-file`: extra CA certificates (PEM) to trust for the database's TLS.
+    #[serde(deserialize_with = "de::some_path")]
+    pub ca_file: Option<PathBuf>,
+    /// `lease`: how long work a daemon claimed stays its own without word from it.
+    #[serde(deserialize_with = "de::duration")]
+    pub lease: Duration,
+    /// The PostgreSQL connection `url` and the password make (`None`: the SQLite store).
+    #[serde(skip)]
+    pub postgres: Option<crate::store::PgOptions>,
 }
+
+/// The database password: `$CREDENTIALS_DIRECTORY/store-password` (systemd
+/// `LoadCredential=`), else `store.password-file`, else none (the URL's own, if it has one).
+/// One line; a trailing newline is not part of it. The error names the file, never the
+/// content.
+pub fn store_password(env: &Environment, file: Option<&Path>) -> Result<Option<String>, String> {
+    let passed = env
+        .credentials_directory
+        .as_ref()
+        .map(|d| d.join("store-password"))
+        .filter(|p| p.exists());
+    let Some(path) = passed.as_deref().or(file) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() || password.contains('\n') {
+        return Err(format!(
+            "the password file {} must hold the password on one line",
+            path.display()
+        ));
+    }
+    Ok(Some(password.to_owned()))
+}
+
+/// `store.lease` unless set: a daemon that dies is replaced within half a minute, and a
+/// request (at most [`DEFAULT_REQUEST_TIMEOUT`] by default) fits in it twice.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// `[control]`: the local socket.
 #[derive(Debug, Clone, Deserialize)]
@@ -878,7 +924,14 @@ impl Config {
             format_duration(self.poll.backoff_max),
             format_duration(self.poll.task_deadline),
             self.poll.fill_skipped_stages,
-            self.store.path.display(),
+            match &self.store.postgres {
+                Some(pg) => format!(
+                    "{} (PostgreSQL, shared; lease {})",
+                    pg.shown(),
+                    format_duration(self.store.lease)
+                ),
+                None => self.store.path.display().to_string(),
+            },
             self.control.socket.display(),
             self.control.mode,
             self.control

@@ -94,8 +94,8 @@ pub const EVENTS_PAGE_MAX: u32 = 10_000;
 pub struct DaemonInfo {
     /// The config file, if any.
     pub config: Option<PathBuf>,
-    /// The store file.
-    pub store: PathBuf,
+    /// The store: the SQLite file, or the PostgreSQL database (never its password).
+    pub store: String,
     /// The socket.
     pub socket: PathBuf,
     /// Unix ms at start.

@@ -25,6 +25,7 @@ mod deliveries;
 mod events;
 mod gate;
 mod gauges;
+mod postgres;
 mod sqlite;
 mod tasks;
 
@@ -41,7 +42,10 @@ pub use events::EventRecord;
 pub use gate::AccountRow;
 pub use gate::{GateRow, PauseKind};
 pub use gauges::{DUE_COUNT_CAP, QueueGauges};
-pub use sqlite::PRUNE_CHUNK;
+pub use postgres::{DaemonRow, LeaseCount, PgOptions};
+
+/// Tasks deleted per housekeeping transaction.
+pub const PRUNE_CHUNK: usize = 500;
 pub use tasks::{
     AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, TaskCount, TaskRecord,
     TaskRow, TaskSpec, TaskState, TaskUpdate,
@@ -124,6 +128,7 @@ impl StoreHealth {
 #[derive(Debug, Clone)]
 enum Engine {
     Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
 }
 
 /// Runs `$body` with `$b` bound to the store's backend, whichever it is.
@@ -131,6 +136,7 @@ macro_rules! on_backend {
     ($store:expr, $b:ident => $body:expr) => {
         match &$store.engine {
             Engine::Sqlite($b) => $body,
+            Engine::Postgres($b) => $body,
         }
     };
 }
@@ -158,9 +164,38 @@ impl Store {
         sqlite::backup(from, to)
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        on_backend!(self, b => b.path())
+    /// Connects to the PostgreSQL database `options` names (shared by any number of daemons),
+    /// migrates its schema, registers this daemon and starts its heartbeat.
+    pub async fn open_postgres(options: &PgOptions) -> Result<Store, StoreError> {
+        Ok(Store {
+            engine: Engine::Postgres(postgres::Postgres::open(options).await?),
+        })
+    }
+
+    /// The store as people may see it: the SQLite file's path, or the PostgreSQL database
+    /// (never its password).
+    pub fn shown(&self) -> String {
+        match &self.engine {
+            Engine::Sqlite(b) => b.path().display().to_string(),
+            Engine::Postgres(b) => b.shown().to_owned(),
+        }
+    }
+
+    /// The daemons sharing this queue and the leases each holds (`None`: a SQLite store, which
+    /// one daemon has to itself).
+    pub async fn daemons(&self) -> Option<Result<Vec<DaemonRow>, StoreError>> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(b) => Some(b.daemons().await),
+        }
+    }
+
+    /// This daemon's name among those sharing the queue (`None` for SQLite).
+    pub fn daemon_name(&self) -> Option<&str> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(b) => Some(b.me()),
+        }
     }
 
     /// The last store error, if the last commit failed.

@@ -29,8 +29,7 @@ mod schema;
 mod tasks;
 mod thread;
 
-/// Tasks deleted per housekeeping transaction.
-pub const PRUNE_CHUNK: usize = 500;
+use super::PRUNE_CHUNK;
 
 /// Why a statement failed: what SQLite said, or the store's own refusal. Private, so rusqlite's
 /// error type never appears in the store's interface.

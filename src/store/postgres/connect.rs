@@ -1,0 +1,182 @@
+//! How the daemon reaches its database: the connection settings (`[store] url`, the password
+//! from a systemd credential or a file, TLS), the pool, and connection errors explained without
+//! ever showing the password.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::config::{Host, SslMode};
+
+/// Connections per daemon: its poll loops, deliveries, archive and the operators' reads.
+pub const POOL_SIZE: usize = 8;
+
+/// How long to wait for a connection (from the pool, or a new one) before the operation fails
+/// as a store fault: a database that does not answer must not hang the daemon's loops.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything needed to reach one database.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// Parsed from `[store] url`, with the password (if any) set from its source.
+    config: tokio_postgres::Config,
+    /// How long a claim keeps other daemons off a row (`[store] lease`).
+    pub lease: Duration,
+    /// Extra CA certificates (PEM) to trust for TLS (`[store] ca-file`).
+    ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("database", &self.shown())
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgOptions {
+    /// Reads `url` (a `postgres://` or `postgresql://` URL, or `key=value` pairs, as libpq
+    /// takes them). `password`, when given, replaces any password in the URL. The error names
+    /// what is wrong and never repeats the URL (it may hold a password).
+    pub fn new(
+        url: &str,
+        password: Option<String>,
+        lease: Duration,
+        ca_file: Option<PathBuf>,
+    ) -> Result<PgOptions, String> {
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| format!("store.url is not a PostgreSQL connection URL: {e}"))?;
+        if config.get_hosts().is_empty() {
+            return Err(
+                "store.url names no host (add one, or `?host=/run/postgresql` for the local socket)"
+                    .to_owned(),
+            );
+        }
+        if config.get_dbname().is_none() {
+            return Err("store.url names no database (…/DBNAME)".to_owned());
+        }
+        if let Some(p) = password {
+            config.password(p);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("sunopoll");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        // A connection the server (or a firewall) dropped silently is noticed, not waited on.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        Ok(PgOptions {
+            config,
+            lease,
+            ca_file,
+        })
+    }
+
+    /// The database as people may see it: `user@host:port/db`, never a password.
+    pub fn shown(&self) -> String {
+        let c = &self.config;
+        let hosts: Vec<String> = c
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    Host::Tcp(name) => name.clone(),
+                    Host::Unix(path) => path.display().to_string(),
+                };
+                match c.get_ports().get(i).or(c.get_ports().first()) {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host,
+                }
+            })
+            .collect();
+        format!(
+            "postgres://{}{}/{}",
+            c.get_user().map(|u| format!("{u}@")).unwrap_or_default(),
+            hosts.join(","),
+            c.get_dbname().unwrap_or_default()
+        )
+    }
+
+    /// Whether TLS is asked for (`sslmode=prefer`, the default, or `require`).
+    fn wants_tls(&self) -> bool {
+        self.config.get_ssl_mode() != SslMode::Disable
+    }
+
+    /// The pool. Connections are made when first needed, each checked with a round trip when
+    /// reused after a failure could have broken it (`RecyclingMethod::Verified`).
+    pub(super) fn pool(&self) -> Result<Pool, String> {
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        };
+        let manager = if self.wants_tls() {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.tls_config()?);
+            Manager::from_config(self.config.clone(), tls, manager_config)
+        } else {
+            Manager::from_config(self.config.clone(), tokio_postgres::NoTls, manager_config)
+        };
+        Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| format!("cannot set up the connection pool: {e}"))
+    }
+
+    /// TLS that verifies the server's certificate and name (what libpq calls
+    /// `sslmode=verify-full`) against the system's CAs, or the bundled Mozilla set when the
+    /// system has none, plus `ca-file`.
+    fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
+        crate::api::install_crypto_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        let loaded = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(loaded.certs);
+        if added == 0 {
+            roots.add_parsable_certificates(
+                webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned(),
+            );
+        }
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("store.ca-file {}: cannot read it: {e}", path.display()))?;
+            use rustls::pki_types::pem::PemObject;
+            let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| {
+                    format!(
+                        "store.ca-file {}: not PEM certificates: {e}",
+                        path.display()
+                    )
+                })?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "store.ca-file {}: holds no certificate",
+                    path.display()
+                ));
+            }
+            roots.add_parsable_certificates(certs);
+        }
+        Ok(rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+    }
+}
+
+/// Why no connection could be had, in one line, without the password.
+pub(super) fn describe_pool(e: &PoolError) -> String {
+    match e {
+        PoolError::Backend(e) => format!("cannot connect: {}", super::describe(e)),
+        PoolError::Timeout(_) => format!(
+            "cannot connect: no connection within {}s (is PostgreSQL up and reachable?)",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+        PoolError::Closed => "the store has shut down".to_owned(),
+        other => format!("cannot connect: {other}"),
+    }
+}

@@ -1,0 +1,181 @@
+//! The daemons sharing one queue: each one's heartbeat row, the leases it holds, and letting
+//! go of them when it stops.
+
+use deadpool_postgres::GenericClient;
+
+use super::schema::DB_NOW;
+use super::{Postgres, Sql, execute, query, query_one};
+
+/// One live daemon, as `status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DaemonRow {
+    /// Its name: `host:pid:random`.
+    pub id: String,
+    /// The host it runs on.
+    pub host: String,
+    /// Its process ID there.
+    pub pid: i64,
+    /// Its sunopoll version.
+    pub version: String,
+    /// When it started (the database's clock, Unix ms).
+    pub started_at: i64,
+    /// Its last heartbeat (the database's clock, Unix ms).
+    pub beat_at: i64,
+    /// The leases it holds now.
+    pub leases: LeaseCount,
+}
+
+/// Live leases one daemon holds, per kind of work.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseCount {
+    /// Tasks it is polling (or about to).
+    pub tasks: i64,
+    /// Deliveries it is making.
+    pub deliveries: i64,
+    /// Archive files it is fetching.
+    pub files: i64,
+}
+
+/// This process's name among the daemons: unique even for two daemons started on one host in
+/// the same second, and readable in `status`.
+pub(super) fn my_name() -> String {
+    format!(
+        "{}:{}:{:06x}",
+        host(),
+        std::process::id(),
+        fastrand::u32(..0x100_0000)
+    )
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned())
+}
+
+/// Renews `me`'s heartbeat row (creating it at the first beat) and forgets daemons that have
+/// not beaten for ten leases: a host that died is listed as gone for a while, then dropped.
+pub(super) async fn beat(c: &impl GenericClient, me: &str, lease_ms: i64) -> Sql<()> {
+    let pid = i64::from(std::process::id());
+    execute(
+        c,
+        &format!(
+            "INSERT INTO daemons (id, host, pid, version, started_at, beat_at)
+             VALUES ($1, $2, $3, $4, {DB_NOW}, {DB_NOW})
+             ON CONFLICT (id) DO UPDATE SET beat_at = {DB_NOW}"
+        ),
+        &[&me, &host(), &pid, &env!("CARGO_PKG_VERSION")],
+    )
+    .await?;
+    execute(
+        c,
+        &format!("DELETE FROM daemons WHERE beat_at < {DB_NOW} - $1"),
+        &[&lease_ms.saturating_mul(10)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The daemons whose last beat is within one lease, oldest first, with their live leases.
+pub(super) async fn live(c: &impl GenericClient, lease_ms: i64) -> Sql<Vec<DaemonRow>> {
+    let rows = query(
+        c,
+        &format!(
+            "SELECT d.id, d.host, d.pid, d.version, d.started_at, d.beat_at,
+                    (SELECT COUNT(*) FROM tasks t
+                      WHERE t.claimed_by = d.id AND t.lease_until >= {DB_NOW}),
+                    (SELECT COUNT(*) FROM deliveries l
+                      WHERE l.claimed_by = d.id AND l.lease_until >= {DB_NOW}),
+                    (SELECT COUNT(*) FROM archive_files f
+                      WHERE f.claimed_by = d.id AND f.lease_until >= {DB_NOW})
+             FROM daemons d WHERE d.beat_at >= {DB_NOW} - $1 ORDER BY d.started_at, d.id"
+        ),
+        &[&lease_ms],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(DaemonRow {
+                id: r.try_get(0)?,
+                host: r.try_get(1)?,
+                pid: r.try_get(2)?,
+                version: r.try_get(3)?,
+                started_at: r.try_get(4)?,
+                beat_at: r.try_get(5)?,
+                leases: LeaseCount {
+                    tasks: r.try_get(6)?,
+                    deliveries: r.try_get(7)?,
+                    files: r.try_get(8)?,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Releases every lease `me` holds and removes its heartbeat row: it is stopping.
+pub(super) async fn leave(c: &impl GenericClient, me: &str) -> Sql<()> {
+    for table in ["tasks", "deliveries", "archive_files"] {
+        execute(
+            c,
+            &format!(
+                "UPDATE {table} SET claimed_by = NULL, lease_until = NULL WHERE claimed_by = $1"
+            ),
+            &[&me],
+        )
+        .await?;
+    }
+    execute(c, "DELETE FROM daemons WHERE id = $1", &[&me]).await?;
+    Ok(())
+}
+
+/// Proves writes can be made now without making one: the connection works and the server
+/// takes writes (it is not a standby, nor set read-only).
+pub(super) async fn probe(c: &impl GenericClient) -> Sql<()> {
+    let r = query_one(
+        c,
+        "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')",
+        &[],
+    )
+    .await?;
+    let standby: bool = r.try_get(0)?;
+    let read_only: String = r.try_get(1)?;
+    if standby || read_only == "on" {
+        return Err(crate::store::StoreError::Fault(format!(
+            "PostgreSQL takes no writes here ({}); point store.url at the primary",
+            if standby {
+                "the server is a standby"
+            } else {
+                "transactions are read-only"
+            }
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Beats every [`super::HEARTBEAT_EVERY`] until the store closes. A failed beat is logged
+/// once per outage, not every few seconds: the store's health already says the database is
+/// unreachable.
+pub(super) async fn heartbeat(pg: Postgres) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = pg.stop.cancelled() => return,
+            () = tokio::time::sleep(super::HEARTBEAT_EVERY) => {}
+        }
+        match pg.beat().await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(store = %pg.shown(), "heartbeat written again");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(store = %pg.shown(), problem = %e, "cannot write this daemon's heartbeat; other daemons may take its work after the lease");
+            }
+            Err(_) => {}
+        }
+    }
+}
