@@ -28,3 +28,7 @@ pub fn real_tool(name: &str) -> Option<PathBuf> {
     );
     None
 }
+
+mod postgres;
+
+pub use postgres::{PgCluster, postgres};
