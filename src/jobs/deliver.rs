@@ -182,7 +182,15 @@ impl JobKind for DeliverJob {
             .map(|(o, _)| o.clone())
             .collect();
         let busy: Vec<i64> = in_flight.iter().copied().collect();
-        self.f.store.due_deliveries(busy, full, slots + 1).await
+        // Only targets this daemon is configured for: on a queue several daemons share, a
+        // target another daemon's configuration names is that daemon's to deliver.
+        let targets: Vec<String> = (self.f.router.config().targets.iter())
+            .map(|t| t.name.clone())
+            .collect();
+        self.f
+            .store
+            .due_deliveries(targets, busy, full, slots + 1)
+            .await
     }
 
     fn admit(&mut self, row: &DueDelivery) -> Admit {

@@ -174,9 +174,11 @@ pub trait Backend: Send + Sync {
     /// deliveries are still pending. Works in bounded chunks.
     fn prune(&self, before: i64) -> impl Future<Output = Result<Pruned, StoreError>> + Send;
 
-    /// Ready deliveries in due order, skipping `busy` ids and `full` origins.
+    /// Ready deliveries in due order to `targets` (the configured ones this daemon can make)
+    /// or to per-task URLs, skipping `busy` ids and `full` origins.
     fn due_deliveries(
         &self,
+        targets: Vec<String>,
         busy: Vec<i64>,
         full: Vec<String>,
         limit: usize,

@@ -425,7 +425,12 @@ async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt(
     .expect("apply");
     // The forwarder takes the delivery and starts an attempt...
     let due = s
-        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .due_deliveries(
+            vec!["app".into(), "files".into()],
+            Vec::new(),
+            Vec::new(),
+            10,
+        )
         .await
         .expect("due");
     assert_eq!(due.len(), 1);
@@ -448,7 +453,12 @@ async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt(
         .expect("record");
     assert!(!applied, "the attempt is reported as superseded");
     let due = s
-        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .due_deliveries(
+            vec!["app".into(), "files".into()],
+            Vec::new(),
+            Vec::new(),
+            10,
+        )
         .await
         .expect("due");
     assert_eq!(due.len(), 1, "the requested replay was lost");
@@ -486,7 +496,12 @@ async fn only_the_head_of_a_queue_is_due(s: &impl Backend) {
     .expect("apply")
     .expect("active");
     let due = s
-        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .due_deliveries(
+            vec!["app".into(), "files".into()],
+            Vec::new(),
+            Vec::new(),
+            10,
+        )
         .await
         .expect("due");
     assert_eq!(due.len(), 1, "error waits behind text");
@@ -508,7 +523,12 @@ async fn only_the_head_of_a_queue_is_due(s: &impl Backend) {
             .expect("record")
     );
     let due = s
-        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .due_deliveries(
+            vec!["app".into(), "files".into()],
+            Vec::new(),
+            Vec::new(),
+            10,
+        )
         .await
         .expect("due");
     assert_eq!(due.len(), 1);
@@ -655,7 +675,12 @@ async fn kept_counts_equal_a_recount_after_any_mix_of_changes(s: &impl Backend) 
             }
             7 => {
                 let due = s
-                    .due_deliveries(Vec::new(), Vec::new(), 5)
+                    .due_deliveries(
+                        vec!["app".into(), "files".into()],
+                        Vec::new(),
+                        Vec::new(),
+                        5,
+                    )
                     .await
                     .expect("due");
                 for d in &due {
@@ -1158,7 +1183,12 @@ async fn the_archived_notice_is_stored_once_with_the_last_kept_file(s: &impl Bac
     assert_eq!(archived, [("files", "pending", 3000)], "due at once");
     // Behind the complete callback in the target's queue, as every later stage is.
     let due = s
-        .due_deliveries(Vec::new(), Vec::new(), 10)
+        .due_deliveries(
+            vec!["app".into(), "files".into()],
+            Vec::new(),
+            Vec::new(),
+            10,
+        )
         .await
         .expect("due");
     assert_eq!(

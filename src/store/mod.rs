@@ -383,11 +383,12 @@ impl Store {
     /// pending event of the same task for the same target (order per task and target).
     pub async fn due_deliveries(
         &self,
+        targets: Vec<String>,
         busy: Vec<i64>,
         full: Vec<String>,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError> {
-        on_backend!(self, b => b.due_deliveries(busy, full, limit).await)
+        on_backend!(self, b => b.due_deliveries(targets, busy, full, limit).await)
     }
 
     /// Records one attempt at `delivery` and its consequence. Returns `false` when a replay was

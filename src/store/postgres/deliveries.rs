@@ -66,12 +66,14 @@ pub(super) async fn refresh_ready(c: &impl GenericClient, task: &str, target: &s
     Ok(())
 }
 
-/// Ready deliveries in due order that this daemon can make, skipping `busy` ids and `full`
+/// Ready deliveries in due order to `targets` (those this daemon's configuration names) or to
+/// per-task URLs, skipping `busy` ids and `full`
 /// origins and those another daemon holds a live lease on; each returned one is leased to
 /// `me`. Not only the due ones: as in SQLite, the first not yet due tells the loop when to
 /// wake.
 pub(super) async fn claim(
     c: &impl GenericClient,
+    targets: &[String],
     busy: &[i64],
     full: &[String],
     limit: usize,
@@ -85,7 +87,7 @@ pub(super) async fn claim(
                AND NOT (d.id = ANY($1)) AND NOT (d.origin = ANY($2))
                AND (d.claimed_by IS NULL OR d.claimed_by = $4 OR d.lease_until < {DB_NOW})
                AND (d.target IN ($6, $7)
-                    OR d.target = ANY(SELECT unnest(targets) FROM daemons WHERE id = $4))
+                    OR d.target = ANY($8))
              ORDER BY d.next_attempt_at, d.id LIMIT $3
              FOR UPDATE OF d SKIP LOCKED
          )
@@ -106,6 +108,7 @@ pub(super) async fn claim(
             &lease_ms,
             &TARGET_TASK_URL,
             &TARGET_SUBMITTED_URL,
+            &targets,
         ],
     )
     .await?;

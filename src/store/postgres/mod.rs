@@ -474,13 +474,14 @@ impl Backend for Postgres {
 
     async fn due_deliveries(
         &self,
+        targets: Vec<String>,
         busy: Vec<i64>,
         full: Vec<String>,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError> {
         let (me, lease) = (self.me.clone(), self.lease_ms);
         write_tx!(self, |c| {
-            deliveries::claim(&c, &busy, &full, limit, &me, lease).await
+            deliveries::claim(&c, &targets, &busy, &full, limit, &me, lease).await
         })
     }
 

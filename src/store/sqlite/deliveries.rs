@@ -59,12 +59,14 @@ pub(super) const REFRESH_READY: &str = "UPDATE deliveries INDEXED BY deliveries_
 
 pub(super) fn due(
     conn: &Connection,
+    targets: &[String],
     busy: &[i64],
     full: &[String],
     limit: usize,
 ) -> Sql<Vec<DueDelivery>> {
     let busy = serde_json::to_string(busy).unwrap_or_else(|_| "[]".to_owned());
     let full = serde_json::to_string(full).unwrap_or_else(|_| "[]".to_owned());
+    let targets = serde_json::to_string(targets).unwrap_or_else(|_| "[]".to_owned());
     let mut stmt = conn.prepare_cached(
         "SELECT d.id, d.event_seq, d.task_id, e.stage, d.target, d.url, d.origin, d.webhook_id,
                 d.attempts, d.next_attempt_at, e.body, d.replays
@@ -72,11 +74,19 @@ pub(super) fn due(
          WHERE d.state = 'pending' AND d.ready = 1
            AND d.id NOT IN (SELECT value FROM json_each(?1))
            AND d.origin NOT IN (SELECT value FROM json_each(?2))
+           AND (d.target IN (?5, ?6) OR d.target IN (SELECT value FROM json_each(?4)))
          ORDER BY d.next_attempt_at, d.id LIMIT ?3",
     )?;
     let rows = stmt
         .query_map(
-            params![busy, full, i64::try_from(limit).unwrap_or(i64::MAX)],
+            params![
+                busy,
+                full,
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                targets,
+                crate::config::TARGET_TASK_URL,
+                crate::config::TARGET_SUBMITTED_URL
+            ],
             |r| {
                 Ok(DueDelivery {
                     id: r.get(0)?,

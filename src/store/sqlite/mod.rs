@@ -386,11 +386,12 @@ impl Backend for Sqlite {
 
     async fn due_deliveries(
         &self,
+        targets: Vec<String>,
         busy: Vec<i64>,
         full: Vec<String>,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError> {
-        self.call(move |c| deliveries::due(c, &busy, &full, limit))
+        self.call(move |c| deliveries::due(c, &targets, &busy, &full, limit))
             .await
     }
 
