@@ -801,6 +801,31 @@ fn print_status(v: &StatusResponse) {
     }
     out!("started:      {}", esc(&v.started_at));
     out!("store:        {}", esc(&v.store));
+    if let Some(q) = &v.shared {
+        out!(
+            "daemons:      {} sharing the queue (lease {})",
+            q.daemons.len(),
+            crate::clock::format_duration(std::time::Duration::from_millis(
+                q.lease_ms.max(0).unsigned_abs()
+            ))
+        );
+        for d in &q.daemons {
+            out!(
+                "  {}{}: v{}, up since {}, last beat {}, leases: {} task{}, {} deliver{}, {} file{}",
+                esc(&d.id),
+                if d.id == q.me { " (this one)" } else { "" },
+                esc(&d.version),
+                esc(&d.started_at),
+                esc(&d.beat_at),
+                d.leased_tasks,
+                if d.leased_tasks == 1 { "" } else { "s" },
+                d.leased_deliveries,
+                if d.leased_deliveries == 1 { "y" } else { "ies" },
+                d.leased_files,
+                if d.leased_files == 1 { "" } else { "s" },
+            );
+        }
+    }
     out!("socket:       {}", esc(&v.socket.display().to_string()));
     out!(
         "config:       {}",

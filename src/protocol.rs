@@ -839,6 +839,43 @@ pub struct StatusResponse {
     /// The archive, when `[archive]` is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<ArchiveStatusView>,
+    /// On a PostgreSQL queue: the daemons sharing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedQueueView>,
+}
+
+/// The daemons sharing one PostgreSQL queue, as `status` lists them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SharedQueueView {
+    /// The answering daemon's name.
+    pub me: String,
+    /// How long a claim keeps other daemons off a row (ms).
+    pub lease_ms: i64,
+    /// Every daemon that beat within the last lease, oldest first.
+    pub daemons: Vec<DaemonView>,
+}
+
+/// One live daemon on a shared queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonView {
+    /// Its name: `host:pid:random`.
+    pub id: String,
+    /// The host it runs on.
+    pub host: String,
+    /// Its process ID there.
+    pub pid: i64,
+    /// Its sunopoll version.
+    pub version: String,
+    /// When it started (RFC 3339 UTC, the database's clock).
+    pub started_at: String,
+    /// Its last heartbeat (RFC 3339 UTC, the database's clock).
+    pub beat_at: String,
+    /// Tasks it holds a live lease on.
+    pub leased_tasks: i64,
+    /// Deliveries it holds a live lease on.
+    pub leased_deliveries: i64,
+    /// Archive files it holds a live lease on.
+    pub leased_files: i64,
 }
 
 /// The `{"ok": true, ...}` envelope: `ok` first, then the answer's own fields.
@@ -1272,6 +1309,7 @@ mod tests {
                 last_error_at: Some("2026-11-26T09:58:00Z".into()),
             }],
             archive: None,
+            shared: None,
         };
         const POLL: &str = r#"{"account":"default","flavor":"sunoapi","rate_limit":2.0,"learnt_rate":0.45,"state":"paused","pause_kind":"throttled","pause_attempt":2,"paused_until":"2026-11-26T10:05:00Z","paused_since":"2026-11-26T10:00:00Z","paused_for_ms":1500,"pause_cause":"HTTP 429","in_flight":0,"requests":41,"last_answer_at":"2026-11-26T10:00:00Z","last_answer":"throttled"}"#;
         const TARGETS: &str = r#"[{"target":"app","pending":1,"failed":0,"delivered":5,"last_success_at":"2026-11-26T09:59:00Z","last_error":"HTTP 500","last_error_at":"2026-11-26T09:58:00Z"}]"#;

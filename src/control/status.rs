@@ -138,6 +138,31 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
     }
     let (archive, archive_problem) = super::archive::status(ctx).await;
     problems.extend(archive_problem);
+    let shared = match ctx.store.daemons().await {
+        None => None,
+        Some(Err(e)) => {
+            problems.push(format!("cannot list the daemons sharing the queue: {e}"));
+            None
+        }
+        Some(Ok(rows)) => Some(crate::protocol::SharedQueueView {
+            me: ctx.store.daemon_name().unwrap_or_default().to_owned(),
+            lease_ms: ctx.store.lease_ms().unwrap_or_default(),
+            daemons: rows
+                .into_iter()
+                .map(|d| crate::protocol::DaemonView {
+                    id: d.id,
+                    host: d.host,
+                    pid: d.pid,
+                    version: d.version,
+                    started_at: format_utc(d.started_at),
+                    beat_at: format_utc(d.beat_at),
+                    leased_tasks: d.leases.tasks,
+                    leased_deliveries: d.leases.deliveries,
+                    leased_files: d.leases.files,
+                })
+                .collect(),
+        }),
+    };
     Ok(StatusResponse {
         version: crate::VERSION.to_owned(),
         healthy: problems.is_empty(),
@@ -153,5 +178,6 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
         breakdown,
         targets,
         archive,
+        shared,
     })
 }

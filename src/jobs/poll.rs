@@ -340,8 +340,16 @@ impl Scheduler {
             .policy
             .max_requests_per_second
             .map(|ceiling| RateLearner::new(ceiling, loaded.learnt_rate, Instant::now()));
+        // On a queue several daemons share, the first round waits until they have counted this
+        // one in ([`Sharing`]); until then it polls nothing.
+        let share = self.store.daemon_name().map(|_| Sharing {
+            daemons: 1,
+            next_check: Instant::now(),
+            hold_until: None,
+        });
         let limiter = learner.as_ref().map(|l| RateLimiter::new(l.rate()));
         let job = PollJob {
+            share,
             s: self,
             gate: loaded.gate,
             epoch: 0,
@@ -365,9 +373,28 @@ pub struct Loaded {
     pub learnt_rate: Option<f64>,
 }
 
+/// How often a daemon on a shared queue counts the daemons polling it and reads the account's
+/// shared pause. A daemon that joins waits this long (and a little) before its first poll, so
+/// the others have lowered their share of the rate first.
+pub const SHARE_CHECK: Duration = Duration::from_secs(2);
+
+/// One account's budget on a queue several daemons share (PostgreSQL): the request rate and the
+/// in-flight cap are split evenly among the live daemons, so together they never exceed the
+/// configured ones; a pause one daemon saves is honoured by all.
+struct Sharing {
+    /// Live daemons on the queue, this one included, at the last count.
+    daemons: usize,
+    /// When to count again.
+    next_check: Instant,
+    /// No poll before this: the other daemons have not yet counted this one.
+    hold_until: Option<Instant>,
+}
+
 /// The poll job on the loop: the scheduler's settings and the limits' state.
 struct PollJob {
     s: Scheduler,
+    /// Set on a shared queue.
+    share: Option<Sharing>,
     gate: Gate,
     /// Bumped whenever the gate moves: a failure from a request sent in an older epoch does not
     /// escalate the pause (otherwise four parallel 430s would count as four failures).
@@ -399,7 +426,9 @@ impl JobKind for PollJob {
     }
 
     fn max_in_flight(&self) -> usize {
-        self.s.policy.max_in_flight
+        // Split among the daemons sharing the queue (at least one each).
+        let daemons = self.share.as_ref().map_or(1, |s| s.daemons);
+        (self.s.policy.max_in_flight / daemons).max(1)
     }
 
     fn store_backoff(&self) -> StoreBackoffPolicy {
@@ -422,16 +451,20 @@ impl JobKind for PollJob {
                 (None, Some(ceiling)) => Some(RateLearner::new(ceiling, None, Instant::now())),
                 (_, None) => None,
             };
-            self.limiter = match (self.limiter.take(), self.learner.as_ref()) {
-                (Some(mut limiter), Some(l)) => {
-                    limiter.set_rate(l.rate());
+            let split = self.learner.as_ref().map(|l| self.split(l.rate()));
+            self.limiter = match (self.limiter.take(), split) {
+                (Some(mut limiter), Some(rate)) => {
+                    limiter.set_rate(rate);
                     Some(limiter)
                 }
-                (None, Some(l)) => Some(RateLimiter::new(l.rate())),
+                (None, Some(rate)) => Some(RateLimiter::new(rate)),
                 (_, None) => None,
             };
             self.s.policy.max_requests_per_second = rate;
             self.publish_rate();
+        }
+        if let Some(hold) = self.sync_shared(wake).await {
+            return hold;
         }
         let now = self.s.clock.now_ms();
         publish(&self.s.status, &self.gate, in_flight, now);
@@ -453,7 +486,7 @@ impl JobKind for PollJob {
             wake.at(at);
         }
         let (slots, probing) = match &self.gate {
-            Gate::Open => (self.s.policy.max_in_flight.saturating_sub(in_flight), false),
+            Gate::Open => (self.max_in_flight().saturating_sub(in_flight), false),
             Gate::Paused { until, .. } if now < *until => {
                 wake.at(instant_at(*until, now));
                 (0, false)
@@ -693,6 +726,95 @@ impl JobKind for PollJob {
 }
 
 impl PollJob {
+    /// This daemon's part of an account-wide `rate`.
+    fn split(&self, rate: f64) -> f64 {
+        rate / self.share.as_ref().map_or(1, |s| s.daemons) as f64
+    }
+
+    /// On a shared queue, every [`SHARE_CHECK`]: counts the live daemons and splits the rate
+    /// anew, and takes up a pause another daemon saved for this account (or its end, once that
+    /// daemon's probe was answered). Returns `Some(0)` while this daemon must not poll yet.
+    async fn sync_shared(&mut self, wake: &mut WakeAt) -> Option<usize> {
+        let t = Instant::now();
+        let share = self.share.as_mut()?;
+        if t >= share.next_check {
+            share.next_check = t + SHARE_CHECK;
+            let first = share.hold_until.is_none();
+            match self.s.store.daemons().await {
+                Some(Ok(live)) => {
+                    let n = live.len().max(1);
+                    if first && n > 1 {
+                        // The others count this daemon in within one check: only then is
+                        // its share of the rate free.
+                        share.hold_until = Some(t + SHARE_CHECK + SHARE_CHECK / 2);
+                    } else if first {
+                        share.hold_until = Some(t);
+                    }
+                    if n != share.daemons {
+                        share.daemons = n;
+                        let rate = self.learner.as_ref().map(RateLearner::rate);
+                        info!(
+                            account = %self.s.account,
+                            daemons = n,
+                            rate = rate.map_or_else(|| "unlimited".to_owned(), |r| format!("{:.3}", r / n as f64)),
+                            "daemons sharing the queue changed; this one takes its share of the account's request rate"
+                        );
+                        if let (Some(rate), Some(limiter)) = (rate, self.limiter.as_mut()) {
+                            limiter.set_rate(rate / n as f64);
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "cannot count the daemons sharing the queue; keeping the last count")
+                }
+                None => {}
+            }
+            self.adopt_shared_pause().await;
+        }
+        let share = self.share.as_ref()?;
+        wake.at(share.next_check);
+        match share.hold_until {
+            Some(hold) if t < hold => {
+                wake.at(hold);
+                Some(0)
+            }
+            None => Some(0),
+            Some(_) => None,
+        }
+    }
+
+    /// Reads the account's pause as the daemons sharing it saved it last.
+    async fn adopt_shared_pause(&mut self) {
+        if self.probe_in_flight {
+            return;
+        }
+        let Ok(row) = self.s.store.load_account(self.s.account.clone()).await else {
+            return;
+        };
+        let stored = Gate::from_row(row.gate);
+        match (&self.gate, &stored) {
+            (_, Gate::Paused { until: theirs, .. }) if !matches!(&self.gate, Gate::Paused { until: ours, .. } if ours >= theirs) =>
+            {
+                if let Gate::Paused { kind, cause, .. } = &stored {
+                    warn!(
+                        account = %self.s.account,
+                        pause = kind.as_str(),
+                        cause = %cause,
+                        "another daemon on this queue paused polling of this account; pausing too"
+                    );
+                }
+                self.gate = stored;
+                self.epoch += 1;
+            }
+            (Gate::Paused { .. }, Gate::Open) => {
+                info!(account = %self.s.account, "another daemon's probe was answered; polling resumes");
+                self.gate = Gate::Open;
+                self.epoch += 1;
+            }
+            _ => {}
+        }
+    }
+
     /// Lets the rate learner see an answer; a changed rate is used from now on, shown in
     /// `status` and persisted, so a restart does not relearn it by being throttled again.
     async fn learn(&mut self, step: impl FnOnce(&mut RateLearner, Instant) -> Option<f64>) {
@@ -707,9 +829,10 @@ impl PollJob {
             return;
         }
         let learnt = learner.is_learnt();
+        let split = self.split(rate);
         match self.limiter.as_mut() {
-            Some(limiter) => limiter.set_rate(rate),
-            None => self.limiter = Some(RateLimiter::new(rate)),
+            Some(limiter) => limiter.set_rate(split),
+            None => self.limiter = Some(RateLimiter::new(split)),
         }
         if rate < before {
             info!(

@@ -190,6 +190,14 @@ impl Store {
         }
     }
 
+    /// How long a claim keeps other daemons off a row (`None` for SQLite).
+    pub fn lease_ms(&self) -> Option<i64> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(b) => Some(b.lease_ms()),
+        }
+    }
+
     /// This daemon's name among those sharing the queue (`None` for SQLite).
     pub fn daemon_name(&self) -> Option<&str> {
         match &self.engine {

@@ -253,6 +253,11 @@ impl Postgres {
         &self.shown
     }
 
+    /// How long a claim keeps other daemons off a row, in ms.
+    pub fn lease_ms(&self) -> i64 {
+        self.lease_ms
+    }
+
     /// This daemon's name, as `claimed_by` and `status` show it.
     pub fn me(&self) -> &str {
         &self.me
