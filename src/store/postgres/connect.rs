@@ -94,12 +94,14 @@ impl PgOptions {
                 }
             })
             .collect();
-        format!(
-            "postgres://{}{}/{}",
-            c.get_user().map(|u| format!("{u}@")).unwrap_or_default(),
-            hosts.join(","),
-            c.get_dbname().unwrap_or_default()
-        )
+        let user = c.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+        let db = c.get_dbname().unwrap_or_default();
+        // A socket directory is shown as libpq's `host=` parameter: a path in the authority
+        // would read as part of the database name.
+        match c.get_hosts().first() {
+            Some(Host::Unix(_)) => format!("postgres://{user}/{db}?host={}", hosts.join(",")),
+            _ => format!("postgres://{user}{}/{db}", hosts.join(",")),
+        }
     }
 
     /// Whether TLS is asked for (`sslmode=prefer`, the default, or `require`).

@@ -275,8 +275,10 @@ pub(super) async fn migrate(client: &mut Client) -> Result<(), String> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(explain)?;
+    // `IF NOT EXISTS` would otherwise send a NOTICE at every start after the first.
     tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS sunopoll_schema (
+        "SET LOCAL client_min_messages = warning;
+         CREATE TABLE IF NOT EXISTS sunopoll_schema (
              version    INTEGER PRIMARY KEY,
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
          )",
