@@ -339,6 +339,20 @@ impl Daemon {
         }
         let archive_status: SharedArchiveStatus = Arc::new(Mutex::new(ArchiveStatus::default()));
         let archive_wake = Arc::new(Notify::new());
+        if let Some(notes) = store.notes() {
+            // On a shared queue, what the other daemons commit wakes the loops here too.
+            tracker.spawn(hear_other_daemons(
+                notes,
+                store.clone(),
+                events_tx.clone(),
+                handles
+                    .iter()
+                    .map(|h: &AccountHandle| (h.name.clone(), h.wake.clone()))
+                    .collect(),
+                vec![redeliver.clone(), archive_wake.clone()],
+                cancel.clone(),
+            ));
+        }
         // Built now so that a bucket that cannot be set up (unreadable keys) stops the start.
         let archive_http = crate::jobs::archive::http_client(config.archive.allow_hosts.clone())
             .map_err(|e| Unrecoverable(format!("building the archive's HTTP client: {e}")))?;
@@ -754,4 +768,50 @@ fn gauge_source(
 /// print redacted, which is fine for "changed or not" outside `[forward]`).
 fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
     format!("{a:?}") != format!("{b:?}")
+}
+
+/// Passes on what the daemons sharing a PostgreSQL queue commit: events wake the followers and
+/// the forwarder (through `events`), an add wakes that account's poll loop, replays and redone
+/// files wake the forwarder and the archive (`others`). After missed news, everything wakes.
+async fn hear_other_daemons(
+    mut notes: tokio::sync::broadcast::Receiver<crate::store::Note>,
+    store: Store,
+    events: watch::Sender<i64>,
+    accounts: Vec<(String, Arc<Notify>)>,
+    others: Vec<Arc<Notify>>,
+    cancel: CancellationToken,
+) {
+    use crate::store::Note;
+    use tokio::sync::broadcast::error::RecvError;
+    let raise = |seq: i64| {
+        events.send_if_modified(|latest| {
+            let newer = seq > *latest;
+            if newer {
+                *latest = seq;
+            }
+            newer
+        });
+    };
+    loop {
+        let note = tokio::select! {
+            () = cancel.cancelled() => return,
+            n = notes.recv() => n,
+        };
+        match note {
+            Ok(Note::Events(seq)) => raise(seq),
+            Ok(Note::Tasks(account)) => accounts
+                .iter()
+                .filter(|(name, _)| *name == account)
+                .for_each(|(_, wake)| wake.notify_one()),
+            Ok(Note::Deliveries | Note::Files) => others.iter().for_each(|w| w.notify_one()),
+            Ok(Note::Resync) | Err(RecvError::Lagged(_)) => {
+                accounts.iter().for_each(|(_, wake)| wake.notify_one());
+                others.iter().for_each(|w| w.notify_one());
+                if let Ok(seq) = store.last_seq().await {
+                    raise(seq);
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
 }

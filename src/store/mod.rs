@@ -42,7 +42,7 @@ pub use events::EventRecord;
 pub use gate::AccountRow;
 pub use gate::{GateRow, PauseKind};
 pub use gauges::{DUE_COUNT_CAP, QueueGauges};
-pub use postgres::{DaemonRow, LeaseCount, PgOptions};
+pub use postgres::{DaemonRow, LeaseCount, Note, PgOptions};
 
 /// Tasks deleted per housekeeping transaction.
 pub const PRUNE_CHUNK: usize = 500;
@@ -187,6 +187,15 @@ impl Store {
         match &self.engine {
             Engine::Sqlite(_) => None,
             Engine::Postgres(b) => Some(b.daemons().await),
+        }
+    }
+
+    /// What the daemons sharing the queue commit, as they say it (`None` for SQLite: one
+    /// daemon hears its own commits directly).
+    pub fn notes(&self) -> Option<tokio::sync::broadcast::Receiver<Note>> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(b) => Some(b.notes()),
         }
     }
 

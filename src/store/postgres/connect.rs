@@ -170,6 +170,38 @@ impl PgOptions {
     }
 }
 
+impl PgOptions {
+    /// A connection of its own (not pooled), for `LISTEN`: its messages come as a stream.
+    pub(super) async fn connect_listener(
+        &self,
+    ) -> Result<(tokio_postgres::Client, super::notify::Messages), String> {
+        let explain = |e: tokio_postgres::Error| format!("cannot connect: {}", super::describe(&e));
+        if self.wants_tls() {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.tls_config()?);
+            let (client, conn) = self.config.connect(tls).await.map_err(explain)?;
+            Ok((client, messages(conn)))
+        } else {
+            let (client, conn) = self
+                .config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(explain)?;
+            Ok((client, messages(conn)))
+        }
+    }
+}
+
+/// Drives `conn`, yielding what the server sends unasked (notifications, notices).
+fn messages<S, T>(mut conn: tokio_postgres::Connection<S, T>) -> super::notify::Messages
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(futures_util::stream::poll_fn(move |cx| {
+        conn.poll_message(cx)
+    }))
+}
+
 /// Why no connection could be had, in one line, without the password.
 pub(super) fn describe_pool(e: &PoolError) -> String {
     match e {

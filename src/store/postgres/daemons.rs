@@ -155,15 +155,19 @@ pub(super) async fn probe(c: &impl GenericClient) -> Sql<()> {
     Ok(())
 }
 
-/// Beats every [`super::HEARTBEAT_EVERY`] until the store closes. A failed beat is logged
+/// Beats every [`super::HEARTBEAT_EVERY`] (or a third of the lease, if that is shorter: a
+/// daemon is live while it beat within one lease) until the store closes. A failed beat is logged
 /// once per outage, not every few seconds: the store's health already says the database is
 /// unreachable.
 pub(super) async fn heartbeat(pg: Postgres) {
     let mut failing = false;
+    let every = super::HEARTBEAT_EVERY.min(std::time::Duration::from_millis(
+        pg.lease_ms.max(3).unsigned_abs() / 3,
+    ));
     loop {
         tokio::select! {
             () = pg.stop.cancelled() => return,
-            () = tokio::time::sleep(super::HEARTBEAT_EVERY) => {}
+            () = tokio::time::sleep(every) => {}
         }
         match pg.beat().await {
             Ok(()) if failing => {

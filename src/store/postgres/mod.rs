@@ -44,11 +44,15 @@ mod deliveries;
 mod events;
 mod gate;
 mod gauges;
+mod notify;
 mod schema;
 mod tasks;
+#[cfg(test)]
+mod tests;
 
 pub use connect::PgOptions;
 pub use daemons::{DaemonRow, LeaseCount};
+pub use notify::Note;
 
 /// How often a daemon renews its heartbeat row (and forgets daemons long gone).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
@@ -200,8 +204,10 @@ pub struct Postgres {
     /// The database as people may see it (no password).
     shown: Arc<str>,
     closed: Arc<AtomicBool>,
-    /// Stops the heartbeat.
+    /// Stops the heartbeat and the listener.
     stop: CancellationToken,
+    /// What the daemons sharing the queue say they committed (this one included).
+    notes: tokio::sync::broadcast::Sender<Note>,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -240,17 +246,28 @@ impl Postgres {
             shown,
             closed: Arc::new(AtomicBool::new(false)),
             stop: CancellationToken::new(),
+            notes: tokio::sync::broadcast::channel(256).0,
         };
         pg.beat()
             .await
             .map_err(|e| open_err(format!("cannot register this daemon: {e}")))?;
         tokio::spawn(daemons::heartbeat(pg.clone()));
+        tokio::spawn(notify::listen(
+            options.clone(),
+            pg.notes.clone(),
+            pg.stop.clone(),
+        ));
         Ok(pg)
     }
 
     /// The database as people may see it: host and database name, never the password.
     pub fn shown(&self) -> &str {
         &self.shown
+    }
+
+    /// What the daemons sharing the queue commit from now on, as they say it.
+    pub fn notes(&self) -> tokio::sync::broadcast::Receiver<Note> {
+        self.notes.subscribe()
     }
 
     /// How long a claim keeps other daemons off a row, in ms.
@@ -297,6 +314,18 @@ impl Postgres {
     }
 }
 
+/// Tells every daemon that `account` has tasks to poll now, if `added` holds any.
+async fn say_added(c: &impl GenericClient, added: &[AddedTask], account: &str) -> Sql<()> {
+    use super::AddResult;
+    if added
+        .iter()
+        .any(|t| matches!(t.result, AddResult::Added | AddResult::Readded))
+    {
+        notify::say(c, &Note::Tasks(account.to_owned())).await?;
+    }
+    Ok(())
+}
+
 impl Backend for Postgres {
     fn health(&self) -> &StoreHealth {
         &self.health
@@ -332,8 +361,11 @@ impl Backend for Postgres {
         now: i64,
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
-        write_tx!(self, |c| tasks::add(&c, ids, &spec, now, deadline_after)
-            .await)
+        write_tx!(self, |c| {
+            let added = tasks::add(&c, ids, &spec, now, deadline_after).await?;
+            say_added(&c, &added, &spec.account).await?;
+            Ok(added)
+        })
     }
 
     async fn retrack(
@@ -343,14 +375,11 @@ impl Backend for Postgres {
         now: i64,
         deadline_after: i64,
     ) -> Result<Vec<AddedTask>, StoreError> {
-        write_tx!(self, |c| tasks::retrack(
-            &c,
-            ids,
-            &spec,
-            now,
-            deadline_after
-        )
-        .await)
+        write_tx!(self, |c| {
+            let added = tasks::retrack(&c, ids, &spec, now, deadline_after).await?;
+            say_added(&c, &added, &spec.account).await?;
+            Ok(added)
+        })
     }
 
     async fn due_window(&self, account: String, limit: usize) -> Result<Vec<DueRow>, StoreError> {
@@ -368,7 +397,13 @@ impl Backend for Postgres {
     where
         F: FnOnce(&TaskRow) -> TaskUpdate + Send + 'static,
     {
-        write_tx!(self, |c| tasks::apply_poll(&c, &id, now, decide).await)
+        write_tx!(self, |c| {
+            let applied = tasks::apply_poll(&c, &id, now, decide).await?;
+            if let Some(seq) = applied.as_ref().and_then(|a| a.seqs.iter().max()) {
+                notify::say(&c, &Note::Events(*seq)).await?;
+            }
+            Ok(applied)
+        })
     }
 
     async fn shift_due(&self, schedule: Schedule, by_ms: i64) -> Result<usize, StoreError> {
@@ -521,7 +556,11 @@ impl Backend for Postgres {
         now: i64,
     ) -> Result<usize, StoreError> {
         write_tx!(self, |c| {
-            deliveries::redeliver(&c, &what, target.as_deref(), &routes, now).await
+            let n = deliveries::redeliver(&c, &what, target.as_deref(), &routes, now).await?;
+            if n > 0 {
+                notify::say(&c, &Note::Deliveries).await?;
+            }
+            Ok(n)
         })
     }
 
@@ -557,10 +596,16 @@ impl Backend for Postgres {
     ) -> Result<Option<Emitted>, StoreError> {
         write_tx!(self, |c| {
             archive::record(&c, id, &next, now).await?;
-            match (notice, &next) {
-                (Some(notice), FileNext::Done { .. }) => archive::notify(&c, id, notice, now).await,
-                _ => Ok(None),
+            let emitted = match (notice, &next) {
+                (Some(notice), FileNext::Done { .. }) => {
+                    archive::notify(&c, id, notice, now).await?
+                }
+                _ => None,
+            };
+            if let Some(e) = &emitted {
+                notify::say(&c, &Note::Events(e.seq)).await?;
             }
+            Ok(emitted)
         })
     }
 
@@ -587,6 +632,12 @@ impl Backend for Postgres {
         names: Vec<String>,
         now: i64,
     ) -> Result<usize, StoreError> {
-        write_tx!(self, |c| archive::redo(&c, &task, &names, now).await)
+        write_tx!(self, |c| {
+            let n = archive::redo(&c, &task, &names, now).await?;
+            if n > 0 {
+                notify::say(&c, &Note::Files).await?;
+            }
+            Ok(n)
+        })
     }
 }
