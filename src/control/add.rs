@@ -85,7 +85,12 @@ pub(super) async fn run(req: AddRequest, ctx: &Control) -> Result<AddResponse, E
     } else {
         ctx.store.add(ids, spec, now, deadline).await
     }
-    .map_err(|e| store_error(&e))?;
+    .map_err(|e| {
+        // Said outright: the client must know that it has to try again.
+        let mut body = store_error(&e);
+        body.message = format!("nothing was added: {}", body.message);
+        body
+    })?;
     let conflicts: Vec<String> = tasks
         .iter()
         .filter(|t| t.result == AddResult::OtherKind)

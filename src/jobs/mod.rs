@@ -252,6 +252,9 @@ enum Woke<K: JobKind> {
     Timer,
 }
 
+/// The longest wait before reading the queue again after reads failed in a row.
+pub const READ_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Runs `kind`'s jobs until `cancel` fires, then stops starting them. Jobs already started keep
 /// running in `tracker`, and this returns once they have all reported back; the caller bounds
 /// the wait (the daemon's drain time).
@@ -261,6 +264,10 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
     let mut store_backoff = StoreBackoff::default();
     let backoff_policy = kind.store_backoff();
     let mut steps = StepWatch::default();
+    // Reads of the queue that failed in a row: the retry backs off (1 s doubling to
+    // READ_RETRY_MAX) and is logged only while it grows, so an outage of the database is a
+    // few lines, not one a second.
+    let mut read_failures: u32 = 0;
 
     loop {
         // Take in every finished job first: they free slots and may change the limits.
@@ -296,6 +303,10 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
         if slots > 0 {
             match kind.claim(slots, &in_flight).await {
                 Ok(rows) => {
+                    if read_failures > 0 {
+                        info!(failures = read_failures, "{} can be read again", K::QUEUE);
+                        read_failures = 0;
+                    }
                     let now = kind.clock().now_ms();
                     let max_ahead = kind.max_ahead();
                     let mut started = 0;
@@ -335,8 +346,16 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
                     }
                 }
                 Err(e) => {
-                    error!(error = %e, "cannot read {}; retrying in 1s", K::QUEUE);
-                    wake.at(Instant::now() + Duration::from_secs(1));
+                    read_failures = read_failures.saturating_add(1);
+                    let delay = Duration::from_secs(1)
+                        .saturating_mul(1 << (read_failures - 1).min(5))
+                        .min(READ_RETRY_MAX);
+                    if read_failures == 1 || delay < READ_RETRY_MAX {
+                        error!(error = %e, failures = read_failures, retry_in = %format_duration(delay), "cannot read {}", K::QUEUE);
+                    } else if read_failures.is_multiple_of(20) {
+                        error!(error = %e, failures = read_failures, retry_in = %format_duration(delay), "still cannot read {}", K::QUEUE);
+                    }
+                    wake.at(Instant::now() + delay);
                 }
             }
         }

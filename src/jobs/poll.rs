@@ -493,6 +493,24 @@ impl JobKind for PollJob {
             }
             Gate::Paused { .. } => (usize::from(!self.probe_in_flight && in_flight == 0), true),
         };
+        // On a shared queue one daemon probes for all; the others take up its outcome (the
+        // pause it saves, or its end) at their next look at the shared pause.
+        if probing && slots > 0 && self.share.is_some() {
+            match self.s.store.claim_probe(self.s.account.clone()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    wake.at(Instant::now() + SHARE_CHECK);
+                    self.probing = false;
+                    return 0;
+                }
+                Err(e) => {
+                    debug!(error = %e, "cannot claim the probe; trying again shortly");
+                    wake.at(Instant::now() + SHARE_CHECK);
+                    self.probing = false;
+                    return 0;
+                }
+            }
+        }
         self.probing = probing;
         slots
     }

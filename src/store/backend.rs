@@ -160,6 +160,12 @@ pub trait Backend: Send + Sync {
         rate: Option<f64>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Whether this daemon may send the one probe after `account`'s pause: always on a store
+    /// one daemon has to itself; on a shared one, unless another daemon claimed the probe and
+    /// its claim has not run out. Saving the gate releases the claim.
+    fn claim_probe(&self, account: String)
+    -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Task counts per (kind, account, state), kept, not counted; zero counts left out.
     fn task_breakdown(&self) -> impl Future<Output = Result<Vec<TaskCount>, StoreError>> + Send;
 

@@ -190,6 +190,12 @@ impl Store {
         }
     }
 
+    /// Whether this daemon may send the one probe after `account`'s pause (see
+    /// [`Backend::claim_probe`]).
+    pub async fn claim_probe(&self, account: String) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.claim_probe(account).await)
+    }
+
     /// What the daemons sharing the queue commit, as they say it (`None` for SQLite: one
     /// daemon hears its own commits directly).
     pub fn notes(&self) -> Option<tokio::sync::broadcast::Receiver<Note>> {

@@ -205,7 +205,10 @@ where
 /// Why no connection could be had, in one line, without the password.
 pub(super) fn describe_pool(e: &PoolError) -> String {
     match e {
-        PoolError::Backend(e) => format!("cannot connect: {}", super::describe(e)),
+        PoolError::Backend(e) => format!(
+            "cannot connect to PostgreSQL (is it running and reachable?): {}",
+            super::describe(e)
+        ),
         PoolError::Timeout(_) => format!(
             "cannot connect: no connection within {}s (is PostgreSQL up and reachable?)",
             CONNECT_TIMEOUT.as_secs()

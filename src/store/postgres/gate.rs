@@ -4,6 +4,7 @@
 use deadpool_postgres::GenericClient;
 
 use super::codec::count;
+use super::schema::DB_NOW;
 use super::{Sql, execute, query_opt};
 use crate::store::{AccountRow, GateRow, PauseKind};
 
@@ -40,7 +41,7 @@ pub(super) async fn save(c: &impl GenericClient, account: &str, gate: Option<Gat
             execute(
                 c,
                 "UPDATE accounts SET pause_kind = NULL, attempt = 0, paused_until = 0, since = 0,
-                        cause = '' WHERE name = $1",
+                        cause = '', probe_by = NULL, probe_until = NULL WHERE name = $1",
                 &[&account],
             )
             .await?
@@ -51,7 +52,8 @@ pub(super) async fn save(c: &impl GenericClient, account: &str, gate: Option<Gat
                 "INSERT INTO accounts (name, pause_kind, attempt, paused_until, since, cause)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (name) DO UPDATE SET pause_kind = $2, attempt = $3,
-                        paused_until = $4, since = $5, cause = $6",
+                        paused_until = $4, since = $5, cause = $6, probe_by = NULL,
+                        probe_until = NULL",
                 &[
                     &account,
                     &g.kind,
@@ -65,6 +67,36 @@ pub(super) async fn save(c: &impl GenericClient, account: &str, gate: Option<Gat
         }
     };
     Ok(())
+}
+
+/// Claims the probe after `account`'s pause for `me`, until the lease runs out (the database's
+/// clock): `false` while another daemon holds it. An account with no row has no pause to
+/// share: the probe is `me`'s.
+pub(super) async fn claim_probe(
+    c: &impl GenericClient,
+    account: &str,
+    me: &str,
+    lease_ms: i64,
+) -> Sql<bool> {
+    let row = query_opt(
+        c,
+        &format!(
+            "UPDATE accounts SET probe_by = $2, probe_until = {DB_NOW} + $3
+             WHERE name = $1
+               AND (probe_by IS NULL OR probe_by = $2 OR probe_until < {DB_NOW})
+             RETURNING 1"
+        ),
+        &[&account, &me, &lease_ms],
+    )
+    .await?;
+    if row.is_some() {
+        return Ok(true);
+    }
+    Ok(
+        query_opt(c, "SELECT 1 FROM accounts WHERE name = $1", &[&account])
+            .await?
+            .is_none(),
+    )
 }
 
 pub(super) async fn save_rate(c: &impl GenericClient, account: &str, rate: Option<f64>) -> Sql<()> {

@@ -491,6 +491,11 @@ impl Backend for Postgres {
         write_tx!(self, |c| gate::save_rate(&c, &account, rate).await)
     }
 
+    async fn claim_probe(&self, account: String) -> Result<bool, StoreError> {
+        let (me, lease) = (self.me.clone(), self.lease_ms);
+        write_tx!(self, |c| gate::claim_probe(&c, &account, &me, lease).await)
+    }
+
     async fn task_breakdown(&self) -> Result<Vec<TaskCount>, StoreError> {
         read!(self, |c| tasks::breakdown(c).await)
     }

@@ -131,7 +131,10 @@ CREATE TABLE accounts (
     learnt_rate  DOUBLE PRECISION,
     -- The shared request budget: the earliest moment (the database's clock) the next request
     -- of this account may be sent by any daemon.
-    next_slot    BIGINT NOT NULL DEFAULT 0
+    next_slot    BIGINT NOT NULL DEFAULT 0,
+    -- The one daemon sending the probe after a pause, and until when (the database's clock).
+    probe_by     TEXT,
+    probe_until  BIGINT
 );
 
 CREATE TABLE archive_files (
