@@ -39,6 +39,7 @@ use super::{
 mod archive;
 mod codec;
 mod connect;
+pub(super) mod copy;
 mod daemons;
 mod deliveries;
 mod events;
@@ -48,6 +49,7 @@ mod schema;
 mod tasks;
 
 pub use connect::PgOptions;
+pub use copy::{CopyCheck, CopyReport};
 pub use daemons::{DaemonRow, LeaseCount};
 
 /// How often a daemon renews its heartbeat row (and forgets daemons long gone).
