@@ -242,7 +242,9 @@ pub(in crate::store) async fn from_sqlite(
     let at = |what: String| fail(format!("store {shown}: {what}"));
     let pg = |e: tokio_postgres::Error| at(describe(&e));
     let lite = |e: rusqlite::Error| fail(format!("reading the SQLite store: {e}"));
-    let pool = options.pool().map_err(|e| StoreError::Open(format!("store {shown}: {e}")))?;
+    let pool = options
+        .pool()
+        .map_err(|e| StoreError::Open(format!("store {shown}: {e}")))?;
     let mut conn = pool
         .get()
         .await
@@ -295,9 +297,12 @@ pub(in crate::store) async fn from_sqlite(
         )
         .map_err(lite)?
         .unwrap_or(0);
-    tx.execute("UPDATE store_meta SET last_seq = $1 WHERE id = 1", &[&high_water])
-        .await
-        .map_err(pg)?;
+    tx.execute(
+        "UPDATE store_meta SET last_seq = $1 WHERE id = 1",
+        &[&high_water],
+    )
+    .await
+    .map_err(pg)?;
     for (table, column) in IDENTITIES {
         tx.batch_execute(&format!(
             "SELECT setval(pg_get_serial_sequence('{table}', '{column}'), \
@@ -346,7 +351,11 @@ pub(in crate::store) async fn from_sqlite(
         checks.push(CopyCheck {
             what: format!("{name} (recount)"),
             sqlite: recounted,
-            postgres: if kept_rows == recounted { agreed } else { kept_rows },
+            postgres: if kept_rows == recounted {
+                agreed
+            } else {
+                kept_rows
+            },
         });
     }
     if let Some(bad) = checks.iter().find(|c| c.sqlite != c.postgres) {
@@ -436,4 +445,356 @@ fn cell(value: ValueRef<'_>, ty: Ty) -> Option<Box<dyn ToSql + Sync + Send>> {
         (ValueRef::Integer(n @ (0 | 1)), Bool) => Box::new(n == 1),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use crate::api::families::Kind;
+    use crate::events::{NewEvent, Stage, error_event};
+    use crate::store::{
+        AssetFile, AssetSource, AttemptRecord, DeliveryNext, FileNext, GateRow, PauseKind,
+        PgOptions, Route, Store, StoreError, TaskSpec, TaskState, TaskUpdate,
+    };
+
+    fn options(url: &str) -> PgOptions {
+        PgOptions::new(url, None, Duration::from_secs(30), None).expect("options")
+    }
+
+    fn update(state: TaskState, events: Vec<NewEvent>) -> TaskUpdate {
+        TaskUpdate {
+            state,
+            last_status: Some("X".into()),
+            last_error: None,
+            failures: 1,
+            rejections: 0,
+            next_poll_at: 5000,
+            events,
+            routes: vec![Route {
+                target: "app".into(),
+                url: "http://127.0.0.1:9/cb".into(),
+                stages: Stage::ALL.to_vec(),
+            }],
+            submitted_callback_url: Some("http://127.0.0.1:9/sub".into()),
+            first_delivery_delay: 0,
+            timed_out: false,
+            asked: crate::store::Asked {
+                total_ms: 700,
+                at: Some(1500),
+                gap_ms: 50,
+            },
+            archive: Vec::new(),
+        }
+    }
+
+    fn event(stage: Stage, id: &str) -> NewEvent {
+        NewEvent {
+            stage,
+            code: 200,
+            body: format!("{{\"task\":\"{id}\",\"stage\":\"{stage:?}\"}}"),
+            tracks: 2,
+            filled: false,
+        }
+    }
+
+    fn asset(name: &str) -> AssetFile {
+        AssetFile {
+            name: name.into(),
+            kind: "audio".into(),
+            audio_id: Some("a1".into()),
+            source: AssetSource::Url(format!("https://files.example.com/{name}")),
+        }
+    }
+
+    /// A SQLite queue with something of everything: tasks of several states, kinds and
+    /// accounts, events, deliveries delivered / failed / pending with their attempts, a paused
+    /// account with a learnt rate, archive files done and pending.
+    async fn fill(store: &Store) {
+        let spec = |kind: Kind, account: &str, label: Option<&str>| TaskSpec {
+            kind,
+            account: account.into(),
+            callback_url: Some("http://127.0.0.1:9/task".into()),
+            label: label.map(Into::into),
+        };
+        let ids = |p: &str, n: u32| (0..n).map(|i| format!("{p}{i}")).collect::<Vec<_>>();
+        store
+            .add(
+                ids("m", 6),
+                spec(Kind::Music, "default", Some("l")),
+                1000,
+                60_000,
+            )
+            .await
+            .expect("add");
+        store
+            .add(
+                ids("y", 3),
+                spec(Kind::Lyrics, "second", None),
+                1100,
+                60_000,
+            )
+            .await
+            .expect("add");
+        for (i, id) in ["m0", "m1", "m2"].into_iter().enumerate() {
+            let name = id.to_owned();
+            store
+                .apply_poll(id.into(), 2000 + i as i64, move |_| {
+                    let mut u = update(
+                        TaskState::Done,
+                        vec![
+                            event(Stage::Text, &name),
+                            event(Stage::First, &name),
+                            event(Stage::Complete, &name),
+                        ],
+                    );
+                    u.archive = vec![asset("a.mp3"), asset("b.mp3")];
+                    u
+                })
+                .await
+                .expect("apply")
+                .expect("active");
+        }
+        store
+            .apply_poll("m3".into(), 2100, |_| {
+                update(TaskState::Failed, vec![error_event("m3", 501, "bad")])
+            })
+            .await
+            .expect("apply");
+        store
+            .apply_poll("y0".into(), 2200, |_| {
+                update(TaskState::Active, vec![event(Stage::Text, "y0")])
+            })
+            .await
+            .expect("apply");
+        store.remove("m4".into(), 2300).await.expect("remove");
+        // Deliveries: one round delivered, one failed, the rest left pending.
+        let due = store
+            .due_deliveries(
+                vec!["app".into(), "callback-url".into()],
+                Vec::new(),
+                Vec::new(),
+                100,
+            )
+            .await
+            .expect("due");
+        assert!(due.len() >= 3, "deliveries were queued: {}", due.len());
+        for (i, d) in due.iter().enumerate().take(4) {
+            let attempt = AttemptRecord {
+                started_at: 3000,
+                duration_ms: 7,
+                status: Some(if i % 2 == 0 { 204 } else { 500 }),
+                error: (i % 2 == 1).then(|| "HTTP 500".to_owned()),
+            };
+            let next = if i % 2 == 0 {
+                DeliveryNext::Delivered
+            } else {
+                DeliveryNext::Failed
+            };
+            store
+                .record_attempt(d, attempt, next)
+                .await
+                .expect("record");
+        }
+        // Archive: some kept, the rest pending.
+        let files = store.due_files(Vec::new(), 4000, 100).await.expect("files");
+        for f in files.iter().take(3) {
+            store
+                .record_file(
+                    f.id,
+                    FileNext::Done {
+                        size: 1000 + f.id as u64,
+                        sha256: format!("{:064}", f.id),
+                    },
+                    4000,
+                    None,
+                )
+                .await
+                .expect("record file");
+        }
+        store
+            .save_gate(
+                "second".into(),
+                Some(GateRow {
+                    kind: PauseKind::Throttled,
+                    attempt: 2,
+                    paused_until: 9000,
+                    since: 3000,
+                    cause: "HTTP 429".into(),
+                }),
+            )
+            .await
+            .expect("gate");
+        store
+            .save_learnt_rate("second".into(), Some(1.25))
+            .await
+            .expect("rate");
+        store
+            .save_learnt_rate("default".into(), Some(3.5))
+            .await
+            .expect("rate");
+    }
+
+    fn sqlite_store(dir: &Path) -> std::path::PathBuf {
+        dir.join("q.db")
+    }
+
+    /// Everything an operator (or the daemon) reads of a queue, for comparing two stores.
+    async fn everything(store: &Store) -> String {
+        let mut out = String::new();
+        let tasks = store.list(None, None).await.expect("list");
+        out.push_str(&format!("list {tasks:?}\n"));
+        for t in &tasks {
+            let id = t.task_id.clone();
+            out.push_str(&format!(
+                "show {:?}\n",
+                store.show(id.clone()).await.expect("show")
+            ));
+            out.push_str(&format!(
+                "deliveries {:?}\n",
+                store.deliveries_of(id.clone()).await.expect("deliveries")
+            ));
+            out.push_str(&format!(
+                "files {:?}\n",
+                store.files_of(id).await.expect("files")
+            ));
+        }
+        out.push_str(&format!(
+            "events {:?}\n",
+            store.events(0, None, None).await.expect("events")
+        ));
+        out.push_str(&format!(
+            "counts {:?}\n",
+            store.counts().await.expect("counts")
+        ));
+        out.push_str(&format!(
+            "breakdown {:?}\n",
+            store.task_breakdown().await.expect("breakdown")
+        ));
+        out.push_str(&format!(
+            "archive {:?}\n",
+            store.archive_counts().await.expect("archive")
+        ));
+        out.push_str(&format!(
+            "last_seq {:?}\n",
+            store.last_seq().await.expect("seq")
+        ));
+        for account in ["default", "second"] {
+            out.push_str(&format!(
+                "account {account} {:?}\n",
+                store.load_account(account.into()).await.expect("account")
+            ));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_copied_queue_reads_the_same_on_postgresql() {
+        let Some(cluster) = crate::testing::postgres() else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = sqlite_store(dir.path());
+        let store = Store::open(&path).expect("open");
+        fill(&store).await;
+        // An event pruned away leaves the high-water mark above every stored seq.
+        store.prune(2101).await.expect("prune");
+        let before = everything(&store).await;
+        let seq = store.last_seq().await.expect("seq");
+        store.close().await;
+
+        let url = cluster.database();
+        let report = Store::copy_to_postgres(&path, &options(&url))
+            .await
+            .expect("copy");
+        assert!(report.checks.iter().all(|c| c.sqlite == c.postgres));
+        let tasks = report
+            .checks
+            .iter()
+            .find(|c| c.what == "tasks")
+            .expect("tasks");
+        assert_eq!(tasks.sqlite, 8, "{:?}", report.checks);
+
+        let pg = Store::open_postgres(&options(&url)).await.expect("open pg");
+        let after = everything(&pg).await;
+        assert_eq!(before, after);
+        assert_eq!(pg.last_seq().await.expect("seq"), seq);
+        // New rows continue past the copied ids instead of colliding with them.
+        pg.add(
+            vec!["new".into()],
+            TaskSpec::music(None, None),
+            9000,
+            60_000,
+        )
+        .await
+        .expect("add after copy");
+        pg.apply_poll("new".into(), 9100, |_| {
+            update(TaskState::Failed, vec![error_event("new", 500, "x")])
+        })
+        .await
+        .expect("apply after copy");
+        let newest = pg.list(None, Some(1)).await.expect("list");
+        assert_eq!(newest[0].task_id, "new", "the new task sorts newest");
+        let (_, events) = pg.show("new".into()).await.expect("show").expect("known");
+        assert_eq!(events[0].seq, seq + 1);
+        pg.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_target_holding_tasks_is_refused_and_left_as_it_was() {
+        let Some(cluster) = crate::testing::postgres() else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = sqlite_store(dir.path());
+        let store = Store::open(&path).expect("open");
+        fill(&store).await;
+        store.close().await;
+        let url = cluster.database();
+        let pg = Store::open_postgres(&options(&url)).await.expect("open pg");
+        pg.add(vec!["live".into()], TaskSpec::music(None, None), 1, 60_000)
+            .await
+            .expect("add");
+        let err = Store::copy_to_postgres(&path, &options(&url))
+            .await
+            .expect_err("a non-empty target");
+        assert!(err.to_string().contains("already holds tasks"), "{err}");
+        let tasks = pg.list(None, None).await.expect("list");
+        assert_eq!(tasks.len(), 1, "nothing was merged");
+        pg.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_store_in_use_by_a_daemon_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = sqlite_store(dir.path());
+        let store = Store::open(&path).expect("open");
+        // The lock is refused before any connection is tried: no database needed.
+        let err = Store::copy_to_postgres(&path, &options("postgres://u@127.0.0.1:9/none"))
+            .await
+            .expect_err("locked");
+        assert!(matches!(err, StoreError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("stop that one first"), "{err}");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_foreign_file_is_refused_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("none.db");
+        let err = Store::copy_to_postgres(&missing, &options("postgres://u@127.0.0.1:9/none"))
+            .await
+            .expect_err("missing");
+        assert!(err.to_string().contains("cannot open it"), "{err}");
+        assert!(!missing.exists(), "no empty store is left behind");
+        let foreign = dir.path().join("other.db");
+        rusqlite::Connection::open(&foreign)
+            .and_then(|c| c.execute_batch("CREATE TABLE mine (x INTEGER)"))
+            .expect("foreign db");
+        let err = Store::copy_to_postgres(&foreign, &options("postgres://u@127.0.0.1:9/none"))
+            .await
+            .expect_err("foreign");
+        assert!(err.to_string().contains("not a sunopoll store"), "{err}");
+    }
 }
