@@ -199,6 +199,21 @@ pub enum StoreAction {
         #[arg(long, value_name = "PATH")]
         store: Option<PathBuf>,
     },
+    /// Copy a stopped daemon's queue (tasks, events, deliveries, accounts, archive state) from
+    /// its SQLite store into an empty PostgreSQL database, in one transaction, and verify every
+    /// table's rows and kept counts before committing. Exits 1 if anything does not match.
+    Copy {
+        /// The SQLite store: `sqlite:PATH`. Its daemon must be stopped (its lock is taken).
+        #[arg(long, value_name = "sqlite:PATH")]
+        from: String,
+        /// The PostgreSQL database: `postgres://USER@HOST/DB` (or `postgresql://…`). It must
+        /// hold no tasks; its schema is created or migrated as a daemon would.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// A file holding the target's password on one line (not shown anywhere).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
 }
 
 /// `sunopoll deliveries …`.
@@ -230,6 +245,17 @@ pub fn main() -> ExitCode {
             action: StoreAction::Backup { path, store },
         } => match daemon_only(&opts, "store backup") {
             Ok(()) => backup(opts.config, store, &path, &env),
+            Err(code) => code,
+        },
+        Command::Store {
+            action:
+                StoreAction::Copy {
+                    from,
+                    to,
+                    password_file,
+                },
+        } => match daemon_only(&opts, "store copy") {
+            Ok(()) => copy(&from, &to, password_file.as_deref()),
             Err(code) => code,
         },
         Command::CheckConfig => match daemon_only(&opts, "check-config") {
@@ -509,6 +535,79 @@ fn backup(
         }
         Err(e) => {
             eprintln!("sunopoll: {e}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+    }
+}
+
+/// The `--from` and `--to` of `store copy`, checked: the SQLite file and the target's options.
+/// The error never repeats the URL (it may hold a password).
+fn copy_ends(
+    from: &str,
+    to: &str,
+    password_file: Option<&std::path::Path>,
+) -> Result<(PathBuf, crate::store::PgOptions), String> {
+    let path = match from.strip_prefix("sqlite:") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => {
+            return Err("--from must be sqlite:PATH (the stopped daemon's store file)".to_owned());
+        }
+    };
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        return Err("--to must be a postgres:// or postgresql:// URL".to_owned());
+    }
+    // Only the file named here: the credential a systemd unit passes is the daemon's.
+    let password = match password_file {
+        Some(file) => crate::config::store_password(&Environment::default(), Some(file))?,
+        None => None,
+    };
+    let options = crate::store::PgOptions::new(to, password, crate::config::DEFAULT_LEASE, None)
+        .map_err(|e| e.replacen("store.url", "the --to URL", 1))?;
+    Ok((path, options))
+}
+
+/// `sunopoll store copy`: the SQLite queue at `--from` copied into the database at `--to`, one
+/// line per table checked.
+fn copy(from: &str, to: &str, password_file: Option<&std::path::Path>) -> ExitCode {
+    let (path, options) = match copy_ends(from, to, password_file) {
+        Ok(ends) => ends,
+        Err(e) => {
+            eprintln!("sunopoll: store copy: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sunopoll: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    match runtime.block_on(crate::store::Store::copy_to_postgres(&path, &options)) {
+        Ok(report) => {
+            for check in &report.checks {
+                println!("{check}");
+            }
+            let secs = report.elapsed.as_secs_f64();
+            println!(
+                "copied {} to {}: {} rows in {:.2} s ({:.0} rows/s)",
+                path.display(),
+                options.shown(),
+                report.rows,
+                secs,
+                if secs > 0.0 {
+                    report.rows as f64 / secs
+                } else {
+                    0.0
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sunopoll: store copy: {e}");
             ExitCode::from(EXIT_REFUSED)
         }
     }

@@ -42,7 +42,7 @@ pub use events::EventRecord;
 pub use gate::AccountRow;
 pub use gate::{GateRow, PauseKind};
 pub use gauges::{DUE_COUNT_CAP, QueueGauges};
-pub use postgres::{DaemonRow, LeaseCount, Note, PgOptions};
+pub use postgres::{CopyCheck, CopyReport, DaemonRow, LeaseCount, Note, PgOptions};
 
 /// Tasks deleted per housekeeping transaction.
 pub const PRUNE_CHUNK: usize = 500;
@@ -162,6 +162,15 @@ impl Store {
     /// Returns how many tasks the copy holds. Blocking.
     pub fn backup(from: &Path, to: &Path) -> Result<i64, StoreError> {
         sqlite::backup(from, to)
+    }
+
+    /// Copies the queue of a stopped daemon's SQLite store at `from` into the empty PostgreSQL
+    /// database `to` names (`sunopoll store copy`): the file's lock is held throughout, so no
+    /// daemon starts on it meanwhile; everything goes in one transaction that commits only if
+    /// every table's rows and every kept count check out. Must run inside the tokio runtime.
+    pub async fn copy_to_postgres(from: &Path, to: &PgOptions) -> Result<CopyReport, StoreError> {
+        let locked = sqlite::open_locked(from)?;
+        postgres::copy::from_sqlite(&locked.conn, to).await
     }
 
     /// Connects to the PostgreSQL database `options` names (shared by any number of daemons),

@@ -285,3 +285,103 @@ async fn raw_answer(socket: &Path, request: &str) -> String {
         .expect("read");
     line
 }
+
+/// A SQLite store at `path` with `n` tasks, each failed with its `error` event.
+async fn small_store(path: &Path, n: u32) {
+    use sunopoll::store::{Store, TaskSpec};
+    let store = Store::open(path).expect("open");
+    let ids: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+    store
+        .add(ids.clone(), TaskSpec::music(None, None), 1000, 60_000)
+        .await
+        .expect("add");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_checks_its_ends_with_exit_2_and_never_shows_the_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("q.db");
+    let db_s = db.to_str().expect("utf8");
+    let from = format!("sqlite:{db_s}");
+    for (args, says) in [
+        (
+            vec!["--from", db_s, "--to", "postgres://u@h/db"],
+            "--from must be sqlite:PATH",
+        ),
+        (
+            vec!["--from", "sqlite:", "--to", "postgres://u@h/db"],
+            "--from must be sqlite:PATH",
+        ),
+        (
+            vec!["--from", &from, "--to", "mysql://u@h/db"],
+            "--to must be a postgres://",
+        ),
+        (
+            vec!["--from", &from, "--to", "postgres://u:hunter2@h"],
+            "names no database",
+        ),
+    ] {
+        let mut all = vec!["store", "copy"];
+        all.extend(args.iter().copied());
+        let out = run(sunopoll(&all)).await;
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {err}");
+        assert!(err.contains(says), "{all:?}: {err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+    assert!(!db.exists(), "no store was created by a refused copy");
+
+    // A real store and an unreachable database: refused (exit 1), the password unshown.
+    small_store(&db, 3).await;
+    let password = dir.path().join("pw");
+    std::fs::write(&password, "s3cret-pw\n").expect("write");
+    let out = run(sunopoll(&[
+        "store",
+        "copy",
+        "--from",
+        &from,
+        "--to",
+        "postgresql://u:hunter2@127.0.0.1:9/db?connect_timeout=2",
+        "--password-file",
+        password.to_str().expect("utf8"),
+    ]))
+    .await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("postgres://u@127.0.0.1:9/db"), "{stderr}");
+    for secret in ["hunter2", "s3cret-pw"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{stdout}{stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_a_queue_and_prints_each_table_checked() {
+    let Some(cluster) = sunopoll::testing::postgres() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("q.db");
+    small_store(&db, 5).await;
+    let url = cluster.database();
+    let from = format!("sqlite:{}", db.to_str().expect("utf8"));
+    let out = run(sunopoll(&["store", "copy", "--from", &from, "--to", &url])).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    for line in [
+        "tasks 5 = 5",
+        "events 0 = 0",
+        "store_meta.last_seq 0 = 0",
+        "task_counts (recount) 1 = 1",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?} in {stdout}");
+    }
+    // Again: the target now holds tasks, so it is refused.
+    let out = run(sunopoll(&["store", "copy", "--from", &from, "--to", &url])).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already holds tasks"), "{stderr}");
+}

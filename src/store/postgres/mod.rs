@@ -39,6 +39,7 @@ use super::{
 mod archive;
 mod codec;
 mod connect;
+pub(super) mod copy;
 mod daemons;
 mod deliveries;
 mod events;
@@ -51,6 +52,7 @@ mod tasks;
 mod tests;
 
 pub use connect::PgOptions;
+pub use copy::{CopyCheck, CopyReport};
 pub use daemons::{DaemonRow, LeaseCount};
 pub use notify::Note;
 

@@ -166,6 +166,50 @@ impl Sqlite {
     }
 }
 
+/// A stopped daemon's store, opened for reading by `store copy`: its file lock is held (so no
+/// daemon can start on it meanwhile) for as long as this lives.
+pub(in crate::store) struct Locked {
+    /// A connection on the store, at the current schema version. Declared first so it is
+    /// closed first: the file below must stay open while SQLite holds locks (see `StoreFile`).
+    pub(in crate::store) conn: Connection,
+    /// Kept open only for its lock.
+    _file: schema::StoreFile,
+}
+
+/// Opens the existing store at `path` for `store copy`: takes the daemon's lock on the file
+/// (refusing while a daemon holds it), checks that it is a sunopoll store at the schema version
+/// this build writes, and changes nothing in it.
+pub(in crate::store) fn open_locked(path: &Path) -> Result<Locked, StoreError> {
+    let open_err = |what: String| StoreError::Open(format!("store {}: {what}", path.display()));
+    // The lock would create a missing file: a wrong path must not leave an empty store behind.
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() > 0 => {}
+        Ok(m) if m.is_file() => return Err(open_err("the file is empty, not a store".to_owned())),
+        Ok(_) => return Err(open_err("not a regular file".to_owned())),
+        Err(e) => return Err(open_err(format!("cannot open it: {e}"))),
+    }
+    let file = schema::StoreFile::lock(path).map_err(|e| match e {
+        schema::LockError::Held(what) => {
+            StoreError::InUse(format!("store {}: {what}", path.display()))
+        }
+        schema::LockError::Failed(what) => open_err(what),
+    })?;
+    let conn = Connection::open(path).map_err(|e| open_err(format!("cannot open: {e}")))?;
+    schema::set_busy_timeout(&conn).map_err(|e| open_err(schema::explain_open_error(&e)))?;
+    schema::inspect(&conn).map_err(open_err)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| open_err(schema::explain_open_error(&e)))?;
+    let current = i64::try_from(schema::MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if version != current {
+        return Err(open_err(format!(
+            "it has schema version {version}, this sunopoll copies version {current}; \
+             start and stop this sunopoll's daemon on it once to migrate it"
+        )));
+    }
+    Ok(Locked { conn, _file: file })
+}
+
 /// Pages copied per step of a backup: small steps let the daemon's commits go on between them.
 const BACKUP_PAGES_PER_STEP: std::ffi::c_int = 256;
 
