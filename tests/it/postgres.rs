@@ -594,6 +594,11 @@ async fn postgresql_restarted_mid_run_pauses_polling_and_loses_nothing() {
         "the CLI or daemon panicked: {said}"
     );
     assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+    // Polling pauses with the database: at most the requests already under way when it went.
+    assert!(
+        calls_while_down <= config.max_in_flight as usize,
+        "{calls_while_down} API requests while the database was down\n{log}"
+    );
     assert_eq!(
         number(&refused_stored),
         0,
