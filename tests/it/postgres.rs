@@ -245,6 +245,15 @@ where
     }
 }
 
+/// Every daemon's log so far, each under its number, for a stall's failure message.
+fn all_logs(daemons: &[BinDaemon]) -> String {
+    daemons
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!("--- daemon {i} ---\n{}", d.log_text()))
+        .collect()
+}
+
 /// The ERROR lines of a log, for the failure message.
 fn errors_in(log: &str) -> Vec<String> {
     log_lines(log)
@@ -289,7 +298,8 @@ async fn three_daemons_share_one_queue_and_lose_nothing_when_one_is_killed() {
     let at_kill = wait_count(RUN_PATIENCE, wanted / 3, events).await;
     assert!(
         at_kill >= wanted / 3,
-        "stalled before the kill at {at_kill} events"
+        "stalled before the kill at {at_kill} events\n{}",
+        all_logs(&daemons)
     );
     let killed_after = started.elapsed();
     daemons[0].kill();
@@ -297,7 +307,8 @@ async fn three_daemons_share_one_queue_and_lose_nothing_when_one_is_killed() {
     let at_restart = wait_count(RUN_PATIENCE, 2 * wanted / 3, events).await;
     assert!(
         at_restart >= 2 * wanted / 3,
-        "stalled after the kill at {at_restart} events"
+        "stalled after the kill at {at_restart} events\n{}",
+        all_logs(&daemons)
     );
     let restarted_after = started.elapsed();
     let status = daemons[1].terminate().await;
