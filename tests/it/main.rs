@@ -23,6 +23,7 @@ mod hostile_local;
 mod metrics;
 mod monitoring;
 mod polling;
+mod postgres;
 mod props;
 mod reload;
 mod restart;
