@@ -56,6 +56,9 @@ pub use copy::{CopyCheck, CopyReport};
 pub use daemons::{DaemonRow, LeaseCount};
 pub use notify::Note;
 
+/// The shortest claim on an archive file (ms): a download may take many minutes.
+pub const ARCHIVE_LEASE_MS: i64 = 15 * 60 * 1000;
+
 /// How often a daemon renews its heartbeat row (and forgets daemons long gone).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
@@ -589,7 +592,9 @@ impl Backend for Postgres {
         now: i64,
         limit: usize,
     ) -> Result<Vec<DueFile>, StoreError> {
-        let (me, lease) = (self.me.clone(), self.lease_ms);
+        // A download may take far longer than a poll: its claim lasts at least
+        // ARCHIVE_LEASE_MS, so a big file is not fetched by two daemons at once.
+        let (me, lease) = (self.me.clone(), self.lease_ms.max(ARCHIVE_LEASE_MS));
         write_tx!(self, |c| archive::claim(&c, &busy, now, limit, &me, lease)
             .await)
     }
