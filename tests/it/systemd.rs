@@ -353,8 +353,10 @@ async fn status_exits_non_zero_while_the_store_cannot_be_written_and_until_a_wri
         text(&locked.stdout),
         text(&locked.stderr)
     );
+    // Under load the probe's own short wait may run out first; both name the lock.
     assert!(
-        text(&locked.stdout).contains("database is locked"),
+        text(&locked.stdout).contains("database is locked")
+            || text(&locked.stdout).contains("its lock is held"),
         "the report names the store failure: {}",
         text(&locked.stdout)
     );
