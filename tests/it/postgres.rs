@@ -284,6 +284,18 @@ async fn three_daemons_share_one_queue_and_lose_nothing_when_one_is_killed() {
     for d in &mut daemons {
         d.restart().await;
     }
+    // `status` on any of them lists all three, each once, and marks itself.
+    let out = daemons[2].cli(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let listed = v["shared"]["daemons"].as_array().expect("shared.daemons");
+    assert_eq!(listed.len(), 3, "{v}");
+    let me = v["shared"]["me"].as_str().expect("shared.me");
+    assert_eq!(listed.iter().filter(|d| d["id"] == me).count(), 1, "{v}");
+    let human = text(&daemons[0].cli(&["status"]).await.stdout);
+    assert!(
+        human.contains("daemons:      3 sharing the queue") && human.contains("(this one)"),
+        "{human}"
+    );
     let started = Instant::now();
 
     let (mut expected, failing) = script_many(&api, &mut rng, "pg3x", tasks);
