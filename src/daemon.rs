@@ -15,7 +15,7 @@ use anyhow::Context;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api::{ApiClient, ApiKey};
 use crate::archive::sink::Sink;
@@ -102,6 +102,7 @@ struct Live {
     accounts: Vec<LiveAccount>,
     router: Router,
     redeliver: Arc<Notify>,
+    store: Store,
 }
 
 /// What a reload did: the settings applied, and those that need a restart.
@@ -472,7 +473,7 @@ impl Daemon {
             cancel,
             tracker,
             socket,
-            store,
+            store: store.clone(),
             drain,
             notifier: supervision.notifier,
             metrics_addr,
@@ -481,6 +482,7 @@ impl Daemon {
                 accounts: live_accounts,
                 router,
                 redeliver,
+                store,
             },
         })
     }
@@ -539,6 +541,21 @@ impl Daemon {
         }
         if format!("{:?}", new.forward) != format!("{:?}", old.forward) {
             live.router.replace(new.forward.clone());
+            // A target removed now has its pending deliveries given up as at a start (they
+            // are never sent to a URL the config no longer names; `redeliver --target` brings
+            // them back), and on a shared queue this daemon's targets are registered anew.
+            let known: Vec<String> = new.forward.targets.iter().map(|t| t.name.clone()).collect();
+            let store = live.store.clone();
+            tokio::spawn(async move {
+                match store.fail_orphans(known, crate::clock::now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => warn!(
+                        deliveries = n,
+                        "gave up pending deliveries to targets no longer in the configuration (replay them with `sunopoll redeliver --target NAME` if the target comes back)"
+                    ),
+                    Err(e) => error!(error = %e, "cannot check for deliveries to removed targets"),
+                }
+            });
             live.redeliver.notify_one();
             r.applied.push("forward".to_owned());
         }
