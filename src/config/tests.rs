@@ -703,3 +703,68 @@ base-url = "https://api.kie.ai/api/v1"
         "{p:?}"
     );
 }
+
+#[test]
+fn a_postgres_store_takes_its_password_from_the_credential_then_the_file_and_never_shows_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("db-password");
+    std::fs::write(&file, "from-the-file\n").expect("write");
+    let text = format!(
+        "[store]\nurl = \"postgres://sunopoll@db.internal:5432/queue\"\npassword-file = \"{}\"\nlease = \"45s\"\n",
+        file.display()
+    );
+    let c = Config::parse(&text, None, &env()).expect("ok");
+    assert_eq!(c.store.lease, Duration::from_secs(45));
+    let pg = c.store.postgres.as_ref().expect("a PostgreSQL store");
+    assert_eq!(pg.shown(), "postgres://sunopoll@db.internal:5432/queue");
+    assert!(!format!("{pg:?}").contains("from-the-file"));
+    let summary = c.summary();
+    assert!(
+        !summary.contains("from-the-file") && summary.contains("PostgreSQL, shared; lease 45s"),
+        "{summary}"
+    );
+    assert_eq!(
+        store_password(&env(), Some(&file)).expect("read"),
+        Some("from-the-file".to_owned())
+    );
+    // systemd's credential wins over the file.
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).expect("mkdir");
+    std::fs::write(creds.join("store-password"), "from-systemd").expect("write");
+    let with_creds = Environment {
+        credentials_directory: Some(creds),
+        ..env()
+    };
+    assert_eq!(
+        store_password(&with_creds, Some(&file)).expect("read"),
+        Some("from-systemd".to_owned())
+    );
+    assert_eq!(store_password(&env(), None).expect("none"), None);
+    // An unreadable file and a file of two lines are problems of store.url, named by path.
+    let missing = dir.path().join("nope");
+    let e = store_password(&env(), Some(&missing)).expect_err("missing");
+    assert!(e.contains("nope"), "{e}");
+    std::fs::write(&file, "one\ntwo\n").expect("write");
+    let e = store_password(&env(), Some(&file)).expect_err("two lines");
+    assert!(e.contains("one line") && !e.contains("two"), "{e}");
+}
+
+#[test]
+fn a_postgres_store_refuses_a_path_too_a_bad_url_and_a_lease_shorter_than_two_requests() {
+    let both = problems("[store]\npath = \"/var/tmp/q.db\"\nurl = \"postgres://u@h/db\"\n");
+    assert!(both.iter().any(|p| p.contains("not both")), "{both:?}");
+    let bad = problems("[store]\nurl = \"postgres://u:secret@h:notaport/db\"\n");
+    assert!(
+        bad.iter().any(|p| p.starts_with("store.url")) && bad.iter().all(|p| !p.contains("secret")),
+        "{bad:?}"
+    );
+    let no_db = problems("[store]\nurl = \"postgres://u@h\"\n");
+    assert!(no_db.iter().any(|p| p.contains("no database")), "{no_db:?}");
+    let short = problems("[store]\nurl = \"postgres://u@h/db\"\nlease = \"20s\"\n");
+    assert!(
+        short
+            .iter()
+            .any(|p| p.starts_with("store.lease") && p.contains("15s")),
+        "{short:?}"
+    );
+}
