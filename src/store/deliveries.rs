@@ -148,6 +148,36 @@ pub struct TargetSummary {
     pub oldest_pending_at: Option<i64>,
 }
 
+impl TargetSummary {
+    /// One summary per target from the kept `(target, state, n)` counts, in the order given
+    /// (sorted by target), with only the counts filled in: each backend looks up the rest.
+    pub fn from_counts(counts: impl IntoIterator<Item = (String, String, i64)>) -> Vec<Self> {
+        let mut out: Vec<TargetSummary> = Vec::new();
+        for (target, state, n) in counts {
+            if out.last().is_none_or(|t| t.target != target) {
+                out.push(TargetSummary {
+                    target,
+                    pending: 0,
+                    failed: 0,
+                    delivered: 0,
+                    last_success_at: None,
+                    last_error: None,
+                    last_error_at: None,
+                    oldest_pending_at: None,
+                });
+            }
+            let t = out.last_mut().expect("pushed above");
+            match state.as_str() {
+                "pending" => t.pending = n,
+                "failed" => t.failed = n,
+                "delivered" => t.delivered = n,
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
 /// `scheme://host:port` of a URL, the key of per-destination concurrency limits.
 pub fn origin_of(url: &str) -> String {
     match url::Url::parse(url) {

@@ -16,9 +16,9 @@ use crate::binary::*;
 use crate::figures::{self, Row};
 use crate::helpers::*;
 
-/// How a scripted task goes.
+/// How a scripted task goes (the PostgreSQL suite scripts its tasks the same way).
 #[derive(Clone, Copy, Debug)]
-enum Kind {
+pub(crate) enum Kind {
     /// PENDING → TEXT → FIRST → SUCCESS over six polls.
     Full,
     /// PENDING → TEXT → GENERATE_AUDIO_FAILED.
@@ -27,7 +27,8 @@ enum Kind {
     Jumps,
 }
 
-fn script(api: &FakeApi, rng: &mut fastrand::Rng, id: &str, kind: Kind) -> Vec<String> {
+/// Scripts `id` on `api` and returns the stages it must end with.
+pub(crate) fn script(api: &FakeApi, rng: &mut fastrand::Rng, id: &str, kind: Kind) -> Vec<String> {
     // Answers take 0–15 ms, so a kill often lands while a request is in flight.
     let mut reply =
         |name: &str| Reply::fixture_for(name, id).delayed(Duration::from_millis(rng.u64(0..=15)));

@@ -14,6 +14,7 @@ use serde_json::json;
 use sunopoll::testing::PgCluster;
 
 use crate::binary::*;
+use crate::crash::{Kind, script};
 use crate::figures::{self, Row};
 use crate::helpers::*;
 
@@ -71,53 +72,6 @@ fn shared_config(api: &FakeApi, handler: &Receiver, rps: &str) -> BinConfig {
     target.timeout = "2s".to_owned();
     config.targets.push(target);
     config
-}
-
-/// How a scripted task goes (as in the crash suite).
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    /// PENDING → TEXT → FIRST → SUCCESS over six polls.
-    Full,
-    /// PENDING → TEXT → GENERATE_AUDIO_FAILED.
-    Fails,
-    /// PENDING → SUCCESS: `text` and `first` are filled in.
-    Jumps,
-}
-
-/// Scripts `id` on `api` and returns the stages it must end with.
-fn script(api: &FakeApi, rng: &mut fastrand::Rng, id: &str, kind: Kind) -> Vec<String> {
-    let mut reply =
-        |name: &str| Reply::fixture_for(name, id).delayed(Duration::from_millis(rng.u64(0..=15)));
-    let (replies, stages) = match kind {
-        Kind::Full => (
-            vec![
-                reply("record-info.PENDING.json"),
-                reply("record-info.TEXT_SUCCESS.json"),
-                reply("record-info.TEXT_SUCCESS.json"),
-                reply("record-info.FIRST_SUCCESS.json"),
-                reply("record-info.FIRST_SUCCESS.json"),
-                reply("record-info.SUCCESS.json"),
-            ],
-            figures::full(),
-        ),
-        Kind::Fails => (
-            vec![
-                reply("record-info.PENDING.json"),
-                reply("record-info.TEXT_SUCCESS.json"),
-                reply("record-info.GENERATE_AUDIO_FAILED.json"),
-            ],
-            figures::text_then_error(),
-        ),
-        Kind::Jumps => (
-            vec![
-                reply("record-info.PENDING.json"),
-                reply("record-info.SUCCESS.json"),
-            ],
-            figures::full(),
-        ),
-    };
-    api.script(id, replies);
-    stages
 }
 
 /// Scripts `n` tasks named `{prefix}{i}`: six in ten go all the way, two fail after `text`,

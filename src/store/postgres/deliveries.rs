@@ -419,36 +419,16 @@ fn status_of(v: Option<i64>) -> Option<u16> {
 /// Per-target counts (kept by the schema's triggers), last success/error and oldest pending
 /// delivery: each figure one index seek per target.
 pub(super) async fn target_summary(c: &impl GenericClient) -> Sql<Vec<TargetSummary>> {
-    let mut out: Vec<TargetSummary> = Vec::new();
-    for r in query(
+    let counts = query(
         c,
         "SELECT target, state, n FROM delivery_counts WHERE n > 0 ORDER BY target, state",
         &[],
     )
     .await?
-    {
-        let (target, state, n): (String, String, i64) =
-            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-        if out.last().is_none_or(|t| t.target != target) {
-            out.push(TargetSummary {
-                target,
-                pending: 0,
-                failed: 0,
-                delivered: 0,
-                last_success_at: None,
-                last_error: None,
-                last_error_at: None,
-                oldest_pending_at: None,
-            });
-        }
-        let t = out.last_mut().expect("pushed above");
-        match state.as_str() {
-            "pending" => t.pending = n,
-            "failed" => t.failed = n,
-            "delivered" => t.delivered = n,
-            _ => {}
-        }
-    }
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+    .collect::<Sql<Vec<_>>>()?;
+    let mut out = TargetSummary::from_counts(counts);
     for t in &mut out {
         if t.delivered > 0 {
             t.last_success_at = query_opt(

@@ -376,36 +376,16 @@ pub(super) fn target_summary(conn: &Connection) -> Sql<Vec<TargetSummary>> {
     // The counts are the ones the schema's triggers keep (a handful of rows, whatever the size
     // of the outbox); every other figure is one seek of an index per target.
     let mut counts = conn.prepare_cached(SUMMARY_COUNTS)?;
-    let mut out: Vec<TargetSummary> = Vec::new();
-    let rows = counts.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (target, state, n) = row?;
-        if out.last().is_none_or(|t| t.target != target) {
-            out.push(TargetSummary {
-                target,
-                pending: 0,
-                failed: 0,
-                delivered: 0,
-                last_success_at: None,
-                last_error: None,
-                last_error_at: None,
-                oldest_pending_at: None,
-            });
-        }
-        let t = out.last_mut().expect("pushed above");
-        match state.as_str() {
-            "pending" => t.pending = n,
-            "failed" => t.failed = n,
-            "delivered" => t.delivered = n,
-            _ => {}
-        }
-    }
+    let rows = counts
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = TargetSummary::from_counts(rows);
     let mut last_success = conn.prepare_cached(LAST_SUCCESS)?;
     let mut oldest_pending = conn.prepare_cached(OLDEST_PENDING)?;
     let mut last_error = conn.prepare_cached(LAST_ERROR)?;
