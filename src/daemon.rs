@@ -160,7 +160,13 @@ impl Daemon {
     ) -> anyhow::Result<Daemon> {
         let started_at = options.clock.now_ms();
         let store = match &config.store.postgres {
-            Some(options) => Store::open_postgres(options).await?,
+            Some(options) => {
+                // The control socket names this daemon among the queue's members: stable
+                // across its restarts, and no two daemons on a host share one.
+                let mut options = options.clone();
+                options.member = Some(config.control.socket.display().to_string());
+                Store::open_postgres(&options).await?
+            }
             None => {
                 let store_path = config.store.path.clone();
                 tokio::task::spawn_blocking(move || Store::open(&store_path))
@@ -544,7 +550,7 @@ impl Daemon {
             // A target removed now has its pending deliveries given up as at a start (they
             // are never sent to a URL the config no longer names; `redeliver --target` brings
             // them back), and on a shared queue this daemon's targets are registered anew.
-            let known: Vec<String> = new.forward.targets.iter().map(|t| t.name.clone()).collect();
+            let known = live.router.target_specs();
             let store = live.store.clone();
             tokio::spawn(async move {
                 match store.fail_orphans(known, crate::clock::now_ms()).await {

@@ -4,7 +4,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::config::{ForwardConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig};
 use crate::events::Stage;
-use crate::store::{Route, TaskRow};
+use crate::store::{Route, TargetSpec, TaskRow};
 
 /// Decides where a task's events go. Built from `[forward]` at start; clones share it, so a
 /// reload ([`Router::replace`]) reaches every part that routes or delivers.
@@ -48,6 +48,23 @@ impl Router {
                 target: t.name.clone(),
                 url: t.url.to_string(),
                 stages: t.stages.clone(),
+            })
+            .collect()
+    }
+
+    /// The configured targets as a shared queue registers them (see
+    /// [`crate::store::Store::fail_orphans`]).
+    pub fn target_specs(&self) -> Vec<TargetSpec> {
+        self.config()
+            .targets
+            .iter()
+            .map(|t| TargetSpec {
+                route: Route {
+                    target: t.name.clone(),
+                    url: t.url.to_string(),
+                    stages: t.stages.clone(),
+                },
+                kinds: t.kinds.clone(),
             })
             .collect()
     }

@@ -90,13 +90,7 @@ impl Forwarder {
                 return;
             }
         };
-        let known: Vec<String> = self
-            .router
-            .config()
-            .targets
-            .iter()
-            .map(|t| t.name.clone())
-            .collect();
+        let known = self.router.target_specs();
         match self.store.fail_orphans(known, self.clock.now_ms()).await {
             Ok(0) => {}
             Ok(n) => warn!(

@@ -14,7 +14,8 @@ use std::future::Future;
 
 use super::archive::{ArchiveCounts, ArchivedNotice, DueFile, Emitted, FileNext, FileRecord};
 use super::deliveries::{
-    AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route, TargetSummary,
+    AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route, TargetSpec,
+    TargetSummary,
 };
 use super::events::EventRecord;
 use super::gate::{AccountRow, GateRow};
@@ -201,7 +202,7 @@ pub trait Backend: Send + Sync {
     /// Gives up pending deliveries to configured targets no longer in `known`.
     fn fail_orphans(
         &self,
-        known: Vec<String>,
+        known: Vec<TargetSpec>,
         now: i64,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::{
     AddResult, ArchiveCounts, ArchivedNotice, AssetFile, AssetSource, AttemptRecord, Backend,
-    Counts, DeliveryNext, FileNext, FileState, GateRow, Notice, Pruned, Replay, Route, TaskState,
-    TaskUpdate,
+    Counts, DeliveryNext, FileNext, FileState, GateRow, Notice, Pruned, Replay, Route, TargetSpec,
+    TaskState, TaskUpdate,
 };
 use crate::events::{NewEvent, Stage, error_event};
 
@@ -709,9 +709,11 @@ async fn kept_counts_equal_a_recount_after_any_mix_of_changes(s: &impl Backend) 
                     .expect("redeliver");
             }
             _ => {
-                s.fail_orphans(vec!["app".into()], now)
-                    .await
-                    .expect("fail orphans");
+                let app = TargetSpec {
+                    route: app_route(),
+                    kinds: None,
+                };
+                s.fail_orphans(vec![app], now).await.expect("fail orphans");
             }
         }
         if step % 20 == 19 {

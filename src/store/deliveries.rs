@@ -16,6 +16,17 @@ pub struct Route {
     pub stages: Vec<Stage>,
 }
 
+/// A configured target as a shared queue learns it: the route plus the task families it takes.
+/// Each daemon registers the targets its configuration names, so that events another daemon
+/// stores are routed to them too (a target is shared by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSpec {
+    /// Its name, URL and stages.
+    pub route: Route,
+    /// The task families whose events go there (`None`: all).
+    pub kinds: Option<Vec<crate::api::families::Kind>>,
+}
+
 /// A delivery ready to be attempted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueDelivery {

@@ -36,7 +36,7 @@ pub use archive::{
 pub use backend::Backend;
 pub use deliveries::{
     AttemptLog, AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route,
-    TargetSummary, origin_of, webhook_id,
+    TargetSpec, TargetSummary, origin_of, webhook_id,
 };
 pub use events::EventRecord;
 pub use gate::AccountRow;
@@ -437,8 +437,14 @@ impl Store {
     }
 
     /// Gives up pending deliveries to configured targets that are no longer configured.
-    /// Returns how many.
-    pub async fn fail_orphans(&self, known: Vec<String>, now: i64) -> Result<usize, StoreError> {
+    /// Returns how many. `known` is this daemon's configured targets; on a shared queue they are
+    /// registered first (as this daemon's, replacing what it registered before), and a target
+    /// is an orphan only when no daemon of the queue has it registered.
+    pub async fn fail_orphans(
+        &self,
+        known: Vec<TargetSpec>,
+        now: i64,
+    ) -> Result<usize, StoreError> {
         on_backend!(self, b => b.fail_orphans(known, now).await)
     }
 

@@ -592,3 +592,75 @@ async fn postgresql_restarted_mid_run_pauses_polling_and_loses_nothing() {
     assert_eq!(pending, 0, "deliveries still pending\n{log}");
     row.report_and_check();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_one_host_names_gets_the_events_a_host_without_it_stores() {
+    let Some(cluster) = sunopoll::testing::postgres() else {
+        return;
+    };
+    let url = cluster.database();
+    let db = db_name(&url);
+    let mut rng = fastrand::Rng::with_seed(fastrand::u64(..));
+    let api = FakeApi::start().await;
+    let handler = Receiver::start().await;
+    // A names the target `app`; B, on the same queue, names no target at all.
+    let with_target = shared_config(&api, &handler, "\"unlimited\"");
+    let mut without = with_target.clone();
+    without.targets.clear();
+    let mut a = prepare_on(&with_target, &url);
+    let mut b = prepare_on(&without, &url);
+    a.restart().await;
+    b.restart().await;
+    let registered = "SELECT COUNT(*) FROM targets WHERE name = 'app'";
+    let n = wait_count(Duration::from_secs(30), 1, || async {
+        number(&psql(cluster, &db, registered).await)
+    })
+    .await;
+    assert_eq!(n, 1, "A never registered `app`:\n{}", a.log_text());
+
+    // A stops cleanly. B alone polls ten tasks to their end: their events are stored for
+    // `app` and wait, since no running daemon delivers to it; none is given up.
+    let log_a = a.stop().await;
+    let (mut expected, failing) = script_many(&api, &mut rng, "pgname", 10);
+    let ids: Vec<String> = expected.keys().cloned().collect();
+    add(&b, &ids).await;
+    let finished = b.wait_finished(&ids).await;
+    assert!(finished, "B did not finish the tasks:\n{}", b.log_text());
+    let wanted: i64 = expected.values().map(|s| s.len() as i64).sum();
+    let pending_app = "SELECT COUNT(*) FROM deliveries WHERE target = 'app' AND state = 'pending'";
+    assert_eq!(
+        number(&psql(cluster, &db, pending_app).await),
+        wanted,
+        "every event B stored waits for `app`:\n{}",
+        b.log_text()
+    );
+    assert_eq!(handler.count(), 0, "nothing was delivered with A down");
+
+    // A starts again: it delivers them all, in order per task, each with one webhook-id.
+    a.restart().await;
+    let delivered = "SELECT COUNT(*) FROM deliveries WHERE target = 'app' AND state = 'delivered'";
+    let n = wait_count(RUN_PATIENCE, wanted, || async {
+        number(&psql(cluster, &db, delivered).await)
+    })
+    .await;
+    let stored = parse_events(&psql(cluster, &db, EVENTS_SQL).await);
+    let received = handler.received();
+    adjust_failing(&mut expected, &failing, &stored);
+    let logs = format!(
+        "--- A (first run) ---\n{log_a}\n--- A ---\n{}\n--- B ---\n{}",
+        a.stop().await,
+        b.stop().await
+    );
+    assert_eq!(n, wanted, "not every event reached `app`\n{logs}");
+    let mut row = Row::new("PostgreSQL: a target named on one host only (real binaries)");
+    figures::tally(&mut row, &expected, &stored, Some(&received));
+    row.recovered = true;
+    row.note = format!(
+        "{} events stored by the host without the target, {} deliveries received after the \
+         other came back",
+        stored.len(),
+        received.len()
+    );
+    assert!(errors_in(&logs).is_empty(), "errors logged:\n{logs}");
+    row.report_and_check();
+}

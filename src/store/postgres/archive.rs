@@ -188,7 +188,9 @@ pub(super) async fn notify(
         return Ok(None);
     }
     let files = of_task(c, &task).await?;
-    let note = notice(kind, &files);
+    let mut note = notice(kind, &files);
+    let shared = deliveries::shared_routes(c, kind, Some(Stage::Archived), &note.routes).await?;
+    note.routes.extend(shared);
     if note.routes.is_empty() {
         return Ok(None);
     }

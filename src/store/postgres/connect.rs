@@ -25,6 +25,10 @@ pub struct PgOptions {
     pub lease: Duration,
     /// Extra CA certificates (PEM) to trust for TLS (`[store] ca-file`).
     ca_file: Option<PathBuf>,
+    /// Who this daemon is among the queue's members, the same across its restarts (the daemon
+    /// sets its control socket's path; the host name is added). Targets are registered under
+    /// it. `None` (a one-off such as `store copy`): a name of this process only.
+    pub member: Option<String>,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -73,6 +77,7 @@ impl PgOptions {
             config,
             lease,
             ca_file,
+            member: None,
         })
     }
 

@@ -47,7 +47,8 @@ pub(super) fn my_name() -> String {
     )
 }
 
-fn host() -> String {
+/// This host's name, as `daemons` and the member names show it.
+pub(super) fn host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())

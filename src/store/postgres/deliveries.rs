@@ -1,9 +1,12 @@
 //! The outbox on PostgreSQL: `deliveries` and `attempts`, as in SQLite (`sqlite::deliveries`),
 //! with what several daemons need. A target is shared by name: each daemon registers the
-//! targets its configuration names (its `daemons` row) and claims only deliveries to those
-//! (and to per-task URLs, which any daemon can make); a delivery is an orphan only when no live
-//! daemon names its target. Only the head of each (task, target) queue is ready, and a
-//! claimed head is leased, so order per task and target holds across daemons.
+//! targets its configuration names (`targets`, under its member name, kept across its restarts
+//! and stops) and claims only deliveries to those (and to per-task URLs, which any daemon can
+//! make). Events any daemon stores are routed to every registered target, so a host whose
+//! config lacks a target still routes to it, and a delivery waits while every daemon that
+//! names its target is down. A delivery is an orphan only when no member has its target
+//! registered. Only the head of each (task, target) queue is ready, and a claimed head is
+//! leased, so order per task and target holds across daemons.
 
 use std::collections::HashSet;
 
@@ -13,11 +16,12 @@ use tokio_postgres::Row;
 use super::codec::{count, limit as as_limit};
 use super::schema::DB_NOW;
 use super::{Sql, execute, query, query_opt};
+use crate::api::families::Kind;
 use crate::config::{TARGET_SUBMITTED_URL, TARGET_TASK_URL};
 use crate::events::Stage;
 use crate::store::{
     AttemptLog, AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route,
-    TargetSummary, origin_of, webhook_id,
+    TargetSpec, TargetSummary, origin_of, webhook_id,
 };
 
 /// Writes one pending delivery of event `seq` (`task`'s `stage`) along `route`, due at `due`.
@@ -200,41 +204,83 @@ pub(super) async fn record_attempt(
     Ok(outcome != "superseded")
 }
 
-/// Registers `known` as the targets this daemon delivers to, then gives up pending
-/// deliveries whose target no live daemon names (beating within `lease_ms`).
+/// Registers `known` as the targets `member` names (replacing what it registered before, so a
+/// target it no longer names is forgotten for it), then gives up pending deliveries whose
+/// target no member has registered. A member that is down keeps its registration: its
+/// deliveries wait for it rather than being given up.
 pub(super) async fn fail_orphans(
     c: &impl GenericClient,
-    known: &[String],
-    me: &str,
-    lease_ms: i64,
+    known: &[TargetSpec],
+    member: &str,
     now: i64,
 ) -> Sql<usize> {
-    execute(
-        c,
-        "UPDATE daemons SET targets = $2 WHERE id = $1",
-        &[&me, &known],
-    )
-    .await?;
+    execute(c, "DELETE FROM targets WHERE member = $1", &[&member]).await?;
+    for t in known {
+        let stages: Vec<&str> = t.route.stages.iter().map(|s| s.as_str()).collect();
+        let kinds: Option<Vec<&str>> = t
+            .kinds
+            .as_ref()
+            .map(|k| k.iter().map(|k| k.as_str()).collect());
+        execute(
+            c,
+            "INSERT INTO targets (name, member, url, stages, kinds, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &t.route.target,
+                &member,
+                &t.route.url,
+                &stages,
+                &kinds,
+                &now,
+            ],
+        )
+        .await?;
+    }
     let rows = query(
         c,
-        &format!(
-            "UPDATE deliveries SET state = 'failed', updated_at = $1,
-                    last_error = 'the target is no longer in the configuration'
-             WHERE state = 'pending' AND target NOT IN ($2, $3)
-               AND NOT (target = ANY(SELECT unnest(targets) FROM daemons
-                                      WHERE beat_at >= {DB_NOW} - $4 OR id = $5))
-             RETURNING task_id, target"
-        ),
-        &[
-            &now,
-            &TARGET_TASK_URL,
-            &TARGET_SUBMITTED_URL,
-            &lease_ms,
-            &me,
-        ],
+        "UPDATE deliveries SET state = 'failed', updated_at = $1,
+                last_error = 'the target is no longer in the configuration'
+         WHERE state = 'pending' AND target NOT IN ($2, $3)
+           AND target NOT IN (SELECT name FROM targets)
+         RETURNING task_id, target",
+        &[&now, &TARGET_TASK_URL, &TARGET_SUBMITTED_URL],
     )
     .await?;
     Ok(rows.len())
+}
+
+/// The registered targets that take `kind` and `stage` (any stage when `None`) and are not
+/// already in `routes` (by name or URL): where events a daemon stores go besides its own
+/// targets. Where members register one name differently, the latest registration is used.
+pub(super) async fn shared_routes(
+    c: &impl GenericClient,
+    kind: Kind,
+    stage: Option<Stage>,
+    routes: &[Route],
+) -> Sql<Vec<Route>> {
+    let rows = query(
+        c,
+        "SELECT DISTINCT ON (name) name, url, stages FROM targets
+         WHERE (kinds IS NULL OR $1 = ANY(kinds)) AND ($2::TEXT IS NULL OR $2 = ANY(stages))
+         ORDER BY name, updated_at DESC, member",
+        &[&kind.as_str(), &stage.map(Stage::as_str)],
+    )
+    .await?;
+    let mut out = Vec::new();
+    for r in &rows {
+        let target: String = r.try_get(0)?;
+        let url: String = r.try_get(1)?;
+        if routes.iter().any(|x| x.target == target || x.url == url) {
+            continue;
+        }
+        let stages: Vec<String> = r.try_get(2)?;
+        out.push(Route {
+            target,
+            url,
+            stages: stages.iter().filter_map(|s| Stage::parse(s)).collect(),
+        });
+    }
+    Ok(out)
 }
 
 pub(super) async fn cancel(c: &impl GenericClient, what: &Replay, now: i64) -> Sql<usize> {

@@ -33,7 +33,7 @@ use super::{
     AccountRow, AddedTask, Applied, ArchiveCounts, ArchivedNotice, AttemptRecord, Backend, Counts,
     DeliveryNext, DeliveryRecord, DueDelivery, DueFile, DueRow, Emitted, EventRecord, FileNext,
     FileRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth,
-    TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
+    TargetSpec, TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
 
 mod archive;
@@ -204,6 +204,9 @@ pub struct Postgres {
     health: Arc<StoreHealth>,
     /// This daemon's name in `claimed_by` and `daemons`: host, process and a random part.
     me: Arc<str>,
+    /// Who this daemon is among the queue's members across restarts: host and control socket
+    /// (see [`PgOptions::member`]). The targets it registers are kept under this name.
+    member: Arc<str>,
     /// How long a claim keeps other daemons off a row.
     lease_ms: i64,
     /// The database as people may see it (no password).
@@ -243,10 +246,15 @@ impl Postgres {
             schema::migrate(&mut conn).await.map_err(&open_err)?;
         }
         let me: Arc<str> = daemons::my_name().into();
+        let member: Arc<str> = match &options.member {
+            Some(m) => format!("{}:{m}", daemons::host()).into(),
+            None => me.clone(),
+        };
         let pg = Postgres {
             pool,
             health: Arc::new(StoreHealth::default()),
             me,
+            member,
             lease_ms: i64::try_from(options.lease.as_millis()).unwrap_or(i64::MAX),
             shown,
             closed: Arc::new(AtomicBool::new(false)),
@@ -547,10 +555,10 @@ impl Backend for Postgres {
         })
     }
 
-    async fn fail_orphans(&self, known: Vec<String>, now: i64) -> Result<usize, StoreError> {
-        let (me, lease) = (self.me.clone(), self.lease_ms);
+    async fn fail_orphans(&self, known: Vec<TargetSpec>, now: i64) -> Result<usize, StoreError> {
+        let member = self.member.clone();
         write_tx!(self, |c| {
-            deliveries::fail_orphans(&c, &known, &me, lease, now).await
+            deliveries::fail_orphans(&c, &known, &member, now).await
         })
     }
 

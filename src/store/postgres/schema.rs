@@ -1,5 +1,6 @@
 //! The PostgreSQL schema: the same tables, columns and meaning as the SQLite store's (see
-//! `sqlite::schema`, whose migrations explain each column), as one migration for today's shape,
+//! `sqlite::schema`, whose migrations explain each column), as a first migration for the shape
+//! the SQLite store had when this backend was added and later ones for what changed since,
 //! plus what several daemons on one queue need: leases on the work each has claimed
 //! (`claimed_by`, `lease_until`), the daemons' heartbeat rows (`daemons`), the event sequence
 //! counter (`store_meta`), and each account's shared request budget (`accounts.next_slot`).
@@ -22,7 +23,8 @@ pub(super) const DB_NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000):
 const MIGRATION_LOCK: i64 = 0x73756e6f706f6c6c;
 
 /// The schema, one entry per version; `sunopoll_schema` says which have been applied.
-pub(super) const MIGRATIONS: &[&str] = &[r"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE tasks (
     id           TEXT PRIMARY KEY NOT NULL,
     -- The listing order and page cursor (SQLite's rowid): newest last.
@@ -170,8 +172,7 @@ CREATE TABLE daemons (
     version    TEXT NOT NULL,
     started_at BIGINT NOT NULL,
     beat_at    BIGINT NOT NULL,
-    -- The targets its configuration names: it delivers only to those, and a delivery is an
-    -- orphan only when no live daemon names its target.
+    -- The targets its configuration named (until migration 2 moved them to `targets`).
     targets    TEXT[] NOT NULL DEFAULT '{}'
 );
 
@@ -267,7 +268,28 @@ BEGIN
 END $$;
 CREATE TRIGGER archive_counts_keep AFTER INSERT OR UPDATE OF state, size OR DELETE ON archive_files
     FOR EACH ROW EXECUTE FUNCTION archive_counts_keep();
-"];
+",
+    r"
+-- Targets are shared by name, and routing must not depend on which daemon stores an event: each
+-- daemon registers the targets its configuration names under its member name (host and control
+-- socket, the same across its restarts), and events are routed to every registered target. A
+-- registration outlives its daemon's stops, so deliveries to a target whose every daemon is down
+-- wait for one to return instead of never being made. It changes only when that member starts
+-- or reloads with other targets.
+CREATE TABLE targets (
+    name       TEXT NOT NULL,
+    member     TEXT NOT NULL,
+    url        TEXT NOT NULL,
+    stages     TEXT[] NOT NULL,
+    -- The task families it takes; NULL: all.
+    kinds      TEXT[],
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (name, member)
+);
+-- Replaced by `targets`, which outlive a daemon's heartbeat row.
+ALTER TABLE daemons DROP COLUMN targets;
+",
+];
 
 /// Applies the migrations this database lacks, in one transaction under an advisory lock
 /// (a second daemon starting at the same moment waits, then finds nothing to do). A database

@@ -226,7 +226,13 @@ where
     if before.state != TaskState::Active {
         return Ok(None);
     }
-    let update = decide(&before);
+    let mut update = decide(&before);
+    if !update.events.is_empty() {
+        // Targets other daemons registered are routed to as well: which daemon polled the task
+        // must not decide where its events go.
+        let shared = deliveries::shared_routes(c, before.kind, None, &update.routes).await?;
+        update.routes.extend(shared);
+    }
     let mut stage = before.stage;
     let mut seqs = Vec::with_capacity(update.events.len());
     for ev in &update.events {

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use super::{Note, PgOptions, Postgres};
+use crate::api::families::Kind;
 use crate::events::{NewEvent, Stage};
-use crate::store::{Backend, TaskSpec, TaskState, TaskUpdate};
+use crate::store::{Backend, Route, TargetSpec, TaskSpec, TaskState, TaskUpdate};
 
 async fn daemons(n: usize, lease: Duration) -> Option<Vec<Postgres>> {
     let url = crate::testing::postgres()?.database();
@@ -198,4 +199,133 @@ async fn events_stored_by_several_daemons_at_once_come_in_sequence_with_no_gap()
     for s in &d {
         s.close().await;
     }
+}
+
+fn spec(name: &str, port: u16, stages: &[Stage], kinds: Option<Vec<Kind>>) -> TargetSpec {
+    TargetSpec {
+        route: Route {
+            target: name.to_owned(),
+            url: format!("http://127.0.0.1:{port}/cb"),
+            stages: stages.to_vec(),
+        },
+        kinds,
+    }
+}
+
+/// A daemon of member `member` (its control socket, as the daemon names it) on `url`.
+async fn member(url: &str, member: &str) -> Postgres {
+    let mut options = PgOptions::new(url, None, Duration::from_secs(30), None).expect("options");
+    options.member = Some(member.to_owned());
+    Postgres::open(&options).await.expect("open")
+}
+
+async fn targets_of(s: &Postgres, task: &str) -> Vec<(String, String, String)> {
+    let mut v: Vec<(String, String, String)> = s
+        .deliveries_of(task.to_owned())
+        .await
+        .expect("deliveries")
+        .into_iter()
+        .map(|(_, d)| (d.target, d.url, d.state))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn events_one_daemon_stores_are_routed_to_the_targets_another_names() {
+    let Some(cluster) = crate::testing::postgres() else {
+        return;
+    };
+    let url = cluster.database();
+    let (a, b) = (
+        member(&url, "/run/a.sock").await,
+        member(&url, "/run/b.sock").await,
+    );
+    // A names `app` (every stage, every kind) and `lyrics-only`; B names no target at all.
+    let lyrics_only = spec("lyrics-only", 10, &Stage::ALL, Some(vec![Kind::Lyrics]));
+    let app = spec("app", 9, &Stage::ALL, None);
+    a.fail_orphans(vec![app, lyrics_only], 1000)
+        .await
+        .expect("register");
+    b.fail_orphans(Vec::new(), 1000).await.expect("register");
+    add(&a, &["t1", "t2"]).await;
+    b.apply_poll("t1".into(), 2000, |_| done("t1"))
+        .await
+        .expect("apply")
+        .expect("applied");
+    // B stored t1's event: its delivery goes to A's `app` (not to `lyrics-only`, which takes no
+    // music), with the URL A registered.
+    assert_eq!(
+        targets_of(&b, "t1").await,
+        [(
+            "app".to_owned(),
+            "http://127.0.0.1:9/cb".to_owned(),
+            "pending".to_owned()
+        )]
+    );
+    // A's deliveries are claimable by A (it names `app`), never by B.
+    let none = b
+        .due_deliveries(Vec::new(), Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert!(none.is_empty(), "B does not name app: {none:?}");
+    let due = a
+        .due_deliveries(vec!["app".into()], Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert_eq!(due.len(), 1);
+
+    // A stops: its registration stays, so events B stores meanwhile still go to `app`, and B's
+    // start (or reload) does not give them up as orphans.
+    a.close().await;
+    b.fail_orphans(Vec::new(), 3000).await.expect("register");
+    b.apply_poll("t2".into(), 3000, |_| done("t2"))
+        .await
+        .expect("apply")
+        .expect("applied");
+    assert_eq!(targets_of(&b, "t1").await[0].2, "pending");
+    assert_eq!(targets_of(&b, "t2").await[0].0, "app");
+    assert_eq!(targets_of(&b, "t2").await[0].2, "pending");
+
+    // A comes back (the same member, a new process) without `app` in its config: now no
+    // member names it, and its pending deliveries are given up.
+    let a = member(&url, "/run/a.sock").await;
+    let gave_up = a.fail_orphans(Vec::new(), 4000).await.expect("register");
+    assert_eq!(gave_up, 2);
+    assert_eq!(targets_of(&a, "t1").await[0].2, "failed");
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn a_target_named_on_one_host_is_given_up_only_when_no_host_names_it() {
+    let Some(cluster) = crate::testing::postgres() else {
+        return;
+    };
+    let url = cluster.database();
+    let (a, b) = (
+        member(&url, "/run/a.sock").await,
+        member(&url, "/run/b.sock").await,
+    );
+    let app = spec("app", 9, &Stage::ALL, None);
+    a.fail_orphans(vec![app.clone()], 1000)
+        .await
+        .expect("register");
+    b.fail_orphans(vec![app], 1000).await.expect("register");
+    add(&a, &["t1"]).await;
+    a.apply_poll("t1".into(), 2000, |_| {
+        let mut u = done("t1");
+        u.routes = vec![spec("app", 9, &Stage::ALL, None).route];
+        u
+    })
+    .await
+    .expect("apply");
+    // A drops `app` from its config: B still names it, so nothing is given up.
+    assert_eq!(a.fail_orphans(Vec::new(), 3000).await.expect("register"), 0);
+    assert_eq!(targets_of(&a, "t1").await[0].2, "pending");
+    // Then B drops it too.
+    assert_eq!(b.fail_orphans(Vec::new(), 4000).await.expect("register"), 1);
+    assert_eq!(targets_of(&a, "t1").await[0].2, "failed");
+    a.close().await;
+    b.close().await;
 }

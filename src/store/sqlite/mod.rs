@@ -15,7 +15,7 @@ use super::{
     AccountRow, AddedTask, Applied, ArchiveCounts, ArchivedNotice, AttemptRecord, Backend, Counts,
     DeliveryNext, DeliveryRecord, DueDelivery, DueFile, DueRow, Emitted, EventRecord, FileNext,
     FileRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth,
-    TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
+    TargetSpec, TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
 
 mod archive;
@@ -454,8 +454,9 @@ impl Backend for Sqlite {
             .await
     }
 
-    async fn fail_orphans(&self, known: Vec<String>, now: i64) -> Result<usize, StoreError> {
-        self.call(move |c| deliveries::fail_orphans(c, &known, now))
+    async fn fail_orphans(&self, known: Vec<TargetSpec>, now: i64) -> Result<usize, StoreError> {
+        let names: Vec<String> = known.into_iter().map(|t| t.route.target).collect();
+        self.call(move |c| deliveries::fail_orphans(c, &names, now))
             .await
     }
 
