@@ -825,6 +825,23 @@ fn print_status(v: &StatusResponse) {
                 if d.leased_files == 1 { "" } else { "s" },
             );
         }
+        if !q.member.is_empty() {
+            out!(
+                "member:       {} (this daemon's targets are registered under it)",
+                esc(&q.member)
+            );
+        }
+        for t in &q.targets {
+            out!(
+                "  target {}: named by {}",
+                esc(&t.name),
+                t.members
+                    .iter()
+                    .map(|m| esc(m))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     out!("socket:       {}", esc(&v.socket.display().to_string()));
     out!(

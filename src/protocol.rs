@@ -853,6 +853,22 @@ pub struct SharedQueueView {
     pub lease_ms: i64,
     /// Every daemon that beat within the last lease, oldest first.
     pub daemons: Vec<DaemonView>,
+    /// The answering daemon's member name (host and control socket), under which its targets
+    /// are registered.
+    #[serde(default)]
+    pub member: String,
+    /// Every registered target, by name: events any daemon stores are routed to each of them.
+    #[serde(default)]
+    pub targets: Vec<SharedTargetView>,
+}
+
+/// A target registered on a shared queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SharedTargetView {
+    /// Its name.
+    pub name: String,
+    /// The members (host and control socket) whose configs name it, running or not.
+    pub members: Vec<String>,
 }
 
 /// One live daemon on a shared queue.

@@ -138,6 +138,16 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
     }
     let (archive, archive_problem) = super::archive::status(ctx).await;
     problems.extend(archive_problem);
+    let registered = match ctx.store.shared_targets().await {
+        Some(Err(e)) => {
+            problems.push(format!(
+                "cannot list the targets registered on the queue: {e}"
+            ));
+            None
+        }
+        Some(Ok(r)) => Some(r),
+        None => None,
+    };
     let shared = match ctx.store.daemons().await {
         None => None,
         Some(Err(e)) => {
@@ -145,6 +155,13 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
             None
         }
         Some(Ok(rows)) => Some(crate::protocol::SharedQueueView {
+            member: registered.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
+            targets: registered
+                .map(|r| r.1)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, members)| crate::protocol::SharedTargetView { name, members })
+                .collect(),
             me: ctx.store.daemon_name().unwrap_or_default().to_owned(),
             lease_ms: ctx.store.lease_ms().unwrap_or_default(),
             daemons: rows

@@ -222,6 +222,19 @@ impl Store {
         }
     }
 
+    /// On a shared queue, every registered target with the members (host and control socket)
+    /// whose configs name it, and this daemon's own member name. `None` for SQLite.
+    pub async fn shared_targets(
+        &self,
+    ) -> Option<Result<(String, Vec<(String, Vec<String>)>), StoreError>> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(b) => {
+                Some(b.shared_targets().await.map(|t| (b.member().to_owned(), t)))
+            }
+        }
+    }
+
     /// This daemon's name among those sharing the queue (`None` for SQLite).
     pub fn daemon_name(&self) -> Option<&str> {
         match &self.engine {

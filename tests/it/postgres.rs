@@ -617,6 +617,20 @@ async fn a_target_one_host_names_gets_the_events_a_host_without_it_stores() {
     })
     .await;
     assert_eq!(n, 1, "A never registered `app`:\n{}", a.log_text());
+    // `status` on B shows the target and who names it: A, by host and control socket.
+    let out = b.cli(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let targets = v["shared"]["targets"].as_array().expect("shared.targets");
+    assert_eq!(targets.len(), 1, "{v}");
+    assert_eq!(targets[0]["name"], "app", "{v}");
+    let named_by = targets[0]["members"][0].as_str().expect("a member");
+    assert!(
+        named_by.ends_with(&format!(":{}", a.socket.display())),
+        "{named_by} is not A's socket {}",
+        a.socket.display()
+    );
+    let human = text(&b.cli(&["status"]).await.stdout);
+    assert!(human.contains("target app: named by"), "{human}");
 
     // A stops cleanly. B alone polls ten tasks to their end: their events are stored for
     // `app` and wait, since no running daemon delivers to it; none is given up.

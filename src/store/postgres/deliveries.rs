@@ -249,6 +249,19 @@ pub(super) async fn fail_orphans(
     Ok(rows.len())
 }
 
+/// Every registered target's name with the members that name it, both sorted.
+pub(super) async fn registered(c: &impl GenericClient) -> Sql<Vec<(String, Vec<String>)>> {
+    query(
+        c,
+        "SELECT name, array_agg(member ORDER BY member) FROM targets GROUP BY name ORDER BY name",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .collect()
+}
+
 /// The registered targets that take `kind` and `stage` (any stage when `None`) and are not
 /// already in `routes` (by name or URL): where events a daemon stores go besides its own
 /// targets. Where members register one name differently, the latest registration is used.

@@ -325,6 +325,17 @@ impl Postgres {
         let lease = self.lease_ms;
         read!(self, |c| daemons::live(c, lease).await)
     }
+
+    /// This daemon's member name (host and control socket), under which its targets are
+    /// registered.
+    pub fn member(&self) -> &str {
+        &self.member
+    }
+
+    /// Every registered target, by name, with the members that name it (sorted).
+    pub async fn shared_targets(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        read!(self, |c| deliveries::registered(c).await)
+    }
 }
 
 /// Tells every daemon that `account` has tasks to poll now, if `added` holds any.
