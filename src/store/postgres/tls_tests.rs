@@ -85,9 +85,33 @@ async fn require_with_the_ca_file_opens_over_tls() {
         let store = open(&url, Some(cluster.ca_file().to_path_buf()))
             .await
             .unwrap_or_else(|e| panic!("sslmode={sslmode} with the CA: {e}"));
+        let mut heard = store.notes().expect("a PostgreSQL store has notes");
         round_trip(&store, &format!("task-{sslmode}")).await;
+        // The listener (a connection of its own, not from the pool) connects in the background:
+        // add (bounded) until it hears one, which proves it came up over TLS too.
+        let mut listening = false;
+        for i in 0..50 {
+            let id = format!("warmup-{sslmode}-{i}");
+            store
+                .add(vec![id], TaskSpec::music(None, None), 1000, 60_000)
+                .await
+                .expect("add over TLS");
+            let note = tokio::time::timeout(Duration::from_millis(200), heard.recv()).await;
+            if let Ok(Ok(note)) = note {
+                assert_eq!(note, super::Note::Tasks("default".into()));
+                listening = true;
+                break;
+            }
+        }
+        assert!(
+            listening,
+            "sslmode={sslmode}: the listener never heard an add"
+        );
         let (tls, plain) = sessions(cluster, db);
-        assert!(tls >= 1, "sslmode={sslmode}: no session over TLS");
+        assert!(
+            tls >= 2,
+            "sslmode={sslmode}: pool and listener over TLS, got {tls}"
+        );
         assert_eq!(plain, 0, "sslmode={sslmode}: a session without TLS");
         store.close().await;
     }
