@@ -1,6 +1,8 @@
 //! A throwaway PostgreSQL for the tests: a real server (the binaries [`real_tool`] finds, Debian's
 //! on CI) in a fresh temporary directory, listening only on a Unix socket there, and gone within
-//! seconds of the test process ending, however it ends (normal exit, panic, SIGKILL).
+//! seconds of the test process ending, however it ends (normal exit, panic, SIGKILL). A cluster
+//! from [`PgCluster::spawn_tls`] also listens on TCP 127.0.0.1, for TLS clients only, with a
+//! certificate from a throwaway CA made with the `openssl` command in its directory.
 //!
 //! Rust tests exit without running the destructors of statics, so the shared cluster cannot stop
 //! itself. Each cluster instead gets a supervisor: a small `sh` whose stdin is a pipe that only the
@@ -9,7 +11,7 @@
 //! postmaster down the way `pg_ctl stop -m immediate` does (SIGQUIT) and removes the directory.
 
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,8 +21,11 @@ use std::time::Duration;
 
 use super::real_tool;
 
-/// The port number in the socket's name (`.s.PGSQL.5432`); no TCP port is opened.
+/// The port number in the socket's name (`.s.PGSQL.5432`) where no TCP port is opened. A TLS
+/// cluster takes a free TCP port instead, and its socket is named after that.
 const PORT: u16 = 5432;
+/// How long the throwaway certificates are valid (days): longer than any test process runs.
+const CERT_DAYS: &str = "2";
 /// The database superuser initdb creates (trust authentication on the socket).
 const SUPERUSER: &str = "postgres";
 /// How long to wait for the server to accept connections: this many tries…
@@ -110,6 +115,10 @@ pub struct PgCluster {
     tools: Tools,
     /// The temporary directory: the socket is here, the data in `data/`, the log in `server.log`.
     dir: PathBuf,
+    /// The server's port: [`PORT`], or for a TLS cluster the TCP port on 127.0.0.1.
+    port: u16,
+    /// The certificates of a cluster from [`PgCluster::spawn_tls`].
+    tls: Option<TlsFiles>,
     /// Who the server programs run as: `None` runs them as this process's user; `Some` when this
     /// process is root, which initdb and postgres refuse to be.
     run_as: Option<(u32, u32)>,
@@ -130,7 +139,40 @@ impl PgCluster {
         Some(PgCluster::start_with(Tools::find()?))
     }
 
+    /// Starts a cluster of the caller's own that also listens on TCP 127.0.0.1 (a free port) with
+    /// `ssl = on`. Its certificate is signed by a throwaway CA ([`PgCluster::ca_file`]) and names
+    /// `localhost` and `127.0.0.1`; pg_hba takes TCP clients only over TLS (`hostssl`, and
+    /// `hostnossl … reject`). The Unix socket stays as in [`PgCluster::spawn`], for
+    /// [`PgCluster::psql`] and [`PgCluster::database`]. `None` (after a NOT RUN line) where
+    /// PostgreSQL or `openssl` is not installed, a failure in CI.
+    pub fn spawn_tls() -> Option<PgCluster> {
+        PgCluster::spawn_tls_for("DNS:localhost,IP:127.0.0.1")
+    }
+
+    /// As [`PgCluster::spawn_tls`], with a server certificate whose subjectAltName is `names`
+    /// (openssl's syntax: `DNS:db.invalid`, `DNS:a,IP:127.0.0.1`), e.g. for a certificate made
+    /// for another host than the one the client connects to.
+    pub fn spawn_tls_for(names: &str) -> Option<PgCluster> {
+        let tools = Tools::find()?;
+        let openssl = real_tool("openssl")?;
+        let port = free_port();
+        let mut cluster = PgCluster::create(tools, port);
+        cluster.init();
+        cluster.tls = Some(cluster.make_certificates(&openssl, names));
+        cluster.init_tls();
+        cluster.start();
+        Some(cluster)
+    }
+
     fn start_with(tools: Tools) -> PgCluster {
+        let cluster = PgCluster::create(tools, PORT);
+        cluster.init();
+        cluster.start();
+        cluster
+    }
+
+    /// The directory and its supervisor; no cluster in it yet.
+    fn create(tools: Tools, port: u16) -> PgCluster {
         let dir = make_dir();
         let me = std::fs::metadata(&dir)
             .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
@@ -155,17 +197,16 @@ impl PgCluster {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("starting sh (the cluster's supervisor): {e}"));
-        let cluster = PgCluster {
+        PgCluster {
             tools,
             dir,
+            port,
+            tls: None,
             run_as,
             next_db: AtomicU64::new(1),
             lifecycle: Mutex::new(()),
             supervisor: Mutex::new(supervisor),
-        };
-        cluster.init();
-        cluster.start();
-        cluster
+        }
     }
 
     /// initdb, then the settings: only the Unix socket in our directory, no durability (a test's
@@ -180,16 +221,154 @@ impl PgCluster {
             .args(["--encoding=UTF8", "--locale=C", "--no-instructions"]);
         self.run(initdb, "initdb");
         let settings = format!(
-            "\n# sunopoll tests\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = {PORT}\n\
+            "\n# sunopoll tests\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = {}\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n",
-            self.dir.display()
+            self.dir.display(),
+            self.port
         );
-        let conf = data.join("postgresql.conf");
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&conf)
-            .and_then(|mut f| f.write_all(settings.as_bytes()))
-            .unwrap_or_else(|e| panic!("appending to {}: {e}", conf.display()));
+        append(&data.join("postgresql.conf"), &settings);
+    }
+
+    /// Makes a throwaway CA (`tls/ca.crt`) and a server certificate it signs for `names`
+    /// (`tls/server.crt`, its key `tls/server.key` mode 0600 and the server user's, as the
+    /// server insists), all with the `openssl` command.
+    fn make_certificates(&self, openssl: &Path, names: &str) -> TlsFiles {
+        let tls = self.dir.join("tls");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tls)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", tls.display()));
+        // Our own configuration, so the system's openssl.cnf (its defaults and extensions)
+        // plays no part. A CA that webpki accepts needs basicConstraints CA:TRUE and keyCertSign.
+        let config = format!(
+            "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = placeholder\n\
+             [ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
+             subjectKeyIdentifier = hash\n\
+             [server]\nbasicConstraints = critical,CA:FALSE\n\
+             keyUsage = critical,digitalSignature,keyEncipherment\nextendedKeyUsage = serverAuth\n\
+             subjectAltName = {names}\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n"
+        );
+        let cnf = tls.join("openssl.cnf");
+        std::fs::write(&cnf, config).unwrap_or_else(|e| panic!("writing {}: {e}", cnf.display()));
+        let files = TlsFiles {
+            ca: tls.join("ca.crt"),
+            cert: tls.join("server.crt"),
+            key: tls.join("server.key"),
+        };
+        let (ca_key, csr) = (tls.join("ca.key"), tls.join("server.csr"));
+        let openssl_cmd = |args: &[&str]| {
+            let mut cmd = Command::new(openssl);
+            cmd.args(args)
+                .env("OPENSSL_CONF", &cnf)
+                .current_dir(&tls)
+                .stdin(Stdio::null());
+            cmd
+        };
+        // P-256 keys: quick to make, and what rustls verifies.
+        let new_key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let mut ca = openssl_cmd(&["req", "-x509", "-config"]);
+        ca.arg(&cnf)
+            .args([
+                "-extensions",
+                "ca",
+                "-subj",
+                "/CN=sunopoll test CA",
+                "-days",
+                CERT_DAYS,
+            ])
+            .args(new_key)
+            .arg("-keyout")
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&files.ca);
+        self.run(ca, "openssl req (the test CA)");
+        let mut request = openssl_cmd(&["req", "-new", "-config"]);
+        request
+            .arg(&cnf)
+            .args(["-subj", "/CN=sunopoll test server"])
+            .args(new_key)
+            .arg("-keyout")
+            .arg(&files.key)
+            .arg("-out")
+            .arg(&csr);
+        self.run(request, "openssl req (the server's key)");
+        let mut sign = openssl_cmd(&["x509", "-req", "-in"]);
+        sign.arg(&csr)
+            .arg("-CA")
+            .arg(&files.ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .args(["-set_serial", "2", "-days", CERT_DAYS, "-extfile"])
+            .arg(&cnf)
+            .args(["-extensions", "server", "-out"])
+            .arg(&files.cert);
+        self.run(sign, "openssl x509 (signing the server's certificate)");
+        // The server refuses a key file that others may read, or that is neither its own nor
+        // root's.
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o600))
+            .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", files.key.display()));
+        if let Some((uid, gid)) = self.run_as {
+            for path in [&tls, &files.cert, &files.key] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                    .unwrap_or_else(|e| panic!("chown {} to {uid}:{gid}: {e}", path.display()));
+            }
+        }
+        files
+    }
+
+    /// The TLS settings: TCP on 127.0.0.1 with `ssl = on`, and a pg_hba that lets TCP clients in
+    /// only over TLS (the Unix socket as before).
+    fn init_tls(&self) {
+        let tls = self.tls.as_ref().expect("certificates are made first");
+        let data = self.data_dir();
+        append(
+            &data.join("postgresql.conf"),
+            &format!(
+                "\n# sunopoll TLS tests\nlisten_addresses = '127.0.0.1'\nssl = on\n\
+                 ssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                tls.cert.display(),
+                tls.key.display()
+            ),
+        );
+        let hba = data.join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            "# sunopoll TLS tests: TCP clients only over TLS\n\
+             local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all all reject\n",
+        )
+        .unwrap_or_else(|e| panic!("writing {}: {e}", hba.display()));
+    }
+
+    /// The throwaway CA's certificate (PEM) that signed the server's: what `[store] ca-file`
+    /// names to trust it. Panics on a cluster that is not from [`PgCluster::spawn_tls`].
+    pub fn ca_file(&self) -> &Path {
+        &self.tls_files().ca
+    }
+
+    /// A connection URL for database `db` over TCP to 127.0.0.1 with `sslmode` (`disable`,
+    /// `prefer`, `require`), as the superuser (pg_hba trusts it over TLS). Panics on a cluster
+    /// that is not from [`PgCluster::spawn_tls`].
+    pub fn tls_url(&self, db: &str, sslmode: &str) -> String {
+        self.tls_files();
+        format!(
+            "postgresql://{SUPERUSER}@127.0.0.1:{}/{}?sslmode={sslmode}",
+            self.port,
+            percent_encode(db)
+        )
+    }
+
+    fn tls_files(&self) -> &TlsFiles {
+        self.tls
+            .as_ref()
+            .expect("a cluster from PgCluster::spawn_tls (this one has no TLS)")
     }
 
     /// The directory the server's Unix socket is in (the `host` of a connection to it).
@@ -213,9 +392,10 @@ impl PgCluster {
     /// socket, e.g. `postgresql://postgres@/test_1?host=%2Ftmp%2Fsunopoll-pg-…`.
     pub fn url(&self, db: &str) -> String {
         format!(
-            "postgresql://{SUPERUSER}@/{}?host={}&port={PORT}",
+            "postgresql://{SUPERUSER}@/{}?host={}&port={}",
             percent_encode(db),
-            percent_encode(&self.dir.to_string_lossy())
+            percent_encode(&self.dir.to_string_lossy()),
+            self.port
         )
     }
 
@@ -237,7 +417,7 @@ impl PgCluster {
             .arg(&self.dir)
             .args([
                 "-p",
-                &PORT.to_string(),
+                &self.port.to_string(),
                 "-U",
                 SUPERUSER,
                 "-d",
@@ -314,7 +494,14 @@ impl PgCluster {
                 .arg("-q")
                 .arg("-h")
                 .arg(&self.dir)
-                .args(["-p", &PORT.to_string(), "-U", SUPERUSER, "-d", "postgres"])
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    SUPERUSER,
+                    "-d",
+                    "postgres",
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -387,6 +574,36 @@ impl Drop for PgCluster {
         drop(supervisor.stdin.take());
         let _ = supervisor.wait();
     }
+}
+
+/// The certificate files of a TLS cluster, in its directory's `tls/`.
+#[derive(Debug)]
+struct TlsFiles {
+    /// The throwaway CA's certificate.
+    ca: PathBuf,
+    /// The server's certificate and its key.
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// Appends `text` to the file at `path`.
+fn append(path: &Path, text: &str) {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .unwrap_or_else(|e| panic!("appending to {}: {e}", path.display()));
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick for port 0). Another
+/// process could take it before the server binds it; the server's start then fails loudly.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap_or_else(|e| panic!("binding 127.0.0.1:0 to find a free port: {e}"));
+    listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("the address of 127.0.0.1:0: {e}"))
+        .port()
 }
 
 /// A new private directory (mode 0700) for a cluster. Under the temporary directory unless the

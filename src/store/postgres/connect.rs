@@ -210,6 +210,11 @@ where
 /// Why no connection could be had, in one line, without the password.
 pub(super) fn describe_pool(e: &PoolError) -> String {
     match e {
+        // The server was reached and it (or its certificate) said no: asking whether it runs
+        // would send the reader the wrong way.
+        PoolError::Backend(e) if refusal_hint(e).is_some() => {
+            format!("cannot connect to PostgreSQL: {}", super::describe(e))
+        }
         PoolError::Backend(e) => format!(
             "cannot connect to PostgreSQL (is it running and reachable?): {}",
             super::describe(e)
@@ -221,4 +226,53 @@ pub(super) fn describe_pool(e: &PoolError) -> String {
         PoolError::Closed => "the store has shut down".to_owned(),
         other => format!("cannot connect: {other}"),
     }
+}
+
+/// What to do when the server's certificate or its pg_hba refused the connection, for the
+/// refusals whose fix is in the daemon's own settings; `None` for any other error.
+pub(super) fn refusal_hint(e: &tokio_postgres::Error) -> Option<&'static str> {
+    use rustls::CertificateError;
+    if let Some(db) = e.as_db_error() {
+        // No pg_hba line lets this client in without TLS (`hostssl` lines only, or a
+        // `hostnossl … reject`): the server's message ends in "no encryption".
+        let plain_refused = db.code().code() == "28000" && db.message().ends_with("no encryption");
+        return plain_refused.then_some(
+            "the server's pg_hba.conf does not let this connection in without TLS: set \
+             sslmode=require in store.url (if it takes it over TLS)",
+        );
+    }
+    match tls_error(e)? {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => Some(
+            "the server's certificate is not signed by a CA this host trusts: set store.ca-file \
+             to the PEM file of the CA that signed it",
+        ),
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => Some(
+            "the server's certificate is not made for the host store.url names: connect by a \
+             name the certificate holds, or give the server a certificate for this one",
+        ),
+        _ => None,
+    }
+}
+
+/// The rustls error under `e`, if its cause is a failed TLS handshake. tokio-rustls reports it
+/// as an `io::Error` wrapping the `rustls::Error`, and `io::Error::source` skips what it wraps,
+/// so each cause is looked into as well as at.
+fn tls_error(e: &tokio_postgres::Error) -> Option<&rustls::Error> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let wrapped = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if wrapped.is_some() {
+            return wrapped;
+        }
+        cause = c.source();
+    }
+    None
 }

@@ -50,6 +50,8 @@ mod schema;
 mod tasks;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 pub use connect::PgOptions;
 pub use copy::{CopyCheck, CopyReport};
@@ -103,8 +105,18 @@ impl Error {
 }
 
 /// One line saying what went wrong: the server's message and SQLSTATE when it sent one, else
-/// the client's error and its cause (tokio-postgres's own text is often just "db error").
+/// the client's error and its cause (tokio-postgres's own text is often just "db error"); then,
+/// for a refusal the daemon's settings can fix (TLS, pg_hba), what to change.
 pub(super) fn describe(e: &tokio_postgres::Error) -> String {
+    let mut s = describe_error(e);
+    if let Some(hint) = connect::refusal_hint(e) {
+        s.push_str(" — ");
+        s.push_str(hint);
+    }
+    s
+}
+
+fn describe_error(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut s = format!(
             "PostgreSQL: {} (SQLSTATE {})",
