@@ -122,7 +122,7 @@ async fn serve(
         buf.drain(..head_end + length);
         let first_line = head.lines().next().unwrap_or("");
         let now = Instant::now();
-        let reply: &[u8] = if first_line.starts_with("GET ") {
+        let reply: std::borrow::Cow<'_, [u8]> = if first_line.starts_with("GET ") {
             let task = first_line
                 .split("taskId=")
                 .nth(1)
@@ -146,6 +146,7 @@ async fn serve(
                     .entry(task.clone())
                     .or_insert_with(Instant::now);
             }
+            let body = about(body, &task);
             l.polls.push((now, task));
             body
         } else {
@@ -153,18 +154,36 @@ async fn serve(
             let task = v["data"]["task_id"].as_str().unwrap_or("").to_owned();
             let stage = v["data"]["callbackType"].as_str().unwrap_or("").to_owned();
             log.lock().expect("log").posts.push((now, task, stage));
-            b"ok"
+            std::borrow::Cow::Borrowed(b"ok")
         };
         let mut response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
             reply.len()
         )
         .into_bytes();
-        response.extend_from_slice(reply);
+        response.extend_from_slice(&reply);
         if stream.write_all(&response).await.is_err() {
             return;
         }
     }
+}
+
+/// The task ID the fixtures' answers are about.
+const FIXTURE_TASK: &[u8] = b"a3f9c2e17b4d4e8f9c0b5d6e7f8a9b10";
+
+/// `body` made an answer about `task`: the daemon checks that an answer names the task it asked
+/// about, and refuses (and backs off) one about another task, as from a cache answering wrongly.
+fn about<'a>(body: &'a [u8], task: &str) -> std::borrow::Cow<'a, [u8]> {
+    if task.len() != FIXTURE_TASK.len() || find(body, FIXTURE_TASK).is_none() {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut out = body.to_vec();
+    let mut at = 0;
+    while let Some(i) = find(&out[at..], FIXTURE_TASK) {
+        out[at + i..at + i + task.len()].copy_from_slice(task.as_bytes());
+        at += i + task.len();
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

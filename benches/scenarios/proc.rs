@@ -35,17 +35,24 @@ pub struct Setup<'a> {
 }
 
 impl Daemon {
-    /// Writes the config and starts the daemon; returns once it answers on its socket.
+    /// Writes the config and starts the daemon on a SQLite store in `s.dir`; returns once it
+    /// answers on its socket.
     pub fn start(s: &Setup<'_>) -> Daemon {
+        let store = format!("path = \"{}\"", s.dir.join("sunopoll.db").display());
+        Daemon::start_on(s, &store, "5s")
+    }
+
+    /// [`Daemon::start`] with `store` as the `[store]` section's lines (a PostgreSQL `url` and
+    /// `lease`, say) and `request_timeout` as `api.request-timeout`.
+    pub fn start_on(s: &Setup<'_>, store: &str, request_timeout: &str) -> Daemon {
         let config = s.dir.join("config.toml");
         let socket = s.dir.join("sunopoll.sock");
         std::fs::write(
             &config,
             format!(
-                "[api]\nbase-url = \"{}\"\nrequest-timeout = \"5s\"\n[poll]\n{}\n[store]\npath = \"{}\"\n[control]\nsocket = \"{}\"\n[log]\nlevel = \"warn\"\n{}\n",
+                "[api]\nbase-url = \"{}\"\nrequest-timeout = \"{request_timeout}\"\n[poll]\n{}\n[store]\n{store}\n[control]\nsocket = \"{}\"\n[log]\nlevel = \"warn\"\n{}\n",
                 s.api,
                 s.poll,
-                s.dir.join("sunopoll.db").display(),
                 socket.display(),
                 s.extra
             ),
@@ -164,13 +171,20 @@ impl Daemon {
         per_thread
     }
 
+    /// A thread's name (`comm`), by its id as [`Daemon::context_switches`] keys it.
+    pub fn thread_name(&self, tid: &str) -> String {
+        std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", self.pid()))
+            .map_or_else(|_| "gone".to_owned(), |n| n.trim().to_owned())
+    }
+
     /// Threads.
     pub fn threads(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/task", self.pid())).map_or(0, |d| d.count())
     }
 }
 
-fn clock_ticks() -> u64 {
+/// Clock ticks per second, the unit of `/proc/PID/stat`'s CPU times.
+pub fn clock_ticks() -> u64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()

@@ -463,7 +463,7 @@ impl JobKind for PollJob {
             self.s.policy.max_requests_per_second = rate;
             self.publish_rate();
         }
-        if let Some(hold) = self.sync_shared(wake).await {
+        if let Some(hold) = self.sync_shared(in_flight, wake).await {
             return hold;
         }
         let now = self.s.clock.now_ms();
@@ -752,7 +752,12 @@ impl PollJob {
     /// On a shared queue, every [`SHARE_CHECK`]: counts the live daemons and splits the rate
     /// anew, and takes up a pause another daemon saved for this account (or its end, once that
     /// daemon's probe was answered). Returns `Some(0)` while this daemon must not poll yet.
-    async fn sync_shared(&mut self, wake: &mut WakeAt) -> Option<usize> {
+    ///
+    /// The loop wakes for the check only while polls are in flight (or it is still waiting to
+    /// be counted in). An idle loop checks when it next wakes for work, before it claims any:
+    /// the rate and the pause only matter to polls it sends, so sleeping through the checks
+    /// changes nothing it does, and an idle daemon does not wake every two seconds.
+    async fn sync_shared(&mut self, in_flight: usize, wake: &mut WakeAt) -> Option<usize> {
         let t = Instant::now();
         let share = self.share.as_mut()?;
         if t >= share.next_check {
@@ -790,14 +795,22 @@ impl PollJob {
             self.adopt_shared_pause().await;
         }
         let share = self.share.as_ref()?;
-        wake.at(share.next_check);
         match share.hold_until {
             Some(hold) if t < hold => {
                 wake.at(hold);
+                wake.at(share.next_check);
                 Some(0)
             }
-            None => Some(0),
-            Some(_) => None,
+            None => {
+                wake.at(share.next_check);
+                Some(0)
+            }
+            Some(_) => {
+                if in_flight > 0 {
+                    wake.at(share.next_check);
+                }
+                None
+            }
         }
     }
 

@@ -68,7 +68,16 @@ pub fn postgres() -> Option<&'static PgCluster> {
     }
     // Looked up before the OnceLock so that every test that skips says so.
     let tools = Tools::find()?;
-    Some(CLUSTER.get_or_init(|| PgCluster::start_with(tools)))
+    Some(CLUSTER.get_or_init(|| PgCluster::start_with(tools, Durability::Off)))
+}
+
+/// Whether a cluster's commits wait for the disk.
+#[derive(Debug, Clone, Copy)]
+enum Durability {
+    /// `fsync`, `synchronous_commit` and `full_page_writes` off: for tests.
+    Off,
+    /// PostgreSQL's defaults (all on): for benchmarks.
+    Default,
 }
 
 /// The PostgreSQL programs, all from one installation (the directory initdb is in).
@@ -136,7 +145,7 @@ impl PgCluster {
     /// PostgreSQL is not installed, a failure in CI. Panics with the server's log when it cannot
     /// start.
     pub fn spawn() -> Option<PgCluster> {
-        Some(PgCluster::start_with(Tools::find()?))
+        Some(PgCluster::start_with(Tools::find()?, Durability::Off))
     }
 
     /// Starts a cluster of the caller's own that also listens on TCP 127.0.0.1 (a free port) with
@@ -157,16 +166,24 @@ impl PgCluster {
         let openssl = real_tool("openssl")?;
         let port = free_port();
         let mut cluster = PgCluster::create(tools, port);
-        cluster.init();
+        cluster.init(Durability::Off);
         cluster.tls = Some(cluster.make_certificates(&openssl, names));
         cluster.init_tls();
         cluster.start();
         Some(cluster)
     }
 
-    fn start_with(tools: Tools) -> PgCluster {
+    /// Like [`PgCluster::spawn`], but with PostgreSQL's default durability (`fsync`,
+    /// `synchronous_commit` and `full_page_writes` on): every commit waits for its WAL to reach
+    /// the disk, as on the servers users run. For benchmarks, whose figures must include that
+    /// wait; tests take the faster [`PgCluster::spawn`].
+    pub fn spawn_durable() -> Option<PgCluster> {
+        Some(PgCluster::start_with(Tools::find()?, Durability::Default))
+    }
+
+    fn start_with(tools: Tools, durability: Durability) -> PgCluster {
         let cluster = PgCluster::create(tools, PORT);
-        cluster.init();
+        cluster.init(durability);
         cluster.start();
         cluster
     }
@@ -209,9 +226,9 @@ impl PgCluster {
         }
     }
 
-    /// initdb, then the settings: only the Unix socket in our directory, no durability (a test's
-    /// data is thrown away anyway).
-    fn init(&self) {
+    /// initdb, then the settings: only the Unix socket in our directory, and with
+    /// [`Durability::Off`] no durability (a test's data is thrown away anyway).
+    fn init(&self, durability: Durability) {
         let data = self.data_dir();
         let mut initdb = self.server_command(&self.tools.initdb);
         initdb
@@ -220,9 +237,13 @@ impl PgCluster {
             .args(["--auth=trust", "-U", SUPERUSER, "--no-sync"])
             .args(["--encoding=UTF8", "--locale=C", "--no-instructions"]);
         self.run(initdb, "initdb");
+        let durability = match durability {
+            Durability::Off => "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n",
+            Durability::Default => "",
+        };
         let settings = format!(
             "\n# sunopoll tests\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = {}\n\
-             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n",
+             {durability}max_connections = 200\n",
             self.dir.display(),
             self.port
         );

@@ -57,23 +57,25 @@ pub(super) fn host() -> String {
 }
 
 /// Renews `me`'s heartbeat row (creating it at the first beat) and forgets daemons that have
-/// not beaten for ten leases: a host that died is listed as gone for a while, then dropped.
+/// not beaten for ten leases: a host that died is listed as gone for a while, then dropped. One
+/// statement, so it needs no transaction of its own (and is one round trip).
 pub(super) async fn beat(c: &impl GenericClient, me: &str, lease_ms: i64) -> Sql<()> {
     let pid = i64::from(std::process::id());
     execute(
         c,
         &format!(
-            "INSERT INTO daemons (id, host, pid, version, started_at, beat_at)
+            "WITH gone AS (DELETE FROM daemons WHERE beat_at < {DB_NOW} - $5 AND id <> $1)
+             INSERT INTO daemons (id, host, pid, version, started_at, beat_at)
              VALUES ($1, $2, $3, $4, {DB_NOW}, {DB_NOW})
              ON CONFLICT (id) DO UPDATE SET beat_at = {DB_NOW}"
         ),
-        &[&me, &host(), &pid, &env!("CARGO_PKG_VERSION")],
-    )
-    .await?;
-    execute(
-        c,
-        &format!("DELETE FROM daemons WHERE beat_at < {DB_NOW} - $1"),
-        &[&lease_ms.saturating_mul(10)],
+        &[
+            &me,
+            &host(),
+            &pid,
+            &env!("CARGO_PKG_VERSION"),
+            &lease_ms.saturating_mul(10),
+        ],
     )
     .await?;
     Ok(())

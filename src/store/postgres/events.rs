@@ -3,13 +3,14 @@
 
 use deadpool_postgres::GenericClient;
 
-use super::{Sql, query, query_one, query_opt};
+use super::{Sql, notify, query, query_one, query_opt};
 use crate::api::families::Kind;
 use crate::events::Stage;
 use crate::store::EventRecord;
 
 /// Stores one event under the next sequence number, unless the task has one of that stage
-/// already (`None` then, and nothing changes). The number comes from `store_meta`'s one row,
+/// already (`None` then, and nothing changes), and tells every daemon (`Note::Events`, heard
+/// once this transaction commits) in the same statement. The number comes from `store_meta`'s one row,
 /// which stays locked until this transaction ends: events commit in the order of their
 /// numbers across all daemons, and a number given to an event that is rolled back is given
 /// again to the next, so the log has no holes either.
@@ -22,31 +23,32 @@ pub(super) async fn insert(
     now: i64,
     kind: Kind,
 ) -> Sql<Option<i64>> {
-    if query_opt(
+    // One statement (one round trip): the counter is only taken, and its row only locked, when
+    // the task has no event of that stage yet; the notification is only sent for a stored event.
+    let row = query_opt(
         c,
-        "SELECT 1 FROM events WHERE task_id = $1 AND stage = $2",
-        &[&task, &stage],
-    )
-    .await?
-    .is_some()
-    {
-        return Ok(None);
-    }
-    let seq: i64 = query_one(
-        c,
-        "UPDATE store_meta SET last_seq = last_seq + 1 WHERE id = 1 RETURNING last_seq",
-        &[],
-    )
-    .await?
-    .try_get(0)?;
-    query_one(
-        c,
-        "INSERT INTO events (seq, task_id, stage, code, body, created_at, kind)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
-        &[&seq, &task, &stage, &code, &body, &now, &kind],
+        "WITH next AS (
+             UPDATE store_meta SET last_seq = last_seq + 1
+             WHERE id = 1
+               AND NOT EXISTS (SELECT 1 FROM events WHERE task_id = $1 AND stage = $2)
+             RETURNING last_seq
+         )
+         INSERT INTO events (seq, task_id, stage, code, body, created_at, kind)
+         SELECT last_seq, $1, $2, $3::BIGINT, $4::TEXT, $5::BIGINT, $6::TEXT FROM next
+         RETURNING seq, pg_notify($7, $8 || seq)",
+        &[
+            &task,
+            &stage,
+            &code,
+            &body,
+            &now,
+            &kind,
+            &notify::CHANNEL,
+            &notify::EVENTS,
+        ],
     )
     .await?;
-    Ok(Some(seq))
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
 }
 
 /// Events with a sequence number above `since`, oldest first, optionally of one task, at most

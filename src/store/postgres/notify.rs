@@ -22,6 +22,10 @@ use super::connect::PgOptions;
 /// The one channel sunopoll notifies on.
 pub(super) const CHANNEL: &str = "sunopoll";
 
+/// How a note of stored events begins; the sequence number follows. Spelt out in SQL too, where
+/// storing an event says so in the same statement (`events::insert`).
+pub(super) const EVENTS: &str = "events:";
+
 /// What another daemon (or this one) just committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Note {
@@ -40,7 +44,7 @@ pub enum Note {
 impl Note {
     fn encode(&self) -> String {
         match self {
-            Note::Events(seq) => format!("events:{seq}"),
+            Note::Events(seq) => format!("{EVENTS}{seq}"),
             Note::Tasks(account) => format!("tasks:{account}"),
             Note::Deliveries => "deliveries".to_owned(),
             Note::Files => "files".to_owned(),
@@ -50,7 +54,9 @@ impl Note {
 
     fn decode(payload: &str) -> Option<Note> {
         match payload.split_once(':') {
-            Some(("events", seq)) => seq.parse().ok().map(Note::Events),
+            Some((kind, seq)) if EVENTS.strip_suffix(':') == Some(kind) => {
+                seq.parse().ok().map(Note::Events)
+            }
             Some(("tasks", account)) => Some(Note::Tasks(account.to_owned())),
             None if payload == "deliveries" => Some(Note::Deliveries),
             None if payload == "files" => Some(Note::Files),

@@ -54,51 +54,97 @@ pub(super) async fn add(
         return Ok(conflicts);
     }
     let deadline = now.saturating_add(deadline_after);
-    let mut out = Vec::with_capacity(order.len());
+    // New IDs in one statement, in the order the request gave them (their `rowid`s, the listing
+    // order, follow it): a batch of a thousand is one round trip, not a thousand.
+    let mut fresh: Vec<&String> = Vec::with_capacity(order.len());
+    let mut seen = std::collections::HashSet::with_capacity(order.len());
     for id in &order {
-        let inserted = execute(
+        if seen.insert(id) {
+            fresh.push(id);
+        }
+    }
+    let inserted: std::collections::HashSet<String> = query(
+        c,
+        "INSERT INTO tasks (id, kind, account, state, added_at, updated_at, next_poll_at,
+                            deadline_at, callback_url, label)
+         SELECT id, $2::TEXT, $3::TEXT, 'active', $4::BIGINT, $4, $4, $5::BIGINT, $6::TEXT, $7::TEXT
+         FROM unnest($1::TEXT[]) WITH ORDINALITY AS given (id, n) ORDER BY n
+         ON CONFLICT (id) DO NOTHING RETURNING id",
+        &[
+            &fresh,
+            &spec.kind,
+            &spec.account,
+            &now,
+            &deadline,
+            &spec.callback_url,
+            &spec.label,
+        ],
+    )
+    .await?
+    .iter()
+    .map(|r| r.try_get(0))
+    .collect::<Result<_, _>>()?;
+    // The others were there already (or were added by another daemon meanwhile): removed ones
+    // are tracked again, the rest stay as they are. One statement for all of them; its reading
+    // part sees the rows as they were before its update.
+    let existing: Vec<&String> = fresh
+        .iter()
+        .copied()
+        .filter(|id| !inserted.contains(id.as_str()))
+        .collect();
+    let mut before: std::collections::HashMap<String, (TaskState, Option<Stage>, bool)> =
+        std::collections::HashMap::with_capacity(existing.len());
+    if !existing.is_empty() {
+        let rows = query(
             c,
-            "INSERT INTO tasks (id, kind, account, state, added_at, updated_at, next_poll_at,
-                                deadline_at, callback_url, label)
-             VALUES ($1, $6, $7, 'active', $2, $2, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-            &[
-                id,
-                &now,
-                &deadline,
-                &spec.callback_url,
-                &spec.label,
-                &spec.kind,
-                &spec.account,
-            ],
-        )
-        .await?;
-        let (result, state, stage) = if inserted == 1 {
-            (AddResult::Added, TaskState::Active, None)
-        } else {
-            let row = query_one(c, "SELECT state, stage FROM tasks WHERE id = $1", &[id]).await?;
-            let (state, stage): (TaskState, Option<Stage>) = (row.try_get(0)?, row.try_get(1)?);
-            let readded = execute(
-                c,
-                "UPDATE tasks SET state = 'active', added_at = $2, updated_at = $2,
+            "WITH readded AS (
+                 UPDATE tasks SET state = 'active', added_at = $2, updated_at = $2,
                         next_poll_at = $2, deadline_at = $3, finished_at = NULL, failures = 0,
                         rejections = 0, last_error = NULL, asked_ms = 0, asked_at = NULL,
                         asked_gap = 0, account = $6, claimed_by = NULL, lease_until = NULL,
                         callback_url = COALESCE($4, callback_url), label = COALESCE($5, label)
-                 WHERE id = $1 AND state = 'removed'",
-                &[
-                    id,
-                    &now,
-                    &deadline,
-                    &spec.callback_url,
-                    &spec.label,
-                    &spec.account,
-                ],
-            )
-            .await?;
-            if readded == 1 {
-                (AddResult::Readded, TaskState::Active, stage)
+                 WHERE id = ANY($1) AND state = 'removed'
+                 RETURNING id
+             )
+             SELECT t.id, t.state, t.stage, readded.id IS NOT NULL
+             FROM tasks t LEFT JOIN readded ON readded.id = t.id WHERE t.id = ANY($1)",
+            &[
+                &existing,
+                &now,
+                &deadline,
+                &spec.callback_url,
+                &spec.label,
+                &spec.account,
+            ],
+        )
+        .await?;
+        for r in &rows {
+            before.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?));
+        }
+    }
+    // One answer per ID as the request gave them; an ID given twice is `Exists` (and active) the
+    // second time, as if added one after the other.
+    let mut answered = std::collections::HashSet::with_capacity(order.len());
+    let mut out = Vec::with_capacity(order.len());
+    for id in &order {
+        let first = answered.insert(id);
+        let (result, state, stage) = if inserted.contains(id) {
+            let result = if first {
+                AddResult::Added
             } else {
-                (AddResult::Exists, state, stage)
+                AddResult::Exists
+            };
+            (result, TaskState::Active, None)
+        } else {
+            let (state, stage, readded) = before.get(id).cloned().ok_or_else(|| {
+                StoreError::Fault(format!(
+                    "task {id} was neither added nor found: it was removed from the store meanwhile"
+                ))
+            })?;
+            match (readded, first) {
+                (true, true) => (AddResult::Readded, TaskState::Active, stage),
+                (true, false) => (AddResult::Exists, TaskState::Active, stage),
+                (false, _) => (AddResult::Exists, state, stage),
             }
         };
         out.push(AddedTask {
@@ -170,10 +216,13 @@ pub(super) async fn retrack(
 }
 
 /// The due window of `account`, claimed: the first `limit` active tasks by `next_poll_at`
-/// that no other daemon holds a live lease on, each now leased to `me` for `lease_ms` (the
-/// database's clock). Claiming again renews this daemon's own leases, which the poll loop
-/// does every round; `SKIP LOCKED` passes over rows another daemon is claiming or applying
-/// right now instead of waiting for them.
+/// that no other daemon holds a live lease on, each leased to `me` for `lease_ms` (the
+/// database's clock). The poll loop claims its window every round, in-flight tasks included,
+/// and so renews its own leases; a lease of this daemon's is only written again once a quarter
+/// of it has passed ([`RENEW_AFTER`]), so that a round (one per finished poll) does not rewrite
+/// every row of the window: a poll starts with at least three quarters of its lease left, more
+/// than the request may take (the lease is at least twice the longest request). `SKIP LOCKED`
+/// passes over rows another daemon is claiming or applying right now instead of waiting.
 pub(super) async fn claim(
     c: &impl GenericClient,
     account: &str,
@@ -181,17 +230,22 @@ pub(super) async fn claim(
     me: &str,
     lease_ms: i64,
 ) -> Sql<Vec<DueRow>> {
+    // The data-modifying part runs whether or not the query reads it.
     let sql = format!(
         "WITH due AS (
-             SELECT id FROM tasks
+             SELECT id, next_poll_at, kind, claimed_by, lease_until FROM tasks
              WHERE state = 'active' AND account = $1
                AND (claimed_by IS NULL OR claimed_by = $3 OR lease_until < {DB_NOW})
              ORDER BY next_poll_at LIMIT $2
              FOR UPDATE SKIP LOCKED
+         ), leased AS (
+             UPDATE tasks t SET claimed_by = $3, lease_until = {DB_NOW} + $4
+             FROM due
+             WHERE t.id = due.id
+               AND (due.claimed_by IS DISTINCT FROM $3
+                    OR due.lease_until < {DB_NOW} + $4 - $4 / {RENEW_AFTER})
          )
-         UPDATE tasks t SET claimed_by = $3, lease_until = {DB_NOW} + $4
-         FROM due WHERE t.id = due.id
-         RETURNING t.id, t.next_poll_at, t.kind"
+         SELECT id, next_poll_at, kind FROM due"
     );
     let rows = query(c, &sql, &[&account, &as_limit(limit), &me, &lease_ms]).await?;
     let mut out = rows
@@ -204,10 +258,13 @@ pub(super) async fn claim(
             })
         })
         .collect::<Sql<Vec<_>>>()?;
-    // RETURNING keeps no order.
+    // The locking subquery's rows come back in no promised order.
     out.sort_by(|a, b| (a.next_poll_at, &a.id).cmp(&(b.next_poll_at, &b.id)));
     Ok(out)
 }
+
+/// A claim of this daemon's is renewed once this fraction (1/N) of its lease has passed.
+const RENEW_AFTER: i64 = 4;
 
 pub(super) async fn apply_poll<F>(
     c: &impl GenericClient,
