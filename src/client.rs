@@ -868,7 +868,13 @@ fn print_status(v: &StatusResponse) {
         out!("archive:      {} — {state}; {files}", a.dir);
     }
     if v.targets.is_empty() {
-        out!("forwarding:   no targets");
+        match &v.shared {
+            Some(q) if !q.targets.is_empty() => out!(
+                "forwarding:   no targets of its own (its events still go to the {} registered on the queue, above)",
+                q.targets.len()
+            ),
+            _ => out!("forwarding:   no targets"),
+        }
     }
     for t in &v.targets {
         let success = t.last_success_at.as_deref().map_or_else(

@@ -326,7 +326,7 @@ async fn three_daemons_share_one_queue_and_lose_nothing_when_one_is_killed() {
     row.note = format!(
         "seed {seed}; {tasks} tasks, {} events stored (wanted {wanted}), kill at {at_kill} events \
          ({:.1} s), restart at {at_restart} ({:.1} s), all done in {:.1} s; API requests {}, \
-         busiest 1 s / 2 s / 10 s: {w1} / {w2} / {w10} (rate {rate}/s configured per daemon); \
+         busiest 1 s / 2 s / 10 s: {w1} / {w2} / {w10} (rate {rate}/s configured for the account, shared by the three); \
          deliveries received {}, accepted twice {}; failing tasks with `error` only: {text_missed}",
         stored.len(),
         killed_after.as_secs_f64(),
@@ -630,7 +630,11 @@ async fn a_target_one_host_names_gets_the_events_a_host_without_it_stores() {
         a.socket.display()
     );
     let human = text(&b.cli(&["status"]).await.stdout);
-    assert!(human.contains("target app: named by"), "{human}");
+    assert!(
+        human.contains("target app: named by")
+            && human.contains("no targets of its own (its events still go to the 1 registered"),
+        "{human}"
+    );
 
     // A stops cleanly. B alone polls ten tasks to their end: their events are stored for
     // `app` and wait, since no running daemon delivers to it; none is given up.
