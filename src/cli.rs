@@ -153,7 +153,9 @@ pub enum Command {
         #[command(subcommand)]
         action: ArchiveAction,
     },
-    /// The store file: `sunopoll store backup PATH` copies it safely, even while the daemon runs.
+    /// The store: `sunopoll store backup PATH` copies the SQLite file safely, even while the
+    /// daemon runs; `sunopoll store copy --from sqlite:PATH --to postgres://…` moves a stopped
+    /// daemon's queue to PostgreSQL.
     Store {
         /// What to do with it.
         #[command(subcommand)]
