@@ -41,15 +41,7 @@ impl Router {
 
     /// The configured targets as routes.
     pub fn configured_routes(&self) -> Vec<Route> {
-        self.config()
-            .targets
-            .iter()
-            .map(|t| Route {
-                target: t.name.clone(),
-                url: t.url.to_string(),
-                stages: t.stages.clone(),
-            })
-            .collect()
+        self.config().targets.iter().map(route_of).collect()
     }
 
     /// The configured targets as a shared queue registers them (see
@@ -59,11 +51,7 @@ impl Router {
             .targets
             .iter()
             .map(|t| TargetSpec {
-                route: Route {
-                    target: t.name.clone(),
-                    url: t.url.to_string(),
-                    stages: t.stages.clone(),
-                },
+                route: route_of(t),
                 kinds: t.kinds.clone(),
             })
             .collect()
@@ -79,11 +67,7 @@ impl Router {
             .targets
             .iter()
             .filter(|t| t.takes_kind(task.kind))
-            .map(|t| Route {
-                target: t.name.clone(),
-                url: t.url.to_string(),
-                stages: t.stages.clone(),
-            })
+            .map(route_of)
             .collect();
         let same = |a: &str, b: &str| match (url::Url::parse(a), url::Url::parse(b)) {
             (Ok(a), Ok(b)) => a == b,
@@ -118,11 +102,7 @@ impl Router {
             .targets
             .iter()
             .filter(|t| t.stages.contains(&Stage::Archived) && t.takes_kind(kind))
-            .map(|t| Route {
-                target: t.name.clone(),
-                url: t.url.to_string(),
-                stages: t.stages.clone(),
-            })
+            .map(route_of)
             .collect()
     }
 
@@ -140,6 +120,15 @@ impl Router {
             .iter()
             .find(|t| t.name == name)
             .cloned()
+    }
+}
+
+/// The route to configured target `t`: its name, URL and stages.
+fn route_of(t: &TargetConfig) -> Route {
+    Route {
+        target: t.name.clone(),
+        url: t.url.to_string(),
+        stages: t.stages.clone(),
     }
 }
 

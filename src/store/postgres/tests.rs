@@ -219,6 +219,14 @@ async fn member(url: &str, member: &str) -> Postgres {
     Postgres::open(&options).await.expect("open")
 }
 
+/// A fresh database with two members on it, `a` and `b` (as two hosts' daemons).
+async fn two_members() -> Option<(String, Postgres, Postgres)> {
+    let url = crate::testing::postgres()?.database();
+    let a = member(&url, "/run/a.sock").await;
+    let b = member(&url, "/run/b.sock").await;
+    Some((url, a, b))
+}
+
 async fn targets_of(s: &Postgres, task: &str) -> Vec<(String, String, String)> {
     let mut v: Vec<(String, String, String)> = s
         .deliveries_of(task.to_owned())
@@ -233,14 +241,9 @@ async fn targets_of(s: &Postgres, task: &str) -> Vec<(String, String, String)> {
 
 #[tokio::test]
 async fn events_one_daemon_stores_are_routed_to_the_targets_another_names() {
-    let Some(cluster) = crate::testing::postgres() else {
+    let Some((url, a, b)) = two_members().await else {
         return;
     };
-    let url = cluster.database();
-    let (a, b) = (
-        member(&url, "/run/a.sock").await,
-        member(&url, "/run/b.sock").await,
-    );
     // A names `app` (every stage, every kind) and `lyrics-only`; B names no target at all.
     let lyrics_only = spec("lyrics-only", 10, &Stage::ALL, Some(vec![Kind::Lyrics]));
     let app = spec("app", 9, &Stage::ALL, None);
@@ -299,14 +302,9 @@ async fn events_one_daemon_stores_are_routed_to_the_targets_another_names() {
 
 #[tokio::test]
 async fn a_target_named_on_one_host_is_given_up_only_when_no_host_names_it() {
-    let Some(cluster) = crate::testing::postgres() else {
+    let Some((_, a, b)) = two_members().await else {
         return;
     };
-    let url = cluster.database();
-    let (a, b) = (
-        member(&url, "/run/a.sock").await,
-        member(&url, "/run/b.sock").await,
-    );
     let app = spec("app", 9, &Stage::ALL, None);
     a.fail_orphans(vec![app.clone()], 1000)
         .await
