@@ -35,7 +35,9 @@ use crate::clock::{Clock, format_duration, ms};
 use crate::config::{ARCHIVE_RETRY_MAX, ArchiveConfig};
 use crate::forward::Router;
 use crate::metrics::Metrics;
-use crate::store::{ArchivedNotice, DueFile, FileNext, FileState, Notice, Store, StoreError};
+use crate::store::{
+    ArchivedNotice, Claim, DueFile, FileNext, FileState, Notice, Store, StoreError,
+};
 
 /// Tries of one file that fail for other reasons than "not there" before it is given up:
 /// with the backoff capped at an hour, more than a day of trying.
@@ -229,7 +231,7 @@ impl ArchiveJob {
 impl JobKind for ArchiveJob {
     type Row = DueFile;
     type Key = i64;
-    type Done = bool;
+    type Done = Stored;
 
     const QUEUE: &'static str = "the archive queue";
     const STOPPED: &'static str = "archive stopped starting downloads";
@@ -281,7 +283,7 @@ impl JobKind for ArchiveJob {
         &self,
         slots: usize,
         in_flight: &HashSet<i64>,
-    ) -> Result<Vec<DueFile>, StoreError> {
+    ) -> Result<Claim<DueFile>, StoreError> {
         let busy: Vec<i64> = in_flight.iter().copied().collect();
         self.a
             .store
@@ -293,7 +295,7 @@ impl JobKind for ArchiveJob {
         Admit::Go
     }
 
-    fn start(&mut self, row: DueFile) -> impl Future<Output = bool> + Send + 'static {
+    fn start(&mut self, row: DueFile) -> impl Future<Output = Stored> + Send + 'static {
         let t = Try {
             store: self.a.store.clone(),
             config: self.a.config.clone(),
@@ -308,12 +310,8 @@ impl JobKind for ArchiveJob {
         async move { t.run(row).await }
     }
 
-    async fn finish(&mut self, _id: i64, recorded: bool) -> Stored {
-        if recorded {
-            Stored::Written
-        } else {
-            Stored::Failed
-        }
+    async fn finish(&mut self, _id: i64, stored: Stored) -> Stored {
+        stored
     }
 
     async fn woken(&mut self) {
@@ -352,16 +350,21 @@ struct Try {
 impl Try {
     /// Fetches (or writes) the file, records what came of it, and writes the task's manifest
     /// when it was the last one. False if the outcome could not be recorded.
-    async fn run(self, row: DueFile) -> bool {
+    async fn run(self, row: DueFile) -> Stored {
         let dest = self.sink.local(&row.task_id, &row.name);
         let attempt = row.attempts.saturating_add(1);
-        let result = match self.fetch(&row, &dest).await {
-            // Kept locally: now where it belongs (a bucket's upload; nothing for a directory).
-            Ok(Ok(f)) => match self.sink.commit(&row.task_id, &row.name, &dest).await {
-                Ok(()) => Ok(Ok(f)),
-                Err(e) => Ok(Err(FetchError::Io(format!("upload: {e}")))),
-            },
-            other => other,
+        let work = async {
+            match self.fetch(&row, &dest).await {
+                // Kept locally: now where it belongs (a bucket's upload; nothing for a directory).
+                Ok(Ok(f)) => match self.sink.commit(&row.task_id, &row.name, &dest).await {
+                    Ok(()) => Ok(Ok(f)),
+                    Err(e) => Ok(Err(FetchError::Io(format!("upload: {e}")))),
+                },
+                other => other,
+            }
+        };
+        let Some(result) = self.holding_lease(&row, work).await else {
+            return Stored::Untouched;
         };
         let now = self.clock.now_ms();
         let next = match &result {
@@ -389,7 +392,7 @@ impl Try {
             Ok(emitted) => emitted,
             Err(e) => {
                 error!(task_id = %row.task_id, file = %row.name, error = %e, "cannot record an archive download; it will be checked again");
-                return false;
+                return Stored::Failed;
             }
         };
         self.metrics.archive_try(result_name, bytes);
@@ -425,7 +428,42 @@ impl Try {
                 "archive file expired: the API deleted it before it could be kept"
             ),
         }
-        true
+        Stored::Written
+    }
+
+    /// Runs `work` (a try at `row`'s file) while renewing this daemon's lease on the file every
+    /// third of a lease, on a queue several daemons share: a download may take far longer than
+    /// a lease, and a lease that is kept only while its daemon works is what lets another take
+    /// the file over within one lease when this one dies. `None` when the lease was lost (this
+    /// daemon was stopped past it and another took the file over): the try is dropped, its
+    /// part file left to resume from, and the other daemon's try decides.
+    async fn holding_lease<T>(&self, row: &DueFile, work: impl Future<Output = T>) -> Option<T> {
+        let Some(lease) = self.store.lease_ms() else {
+            return Some(work.await);
+        };
+        let every = Duration::from_millis(u64::try_from(lease / 3).unwrap_or(1).max(1));
+        tokio::pin!(work);
+        let mut renew_at = Instant::now() + every;
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                out = &mut work => return Some(out),
+                () = tokio::time::sleep_until(renew_at) => {}
+            }
+            renew_at = Instant::now() + every;
+            match self.store.renew_file(row.id).await {
+                Ok(true) => failing = false,
+                Ok(false) => {
+                    warn!(task_id = %row.task_id, file = %row.name, "another daemon has taken this download over (this one was held up past its lease); leaving the file to it");
+                    return None;
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    warn!(task_id = %row.task_id, file = %row.name, error = %e, "cannot renew the lease on this download; if it runs out, another daemon may fetch the file too");
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// How the store builds the task's `archived` notification, if this try keeps its last

@@ -25,7 +25,7 @@ use crate::clock::{Clock, format_duration, ms};
 use crate::forward::Router;
 use crate::forward::attempt::{AttemptResult, Attempted, attempt, http_client};
 use crate::metrics::Metrics;
-use crate::store::{AttemptRecord, DeliveryNext, DueDelivery, Schedule, Store, StoreError};
+use crate::store::{AttemptRecord, Claim, DeliveryNext, DueDelivery, Schedule, Store, StoreError};
 
 /// Requests in flight to one destination (`scheme://host:port`) at once. A handler that hangs
 /// can tie up at most this many of the global slots, so other handlers keep getting theirs.
@@ -168,7 +168,7 @@ impl JobKind for DeliverJob {
         &self,
         slots: usize,
         in_flight: &HashSet<i64>,
-    ) -> Result<Vec<DueDelivery>, StoreError> {
+    ) -> Result<Claim<DueDelivery>, StoreError> {
         let full: Vec<String> = self
             .per_origin
             .iter()

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::{Clock, clock_step, format_duration, ms};
-use crate::store::StoreError;
+use crate::store::{Claim, StoreError};
 
 pub mod archive;
 pub mod backoff;
@@ -183,12 +183,13 @@ pub trait JobKind {
         wake: &mut WakeAt,
     ) -> impl Future<Output = usize> + Send;
 
-    /// The earliest due rows, enough to start `slots` jobs besides those `in_flight`.
+    /// The earliest due rows, enough to start `slots` jobs besides those `in_flight`, and when
+    /// work other daemons hold may be free for this loop.
     fn claim(
         &self,
         slots: usize,
         in_flight: &HashSet<Self::Key>,
-    ) -> impl Future<Output = Result<Vec<Self::Row>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Claim<Self::Row>, StoreError>> + Send;
 
     /// Whether `row`, due now, may start under the kind's limits (which count it on [`Admit::Go`]).
     fn admit(&mut self, row: &Self::Row) -> Admit;
@@ -302,10 +303,18 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
         let mut again = false;
         if slots > 0 {
             match kind.claim(slots, &in_flight).await {
-                Ok(rows) => {
+                Ok(Claim {
+                    rows,
+                    foreign_lease_ends_in,
+                }) => {
                     if read_failures > 0 {
                         info!(failures = read_failures, "{} can be read again", K::QUEUE);
                         read_failures = 0;
+                    }
+                    // Work another daemon holds is free once its lease runs out; if that
+                    // daemon stopped, nothing else would wake this loop for it.
+                    if let Some(ends_in) = foreign_lease_ends_in {
+                        wake.at(Instant::now() + lease_wake_delay(ends_in));
                     }
                     let now = kind.clock().now_ms();
                     let max_ahead = kind.max_ahead();
@@ -396,6 +405,16 @@ pub async fn run<K: JobKind>(mut kind: K, cancel: CancellationToken, tracker: Ta
     }
 }
 
+/// A little past the moment a lease is free (`lease_until < now` on the database's clock), so
+/// the claim that follows the wake-up finds it free rather than just not yet.
+pub const LEASE_WAKE_MARGIN: Duration = Duration::from_millis(50);
+
+/// How long to sleep for a lease that ends in `ends_in_ms` (the database's clock, measured by
+/// the claim that saw it), so that it has ended when the loop looks again.
+pub fn lease_wake_delay(ends_in_ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ends_in_ms).unwrap_or(0)) + LEASE_WAKE_MARGIN
+}
+
 /// The monotonic instant matching wall-clock `at_ms`, given that it is `now_ms` now.
 pub fn instant_at(at_ms: i64, now_ms: i64) -> Instant {
     let ahead = Duration::from_millis(u64::try_from(at_ms.saturating_sub(now_ms)).unwrap_or(0));
@@ -416,6 +435,9 @@ mod tests {
         started: Arc<Mutex<Vec<(u32, Instant)>>>,
         failures_left: u32,
         clock: Clock,
+        /// Until then, every row is held by "another daemon": the claim returns none, only
+        /// when that hold ends (as a lease of a daemon that stopped beating does).
+        held_until: Option<Instant>,
     }
 
     impl JobKind for Fake {
@@ -444,13 +466,24 @@ mod tests {
             &self,
             slots: usize,
             in_flight: &HashSet<u32>,
-        ) -> Result<Vec<u32>, StoreError> {
+        ) -> Result<Claim<u32>, StoreError> {
+            if let Some(until) = self.held_until {
+                let now = Instant::now();
+                if now < until {
+                    let ms = (until - now).as_millis();
+                    return Ok(Claim {
+                        rows: Vec::new(),
+                        foreign_lease_ends_in: Some(i64::try_from(ms).expect("ms")),
+                    });
+                }
+            }
             let rows = self.rows.lock().expect("rows");
-            Ok(rows
-                .iter()
-                .copied()
-                .take(slots + in_flight.len() + 1)
-                .collect())
+            Ok(Claim::alone(
+                rows.iter()
+                    .copied()
+                    .take(slots + in_flight.len() + 1)
+                    .collect(),
+            ))
         }
         fn admit(&mut self, _row: &u32) -> Admit {
             Admit::Go
@@ -496,6 +529,7 @@ mod tests {
             started: Arc::new(Mutex::new(Vec::new())),
             failures_left: failures,
             clock: Clock::system(),
+            held_until: None,
         }
     }
 
@@ -541,6 +575,24 @@ mod tests {
         );
         assert!(peak <= 3 && peak > 0, "peak {peak}");
         assert_eq!(running, 0);
+    }
+
+    /// Work held by a daemon that died is free once its lease ends, and nothing else wakes a
+    /// loop with nothing to do: the claim's word on that lease must.
+    #[tokio::test(start_paused = true)]
+    async fn work_held_elsewhere_is_taken_when_its_lease_ends_with_nothing_else_to_wake_for() {
+        let mut kind = fake(3, 3, 0);
+        let start = Instant::now();
+        kind.held_until = Some(start + Duration::from_secs(30));
+        let (started, _, _) = drive(kind, Duration::from_secs(60)).await;
+        assert_eq!(started.len(), 3, "{started:?}");
+        for (_, at) in &started {
+            let after = *at - start;
+            assert!(
+                after >= Duration::from_secs(30) && after < Duration::from_secs(31),
+                "taken {after:?} after the start (the hold ends at 30 s)"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

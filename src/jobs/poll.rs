@@ -33,7 +33,7 @@ use crate::events::{NewEvent, Stage};
 use crate::forward::Router;
 use crate::metrics::Metrics;
 use crate::store::TaskState;
-use crate::store::{Asked, DueRow, Schedule, Store, StoreError, TaskRow, TaskUpdate};
+use crate::store::{Asked, Claim, DueRow, Schedule, Store, StoreError, TaskRow, TaskUpdate};
 use crate::systemd::Notifier;
 
 pub use super::gate::{Gate, PauseKind, PollStatus, SharedStatus, pause_delay, status_line};
@@ -519,7 +519,7 @@ impl JobKind for PollJob {
         &self,
         slots: usize,
         in_flight: &HashSet<String>,
-    ) -> Result<Vec<DueRow>, StoreError> {
+    ) -> Result<Claim<DueRow>, StoreError> {
         self.s
             .store
             .due_window(self.s.account.clone(), slots + in_flight.len() + 1)

@@ -24,7 +24,7 @@ use super::tasks::{
     AddedTask, Applied, Counts, DueRow, Pruned, Schedule, TaskCount, TaskRecord, TaskRow, TaskSpec,
     TaskState, TaskUpdate,
 };
-use super::{StoreError, StoreHealth};
+use super::{Claim, StoreError, StoreHealth};
 
 /// A store backend. Every method answers only once its writes are committed.
 pub trait Backend: Send + Sync {
@@ -64,12 +64,13 @@ pub trait Backend: Send + Sync {
         deadline_after: i64,
     ) -> impl Future<Output = Result<Vec<AddedTask>, StoreError>> + Send;
 
-    /// The first `limit` active tasks of `account` by `next_poll_at` (due or not).
+    /// The first `limit` active tasks of `account` by `next_poll_at` (due or not), and when a
+    /// lease another daemon holds on one of the account's tasks ends.
     fn due_window(
         &self,
         account: String,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<DueRow>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Claim<DueRow>, StoreError>> + Send;
 
     /// Applies one poll's result to an active task in one transaction: `decide` sees the task
     /// as stored now; its events, deliveries and new state are written together. `None` (and
@@ -189,7 +190,7 @@ pub trait Backend: Send + Sync {
         busy: Vec<i64>,
         full: Vec<String>,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<DueDelivery>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Claim<DueDelivery>, StoreError>> + Send;
 
     /// Records one attempt and its consequence; `false` when a replay superseded it.
     fn record_attempt(
@@ -244,7 +245,7 @@ pub trait Backend: Send + Sync {
         busy: Vec<i64>,
         now: i64,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<DueFile>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Claim<DueFile>, StoreError>> + Send;
 
     /// Records one try at a file and its consequence; when that makes every file of its task
     /// kept and the task has no `archived` event yet, stores the one `notice` builds (if it

@@ -173,7 +173,8 @@ async fn due_window_orders_by_next_poll(s: &impl Backend) {
     let w = s
         .due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
         .await
-        .expect("due");
+        .expect("due")
+        .rows;
     assert_eq!(
         w.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
         ["early", "late"]
@@ -270,6 +271,7 @@ async fn remove_and_readd(s: &impl Backend) {
         s.due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
             .await
             .expect("due")
+            .rows
             .is_empty()
     );
     let r = s
@@ -286,6 +288,7 @@ async fn remove_and_readd(s: &impl Backend) {
         s.due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
             .await
             .expect("due")
+            .rows
             .len(),
         1
     );
@@ -432,7 +435,8 @@ async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt(
             10,
         )
         .await
-        .expect("due");
+        .expect("due")
+        .rows;
     assert_eq!(due.len(), 1);
     // ...the operator asks for a replay while it is in flight...
     let n = s
@@ -460,7 +464,8 @@ async fn a_redelivery_requested_during_an_attempt_is_not_undone_by_that_attempt(
             10,
         )
         .await
-        .expect("due");
+        .expect("due")
+        .rows;
     assert_eq!(due.len(), 1, "the requested replay was lost");
     let log = s.deliveries_of("t".into()).await.expect("deliveries");
     assert_eq!(log[0].1.state, "pending");
@@ -503,7 +508,8 @@ async fn only_the_head_of_a_queue_is_due(s: &impl Backend) {
             10,
         )
         .await
-        .expect("due");
+        .expect("due")
+        .rows;
     assert_eq!(due.len(), 1, "error waits behind text");
     assert_eq!(due[0].stage, Stage::Text);
     assert_eq!(due[0].origin, "http://127.0.0.1:9");
@@ -530,7 +536,8 @@ async fn only_the_head_of_a_queue_is_due(s: &impl Backend) {
             10,
         )
         .await
-        .expect("due");
+        .expect("due")
+        .rows;
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].stage, Stage::Error, "the next in line is now due");
     let summary = s.target_summary().await.expect("summary");
@@ -682,7 +689,8 @@ async fn kept_counts_equal_a_recount_after_any_mix_of_changes(s: &impl Backend) 
                         5,
                     )
                     .await
-                    .expect("due");
+                    .expect("due")
+                    .rows;
                 for d in &due {
                     let next = match rng.u8(0..3) {
                         0 => DeliveryNext::Delivered,
@@ -811,7 +819,8 @@ async fn due_times_move_with_a_clock_step(s: &impl Backend) {
     let w = s
         .due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
         .await
-        .expect("due");
+        .expect("due")
+        .rows;
     assert!(w.iter().all(|r| r.next_poll_at == 7000), "{w:?}");
     assert_eq!(
         s.shift_due(crate::store::Schedule::Deliveries, -3000)
@@ -884,7 +893,7 @@ async fn archive_files_come_with_the_terminal_event_and_go_oldest_first(s: &impl
 
     complete_with(s, "newer", 5000, vec![asset("n.mp3")]).await;
     complete_with(s, "older", 1000, vec![asset("o1.mp3"), asset("o2.jpeg")]).await;
-    let due = s.due_files(Vec::new(), 6000, 10).await.expect("due");
+    let due = s.due_files(Vec::new(), 6000, 10).await.expect("due").rows;
     let names: Vec<&str> = due.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["o1.mp3", "o2.jpeg", "n.mp3"], "oldest task first");
     assert_eq!(
@@ -893,7 +902,7 @@ async fn archive_files_come_with_the_terminal_event_and_go_oldest_first(s: &impl
     );
     assert_eq!((due[0].created_at, due[0].attempts), (1000, 0));
     let busy = vec![due[0].id];
-    let due2 = s.due_files(busy, 6000, 1).await.expect("due");
+    let due2 = s.due_files(busy, 6000, 1).await.expect("due").rows;
     assert_eq!(due2[0].name, "o2.jpeg", "files in flight are skipped");
 
     let (o1, o2) = (due[0].id, due[1].id);
@@ -911,7 +920,7 @@ async fn archive_files_come_with_the_terminal_event_and_go_oldest_first(s: &impl
     )
     .await
     .expect("retry");
-    let due = s.due_files(Vec::new(), 6000, 10).await.expect("due");
+    let due = s.due_files(Vec::new(), 6000, 10).await.expect("due").rows;
     let names: Vec<(&str, i64)> = due
         .iter()
         .map(|f| (f.name.as_str(), f.next_try_at))
@@ -958,7 +967,7 @@ async fn archive_counts_equal_a_recount_and_redo_starts_over(s: &impl Backend) {
     .await;
     // The same task's files listed again (a retracked task completing twice) stay one each.
     assert_eq!(s.counts().await.expect("counts").done, 1);
-    let due = s.due_files(Vec::new(), 2000, 10).await.expect("due");
+    let due = s.due_files(Vec::new(), 2000, 10).await.expect("due").rows;
     let id = |n: &str| due.iter().find(|f| f.name == n).expect("file").id;
     s.record_file(
         id("a"),
@@ -1037,7 +1046,7 @@ async fn archive_counts_equal_a_recount_and_redo_starts_over(s: &impl Backend) {
     assert_eq!(s.archive_counts().await.expect("counts"), recount(&files));
     assert_eq!(files[0].state, FileState::Pending);
     assert_eq!((files[0].size, files[0].attempts), (None, 0));
-    let due = s.due_files(Vec::new(), 3000, 10).await.expect("due");
+    let due = s.due_files(Vec::new(), 3000, 10).await.expect("due").rows;
     assert_eq!(
         due.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
         ["a", "c"]
@@ -1146,7 +1155,7 @@ async fn the_archived_notice_is_stored_once_with_the_last_kept_file(s: &impl Bac
     .await
     .expect("apply")
     .expect("active");
-    let due = s.due_files(Vec::new(), 2000, 10).await.expect("due");
+    let due = s.due_files(Vec::new(), 2000, 10).await.expect("due").rows;
     let id = |n: &str| due.iter().find(|f| f.name == n).expect("file").id;
     let to = || notice(vec![files.clone()]);
     let first = s.record_file(id("a"), kept("h-a"), 2000, to()).await;
@@ -1192,7 +1201,8 @@ async fn the_archived_notice_is_stored_once_with_the_last_kept_file(s: &impl Bac
             10,
         )
         .await
-        .expect("due");
+        .expect("due")
+        .rows;
     assert_eq!(
         due.iter().map(|d| d.stage).collect::<Vec<_>>(),
         [Stage::Complete]
@@ -1213,7 +1223,7 @@ async fn the_archived_notice_is_stored_once_with_the_last_kept_file(s: &impl Bac
     // No target takes it: nothing is stored. A pruned task: nothing either.
     complete_with(s, "quiet", 1000, vec![asset("q")]).await;
     complete_with(s, "gone", 1000, vec![asset("g")]).await;
-    let due = s.due_files(Vec::new(), 6000, 10).await.expect("due");
+    let due = s.due_files(Vec::new(), 6000, 10).await.expect("due").rows;
     let id = |n: &str| due.iter().find(|f| f.name == n).expect("file").id;
     let quiet = s
         .record_file(id("q"), kept("h"), 6000, notice(Vec::new()))

@@ -46,6 +46,35 @@ pub use postgres::{CopyCheck, CopyReport, DaemonRow, LeaseCount, Note, PgOptions
 
 /// Tasks deleted per housekeeping transaction.
 pub const PRUNE_CHUNK: usize = 500;
+
+/// What one claim of a loop's queue returned: the rows, and when work that other daemons hold
+/// may next be free for this loop.
+///
+/// A lease running out is not an event anyone sends: a daemon that dies simply stops renewing.
+/// So the claim says when the earliest live lease another daemon holds on work this loop could
+/// take ends, and the loop looks again then, even with nothing else to do. If the holder still
+/// runs, it has renewed the lease by then and the loop sleeps again (once per three quarters of
+/// a lease at most, and only while other daemons hold work); if it stopped, its work is taken
+/// over within its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim<T> {
+    /// The rows claimed (and, for polls, the ones next due), in the loop's order.
+    pub rows: Vec<T>,
+    /// In how many ms, on the database's clock, the earliest live lease another daemon holds on
+    /// this loop's work runs out. `None`: no other daemon holds any (always so on SQLite, where
+    /// one daemon has the queue to itself).
+    pub foreign_lease_ends_in: Option<i64>,
+}
+
+impl<T> Claim<T> {
+    /// Rows with no work held elsewhere: a queue one daemon has to itself.
+    pub fn alone(rows: Vec<T>) -> Claim<T> {
+        Claim {
+            rows,
+            foreign_lease_ends_in: None,
+        }
+    }
+}
 pub use tasks::{
     AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, TaskCount, TaskRecord,
     TaskRow, TaskSpec, TaskState, TaskUpdate,
@@ -214,6 +243,16 @@ impl Store {
         }
     }
 
+    /// Renews this daemon's lease on archive file `id` while its download runs, on a queue
+    /// several daemons share; false when another daemon has taken the file over (this one was
+    /// stopped past its lease). On SQLite, where nothing is leased, always true.
+    pub async fn renew_file(&self, id: i64) -> Result<bool, StoreError> {
+        match &self.engine {
+            Engine::Sqlite(_) => Ok(true),
+            Engine::Postgres(b) => b.renew_file(id).await,
+        }
+    }
+
     /// How long a claim keeps other daemons off a row (`None` for SQLite).
     pub fn lease_ms(&self) -> Option<i64> {
         match &self.engine {
@@ -292,7 +331,7 @@ impl Store {
         &self,
         account: String,
         limit: usize,
-    ) -> Result<Vec<DueRow>, StoreError> {
+    ) -> Result<Claim<DueRow>, StoreError> {
         on_backend!(self, b => b.due_window(account, limit).await)
     }
 
@@ -432,7 +471,7 @@ impl Store {
         busy: Vec<i64>,
         full: Vec<String>,
         limit: usize,
-    ) -> Result<Vec<DueDelivery>, StoreError> {
+    ) -> Result<Claim<DueDelivery>, StoreError> {
         on_backend!(self, b => b.due_deliveries(targets, busy, full, limit).await)
     }
 
@@ -506,7 +545,7 @@ impl Store {
         busy: Vec<i64>,
         now: i64,
         limit: usize,
-    ) -> Result<Vec<DueFile>, StoreError> {
+    ) -> Result<Claim<DueFile>, StoreError> {
         on_backend!(self, b => b.due_files(busy, now, limit).await)
     }
 

@@ -7,12 +7,12 @@ use tokio_postgres::Row;
 
 use super::codec::{count, limit as as_limit};
 use super::schema::DB_NOW;
-use super::{Sql, deliveries, events, execute, query, query_opt};
+use super::{Sql, deliveries, events, execute, query, query_one, query_opt};
 use crate::api::families::Kind;
 use crate::events::Stage;
 use crate::store::{
-    ArchiveCounts, ArchivedNotice, AssetFile, AssetSource, DueFile, Emitted, FileNext, FileRecord,
-    FileState,
+    ArchiveCounts, ArchivedNotice, AssetFile, AssetSource, Claim, DueFile, Emitted, FileNext,
+    FileRecord, FileState,
 };
 
 /// Writes `task`'s files as pending, due at once. A file already known keeps its row.
@@ -61,7 +61,10 @@ fn due_from_row(r: &Row) -> Sql<DueFile> {
 
 /// Due files, oldest task first (closest to the API deleting them), skipping `busy` and those
 /// another daemon holds a live lease on, each now leased to `me`; then the one due soonest of
-/// those not yet due, so the loop knows when to look again.
+/// those not yet due, so the loop knows when to look again; and when the earliest live lease
+/// another daemon holds on a pending file runs out ([`Claim::foreign_lease_ends_in`]): a
+/// daemon fetching a file renews its lease while it does ([`renew`]), so a file whose lease
+/// runs out was left by a daemon that stopped.
 pub(super) async fn claim(
     c: &impl GenericClient,
     busy: &[i64],
@@ -69,7 +72,7 @@ pub(super) async fn claim(
     limit: usize,
     me: &str,
     lease_ms: i64,
-) -> Sql<Vec<DueFile>> {
+) -> Sql<Claim<DueFile>> {
     let sql = format!(
         "WITH due AS (
              SELECT id FROM archive_files
@@ -103,30 +106,79 @@ pub(super) async fn claim(
     {
         out.push(due_from_row(&next)?);
     }
-    Ok(out)
+    let held = query_one(
+        c,
+        &format!(
+            "SELECT MIN(lease_until) - {DB_NOW} FROM archive_files
+             WHERE claimed_by IS NOT NULL AND claimed_by <> $1 AND state = 'pending'
+               AND lease_until >= {DB_NOW}"
+        ),
+        &[&me],
+    )
+    .await?
+    .try_get(0)?;
+    Ok(Claim {
+        rows: out,
+        foreign_lease_ends_in: held,
+    })
 }
 
-/// Records one try's consequence and releases the file's lease.
-pub(super) async fn record(c: &impl GenericClient, id: i64, next: &FileNext, now: i64) -> Sql<()> {
-    match next {
+/// Renews `me`'s lease on file `id` for another `lease_ms`, while its download runs. False if
+/// the file is no longer `me`'s to fetch: this daemon was stopped past its lease and another
+/// took the file over (or it was recorded meanwhile).
+pub(super) async fn renew(c: &impl GenericClient, id: i64, me: &str, lease_ms: i64) -> Sql<bool> {
+    Ok(execute(
+        c,
+        &format!(
+            "UPDATE archive_files SET lease_until = {DB_NOW} + $3
+             WHERE id = $1 AND claimed_by = $2 AND state = 'pending'"
+        ),
+        &[&id, &me, &lease_ms],
+    )
+    .await?
+        == 1)
+}
+
+/// Records one try's consequence and releases the file's lease. False (nothing written) when
+/// another daemon holds a live lease on the file: this daemon was stopped past its lease and
+/// the file was taken over; that daemon's try decides.
+pub(super) async fn record(
+    c: &impl GenericClient,
+    id: i64,
+    next: &FileNext,
+    now: i64,
+    me: &str,
+) -> Sql<bool> {
+    let ours = format!("(claimed_by IS NULL OR claimed_by = $2 OR lease_until < {DB_NOW})");
+    let written = match next {
         FileNext::Done { size, sha256 } => {
             execute(
                 c,
-                "UPDATE archive_files SET state = 'done', size = $2, sha256 = $3,
-                        attempts = attempts + 1, last_error = NULL, done_at = $4, updated_at = $4,
-                        claimed_by = NULL, lease_until = NULL
-                 WHERE id = $1",
-                &[&id, &i64::try_from(*size).unwrap_or(i64::MAX), sha256, &now],
+                &format!(
+                    "UPDATE archive_files SET state = 'done', size = $3, sha256 = $4,
+                            attempts = attempts + 1, last_error = NULL, done_at = $5,
+                            updated_at = $5, claimed_by = NULL, lease_until = NULL
+                     WHERE id = $1 AND {ours}"
+                ),
+                &[
+                    &id,
+                    &me,
+                    &i64::try_from(*size).unwrap_or(i64::MAX),
+                    sha256,
+                    &now,
+                ],
             )
             .await?
         }
         FileNext::Retry { at, error } => {
             execute(
                 c,
-                "UPDATE archive_files SET attempts = attempts + 1, next_try_at = $2,
-                        last_error = $3, updated_at = $4, claimed_by = NULL, lease_until = NULL
-                 WHERE id = $1 AND state = 'pending'",
-                &[&id, at, error, &now],
+                &format!(
+                    "UPDATE archive_files SET attempts = attempts + 1, next_try_at = $3,
+                            last_error = $4, updated_at = $5, claimed_by = NULL, lease_until = NULL
+                     WHERE id = $1 AND state = 'pending' AND {ours}"
+                ),
+                &[&id, &me, at, error, &now],
             )
             .await?
         }
@@ -138,15 +190,17 @@ pub(super) async fn record(c: &impl GenericClient, id: i64, next: &FileNext, now
             };
             execute(
                 c,
-                "UPDATE archive_files SET state = $2, attempts = attempts + 1, last_error = $3,
-                        updated_at = $4, claimed_by = NULL, lease_until = NULL
-                 WHERE id = $1",
-                &[&id, &state, error, &now],
+                &format!(
+                    "UPDATE archive_files SET state = $3, attempts = attempts + 1,
+                            last_error = $4, updated_at = $5, claimed_by = NULL, lease_until = NULL
+                     WHERE id = $1 AND {ours}"
+                ),
+                &[&id, &me, &state, error, &now],
             )
             .await?
         }
     };
-    Ok(())
+    Ok(written == 1)
 }
 
 /// After file `id` was recorded kept: if every file of its task is now kept and the task has

@@ -578,7 +578,8 @@ mod tests {
                 100,
             )
             .await
-            .expect("due");
+            .expect("due")
+            .rows;
         assert!(due.len() >= 3, "deliveries were queued: {}", due.len());
         for (i, d) in due.iter().enumerate().take(4) {
             let attempt = AttemptRecord {
@@ -598,7 +599,11 @@ mod tests {
                 .expect("record");
         }
         // Archive: some kept, the rest pending.
-        let files = store.due_files(Vec::new(), 4000, 100).await.expect("files");
+        let files = store
+            .due_files(Vec::new(), 4000, 100)
+            .await
+            .expect("files")
+            .rows;
         for f in files.iter().take(3) {
             store
                 .record_file(

@@ -20,7 +20,7 @@ use crate::api::families::Kind;
 use crate::config::{TARGET_SUBMITTED_URL, TARGET_TASK_URL};
 use crate::events::Stage;
 use crate::store::{
-    AttemptLog, AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route,
+    AttemptLog, AttemptRecord, Claim, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route,
     TargetSpec, TargetSummary, origin_of, webhook_id,
 };
 
@@ -74,7 +74,8 @@ pub(super) async fn refresh_ready(c: &impl GenericClient, task: &str, target: &s
 /// per-task URLs, skipping `busy` ids and `full`
 /// origins and those another daemon holds a live lease on; each returned one is leased to
 /// `me`. Not only the due ones: as in SQLite, the first not yet due tells the loop when to
-/// wake.
+/// wake. And when the earliest live lease another daemon holds on a delivery this one could
+/// make runs out ([`Claim::foreign_lease_ends_in`]): a daemon that died mid-attempt leaves it.
 pub(super) async fn claim(
     c: &impl GenericClient,
     targets: &[String],
@@ -83,7 +84,8 @@ pub(super) async fn claim(
     limit: usize,
     me: &str,
     lease_ms: i64,
-) -> Sql<Vec<DueDelivery>> {
+) -> Sql<Claim<DueDelivery>> {
+    // The last row, its `id` NULL, carries the foreign lease's end.
     let sql = format!(
         "WITH due AS (
              SELECT d.id FROM deliveries d
@@ -94,12 +96,21 @@ pub(super) async fn claim(
                     OR d.target = ANY($8))
              ORDER BY d.next_attempt_at, d.id LIMIT $3
              FOR UPDATE OF d SKIP LOCKED
+         ), leased AS (
+             UPDATE deliveries d SET claimed_by = $4, lease_until = {DB_NOW} + $5
+             FROM due, events e
+             WHERE d.id = due.id AND e.seq = d.event_seq
+             RETURNING d.id, d.event_seq, d.task_id, e.stage, d.target, d.url, d.origin,
+                       d.webhook_id, d.attempts, d.next_attempt_at, e.body, d.replays
+         ), held AS (
+             SELECT MIN(lease_until) - {DB_NOW} AS ends_in FROM deliveries
+             WHERE claimed_by IS NOT NULL AND claimed_by <> $4 AND state = 'pending' AND ready
+               AND lease_until >= {DB_NOW} AND (target IN ($6, $7) OR target = ANY($8))
          )
-         UPDATE deliveries d SET claimed_by = $4, lease_until = {DB_NOW} + $5
-         FROM due, events e
-         WHERE d.id = due.id AND e.seq = d.event_seq
-         RETURNING d.id, d.event_seq, d.task_id, e.stage, d.target, d.url, d.origin,
-                   d.webhook_id, d.attempts, d.next_attempt_at, e.body, d.replays"
+         SELECT * FROM leased
+         UNION ALL
+         SELECT NULL, ends_in, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+         FROM held WHERE ends_in IS NOT NULL"
     );
     let rows = query(
         c,
@@ -116,38 +127,43 @@ pub(super) async fn claim(
         ],
     )
     .await?;
-    let mut out = rows
-        .iter()
-        .map(|r| {
-            Ok(DueDelivery {
-                id: r.try_get(0)?,
-                event_seq: r.try_get(1)?,
-                task_id: r.try_get(2)?,
-                stage: r.try_get(3)?,
-                target: r.try_get(4)?,
-                url: r.try_get(5)?,
-                origin: r.try_get(6)?,
-                webhook_id: r.try_get(7)?,
-                attempts: count(r.try_get(8)?),
-                next_attempt_at: r.try_get(9)?,
-                body: r.try_get(10)?,
-                replays: r.try_get(11)?,
-            })
-        })
-        .collect::<Sql<Vec<_>>>()?;
+    let mut claim = Claim::alone(Vec::with_capacity(rows.len()));
+    for r in &rows {
+        let Some(id) = r.try_get::<_, Option<i64>>(0)? else {
+            claim.foreign_lease_ends_in = r.try_get(1)?;
+            continue;
+        };
+        claim.rows.push(DueDelivery {
+            id,
+            event_seq: r.try_get(1)?,
+            task_id: r.try_get(2)?,
+            stage: r.try_get(3)?,
+            target: r.try_get(4)?,
+            url: r.try_get(5)?,
+            origin: r.try_get(6)?,
+            webhook_id: r.try_get(7)?,
+            attempts: count(r.try_get(8)?),
+            next_attempt_at: r.try_get(9)?,
+            body: r.try_get(10)?,
+            replays: r.try_get(11)?,
+        });
+    }
     // RETURNING keeps no order.
-    out.sort_by_key(|d| (d.next_attempt_at, d.id));
-    Ok(out)
+    claim.rows.sort_by_key(|d| (d.next_attempt_at, d.id));
+    Ok(claim)
 }
 
 /// Records one attempt and releases the delivery's lease; `false` when a replay was requested
 /// while it was in flight (the attempt is kept in the history, the delivery stays pending for
-/// the replay).
+/// the replay), or when the attempt was overtaken: this daemon was stopped past its lease and
+/// another took the delivery over meanwhile (it holds it now, or has ended it), so this late
+/// result must neither undo that one's nor free the delivery while its attempt is in flight.
 pub(super) async fn record_attempt(
     c: &impl GenericClient,
     delivery: &DueDelivery,
     attempt: &AttemptRecord,
     next: &DeliveryNext,
+    me: &str,
 ) -> Sql<bool> {
     let (id, replays, number) = (delivery.id, delivery.replays, delivery.attempts + 1);
     let now = attempt.started_at.saturating_add(attempt.duration_ms);
@@ -159,11 +175,15 @@ pub(super) async fn record_attempt(
     let status = attempt.status.map(i64::from);
     let n: Option<i64> = query_opt(
         c,
-        "UPDATE deliveries SET state = $2, attempts = attempts + 1, next_attempt_at = $3,
+        &format!(
+            "UPDATE deliveries SET state = $2, attempts = attempts + 1, next_attempt_at = $3,
                 last_attempt_at = $4, last_status = $5, last_error = $6,
                 delivered_at = COALESCE($7, delivered_at), updated_at = $8,
                 claimed_by = NULL, lease_until = NULL
-         WHERE id = $1 AND replays = $9 RETURNING attempts",
+         WHERE id = $1 AND replays = $9 AND state = 'pending'
+           AND (claimed_by IS NULL OR claimed_by = $10 OR lease_until < {DB_NOW})
+         RETURNING attempts"
+        ),
         &[
             &id,
             &state,
@@ -174,6 +194,7 @@ pub(super) async fn record_attempt(
             &delivered_at,
             &now,
             &replays,
+            &me,
         ],
     )
     .await?

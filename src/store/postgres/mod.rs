@@ -30,10 +30,11 @@ use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AccountRow, AddedTask, Applied, ArchiveCounts, ArchivedNotice, AttemptRecord, Backend, Counts,
-    DeliveryNext, DeliveryRecord, DueDelivery, DueFile, DueRow, Emitted, EventRecord, FileNext,
-    FileRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth,
-    TargetSpec, TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
+    AccountRow, AddedTask, Applied, ArchiveCounts, ArchivedNotice, AttemptRecord, Backend, Claim,
+    Counts, DeliveryNext, DeliveryRecord, DueDelivery, DueFile, DueRow, Emitted, EventRecord,
+    FileNext, FileRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError,
+    StoreHealth, TargetSpec, TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState,
+    TaskUpdate,
 };
 
 mod archive;
@@ -57,9 +58,6 @@ pub use connect::PgOptions;
 pub use copy::{CopyCheck, CopyReport};
 pub use daemons::{DaemonRow, LeaseCount};
 pub use notify::Note;
-
-/// The shortest claim on an archive file (ms): a download may take many minutes.
-pub const ARCHIVE_LEASE_MS: i64 = 15 * 60 * 1000;
 
 /// How often a daemon renews its heartbeat row (and forgets daemons long gone).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
@@ -363,6 +361,13 @@ impl Postgres {
         &self.member
     }
 
+    /// Renews this daemon's lease on archive file `id` while its download runs; false if the
+    /// file is no longer this daemon's (another took it over after this one stalled).
+    pub async fn renew_file(&self, id: i64) -> Result<bool, StoreError> {
+        let (me, lease) = (self.me.clone(), self.lease_ms);
+        write_one!(self, |c| archive::renew(c, id, &me, lease).await)
+    }
+
     /// Every registered target, by name, with the members that name it (sorted).
     pub async fn shared_targets(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
         read!(self, |c| deliveries::registered(c).await)
@@ -437,7 +442,7 @@ impl Backend for Postgres {
         })
     }
 
-    async fn due_window(&self, account: String, limit: usize) -> Result<Vec<DueRow>, StoreError> {
+    async fn due_window(&self, account: String, limit: usize) -> Result<Claim<DueRow>, StoreError> {
         let (me, lease) = (self.me.clone(), self.lease_ms);
         write_one!(self, |c| tasks::claim(c, &account, limit, &me, lease).await)
     }
@@ -452,7 +457,8 @@ impl Backend for Postgres {
         F: FnOnce(&TaskRow) -> TaskUpdate + Send + 'static,
     {
         // Each stored event has told the other daemons so (`events::insert`).
-        write_tx!(self, |c| tasks::apply_poll(&c, &id, now, decide).await)
+        let me = self.me.clone();
+        write_tx!(self, |c| tasks::apply_poll(&c, &id, now, &me, decide).await)
     }
 
     async fn shift_due(&self, schedule: Schedule, by_ms: i64) -> Result<usize, StoreError> {
@@ -572,7 +578,7 @@ impl Backend for Postgres {
         busy: Vec<i64>,
         full: Vec<String>,
         limit: usize,
-    ) -> Result<Vec<DueDelivery>, StoreError> {
+    ) -> Result<Claim<DueDelivery>, StoreError> {
         let (me, lease) = (self.me.clone(), self.lease_ms);
         write_one!(self, |c| {
             deliveries::claim(c, &targets, &busy, &full, limit, &me, lease).await
@@ -585,9 +591,9 @@ impl Backend for Postgres {
         attempt: AttemptRecord,
         next: DeliveryNext,
     ) -> Result<bool, StoreError> {
-        let delivery = delivery.clone();
+        let (delivery, me) = (delivery.clone(), self.me.clone());
         write_tx!(self, |c| {
-            deliveries::record_attempt(&c, &delivery, &attempt, &next).await
+            deliveries::record_attempt(&c, &delivery, &attempt, &next, &me).await
         })
     }
 
@@ -635,10 +641,11 @@ impl Backend for Postgres {
         busy: Vec<i64>,
         now: i64,
         limit: usize,
-    ) -> Result<Vec<DueFile>, StoreError> {
-        // A download may take far longer than a poll: its claim lasts at least
-        // ARCHIVE_LEASE_MS, so a big file is not fetched by two daemons at once.
-        let (me, lease) = (self.me.clone(), self.lease_ms.max(ARCHIVE_LEASE_MS));
+    ) -> Result<Claim<DueFile>, StoreError> {
+        // A download may take far longer than a lease: the daemon fetching a file renews its
+        // lease while it does (`renew_file`), so a file is not fetched by two daemons at once,
+        // and one a dead daemon held is free after one lease.
+        let (me, lease) = (self.me.clone(), self.lease_ms);
         write_tx!(self, |c| archive::claim(&c, &busy, now, limit, &me, lease)
             .await)
     }
@@ -650,10 +657,11 @@ impl Backend for Postgres {
         now: i64,
         notice: Option<ArchivedNotice>,
     ) -> Result<Option<Emitted>, StoreError> {
+        let me = self.me.clone();
         write_tx!(self, |c| {
-            archive::record(&c, id, &next, now).await?;
+            let written = archive::record(&c, id, &next, now, &me).await?;
             let emitted = match (notice, &next) {
-                (Some(notice), FileNext::Done { .. }) => {
+                (Some(notice), FileNext::Done { .. }) if written => {
                     archive::notify(&c, id, notice, now).await?
                 }
                 _ => None,

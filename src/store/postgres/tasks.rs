@@ -12,8 +12,8 @@ use super::{Sql, archive, deliveries, events, execute, query, query_one, query_o
 use crate::api::families::Kind;
 use crate::events::Stage;
 use crate::store::{
-    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, StoreError, TaskCount,
-    TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
+    AddResult, AddedTask, Applied, Asked, Claim, Counts, DueRow, Pruned, Schedule, StoreError,
+    TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
 
 pub(super) async fn add(
@@ -223,14 +223,20 @@ pub(super) async fn retrack(
 /// every row of the window: a poll starts with at least three quarters of its lease left, more
 /// than the request may take (the lease is at least twice the longest request). `SKIP LOCKED`
 /// passes over rows another daemon is claiming or applying right now instead of waiting.
+///
+/// The same statement says when the earliest live lease another daemon holds on one of the
+/// account's tasks runs out ([`Claim::foreign_lease_ends_in`]): tasks a daemon held when it
+/// died are free then, and nothing else would wake this loop for them.
 pub(super) async fn claim(
     c: &impl GenericClient,
     account: &str,
     limit: usize,
     me: &str,
     lease_ms: i64,
-) -> Sql<Vec<DueRow>> {
-    // The data-modifying part runs whether or not the query reads it.
+) -> Sql<Claim<DueRow>> {
+    // The data-modifying part runs whether or not the query reads it. The last row, its `id`
+    // NULL, carries the foreign lease's end (it reads the rows as they were before this claim,
+    // which only takes rows whose lease has already ended).
     let sql = format!(
         "WITH due AS (
              SELECT id, next_poll_at, kind, claimed_by, lease_until FROM tasks
@@ -244,32 +250,47 @@ pub(super) async fn claim(
              WHERE t.id = due.id
                AND (due.claimed_by IS DISTINCT FROM $3
                     OR due.lease_until < {DB_NOW} + $4 - $4 / {RENEW_AFTER})
+         ), held AS (
+             SELECT MIN(lease_until) - {DB_NOW} AS ends_in FROM tasks
+             WHERE claimed_by IS NOT NULL AND claimed_by <> $3 AND state = 'active'
+               AND account = $1 AND lease_until >= {DB_NOW}
          )
-         SELECT id, next_poll_at, kind FROM due"
+         SELECT id, next_poll_at, kind FROM due
+         UNION ALL
+         SELECT NULL, ends_in, NULL FROM held WHERE ends_in IS NOT NULL"
     );
     let rows = query(c, &sql, &[&account, &as_limit(limit), &me, &lease_ms]).await?;
-    let mut out = rows
-        .iter()
-        .map(|r| {
-            Ok(DueRow {
-                id: r.try_get(0)?,
+    let mut claim = Claim::alone(Vec::with_capacity(rows.len()));
+    for r in &rows {
+        match r.try_get::<_, Option<String>>(0)? {
+            Some(id) => claim.rows.push(DueRow {
+                id,
                 next_poll_at: r.try_get(1)?,
                 kind: r.try_get(2)?,
-            })
-        })
-        .collect::<Sql<Vec<_>>>()?;
+            }),
+            None => claim.foreign_lease_ends_in = r.try_get(1)?,
+        }
+    }
     // The locking subquery's rows come back in no promised order.
-    out.sort_by(|a, b| (a.next_poll_at, &a.id).cmp(&(b.next_poll_at, &b.id)));
-    Ok(out)
+    claim
+        .rows
+        .sort_by(|a, b| (a.next_poll_at, &a.id).cmp(&(b.next_poll_at, &b.id)));
+    Ok(claim)
 }
 
 /// A claim of this daemon's is renewed once this fraction (1/N) of its lease has passed.
 const RENEW_AFTER: i64 = 4;
 
+/// Applies one poll's result (see `Backend::apply_poll`). The task's lease is released only if
+/// it is `me`'s: a daemon that was stopped (SIGSTOP, a frozen VM) past its lease may come back
+/// with an old answer after another daemon took the task over, and must not free the task
+/// while that one's request is in flight, or a third could send a second one. Its answer is
+/// still applied: the stage checks below keep every stage once and in order.
 pub(super) async fn apply_poll<F>(
     c: &impl GenericClient,
     id: &str,
     now: i64,
+    me: &str,
     decide: F,
 ) -> Sql<Option<Applied>>
 where
@@ -334,7 +355,8 @@ where
                 updated_at = $8, next_poll_at = $9, finished_at = $10,
                 submitted_callback_url = COALESCE($11, submitted_callback_url),
                 asked_ms = $12, asked_at = $13, asked_gap = $14,
-                claimed_by = NULL, lease_until = NULL
+                lease_until = CASE WHEN claimed_by = $15 THEN NULL ELSE lease_until END,
+                claimed_by = CASE WHEN claimed_by = $15 THEN NULL ELSE claimed_by END
          WHERE id = $1",
         &[
             &id,
@@ -351,6 +373,7 @@ where
             &update.asked.total_ms,
             &update.asked.at,
             &update.asked.gap_ms,
+            &me,
         ],
     )
     .await?;

@@ -67,13 +67,21 @@ async fn a_claimed_task_is_no_other_daemons_until_released_or_its_lease_ends() {
     };
     let (a, b) = (&d[0], &d[1]);
     add(a, &["t1", "t2", "t3"]).await;
-    let mine = a.due_window("default".into(), 2).await.expect("claim");
+    let mine = a.due_window("default".into(), 2).await.expect("claim").rows;
     assert_eq!(ids(&mine), ["t1", "t2"]);
     // B sees only what A did not claim; claiming again renews A's own.
-    let theirs = b.due_window("default".into(), 10).await.expect("claim");
+    let theirs = b
+        .due_window("default".into(), 10)
+        .await
+        .expect("claim")
+        .rows;
     assert_eq!(ids(&theirs), ["t3"]);
     assert_eq!(
-        ids(&a.due_window("default".into(), 10).await.expect("claim")),
+        ids(&a
+            .due_window("default".into(), 10)
+            .await
+            .expect("claim")
+            .rows),
         ["t1", "t2"]
     );
     // A's poll of t1 releases it (and stores its stage once).
@@ -90,13 +98,21 @@ async fn a_claimed_task_is_no_other_daemons_until_released_or_its_lease_ends() {
     // A stops renewing: after its lease, t2 is B's (and t3 stays B's).
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
-        ids(&b.due_window("default".into(), 10).await.expect("claim")),
+        ids(&b
+            .due_window("default".into(), 10)
+            .await
+            .expect("claim")
+            .rows),
         ["t2", "t3"]
     );
     // A daemon that stops lets go at once.
     b.close().await;
     assert_eq!(
-        ids(&a.due_window("default".into(), 10).await.expect("claim")),
+        ids(&a
+            .due_window("default".into(), 10)
+            .await
+            .expect("claim")
+            .rows),
         ["t2", "t3"]
     );
     let live = a.daemons().await.expect("daemons");
@@ -270,12 +286,14 @@ async fn events_one_daemon_stores_are_routed_to_the_targets_another_names() {
     let none = b
         .due_deliveries(Vec::new(), Vec::new(), Vec::new(), 10)
         .await
-        .expect("due");
+        .expect("due")
+        .rows;
     assert!(none.is_empty(), "B does not name app: {none:?}");
     let due = a
         .due_deliveries(vec!["app".into()], Vec::new(), Vec::new(), 10)
         .await
-        .expect("due");
+        .expect("due")
+        .rows;
     assert_eq!(due.len(), 1);
 
     // A stops: its registration stays, so events B stores meanwhile still go to `app`, and B's
@@ -326,4 +344,236 @@ async fn a_target_named_on_one_host_is_given_up_only_when_no_host_names_it() {
     assert_eq!(targets_of(&a, "t1").await[0].2, "failed");
     a.close().await;
     b.close().await;
+}
+
+/// A poll of `id` that stores its `complete` with a delivery to `app` and one archive file.
+fn done_with_work(id: &str) -> TaskUpdate {
+    let mut u = done(id);
+    u.routes = vec![spec("app", 9, &Stage::ALL, None).route];
+    u.archive = vec![crate::store::AssetFile {
+        name: "song.mp3".into(),
+        kind: "audio".into(),
+        audio_id: None,
+        source: crate::store::AssetSource::Url("http://127.0.0.1:9/song.mp3".into()),
+    }];
+    u
+}
+
+fn attempt(status: u16) -> crate::store::AttemptRecord {
+    crate::store::AttemptRecord {
+        started_at: 3000,
+        duration_ms: 5,
+        status: Some(status),
+        error: None,
+    }
+}
+
+/// A lease running out is not an event: a claim says when the earliest lease another daemon
+/// holds on the loop's work ends, for tasks, deliveries and archive files alike, so the loop
+/// looks again then; a daemon's own leases are no reason for it to wake.
+#[tokio::test]
+async fn a_claim_says_when_the_work_another_daemon_holds_is_free() {
+    let lease = Duration::from_secs(2);
+    let Some(d) = daemons(2, lease).await else {
+        return;
+    };
+    let (a, b) = (&d[0], &d[1]);
+    let app = spec("app", 9, &Stage::ALL, None);
+    a.fail_orphans(vec![app.clone()], 1000)
+        .await
+        .expect("register");
+    b.fail_orphans(vec![app], 1000).await.expect("register");
+    add(a, &["t1", "t2", "t3"]).await;
+    let lease_ms = i64::try_from(lease.as_millis()).expect("ms");
+    let ends_in = |c: Option<i64>| {
+        let ms = c.expect("a foreign lease is reported");
+        assert!((0..=lease_ms).contains(&ms), "ends in {ms} ms");
+        ms
+    };
+
+    // Nothing held by anyone else: no reason to wake.
+    let free = b.due_window("default".into(), 1).await.expect("claim");
+    assert_eq!(ids(&free.rows), ["t1"]);
+    assert_eq!(free.foreign_lease_ends_in, None);
+    // A claims the rest; B, claiming again, gets only its own and hears when A's lease ends.
+    let mine = a.due_window("default".into(), 10).await.expect("claim");
+    assert_eq!(ids(&mine.rows), ["t2", "t3"]);
+    assert_eq!(
+        mine.foreign_lease_ends_in.map(|_| ()),
+        Some(()),
+        "B's lease on t1 is foreign to A"
+    );
+    let theirs = b.due_window("default".into(), 10).await.expect("claim");
+    assert_eq!(ids(&theirs.rows), ["t1"]);
+    ends_in(theirs.foreign_lease_ends_in);
+
+    // Deliveries and files: A's poll of t2 stores both; A claims them.
+    a.apply_poll("t2".into(), 2000, |_| done_with_work("t2"))
+        .await
+        .expect("apply")
+        .expect("applied");
+    let held = a
+        .due_deliveries(vec!["app".into()], Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert_eq!(held.rows.len(), 1);
+    let none = b
+        .due_deliveries(vec!["app".into()], Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert!(none.rows.is_empty());
+    ends_in(none.foreign_lease_ends_in);
+    // B names no target of A's: A's deliveries are no work of B's, and no reason to wake it.
+    let other = b
+        .due_deliveries(vec!["other".into()], Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert_eq!(other.foreign_lease_ends_in, None);
+    let files = a.due_files(Vec::new(), 3000, 10).await.expect("due");
+    assert_eq!(files.rows.len(), 1);
+    assert_eq!(files.foreign_lease_ends_in, None);
+    let no_files = b.due_files(Vec::new(), 3000, 10).await.expect("due");
+    assert!(no_files.rows.is_empty());
+    ends_in(no_files.foreign_lease_ends_in);
+
+    // A stops beating (as if killed: no `close`, which would let go at once). After its lease,
+    // B takes every piece of its work.
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let taken = b.due_window("default".into(), 10).await.expect("claim");
+    assert_eq!(ids(&taken.rows), ["t1", "t3"]);
+    let taken = b
+        .due_deliveries(vec!["app".into()], Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due");
+    assert_eq!(taken.rows.len(), 1);
+    let taken = b.due_files(Vec::new(), 3000, 10).await.expect("due");
+    assert_eq!(taken.rows.len(), 1);
+    a.close().await;
+    b.close().await;
+}
+
+/// A daemon stopped past its lease (SIGSTOP, a frozen VM) comes back with results of work
+/// another daemon has taken over: they must not free that work while its new holder is busy
+/// with it, nor undo what it recorded; a download notices at its next renewal and stops.
+#[tokio::test]
+async fn a_daemon_back_from_a_stall_does_not_undo_the_daemon_that_took_its_work() {
+    let lease = Duration::from_secs(2);
+    let Some(d) = daemons(3, lease).await else {
+        return;
+    };
+    let (a, b, c) = (&d[0], &d[1], &d[2]);
+    let app = spec("app", 9, &Stage::ALL, None);
+    for s in [a, b, c] {
+        s.fail_orphans(vec![app.clone()], 1000)
+            .await
+            .expect("register");
+    }
+    add(a, &["t1", "t2"]).await;
+    // t2's work (a delivery and a file) exists; A claims t1, the delivery and the file.
+    b.apply_poll("t2".into(), 2000, |_| done_with_work("t2"))
+        .await
+        .expect("apply")
+        .expect("applied");
+    assert_eq!(
+        ids(&a.due_window("default".into(), 1).await.expect("claim").rows),
+        ["t1"]
+    );
+    let a_delivery = a
+        .due_deliveries(vec!["app".into()], Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due")
+        .rows
+        .remove(0);
+    let a_file = a
+        .due_files(Vec::new(), 3000, 10)
+        .await
+        .expect("due")
+        .rows
+        .remove(0);
+    assert!(
+        a.renew_file(a_file.id).await.expect("renew"),
+        "A's to renew"
+    );
+
+    // A stalls past its lease; B takes everything over.
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    assert_eq!(
+        ids(&b
+            .due_window("default".into(), 10)
+            .await
+            .expect("claim")
+            .rows),
+        ["t1"]
+    );
+    let b_delivery = b
+        .due_deliveries(vec!["app".into()], Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due")
+        .rows
+        .remove(0);
+    assert_eq!(b_delivery.id, a_delivery.id);
+    let b_file = b
+        .due_files(Vec::new(), 3000, 10)
+        .await
+        .expect("due")
+        .rows
+        .remove(0);
+    assert_eq!(b_file.id, a_file.id);
+
+    // A comes back. Its (old, still pending) answer about t1 is applied — the stage checks
+    // keep every stage once — but t1 stays B's: C cannot claim it while B's request is in
+    // flight.
+    a.apply_poll("t1".into(), 3000, |_| {
+        let mut u = done("t1");
+        u.events.clear();
+        u.state = TaskState::Active;
+        u.last_status = Some("PENDING".into());
+        u
+    })
+    .await
+    .expect("apply")
+    .expect("applied");
+    let third = c.due_window("default".into(), 10).await.expect("claim");
+    assert!(third.rows.is_empty(), "t1 is still B's: {third:?}");
+    assert!(third.foreign_lease_ends_in.is_some());
+    // B delivered; A's late failure must not put the delivery back to pending.
+    assert!(
+        b.record_attempt(
+            &b_delivery,
+            attempt(204),
+            crate::store::DeliveryNext::Delivered
+        )
+        .await
+        .expect("record")
+    );
+    assert!(
+        !a.record_attempt(
+            &a_delivery,
+            attempt(503),
+            crate::store::DeliveryNext::Retry(9000)
+        )
+        .await
+        .expect("record"),
+        "A's attempt was overtaken"
+    );
+    assert_eq!(targets_of(a, "t2").await[0].2, "delivered");
+    // A's download notices at its next renewal that B has the file now; A's result of it is
+    // not written while B holds it.
+    assert!(!a.renew_file(a_file.id).await.expect("renew"));
+    let kept = crate::store::FileNext::Done {
+        size: 3,
+        sha256: "aaa".into(),
+    };
+    a.record_file(a_file.id, kept, 3000, None)
+        .await
+        .expect("record");
+    let files = a.files_of("t2".into()).await.expect("files");
+    assert_eq!(
+        files[0].state,
+        crate::store::FileState::Pending,
+        "B's try decides"
+    );
+    for s in [a, b, c] {
+        s.close().await;
+    }
 }

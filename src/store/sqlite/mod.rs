@@ -12,10 +12,11 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::{
-    AccountRow, AddedTask, Applied, ArchiveCounts, ArchivedNotice, AttemptRecord, Backend, Counts,
-    DeliveryNext, DeliveryRecord, DueDelivery, DueFile, DueRow, Emitted, EventRecord, FileNext,
-    FileRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError, StoreHealth,
-    TargetSpec, TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
+    AccountRow, AddedTask, Applied, ArchiveCounts, ArchivedNotice, AttemptRecord, Backend, Claim,
+    Counts, DeliveryNext, DeliveryRecord, DueDelivery, DueFile, DueRow, Emitted, EventRecord,
+    FileNext, FileRecord, GateRow, Pruned, QueueGauges, Replay, Route, Schedule, StoreError,
+    StoreHealth, TargetSpec, TargetSummary, TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState,
+    TaskUpdate,
 };
 
 mod archive;
@@ -310,9 +311,10 @@ impl Backend for Sqlite {
             .await
     }
 
-    async fn due_window(&self, account: String, limit: usize) -> Result<Vec<DueRow>, StoreError> {
+    async fn due_window(&self, account: String, limit: usize) -> Result<Claim<DueRow>, StoreError> {
         self.call(move |c| tasks::due_window(c, &account, limit))
             .await
+            .map(Claim::alone)
     }
 
     async fn apply_poll<F>(
@@ -438,9 +440,10 @@ impl Backend for Sqlite {
         busy: Vec<i64>,
         full: Vec<String>,
         limit: usize,
-    ) -> Result<Vec<DueDelivery>, StoreError> {
+    ) -> Result<Claim<DueDelivery>, StoreError> {
         self.call(move |c| deliveries::due(c, &targets, &busy, &full, limit))
             .await
+            .map(Claim::alone)
     }
 
     async fn record_attempt(
@@ -492,8 +495,10 @@ impl Backend for Sqlite {
         busy: Vec<i64>,
         now: i64,
         limit: usize,
-    ) -> Result<Vec<DueFile>, StoreError> {
-        self.call(move |c| archive::due(c, &busy, now, limit)).await
+    ) -> Result<Claim<DueFile>, StoreError> {
+        self.call(move |c| archive::due(c, &busy, now, limit))
+            .await
+            .map(Claim::alone)
     }
 
     async fn record_file(
