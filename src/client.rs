@@ -825,6 +825,25 @@ fn print_status(v: &StatusResponse) {
                 if d.leased_files == 1 { "" } else { "s" },
             );
         }
+        for h in &q.stalled {
+            let free_in = crate::clock::format_duration(std::time::Duration::from_millis(
+                h.free_in_ms.max(0).unsigned_abs(),
+            ));
+            out!(
+                "  {} stopped beating ({}) holding {} task{}, {} deliver{}, {} file{}: taken over by the others within {free_in}",
+                esc(&h.id),
+                h.beat_at.as_deref().map_or_else(
+                    || "no heartbeat kept".to_owned(),
+                    |at| format!("last beat {}", esc(at))
+                ),
+                h.leased_tasks,
+                if h.leased_tasks == 1 { "" } else { "s" },
+                h.leased_deliveries,
+                if h.leased_deliveries == 1 { "y" } else { "ies" },
+                h.leased_files,
+                if h.leased_files == 1 { "" } else { "s" },
+            );
+        }
         if !q.member.is_empty() {
             out!(
                 "member:       {} (this daemon's targets are registered under it)",

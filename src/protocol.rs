@@ -860,6 +860,27 @@ pub struct SharedQueueView {
     /// Every registered target, by name: events any daemon stores are routed to each of them.
     #[serde(default)]
     pub targets: Vec<SharedTargetView>,
+    /// Daemons that stopped beating while holding live leases: their work, and when the live
+    /// daemons take it over.
+    #[serde(default)]
+    pub stalled: Vec<StalledView>,
+}
+
+/// Work a daemon that stopped beating still holds, until its leases run out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StalledView {
+    /// The daemon's name: `host:pid:random`.
+    pub id: String,
+    /// Its last heartbeat (RFC 3339 UTC, the database's clock), while its row is kept.
+    pub beat_at: Option<String>,
+    /// Tasks it holds a live lease on.
+    pub leased_tasks: i64,
+    /// Deliveries it holds a live lease on.
+    pub leased_deliveries: i64,
+    /// Archive files it holds a live lease on.
+    pub leased_files: i64,
+    /// In how many ms all of it is free for the live daemons (who take it over then).
+    pub free_in_ms: i64,
 }
 
 /// A target registered on a shared queue.

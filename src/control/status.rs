@@ -148,6 +148,26 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
         Some(Ok(r)) => Some(r),
         None => None,
     };
+    let stalled = match ctx.store.silent_holders().await {
+        Some(Err(e)) => {
+            problems.push(format!(
+                "cannot list the work of daemons that stopped beating: {e}"
+            ));
+            Vec::new()
+        }
+        Some(Ok(rows)) => rows
+            .into_iter()
+            .map(|h| crate::protocol::StalledView {
+                id: h.id,
+                beat_at: h.beat_at.map(format_utc),
+                leased_tasks: h.leases.tasks,
+                leased_deliveries: h.leases.deliveries,
+                leased_files: h.leases.files,
+                free_in_ms: h.free_in_ms,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let shared = match ctx.store.daemons().await {
         None => None,
         Some(Err(e)) => {
@@ -162,6 +182,7 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
                 .into_iter()
                 .map(|(name, members)| crate::protocol::SharedTargetView { name, members })
                 .collect(),
+            stalled,
             me: ctx.store.daemon_name().unwrap_or_default().to_owned(),
             lease_ms: ctx.store.lease_ms().unwrap_or_default(),
             daemons: rows

@@ -42,7 +42,7 @@ pub use events::EventRecord;
 pub use gate::AccountRow;
 pub use gate::{GateRow, PauseKind};
 pub use gauges::{DUE_COUNT_CAP, QueueGauges};
-pub use postgres::{CopyCheck, CopyReport, DaemonRow, LeaseCount, Note, PgOptions};
+pub use postgres::{CopyCheck, CopyReport, DaemonRow, LeaseCount, Note, PgOptions, SilentHolder};
 
 /// Tasks deleted per housekeeping transaction.
 pub const PRUNE_CHUNK: usize = 500;
@@ -225,6 +225,15 @@ impl Store {
         match &self.engine {
             Engine::Sqlite(_) => None,
             Engine::Postgres(b) => Some(b.daemons().await),
+        }
+    }
+
+    /// On a shared queue: the daemons that stopped beating while holding live leases (`None` for
+    /// SQLite, where nothing is leased).
+    pub async fn silent_holders(&self) -> Option<Result<Vec<SilentHolder>, StoreError>> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Postgres(b) => Some(b.silent_holders().await),
         }
     }
 

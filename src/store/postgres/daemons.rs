@@ -36,6 +36,79 @@ pub struct LeaseCount {
     pub files: i64,
 }
 
+/// Work a daemon that stopped beating still holds a live lease on: `status` shows it, with how
+/// long until the other daemons take it over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SilentHolder {
+    /// The daemon's name (`host:pid:random`).
+    pub id: String,
+    /// Its last heartbeat (the database's clock, Unix ms); `None` once its row is gone.
+    pub beat_at: Option<i64>,
+    /// The live leases it holds, per kind of work.
+    pub leases: LeaseCount,
+    /// In how many ms the last of those leases runs out: by then all of it is free.
+    pub free_in_ms: i64,
+}
+
+/// How often a daemon beats on a queue whose lease is `lease_ms`: every
+/// [`super::HEARTBEAT_EVERY`], or a third of the lease if that is shorter.
+pub(super) fn beat_every(lease_ms: i64) -> std::time::Duration {
+    super::HEARTBEAT_EVERY.min(std::time::Duration::from_millis(
+        lease_ms.max(3).unsigned_abs() / 3,
+    ))
+}
+
+/// A daemon is taken to have stopped beating once two beats and a second have passed without
+/// one: a beat delayed by a busy database is not a stop.
+pub(super) fn silent_after_ms(lease_ms: i64) -> i64 {
+    i64::try_from(beat_every(lease_ms).as_millis())
+        .unwrap_or(i64::MAX / 4)
+        .saturating_mul(2)
+        .saturating_add(1000)
+}
+
+/// The daemons that stopped beating (their heartbeat older than [`silent_after_ms`], or gone)
+/// and still hold live leases, with what they hold and when it is free.
+pub(super) async fn silent(c: &impl GenericClient, lease_ms: i64) -> Sql<Vec<SilentHolder>> {
+    let rows = query(
+        c,
+        &format!(
+            "WITH held AS (
+                 SELECT claimed_by AS id, 1 AS what, lease_until FROM tasks
+                 WHERE claimed_by IS NOT NULL AND lease_until >= {DB_NOW}
+                 UNION ALL
+                 SELECT claimed_by, 2, lease_until FROM deliveries
+                 WHERE claimed_by IS NOT NULL AND lease_until >= {DB_NOW}
+                 UNION ALL
+                 SELECT claimed_by, 3, lease_until FROM archive_files
+                 WHERE claimed_by IS NOT NULL AND lease_until >= {DB_NOW}
+             )
+             SELECT h.id, d.beat_at,
+                    COUNT(*) FILTER (WHERE what = 1), COUNT(*) FILTER (WHERE what = 2),
+                    COUNT(*) FILTER (WHERE what = 3), MAX(h.lease_until) - {DB_NOW}
+             FROM held h LEFT JOIN daemons d ON d.id = h.id
+             WHERE d.id IS NULL OR d.beat_at < {DB_NOW} - $1
+             GROUP BY h.id, d.beat_at ORDER BY h.id"
+        ),
+        &[&silent_after_ms(lease_ms)],
+    )
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(SilentHolder {
+                id: r.try_get(0)?,
+                beat_at: r.try_get(1)?,
+                leases: LeaseCount {
+                    tasks: r.try_get(2)?,
+                    deliveries: r.try_get(3)?,
+                    files: r.try_get(4)?,
+                },
+                free_in_ms: r.try_get::<_, i64>(5)?.max(0),
+            })
+        })
+        .collect()
+}
+
 /// This process's name among the daemons: unique even for two daemons started on one host in
 /// the same second, and readable in `status`.
 pub(super) fn my_name() -> String {
@@ -164,9 +237,7 @@ pub(super) async fn probe(c: &impl GenericClient) -> Sql<()> {
 /// unreachable.
 pub(super) async fn heartbeat(pg: Postgres) {
     let mut failing = false;
-    let every = super::HEARTBEAT_EVERY.min(std::time::Duration::from_millis(
-        pg.lease_ms.max(3).unsigned_abs() / 3,
-    ));
+    let every = beat_every(pg.lease_ms);
     loop {
         tokio::select! {
             () = pg.stop.cancelled() => return,

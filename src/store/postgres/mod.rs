@@ -56,7 +56,7 @@ mod tls_tests;
 
 pub use connect::PgOptions;
 pub use copy::{CopyCheck, CopyReport};
-pub use daemons::{DaemonRow, LeaseCount};
+pub use daemons::{DaemonRow, LeaseCount, SilentHolder};
 pub use notify::Note;
 
 /// How often a daemon renews its heartbeat row (and forgets daemons long gone).
@@ -353,6 +353,13 @@ impl Postgres {
     pub async fn daemons(&self) -> Result<Vec<DaemonRow>, StoreError> {
         let lease = self.lease_ms;
         read!(self, |c| daemons::live(c, lease).await)
+    }
+
+    /// The daemons that stopped beating while holding live leases, with what they hold and when
+    /// it is free for the others.
+    pub async fn silent_holders(&self) -> Result<Vec<SilentHolder>, StoreError> {
+        let lease = self.lease_ms;
+        read!(self, |c| daemons::silent(c, lease).await)
     }
 
     /// This daemon's member name (host and control socket), under which its targets are

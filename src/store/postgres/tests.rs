@@ -436,9 +436,37 @@ async fn a_claim_says_when_the_work_another_daemon_holds_is_free() {
     assert!(no_files.rows.is_empty());
     ends_in(no_files.foreign_lease_ends_in);
 
-    // A stops beating (as if killed: no `close`, which would let go at once). After its lease,
-    // B takes every piece of its work.
+    // A stops beating (as if killed: no `close`, which would let go at once). `status` shows
+    // what it still holds, and when that is free.
+    assert!(b.silent_holders().await.expect("silent").is_empty());
+    a.stop.cancel();
+    let conn = b.conn().await.expect("conn");
+    conn.execute(
+        "UPDATE daemons SET beat_at = beat_at - 60000 WHERE id = $1",
+        &[&a.me()],
+    )
+    .await
+    .expect("age A's heartbeat");
+    drop(conn);
+    let silent = b.silent_holders().await.expect("silent");
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!(silent[0].id, a.me());
+    assert_eq!(
+        (
+            silent[0].leases.tasks,
+            silent[0].leases.deliveries,
+            silent[0].leases.files
+        ),
+        (1, 1, 1),
+        "t3 (t2 was polled), its delivery and its file: {silent:?}"
+    );
+    assert!((0..=lease_ms).contains(&silent[0].free_in_ms), "{silent:?}");
+    // After its lease, B takes every piece of its work.
     tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    assert!(
+        b.silent_holders().await.expect("silent").is_empty(),
+        "nothing is held once the leases ran out"
+    );
     let taken = b.due_window("default".into(), 10).await.expect("claim");
     assert_eq!(ids(&taken.rows), ["t1", "t3"]);
     let taken = b
