@@ -216,6 +216,17 @@ pub enum StoreAction {
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
     },
+    /// Retire a host from a shared PostgreSQL queue (the store.url of --config): remove the
+    /// target registrations of MEMBER (a host and control socket, as `sunopoll status` names
+    /// them). Pending deliveries whose target no other member names are given up; the others
+    /// stay pending. Refused while a daemon of that member runs.
+    ForgetMember {
+        /// The member, as `status` shows it: `HOST:CONTROL_SOCKET`.
+        member: String,
+        /// Say what would change, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `sunopoll deliveries …`.
@@ -258,6 +269,12 @@ pub fn main() -> ExitCode {
                 },
         } => match daemon_only(&opts, "store copy") {
             Ok(()) => copy(&from, &to, password_file.as_deref()),
+            Err(code) => code,
+        },
+        Command::Store {
+            action: StoreAction::ForgetMember { member, dry_run },
+        } => match daemon_only(&opts, "store forget-member") {
+            Ok(()) => forget_member(opts.config, &member, dry_run, &env),
             Err(code) => code,
         },
         Command::CheckConfig => match daemon_only(&opts, "check-config") {
@@ -613,6 +630,104 @@ fn copy(from: &str, to: &str, password_file: Option<&std::path::Path>) -> ExitCo
             ExitCode::from(EXIT_REFUSED)
         }
     }
+}
+
+/// `sunopoll store forget-member`: the member's registrations removed from the shared queue of
+/// `--config`, one line per target saying what becomes of its pending deliveries.
+fn forget_member(
+    config: Option<PathBuf>,
+    member: &str,
+    dry_run: bool,
+    env: &Environment,
+) -> ExitCode {
+    let config = match Config::load(config.as_deref(), env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sunopoll: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let Some(options) = config.store.postgres else {
+        eprintln!(
+            "sunopoll: store forget-member: the store is the SQLite file {} (one daemon, no members); set store.url to the shared PostgreSQL queue",
+            config.store.path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sunopoll: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    let report = match runtime.block_on(crate::store::forget_member(&options, member, dry_run)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sunopoll: store forget-member: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    if let Some((daemon, beat_at)) = &report.running {
+        eprintln!(
+            "sunopoll: store forget-member: {member} is running (daemon {daemon}, last beat {}): stop it first, or take the targets out of its config and reload it",
+            crate::clock::format_utc(*beat_at)
+        );
+        return ExitCode::from(EXIT_REFUSED);
+    }
+    if report.targets.is_empty() {
+        let known = if report.members.is_empty() {
+            "no member has registered targets".to_owned()
+        } else {
+            format!("members with registrations: {}", report.members.join(", "))
+        };
+        eprintln!(
+            "sunopoll: store forget-member: no targets are registered under {member} ({known}; `sunopoll status` names them)"
+        );
+        return ExitCode::from(EXIT_REFUSED);
+    }
+    let n = report.targets.len();
+    println!(
+        "{} {member}: {n} target registration{}{}",
+        if dry_run { "would forget" } else { "forgot" },
+        if n == 1 { "" } else { "s" },
+        if dry_run {
+            " (dry run: nothing changed)"
+        } else {
+            ""
+        }
+    );
+    for t in &report.targets {
+        let deliveries = format!(
+            "{} pending deliver{}",
+            t.pending,
+            if t.pending == 1 { "y" } else { "ies" }
+        );
+        if t.still_named_by.is_empty() {
+            println!(
+                "  target {}: named by no other member; its {deliveries} {} given up",
+                t.name,
+                if dry_run { "would be" } else { "were" }
+            );
+        } else {
+            println!(
+                "  target {}: still named by {}; its {deliveries} stay pending for them",
+                t.name,
+                t.still_named_by.join(", ")
+            );
+        }
+    }
+    if !dry_run {
+        println!(
+            "{} pending deliver{} given up",
+            report.given_up,
+            if report.given_up == 1 { "y" } else { "ies" }
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn run_daemon(path: Option<PathBuf>, env: &Environment) -> ExitCode {

@@ -42,7 +42,10 @@ pub use events::EventRecord;
 pub use gate::AccountRow;
 pub use gate::{GateRow, PauseKind};
 pub use gauges::{DUE_COUNT_CAP, QueueGauges};
-pub use postgres::{CopyCheck, CopyReport, DaemonRow, LeaseCount, Note, PgOptions, SilentHolder};
+pub use postgres::{
+    CopyCheck, CopyReport, DaemonRow, ForgetReport, ForgottenTarget, LeaseCount, Note, PgOptions,
+    SilentHolder, forget_member,
+};
 
 /// Tasks deleted per housekeeping transaction.
 pub const PRUNE_CHUNK: usize = 500;

@@ -132,14 +132,14 @@ pub(super) fn host() -> String {
 /// Renews `me`'s heartbeat row (creating it at the first beat) and forgets daemons that have
 /// not beaten for ten leases: a host that died is listed as gone for a while, then dropped. One
 /// statement, so it needs no transaction of its own (and is one round trip).
-pub(super) async fn beat(c: &impl GenericClient, me: &str, lease_ms: i64) -> Sql<()> {
+pub(super) async fn beat(c: &impl GenericClient, me: &str, member: &str, lease_ms: i64) -> Sql<()> {
     let pid = i64::from(std::process::id());
     execute(
         c,
         &format!(
             "WITH gone AS (DELETE FROM daemons WHERE beat_at < {DB_NOW} - $5 AND id <> $1)
-             INSERT INTO daemons (id, host, pid, version, started_at, beat_at)
-             VALUES ($1, $2, $3, $4, {DB_NOW}, {DB_NOW})
+             INSERT INTO daemons (id, host, pid, version, started_at, beat_at, member)
+             VALUES ($1, $2, $3, $4, {DB_NOW}, {DB_NOW}, $6)
              ON CONFLICT (id) DO UPDATE SET beat_at = {DB_NOW}"
         ),
         &[
@@ -148,6 +148,7 @@ pub(super) async fn beat(c: &impl GenericClient, me: &str, lease_ms: i64) -> Sql
             &pid,
             &env!("CARGO_PKG_VERSION"),
             &lease_ms.saturating_mul(10),
+            &member,
         ],
     )
     .await?;

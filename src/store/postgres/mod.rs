@@ -46,6 +46,7 @@ mod deliveries;
 mod events;
 mod gate;
 mod gauges;
+mod members;
 mod notify;
 mod schema;
 mod tasks;
@@ -57,6 +58,7 @@ mod tls_tests;
 pub use connect::PgOptions;
 pub use copy::{CopyCheck, CopyReport};
 pub use daemons::{DaemonRow, LeaseCount, SilentHolder};
+pub use members::{ForgetReport, ForgottenTarget, forget_member};
 pub use notify::Note;
 
 /// How often a daemon renews its heartbeat row (and forgets daemons long gone).
@@ -345,8 +347,8 @@ impl Postgres {
 
     /// Renews this daemon's heartbeat row: one statement, outside an explicit transaction.
     async fn beat(&self) -> Result<(), StoreError> {
-        let (me, lease) = (self.me.clone(), self.lease_ms);
-        write_one!(self, |c| daemons::beat(c, &me, lease).await)
+        let (me, member, lease) = (self.me.clone(), self.member.clone(), self.lease_ms);
+        write_one!(self, |c| daemons::beat(c, &me, &member, lease).await)
     }
 
     /// The daemons that beat within the last lease, with the leases each holds now.

@@ -289,6 +289,11 @@ CREATE TABLE targets (
 -- Replaced by `targets`, which outlive a daemon's heartbeat row.
 ALTER TABLE daemons DROP COLUMN targets;
 ",
+    r"
+-- Which member (host and control socket) each running daemon is, so that retiring a member's
+-- registrations (`sunopoll store forget-member`) can refuse while that member still runs.
+ALTER TABLE daemons ADD COLUMN member TEXT;
+",
 ];
 
 /// Applies the migrations this database lacks, in one transaction under an advisory lock

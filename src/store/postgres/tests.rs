@@ -605,3 +605,91 @@ async fn a_daemon_back_from_a_stall_does_not_undo_the_daemon_that_took_its_work(
         s.close().await;
     }
 }
+
+/// A retired host's registrations are forgotten on request: deliveries to a target only it
+/// named are given up, those to a target another member names stay pending; nothing is done
+/// while a daemon of that member runs, or on a dry run.
+#[tokio::test]
+async fn forgetting_a_member_gives_up_only_what_no_other_member_takes() {
+    let Some((url, a, b)) = two_members().await else {
+        return;
+    };
+    let app = spec("app", 9, &Stage::ALL, None);
+    let audit = spec("audit", 10, &Stage::ALL, None);
+    a.fail_orphans(vec![app.clone(), audit.clone()], 1000)
+        .await
+        .expect("register");
+    b.fail_orphans(vec![app], 1000).await.expect("register");
+    add(&a, &["t1"]).await;
+    b.apply_poll("t1".into(), 2000, |_| done("t1"))
+        .await
+        .expect("apply")
+        .expect("applied");
+    let a_member = a.member().to_owned();
+    let options = PgOptions::new(&url, None, Duration::from_secs(30), None).expect("options");
+
+    // A runs: refused, nothing changed.
+    let refused = super::forget_member(&options, &a_member, false)
+        .await
+        .expect("forget");
+    assert!(refused.running.is_some(), "{refused:?}");
+    assert_eq!(refused.given_up, 0);
+    a.close().await;
+
+    // A dry run says what would happen and changes nothing.
+    let plan = super::forget_member(&options, &a_member, true)
+        .await
+        .expect("forget");
+    assert_eq!(plan.running, None);
+    let by_name: Vec<(String, Vec<String>, i64)> = plan
+        .targets
+        .iter()
+        .map(|t| (t.name.clone(), t.still_named_by.clone(), t.pending))
+        .collect();
+    assert_eq!(
+        by_name,
+        [
+            ("app".to_owned(), vec![b.member().to_owned()], 1),
+            ("audit".to_owned(), Vec::new(), 1)
+        ]
+    );
+    assert_eq!(plan.given_up, 0);
+    assert_eq!(
+        targets_of(&b, "t1")
+            .await
+            .iter()
+            .map(|t| t.2.as_str())
+            .collect::<Vec<_>>(),
+        ["pending", "pending"]
+    );
+
+    // Forgotten: audit's delivery is given up, app's stays for B.
+    let done_ = super::forget_member(&options, &a_member, false)
+        .await
+        .expect("forget");
+    assert_eq!(done_.given_up, 1);
+    let states: Vec<(String, String)> = targets_of(&b, "t1")
+        .await
+        .into_iter()
+        .map(|(target, _, state)| (target, state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("app".to_owned(), "pending".to_owned()),
+            ("audit".to_owned(), "failed".to_owned())
+        ]
+    );
+    let registered = b.shared_targets().await.expect("targets");
+    assert_eq!(
+        registered,
+        [("app".to_owned(), vec![b.member().to_owned()])]
+    );
+    // An unknown member: nothing to forget, and the known ones are named.
+    let unknown = super::forget_member(&options, "nowhere:/x.sock", false)
+        .await
+        .expect("forget");
+    assert!(unknown.targets.is_empty());
+    assert_eq!(unknown.members, [b.member().to_owned()]);
+    b.close().await;
+}
