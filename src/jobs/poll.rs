@@ -1147,7 +1147,7 @@ where
     let applied = match applied {
         Ok(Some(a)) => a,
         Ok(None) => {
-            debug!(task_id = %id, "task was removed while its poll was in flight; answer dropped");
+            debug!(task_id = %id, "task was removed, or (on a shared queue) taken over by another daemon after this one stalled past its lease, while its poll was in flight; answer dropped");
             return OutcomeSummary::Answered(kind);
         }
         Err(e) => {

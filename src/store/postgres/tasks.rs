@@ -281,11 +281,13 @@ pub(super) async fn claim(
 /// A claim of this daemon's is renewed once this fraction (1/N) of its lease has passed.
 const RENEW_AFTER: i64 = 4;
 
-/// Applies one poll's result (see `Backend::apply_poll`). The task's lease is released only if
-/// it is `me`'s: a daemon that was stopped (SIGSTOP, a frozen VM) past its lease may come back
-/// with an old answer after another daemon took the task over, and must not free the task
-/// while that one's request is in flight, or a third could send a second one. Its answer is
-/// still applied: the stage checks below keep every stage once and in order.
+/// Applies one poll's result (see `Backend::apply_poll`). A daemon that was stopped (SIGSTOP, a
+/// frozen VM) past its lease may come back with an old answer after another daemon took the task
+/// over: while that one holds a live lease, the task is its to decide, and the old answer writes
+/// nothing (`None`, as for a task no longer active) — it must neither free the task while the new
+/// holder's request is in flight (a third daemon could send a second one) nor move its schedule.
+/// Whatever the old answer said, the new holder's request finds out too. Otherwise the lease is
+/// released only if it is `me`'s.
 pub(super) async fn apply_poll<F>(
     c: &impl GenericClient,
     id: &str,
@@ -298,10 +300,10 @@ where
 {
     // The row stays locked until the commit: a poll applied by another daemon meanwhile (after
     // its lease ran out) waits, then sees this one's stage.
-    let Some(before) = task_row(c, id, true).await? else {
+    let Some((before, taken)) = task_row_for_poll(c, id, me).await? else {
         return Ok(None);
     };
-    if before.state != TaskState::Active {
+    if before.state != TaskState::Active || taken {
         return Ok(None);
     }
     let mut update = decide(&before);
@@ -487,18 +489,13 @@ pub(super) async fn record(c: &impl GenericClient, id: &str) -> Sql<Option<TaskR
     .transpose()
 }
 
-/// The task as a poll decides on it; with `lock`, the row is locked until the commit.
-pub(super) async fn task_row(c: &impl GenericClient, id: &str, lock: bool) -> Sql<Option<TaskRow>> {
-    let sql = format!(
-        "SELECT id, state, stage, last_status, failures, rejections, added_at, deadline_at,
-                callback_url, submitted_callback_url, asked_ms, asked_at, asked_gap, kind, account
-         FROM tasks WHERE id = $1{}",
-        if lock { " FOR UPDATE" } else { "" }
-    );
-    let Some(r) = query_opt(c, &sql, &[&id]).await? else {
-        return Ok(None);
-    };
-    Ok(Some(TaskRow {
+/// The columns of a [`TaskRow`], as [`task_from_row`] reads them.
+const TASK_ROW_COLUMNS: &str = "id, state, stage, last_status, failures, rejections, added_at, \
+                                deadline_at, callback_url, submitted_callback_url, asked_ms, \
+                                asked_at, asked_gap, kind, account";
+
+fn task_from_row(r: &Row) -> Sql<TaskRow> {
+    Ok(TaskRow {
         id: r.try_get(0)?,
         kind: r.try_get(13)?,
         account: r.try_get(14)?,
@@ -516,7 +513,38 @@ pub(super) async fn task_row(c: &impl GenericClient, id: &str, lock: bool) -> Sq
             at: r.try_get(11)?,
             gap_ms: r.try_get(12)?,
         },
-    }))
+    })
+}
+
+/// The task as a poll decides on it; with `lock`, the row is locked until the commit.
+pub(super) async fn task_row(c: &impl GenericClient, id: &str, lock: bool) -> Sql<Option<TaskRow>> {
+    let sql = format!(
+        "SELECT {TASK_ROW_COLUMNS} FROM tasks WHERE id = $1{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    query_opt(c, &sql, &[&id])
+        .await?
+        .as_ref()
+        .map(task_from_row)
+        .transpose()
+}
+
+/// The task locked for applying `me`'s poll, and whether another daemon holds a live lease on
+/// it (it took the task over while `me` was stalled): one round trip.
+async fn task_row_for_poll(
+    c: &impl GenericClient,
+    id: &str,
+    me: &str,
+) -> Sql<Option<(TaskRow, bool)>> {
+    let sql = format!(
+        "SELECT {TASK_ROW_COLUMNS},
+                claimed_by IS NOT NULL AND claimed_by <> $2 AND lease_until >= {DB_NOW}
+         FROM tasks WHERE id = $1 FOR UPDATE"
+    );
+    let Some(r) = query_opt(c, &sql, &[&id, &me]).await? else {
+        return Ok(None);
+    };
+    Ok(Some((task_from_row(&r)?, r.try_get(15)?)))
 }
 
 /// Both schedules move here, so a step of the wall clock is corrected in one place.

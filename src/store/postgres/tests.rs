@@ -548,22 +548,22 @@ async fn a_daemon_back_from_a_stall_does_not_undo_the_daemon_that_took_its_work(
         .remove(0);
     assert_eq!(b_file.id, a_file.id);
 
-    // A comes back. Its (old, still pending) answer about t1 is applied — the stage checks
-    // keep every stage once — but t1 stays B's: C cannot claim it while B's request is in
+    // A comes back with an old answer about t1: while B holds t1 it writes nothing (B's own
+    // request finds out the same), and t1 stays B's: C cannot claim it while B's request is in
     // flight.
-    a.apply_poll("t1".into(), 3000, |_| {
-        let mut u = done("t1");
-        u.events.clear();
-        u.state = TaskState::Active;
-        u.last_status = Some("PENDING".into());
-        u
-    })
-    .await
-    .expect("apply")
-    .expect("applied");
+    let late = a
+        .apply_poll("t1".into(), 3000, |_| done("t1"))
+        .await
+        .expect("apply");
+    assert!(late.is_none(), "A's late answer was dropped");
     let third = c.due_window("default".into(), 10).await.expect("claim");
     assert!(third.rows.is_empty(), "t1 is still B's: {third:?}");
     assert!(third.foreign_lease_ends_in.is_some());
+    // B's answer decides (and releases t1).
+    b.apply_poll("t1".into(), 3100, |_| done("t1"))
+        .await
+        .expect("apply")
+        .expect("applied");
     // B delivered; A's late failure must not put the delivery back to pending.
     assert!(
         b.record_attempt(
