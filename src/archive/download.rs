@@ -204,6 +204,36 @@ pub async fn write_inline(dest: &Path, text: &str) -> Result<Fetched, FetchError
     })
 }
 
+/// Writes `text` to `dest` as [`write_inline`] does, through a part file of its own, for a file
+/// that two tries may write at once: a task's manifest, when its last two files are kept at the
+/// same moment. With one shared part name, the second writer's rename finds the part already
+/// moved away (and could move a half-written one); with one each, every rename puts a whole
+/// file in place, and the last one stays (both list the same files).
+pub async fn write_replacing(dest: &Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = dest.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    let mut part = dest.as_os_str().to_owned();
+    part.push(format!(
+        ".{}-{:08x}.part",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let part = PathBuf::from(part);
+    let written = async {
+        let mut f = tokio::fs::File::create(&part).await?;
+        f.write_all(text.as_bytes()).await?;
+        f.sync_all().await?;
+        drop(f);
+        finish(&part, dest).await
+    }
+    .await;
+    if written.is_err() {
+        let _ = tokio::fs::remove_file(&part).await;
+    }
+    written
+}
+
 /// What [`fetch`] needs besides the URL and the destination.
 pub struct Limits<'a> {
     /// The shared byte-rate cap.
@@ -378,6 +408,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A task's last two files kept at once both write its manifest: each must succeed and
+    /// leave a whole file, and no part file behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_written_at_once_each_put_a_whole_file_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("task").join("manifest.json");
+        let texts: Vec<String> = (0..8).map(|i| format!("{{\"writer\":{i}}}")).collect();
+        let writes: Vec<_> = texts
+            .iter()
+            .map(|t| {
+                let (dest, t) = (dest.clone(), t.clone());
+                tokio::spawn(async move { write_replacing(&dest, &t).await })
+            })
+            .collect();
+        for w in writes {
+            w.await.expect("join").expect("every write succeeds");
+        }
+        let kept = std::fs::read_to_string(&dest).expect("kept");
+        assert!(texts.contains(&kept), "a whole file: {kept:?}");
+        let left: Vec<_> = std::fs::read_dir(dest.parent().expect("dir"))
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, ["manifest.json"], "no part file left");
+    }
 
     #[test]
     fn the_bucket_lets_a_second_through_then_paces() {

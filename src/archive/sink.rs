@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use super::assets::sanitize;
-use super::download::{hash_file, hex, write_inline};
+use super::download::{hash_file, hex, write_replacing};
 use crate::config::{ArchiveConfig, S3Config};
 
 /// Files up to this size go up in one PUT; larger ones in parts of this size, so memory stays
@@ -142,10 +142,7 @@ impl Sink {
     pub async fn manifest(&self, task: &str, text: &str) -> std::io::Result<()> {
         let name = super::manifest::MANIFEST;
         match self {
-            Sink::Dir(_) => write_inline(&self.local(task, name), text)
-                .await
-                .map(|_| ())
-                .map_err(std::io::Error::other),
+            Sink::Dir(_) => write_replacing(&self.local(task, name), text).await,
             Sink::S3(s) => s
                 .store
                 .put(

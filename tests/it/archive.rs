@@ -22,25 +22,27 @@ use crate::helpers::*;
 
 /// How one file is served.
 #[derive(Clone, Default)]
-struct Spec {
-    body: Vec<u8>,
+pub(crate) struct Spec {
+    pub(crate) body: Vec<u8>,
     /// Answer 404 to this many requests first.
-    missing: usize,
+    pub(crate) missing: usize,
     /// Answer 404 always.
-    gone: bool,
+    pub(crate) gone: bool,
     /// Answer every request with the whole body (200), whatever its `Range`.
-    ignore_range: bool,
+    pub(crate) ignore_range: bool,
     /// On the first request, close the connection after this many body bytes.
-    cut_first_at: Option<usize>,
+    pub(crate) cut_first_at: Option<usize>,
     /// Stream in chunks of this size, this far apart.
-    slow: Option<(usize, Duration)>,
+    pub(crate) slow: Option<(usize, Duration)>,
     /// Answer `302 Found` to this location instead.
-    redirect: Option<String>,
+    pub(crate) redirect: Option<String>,
 }
 
 /// One request the server saw.
 #[derive(Clone, Debug)]
-struct Seen {
+pub(crate) struct Seen {
+    /// When it arrived.
+    pub(crate) at: std::time::Instant,
     range: Option<String>,
     if_range: Option<String>,
 }
@@ -53,13 +55,13 @@ struct ServerState {
 
 /// The fake CDN.
 #[derive(Clone)]
-struct FileServer {
-    addr: std::net::SocketAddr,
+pub(crate) struct FileServer {
+    pub(crate) addr: std::net::SocketAddr,
     state: Arc<Mutex<ServerState>>,
 }
 
 impl FileServer {
-    async fn start() -> FileServer {
+    pub(crate) async fn start() -> FileServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let server = FileServer {
             addr: listener.local_addr().expect("addr"),
@@ -74,7 +76,7 @@ impl FileServer {
         server
     }
 
-    fn put(&self, path: &str, spec: Spec) {
+    pub(crate) fn put(&self, path: &str, spec: Spec) {
         self.state
             .lock()
             .expect("state")
@@ -82,7 +84,7 @@ impl FileServer {
             .insert(path.to_owned(), spec);
     }
 
-    fn seen(&self, path: &str) -> Vec<Seen> {
+    pub(crate) fn seen(&self, path: &str) -> Vec<Seen> {
         self.state
             .lock()
             .expect("state")
@@ -108,7 +110,7 @@ fn etag(body: &[u8]) -> String {
     format!("\"{}\"", &sha256(body)[..16])
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     sunopoll::archive::download::hex(&Sha256::digest(bytes))
 }
 
@@ -141,6 +143,7 @@ async fn serve(mut stream: tokio::net::TcpStream, state: Arc<Mutex<ServerState>>
         })
     };
     let seen = Seen {
+        at: std::time::Instant::now(),
         range: header("range"),
         if_range: header("if-range"),
     };
@@ -218,14 +221,14 @@ async fn serve(mut stream: tokio::net::TcpStream, state: Arc<Mutex<ServerState>>
 }
 
 /// Bytes that differ per file and per position.
-fn content(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn content(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
     (0..len).map(|_| rng.u8(..)).collect()
 }
 
 /// The record-info SUCCESS fixture for `task`, its file URLs pointing at `server`; and the
 /// paths of its eight files (four per track), each registered with its own content.
-fn music_task(server: &FileServer, task: &str, seed: u64) -> (Reply, Vec<String>) {
+pub(crate) fn music_task(server: &FileServer, task: &str, seed: u64) -> (Reply, Vec<String>) {
     let local = format!("http://{}", server.addr);
     let text = String::from_utf8(fixture("record-info.SUCCESS.json"))
         .expect("utf8")

@@ -29,3 +29,4 @@ mod reload;
 mod restart;
 mod security;
 mod systemd;
+mod takeover;

@@ -20,17 +20,17 @@ use crate::helpers::*;
 
 /// `store.lease` in these tests: short, so failover fits in a test, and still ≥ 2 × the 2 s
 /// request and forward timeouts, as the config demands.
-const LEASE: Duration = Duration::from_secs(5);
+pub(crate) const LEASE: Duration = Duration::from_secs(5);
 
 /// `poll.interval` in these tests.
-const INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a whole run may take to finish its tasks before the test gives up (a stall bound,
 /// not a timing assertion).
-const RUN_PATIENCE: Duration = Duration::from_secs(240);
+pub(crate) const RUN_PATIENCE: Duration = Duration::from_secs(240);
 
 /// The database name in a URL from `PgCluster::url` (`postgresql://user@/NAME?host=…`).
-fn db_name(url: &str) -> String {
+pub(crate) fn db_name(url: &str) -> String {
     let tail = url.split_once("@/").expect("a cluster URL").1;
     tail.split('?').next().expect("a name").to_owned()
 }
@@ -51,14 +51,14 @@ fn on_postgres(config: &BinConfig, url: &str) -> String {
 }
 
 /// A daemon in its own directory on the shared database `url`, not started.
-fn prepare_on(config: &BinConfig, url: &str) -> BinDaemon {
+pub(crate) fn prepare_on(config: &BinConfig, url: &str) -> BinDaemon {
     let d = BinDaemon::prepare(config);
     std::fs::write(&d.config, on_postgres(config, url)).expect("write the config");
     d
 }
 
 /// The settings every daemon of one run shares: the same API, the same target by name.
-fn shared_config(api: &FakeApi, handler: &Receiver, rps: &str) -> BinConfig {
+pub(crate) fn shared_config(api: &FakeApi, handler: &Receiver, rps: &str) -> BinConfig {
     let mut config = BinConfig::new(&api.uri());
     config.interval = format!("{}s", INTERVAL.as_secs());
     config.request_timeout = "2s".to_owned();
@@ -101,7 +101,7 @@ fn script_many(
 }
 
 /// Runs psql off the async threads (it blocks).
-async fn psql(cluster: &'static PgCluster, db: &str, sql: &str) -> String {
+pub(crate) async fn psql(cluster: &'static PgCluster, db: &str, sql: &str) -> String {
     let (db, sql) = (db.to_owned(), sql.to_owned());
     tokio::task::spawn_blocking(move || cluster.psql(&db, &sql))
         .await
@@ -117,7 +117,7 @@ async fn psql_own(cluster: &std::sync::Arc<PgCluster>, db: &str, sql: &str) -> S
 }
 
 /// A single number psql printed.
-fn number(out: &str) -> i64 {
+pub(crate) fn number(out: &str) -> i64 {
     out.trim()
         .parse()
         .unwrap_or_else(|e| panic!("not a number ({e}): {out:?}"))
@@ -140,11 +140,12 @@ fn parse_events(out: &str) -> Vec<StoredEvent> {
 }
 
 const EVENTS_SQL: &str = "SELECT seq, task_id, stage FROM events ORDER BY seq";
-const DOUBLES_SQL: &str =
+pub(crate) const DOUBLES_SQL: &str =
     "SELECT task_id, stage, COUNT(*) FROM events GROUP BY 1, 2 HAVING COUNT(*) > 1";
-const UNFINISHED_SQL: &str = "SELECT id || '|' || state FROM tasks \
+pub(crate) const UNFINISHED_SQL: &str = "SELECT id || '|' || state FROM tasks \
                               WHERE state NOT IN ('done', 'failed') ORDER BY id";
-const PENDING_DELIVERIES_SQL: &str = "SELECT COUNT(*) FROM deliveries WHERE state = 'pending'";
+pub(crate) const PENDING_DELIVERIES_SQL: &str =
+    "SELECT COUNT(*) FROM deliveries WHERE state = 'pending'";
 
 /// The most arrivals in any window of length `width` (arrivals sorted by time).
 fn busiest(arrivals: &[Instant], width: Duration) -> usize {
@@ -178,7 +179,7 @@ fn adjust_failing(
 }
 
 /// Adds `ids` on `d`'s socket; the answer must be ok.
-async fn add(d: &BinDaemon, ids: &[String]) {
+pub(crate) async fn add(d: &BinDaemon, ids: &[String]) {
     let v = d.request(json!({"cmd": "add", "task_ids": ids})).await;
     assert_eq!(v["ok"], true, "add refused: {v}\n{}", d.log_text());
 }
@@ -200,7 +201,7 @@ where
 }
 
 /// Every daemon's log so far, each under its number, for a stall's failure message.
-fn all_logs(daemons: &[BinDaemon]) -> String {
+pub(crate) fn all_logs(daemons: &[BinDaemon]) -> String {
     daemons
         .iter()
         .enumerate()
@@ -209,7 +210,7 @@ fn all_logs(daemons: &[BinDaemon]) -> String {
 }
 
 /// The ERROR lines of a log, for the failure message.
-fn errors_in(log: &str) -> Vec<String> {
+pub(crate) fn errors_in(log: &str) -> Vec<String> {
     log_lines(log)
         .into_iter()
         .filter(|l| l.level == "ERROR")
