@@ -379,7 +379,7 @@ impl Daemon {
             // Port 0 picks a free port: log the one it got.
             let addr = listener.local_addr().unwrap_or(wanted);
             metrics_addr = Some(addr);
-            if crate::metrics::is_loopback(&addr) {
+            if crate::http::guard::is_loopback(&addr) {
                 info!(listen = %addr, "serving metrics at http://{addr}/metrics");
             } else {
                 warn!(listen = %addr, "serving metrics at http://{addr}/metrics on an address other machines may reach (metrics.listen)");

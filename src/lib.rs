@@ -15,6 +15,8 @@
 //! - [`store`]: the durable queue behind the [`store::Backend`] seam; SQLite (one thread,
 //!   group commit) is its backend.
 //! - [`metrics`]: Prometheus metrics and their endpoint.
+//! - [`http`]: what the daemon's HTTP faces share: the server loop and its limits, one body
+//!   type (whole or streamed), capped request bodies, and the loopback checks ([`http::guard`]).
 //! - [`jobs`]: the one durable job loop; polls ([`jobs::poll`], with the global pause and the
 //!   pure [`jobs::poll::decide`]) and deliveries ([`jobs::deliver`]) run on it.
 //! - [`control`]: the Unix socket server; [`protocol`]: its requests and answers.
@@ -38,6 +40,7 @@ pub mod daemon;
 pub mod events;
 pub mod forward;
 pub mod housekeeping;
+pub mod http;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;

@@ -11,24 +11,22 @@
 //!
 //! Rendered in the Prometheus text exposition format (what `promtool check metrics` reads).
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::http::{Body, text};
 
 /// Buckets for request and delivery latencies: a local handler answers in milliseconds, the API
 /// in tens to hundreds of them, a timeout at the request timeout (10 s by default).
@@ -50,7 +48,7 @@ const COMMIT_BUCKETS: &[f64] = &[
 /// Buckets for the number of jobs in one commit (group commit batches up to 256).
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
-/// Scrapes served at once; a scraper is one Prometheus, not a crowd.
+/// Scrapes served at once.
 const MAX_SCRAPES: usize = 8;
 
 /// A scraper that has not sent its request head within this is dropped.
@@ -457,6 +455,14 @@ fn target_label(name: &str) -> String {
     crate::api::redact_url(name)
 }
 
+/// How the endpoint treats connections: a scraper is one Prometheus, not a crowd, sending one
+/// request per scrape, so no keep-alive to hold a slot between scrapes.
+const LIMITS: crate::http::Limits = crate::http::Limits {
+    max_connections: MAX_SCRAPES,
+    header_timeout: HEADER_TIMEOUT,
+    keep_alive: false,
+};
+
 /// Serves `GET /metrics` on `listener` until `cancel`; every connection is tracked.
 pub async fn serve(
     listener: TcpListener,
@@ -465,83 +471,31 @@ pub async fn serve(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
-    loop {
-        let accepted = tokio::select! {
-            () = cancel.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors or similar: say so, breathe, go on.
-                tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!(%peer, "metrics endpoint busy; connection dropped");
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        let source = Arc::clone(&source);
-        let cancel = cancel.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                answer(req, Arc::clone(&metrics), Arc::clone(&source))
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
-                },
-            }
-        });
-    }
+    let handler = move |req, _peer| answer(req, Arc::clone(&metrics), Arc::clone(&source));
+    crate::http::serve("metrics", listener, LIMITS, handler, cancel, tracker).await;
 }
 
 async fn answer(
     req: Request<Incoming>,
     metrics: Arc<Metrics>,
     source: GaugeSource,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let reply = |status: StatusCode, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r
-    };
+) -> Response<Body> {
     if req.uri().path() != "/metrics" {
-        return Ok(reply(
+        return text(
             StatusCode::NOT_FOUND,
-            "sunopoll serves its metrics at /metrics\n".into(),
-        ));
+            "sunopoll serves its metrics at /metrics\n",
+        );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "GET /metrics\n".into(),
-        ));
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n");
     }
     let gauges = source().await;
-    let mut r = reply(StatusCode::OK, metrics.render(&gauges));
+    let mut r = Response::new(Body::full(metrics.render(&gauges)));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
-    Ok(r)
-}
-
-/// Whether `addr` keeps the endpoint on this machine; anything else is the operator's explicit
-/// choice and is logged at start-up.
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
+    r
 }
 
 #[cfg(test)]

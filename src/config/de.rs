@@ -45,8 +45,9 @@ formats! {
     path -> PathBuf = non_empty_path;
     /// An optional [`path`].
     some_path -> Option<PathBuf> = |v| non_empty_path(v).map(Some);
-    /// `metrics.listen`: an IP address and port, written out (no host names: the endpoint must
-    /// not land on an address a resolver picks).
+    /// A `listen` of an HTTP face (`metrics.listen`): an IP address and port, written out (no
+    /// host names: the endpoint must not land on an address a resolver picks). Whether it may
+    /// be other than loopback is `http::guard::check_listen`'s question.
     some_socket_addr -> Option<std::net::SocketAddr> = |v| {
         let s = string(v)?;
         s.parse().map(Some).map_err(|_| {
