@@ -45,6 +45,7 @@ pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy;
 pub mod store;
 pub mod systemd;
 #[doc(hidden)]

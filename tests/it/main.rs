@@ -25,6 +25,7 @@ mod monitoring;
 mod polling;
 mod postgres;
 mod props;
+mod proxy;
 mod reload;
 mod restart;
 mod security;
