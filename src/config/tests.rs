@@ -828,8 +828,15 @@ fn the_proxy_is_off_by_default_and_every_key_is_read() {
         "the first account by default; a file's first line"
     );
     let shown = format!("{:?} {}", c.proxy, c.summary());
-    assert!(!shown.contains("inline-token") && !shown.contains("file-token"), "{shown}");
-    assert!(c.summary().contains("proxy: http://127.0.0.1:8787 (2 tokens"), "{shown}");
+    assert!(
+        !shown.contains("inline-token") && !shown.contains("file-token"),
+        "{shown}"
+    );
+    assert!(
+        c.summary()
+            .contains("proxy: http://127.0.0.1:8787 (2 tokens"),
+        "{shown}"
+    );
     let none = Config::parse("[proxy]\nlabel-header = \"\"\n", None, &env()).expect("ok");
     assert_eq!(none.proxy.label_header, None, "\"\" takes no label");
 }

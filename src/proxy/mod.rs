@@ -292,7 +292,11 @@ impl Proxy {
         }
         match account.limiter.reserve(Instant::now(), self.config.max_wait) {
             Ok(at) => {
-                tokio::time::sleep_until(at).await;
+                // A turn that is now goes at once: a timer, even one already due, waits for
+                // the timer wheel's next tick (up to a millisecond).
+                if at > Instant::now() {
+                    tokio::time::sleep_until(at).await;
+                }
                 None
             }
             Err(wait) => Some(self.throttle(

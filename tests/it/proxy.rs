@@ -960,3 +960,73 @@ async fn an_unmodified_client_library_pointed_at_the_proxy_gets_its_callback() {
     assert_eq!(seen[0].headers["authorization"], format!("Bearer {KEY}"));
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_reset_after_the_request_went_out_is_ambiguous_too() {
+    use crate::chaos::{Chaos, Mode};
+    let api = SubmitApi::start('r').await;
+    let upstream: std::net::SocketAddr = api
+        .uri()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let chaos = Chaos::start(upstream).await;
+    let mut config = BinConfig::new(&chaos.uri());
+    config.extra = "[proxy]\nlisten = \"127.0.0.1:0\"\n".to_owned();
+    let mut d = BinDaemon::start(&config).await;
+    let base = proxy_base(&d).await;
+    for (i, mode) in [Mode::Reset, Mode::ResetMidBody, Mode::Close]
+        .into_iter()
+        .enumerate()
+    {
+        chaos.set(mode);
+        let r = post(
+            &base,
+            "/api/v1/generate",
+            KEY,
+            submission("https://example.com/cb", &format!("r{i}")),
+        )
+        .await;
+        assert_eq!(r.status(), 504, "{mode:?}");
+        assert_eq!(
+            chaos.faults().len(),
+            i + 1,
+            "{mode:?}: sent once, not again"
+        );
+    }
+    let status = d.status().await;
+    assert_eq!(status["proxy"]["ambiguous"], 3, "{status}");
+    assert!(tasks(&d).await.is_empty());
+    let log = d.stop().await;
+    assert_eq!(
+        warnings_naming(&log, "ambiguous submission").len(),
+        3,
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_that_cannot_be_reached_gets_nothing_and_is_not_ambiguous() {
+    let (port, _) = dead_port();
+    let mut config = BinConfig::new(&format!("http://127.0.0.1:{port}"));
+    config.extra = "[proxy]\nlisten = \"127.0.0.1:0\"\n".to_owned();
+    let mut d = BinDaemon::start(&config).await;
+    let base = proxy_base(&d).await;
+    let r = post(
+        &base,
+        "/api/v1/generate",
+        KEY,
+        submission("https://example.com/cb", "x"),
+    )
+    .await;
+    assert_eq!(r.status(), 502);
+    assert!(text(&r.bytes().await.expect("body")).contains("nothing was sent"));
+    let status = d.status().await;
+    assert_eq!(status["proxy"]["unreachable"], 1, "{status}");
+    assert_eq!(status["proxy"]["ambiguous"], 0, "{status}");
+    let log = d.stop().await;
+    assert!(
+        warnings_naming(&log, "ambiguous submission").is_empty(),
+        "{log}"
+    );
+}
