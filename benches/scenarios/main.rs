@@ -31,10 +31,12 @@ struct Row {
     met: Option<bool>,
 }
 
-pub struct Results(Vec<Row>);
+/// The results table, row by row.
+pub(crate) struct Results(Vec<Row>);
 
 impl Results {
-    pub fn add(
+    /// One row, also printed as it is measured.
+    pub(crate) fn add(
         &mut self,
         scenario: &'static str,
         metric: &str,
@@ -162,7 +164,8 @@ fn scrape(port: u16, active: i64, results: &mut Results) {
     );
 }
 
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile of `sorted` (nearest rank).
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -170,7 +173,8 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-pub fn mib(kib: u64) -> String {
+/// KiB as MiB, one decimal.
+pub(crate) fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 

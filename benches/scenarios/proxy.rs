@@ -99,6 +99,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The `proxy` scenario.
 pub fn proxy(rt: &tokio::runtime::Runtime, dir: &Path, results: &mut Results) {
     let api = rt.block_on(Fake::start(Mode::Pending));
     let (port, metrics_port) = (free_port(), free_port());
@@ -117,7 +118,7 @@ pub fn proxy(rt: &tokio::runtime::Runtime, dir: &Path, results: &mut Results) {
     let mut direct = Client::open(&api.url);
     let mut through = Client::open(&base);
     let (mut t_direct, mut t_tracked, mut t_passed) = (Vec::new(), Vec::new(), Vec::new());
-    let mut timed = |c: &mut Client, path: &str, into: &mut Vec<f64>, keep: bool| {
+    let timed = |c: &mut Client, path: &str, into: &mut Vec<f64>, keep: bool| {
         let t = Instant::now();
         let (status, _) = c.post(path, body);
         let took = ms(t.elapsed());

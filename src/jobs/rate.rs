@@ -315,6 +315,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn polls_and_submissions_spend_one_shared_budget() {
+        let start = Instant::now();
+        let poll_side = SharedLimiter::new(Some(2.0));
+        let proxy_side = poll_side.clone();
+        assert_eq!(
+            poll_side.admit(start),
+            Ok(true),
+            "the first poll goes at once"
+        );
+        // A submission takes the next turn, half a second on, and the poll after it waits
+        // for the turn after that (one second's window, with its margin, holds two).
+        let turn = proxy_side
+            .reserve(start, Duration::from_secs(1))
+            .expect("within the wait");
+        assert_eq!(turn, start + Duration::from_millis(500));
+        let third = start + Duration::from_secs(1) + RATE_WINDOW_MARGIN;
+        assert_eq!(
+            poll_side.admit(start + Duration::from_millis(600)),
+            Err(third)
+        );
+        // A turn further away than the wait is refused and not counted.
+        let far = proxy_side.reserve(start, Duration::from_millis(100));
+        assert_eq!(far, Err(third - start));
+        assert_eq!(poll_side.admit(third), Ok(true));
+        // A rate the poll loop sets (learnt, or split among daemons) holds submissions too.
+        poll_side.set_rate(Some(0.5));
+        assert!(proxy_side.reserve(third, Duration::from_secs(1)).is_err());
+        poll_side.set_rate(None);
+        assert!(!proxy_side.is_limited());
+        assert_eq!(
+            proxy_side.reserve(third, Duration::ZERO),
+            Ok(third),
+            "unlimited"
+        );
+        assert_eq!(poll_side.admit(third), Ok(false));
+    }
+
+    #[test]
     fn the_rate_limiter_keeps_the_rate_despite_late_wakeups_and_never_exceeds_it() {
         for rate in [0.5, 2.0, 50.0, 500.0] {
             let mut l = RateLimiter::new(rate);
