@@ -287,6 +287,7 @@ impl Daemon {
                     m.store_commit(took, jobs, ok)
                 }));
         }
+        metrics.proxy_series(&accounts.iter().map(|a| a.name.clone()).collect::<Vec<_>>());
         let router = Router::new(config.forward.clone());
         let redeliver = Arc::new(Notify::new());
         let forwarder = Forwarder {

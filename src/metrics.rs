@@ -354,9 +354,10 @@ impl Metrics {
         }
     }
 
-    /// The API stand-in starts serving `accounts`: its series read zero from the first scrape,
-    /// so an alert on an increase sees the first ambiguous submission.
-    pub fn proxy_started(&self, accounts: &[String]) {
+    /// Registers the API stand-in's series for `accounts` at zero, whether or not it runs (as
+    /// the archive's are): present from the first scrape, so an alert on an increase sees the
+    /// first ambiguous submission.
+    pub fn proxy_series(&self, accounts: &[String]) {
         self.counter("sunopoll_proxy_requests_total", &[("outcome", "tracked")])
             .increment(0);
         for a in accounts {
@@ -728,7 +729,7 @@ mod tests {
         m.task_ended("music", Duration::from_secs(95));
         m.delivery_attempt("app", "delivered", Duration::from_millis(3));
         m.store_commit(Duration::from_millis(2), 5, true);
-        m.proxy_started(&["default".to_owned()]);
+        m.proxy_series(&["default".to_owned()]);
         m.proxy_request("ambiguous");
         let text = m.render(&gauges());
         let mut child = std::process::Command::new(promtool)

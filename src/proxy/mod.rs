@@ -189,7 +189,6 @@ impl Proxy {
                 );
             }
         }
-        metrics.proxy_started(&accounts.iter().map(|a| a.name.clone()).collect::<Vec<_>>());
         Ok(Proxy {
             label: config
                 .label_header
