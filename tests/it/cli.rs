@@ -385,3 +385,44 @@ async fn store_copy_moves_a_queue_and_prints_each_table_checked() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("already holds tasks"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_forget_member_needs_a_shared_queue_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[store]\npath = \"q.db\"\n").expect("write");
+    let out = run(sunopoll(&[
+        "--config",
+        config.to_str().expect("utf8"),
+        "store",
+        "forget-member",
+        "host:/run/sunopoll/control.sock",
+    ]))
+    .await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the store is the SQLite file") && err.contains("set store.url"),
+        "{err}"
+    );
+    assert!(!dir.path().join("q.db").exists(), "no store was created");
+    // An unreachable database is a refusal (exit 1) that names it, without its password.
+    std::fs::write(
+        &config,
+        "[store]\nurl = \"postgresql://u:hunter2@127.0.0.1:9/db?connect_timeout=2\"\n",
+    )
+    .expect("write");
+    let out = run(sunopoll(&[
+        "--config",
+        config.to_str().expect("utf8"),
+        "store",
+        "forget-member",
+        "host:/x.sock",
+        "--dry-run",
+    ]))
+    .await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("postgres://u@127.0.0.1:9/db"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
