@@ -237,6 +237,24 @@ async fn completions_and_the_man_page_come_from_the_command_line_definition() {
         page.contains("redeliver") && page.contains("\\-\\-socket"),
         "{page}"
     );
+    // --dir: the pages the Debian package ships, one per subcommand, so that every page the
+    // main one's SUBCOMMANDS section names (sunopoll-add(1), …) exists.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(sunopoll(&["man", "--dir", dir.path().to_str().unwrap()])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let main = std::fs::read_to_string(dir.path().join("sunopoll.1")).expect("sunopoll.1");
+    let named: Vec<&str> = main
+        .lines()
+        .filter_map(|l| l.strip_suffix("(1)"))
+        .filter(|l| l.starts_with("sunopoll\\-"))
+        .collect();
+    assert!(named.len() >= 10, "SUBCOMMANDS names few pages: {named:?}");
+    for name in named {
+        let file = format!("{}.1", name.replace("\\-", "-"));
+        let sub = std::fs::read_to_string(dir.path().join(&file))
+            .unwrap_or_else(|e| panic!("{file}, named in sunopoll.1, was not written: {e}"));
+        assert!(sub.contains(".TH "), "{file}: {sub}");
+    }
     let out = run(sunopoll(&["completions", "tcsh"])).await;
     assert_eq!(
         out.status.code(),
