@@ -149,6 +149,7 @@ mod tests {
             ("midi.record-info.PENDING.json", "pending", "0"),
             ("midi.record-info.SUCCESS.json", "progress", "1"),
             ("midi.record-info.SUCCESS.lenient.json", "progress", "1"),
+            ("midi.record-info.SUCCESS.numbers.json", "progress", "1"),
             ("midi.record-info.CREATE_TASK_FAILED.json", "progress", "2"),
             (
                 "midi.record-info.GENERATE_MIDI_FAILED.json",
@@ -178,6 +179,11 @@ mod tests {
             (
                 "midi.record-info.SUCCESS.lenient.json",
                 "midi.callback.complete.lenient.json",
+            ),
+            // Every number token as the API wrote it (design.md invariant 11).
+            (
+                "midi.record-info.SUCCESS.numbers.json",
+                "midi.callback.complete.numbers.json",
             ),
         ] {
             let ev = events(file);

@@ -10,7 +10,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Number, Value};
 
 use super::Family;
 use crate::api::envelope::{failure_code, json_kind, str_of};
@@ -207,9 +207,12 @@ pub struct Track {
     pub tags: Option<String>,
     /// Creation time: epoch milliseconds (observed) or a `"YYYY-MM-DD HH:MM:SS"` string (documented).
     pub create_time: Option<Value>,
-    /// Seconds; `null` until the track is done.
-    #[serde(deserialize_with = "lenient_f64")]
-    pub duration: Option<f64>,
+    /// Seconds; `null` until the track is done. The number as the API wrote it (`187.32`
+    /// stays `187.32`, never a neighbouring `f64`'s spelling), or the number a numeric string
+    /// spells. Read from the item itself ([`parse_record`]): serde's way from one `Value` to
+    /// another would make `-0` a `0`.
+    #[serde(skip)]
+    pub duration: Option<Number>,
 }
 
 impl Track {
@@ -236,13 +239,22 @@ fn lenient_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>,
     })
 }
 
-/// A number field that may also arrive as a numeric string.
-fn lenient_f64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse().ok(),
+/// A number field that may also arrive as a numeric string. A number is kept as its token; a
+/// string that is a JSON number keeps its digits (`"187.32"` becomes `187.32`), and one only
+/// Rust reads as a number (`".5"`) becomes the shortest spelling of its correctly rounded
+/// `f64`. Nothing no `f64` holds is a duration (`"inf"`, `"1e400"`).
+fn lenient_number(v: &Value) -> Option<Number> {
+    match v {
+        Value::Number(n) => crate::json::fits_f64(n).then(|| n.clone()),
+        Value::String(s) => {
+            let s = s.trim();
+            match s.parse::<Number>() {
+                Ok(n) => crate::json::fits_f64(&n).then_some(n),
+                Err(_) => s.parse::<f64>().ok().and_then(Number::from_f64),
+            }
+        }
         _ => None,
-    })
+    }
 }
 
 /// Builds a [`Record`] from record-info's `data` object, or says why it cannot.
@@ -260,7 +272,10 @@ pub fn parse_record(data: &Value) -> Result<Record, String> {
         Some(Value::Array(items)) => items
             .iter()
             .filter(|item| item.is_object())
-            .map(|item| Track::deserialize(item).unwrap_or_default())
+            .map(|item| Track {
+                duration: item.get("duration").and_then(lenient_number),
+                ..Track::deserialize(item).unwrap_or_default()
+            })
             .collect(),
         _ => Vec::new(),
     };
@@ -437,7 +452,7 @@ struct CallbackTrack<'a> {
     tags: Option<&'a str>,
     #[serde(rename = "createTime")]
     create_time: Option<String>,
-    duration: Option<f64>,
+    duration: Option<&'a Number>,
 }
 
 impl<'a> From<&'a Track> for CallbackTrack<'a> {
@@ -455,7 +470,7 @@ impl<'a> From<&'a Track> for CallbackTrack<'a> {
             title: t.title.as_deref(),
             tags: t.tags.as_deref(),
             create_time: t.create_time.as_ref().and_then(callback_create_time),
-            duration: t.duration,
+            duration: t.duration.as_ref(),
         }
     }
 }
@@ -580,6 +595,48 @@ mod tests {
         // and createTime formats all match.
         assert_eq!(ev[0].body, minified("callback.complete.json"));
         assert_eq!(ev[0].tracks, 2);
+    }
+
+    #[test]
+    fn durations_reach_the_callback_as_the_api_wrote_them() {
+        let ev = map_record(
+            TASK,
+            Some(Stage::First),
+            &record("record-info.SUCCESS.numbers.json"),
+            true,
+        );
+        assert_eq!(ev[0].body, minified("callback.complete.numbers.json"));
+        for (given, want) in [
+            ("187.32000000000001", Some("187.32000000000001")),
+            ("-0", Some("-0")),
+            ("1E2", Some("1e+2")),
+            (
+                "123456789012345678901234567890",
+                Some("123456789012345678901234567890"),
+            ),
+            (r#""187.32""#, Some("187.32")),
+            (r#"" 203.640 ""#, Some("203.640")),
+            (r#"".5""#, Some("0.5")),
+            (r#""inf""#, None),
+            (r#""1e400""#, None),
+            (r#""abc""#, None),
+            ("null", None),
+            ("true", None),
+        ] {
+            let data = json(&format!(
+                r#"{{"status":"SUCCESS","response":{{"sunoData":[{{"audioUrl":"https://a","duration":{given}}}]}}}}"#
+            ));
+            let r = parse_record(&data).expect("parses");
+            let got = r.tracks[0].duration.as_ref().map(ToString::to_string);
+            assert_eq!(got.as_deref(), want, "{given}");
+            let ev = map_record(TASK, Some(Stage::First), &r, true);
+            let written = format!(r#""duration":{}}}"#, want.unwrap_or("null"));
+            assert!(
+                ev[0].body.ends_with(&format!("{written}]}}}}")),
+                "{given}: {}",
+                ev[0].body
+            );
+        }
     }
 
     #[test]
@@ -777,7 +834,10 @@ mod tests {
         assert!(!r.tracks[1].has_audio(), "\"\" audioUrl is absent");
         assert_eq!(r.tracks[1].source_audio_url, None, "null is absent");
         assert_eq!(r.tracks[1].duration, None);
-        assert_eq!(r.tracks[0].duration, Some(187.32));
+        assert_eq!(
+            r.tracks[0].duration,
+            Some(Number::from_f64(187.32).expect("finite"))
+        );
         assert_eq!(
             r.submitted_callback_url().as_deref(),
             Some("https://hooks.example.com/suno/callback")
