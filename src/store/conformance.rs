@@ -231,25 +231,15 @@ async fn a_body_is_kept_byte_for_byte(s: &impl Backend) {
     .to_owned();
     let parsed: serde_json::Value = serde_json::from_str(&body).expect("the body is JSON");
     assert!(parsed.is_object());
-    s.add(
-        vec!["t".into()],
-        crate::store::TaskSpec::music(None, None),
-        1000,
-        10_000,
-    )
-    .await
-    .expect("add");
-    let event = NewEvent {
-        stage: Stage::Complete,
-        code: 200,
-        body: body.clone(),
-        tracks: 0,
-        filled: false,
-    };
-    s.apply_poll("t".into(), 2000, move |_| {
-        let mut u = update(TaskState::Done, vec![event]);
-        u.routes = vec![app_route()];
-        u
+    let music = crate::store::TaskSpec::music(None, None);
+    s.add(vec!["t".into()], music, 1000, 10_000)
+        .await
+        .expect("add");
+    let mut event = error_event("t", 200, "");
+    (event.stage, event.body) = (Stage::Complete, body.clone());
+    s.apply_poll("t".into(), 2000, move |_| TaskUpdate {
+        routes: vec![app_route()],
+        ..update(TaskState::Done, vec![event])
     })
     .await
     .expect("apply")

@@ -16,6 +16,7 @@ use serde_json::Value;
 use sunopoll::api::families::midi::Midi;
 use sunopoll::api::families::music::Music;
 use sunopoll::api::{Family, Outcome, classify};
+use sunopoll::events::Stage;
 
 use crate::binary::*;
 use crate::families::{FamilyApi, for_task};
@@ -229,6 +230,28 @@ fn carried(body: &str) -> Vec<(String, String)> {
     tokens
 }
 
+/// What [`carried_over`] says `body` must carry, as sunopoll passes it on
+/// ([`exponent_as_passed`]), sorted like [`carried`].
+fn passed_on(kind: &str, answer: &str, body: &str) -> Vec<(String, String)> {
+    let v: Value = serde_json::from_str(body).expect("a body is JSON");
+    let mut want: Vec<_> = carried_over(kind, answer, &v)
+        .into_iter()
+        .map(|(at, token)| (at, exponent_as_passed(&token)))
+        .collect();
+    want.sort();
+    want
+}
+
+/// The one body `family` makes of the success `answer` after stage `reached`.
+fn only_body<F: Family>(family: &F, reached: Option<Stage>, answer: &str) -> String {
+    let Outcome::Progress(record) = classify(family, 200, None, answer.as_bytes()) else {
+        panic!("not a success: {answer}")
+    };
+    let mut events = family.events("t1", reached, &record, true);
+    assert_eq!(events.len(), 1, "{answer}");
+    events.remove(0).body
+}
+
 /// Every record-info fixture: `(kind, path under tests/fixtures)`.
 fn record_info_fixtures() -> Vec<(String, String)> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -390,11 +413,9 @@ async fn every_fixture_reaches_the_handler_with_its_numbers(pg: Option<String>) 
             task.id, task.file
         );
         for body in &delivered {
-            let v: Value = serde_json::from_str(body).expect("a body is JSON");
             // The first answer made every event but a running task's closing failure, which
             // carries nothing over either.
-            let mut want = carried_over(&task.kind, &task.answers[0], &v);
-            want.sort();
+            let want = passed_on(&task.kind, &task.answers[0], body);
             assert_eq!(
                 carried(body),
                 want,
@@ -543,21 +564,11 @@ proptest! {
             notes.join(","),
             tokens.join(", ")
         );
-        let Outcome::Progress(record) = classify(&Midi, 200, None, answer.as_bytes()) else {
-            panic!("not a midi success: {answer}")
-        };
-        let events = Midi.events("t1", None, &record, true);
-        prop_assert_eq!(events.len(), 1);
-        let body = &events[0].body;
-        let v: Value = serde_json::from_str(body).expect("JSON");
-        let mut want: Vec<(String, String)> = carried_over("midi", &answer, &v)
-            .into_iter()
-            .map(|(at, t)| (at, exponent_as_passed(&t)))
-            .collect();
-        want.sort();
+        let body = only_body(&Midi, None, &answer);
+        let want = passed_on("midi", &answer, &body);
         // Each token stands in a note and in `extra`; each note has its pitch.
         prop_assert_eq!(want.len(), tokens.len() * 2 + notes.len());
-        prop_assert_eq!(carried(body), want);
+        prop_assert_eq!(carried(&body), want);
 
         // Music: each token as a track's duration.
         let tracks: Vec<String> = tokens
@@ -570,19 +581,9 @@ proptest! {
                "response":{{"sunoData":[{}]}}}}}}"#,
             tracks.join(",")
         );
-        let Outcome::Progress(record) = classify(&Music, 200, None, answer.as_bytes()) else {
-            panic!("not a music success: {answer}")
-        };
-        let events = Music.events("t1", Some(sunopoll::events::Stage::First), &record, true);
-        prop_assert_eq!(events.len(), 1);
-        let body = &events[0].body;
-        let v: Value = serde_json::from_str(body).expect("JSON");
-        let mut want: Vec<(String, String)> = carried_over("music", &answer, &v)
-            .into_iter()
-            .map(|(at, t)| (at, exponent_as_passed(&t)))
-            .collect();
-        want.sort();
+        let body = only_body(&Music, Some(Stage::First), &answer);
+        let want = passed_on("music", &answer, &body);
         prop_assert_eq!(want.len(), tokens.len());
-        prop_assert_eq!(carried(body), want);
+        prop_assert_eq!(carried(&body), want);
     }
 }
