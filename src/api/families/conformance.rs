@@ -272,7 +272,8 @@ fn every_failure_fixture_gives_one_error_with_its_code_and_message<F: Conformanc
                 assert_eq!(ev.len(), 1, "{at}");
                 assert_eq!(
                     (ev[0].stage, ev[0].code, ev[0].tracks),
-                    (Stage::Error, code, 0)
+                    (Stage::Error, code, 0),
+                    "{at}"
                 );
                 assert_eq!(ev[0].body, (spec.failure_body)(&task, code, msg), "{at}");
             }
