@@ -37,7 +37,7 @@ pub(crate) fn db_name(url: &str) -> String {
 
 /// A daemon config on the shared database `url`: `config`'s settings with `[store]` pointing
 /// at PostgreSQL instead of the SQLite file.
-fn on_postgres(config: &BinConfig, url: &str) -> String {
+pub(crate) fn on_postgres(config: &BinConfig, url: &str) -> String {
     let toml = config.to_toml();
     let sqlite = "[store]\npath = \"state/sunopoll.db\"\n";
     assert!(toml.contains(sqlite), "BinConfig's [store] section changed");
