@@ -19,13 +19,13 @@ use crate::binary::*;
 use crate::helpers::*;
 
 /// A fixture of `tests/fixtures/families/`.
-pub fn family_fixture(name: &str) -> String {
+pub(crate) fn family_fixture(name: &str) -> String {
     String::from_utf8(fixture(&format!("families/{name}"))).expect("utf8")
 }
 
 /// The task ID a fixture is about (`data.taskId`, `data.task_id`, or midi's top-level
 /// `task_id`).
-pub fn fixture_task_id(text: &str) -> String {
+pub(crate) fn fixture_task_id(text: &str) -> String {
     let v: Value = serde_json::from_str(text).expect("fixture JSON");
     ["taskId", "task_id"]
         .iter()
@@ -35,12 +35,12 @@ pub fn fixture_task_id(text: &str) -> String {
 }
 
 /// `text` with the fixture's own task ID replaced by `id`.
-pub fn for_task(text: &str, id: &str) -> String {
+pub(crate) fn for_task(text: &str, id: &str) -> String {
     text.replace(&fixture_task_id(text), id)
 }
 
 /// JSON text without the whitespace outside strings: how the daemon sends a body.
-pub fn minify(text: &str) -> String {
+pub(crate) fn minify(text: &str) -> String {
     let (mut out, mut in_string, mut escaped) = (String::new(), false, false);
     for c in text.chars() {
         if in_string {
@@ -62,7 +62,7 @@ pub fn minify(text: &str) -> String {
 }
 
 /// The details path of each kind, as the API serves it.
-pub fn endpoint(kind: &str) -> &'static str {
+pub(crate) fn endpoint(kind: &str) -> &'static str {
     match kind {
         "music" => "/api/v1/generate/record-info",
         "lyrics" => "/api/v1/lyrics/record-info",
@@ -91,7 +91,7 @@ struct FamilyState {
 }
 
 /// A fake of every family's details endpoint, on 127.0.0.1.
-struct FamilyApi {
+pub(crate) struct FamilyApi {
     server: MockServer,
     state: Arc<Mutex<FamilyState>>,
 }
@@ -128,7 +128,7 @@ impl Respond for FamilyRouter {
 }
 
 impl FamilyApi {
-    async fn start() -> FamilyApi {
+    pub(crate) async fn start() -> FamilyApi {
         let server = MockServer::start().await;
         let state = Arc::new(Mutex::new(FamilyState::default()));
         Mock::given(method("GET"))
@@ -147,7 +147,7 @@ impl FamilyApi {
         self.script_raw(kind, task, answers);
     }
 
-    fn script_raw(&self, kind: &str, task: &str, answers: Vec<(u16, String)>) {
+    pub(crate) fn script_raw(&self, kind: &str, task: &str, answers: Vec<(u16, String)>) {
         self.state
             .lock()
             .expect("state")
@@ -167,7 +167,7 @@ impl FamilyApi {
         self.state.lock().expect("state").calls.values().sum()
     }
 
-    fn strays(&self) -> Vec<String> {
+    pub(crate) fn strays(&self) -> Vec<String> {
         self.state.lock().expect("state").strays.clone()
     }
 
@@ -179,7 +179,7 @@ impl FamilyApi {
         self.state.lock().expect("state").auth.clone()
     }
 
-    fn uri(&self) -> String {
+    pub(crate) fn uri(&self) -> String {
         self.server.uri()
     }
 }

@@ -22,6 +22,7 @@ mod hostile_answers;
 mod hostile_local;
 mod metrics;
 mod monitoring;
+mod numbers;
 mod polling;
 mod postgres;
 mod props;
