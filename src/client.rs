@@ -886,6 +886,21 @@ fn print_status(v: &StatusResponse) {
         };
         out!("archive:      {} — {state}; {files}", a.dir);
     }
+    if let Some(p) = &v.proxy {
+        out!(
+            "proxy:        {} — {} request{}: {} tracked, {} passed through, {} refused, {} throttled, {} ambiguous, {} unreachable, {} untracked",
+            esc(&p.listen),
+            p.requests,
+            if p.requests == 1 { "" } else { "s" },
+            p.tracked,
+            p.passed,
+            p.refused,
+            p.throttled,
+            p.ambiguous,
+            p.unreachable,
+            p.untracked
+        );
+    }
     if v.targets.is_empty() {
         match &v.shared {
             Some(q) if !q.targets.is_empty() => out!(

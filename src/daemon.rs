@@ -27,6 +27,7 @@ use crate::forward::Router;
 use crate::jobs::archive::{ArchiveStatus, Archiver, SharedArchiveStatus};
 use crate::jobs::deliver::Forwarder;
 use crate::jobs::poll::{PollStatus, Scheduler, SharedStatus};
+use crate::jobs::rate::SharedLimiter;
 use crate::metrics::{AccountGauges, GaugeSource, Gauges, Metrics, TargetGauges};
 use crate::store::Store;
 use crate::systemd::{Notifier, Supervision};
@@ -286,6 +287,7 @@ impl Daemon {
                     m.store_commit(took, jobs, ok)
                 }));
         }
+        metrics.proxy_series(&accounts.iter().map(|a| a.name.clone()).collect::<Vec<_>>());
         let router = Router::new(config.forward.clone());
         let redeliver = Arc::new(Notify::new());
         let forwarder = Forwarder {
@@ -302,7 +304,11 @@ impl Daemon {
         let mut schedulers = Vec::with_capacity(accounts.len());
         let mut live_accounts = Vec::with_capacity(accounts.len());
         let mut handles = Vec::with_capacity(accounts.len());
+        let mut proxy_accounts = Vec::with_capacity(accounts.len());
         for (i, (account, (api, key_source))) in accounts.iter().zip(clients).enumerate() {
+            // The account's request budget, for its polls and (with [proxy]) its submissions;
+            // the poll loop sets the rate it learns.
+            let limiter = SharedLimiter::new(account.max_requests_per_second);
             let (rate_tx, rate_rx) = watch::channel(account.max_requests_per_second);
             let wake = Arc::new(Notify::new());
             let status: SharedStatus = Arc::new(Mutex::new(PollStatus::default()));
@@ -330,6 +336,15 @@ impl Daemon {
                 rate: rate_rx,
                 key_source: key_source.clone(),
                 archive: config.archive.enabled(),
+                limiter: limiter.clone(),
+            });
+            proxy_accounts.push(crate::proxy::ProxyAccount {
+                name: account.name.clone(),
+                flavor: account.flavor,
+                base_url: account.base_url.clone(),
+                api: api.clone(),
+                limiter,
+                status: status.clone(),
             });
             handles.push(AccountHandle {
                 name: account.name.clone(),
@@ -398,6 +413,16 @@ impl Daemon {
                 tracker.clone(),
             ));
         }
+        // Bound before the control server is built, so that `status` can say where it is.
+        let mut proxy = None;
+        if let Some(wanted) = config.proxy.listen {
+            let listener = tokio::net::TcpListener::bind(wanted)
+                .await
+                .with_context(|| format!("binding the API stand-in (proxy.listen = {wanted})"))?;
+            let addr = listener.local_addr().unwrap_or(wanted);
+            let counts = Arc::new(crate::proxy::Counts::default());
+            proxy = Some((listener, addr, counts));
+        }
         for scheduler in schedulers {
             let loaded = scheduler.load_gate().await;
             tracker.spawn(scheduler.run(loaded, cancel.clone(), tracker.clone()));
@@ -439,7 +464,35 @@ impl Daemon {
                 status: archive_status.clone(),
                 wake: archive_wake.clone(),
             }),
+            proxy: proxy.as_ref().map(|(_, addr, counts)| {
+                let (addr, counts) = (*addr, Arc::clone(counts));
+                Arc::new(move || counts.view(addr)) as control::ProxyStatusSource
+            }),
         });
+        if let Some((listener, addr, counts)) = proxy {
+            let stand_in = crate::proxy::Proxy::new(
+                &config.proxy,
+                proxy_accounts,
+                Arc::clone(&ctx),
+                Arc::clone(&metrics),
+                counts,
+                tracker.clone(),
+            )
+            .map_err(|e| {
+                Unrecoverable(format!("building the API stand-in's HTTP client: {e:#}"))
+            })?;
+            if crate::http::guard::is_loopback(&addr) {
+                info!(listen = %addr, "{}", crate::proxy::started_line(addr, &config.proxy));
+            } else {
+                warn!(listen = %addr, "{} — on an address other machines may reach (proxy.allow-remote)", crate::proxy::started_line(addr, &config.proxy));
+            }
+            tracker.spawn(crate::proxy::serve(
+                Arc::new(stand_in),
+                listener,
+                cancel.clone(),
+                tracker.clone(),
+            ));
+        }
         tracker.spawn(control::serve(
             listener,
             ctx,
@@ -474,7 +527,15 @@ impl Daemon {
             resumed,
             if resumed == 1 { "" } else { "s" }
         );
-        let drain = (config.api.request_timeout + Duration::from_secs(2)).min(MAX_DRAIN);
+        // A submission in flight through the stand-in is waited for like a poll.
+        let longest = match config.proxy.listen {
+            Some(_) => config
+                .api
+                .request_timeout
+                .max(config.proxy.upstream_timeout),
+            None => config.api.request_timeout,
+        };
+        let drain = (longest + Duration::from_secs(2)).min(MAX_DRAIN);
         Ok(Daemon {
             cancel,
             tracker,
@@ -609,6 +670,7 @@ impl Daemon {
             ),
             ("store", differs(&new.store, &old.store)),
             ("archive", differs(&new.archive, &old.archive)),
+            ("proxy", differs(&new.proxy, &old.proxy)),
             ("control", differs(&new.control, &old.control)),
             ("log.format", differs(&new.log.format, &old.log.format)),
             (

@@ -47,6 +47,7 @@ pub mod json;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy;
 pub mod store;
 pub mod systemd;
 #[doc(hidden)]

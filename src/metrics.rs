@@ -146,6 +146,14 @@ pub const METRICS: &[MetricInfo] = &[
         "sunopoll_archive_bytes_total",
         "Bytes of archive files kept (each file counted once, when it is kept).",
     ),
+    MetricInfo::counter(
+        "sunopoll_proxy_requests_total",
+        "Requests the API stand-in got, by outcome (tracked, passed, refused, throttled, ambiguous, unreachable, untracked).",
+    ),
+    MetricInfo::counter(
+        "sunopoll_proxy_ambiguous_submissions_total",
+        "Requests the API stand-in sent whose answer never came (timeout, reset), by account: the API may or may not have created a paid task.",
+    ),
 ];
 
 /// What kind of value a metric is.
@@ -346,6 +354,36 @@ impl Metrics {
         }
     }
 
+    /// Registers the API stand-in's series for `accounts` at zero, whether or not it runs (as
+    /// the archive's are): present from the first scrape, so an alert on an increase sees the
+    /// first ambiguous submission.
+    pub fn proxy_series(&self, accounts: &[String]) {
+        self.counter("sunopoll_proxy_requests_total", &[("outcome", "tracked")])
+            .increment(0);
+        for a in accounts {
+            self.counter(
+                "sunopoll_proxy_ambiguous_submissions_total",
+                &[("account", a)],
+            )
+            .increment(0);
+        }
+    }
+
+    /// One request of the API stand-in ended with `outcome`.
+    pub fn proxy_request(&self, outcome: &'static str) {
+        self.counter("sunopoll_proxy_requests_total", &[("outcome", outcome)])
+            .increment(1);
+    }
+
+    /// One request the API stand-in sent for `account` got no answer.
+    pub fn ambiguous_submission(&self, account: &str) {
+        self.counter(
+            "sunopoll_proxy_ambiguous_submissions_total",
+            &[("account", account)],
+        )
+        .increment(1);
+    }
+
     /// One request sent to the API for `account`.
     pub fn api_request(&self, account: &str) {
         self.counter("sunopoll_api_requests_total", &[("account", account)])
@@ -540,6 +578,8 @@ mod tests {
         m.task_ended("music", Duration::from_secs(95));
         m.delivery_attempt("app", "delivered", Duration::from_millis(3));
         m.store_commit(Duration::from_millis(2), 5, true);
+        m.proxy_request("tracked");
+        m.ambiguous_submission("default");
         let text = m.render(&gauges());
         for info in METRICS {
             let kind = match info.kind {
@@ -689,6 +729,8 @@ mod tests {
         m.task_ended("music", Duration::from_secs(95));
         m.delivery_attempt("app", "delivered", Duration::from_millis(3));
         m.store_commit(Duration::from_millis(2), 5, true);
+        m.proxy_series(&["default".to_owned()]);
+        m.proxy_request("ambiguous");
         let text = m.render(&gauges());
         let mut child = std::process::Command::new(promtool)
             .args(["check", "metrics"])

@@ -853,6 +853,35 @@ pub struct StatusResponse {
     /// On a PostgreSQL queue: the daemons sharing it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared: Option<SharedQueueView>,
+    /// The API stand-in, when `[proxy] listen` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyStatusView>,
+}
+
+/// The API stand-in as `status` shows it: where it listens and what it did with the requests
+/// it got since start (each request is counted once, under one outcome).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyStatusView {
+    /// `http://ADDRESS`, the base URL applications use.
+    pub listen: String,
+    /// Requests received.
+    pub requests: u64,
+    /// Submissions whose task is now tracked.
+    pub tracked: u64,
+    /// Requests forwarded and answered that created nothing to track (reads, synchronous
+    /// calls, unknown paths, submissions the API refused).
+    pub passed: u64,
+    /// Requests answered without sending anything: a foreign Host, a cross-site request, an
+    /// unknown key, a body too large or too slow, a bad label.
+    pub refused: u64,
+    /// Submissions answered with the provider's throttle signal without sending them.
+    pub throttled: u64,
+    /// Requests sent whose answer never came: whether the API acted on them is unknown.
+    pub ambiguous: u64,
+    /// Requests that could not reach the API at all (nothing was sent).
+    pub unreachable: u64,
+    /// Submissions the API accepted whose task could not be tracked (see the log).
+    pub untracked: u64,
 }
 
 /// The daemons sharing one PostgreSQL queue, as `status` lists them.
@@ -1358,6 +1387,7 @@ mod tests {
             }],
             archive: None,
             shared: None,
+            proxy: None,
         };
         const POLL: &str = r#"{"account":"default","flavor":"sunoapi","rate_limit":2.0,"learnt_rate":0.45,"state":"paused","pause_kind":"throttled","pause_attempt":2,"paused_until":"2026-11-26T10:05:00Z","paused_since":"2026-11-26T10:00:00Z","paused_for_ms":1500,"pause_cause":"HTTP 429","in_flight":0,"requests":41,"last_answer_at":"2026-11-26T10:00:00Z","last_answer":"throttled"}"#;
         const TARGETS: &str = r#"[{"target":"app","pending":1,"failed":0,"delivered":5,"last_success_at":"2026-11-26T09:59:00Z","last_error":"HTTP 500","last_error_at":"2026-11-26T09:58:00Z"}]"#;

@@ -29,6 +29,8 @@ pub struct Log {
     pub text_answered: HashMap<String, Instant>,
     /// Every POST to the handler: (arrival, task, stage).
     pub posts: Vec<(Instant, String, String)>,
+    /// Submissions (`POST /api/v1/…`) answered, each with a fresh task ID.
+    pub submissions: u64,
     per_task: HashMap<String, u32>,
 }
 
@@ -149,6 +151,15 @@ async fn serve(
             let body = about(body, &task);
             l.polls.push((now, task));
             body
+        } else if first_line.starts_with("POST /api/v1/") {
+            // A submission (through the API stand-in, or sent directly): a new task each time.
+            let mut l = log.lock().expect("log");
+            l.submissions += 1;
+            let id = format!("{:08x}{:024x}", 0x5b_u32, l.submissions);
+            std::borrow::Cow::Owned(
+                format!(r#"{{"code":200,"msg":"success","data":{{"taskId":"{id}"}}}}"#)
+                    .into_bytes(),
+            )
         } else {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let task = v["data"]["task_id"].as_str().unwrap_or("").to_owned();

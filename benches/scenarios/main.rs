@@ -3,7 +3,7 @@
 //!
 //! Run all: `bench/run` (or `cargo bench --bench scenarios`). Run some:
 //! `cargo bench --bench scenarios -- add idle`. Scenarios: add, startup, idle, throughput,
-//! rate, latency, fairness, memory, and, only when named (not part of a run of everything),
+//! rate, latency, fairness, memory, proxy (the API stand-in, `proxy.rs`), and, only when named (not part of a run of everything),
 //! `million` (operator reads with 1 000 000 tasks in the store; it builds a store of a few
 //! hundred MB), `archive` (a 1 GiB download and 200 small ones; it writes ~2 GiB to a temp
 //! dir) and `postgres` (the PostgreSQL store: `pg-add pg-idle pg-throughput pg-failover`, see
@@ -13,6 +13,7 @@ mod archive;
 mod fake;
 mod postgres;
 mod proc;
+mod proxy;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,10 +31,12 @@ struct Row {
     met: Option<bool>,
 }
 
-struct Results(Vec<Row>);
+/// The results table, row by row.
+pub(crate) struct Results(Vec<Row>);
 
 impl Results {
-    fn add(
+    /// One row, also printed as it is measured.
+    pub(crate) fn add(
         &mut self,
         scenario: &'static str,
         metric: &str,
@@ -71,6 +74,7 @@ fn main() {
         "latency",
         "fairness",
         "memory",
+        "proxy",
     ];
     let run =
         |name: &str| (wanted.is_empty() || wanted.iter().any(|w| w == name)) && all.contains(&name);
@@ -107,6 +111,7 @@ fn main() {
             "latency" => latency(&runtime, dir.path(), &mut results),
             "fairness" => fairness(&runtime, dir.path(), &mut results),
             "memory" => memory(&runtime, dir.path(), &mut results),
+            "proxy" => proxy::proxy(&runtime, dir.path(), &mut results),
             _ => {}
         }
     }
@@ -159,7 +164,8 @@ fn scrape(port: u16, active: i64, results: &mut Results) {
     );
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile of `sorted` (nearest rank).
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -167,7 +173,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn mib(kib: u64) -> String {
+/// KiB as MiB, one decimal.
+pub(crate) fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 

@@ -150,6 +150,12 @@ impl ApiClient {
         self.key.read().ok().map(|k| k.clone())
     }
 
+    /// The key in use now (as reloaded), for the API stand-in, which sends the account's
+    /// requests with it; `None` if it cannot be read.
+    pub fn key(&self) -> Option<ApiKey> {
+        self.current_key()
+    }
+
     /// Asks `family`'s details endpoint about one task and classifies the answer. Transport
     /// failures (refused, reset, timeout) come back as [`Outcome::Unavailable`]; this never
     /// errors.

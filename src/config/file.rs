@@ -17,8 +17,8 @@ use super::{
     ApiConfig, ArchiveConfig, Config, ControlConfig, DEFAULT_ALLOW_HOSTS,
     DEFAULT_FORWARD_IN_FLIGHT, DEFAULT_FORWARD_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_RETRY_SCHEDULE, Environment, ForwardConfig, HousekeepingConfig, LogConfig,
-    MetricsConfig, PollConfig, SigningSecret, StoreConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL,
-    TargetConfig, de,
+    MetricsConfig, PollConfig, ProxyConfig, SigningSecret, StoreConfig, TARGET_SUBMITTED_URL,
+    TARGET_TASK_URL, TargetConfig, de,
 };
 use crate::clock::format_duration;
 use crate::events::Stage;
@@ -36,6 +36,7 @@ pub(super) struct File {
     forward: ForwardFile,
     metrics: MetricsConfig,
     archive: ArchiveConfig,
+    proxy: ProxyConfig,
 }
 
 impl Default for File {
@@ -50,6 +51,7 @@ impl Default for File {
             forward: ForwardFile::default(),
             metrics: MetricsConfig::default(),
             archive: ArchiveConfig::default(),
+            proxy: ProxyConfig::default(),
         }
     }
 }
@@ -218,6 +220,18 @@ fn not_both(key: &str) -> String {
 }
 
 impl File {
+    /// The names of the accounts the file configures, the default first.
+    fn account_names(&self) -> Vec<String> {
+        if self.api.account.is_empty() {
+            return vec![super::DEFAULT_ACCOUNT.to_owned()];
+        }
+        self.api
+            .account
+            .iter()
+            .filter_map(|a| a.name.clone())
+            .collect()
+    }
+
     /// Every problem that spans keys, or that a single value's format cannot see. `earlier`
     /// are the problems parsing found: a key whose value was refused is not also "required".
     pub(super) fn validate(&self, earlier: &[Problem]) -> Vec<Problem> {
@@ -310,6 +324,7 @@ impl File {
                 );
             }
         }
+        self.proxy.validate(&self.account_names(), &mut bad);
         let mut names = HashSet::new();
         for (i, t) in f.target.iter().enumerate() {
             let key = |k: &str| format!("forward.target[{i}].{k}");
@@ -445,6 +460,12 @@ impl File {
             .iter()
             .map(|h| h.trim().to_owned())
             .collect();
+        let mut proxy = self.proxy;
+        let default_account = match api.account.first() {
+            Some(a) => a.name.clone().unwrap_or_default(),
+            None => super::DEFAULT_ACCOUNT.to_owned(),
+        };
+        proxy.resolve(base, &default_account, problems);
         let f = self.forward;
         // Secret files are read only now, after parsing: an inline secret wins (both set is
         // already a problem), and what cannot be read or parsed is named by its key.
@@ -486,6 +507,7 @@ impl File {
             housekeeping: self.housekeeping,
             metrics: self.metrics,
             archive,
+            proxy,
             forward: ForwardConfig {
                 targets,
                 retry_schedule: f.retry_schedule.into_iter().map(|d| d.0).collect(),

@@ -14,6 +14,7 @@
 mod de;
 mod env;
 mod file;
+mod proxy;
 mod strict;
 #[cfg(test)]
 mod tests;
@@ -32,6 +33,11 @@ use crate::logging::LogFormat;
 use de::show;
 
 pub use env::{Environment, check_private_dir, current_uid, judge_private_dir, private_tmp_dir};
+pub use proxy::{
+    DEFAULT_LABEL_HEADER, DEFAULT_MAX_WAIT, DEFAULT_PROXY_BODY_TIMEOUT, DEFAULT_PROXY_CONNECTIONS,
+    DEFAULT_PROXY_HEADER_TIMEOUT, DEFAULT_PROXY_MAX_BODY, DEFAULT_UPSTREAM_TIMEOUT, MIN_TOKEN_LEN,
+    ProxyConfig, ProxyToken, TokenEntry,
+};
 
 /// The default API host (sunoapi.org). kie.ai and other clones serve the same paths.
 pub const DEFAULT_BASE_URL: &str = "https://api.sunoapi.org";
@@ -91,6 +97,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[archive]`
     pub archive: ArchiveConfig,
+    /// `[proxy]`
+    pub proxy: ProxyConfig,
 }
 
 /// Files the archive fetches at once by default: few, so downloads never crowd out polls.
@@ -890,6 +898,8 @@ impl Config {
                 if a.allow_hosts.is_empty() { "none".to_owned() } else { a.allow_hosts.join(", ") },
             )),
         }
+        s.push('\n');
+        s.push_str(&self.proxy.summary());
         for t in &f.targets {
             let stages: Vec<&str> = t.stages.iter().map(|s| s.as_str()).collect();
             s.push_str(&format!(

@@ -768,3 +768,118 @@ fn a_postgres_store_refuses_a_path_too_a_bad_url_and_a_lease_shorter_than_two_re
         "{short:?}"
     );
 }
+
+#[test]
+fn the_proxy_is_off_by_default_and_every_key_is_read() {
+    let c = Config::parse("", None, &env()).expect("ok");
+    assert_eq!(c.proxy.listen, None);
+    assert_eq!(c.proxy.label_header.as_deref(), Some(DEFAULT_LABEL_HEADER));
+    assert_eq!(c.proxy.max_body_size, DEFAULT_PROXY_MAX_BODY);
+    assert_eq!(c.proxy.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT);
+    assert!(c.summary().contains("\nproxy: off"), "{}", c.summary());
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("app.token"), "file-token-0123456789abc\n").expect("write");
+    let c = Config::parse(
+        r#"
+        [[api.account]]
+        name = "main"
+        [[api.account]]
+        name = "kie"
+        flavor = "kie"
+        [proxy]
+        listen = "127.0.0.1:8787"
+        label-header = "X-Job"
+        max-body-size = "64KiB"
+        max-connections = 8
+        header-timeout = "2s"
+        body-timeout = "3s"
+        upstream-timeout = "4s"
+        max-wait = "0s"
+        [[proxy.token]]
+        token = "inline-token-0123456789"
+        [[proxy.token]]
+        token-file = "app.token"
+        account = "kie"
+        "#,
+        Some(&dir.path().join("config.toml")),
+        &env(),
+    )
+    .expect("ok");
+    let p = &c.proxy;
+    assert_eq!(p.listen, Some("127.0.0.1:8787".parse().expect("addr")));
+    assert_eq!(p.label_header.as_deref(), Some("X-Job"));
+    assert_eq!(p.max_body_size, 64 << 10);
+    assert_eq!(p.max_connections, 8);
+    assert_eq!(p.header_timeout, Duration::from_secs(2));
+    assert_eq!(p.body_timeout, Duration::from_secs(3));
+    assert_eq!(p.upstream_timeout, Duration::from_secs(4));
+    assert_eq!(p.max_wait, Duration::ZERO);
+    let tokens: Vec<(&str, &str)> = p
+        .tokens
+        .iter()
+        .map(|t| (t.account.as_str(), t.expose()))
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            ("main", "inline-token-0123456789"),
+            ("kie", "file-token-0123456789abc")
+        ],
+        "the first account by default; a file's first line"
+    );
+    let shown = format!("{:?} {}", c.proxy, c.summary());
+    assert!(
+        !shown.contains("inline-token") && !shown.contains("file-token"),
+        "{shown}"
+    );
+    assert!(
+        c.summary()
+            .contains("proxy: http://127.0.0.1:8787 (2 tokens"),
+        "{shown}"
+    );
+    let none = Config::parse("[proxy]\nlabel-header = \"\"\n", None, &env()).expect("ok");
+    assert_eq!(none.proxy.label_header, None, "\"\" takes no label");
+}
+
+#[test]
+fn every_proxy_problem_is_reported_at_once() {
+    let p = problems(
+        r#"
+        [proxy]
+        listen = "0.0.0.0:8787"
+        label-header = "Authorization"
+        max-body-size = 0
+        [[proxy.token]]
+        token = "short"
+        [[proxy.token]]
+        token = "long-enough-token-0123"
+        token-file = "t"
+        [[proxy.token]]
+        account = "nobody"
+        token = "another-long-token-0123"
+        [[proxy.token]]
+        token-file = "/nonexistent/sunopoll.token"
+        "#,
+    );
+    let all = p.join("\n");
+    for needle in [
+        "proxy.listen: 0.0.0.0:8787 is not a loopback address",
+        "set proxy.allow-remote = true",
+        "proxy.label-header: \"Authorization\" means something else",
+        "proxy.max-body-size: must be at least 1 byte",
+        "proxy.token[0].token: is shorter than 16 characters",
+        "proxy.token[1].token: set either `token` or `token-file`, not both",
+        "proxy.token[2].account: no account is named \"nobody\"; the configured accounts are default",
+        "proxy.token[3].token-file: cannot read /nonexistent/sunopoll.token",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert_eq!(p.len(), 7, "{all}");
+    let c = Config::parse(
+        "[proxy]\nlisten = \"0.0.0.0:8787\"\nallow-remote = true\n",
+        None,
+        &env(),
+    )
+    .expect("allowed on purpose");
+    assert!(c.proxy.allow_remote);
+}

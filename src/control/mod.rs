@@ -18,7 +18,9 @@ use tracing::error;
 use crate::config::PollConfig;
 use crate::forward::Router;
 use crate::jobs::gate::SharedStatus;
-use crate::protocol::{ErrorBody, Request, answer_line, check_task_id};
+use crate::protocol::{
+    AddRequest, AddResponse, ErrorBody, ProxyStatusView, Request, answer_line, check_task_id,
+};
 use crate::store::{Store, StoreError};
 
 mod add;
@@ -133,6 +135,18 @@ pub struct Control {
     pub redeliver: Arc<Notify>,
     /// The archive, when `[archive]` is on.
     pub archive: Option<ArchiveControl>,
+    /// What the API stand-in reports to `status`, when `[proxy] listen` is set.
+    pub proxy: Option<ProxyStatusSource>,
+}
+
+/// Reads the API stand-in's figures for `status` (a closure, so the socket's side does not
+/// depend on the stand-in's).
+pub type ProxyStatusSource = Arc<dyn Fn() -> ProxyStatusView + Send + Sync>;
+
+/// `add`, exactly as the socket runs it: the HTTP faces act through the socket's own calls,
+/// never on the store directly.
+pub async fn add(req: AddRequest, ctx: &Control) -> Result<AddResponse, ErrorBody> {
+    add::run(req, ctx).await
 }
 
 /// What handlers need of the archive.

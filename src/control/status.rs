@@ -217,5 +217,6 @@ pub(super) async fn run(ctx: &Control) -> Result<StatusResponse, ErrorBody> {
         targets,
         archive,
         shared,
+        proxy: ctx.proxy.as_ref().map(|source| source()),
     })
 }

@@ -37,7 +37,7 @@ use crate::store::{Asked, Claim, DueRow, Schedule, Store, StoreError, TaskRow, T
 use crate::systemd::Notifier;
 
 pub use super::gate::{Gate, PauseKind, PollStatus, SharedStatus, pause_delay, status_line};
-use super::rate::{RateLearner, RateLimiter};
+use super::rate::{RateLearner, SharedLimiter};
 
 /// Consecutive global failures (throttled, unavailable) of one task, each while the API was
 /// answering others, after which they count against that task alone: it backs off by itself
@@ -285,6 +285,9 @@ pub struct Scheduler {
     pub key_source: Option<KeySource>,
     /// True when `[archive]` is on: a `complete` event's files are stored with it.
     pub archive: bool,
+    /// The account's request budget: this loop sets its rate and counts its polls in it; the
+    /// API stand-in counts submissions in the same one.
+    pub limiter: SharedLimiter,
 }
 
 impl Scheduler {
@@ -347,7 +350,8 @@ impl Scheduler {
             next_check: Instant::now(),
             hold_until: None,
         });
-        let limiter = learner.as_ref().map(|l| RateLimiter::new(l.rate()));
+        let limiter = self.limiter.clone();
+        limiter.set_rate(learner.as_ref().map(RateLearner::rate));
         let job = PollJob {
             share,
             s: self,
@@ -402,7 +406,7 @@ struct PollJob {
     probe_in_flight: bool,
     /// This round's polls are the probe after a pause.
     probing: bool,
-    limiter: Option<RateLimiter>,
+    limiter: SharedLimiter,
     /// The rate learnt from throttling, under the ceiling (none when unlimited).
     learner: Option<RateLearner>,
     next_ping: Instant,
@@ -452,14 +456,7 @@ impl JobKind for PollJob {
                 (_, None) => None,
             };
             let split = self.learner.as_ref().map(|l| self.split(l.rate()));
-            self.limiter = match (self.limiter.take(), split) {
-                (Some(mut limiter), Some(rate)) => {
-                    limiter.set_rate(rate);
-                    Some(limiter)
-                }
-                (None, Some(rate)) => Some(RateLimiter::new(rate)),
-                (_, None) => None,
-            };
+            self.limiter.set_rate(split);
             self.s.policy.max_requests_per_second = rate;
             self.publish_rate();
         }
@@ -527,16 +524,15 @@ impl JobKind for PollJob {
     }
 
     fn admit(&mut self, row: &DueRow) -> Admit {
-        if let Some(limiter) = self.limiter.as_mut() {
-            let t = Instant::now();
-            let ready = limiter.ready_at(t);
-            if t < ready {
-                return Admit::Wait(ready);
+        let t = Instant::now();
+        match self.limiter.admit(t) {
+            Err(ready) => return Admit::Wait(ready),
+            Ok(true) => {
+                if let Some(learner) = self.learner.as_mut() {
+                    learner.sent(t);
+                }
             }
-            limiter.record(t);
-            if let Some(learner) = self.learner.as_mut() {
-                learner.sent(t);
-            }
+            Ok(false) => {}
         }
         if self.probing {
             self.probe_in_flight = true;
@@ -782,8 +778,8 @@ impl PollJob {
                             rate = rate.map_or_else(|| "unlimited".to_owned(), |r| format!("{:.3}", r / n as f64)),
                             "daemons sharing the queue changed; this one takes its share of the account's request rate"
                         );
-                        if let (Some(rate), Some(limiter)) = (rate, self.limiter.as_mut()) {
-                            limiter.set_rate(rate / n as f64);
+                        if let Some(rate) = rate {
+                            self.limiter.set_rate(Some(rate / n as f64));
                         }
                     }
                 }
@@ -861,10 +857,7 @@ impl PollJob {
         }
         let learnt = learner.is_learnt();
         let split = self.split(rate);
-        match self.limiter.as_mut() {
-            Some(limiter) => limiter.set_rate(split),
-            None => self.limiter = Some(RateLimiter::new(split)),
-        }
+        self.limiter.set_rate(Some(split));
         if rate < before {
             info!(
                 account = %self.s.account,

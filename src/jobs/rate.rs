@@ -103,6 +103,83 @@ impl RateLimiter {
     }
 }
 
+/// One account's [`RateLimiter`], shared by everything that sends requests with the account's
+/// key: its poll loop and the API stand-in (`proxy`), so that polls and submissions spend one
+/// budget. `None` inside means unlimited. The poll loop keeps setting the rate (learnt from
+/// throttling, and on a shared queue split among the daemons), so a submission is held to the
+/// same rate the polls are. A `std` mutex, held for the microseconds a decision takes, never
+/// across an `.await`.
+#[derive(Debug, Clone, Default)]
+pub struct SharedLimiter(std::sync::Arc<std::sync::Mutex<Option<RateLimiter>>>);
+
+impl SharedLimiter {
+    /// A limiter at `rate` requests per second (`None`: unlimited).
+    pub fn new(rate: Option<f64>) -> SharedLimiter {
+        SharedLimiter(std::sync::Arc::new(std::sync::Mutex::new(
+            rate.map(RateLimiter::new),
+        )))
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Option<RateLimiter>) -> R) -> R {
+        // A panic while the lock was held cannot leave the bookkeeping half-changed in a way
+        // that matters more than losing it: carry on with what is there.
+        let mut guard = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
+    }
+
+    /// Changes the rate (`None`: unlimited), keeping the requests already sent
+    /// ([`RateLimiter::set_rate`]).
+    pub fn set_rate(&self, rate: Option<f64>) {
+        self.with(|l| match (l.as_mut(), rate) {
+            (Some(limiter), Some(rate)) => limiter.set_rate(rate),
+            (None, Some(rate)) => *l = Some(RateLimiter::new(rate)),
+            (_, None) => *l = None,
+        });
+    }
+
+    /// True when a rate is set.
+    pub fn is_limited(&self) -> bool {
+        self.with(|l| l.is_some())
+    }
+
+    /// The poll loop's admission: `Ok(true)` when a request may start at `now` (and is
+    /// counted), `Ok(false)` when there is no limit, `Err(at)` when it must wait until `at`.
+    pub fn admit(&self, now: Instant) -> Result<bool, Instant> {
+        self.with(|l| {
+            let Some(limiter) = l.as_mut() else {
+                return Ok(false);
+            };
+            let ready = limiter.ready_at(now);
+            if now < ready {
+                return Err(ready);
+            }
+            limiter.record(now);
+            Ok(true)
+        })
+    }
+
+    /// A submission's turn: the time it may be sent (`now` or later, and counted from then
+    /// on, so polls wait behind it), or, when that is more than `max_wait` away, `Err` with
+    /// the wait, and nothing counted.
+    pub fn reserve(&self, now: Instant, max_wait: Duration) -> Result<Instant, Duration> {
+        self.with(|l| {
+            let Some(limiter) = l.as_mut() else {
+                return Ok(now);
+            };
+            let at = limiter.ready_at(now).max(now);
+            let wait = at - now;
+            if wait > max_wait {
+                return Err(wait);
+            }
+            limiter.record(at);
+            Ok(at)
+        })
+    }
+}
+
 /// Extra spacing per rate window; costs at most 1 % of the rate at 500 requests/s.
 pub const RATE_WINDOW_MARGIN: Duration = Duration::from_millis(10);
 
@@ -236,6 +313,44 @@ impl RateLearner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn polls_and_submissions_spend_one_shared_budget() {
+        let start = Instant::now();
+        let poll_side = SharedLimiter::new(Some(2.0));
+        let proxy_side = poll_side.clone();
+        assert_eq!(
+            poll_side.admit(start),
+            Ok(true),
+            "the first poll goes at once"
+        );
+        // A submission takes the next turn, half a second on, and the poll after it waits
+        // for the turn after that (one second's window, with its margin, holds two).
+        let turn = proxy_side
+            .reserve(start, Duration::from_secs(1))
+            .expect("within the wait");
+        assert_eq!(turn, start + Duration::from_millis(500));
+        let third = start + Duration::from_secs(1) + RATE_WINDOW_MARGIN;
+        assert_eq!(
+            poll_side.admit(start + Duration::from_millis(600)),
+            Err(third)
+        );
+        // A turn further away than the wait is refused and not counted.
+        let far = proxy_side.reserve(start, Duration::from_millis(100));
+        assert_eq!(far, Err(third - start));
+        assert_eq!(poll_side.admit(third), Ok(true));
+        // A rate the poll loop sets (learnt, or split among daemons) holds submissions too.
+        poll_side.set_rate(Some(0.5));
+        assert!(proxy_side.reserve(third, Duration::from_secs(1)).is_err());
+        poll_side.set_rate(None);
+        assert!(!proxy_side.is_limited());
+        assert_eq!(
+            proxy_side.reserve(third, Duration::ZERO),
+            Ok(third),
+            "unlimited"
+        );
+        assert_eq!(poll_side.admit(third), Ok(false));
+    }
 
     #[test]
     fn the_rate_limiter_keeps_the_rate_despite_late_wakeups_and_never_exceeds_it() {

@@ -19,13 +19,13 @@ use crate::binary::*;
 use crate::helpers::*;
 
 /// A fixture of `tests/fixtures/families/`.
-fn family_fixture(name: &str) -> String {
+pub(crate) fn family_fixture(name: &str) -> String {
     String::from_utf8(fixture(&format!("families/{name}"))).expect("utf8")
 }
 
 /// The task ID a fixture is about (`data.taskId`, `data.task_id`, or midi's top-level
 /// `task_id`).
-fn fixture_task_id(text: &str) -> String {
+pub(crate) fn fixture_task_id(text: &str) -> String {
     let v: Value = serde_json::from_str(text).expect("fixture JSON");
     ["taskId", "task_id"]
         .iter()
@@ -40,7 +40,7 @@ pub(crate) fn for_task(text: &str, id: &str) -> String {
 }
 
 /// JSON text without the whitespace outside strings: how the daemon sends a body.
-fn minify(text: &str) -> String {
+pub(crate) fn minify(text: &str) -> String {
     let (mut out, mut in_string, mut escaped) = (String::new(), false, false);
     for c in text.chars() {
         if in_string {
@@ -62,7 +62,7 @@ fn minify(text: &str) -> String {
 }
 
 /// The details path of each kind, as the API serves it.
-fn endpoint(kind: &str) -> &'static str {
+pub(crate) fn endpoint(kind: &str) -> &'static str {
     match kind {
         "music" => "/api/v1/generate/record-info",
         "lyrics" => "/api/v1/lyrics/record-info",

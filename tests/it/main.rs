@@ -26,6 +26,7 @@ mod numbers;
 mod polling;
 mod postgres;
 mod props;
+mod proxy;
 mod reload;
 mod restart;
 mod security;
