@@ -47,6 +47,8 @@ pub mod metrics;
 pub mod protocol;
 pub mod store;
 pub mod systemd;
+/// Test helpers, left out of the daemon (the `testing` feature; see `Cargo.toml`).
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 
