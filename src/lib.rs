@@ -26,6 +26,7 @@
 //! - [`daemon`]: wiring it all together, start-up and shutdown.
 //! - [`systemd`]: what systemd passes in (notify socket, watchdog, listening socket) and the
 //!   readiness, status and watchdog messages sent back; [`logging`]: stderr or the journal.
+//! - [`tls`]: the one rustls crypto provider every TLS client shares.
 
 #![forbid(unsafe_code)]
 
@@ -51,6 +52,7 @@ pub mod systemd;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
+pub mod tls;
 
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -20,6 +20,7 @@ mod helpers;
 mod hostile;
 mod hostile_answers;
 mod hostile_local;
+mod layout;
 mod metrics;
 mod monitoring;
 mod polling;
