@@ -31,3 +31,4 @@ mod restart;
 mod security;
 mod systemd;
 mod takeover;
+mod timed_api;
