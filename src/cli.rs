@@ -173,7 +173,12 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
     /// Print the manual page (roff) to standard output: `sunopoll man | man -l -`.
-    Man,
+    Man {
+        /// Instead, write it and a page per subcommand (sunopoll-add.1, …), which its
+        /// SUBCOMMANDS section refers to, into this folder (the Debian package ships them).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `sunopoll archive …`.
@@ -293,7 +298,17 @@ pub fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command, "sunopoll", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Man => {
+        Command::Man { dir: Some(dir) } => match clap_mangen::generate_to(Cli::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "sunopoll: cannot write the manual pages into {}: {e}",
+                    dir.display()
+                );
+                ExitCode::from(EXIT_REFUSED)
+            }
+        },
+        Command::Man { dir: None } => {
             use std::io::Write;
             let mut page = Vec::new();
             let written = clap_mangen::Man::new(Cli::command())

@@ -12,6 +12,7 @@
 //!   single-callback lyrics, wav, stems, midi, mp4 and cover adapters).
 //! - [`archive`]: keeping the files finished tasks leave behind, before the API deletes them.
 //! - [`events`]: what one event is (its stage and stored body), shared with the store.
+//! - [`json`]: JSON numbers as they were written (every token the API sent is passed on).
 //! - [`store`]: the durable queue behind the [`store::Backend`] seam; SQLite (one thread,
 //!   group commit) is its backend.
 //! - [`metrics`]: Prometheus metrics and their endpoint.
@@ -43,6 +44,7 @@ pub mod forward;
 pub mod housekeeping;
 pub mod http;
 pub mod jobs;
+pub mod json;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;

@@ -238,6 +238,17 @@ impl Request {
                 format!("the request is not valid JSON: {e}"),
             )
         })?;
+        // serde_json refuses such a number by default; with numbers kept as written it parses,
+        // and it is still no value any field could take.
+        if let Some(n) = crate::json::first_unrepresentable(&value) {
+            return Err(ErrorBody::new(
+                "invalid_json",
+                format!(
+                    "the request is not valid JSON: the number {} is out of range",
+                    crate::api::clip(n.as_str(), 64)
+                ),
+            ));
+        }
         let Some(obj) = value.as_object_mut() else {
             return Err(ErrorBody::new(
                 "bad_request",
@@ -258,7 +269,7 @@ impl Request {
             }
         };
         fn body<T: serde::de::DeserializeOwned>(cmd: &str, v: Value) -> Result<T, ErrorBody> {
-            serde_json::from_value(v)
+            crate::json::typed(&v)
                 .map_err(|e| ErrorBody::new("bad_request", format!("bad `{cmd}` request: {e}")))
         }
         Ok(match cmd.as_str() {

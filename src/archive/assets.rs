@@ -240,6 +240,46 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_result_has_every_number_as_the_body_wrote_it() {
+        // The stored body is minified; the kept file is pretty, with the same tokens.
+        let text = String::from_utf8(
+            std::fs::read(format!(
+                "{}/tests/fixtures/families/midi.callback.complete.numbers.json",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .expect("fixture"),
+        )
+        .expect("utf8");
+        let stored = serde_json::from_str::<Value>(&text)
+            .expect("json")
+            .to_string();
+        let events = [NewEvent {
+            stage: Stage::Complete,
+            code: 200,
+            body: stored,
+            tracks: 2,
+            filled: false,
+        }];
+        let files = files_of_events("midi", &events);
+        let AssetSource::Inline(kept) = &files[0].source else {
+            panic!("midi is written from the body");
+        };
+        for token in [
+            "0.18229166666666666",
+            "0.19270833333333334",
+            "0.10000000000000001",
+            "1.50",
+            "-0.0",
+            "18446744073709551616",
+            "-123456789012345678901234567890",
+            "2.2250738585072011e-308",
+        ] {
+            assert!(kept.contains(token), "{token} kept as written:\n{kept}");
+        }
+        assert_eq!(kept.matches("0.18229166666666666").count(), 2);
+    }
+
+    #[test]
     fn names_never_leave_the_task_directory() {
         let body = serde_json::json!({"data": {"data": [
             {"id": "../../etc/passwd", "audio_url": "https://x.example.com/a/b.mp3/..%2f..",

@@ -33,6 +33,7 @@ macro_rules! every_check {
             add_is_idempotent_and_reports_state,
             due_window_orders_by_next_poll,
             apply_poll_writes_events_once_and_in_order,
+            a_body_is_kept_byte_for_byte,
             a_failing_job_undoes_only_itself,
             remove_and_readd,
             retrack_polls_a_failed_task_again_keeping_its_events,
@@ -214,6 +215,52 @@ async fn apply_poll_writes_events_once_and_in_order(s: &impl Backend) {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].body, error_event("t", 501, "failed").body);
     assert_eq!(events[0].created_at, 2000);
+}
+
+/// A body as the families write it could be any JSON text: every read gives back its bytes,
+/// numbers spelt as the API spelt them (`design.md` invariant 11), whitespace, escapes and
+/// characters outside ASCII included.
+async fn a_body_is_kept_byte_for_byte(s: &impl Backend) {
+    // JSON escapes and raw characters in a string, and layout outside strings.
+    let body = concat!(
+        r#"{"task_id":"t","code":200,"msg":"ok \u00e9 \" \n é 🎵","data":{"#,
+        r#""end":0.18229166666666666,"v":[0.10000000000000001,1.50,-0.0,-0,0.0,1e-7,5e-324,"#,
+        r#"2.2250738585072011e-308,9007199254740993,18446744073709551616,"#,
+        r#"-123456789012345678901234567890],"#,
+        "\n  \"pretty\" : [ 1 ,\t2 ]}}"
+    )
+    .to_owned();
+    let parsed: serde_json::Value = serde_json::from_str(&body).expect("the body is JSON");
+    assert!(parsed.is_object());
+    let music = crate::store::TaskSpec::music(None, None);
+    s.add(vec!["t".into()], music, 1000, 10_000)
+        .await
+        .expect("add");
+    let mut event = error_event("t", 200, "");
+    (event.stage, event.body) = (Stage::Complete, body.clone());
+    s.apply_poll("t".into(), 2000, move |_| TaskUpdate {
+        routes: vec![app_route()],
+        ..update(TaskState::Done, vec![event])
+    })
+    .await
+    .expect("apply")
+    .expect("active");
+    let (_, shown) = s.show("t".into()).await.expect("show").expect("known");
+    assert_eq!(shown[0].body, body, "show");
+    let listed = s.events(0, None, None).await.expect("events");
+    assert_eq!(listed[0].body, body, "events");
+    let page = s
+        .events_page(0, Some("t".into()), 10, 1 << 20)
+        .await
+        .expect("page");
+    assert_eq!(page[0].body, body, "a page of events");
+    let due = s
+        .due_deliveries(vec!["app".into()], Vec::new(), Vec::new(), 10)
+        .await
+        .expect("due")
+        .rows;
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].body, body, "the delivery sends the stored bytes");
 }
 
 async fn a_failing_job_undoes_only_itself(s: &impl Backend) {

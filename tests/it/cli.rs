@@ -237,6 +237,24 @@ async fn completions_and_the_man_page_come_from_the_command_line_definition() {
         page.contains("redeliver") && page.contains("\\-\\-socket"),
         "{page}"
     );
+    // --dir: the pages the Debian package ships, one per subcommand, so that every page the
+    // main one's SUBCOMMANDS section names (sunopoll-add(1), …) exists.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(sunopoll(&["man", "--dir", dir.path().to_str().unwrap()])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let main = std::fs::read_to_string(dir.path().join("sunopoll.1")).expect("sunopoll.1");
+    let named: Vec<&str> = main
+        .lines()
+        .filter_map(|l| l.strip_suffix("(1)"))
+        .filter(|l| l.starts_with("sunopoll\\-"))
+        .collect();
+    assert!(named.len() >= 10, "SUBCOMMANDS names few pages: {named:?}");
+    for name in named {
+        let file = format!("{}.1", name.replace("\\-", "-"));
+        let sub = std::fs::read_to_string(dir.path().join(&file))
+            .unwrap_or_else(|e| panic!("{file}, named in sunopoll.1, was not written: {e}"));
+        assert!(sub.contains(".TH "), "{file}: {sub}");
+    }
     let out = run(sunopoll(&["completions", "tcsh"])).await;
     assert_eq!(
         out.status.code(),
@@ -384,4 +402,45 @@ async fn store_copy_moves_a_queue_and_prints_each_table_checked() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("already holds tasks"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_forget_member_needs_a_shared_queue_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[store]\npath = \"q.db\"\n").expect("write");
+    let out = run(sunopoll(&[
+        "--config",
+        config.to_str().expect("utf8"),
+        "store",
+        "forget-member",
+        "host:/run/sunopoll/control.sock",
+    ]))
+    .await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the store is the SQLite file") && err.contains("set store.url"),
+        "{err}"
+    );
+    assert!(!dir.path().join("q.db").exists(), "no store was created");
+    // An unreachable database is a refusal (exit 1) that names it, without its password.
+    std::fs::write(
+        &config,
+        "[store]\nurl = \"postgresql://u:hunter2@127.0.0.1:9/db?connect_timeout=2\"\n",
+    )
+    .expect("write");
+    let out = run(sunopoll(&[
+        "--config",
+        config.to_str().expect("utf8"),
+        "store",
+        "forget-member",
+        "host:/x.sock",
+        "--dry-run",
+    ]))
+    .await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("postgres://u@127.0.0.1:9/db"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
 }

@@ -35,7 +35,7 @@ fn fixture_task_id(text: &str) -> String {
 }
 
 /// `text` with the fixture's own task ID replaced by `id`.
-fn for_task(text: &str, id: &str) -> String {
+pub(crate) fn for_task(text: &str, id: &str) -> String {
     text.replace(&fixture_task_id(text), id)
 }
 
@@ -91,7 +91,7 @@ struct FamilyState {
 }
 
 /// A fake of every family's details endpoint, on 127.0.0.1.
-struct FamilyApi {
+pub(crate) struct FamilyApi {
     server: MockServer,
     state: Arc<Mutex<FamilyState>>,
 }
@@ -128,7 +128,7 @@ impl Respond for FamilyRouter {
 }
 
 impl FamilyApi {
-    async fn start() -> FamilyApi {
+    pub(crate) async fn start() -> FamilyApi {
         let server = MockServer::start().await;
         let state = Arc::new(Mutex::new(FamilyState::default()));
         Mock::given(method("GET"))
@@ -147,7 +147,7 @@ impl FamilyApi {
         self.script_raw(kind, task, answers);
     }
 
-    fn script_raw(&self, kind: &str, task: &str, answers: Vec<(u16, String)>) {
+    pub(crate) fn script_raw(&self, kind: &str, task: &str, answers: Vec<(u16, String)>) {
         self.state
             .lock()
             .expect("state")
@@ -167,7 +167,7 @@ impl FamilyApi {
         self.state.lock().expect("state").calls.values().sum()
     }
 
-    fn strays(&self) -> Vec<String> {
+    pub(crate) fn strays(&self) -> Vec<String> {
         self.state.lock().expect("state").strays.clone()
     }
 
@@ -179,7 +179,7 @@ impl FamilyApi {
         self.state.lock().expect("state").auth.clone()
     }
 
-    fn uri(&self) -> String {
+    pub(crate) fn uri(&self) -> String {
         self.server.uri()
     }
 }

@@ -17,7 +17,7 @@ const ORDER: &[&[&str]] = &[
     &["config"],
     &["api"],
     &["store"],
-    &["events", "logging", "http", "tls", "testing"],
+    &["events", "json", "logging", "http", "tls", "testing"],
     &["clock"],
 ];
 

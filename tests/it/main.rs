@@ -23,6 +23,7 @@ mod hostile_local;
 mod layout;
 mod metrics;
 mod monitoring;
+mod numbers;
 mod polling;
 mod postgres;
 mod props;

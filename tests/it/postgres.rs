@@ -37,7 +37,7 @@ pub(crate) fn db_name(url: &str) -> String {
 
 /// A daemon config on the shared database `url`: `config`'s settings with `[store]` pointing
 /// at PostgreSQL instead of the SQLite file.
-fn on_postgres(config: &BinConfig, url: &str) -> String {
+pub(crate) fn on_postgres(config: &BinConfig, url: &str) -> String {
     let toml = config.to_toml();
     let sqlite = "[store]\npath = \"state/sunopoll.db\"\n";
     assert!(toml.contains(sqlite), "BinConfig's [store] section changed");
@@ -682,4 +682,102 @@ async fn a_target_one_host_names_gets_the_events_a_host_without_it_stores() {
     );
     assert!(errors_in(&logs).is_empty(), "errors logged:\n{logs}");
     row.report_and_check();
+}
+
+/// `sunopoll store forget-member` retires a host: refused while it runs, a dry run changes
+/// nothing, and then the deliveries waiting for the target only it named are given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_host_is_forgotten_and_what_waited_for_it_is_given_up() {
+    let Some(cluster) = sunopoll::testing::postgres() else {
+        return;
+    };
+    let url = cluster.database();
+    let db = db_name(&url);
+    let api = FakeApi::start().await;
+    let handler = Receiver::start().await;
+    let with_target = shared_config(&api, &handler, "\"unlimited\"");
+    let mut without = with_target.clone();
+    without.targets.clear();
+    let mut a = prepare_on(&with_target, &url);
+    let mut b = prepare_on(&without, &url);
+    a.restart().await;
+    b.restart().await;
+    let v = a.status().await;
+    let member = v["shared"]["member"]
+        .as_str()
+        .expect("A's member")
+        .to_owned();
+    let forget = |d: &BinDaemon, dry: bool| {
+        let mut args = vec![
+            "--config".to_owned(),
+            d.config.display().to_string(),
+            "store".to_owned(),
+            "forget-member".to_owned(),
+            member.clone(),
+        ];
+        if dry {
+            args.push("--dry-run".to_owned());
+        }
+        args
+    };
+    let run_forget = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(sunopoll(&refs)).await
+    };
+
+    // While A runs: refused, and it says why.
+    let out = run_forget(forget(&b, false)).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("is running") && text(&out.stderr).contains("stop it first"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A stops for good; B stores events for `app` that now wait forever.
+    a.stop().await;
+    let ids = vec!["forget0001".to_owned(), "forget0002".to_owned()];
+    for id in &ids {
+        api.script_statuses(id, &["SUCCESS"]);
+    }
+    add(&b, &ids).await;
+    assert!(b.wait_finished(&ids).await, "{}", b.log_text());
+    let pending = "SELECT COUNT(*) FROM deliveries WHERE target = 'app' AND state = 'pending'";
+    let waiting = number(&psql(cluster, &db, pending).await);
+    assert!(waiting >= 2, "deliveries wait for app: {waiting}");
+
+    // A dry run says what would happen and changes nothing.
+    let out = run_forget(forget(&b, true)).await;
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        said.contains(&format!("would forget {member}: 1 target registration (dry run"))
+            && said.contains(&format!(
+                "target app: named by no other member; its {waiting} pending deliveries would be given up"
+            )),
+        "{said}"
+    );
+    assert_eq!(number(&psql(cluster, &db, pending).await), waiting);
+
+    // Forgotten: they are given up, and no registration is left.
+    let out = run_forget(forget(&b, false)).await;
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        said.contains(&format!("{waiting} pending deliveries given up")),
+        "{said}"
+    );
+    assert_eq!(number(&psql(cluster, &db, pending).await), 0);
+    assert_eq!(
+        number(&psql(cluster, &db, "SELECT COUNT(*) FROM targets").await),
+        0
+    );
+    // Asked again: nothing is registered under it any more.
+    let out = run_forget(forget(&b, false)).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("no targets are registered under"),
+        "{}",
+        text(&out.stderr)
+    );
+    b.stop().await;
 }

@@ -9,13 +9,16 @@ The API answers GET /api/v1/generate/record-info?taskId=... with the fixtures in
 (their task ID replaced by the one asked about). What a task goes through depends on its ID:
 
 - "slow..."  : the answer is held for --slow-seconds, then SUCCESS (a poll in flight to drain)
+- "hold..."  : the answer is held until GET /_release?taskId=... (at most --hold-seconds), then
+               SUCCESS: a poll that stays in flight for as long as the check needs (an upgrade)
 - "fail..."  : SENSITIVE_WORD_ERROR (an `error` event)
 - anything else: one stage per poll, PENDING, TEXT_SUCCESS, FIRST_SUCCESS, then SUCCESS
 
 A request without "Authorization: Bearer <--api-key>" gets the API's 401 envelope, so a task
 only progresses when the key came through the systemd credential. GET /_stats?taskId=... says
 "<polls> <in flight>" for one task (the check inside the container reads it with bash's
-/dev/tcp), and GET /_stats/unauthorized the number of requests with a wrong key.
+/dev/tcp), GET /_stats/unauthorized the number of requests with a wrong key, and
+GET /_release?taskId=... lets the held polls of a "hold..." task answer.
 
 The handler stores every POSTed body as <n>.<task>.<stage>.json (n counts arrivals from 1) in
 --received, with its headers beside it as <n>.headers.json, and answers 200.
@@ -34,16 +37,28 @@ STAGES = ["PENDING", "TEXT_SUCCESS", "FIRST_SUCCESS", "SUCCESS"]
 
 
 class State:
-    def __init__(self, fixtures, api_key, slow_seconds, received):
+    def __init__(self, fixtures, api_key, slow_seconds, hold_seconds, received):
         self.fixtures = fixtures
         self.api_key = api_key
         self.slow_seconds = slow_seconds
+        self.hold_seconds = hold_seconds
+        self.released = {}
         self.received = received
         self.lock = threading.Lock()
         self.polls = {}
         self.in_flight = {}
         self.unauthorized = 0
         self.deliveries = 0
+
+    def release(self, task_id):
+        with self.lock:
+            event = self.released.setdefault(task_id, threading.Event())
+        event.set()
+
+    def wait_released(self, task_id):
+        with self.lock:
+            event = self.released.setdefault(task_id, threading.Event())
+        event.wait(self.hold_seconds)
 
     def record_info(self, status, task_id):
         with open(os.path.join(self.fixtures, f"record-info.{status}.json"), encoding="utf-8") as f:
@@ -72,6 +87,9 @@ def api_handler(state):
                 with state.lock:
                     line = f"{state.polls.get(task_id, 0)} {state.in_flight.get(task_id, 0)}\n"
                 return self.answer(200, line.encode(), "text/plain")
+            if url.path == "/_release" and task_id:
+                state.release(task_id)
+                return self.answer(200, b"released\n", "text/plain")
             if url.path == "/_stats/unauthorized":
                 with state.lock:
                     line = f"{state.unauthorized}\n"
@@ -90,6 +108,9 @@ def api_handler(state):
             try:
                 if task_id.startswith("slow"):
                     time.sleep(state.slow_seconds)
+                    status = "SUCCESS"
+                elif task_id.startswith("hold"):
+                    state.wait_released(task_id)
                     status = "SUCCESS"
                 elif task_id.startswith("fail"):
                     status = "SENSITIVE_WORD_ERROR"
@@ -142,10 +163,11 @@ def main():
     p.add_argument("--received", required=True)
     p.add_argument("--ports-file", required=True)
     p.add_argument("--slow-seconds", type=float, default=4.0)
+    p.add_argument("--hold-seconds", type=float, default=60.0)
     p.add_argument("--lifetime", type=float, default=900.0, help="exit after this many seconds")
     args = p.parse_args()
 
-    state = State(args.fixtures, args.api_key, args.slow_seconds, args.received)
+    state = State(args.fixtures, args.api_key, args.slow_seconds, args.hold_seconds, args.received)
     api = ThreadingHTTPServer(("127.0.0.1", 0), api_handler(state))
     handler = ThreadingHTTPServer(("127.0.0.1", 0), callback_handler(state))
     for server in (api, handler):

@@ -94,193 +94,119 @@ impl Family for Cover {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
-    use crate::api::families::common::testing::{classified, details, json, minified};
+    use crate::api::families::Flavor;
+    use crate::api::families::conformance::{Callback, Conformance, Spec, TASK, classified, json};
 
-    const TASK: &str = "21d0b7e35c9a4f1e8b6a2c4d6e8f0a13";
-
-    fn record(name: &str) -> Record {
-        classified(&Cover, name).1
-    }
-
-    fn events(name: &str) -> Vec<NewEvent> {
-        Cover.events(TASK, None, &record(name), true)
-    }
-
-    fn parsed(data: &str) -> Record {
-        Cover.parse(&json(data)).expect("parses")
-    }
-
-    fn failure_body(code: i64, msg: &str) -> String {
-        format!(r#"{{"code":{code},"msg":"{msg}","data":{{"taskId":"{TASK}","images":null}}}}"#)
-    }
-
-    #[test]
-    fn every_fixture_classifies_to_its_status() {
-        for (file, kind, status) in [
-            ("cover.record-info.PENDING.json", "pending", "0"),
-            ("cover.record-info.GENERATING.json", "pending", "2"),
-            ("cover.record-info.SUCCESS.json", "progress", "1"),
-            (
-                "cover.record-info.SUCCESS.string-flag.json",
-                "progress",
-                "SUCCESS",
-            ),
-            ("cover.record-info.FAILED.json", "progress", "3"),
-        ] {
-            let (got, r) = classified(&Cover, file);
-            assert_eq!(got, kind, "{file}");
-            assert_eq!(Cover.status(&r), status, "{file}");
-            assert!(Cover.is_known(&r), "{file}");
-            assert_eq!(
-                Cover.submitted_callback_url(&r).as_deref(),
-                Some("https://hooks.example.com/suno/callback")
-            );
+    /// The body is the same in both flavours.
+    impl Conformance for Cover {
+        fn spec(_: Flavor) -> Spec<Cover> {
+            Spec {
+                dir: "families/cover.",
+                endpoint: "api/v1/suno/cover/record-info",
+                status_key: "successFlag",
+                fixtures: vec![
+                    ("record-info.PENDING.json", "pending", "0", 0),
+                    ("record-info.GENERATING.json", "pending", "2", 0),
+                    ("record-info.SUCCESS.json", "progress", "1", 2),
+                    (
+                        "record-info.SUCCESS.string-flag.json",
+                        "progress",
+                        "SUCCESS",
+                        2,
+                    ),
+                    ("record-info.FAILED.json", "progress", "3", 0),
+                ],
+                results: |r| r.result.len(),
+                callbacks: vec![
+                    Callback::complete("record-info.SUCCESS.json", "callback.complete.json", 2),
+                    Callback::complete(
+                        "record-info.SUCCESS.string-flag.json",
+                        "callback.complete.json",
+                        2,
+                    ),
+                    Callback::error("record-info.FAILED.json", "callback.error.json", 501),
+                ],
+                failures: vec![("record-info.FAILED.json", GENERATION_FAILED, MSG_FAILED)],
+                defaults: [
+                    (
+                        r#"{"successFlag":"CREATE_TASK_FAILED","errorCode":null}"#,
+                        500,
+                        MSG_FAILED,
+                    ),
+                    // errorCode 200 is no failure code.
+                    (
+                        r#"{"successFlag":3,"errorCode":200,"errorMessage":""}"#,
+                        501,
+                        MSG_FAILED,
+                    ),
+                    (
+                        r#"{"successFlag":3,"errorCode":531,"errorMessage":"refunded"}"#,
+                        531,
+                        "refunded",
+                    ),
+                    (
+                        r#"{"successFlag":"CALLBACK_EXCEPTION","response":{"images":[null,""]}}"#,
+                        500,
+                        MSG_FAILED,
+                    ),
+                ]
+                .map(|(data, code, msg)| (data.to_owned(), code, msg))
+                .to_vec(),
+                spellings: Some((
+                    |r| r.class,
+                    vec![
+                        ("0", Class::Pending),
+                        ("2", Class::Pending),
+                        ("\"2\"", Class::Pending),
+                        ("\"PENDING\"", Class::Pending),
+                        ("1", Class::Success),
+                        ("\"1\"", Class::Success),
+                        ("3", Class::Failure(501)),
+                        ("\"3\"", Class::Failure(501)),
+                        ("\"GENERATE_COVER_FAILED\"", Class::Failure(501)),
+                        ("\"CREATE_TASK_FAILED\"", Class::Failure(500)),
+                        ("\"CALLBACK_EXCEPTION\"", Class::CallbackException),
+                        ("4", Class::Unknown),
+                    ],
+                )),
+                unknown: r#"{"successFlag":4}"#,
+                failure_body: Box::new(|task, code, msg| {
+                    format!(
+                        r#"{{"code":{code},"msg":"{msg}","data":{{"taskId":"{task}","images":null}}}}"#
+                    )
+                }),
+                task_at: "/data/taskId",
+                stage_at: None,
+                result_at: Some(("/data/images", Value::is_array)),
+                one_callback: true,
+            }
         }
     }
 
     #[test]
-    fn success_gives_the_complete_callback_byte_for_byte() {
-        // Both carry `errorCode: 200`, which is not a failure code.
+    fn a_success_says_error_code_200_which_is_no_failure_code() {
         for file in [
-            "cover.record-info.SUCCESS.json",
-            "cover.record-info.SUCCESS.string-flag.json",
+            "families/cover.record-info.SUCCESS.json",
+            "families/cover.record-info.SUCCESS.string-flag.json",
         ] {
-            let r = record(file);
-            assert_eq!(r.error_code, None, "{file}");
-            let ev = Cover.events(TASK, None, &r, true);
-            assert_eq!(ev.len(), 1, "{file}");
-            assert_eq!(
-                (ev[0].stage, ev[0].code, ev[0].tracks),
-                (Stage::Complete, 200, 2)
-            );
-            assert_eq!(
-                ev[0].body,
-                minified("cover.callback.complete.json"),
-                "{file}"
-            );
+            assert_eq!(classified(&Cover, file).1.error_code, None, "{file}");
         }
     }
 
     #[test]
-    fn a_failure_gives_the_error_callback_byte_for_byte() {
-        let ev = events("cover.record-info.FAILED.json");
-        assert_eq!((ev.len(), ev[0].stage, ev[0].code), (1, Stage::Error, 501));
-        assert_eq!(ev[0].body, minified("cover.callback.error.json"));
-    }
-
-    #[test]
-    fn every_flag_spelling_reads_as_documented() {
-        for (flag, class) in [
-            ("0", Class::Pending),
-            ("2", Class::Pending),
-            ("\"2\"", Class::Pending),
-            ("\"PENDING\"", Class::Pending),
-            ("1", Class::Success),
-            ("\"1\"", Class::Success),
-            ("3", Class::Failure(501)),
-            ("\"3\"", Class::Failure(501)),
-            ("\"GENERATE_COVER_FAILED\"", Class::Failure(501)),
-            ("\"CREATE_TASK_FAILED\"", Class::Failure(500)),
-            ("\"CALLBACK_EXCEPTION\"", Class::CallbackException),
-            ("4", Class::Unknown),
-        ] {
-            assert_eq!(
-                parsed(&format!(r#"{{"successFlag":{flag}}}"#)).class,
-                class,
-                "{flag}"
-            );
-        }
-        let r = parsed(r#"{"successFlag":4}"#);
-        assert!(Cover.is_running(&r) && !Cover.is_known(&r));
-        assert!(Cover.events(TASK, None, &r, true).is_empty());
-        assert!(events("cover.record-info.PENDING.json").is_empty());
-        assert!(events("cover.record-info.GENERATING.json").is_empty());
-    }
-
-    #[test]
-    fn failure_codes_and_messages() {
-        for (data, want) in [
-            (
-                r#"{"successFlag":"CREATE_TASK_FAILED","errorCode":null}"#,
-                failure_body(500, MSG_FAILED),
-            ),
-            (
-                r#"{"successFlag":3,"errorCode":200,"errorMessage":""}"#,
-                failure_body(501, MSG_FAILED),
-            ),
-            (
-                r#"{"successFlag":3,"errorCode":531,"errorMessage":"refunded"}"#,
-                failure_body(531, "refunded"),
-            ),
-            (
-                r#"{"successFlag":"CALLBACK_EXCEPTION","response":{"images":[null,""]}}"#,
-                failure_body(500, MSG_FAILED),
-            ),
-        ] {
-            let ev = Cover.events(TASK, None, &parsed(data), true);
-            assert_eq!(ev[0].body, want, "{data}");
-        }
-        let ev = Cover.events(
-            TASK,
-            None,
-            &parsed(r#"{"successFlag":"CALLBACK_EXCEPTION","response":{"images":["", "https://i/1.png", 5]}}"#),
-            true,
-        );
+    fn only_present_image_urls_are_kept() {
+        let r = Cover
+            .parse(&json(
+                r#"{"successFlag":"CALLBACK_EXCEPTION","response":{"images":["", "https://i/1.png", 5]}}"#,
+            ))
+            .expect("parses");
+        let ev = Cover.events(TASK, None, &r, true);
         assert_eq!(
             ev[0].body,
             format!(
                 r#"{{"code":200,"msg":"success","data":{{"taskId":"{TASK}","images":["https://i/1.png"]}}}}"#
             )
         );
-    }
-
-    #[test]
-    fn a_terminal_status_is_final() {
-        for reached in [Stage::Complete, Stage::Error] {
-            for file in [
-                "cover.record-info.SUCCESS.json",
-                "cover.record-info.FAILED.json",
-            ] {
-                let r = record(file);
-                assert!(Cover.events(TASK, Some(reached), &r, true).is_empty());
-                assert!(!Cover.went_backwards(&r, Some(reached)));
-            }
-        }
-    }
-
-    #[test]
-    fn the_error_event_is_the_failure_body() {
-        let ev = Cover.error_event(TASK, 408, "timed out");
-        assert_eq!((ev.stage, ev.code), (Stage::Error, 408));
-        assert_eq!(ev.body, failure_body(408, "timed out"));
-        assert_eq!(
-            (Cover.name(), Cover.endpoint(), Cover.task_id_key()),
-            ("cover", "api/v1/suno/cover/record-info", "taskId")
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn parse_and_events_never_panic(
-            data in details("successFlag", vec![Value::from(0), Value::from(1), Value::from(2),
-                Value::from(3), "3".into(), "SUCCESS".into(), "CALLBACK_EXCEPTION".into()]),
-            reached in prop::option::of(prop::sample::select(Stage::ALL.to_vec())),
-        ) {
-            let Ok(r) = Cover.parse(&data) else { return Ok(()) };
-            let ev = Cover.events(TASK, reached, &r, true);
-            if reached.is_some_and(Stage::is_terminal) || Cover.is_running(&r) {
-                prop_assert!(ev.is_empty());
-            } else {
-                prop_assert_eq!(ev.len(), 1);
-            }
-            for e in ev {
-                let body: Value = serde_json::from_str(&e.body).expect("the body is JSON");
-                prop_assert_eq!(&body["data"]["taskId"], TASK);
-                prop_assert_eq!(e.stage == Stage::Complete, body["data"]["images"].is_array());
-            }
-        }
     }
 }

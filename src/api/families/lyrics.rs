@@ -151,181 +151,103 @@ impl Family for Lyrics {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
-    use crate::api::families::common::testing::{classified, details, json, minified};
+    use crate::api::families::conformance::{Callback, Conformance, Spec, TASK, json};
 
-    const TASK: &str = "7c41d2e9a0b34f58a6e1c9d03b27f845";
-    const SUNOAPI: Lyrics = Lyrics(Flavor::Sunoapi);
+    impl Conformance for Lyrics {
+        fn spec(flavor: Flavor) -> Spec<Lyrics> {
+            let family = Lyrics(flavor);
+            let (complete, error) = match flavor {
+                Flavor::Sunoapi => ("callback.complete.json", "callback.error.json"),
+                Flavor::Kie => ("callback.complete.kie.json", "callback.error.kie.json"),
+            };
+            Spec {
+                dir: "families/lyrics.",
+                endpoint: "api/v1/lyrics/record-info",
+                status_key: "status",
+                fixtures: vec![
+                    ("record-info.PENDING.json", "pending", "PENDING", 0),
+                    ("record-info.SUCCESS.json", "progress", "SUCCESS", 2),
+                    ("record-info.SUCCESS.kie.json", "progress", "SUCCESS", 2),
+                    (
+                        "record-info.CALLBACK_EXCEPTION.json",
+                        "progress",
+                        "CALLBACK_EXCEPTION",
+                        2,
+                    ),
+                    (
+                        "record-info.CREATE_TASK_FAILED.json",
+                        "progress",
+                        "CREATE_TASK_FAILED",
+                        0,
+                    ),
+                    (
+                        "record-info.GENERATE_LYRICS_FAILED.json",
+                        "progress",
+                        "GENERATE_LYRICS_FAILED",
+                        0,
+                    ),
+                    (
+                        "record-info.SENSITIVE_WORD_ERROR.json",
+                        "progress",
+                        "SENSITIVE_WORD_ERROR",
+                        0,
+                    ),
+                ],
+                results: |r| r.result.len(),
+                // Both item keys (`data` and `lyricsData`) are read in both flavours.
+                callbacks: vec![
+                    Callback::complete("record-info.SUCCESS.json", complete, 2),
+                    Callback::complete("record-info.SUCCESS.kie.json", complete, 2),
+                    Callback::complete("record-info.CALLBACK_EXCEPTION.json", complete, 2),
+                    Callback::error("record-info.GENERATE_LYRICS_FAILED.json", error, 500),
+                ],
+                failures: vec![
+                    (
+                        "record-info.CREATE_TASK_FAILED.json",
+                        500,
+                        "Failed to create task",
+                    ),
+                    (
+                        "record-info.SENSITIVE_WORD_ERROR.json",
+                        400,
+                        "Song Description flagged for moderation",
+                    ),
+                ],
+                defaults: [
+                    ("CREATE_TASK_FAILED", 500),
+                    ("GENERATE_LYRICS_FAILED", 500),
+                    ("SENSITIVE_WORD_ERROR", 400),
+                    ("CALLBACK_EXCEPTION", 500),
+                ]
+                .map(|(status, code)| {
+                    let data = format!(
+                        r#"{{"status":"{status}","response":{{"data":[]}},"errorCode":null,"errorMessage":""}}"#
+                    );
+                    (data, code, MSG_FAILED)
+                })
+                .to_vec(),
+                spellings: None,
+                unknown: r#"{"status":"TEXT_SUCCESS"}"#,
+                failure_body: Box::new(move |task, code, msg| {
+                    let key = family.task_id_field();
+                    format!(
+                        r#"{{"code":{code},"msg":"{msg}","data":{{"callbackType":"error","{key}":"{task}","data":null}}}}"#
+                    )
+                }),
+                task_at: match flavor {
+                    Flavor::Sunoapi => "/data/taskId",
+                    Flavor::Kie => "/data/task_id",
+                },
+                stage_at: Some("/data/callbackType"),
+                result_at: Some(("/data/data", Value::is_array)),
+                one_callback: true,
+            }
+        }
+    }
+
     const KIE: Lyrics = Lyrics(Flavor::Kie);
-
-    fn record(name: &str) -> Record {
-        classified(&SUNOAPI, name).1
-    }
-
-    fn failure_body(family: Lyrics, code: i64, msg: &str) -> String {
-        let key = family.task_id_field();
-        format!(
-            r#"{{"code":{code},"msg":"{msg}","data":{{"callbackType":"error","{key}":"{TASK}","data":null}}}}"#
-        )
-    }
-
-    #[test]
-    fn every_fixture_classifies_to_its_status() {
-        for (file, kind, status, items) in [
-            ("lyrics.record-info.PENDING.json", "pending", "PENDING", 0),
-            ("lyrics.record-info.SUCCESS.json", "progress", "SUCCESS", 2),
-            (
-                "lyrics.record-info.SUCCESS.kie.json",
-                "progress",
-                "SUCCESS",
-                2,
-            ),
-            (
-                "lyrics.record-info.CALLBACK_EXCEPTION.json",
-                "progress",
-                "CALLBACK_EXCEPTION",
-                2,
-            ),
-            (
-                "lyrics.record-info.CREATE_TASK_FAILED.json",
-                "progress",
-                "CREATE_TASK_FAILED",
-                0,
-            ),
-            (
-                "lyrics.record-info.GENERATE_LYRICS_FAILED.json",
-                "progress",
-                "GENERATE_LYRICS_FAILED",
-                0,
-            ),
-            (
-                "lyrics.record-info.SENSITIVE_WORD_ERROR.json",
-                "progress",
-                "SENSITIVE_WORD_ERROR",
-                0,
-            ),
-        ] {
-            for family in [SUNOAPI, KIE] {
-                let (got, r) = classified(&family, file);
-                assert_eq!(got, kind, "{file}");
-                assert_eq!(family.status(&r), status, "{file}");
-                assert!(family.is_known(&r), "{file}");
-                assert_eq!(r.result.len(), items, "{file}");
-                // Lyrics records carry no callbackUrl; the request in `param` does.
-                assert_eq!(
-                    family.submitted_callback_url(&r).as_deref(),
-                    Some("https://hooks.example.com/suno/callback")
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn success_gives_each_flavours_complete_callback_byte_for_byte() {
-        // Both item keys (`data` and `lyricsData`) are read in both flavours.
-        for file in [
-            "lyrics.record-info.SUCCESS.json",
-            "lyrics.record-info.SUCCESS.kie.json",
-            "lyrics.record-info.CALLBACK_EXCEPTION.json",
-        ] {
-            for (family, want) in [
-                (SUNOAPI, "lyrics.callback.complete.json"),
-                (KIE, "lyrics.callback.complete.kie.json"),
-            ] {
-                let ev = family.events(TASK, None, &record(file), true);
-                assert_eq!(ev.len(), 1, "{file}");
-                assert_eq!(
-                    (ev[0].stage, ev[0].code, ev[0].tracks),
-                    (Stage::Complete, 200, 2)
-                );
-                assert_eq!(ev[0].body, minified(want), "{file} {family:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_failure_gives_each_flavours_error_callback_byte_for_byte() {
-        for (family, want) in [
-            (SUNOAPI, "lyrics.callback.error.json"),
-            (KIE, "lyrics.callback.error.kie.json"),
-        ] {
-            let r = record("lyrics.record-info.GENERATE_LYRICS_FAILED.json");
-            let ev = family.events(TASK, None, &r, true);
-            assert_eq!(ev.len(), 1);
-            assert_eq!(
-                (ev[0].stage, ev[0].code, ev[0].tracks),
-                (Stage::Error, 500, 0)
-            );
-            assert_eq!(ev[0].body, minified(want));
-        }
-    }
-
-    #[test]
-    fn every_failure_status_has_its_code_and_message() {
-        for (file, code, msg) in [
-            (
-                "lyrics.record-info.CREATE_TASK_FAILED.json",
-                500,
-                "Failed to create task",
-            ),
-            (
-                "lyrics.record-info.SENSITIVE_WORD_ERROR.json",
-                400,
-                "Song Description flagged for moderation",
-            ),
-        ] {
-            for family in [SUNOAPI, KIE] {
-                let ev = family.events(TASK, None, &record(file), false);
-                assert_eq!(ev.len(), 1);
-                assert_eq!(ev[0].code, code, "{file}");
-                assert_eq!(ev[0].body, failure_body(family, code, msg), "{file}");
-            }
-        }
-        for (status, code) in [
-            ("CREATE_TASK_FAILED", 500),
-            ("GENERATE_LYRICS_FAILED", 500),
-            ("SENSITIVE_WORD_ERROR", 400),
-            ("CALLBACK_EXCEPTION", 500),
-        ] {
-            let r = SUNOAPI
-                .parse(&json(&format!(
-                    r#"{{"status":"{status}","response":{{"data":[]}},"errorCode":null,"errorMessage":""}}"#
-                )))
-                .expect("parses");
-            let ev = SUNOAPI.events(TASK, None, &r, true);
-            assert_eq!(
-                ev[0].body,
-                failure_body(SUNOAPI, code, MSG_FAILED),
-                "{status}"
-            );
-        }
-    }
-
-    #[test]
-    fn pending_and_unknown_emit_nothing_and_a_terminal_status_is_final() {
-        assert!(
-            SUNOAPI
-                .events(TASK, None, &record("lyrics.record-info.PENDING.json"), true)
-                .is_empty()
-        );
-        let r = SUNOAPI
-            .parse(&json(r#"{"status":"TEXT_SUCCESS"}"#))
-            .expect("parses");
-        assert!(SUNOAPI.is_running(&r) && !SUNOAPI.is_known(&r));
-        assert!(SUNOAPI.events(TASK, None, &r, true).is_empty());
-        for reached in [Stage::Complete, Stage::Error] {
-            for file in [
-                "lyrics.record-info.SUCCESS.json",
-                "lyrics.record-info.SENSITIVE_WORD_ERROR.json",
-            ] {
-                let r = record(file);
-                assert!(SUNOAPI.events(TASK, Some(reached), &r, true).is_empty());
-                assert!(!SUNOAPI.went_backwards(&r, Some(reached)));
-            }
-        }
-    }
+    const SUNOAPI: Lyrics = Lyrics(Flavor::Sunoapi);
 
     #[test]
     fn missing_item_fields_get_their_defaults() {
@@ -348,43 +270,5 @@ mod tests {
             .expect("parses");
         let ev = SUNOAPI.events(TASK, None, &r, true);
         assert_eq!(json(&ev[0].body)["data"]["data"], json("[]"));
-    }
-
-    #[test]
-    fn the_error_event_is_the_failure_body_of_the_flavour() {
-        for family in [SUNOAPI, KIE] {
-            let ev = family.error_event(TASK, 408, "timed out");
-            assert_eq!((ev.stage, ev.code), (Stage::Error, 408));
-            assert_eq!(ev.body, failure_body(family, 408, "timed out"));
-            assert_eq!(
-                (family.name(), family.endpoint(), family.task_id_key()),
-                ("lyrics", "api/v1/lyrics/record-info", "taskId")
-            );
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn parse_and_events_never_panic(
-            data in details("status", ["PENDING", "SUCCESS", "CREATE_TASK_FAILED",
-                "GENERATE_LYRICS_FAILED", "SENSITIVE_WORD_ERROR", "CALLBACK_EXCEPTION"]
-                .map(Value::from).to_vec()),
-            reached in prop::option::of(prop::sample::select(Stage::ALL.to_vec())),
-            kie in any::<bool>(),
-        ) {
-            let family = if kie { KIE } else { SUNOAPI };
-            let Ok(r) = family.parse(&data) else { return Ok(()) };
-            let ev = family.events(TASK, reached, &r, true);
-            if reached.is_some_and(Stage::is_terminal) || family.is_running(&r) {
-                prop_assert!(ev.is_empty());
-            } else {
-                prop_assert_eq!(ev.len(), 1);
-            }
-            for e in ev {
-                let body: Value = serde_json::from_str(&e.body).expect("the body is JSON");
-                prop_assert_eq!(&body["data"]["callbackType"], e.stage.as_str());
-                prop_assert_eq!(&body["data"][family.task_id_field()], TASK);
-            }
-        }
     }
 }

@@ -124,111 +124,101 @@ impl Family for Midi {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
-    use crate::api::families::common::testing::{classified, details, json, minified};
+    use crate::api::families::Flavor;
+    use crate::api::families::conformance::{Callback, Conformance, Spec, TASK, json};
 
-    const TASK: &str = "9f8e7d6c5b4a43928170f6e5d4c3b2a1";
-
-    fn record(name: &str) -> Record {
-        classified(&Midi, name).1
-    }
-
-    fn events(name: &str) -> Vec<NewEvent> {
-        Midi.events(TASK, None, &record(name), true)
+    /// The body is the same in both flavours.
+    impl Conformance for Midi {
+        fn spec(_: Flavor) -> Spec<Midi> {
+            Spec {
+                dir: "families/midi.",
+                endpoint: "api/v1/midi/record-info",
+                status_key: "successFlag",
+                fixtures: vec![
+                    ("record-info.PENDING.json", "pending", "0", 0),
+                    ("record-info.SUCCESS.json", "progress", "1", 2),
+                    ("record-info.SUCCESS.lenient.json", "progress", "1", 2),
+                    ("record-info.SUCCESS.numbers.json", "progress", "1", 2),
+                    ("record-info.CREATE_TASK_FAILED.json", "progress", "2", 0),
+                    (
+                        "record-info.GENERATE_MIDI_FAILED.json",
+                        "progress",
+                        "3",
+                        0,
+                    ),
+                ],
+                results: |r| instruments(r.result.as_ref()).len(),
+                // The notes pass through byte for byte.
+                callbacks: vec![
+                    Callback::complete(
+                        "record-info.SUCCESS.json",
+                        "callback.complete.json",
+                        2,
+                    ),
+                    // A string flag ("1"), and notes as numeric strings, passed through as
+                    // they came.
+                    Callback::complete(
+                        "record-info.SUCCESS.lenient.json",
+                        "callback.complete.lenient.json",
+                        2,
+                    ),
+                    // Every number token as the API wrote it (design.md invariant 11).
+                    Callback::complete(
+                        "record-info.SUCCESS.numbers.json",
+                        "callback.complete.numbers.json",
+                        2,
+                    ),
+                    // errorCode "500" as a digit string; flag 3.
+                    Callback::error("record-info.GENERATE_MIDI_FAILED.json", "callback.error.json", 500),
+                ],
+                failures: vec![(
+                    "record-info.CREATE_TASK_FAILED.json",
+                    500,
+                    "Failed to create task",
+                )],
+                defaults: vec![
+                    // CALLBACK_EXCEPTION needs instruments.
+                    (
+                        r#"{"successFlag":"CALLBACK_EXCEPTION","midiData":{"state":"complete","instruments":[]},"errorCode":200}"#.to_owned(),
+                        500,
+                        MSG_FAILED,
+                    ),
+                    (r#"{"successFlag":3}"#.to_owned(), 500, MSG_FAILED),
+                ],
+                spellings: Some((
+                    |r| r.class,
+                    vec![
+                        ("0", Class::Pending),
+                        ("\"0\"", Class::Pending),
+                        ("\"PENDING\"", Class::Pending),
+                        ("1", Class::Success),
+                        ("\"1\"", Class::Success),
+                        ("\"SUCCESS\"", Class::Success),
+                        ("2", Class::Failure(500)),
+                        ("\"2\"", Class::Failure(500)),
+                        ("\"CREATE_TASK_FAILED\"", Class::Failure(500)),
+                        ("3", Class::Failure(500)),
+                        ("\"GENERATE_MIDI_FAILED\"", Class::Failure(500)),
+                        ("\"CALLBACK_EXCEPTION\"", Class::CallbackException),
+                        ("4", Class::Unknown),
+                        ("\"success\"", Class::Unknown),
+                    ],
+                )),
+                unknown: r#"{"successFlag":4}"#,
+                failure_body: Box::new(|task, code, msg| {
+                    format!(r#"{{"task_id":"{task}","code":{code},"msg":"{msg}","data":null}}"#)
+                }),
+                task_at: "/task_id",
+                stage_at: None,
+                result_at: Some(("/data/instruments", Value::is_array)),
+                one_callback: true,
+            }
+        }
     }
 
     fn parsed(data: &str) -> Record {
         Midi.parse(&json(data)).expect("parses")
-    }
-
-    #[test]
-    fn every_fixture_classifies_to_its_status() {
-        for (file, kind, status) in [
-            ("midi.record-info.PENDING.json", "pending", "0"),
-            ("midi.record-info.SUCCESS.json", "progress", "1"),
-            ("midi.record-info.SUCCESS.lenient.json", "progress", "1"),
-            ("midi.record-info.CREATE_TASK_FAILED.json", "progress", "2"),
-            (
-                "midi.record-info.GENERATE_MIDI_FAILED.json",
-                "progress",
-                "3",
-            ),
-        ] {
-            let (got, r) = classified(&Midi, file);
-            assert_eq!(got, kind, "{file}");
-            assert_eq!(Midi.status(&r), status, "{file}");
-            assert!(Midi.is_known(&r), "{file}");
-            assert_eq!(
-                Midi.submitted_callback_url(&r).as_deref(),
-                Some("https://hooks.example.com/suno/callback")
-            );
-        }
-    }
-
-    #[test]
-    fn success_passes_the_notes_through_byte_for_byte() {
-        for (file, want) in [
-            (
-                "midi.record-info.SUCCESS.json",
-                "midi.callback.complete.json",
-            ),
-            // A string flag ("1"), and notes as numeric strings, passed through as they came.
-            (
-                "midi.record-info.SUCCESS.lenient.json",
-                "midi.callback.complete.lenient.json",
-            ),
-        ] {
-            let ev = events(file);
-            assert_eq!(ev.len(), 1, "{file}");
-            assert_eq!(
-                (ev[0].stage, ev[0].code, ev[0].tracks),
-                (Stage::Complete, 200, 2)
-            );
-            assert_eq!(ev[0].body, minified(want), "{file}");
-        }
-    }
-
-    #[test]
-    fn a_failure_gives_the_error_callback_byte_for_byte() {
-        // errorCode "500" as a digit string; flag 3.
-        let ev = events("midi.record-info.GENERATE_MIDI_FAILED.json");
-        assert_eq!((ev.len(), ev[0].stage, ev[0].code), (1, Stage::Error, 500));
-        assert_eq!(ev[0].body, minified("midi.callback.error.json"));
-        let ev = events("midi.record-info.CREATE_TASK_FAILED.json");
-        assert_eq!(
-            ev[0].body,
-            format!(
-                r#"{{"task_id":"{TASK}","code":500,"msg":"Failed to create task","data":null}}"#
-            )
-        );
-    }
-
-    #[test]
-    fn every_flag_spelling_reads_the_same() {
-        for (flag, class) in [
-            ("0", Class::Pending),
-            ("\"0\"", Class::Pending),
-            ("\"PENDING\"", Class::Pending),
-            ("1", Class::Success),
-            ("\"1\"", Class::Success),
-            ("\"SUCCESS\"", Class::Success),
-            ("2", Class::Failure(500)),
-            ("\"2\"", Class::Failure(500)),
-            ("\"CREATE_TASK_FAILED\"", Class::Failure(500)),
-            ("3", Class::Failure(500)),
-            ("\"GENERATE_MIDI_FAILED\"", Class::Failure(500)),
-            ("\"CALLBACK_EXCEPTION\"", Class::CallbackException),
-            ("4", Class::Unknown),
-            ("\"success\"", Class::Unknown),
-        ] {
-            let r = parsed(&format!(r#"{{"successFlag":{flag}}}"#));
-            assert_eq!(r.class, class, "{flag}");
-        }
-        let r = parsed(r#"{"successFlag":4}"#);
-        assert!(Midi.is_running(&r) && !Midi.is_known(&r));
-        assert!(Midi.events(TASK, None, &r, true).is_empty());
     }
 
     #[test]
@@ -260,7 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn callback_exception_needs_instruments() {
+    fn callback_exception_with_instruments_completes() {
         let with = parsed(
             r#"{"successFlag":"CALLBACK_EXCEPTION","midiData":{"state":"complete","instruments":[{"name":"Drums","notes":[]}]}}"#,
         );
@@ -268,68 +258,5 @@ mod tests {
             Midi.events(TASK, None, &with, true)[0].stage,
             Stage::Complete
         );
-        let without = parsed(
-            r#"{"successFlag":"CALLBACK_EXCEPTION","midiData":{"state":"complete","instruments":[]},"errorCode":200}"#,
-        );
-        let ev = Midi.events(TASK, None, &without, true);
-        assert_eq!(
-            ev[0].body,
-            format!(
-                r#"{{"task_id":"{TASK}","code":500,"msg":"MIDI generation failed","data":null}}"#
-            )
-        );
-    }
-
-    #[test]
-    fn a_terminal_status_is_final_and_pending_emits_nothing() {
-        assert!(events("midi.record-info.PENDING.json").is_empty());
-        for reached in [Stage::Complete, Stage::Error] {
-            for file in [
-                "midi.record-info.SUCCESS.json",
-                "midi.record-info.GENERATE_MIDI_FAILED.json",
-            ] {
-                let r = record(file);
-                assert!(Midi.events(TASK, Some(reached), &r, true).is_empty());
-                assert!(!Midi.went_backwards(&r, Some(reached)));
-            }
-        }
-    }
-
-    #[test]
-    fn the_error_event_is_the_failure_body() {
-        let ev = Midi.error_event(TASK, 408, "timed out");
-        assert_eq!((ev.stage, ev.code), (Stage::Error, 408));
-        assert_eq!(
-            ev.body,
-            format!(r#"{{"task_id":"{TASK}","code":408,"msg":"timed out","data":null}}"#)
-        );
-        assert_eq!(
-            (Midi.name(), Midi.endpoint(), Midi.task_id_key()),
-            ("midi", "api/v1/midi/record-info", "taskId")
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn parse_and_events_never_panic(
-            data in details("successFlag", vec![Value::from(0), Value::from(1), Value::from(2),
-                Value::from(3), "1".into(), "SUCCESS".into(), "CALLBACK_EXCEPTION".into()]),
-            reached in prop::option::of(prop::sample::select(Stage::ALL.to_vec())),
-        ) {
-            let Ok(r) = Midi.parse(&data) else { return Ok(()) };
-            let ev = Midi.events(TASK, reached, &r, true);
-            if reached.is_some_and(Stage::is_terminal) || Midi.is_running(&r) {
-                prop_assert!(ev.is_empty());
-            } else {
-                prop_assert_eq!(ev.len(), 1);
-            }
-            for e in ev {
-                let body: Value = serde_json::from_str(&e.body).expect("the body is JSON");
-                prop_assert_eq!(&body["task_id"], TASK);
-                if e.stage == Stage::Complete {
-                    prop_assert!(body["data"]["instruments"].is_array());
-                }
-            }
-        }
     }
 }

@@ -14,6 +14,8 @@ use serde_json::Value;
 use crate::events::{NewEvent, Stage};
 
 pub mod common;
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod cover;
 pub mod lyrics;
 pub mod midi;

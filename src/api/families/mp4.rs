@@ -89,161 +89,76 @@ impl Family for Mp4 {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
-    use crate::api::families::common::testing::{classified, details, json, minified};
+    use crate::api::families::conformance::{Callback, Conformance, Spec};
 
-    const TASK: &str = "c0ffee12d34e4f56a789b0c1d2e3f405";
-    const SUNOAPI: Mp4 = Mp4(Flavor::Sunoapi);
-    const KIE: Mp4 = Mp4(Flavor::Kie);
-
-    fn record(name: &str) -> Record {
-        classified(&SUNOAPI, name).1
-    }
-
-    fn failure_body(code: i64, msg: &str) -> String {
-        format!(r#"{{"code":{code},"msg":"{msg}","data":{{"task_id":"{TASK}","video_url":null}}}}"#)
-    }
-
-    #[test]
-    fn every_fixture_classifies_to_its_status() {
-        for (file, kind, status) in [
-            ("mp4.record-info.PENDING.json", "pending", "PENDING"),
-            ("mp4.record-info.SUCCESS.json", "progress", "SUCCESS"),
-            ("mp4.record-info.SUCCESS.kie.json", "progress", "SUCCESS"),
-            (
-                "mp4.record-info.CALLBACK_EXCEPTION.json",
-                "progress",
-                "CALLBACK_EXCEPTION",
-            ),
-            (
-                "mp4.record-info.CREATE_TASK_FAILED.json",
-                "progress",
-                "CREATE_TASK_FAILED",
-            ),
-            (
-                "mp4.record-info.GENERATE_MP4_FAILED.json",
-                "progress",
-                "GENERATE_MP4_FAILED",
-            ),
-        ] {
-            for family in [SUNOAPI, KIE] {
-                let (got, r) = classified(&family, file);
-                assert_eq!(got, kind, "{file}");
-                assert_eq!(family.status(&r), status, "{file}");
-                assert!(family.is_known(&r), "{file}");
-                assert_eq!(
-                    family.submitted_callback_url(&r).as_deref(),
-                    Some("https://hooks.example.com/suno/callback")
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn success_gives_each_flavours_complete_callback_byte_for_byte() {
-        for file in [
-            "mp4.record-info.SUCCESS.json",
-            "mp4.record-info.SUCCESS.kie.json",
-            "mp4.record-info.CALLBACK_EXCEPTION.json",
-        ] {
-            for (family, want) in [
-                (SUNOAPI, "mp4.callback.complete.json"),
-                (KIE, "mp4.callback.complete.kie.json"),
-            ] {
-                let ev = family.events(TASK, None, &record(file), true);
-                assert_eq!(ev.len(), 1, "{file}");
-                assert_eq!(
-                    (ev[0].stage, ev[0].code, ev[0].tracks),
-                    (Stage::Complete, 200, 1)
-                );
-                assert_eq!(ev[0].body, minified(want), "{file} {family:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_failure_gives_the_error_callback_byte_for_byte() {
-        // GENERATE_MP4_FAILED without errorCode or errorMessage: the defaults, 500.
-        for family in [SUNOAPI, KIE] {
-            let ev = family.events(
-                TASK,
-                None,
-                &record("mp4.record-info.GENERATE_MP4_FAILED.json"),
-                true,
-            );
-            assert_eq!((ev.len(), ev[0].stage, ev[0].code), (1, Stage::Error, 500));
-            assert_eq!(ev[0].body, minified("mp4.callback.error.json"));
-        }
-        let ev = SUNOAPI.events(
-            TASK,
-            None,
-            &record("mp4.record-info.CREATE_TASK_FAILED.json"),
-            true,
-        );
-        assert_eq!(
-            ev[0].body,
-            failure_body(500, "Failed to create the video task")
-        );
-        let r = SUNOAPI
-            .parse(&json(
-                r#"{"successFlag":"CALLBACK_EXCEPTION","response":{"videoUrl":null},"errorCode":"451"}"#,
-            ))
-            .expect("parses");
-        let ev = SUNOAPI.events(TASK, None, &r, true);
-        assert_eq!(ev[0].body, failure_body(451, MSG_FAILED));
-    }
-
-    #[test]
-    fn pending_and_unknown_emit_nothing_and_a_terminal_status_is_final() {
-        assert!(
-            SUNOAPI
-                .events(TASK, None, &record("mp4.record-info.PENDING.json"), true)
-                .is_empty()
-        );
-        let r = KIE
-            .parse(&json(r#"{"successFlag":"RENDERING"}"#))
-            .expect("parses");
-        assert!(KIE.is_running(&r) && !KIE.is_known(&r));
-        assert!(KIE.events(TASK, None, &r, true).is_empty());
-        for reached in [Stage::Complete, Stage::Error] {
-            let r = record("mp4.record-info.SUCCESS.json");
-            assert!(SUNOAPI.events(TASK, Some(reached), &r, true).is_empty());
-            assert!(!SUNOAPI.went_backwards(&r, Some(reached)));
-        }
-    }
-
-    #[test]
-    fn the_error_event_is_the_failure_body() {
-        let ev = KIE.error_event(TASK, 408, "timed out");
-        assert_eq!((ev.stage, ev.code), (Stage::Error, 408));
-        assert_eq!(ev.body, failure_body(408, "timed out"));
-        assert_eq!(
-            (KIE.name(), KIE.endpoint(), KIE.task_id_key()),
-            ("mp4", "api/v1/mp4/record-info", "taskId")
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn parse_and_events_never_panic(
-            data in details("successFlag", ["PENDING", "SUCCESS", "CREATE_TASK_FAILED",
-                "GENERATE_MP4_FAILED", "CALLBACK_EXCEPTION"].map(Value::from).to_vec()),
-            reached in prop::option::of(prop::sample::select(Stage::ALL.to_vec())),
-            kie in any::<bool>(),
-        ) {
-            let family = if kie { KIE } else { SUNOAPI };
-            let Ok(r) = family.parse(&data) else { return Ok(()) };
-            let ev = family.events(TASK, reached, &r, true);
-            if reached.is_some_and(Stage::is_terminal) || family.is_running(&r) {
-                prop_assert!(ev.is_empty());
-            } else {
-                prop_assert_eq!(ev.len(), 1);
-            }
-            for e in ev {
-                let body: Value = serde_json::from_str(&e.body).expect("the body is JSON");
-                prop_assert_eq!(&body["data"]["task_id"], TASK);
+    impl Conformance for Mp4 {
+        fn spec(flavor: Flavor) -> Spec<Mp4> {
+            let complete = match flavor {
+                Flavor::Sunoapi => "callback.complete.json",
+                Flavor::Kie => "callback.complete.kie.json",
+            };
+            Spec {
+                dir: "families/mp4.",
+                endpoint: "api/v1/mp4/record-info",
+                status_key: "successFlag",
+                fixtures: vec![
+                    ("record-info.PENDING.json", "pending", "PENDING", 0),
+                    ("record-info.SUCCESS.json", "progress", "SUCCESS", 1),
+                    ("record-info.SUCCESS.kie.json", "progress", "SUCCESS", 1),
+                    (
+                        "record-info.CALLBACK_EXCEPTION.json",
+                        "progress",
+                        "CALLBACK_EXCEPTION",
+                        1,
+                    ),
+                    (
+                        "record-info.CREATE_TASK_FAILED.json",
+                        "progress",
+                        "CREATE_TASK_FAILED",
+                        0,
+                    ),
+                    (
+                        "record-info.GENERATE_MP4_FAILED.json",
+                        "progress",
+                        "GENERATE_MP4_FAILED",
+                        0,
+                    ),
+                ],
+                results: |r| usize::from(r.result.is_some()),
+                callbacks: vec![
+                    Callback::complete("record-info.SUCCESS.json", complete, 1),
+                    Callback::complete("record-info.SUCCESS.kie.json", complete, 1),
+                    Callback::complete("record-info.CALLBACK_EXCEPTION.json", complete, 1),
+                    // GENERATE_MP4_FAILED without errorCode or errorMessage: the defaults, 500,
+                    // the same body in both flavours.
+                    Callback::error("record-info.GENERATE_MP4_FAILED.json", "callback.error.json", 500),
+                ],
+                failures: vec![(
+                    "record-info.CREATE_TASK_FAILED.json",
+                    500,
+                    "Failed to create the video task",
+                )],
+                defaults: vec![
+                    // A digit-string errorCode is a code.
+                    (
+                        r#"{"successFlag":"CALLBACK_EXCEPTION","response":{"videoUrl":null},"errorCode":"451"}"#.to_owned(),
+                        451,
+                        MSG_FAILED,
+                    ),
+                    (r#"{"successFlag":"GENERATE_MP4_FAILED"}"#.to_owned(), 500, MSG_FAILED),
+                ],
+                spellings: None,
+                unknown: r#"{"successFlag":"RENDERING"}"#,
+                failure_body: Box::new(|task, code, msg| {
+                    format!(
+                        r#"{{"code":{code},"msg":"{msg}","data":{{"task_id":"{task}","video_url":null}}}}"#
+                    )
+                }),
+                task_at: "/data/task_id",
+                stage_at: None,
+                result_at: None,
+                one_callback: true,
             }
         }
     }

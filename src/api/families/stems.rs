@@ -164,223 +164,120 @@ impl Family for Stems {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
-    use crate::api::families::common::testing::{classified, details, json, minified};
+    use crate::api::families::conformance::{Callback, Conformance, Spec, TASK, json};
 
-    const TASK: &str = "e1d2c3b4a5f64e7d8c9b0a1f2e3d4c5b";
-    const SPLIT_TASK: &str = "4a7b9c1d2e3f4051a6b7c8d9e0f1a2b3";
-    const SUNOAPI: Stems = Stems(Flavor::Sunoapi);
-    const KIE: Stems = Stems(Flavor::Kie);
-
-    fn record(name: &str) -> Record {
-        classified(&SUNOAPI, name).1
-    }
-
-    #[test]
-    fn every_fixture_classifies_to_its_status() {
-        for (file, kind, status, stems) in [
-            ("stems.record-info.PENDING.json", "pending", "PENDING", 0),
-            ("stems.record-info.SUCCESS.json", "progress", "SUCCESS", 2),
-            (
-                "stems.record-info.SUCCESS.kie.json",
-                "progress",
-                "SUCCESS",
-                2,
-            ),
-            (
-                "stems.record-info.SUCCESS.split_stem.json",
-                "progress",
-                "SUCCESS",
+    impl Conformance for Stems {
+        fn spec(flavor: Flavor) -> Spec<Stems> {
+            let family = Stems(flavor);
+            let (complete, error) = match flavor {
+                Flavor::Sunoapi => ("callback.complete.json", "callback.error.json"),
+                Flavor::Kie => ("callback.complete.kie.json", "callback.error.kie.json"),
+            };
+            // A split_stem success lists every present stem (in the sunoapi spelling).
+            let split_stem = (flavor == Flavor::Sunoapi).then_some(Callback::complete(
+                "record-info.SUCCESS.split_stem.json",
+                "callback.complete.split_stem.json",
                 12,
-            ),
-            (
-                "stems.record-info.CALLBACK_EXCEPTION.json",
-                "progress",
-                "CALLBACK_EXCEPTION",
-                2,
-            ),
-            (
-                "stems.record-info.CREATE_TASK_FAILED.json",
-                "progress",
-                "CREATE_TASK_FAILED",
-                0,
-            ),
-            (
-                "stems.record-info.GENERATE_AUDIO_FAILED.json",
-                "progress",
-                "GENERATE_AUDIO_FAILED",
-                0,
-            ),
-        ] {
-            for family in [SUNOAPI, KIE] {
-                let (got, r) = classified(&family, file);
-                assert_eq!(got, kind, "{file}");
-                assert_eq!(family.status(&r), status, "{file}");
-                assert!(family.is_known(&r), "{file}");
-                assert_eq!(r.result.stems.len(), stems, "{file}");
-                assert_eq!(
-                    family.submitted_callback_url(&r).as_deref(),
-                    Some("https://hooks.example.com/suno/callback")
-                );
+            ));
+            Spec {
+                dir: "families/stems.",
+                endpoint: "api/v1/vocal-removal/record-info",
+                status_key: "successFlag",
+                fixtures: vec![
+                    ("record-info.PENDING.json", "pending", "PENDING", 0),
+                    ("record-info.SUCCESS.json", "progress", "SUCCESS", 2),
+                    ("record-info.SUCCESS.kie.json", "progress", "SUCCESS", 2),
+                    (
+                        "record-info.SUCCESS.split_stem.json",
+                        "progress",
+                        "SUCCESS",
+                        12,
+                    ),
+                    (
+                        "record-info.CALLBACK_EXCEPTION.json",
+                        "progress",
+                        "CALLBACK_EXCEPTION",
+                        2,
+                    ),
+                    (
+                        "record-info.CREATE_TASK_FAILED.json",
+                        "progress",
+                        "CREATE_TASK_FAILED",
+                        0,
+                    ),
+                    (
+                        "record-info.GENERATE_AUDIO_FAILED.json",
+                        "progress",
+                        "GENERATE_AUDIO_FAILED",
+                        0,
+                    ),
+                ],
+                results: |r| r.result.stems.len(),
+                callbacks: [
+                    Callback::complete("record-info.SUCCESS.json", complete, 2),
+                    Callback::complete("record-info.SUCCESS.kie.json", complete, 2),
+                    Callback::complete("record-info.CALLBACK_EXCEPTION.json", complete, 2),
+                    Callback::error("record-info.GENERATE_AUDIO_FAILED.json", error, 500),
+                ]
+                .into_iter()
+                .chain(split_stem)
+                .collect(),
+                failures: vec![(
+                    "record-info.CREATE_TASK_FAILED.json",
+                    500,
+                    "Failed to create the separation task",
+                )],
+                // Only the source audio is not a result: with it alone, a CALLBACK_EXCEPTION
+                // fails.
+                defaults: [
+                    "CREATE_TASK_FAILED",
+                    "GENERATE_AUDIO_FAILED",
+                    "CALLBACK_EXCEPTION",
+                ]
+                .map(|status| {
+                    let data = format!(
+                        r#"{{"successFlag":"{status}","response":{{"originUrl":"https://o","vocalUrl":""}}}}"#
+                    );
+                    (data, 500, MSG_FAILED)
+                })
+                .to_vec(),
+                spellings: None,
+                unknown: r#"{"successFlag":"SEPARATING"}"#,
+                failure_body: Box::new(move |task, code, msg| {
+                    let key = family.info_key();
+                    format!(
+                        r#"{{"code":{code},"msg":"{msg}","data":{{"task_id":"{task}","{key}":null}}}}"#
+                    )
+                }),
+                task_at: "/data/task_id",
+                stage_at: None,
+                result_at: Some((
+                    match flavor {
+                        Flavor::Sunoapi => "/data/vocal_removal_info",
+                        Flavor::Kie => "/data/vocal_separation_info",
+                    },
+                    Value::is_object,
+                )),
+                one_callback: true,
             }
-        }
-    }
-
-    #[test]
-    fn success_gives_each_flavours_complete_callback_byte_for_byte() {
-        for file in [
-            "stems.record-info.SUCCESS.json",
-            "stems.record-info.SUCCESS.kie.json",
-            "stems.record-info.CALLBACK_EXCEPTION.json",
-        ] {
-            for (family, want) in [
-                (SUNOAPI, "stems.callback.complete.json"),
-                (KIE, "stems.callback.complete.kie.json"),
-            ] {
-                let ev = family.events(TASK, None, &record(file), true);
-                assert_eq!(ev.len(), 1, "{file}");
-                assert_eq!(
-                    (ev[0].stage, ev[0].code, ev[0].tracks),
-                    (Stage::Complete, 200, 2)
-                );
-                assert_eq!(ev[0].body, minified(want), "{file} {family:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_split_stem_success_lists_every_present_stem() {
-        let r = record("stems.record-info.SUCCESS.split_stem.json");
-        let ev = SUNOAPI.events(SPLIT_TASK, None, &r, true);
-        assert_eq!((ev[0].stage, ev[0].tracks), (Stage::Complete, 12));
-        assert_eq!(
-            ev[0].body,
-            minified("stems.callback.complete.split_stem.json")
-        );
-    }
-
-    #[test]
-    fn a_failure_gives_each_flavours_error_callback_byte_for_byte() {
-        for (family, want) in [
-            (SUNOAPI, "stems.callback.error.json"),
-            (KIE, "stems.callback.error.kie.json"),
-        ] {
-            let r = record("stems.record-info.GENERATE_AUDIO_FAILED.json");
-            let ev = family.events(TASK, None, &r, true);
-            assert_eq!((ev.len(), ev[0].stage, ev[0].code), (1, Stage::Error, 500));
-            assert_eq!(ev[0].body, minified(want));
-        }
-    }
-
-    #[test]
-    fn every_failure_status_takes_its_message_or_the_default_500() {
-        let ev = SUNOAPI.events(
-            TASK,
-            None,
-            &record("stems.record-info.CREATE_TASK_FAILED.json"),
-            true,
-        );
-        assert_eq!(
-            json(&ev[0].body)["msg"],
-            "Failed to create the separation task"
-        );
-        for status in [
-            "CREATE_TASK_FAILED",
-            "GENERATE_AUDIO_FAILED",
-            "CALLBACK_EXCEPTION",
-        ] {
-            // Only the source audio is not a result: CALLBACK_EXCEPTION with it alone fails.
-            let r = KIE
-                .parse(&json(&format!(
-                    r#"{{"successFlag":"{status}","response":{{"originUrl":"https://o","vocalUrl":""}}}}"#
-                )))
-                .expect("parses");
-            let ev = KIE.events(TASK, None, &r, true);
-            assert_eq!(
-                ev[0].body,
-                format!(
-                    r#"{{"code":500,"msg":"Vocal separation failed","data":{{"task_id":"{TASK}","vocal_separation_info":null}}}}"#
-                ),
-                "{status}"
-            );
-        }
-    }
-
-    #[test]
-    fn pending_and_unknown_emit_nothing_and_a_terminal_status_is_final() {
-        assert!(
-            SUNOAPI
-                .events(TASK, None, &record("stems.record-info.PENDING.json"), true)
-                .is_empty()
-        );
-        let r = SUNOAPI
-            .parse(&json(r#"{"successFlag":"SEPARATING"}"#))
-            .expect("parses");
-        assert!(SUNOAPI.is_running(&r) && !SUNOAPI.is_known(&r));
-        assert!(SUNOAPI.events(TASK, None, &r, true).is_empty());
-        for reached in [Stage::Complete, Stage::Error] {
-            let r = record("stems.record-info.SUCCESS.json");
-            assert!(SUNOAPI.events(TASK, Some(reached), &r, true).is_empty());
-            assert!(!SUNOAPI.went_backwards(&r, Some(reached)));
         }
     }
 
     #[test]
     fn an_origin_url_is_kept_and_unknown_stems_are_renamed() {
-        let r = SUNOAPI
+        let sunoapi = Stems(Flavor::Sunoapi);
+        let r = sunoapi
             .parse(&json(
                 r#"{"successFlag":"SUCCESS","response":{"originUrl":"https://o","pianoUrl":"https://p",
                     "fxUrl":"https://f","Url":"https://x","id":"https://i","originData":[]}}"#,
             ))
             .expect("parses");
-        let ev = SUNOAPI.events(TASK, None, &r, true);
+        let ev = sunoapi.events(TASK, None, &r, true);
         assert_eq!(
             json(&ev[0].body)["data"]["vocal_removal_info"],
             json(r#"{"fx_url":"https://f","origin_url":"https://o","piano_url":"https://p"}"#)
         );
         assert_eq!(snake_case("backingVocalsUrl"), "backing_vocals_url");
-    }
-
-    #[test]
-    fn the_error_event_is_the_failure_body_of_the_flavour() {
-        let ev = SUNOAPI.error_event(TASK, 408, "timed out");
-        assert_eq!(
-            ev.body,
-            format!(
-                r#"{{"code":408,"msg":"timed out","data":{{"task_id":"{TASK}","vocal_removal_info":null}}}}"#
-            )
-        );
-        assert_eq!((ev.stage, ev.code), (Stage::Error, 408));
-        assert_eq!(
-            (KIE.name(), KIE.endpoint(), KIE.task_id_key()),
-            ("stems", "api/v1/vocal-removal/record-info", "taskId")
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn parse_and_events_never_panic(
-            data in details("successFlag", ["PENDING", "SUCCESS", "CREATE_TASK_FAILED",
-                "GENERATE_AUDIO_FAILED", "CALLBACK_EXCEPTION"].map(Value::from).to_vec()),
-            reached in prop::option::of(prop::sample::select(Stage::ALL.to_vec())),
-            kie in any::<bool>(),
-        ) {
-            let family = if kie { KIE } else { SUNOAPI };
-            let Ok(r) = family.parse(&data) else { return Ok(()) };
-            let ev = family.events(TASK, reached, &r, true);
-            if reached.is_some_and(Stage::is_terminal) || family.is_running(&r) {
-                prop_assert!(ev.is_empty());
-            } else {
-                prop_assert_eq!(ev.len(), 1);
-            }
-            for e in ev {
-                let body: Value = serde_json::from_str(&e.body).expect("the body is JSON");
-                prop_assert_eq!(&body["data"]["task_id"], TASK);
-                let info = &body["data"][family.info_key()];
-                prop_assert_eq!(e.stage == Stage::Complete, info.is_object());
-            }
-        }
     }
 }

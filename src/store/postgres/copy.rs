@@ -489,11 +489,15 @@ mod tests {
         }
     }
 
+    /// An event whose body has numbers spelt as no `f64` writer spells them, escapes and
+    /// characters outside ASCII: the copy must keep its bytes.
     fn event(stage: Stage, id: &str) -> NewEvent {
         NewEvent {
             stage,
             code: 200,
-            body: format!("{{\"task\":\"{id}\",\"stage\":\"{stage:?}\"}}"),
+            body: format!(
+                r#"{{"task":"{id}","stage":"{stage:?}","n":[0.18229166666666666,1.50,-0,1e-7,18446744073709551616],"s":"é \u00e9 🎵"}}"#
+            ),
             tracks: 2,
             filled: false,
         }
@@ -724,6 +728,14 @@ mod tests {
         let pg = Store::open_postgres(&options(&url)).await.expect("open pg");
         let after = everything(&pg).await;
         assert_eq!(before, after);
+        // Which includes every body, byte for byte.
+        let bodies = pg.events(0, None, None).await.expect("events");
+        assert!(
+            bodies
+                .iter()
+                .any(|e| e.body.contains(r#""n":[0.18229166666666666,1.50,-0,1e-7,"#)),
+            "{bodies:?}"
+        );
         assert_eq!(pg.last_seq().await.expect("seq"), seq);
         // New rows continue past the copied ids instead of colliding with them.
         pg.add(
