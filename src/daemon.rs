@@ -7,7 +7,7 @@
 //! flight commit, and waits at most a bounded drain time.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,21 +30,11 @@ use crate::jobs::poll::{PollStatus, Scheduler, SharedStatus};
 use crate::jobs::rate::SharedLimiter;
 use crate::metrics::{AccountGauges, GaugeSource, Gauges, Metrics, TargetGauges};
 use crate::store::Store;
-use crate::systemd::{Notifier, Supervision};
+use crate::systemd::{Notifier, PassedSocket, Supervision};
 
 /// Longest wait for in-flight polls at shutdown. systemd's default stop timeout is 90 s and our
 /// unit sets 30 s; staying well inside it means we are never SIGKILLed mid-commit.
 pub const MAX_DRAIN: Duration = Duration::from_secs(20);
-
-/// A listening socket handed over by the caller (systemd socket activation), with its path.
-/// The daemon never deletes it: the socket unit owns the file and keeps it across restarts.
-#[derive(Debug)]
-pub struct PassedSocket {
-    /// The listener.
-    pub listener: std::os::unix::net::UnixListener,
-    /// Its path, for logs and `status`.
-    pub path: PathBuf,
-}
 
 /// A start-up failure that starting again cannot fix while nothing else changes (another live
 /// daemon holds the socket). [`is_unrecoverable`] tells the binary to exit with the status

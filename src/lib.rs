@@ -27,6 +27,7 @@
 //! - [`daemon`]: wiring it all together, start-up and shutdown.
 //! - [`systemd`]: what systemd passes in (notify socket, watchdog, listening socket) and the
 //!   readiness, status and watchdog messages sent back; [`logging`]: stderr or the journal.
+//! - [`tls`]: the one rustls crypto provider every TLS client shares.
 
 #![forbid(unsafe_code)]
 
@@ -50,8 +51,11 @@ pub mod protocol;
 pub mod proxy;
 pub mod store;
 pub mod systemd;
+/// Test helpers, left out of the daemon (the `testing` feature; see `Cargo.toml`).
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
+pub mod tls;
 
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -19,7 +19,15 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tracing::{debug, warn};
 
-use crate::daemon::PassedSocket;
+/// A listening socket handed over by the caller (systemd socket activation), with its path.
+/// The daemon never deletes it: the socket unit owns the file and keeps it across restarts.
+#[derive(Debug)]
+pub struct PassedSocket {
+    /// The listener.
+    pub listener: std::os::unix::net::UnixListener,
+    /// Its path, for logs and `status`.
+    pub path: PathBuf,
+}
 
 /// The shortest watchdog ping period we accept. A tiny `WATCHDOG_USEC` would otherwise make the
 /// scheduler loop spin; systemd's own minimum useful setting is far above this.

@@ -117,7 +117,7 @@ pub struct ApiClient {
 impl ApiClient {
     /// Builds a client for `base_url` (e.g. `https://api.sunoapi.org`).
     pub fn new(base_url: &url::Url, key: ApiKey, timeout: Duration) -> anyhow::Result<ApiClient> {
-        install_crypto_provider();
+        crate::tls::install_crypto_provider();
         if base_url.cannot_be_a_base() {
             anyhow::bail!("cannot build the API's URLs from {base_url}: it cannot be a base URL");
         }
@@ -313,13 +313,6 @@ pub fn tls_roots() -> (&'static [reqwest::Certificate], RootsSource) {
 /// this, so none of them can fail for want of a system CA bundle.
 pub fn with_tls_roots(builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
     builder.tls_certs_only(tls_roots().0.iter().cloned())
-}
-
-/// Installs rustls' *ring* provider once per process (reqwest is built without a default one to
-/// keep aws-lc's long C build out of the dependency tree).
-pub fn install_crypto_provider() {
-    // Fails only if a provider is already installed, which is what we want anyway.
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 enum BodyError {

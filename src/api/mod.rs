@@ -10,9 +10,8 @@ pub mod envelope;
 pub mod families;
 
 pub use client::{
-    ApiClient, ApiKey, MAX_BODY_BYTES, MIN_REDACTED, REDACTED, RootsSource,
-    install_crypto_provider, parse_retry_after, redact, redact_url, tls_roots, transport_cause,
-    with_tls_roots,
+    ApiClient, ApiKey, MAX_BODY_BYTES, MIN_REDACTED, REDACTED, RootsSource, parse_retry_after,
+    redact, redact_url, tls_roots, transport_cause, with_tls_roots,
 };
 pub use envelope::{
     Answer, FAILURE_CODES, MAX_RETRY_AFTER, Notes, Outcome, classify, failure_code, passable_url,

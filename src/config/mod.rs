@@ -30,6 +30,7 @@ use crate::api::ApiKey;
 use crate::api::families::Flavor;
 use crate::clock::format_duration;
 use crate::logging::LogFormat;
+use crate::store::{DEFAULT_ACCOUNT, TARGET_SUBMITTED_URL, TARGET_TASK_URL};
 use de::show;
 
 pub use env::{Environment, check_private_dir, current_uid, judge_private_dir, private_tmp_dir};
@@ -228,9 +229,6 @@ impl ArchiveConfig {
         }
     }
 }
-
-/// The name of the one API account the `[api]` table describes (in logs and metrics labels).
-pub const DEFAULT_ACCOUNT: &str = "default";
 
 /// `[metrics]`: the Prometheus endpoint, off unless `listen` is set.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -486,10 +484,6 @@ pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_FORWARD_IN_FLIGHT: usize = 16;
 /// Hosts a task's own `callBackUrl` may point at when `use-task-callback-url` is on: loopback.
 pub const DEFAULT_ALLOW_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
-/// Target name of the per-task URL given with `add --callback-url`.
-pub const TARGET_TASK_URL: &str = "callback-url";
-/// Target name of the `callBackUrl` a task was submitted with (`use-task-callback-url`).
-pub const TARGET_SUBMITTED_URL: &str = "submitted-callback-url";
 
 /// `[forward]`: where events go besides the log and the event stream.
 #[derive(Debug, Clone)]

@@ -54,14 +54,14 @@ pub(super) async fn run(
             .targets
             .iter()
             .any(|t| &t.name == target)
-            || target == crate::config::TARGET_TASK_URL
-            || target == crate::config::TARGET_SUBMITTED_URL;
+            || target == crate::store::TARGET_TASK_URL
+            || target == crate::store::TARGET_SUBMITTED_URL;
         if !known {
             let forward = ctx.router.config();
             let mut names: Vec<&str> = forward.targets.iter().map(|t| t.name.as_str()).collect();
             names.extend([
-                crate::config::TARGET_TASK_URL,
-                crate::config::TARGET_SUBMITTED_URL,
+                crate::store::TARGET_TASK_URL,
+                crate::store::TARGET_SUBMITTED_URL,
             ]);
             return Err(ErrorBody::new(
                 "not_found",

@@ -44,7 +44,7 @@ pub struct Attempted {
 
 /// The HTTP client for deliveries: sunopoll's user agent, no redirects, and `proxy` or none.
 pub fn http_client(proxy: Option<&url::Url>) -> reqwest::Result<reqwest::Client> {
-    crate::api::install_crypto_provider();
+    crate::tls::install_crypto_provider();
     let builder = crate::api::with_tls_roots(reqwest::Client::builder())
         .user_agent(crate::USER_AGENT)
         .redirect(reqwest::redirect::Policy::none());

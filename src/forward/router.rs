@@ -2,9 +2,10 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::config::{ForwardConfig, TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetConfig};
+use crate::config::{ForwardConfig, TargetConfig};
 use crate::events::Stage;
 use crate::store::{Route, TargetSpec, TaskRow};
+use crate::store::{TARGET_SUBMITTED_URL, TARGET_TASK_URL};
 
 /// Decides where a task's events go. Built from `[forward]` at start; clones share it, so a
 /// reload ([`Router::replace`]) reaches every part that routes or delivers.

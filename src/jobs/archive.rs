@@ -123,7 +123,7 @@ pub const MAX_REDIRECTS: usize = 5;
 /// provider, a connect timeout, and redirects followed only to hosts the archive may fetch
 /// from (`allow`), so a redirect cannot lead it to a loopback or private address either.
 pub fn http_client(allow: Vec<String>) -> reqwest::Result<reqwest::Client> {
-    crate::api::install_crypto_provider();
+    crate::tls::install_crypto_provider();
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
         if attempt.previous().len() >= MAX_REDIRECTS {
             return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));

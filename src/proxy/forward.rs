@@ -24,7 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// retried, bodies are not decoded (`Content-Encoding` passes through with the bytes), and the
 /// whole exchange is bounded by `timeout`.
 pub fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    crate::api::install_crypto_provider();
+    crate::tls::install_crypto_provider();
     Ok(crate::api::with_tls_roots(reqwest::Client::builder())
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Route;
-use crate::api::families::Kind;
+use crate::store::Kind;
 
 /// Where one kept file stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -172,7 +172,7 @@ async fn due_window_orders_by_next_poll(s: &impl Backend) {
     .await
     .expect("add");
     let w = s
-        .due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+        .due_window(crate::store::DEFAULT_ACCOUNT.to_owned(), 10)
         .await
         .expect("due")
         .rows;
@@ -315,7 +315,7 @@ async fn remove_and_readd(s: &impl Backend) {
     );
     assert_eq!(s.remove("nope".into(), 2000).await.expect("rm"), None);
     assert!(
-        s.due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+        s.due_window(crate::store::DEFAULT_ACCOUNT.to_owned(), 10)
             .await
             .expect("due")
             .rows
@@ -332,7 +332,7 @@ async fn remove_and_readd(s: &impl Backend) {
         .expect("add");
     assert_eq!(r[0].result, AddResult::Readded);
     assert_eq!(
-        s.due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+        s.due_window(crate::store::DEFAULT_ACCOUNT.to_owned(), 10)
             .await
             .expect("due")
             .rows
@@ -857,14 +857,14 @@ async fn due_times_move_with_a_clock_step(s: &impl Backend) {
     .expect("active");
     let moved = s
         .shift_due(
-            crate::store::Schedule::Polls(crate::config::DEFAULT_ACCOUNT.to_owned()),
+            crate::store::Schedule::Polls(crate::store::DEFAULT_ACCOUNT.to_owned()),
             -3000,
         )
         .await
         .expect("shift");
     assert_eq!(moved, 2, "only active tasks move");
     let w = s
-        .due_window(crate::config::DEFAULT_ACCOUNT.to_owned(), 10)
+        .due_window(crate::store::DEFAULT_ACCOUNT.to_owned(), 10)
         .await
         .expect("due")
         .rows;

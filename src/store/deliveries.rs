@@ -5,6 +5,11 @@ use sha2::{Digest, Sha256};
 
 use crate::events::Stage;
 
+/// Target name of the per-task URL given with `add --callback-url`.
+pub const TARGET_TASK_URL: &str = "callback-url";
+/// Target name of the `callBackUrl` a task was submitted with (`use-task-callback-url`).
+pub const TARGET_SUBMITTED_URL: &str = "submitted-callback-url";
+
 /// A place events are delivered to, decided when the events are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -24,7 +29,7 @@ pub struct TargetSpec {
     /// Its name, URL and stages.
     pub route: Route,
     /// The task families whose events go there (`None`: all).
-    pub kinds: Option<Vec<crate::api::families::Kind>>,
+    pub kinds: Option<Vec<super::Kind>>,
 }
 
 /// A delivery ready to be attempted.

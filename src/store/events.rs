@@ -10,7 +10,7 @@ pub struct EventRecord {
     /// The task.
     pub task_id: String,
     /// The task's family.
-    pub kind: crate::api::families::Kind,
+    pub kind: crate::store::Kind,
     /// The stage.
     pub stage: Stage,
     /// The callback `code`.

@@ -36,7 +36,7 @@ pub use archive::{
 pub use backend::Backend;
 pub use deliveries::{
     AttemptLog, AttemptRecord, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route,
-    TargetSpec, TargetSummary, origin_of, webhook_id,
+    TARGET_SUBMITTED_URL, TARGET_TASK_URL, TargetSpec, TargetSummary, origin_of, webhook_id,
 };
 pub use events::EventRecord;
 pub use gate::AccountRow;
@@ -79,8 +79,8 @@ impl<T> Claim<T> {
     }
 }
 pub use tasks::{
-    AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, TaskCount, TaskRecord,
-    TaskRow, TaskSpec, TaskState, TaskUpdate,
+    AddResult, AddedTask, Applied, Asked, Counts, DEFAULT_ACCOUNT, DueRow, Kind, Pruned, Schedule,
+    TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
 };
 
 /// A store failure. Cloneable because one failed commit answers every job in its batch.

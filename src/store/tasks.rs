@@ -8,8 +8,90 @@ use serde::{Deserialize, Serialize};
 
 use super::archive::AssetFile;
 use super::deliveries::Route;
-use crate::api::families::Kind;
 use crate::events::{NewEvent, Stage};
+
+/// The account a task is on when none is named: the one account a lone `[api]` table
+/// describes, and the account every row from before accounts existed was given (the schemas'
+/// `DEFAULT 'default'`).
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+/// A task's family as the store records it and `add --kind` names it. Which adapter a task is
+/// polled through follows from its kind and its account's flavour (`with_family!` in
+/// [`crate::api::families`]).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Every music-shaped task (generate, extend, covers, add-vocals, …): `text`, `first`,
+    /// `complete` or `error`.
+    #[default]
+    Music,
+    /// Lyrics generation.
+    Lyrics,
+    /// WAV conversion.
+    Wav,
+    /// Vocal removal and stem separation.
+    Stems,
+    /// MIDI generation.
+    Midi,
+    /// Music videos.
+    Mp4,
+    /// Cover images.
+    Cover,
+}
+
+impl Kind {
+    /// Every kind, in the order the README lists them.
+    pub const ALL: [Kind; 7] = [
+        Kind::Music,
+        Kind::Lyrics,
+        Kind::Wav,
+        Kind::Stems,
+        Kind::Midi,
+        Kind::Mp4,
+        Kind::Cover,
+    ];
+
+    /// The kind's name, as stored, shown and given to `add --kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Music => "music",
+            Kind::Lyrics => "lyrics",
+            Kind::Wav => "wav",
+            Kind::Stems => "stems",
+            Kind::Midi => "midi",
+            Kind::Mp4 => "mp4",
+            Kind::Cover => "cover",
+        }
+    }
+
+    /// Reads a kind's name.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The names of every kind, for error messages.
+    pub fn names() -> String {
+        Kind::ALL.map(Kind::as_str).join(", ")
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A task's lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +164,7 @@ impl TaskSpec {
     pub fn music(callback_url: Option<String>, label: Option<String>) -> TaskSpec {
         TaskSpec {
             kind: Kind::Music,
-            account: crate::config::DEFAULT_ACCOUNT.to_owned(),
+            account: DEFAULT_ACCOUNT.to_owned(),
             callback_url,
             label,
         }

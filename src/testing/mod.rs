@@ -1,5 +1,6 @@
-//! Helpers shared by unit tests and integration tests (compiled into the library so both can use
-//! them; nothing in the daemon calls them).
+//! Helpers shared by unit tests and integration tests. Compiled only into test builds (`cfg(test)`)
+//! and where the `testing` feature is on (the integration tests and benches turn it on through
+//! the crate's dev-dependency on itself), never into the daemon.
 
 use std::path::PathBuf;
 

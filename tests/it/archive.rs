@@ -819,7 +819,7 @@ async fn an_s3_bucket_keeps_every_file_byte_exact_once_with_its_manifest() {
     let Some(moto) = Moto::start().await else {
         return;
     };
-    sunopoll::api::install_crypto_provider();
+    sunopoll::tls::install_crypto_provider();
     let http = reqwest::Client::new();
     let made = http
         .put(format!("{}/kept", moto.url))

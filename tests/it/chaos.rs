@@ -1,12 +1,12 @@
-//! A server that misbehaves at the TCP level, for faults wiremock cannot produce: a body cut
-//! short, a connection reset in the middle of a body, a connection closed or reset without an
-//! answer (a server that never answers is wiremock with a long delay). In `Pass` mode it relays
-//! connections to an upstream (the fake API or a fake handler), so a fault can start and end in
-//! the middle of a test.
+//! A server that misbehaves at the TCP level in front of a fake handler, for faults wiremock
+//! cannot produce: a connection closed or reset without an answer (a server that never answers
+//! is wiremock with a long delay). In `Pass` mode it relays connections to the upstream, so a
+//! fault can start and end in the middle of a test. (The API's cut bodies and jittered
+//! latency are the timed fake's own: `timed_api.rs`.)
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,18 +17,14 @@ use tokio::sync::watch;
 pub enum Mode {
     /// Relay to the upstream.
     Pass,
-    /// Read the request, send headers promising 4096 bytes and a few of them, then close
-    /// cleanly (FIN): a truncated body.
-    Truncate,
-    /// The same, then reset the connection (RST): a reset in the middle of the body.
+    /// Read the request, answer with a head and the first bytes of a body, then reset the
+    /// connection (RST): an answer cut by a reset mid-body (the stand-in's ambiguous
+    /// submission; the API's cut record-info answers are the timed fake's own).
     ResetMidBody,
     /// Read the request, then close without answering.
     Close,
     /// Read the request, then reset without answering.
     Reset,
-    /// Relay, holding each piece of a request for a varying 0–`ms` milliseconds before passing
-    /// it on: a network whose latency jitters, so requests sent evenly arrive bunched.
-    Jitter(u64),
 }
 
 /// The misbehaving server.
@@ -55,8 +51,6 @@ impl Chaos {
                     let mode = *mode_rx.borrow();
                     if mode == Mode::Pass {
                         relay(stream, upstream, mode_rx).await;
-                    } else if let Mode::Jitter(ms) = mode {
-                        relay_jittered(stream, upstream, ms).await;
                     } else {
                         misbehave(stream, mode, &seen).await;
                     }
@@ -82,12 +76,13 @@ impl Chaos {
         self.mode.send_replace(mode);
     }
 
-    /// When each misbehaving answer began (one per connection, i.e. per request).
-    pub fn faults(&self) -> Vec<Instant> {
-        self.fault_ids().into_iter().map(|f| f.0).collect()
+    /// How many misbehaving answers were given (one per connection, i.e. per request).
+    pub fn fault_count(&self) -> usize {
+        self.faults.lock().expect("faults").len()
     }
 
-    /// The same, with each request's `webhook-id` header (empty if it had none).
+    /// When each misbehaving answer began (one per connection, i.e. per request), with the
+    /// request's `webhook-id` header (empty if it had none).
     pub fn fault_ids(&self) -> Vec<(Instant, String)> {
         self.faults.lock().expect("faults").clone()
     }
@@ -108,32 +103,6 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, mut mode: watch::Rec
         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
         _ = mode.changed() => {}
     }
-}
-
-async fn relay_jittered(client: TcpStream, upstream: SocketAddr, max_ms: u64) {
-    let Ok(server) = TcpStream::connect(upstream).await else {
-        return;
-    };
-    let (mut client_r, mut client_w) = client.into_split();
-    let (mut server_r, mut server_w) = server.into_split();
-    let up = async move {
-        let mut buf = [0u8; 16384];
-        loop {
-            let n = match client_r.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let hold = fastrand::u64(0..=max_ms);
-            tokio::time::sleep(Duration::from_millis(hold)).await;
-            if server_w.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
-    let down = async move {
-        let _ = tokio::io::copy(&mut server_r, &mut client_w).await;
-    };
-    tokio::join!(up, down);
 }
 
 /// Reads one HTTP/1.1 request (head, then a `Content-Length` body), at most 1 MiB; returns
@@ -178,19 +147,14 @@ async fn misbehave(mut stream: TcpStream, mode: Mode, seen: &Mutex<Vec<(Instant,
         .map(|v| v.trim().to_owned())
         .unwrap_or_default();
     seen.lock().expect("faults").push((arrived, id));
-    let partial = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4096\r\n\r\n{\"code\":200,\"msg\":\"success\",\"data\":{\"taskId\":\"";
     match mode {
-        Mode::Pass | Mode::Jitter(_) => {}
-        Mode::Truncate => {
-            let _ = stream.write_all(partial).await;
-            let _ = stream.flush().await;
-            let _ = stream.shutdown().await;
-        }
+        Mode::Pass => {}
         Mode::ResetMidBody => {
+            let partial = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4096\r\n\r\n{\"code\":200,\"msg\":\"success\",\"data\":{\"taskId\":\"";
             let _ = stream.write_all(partial).await;
             let _ = stream.flush().await;
             // Let the client read the head and the first bytes before the reset arrives.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             let _ = stream.set_zero_linger();
         }
         Mode::Close => {

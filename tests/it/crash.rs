@@ -28,7 +28,12 @@ pub(crate) enum Kind {
 }
 
 /// Scripts `id` on `api` and returns the stages it must end with.
-pub(crate) fn script(api: &FakeApi, rng: &mut fastrand::Rng, id: &str, kind: Kind) -> Vec<String> {
+pub(crate) fn script(
+    api: &impl ScriptedApi,
+    rng: &mut fastrand::Rng,
+    id: &str,
+    kind: Kind,
+) -> Vec<String> {
     // Answers take 0–15 ms, so a kill often lands while a request is in flight.
     let mut reply =
         |name: &str| Reply::fixture_for(name, id).delayed(Duration::from_millis(rng.u64(0..=15)));
@@ -74,7 +79,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice() {
     println!("crash suite: {runs} kills, seed {seed} (replay with SUNOPOLL_CRASH_SEED={seed})");
     let mut rng = fastrand::Rng::with_seed(seed);
 
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let handler = Receiver::start().await;
     // Each delivery takes 5 ms, so kills also land while a POST is in flight.
     handler.always(200, Duration::from_millis(5));

@@ -9,6 +9,10 @@
 //! requests follow the global pause or the per-task backoff schedule); it recovers by itself
 //! once the fault ends (every task finishes with every event stored once and delivered); and its
 //! log names the cause at warn or error level.
+//!
+//! The fake API is the timed one ([`TimedApi`], a process of its own): the limits are judged on
+//! the times it took, which a loaded test runner cannot bunch. It also cuts the bodies short
+//! (truncated, reset), so every fault's requests are seen, with their tasks, by the one clock.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -16,7 +20,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::binary::*;
-use crate::chaos::{Chaos, Mode};
 use crate::figures::{self, Row};
 use crate::helpers::*;
 
@@ -30,16 +33,15 @@ const RPS: usize = 5;
 const MAX_IN_FLIGHT: usize = 2;
 /// How long each fault lasts.
 const FAULT: Duration = Duration::from_millis(2500);
-/// Timing slack for gaps measured in the test process (same clock, different threads).
+/// Timing slack for gaps between the timed fake's arrivals (one clock; the fake's own threads).
 const SLACK: Duration = Duration::from_millis(15);
 
 /// How the fault is produced.
 #[derive(Clone)]
 enum Inject {
-    /// The fake API gives this answer to every request while the fault lasts.
+    /// The fake API gives this answer to every request while the fault lasts (a body cut short
+    /// at the TCP level too: [`Reply::cut`]).
     Override(Reply),
-    /// A TCP-level misbehaviour in front of the fake API.
-    Chaos(Mode),
     /// Nothing listens on the API's port; the API comes up on it when the fault ends.
     Refused,
     /// Each task's own script carries the fault (the whole run is the fault).
@@ -88,10 +90,11 @@ fn backwards_script(id: &str) -> Vec<Reply> {
 }
 
 /// Checks that `times` (sorted) never has more than `2 × RPS + 1` requests in two seconds.
-/// Two, not one: the times are when the fake, in this test process, handled each request, and
-/// on a loaded machine its own scheduling bunches arrivals the daemon sent evenly (once 7 in
-/// one second at 5/s, with the seconds around it short). The limiter's per-second bound itself
-/// is proven, deterministically, by the unit tests in `jobs::rate`.
+/// Two, not one, as when the fake ran in this test process (where a loaded machine bunched its
+/// arrivals: once 7 in one second at 5/s): the times are now the timed fake's own, but the
+/// daemon's requests still leave when a loaded machine lets them, after the limiter admitted
+/// them. The limiter's per-second bound itself is proven, deterministically, by the unit tests
+/// in `jobs::rate`.
 fn assert_rate(times: &[Instant], what: &str) {
     for (i, t) in times.iter().enumerate() {
         let in_window = times[i..]
@@ -168,20 +171,14 @@ async fn scenario(name: &str, inject: Inject, limit: Limit, cause: &str) {
 async fn one_run(name: &str, run: usize, inject: Inject, limit: Limit, cause: &str) -> Row {
     let ids: Vec<String> = (0..3).map(|i| format!("{name}-r{run}-{i}")).collect();
     let handler = Receiver::start().await;
-    let (refused_port, bring_up) = dead_port();
+    let (refused_port, _) = dead_port();
     let mut api = match inject {
         Inject::Refused => None,
-        _ => Some(FakeApi::start().await),
+        _ => Some(TimedApi::start().await),
     };
-    let chaos = match (&inject, &api) {
-        (Inject::Chaos(_), Some(a)) => Some(Chaos::start(*a.server.address()).await),
-        _ => None,
-    };
-    let api_uri = match (&inject, &chaos, &api) {
-        (Inject::Refused, _, _) => format!("http://127.0.0.1:{refused_port}"),
-        (_, Some(c), _) => c.uri(),
-        (_, None, Some(a)) => a.uri(),
-        _ => unreachable!(),
+    let api_uri = match &api {
+        None => format!("http://127.0.0.1:{refused_port}"),
+        Some(a) => a.uri(),
     };
     let mut config = BinConfig::new(&api_uri);
     config.request_timeout = "500ms".to_owned();
@@ -208,10 +205,8 @@ async fn one_run(name: &str, run: usize, inject: Inject, limit: Limit, cause: &s
         }
         expected.insert(id.clone(), stages);
     }
-    match (&inject, &api, &chaos) {
-        (Inject::Override(reply), Some(a), _) => a.set_override(Some(reply.clone())),
-        (Inject::Chaos(mode), _, Some(c)) => c.set(*mode),
-        _ => {}
+    if let (Inject::Override(reply), Some(a)) = (&inject, &api) {
+        a.set_override(Some(reply.clone()));
     }
 
     let mut d = BinDaemon::start(&config).await;
@@ -230,11 +225,10 @@ async fn one_run(name: &str, run: usize, inject: Inject, limit: Limit, cause: &s
     tokio::time::sleep(FAULT / 2).await;
 
     // The fault ends.
-    match (&inject, &api, &chaos) {
-        (Inject::Override(_), Some(a), _) => a.set_override(None),
-        (Inject::Chaos(_), _, Some(c)) => c.set(Mode::Pass),
-        (Inject::Refused, None, _) => {
-            let a = FakeApi::start_on(bring_up()).await;
+    match (&inject, &api) {
+        (Inject::Override(_), Some(a)) => a.set_override(None),
+        (Inject::Refused, None) => {
+            let a = TimedApi::start_on_port(refused_port).await;
             for id in &ids {
                 a.script(id, full_script(id));
             }
@@ -257,13 +251,8 @@ async fn one_run(name: &str, run: usize, inject: Inject, limit: Limit, cause: &s
     let stored = d.events().await;
     let log = d.stop().await;
 
-    // The requests, as the API side saw them.
+    // The requests, as the API side saw them (cut answers included).
     let mut arrivals: Vec<(Instant, String)> = api.arrivals();
-    if let Some(c) = &chaos {
-        // Faulty answers never reached the fake API: take their times from the chaos server.
-        // (They carry no task ID; the per-task checks only apply to other faults.)
-        arrivals.extend(c.faults().into_iter().map(|t| (t, "?".to_owned())));
-    }
     arrivals.sort_by_key(|a| a.0);
     let times: Vec<Instant> = arrivals.iter().map(|a| a.0).collect();
     assert_rate(&times, name);
@@ -510,7 +499,7 @@ async fn body_of_10_mb() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_body() {
-    let inject = Inject::Chaos(Mode::Truncate);
+    let inject = Inject::Override(Reply::cut(Fault::Truncate));
     scenario(
         "truncated-body",
         inject,
@@ -522,7 +511,7 @@ async fn truncated_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_reset_mid_body() {
-    let inject = Inject::Chaos(Mode::ResetMidBody);
+    let inject = Inject::Override(Reply::cut(Fault::ResetMidBody));
     scenario(
         "reset-mid-body",
         inject,

@@ -416,7 +416,7 @@ async fn status_answers_within_a_second_while_the_write_lock_is_held() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let mut config = BinConfig::new(&api.uri());
     config.interval = "200ms".to_owned();
     config.backoff_max = "1s".to_owned();

@@ -2,6 +2,12 @@
 //! temporary directory, a raw client for the control socket, the config file and scripted tasks
 //! the suites share, and the waits.
 //!
+//! Two fakes answer as the API, scripted alike through [`ScriptedApi`]: [`FakeApi`] (wiremock, in
+//! this process) for every test that does not judge timing, and [`TimedApi`] (its own process,
+//! `timed_api.rs`) for those that do: only it says when requests arrived, so a test that
+//! measures gaps, rates or windows cannot be written against the fake whose times a loaded
+//! test runner bunches.
+//!
 //! Every wait has one overall [`Deadline`] (`PATIENCE` unless said otherwise), never a timeout
 //! per step that a stream of unrelated messages could keep renewing; and a wait looks for
 //! what it needs among everything seen so far rather than assuming an order between
@@ -20,6 +26,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Respond, ResponseTemplate};
+
+pub use crate::timed_api::TimedApi;
 
 /// The task ID all fixtures describe.
 pub const TASK: &str = "a3f9c2e17b4d4e8f9c0b5d6e7f8a9b10";
@@ -139,6 +147,17 @@ pub struct Reply {
     pub retry_after: Option<String>,
     /// Delay before answering.
     pub delay: Duration,
+    /// An answer cut at the TCP level instead (only the timed fake can cut one).
+    pub fault: Option<Fault>,
+}
+
+/// An answer cut short at the TCP level: headers promising 4096 bytes and a few of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// …then the connection closes cleanly (FIN): a truncated body.
+    Truncate,
+    /// …then the connection is reset (RST): a reset in the middle of the body.
+    ResetMidBody,
 }
 
 impl Reply {
@@ -154,6 +173,15 @@ impl Reply {
             body: body.into(),
             retry_after: None,
             delay: Duration::ZERO,
+            fault: None,
+        }
+    }
+
+    /// An answer cut short by `fault`.
+    pub fn cut(fault: Fault) -> Reply {
+        Reply {
+            fault: Some(fault),
+            ..Reply::raw(200, "")
         }
     }
 
@@ -200,7 +228,8 @@ struct ApiState {
     /// override (storm, outage) answers instead, so a task resumes where it was.
     served: HashMap<String, usize>,
     override_all: Option<Reply>,
-    arrivals: Vec<(Instant, String)>,
+    /// Requests, all tasks (no times: see [`TimedApi`]).
+    total: usize,
     auth: Vec<String>,
 }
 
@@ -215,7 +244,7 @@ impl Respond for Router {
             .map(|(_, v)| v.into_owned())
             .unwrap_or_default();
         let mut s = self.0.lock().expect("state");
-        s.arrivals.push((Instant::now(), task.clone()));
+        s.total += 1;
         if let Some(a) = request.headers.get("authorization") {
             s.auth.push(a.to_str().unwrap_or("?").to_owned());
         }
@@ -231,6 +260,10 @@ impl Respond for Router {
         } else {
             Reply::fixture_for("record-info.PENDING.json", &task)
         };
+        assert!(
+            reply.fault.is_none(),
+            "wiremock cannot cut an answer short: that test belongs on TimedApi"
+        );
         let mut t = ResponseTemplate::new(reply.status)
             .set_body_raw(reply.body, "application/json")
             .set_delay(reply.delay);
@@ -265,9 +298,36 @@ impl FakeApi {
             .await;
         FakeApi { server, state }
     }
+}
 
+/// What both fake APIs do: answer from scripts and overrides, and count what they were asked.
+pub trait ScriptedApi {
     /// Answers for `task`, one per poll; the last repeats.
-    pub fn script(&self, task: &str, replies: Vec<Reply>) {
+    fn script(&self, task: &str, replies: Vec<Reply>);
+
+    /// Answers for `task` from fixtures, one status per poll; the last repeats.
+    fn script_statuses(&self, task: &str, statuses: &[&str]) {
+        self.script(task, Reply::statuses(task, statuses));
+    }
+
+    /// While set, every request gets this answer (a storm or an outage).
+    fn set_override(&self, reply: Option<Reply>);
+
+    /// Requests for `task` so far.
+    fn calls(&self, task: &str) -> usize;
+
+    /// Requests so far, all tasks.
+    fn total_calls(&self) -> usize;
+
+    /// Every `Authorization` header seen.
+    fn auth_headers(&self) -> Vec<String>;
+
+    /// The base URL to configure.
+    fn uri(&self) -> String;
+}
+
+impl ScriptedApi for FakeApi {
+    fn script(&self, task: &str, replies: Vec<Reply>) {
         assert!(!replies.is_empty());
         self.state
             .lock()
@@ -276,18 +336,11 @@ impl FakeApi {
             .insert(task.to_owned(), replies);
     }
 
-    /// Answers for `task` from fixtures, one status per poll; the last repeats.
-    pub fn script_statuses(&self, task: &str, statuses: &[&str]) {
-        self.script(task, Reply::statuses(task, statuses));
-    }
-
-    /// While set, every request gets this answer (a storm or an outage).
-    pub fn set_override(&self, reply: Option<Reply>) {
+    fn set_override(&self, reply: Option<Reply>) {
         self.state.lock().expect("state").override_all = reply;
     }
 
-    /// Requests for `task` so far.
-    pub fn calls(&self, task: &str) -> usize {
+    fn calls(&self, task: &str) -> usize {
         self.state
             .lock()
             .expect("state")
@@ -297,23 +350,15 @@ impl FakeApi {
             .unwrap_or(0)
     }
 
-    /// Requests so far, all tasks.
-    pub fn total_calls(&self) -> usize {
-        self.state.lock().expect("state").arrivals.len()
+    fn total_calls(&self) -> usize {
+        self.state.lock().expect("state").total
     }
 
-    /// When each request arrived, and for which task.
-    pub fn arrivals(&self) -> Vec<(Instant, String)> {
-        self.state.lock().expect("state").arrivals.clone()
-    }
-
-    /// Every `Authorization` header seen.
-    pub fn auth_headers(&self) -> Vec<String> {
+    fn auth_headers(&self) -> Vec<String> {
         self.state.lock().expect("state").auth.clone()
     }
 
-    /// The base URL to configure.
-    pub fn uri(&self) -> String {
+    fn uri(&self) -> String {
         self.server.uri()
     }
 }
@@ -399,7 +444,7 @@ pub struct TestDaemon {
 
 impl TestDaemon {
     /// Starts a daemon against `api` with `tweak` applied to the test config.
-    pub async fn start(api: &FakeApi, tweak: impl FnOnce(&mut Config)) -> TestDaemon {
+    pub async fn start(api: &impl ScriptedApi, tweak: impl FnOnce(&mut Config)) -> TestDaemon {
         init_logs();
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
         let mut config = test_config(dir.path(), &api.uri());

@@ -1,4 +1,6 @@
-//! A task's path through polling: events, failures, pauses, limits, deadline.
+//! A task's path through polling: events, failures, pauses, limits, deadline. The tests that
+//! judge when requests arrived or how many came in a while (pauses, backoff, `max-in-flight`,
+//! the request rate) ask the timed fake API, in its own process; the others ask wiremock.
 
 use std::time::{Duration, Instant};
 
@@ -152,7 +154,7 @@ async fn a_late_pending_after_first_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttle_storm_pauses_all_polling_backs_off_and_recovers() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let ids: Vec<String> = (0..6).map(|i| format!("storm{i}")).collect();
     for id in &ids {
         api.script_statuses(id, &["PENDING", "SUCCESS"]);
@@ -211,7 +213,7 @@ async fn a_throttle_storm_pauses_all_polling_backs_off_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_429_with_retry_after_is_honoured() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |_| {}).await;
     api.set_override(Some(Reply::raw(429, "").retry_after("2")));
@@ -234,7 +236,7 @@ async fn http_429_with_retry_after_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_pauses_like_a_throttle_and_recovers() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_millis(400)).await;
     api.set_override(Some(Reply::raw(502, "<html>Bad Gateway</html>")));
@@ -254,7 +256,7 @@ async fn an_outage_pauses_like_a_throttle_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_key_pauses_polling_for_backoff_max_and_reports_unhealthy() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_millis(1500)).await;
     api.set_override(Some(Reply::raw(
@@ -311,7 +313,7 @@ async fn a_rejected_task_id_ends_after_three_answers_with_that_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_body_backs_off_that_task_only() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     api.script(
         "bad",
         vec![Reply::raw(
@@ -364,7 +366,7 @@ async fn a_task_past_its_deadline_ends_with_408() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_tasks_at_once_respect_max_in_flight() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let answer = Duration::from_millis(250);
     let ids: Vec<String> = (0..20).map(|i| format!("many{i:02}")).collect();
     for id in &ids {
@@ -395,7 +397,7 @@ async fn twenty_tasks_at_once_respect_max_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_rate_limit_spaces_requests() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let ids: Vec<String> = (0..25).map(|i| format!("rate{i}")).collect();
     for id in &ids {
         api.script_statuses(id, &["SUCCESS"]);
@@ -475,7 +477,7 @@ async fn unknown_statuses_are_treated_as_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_task_the_api_always_fails_does_not_stop_polling_for_the_others() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     // For P alone the API answers like an outage (JSON code 500); A and B are fine.
     api.script(
         "poison",

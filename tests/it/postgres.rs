@@ -58,7 +58,7 @@ pub(crate) fn prepare_on(config: &BinConfig, url: &str) -> BinDaemon {
 }
 
 /// The settings every daemon of one run shares: the same API, the same target by name.
-pub(crate) fn shared_config(api: &FakeApi, handler: &Receiver, rps: &str) -> BinConfig {
+pub(crate) fn shared_config(api: &impl ScriptedApi, handler: &Receiver, rps: &str) -> BinConfig {
     let mut config = BinConfig::new(&api.uri());
     config.interval = format!("{}s", INTERVAL.as_secs());
     config.request_timeout = "2s".to_owned();
@@ -77,7 +77,7 @@ pub(crate) fn shared_config(api: &FakeApi, handler: &Receiver, rps: &str) -> Bin
 /// Scripts `n` tasks named `{prefix}{i}`: six in ten go all the way, two fail after `text`,
 /// two jump from PENDING to SUCCESS. Returns the expected stages and the failing tasks.
 fn script_many(
-    api: &FakeApi,
+    api: &impl ScriptedApi,
     rng: &mut fastrand::Rng,
     prefix: &str,
     n: usize,
@@ -231,7 +231,7 @@ async fn three_daemons_share_one_queue_and_lose_nothing_when_one_is_killed() {
     let rate = 20;
     let tasks = 300;
 
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let handler = Receiver::start().await;
     handler.always(200, Duration::from_millis(5));
     let config = shared_config(&api, &handler, &rate.to_string());
@@ -366,7 +366,7 @@ async fn a_killed_daemons_leases_pass_to_another_within_the_lease() {
     };
     let url = cluster.database();
     let db = db_name(&url);
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let handler = Receiver::start().await;
     let config = shared_config(&api, &handler, "\"unlimited\"");
     let mut victim = prepare_on(&config, &url);

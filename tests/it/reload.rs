@@ -21,7 +21,7 @@ fn write(path: &Path, config: &BinConfig, key: &Path) {
 }
 
 /// Requests that arrived within the last `window`.
-fn recent(api: &FakeApi, window: Duration) -> usize {
+fn recent(api: &TimedApi, window: Duration) -> usize {
     let now = Instant::now();
     api.arrivals()
         .iter()
@@ -29,7 +29,7 @@ fn recent(api: &FakeApi, window: Duration) -> usize {
         .count()
 }
 
-fn bearer(api: &FakeApi, key: &str) -> bool {
+fn bearer(api: &impl ScriptedApi, key: &str) -> bool {
     api.auth_headers()
         .iter()
         .any(|h| h == &format!("Bearer {key}"))
@@ -37,7 +37,7 @@ fn bearer(api: &FakeApi, key: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_rate_key_and_targets_and_keeps_running_on_a_bad_file() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("api-key");

@@ -56,7 +56,7 @@ async fn a_restart_mid_way_resumes_every_task_and_emits_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_an_overdue_task_is_polled_at_once_not_a_full_interval_later() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let mut d = TestDaemon::start(&api, |c| c.poll.interval = Duration::from_secs(3)).await;
     d.add(&[TASK]).await;
     eventually("first poll", || api.calls(TASK) == 1).await;
@@ -78,7 +78,7 @@ async fn after_a_restart_an_overdue_task_is_polled_at_once_not_a_full_interval_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_pause_survives_a_restart() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     api.script_statuses(TASK, &["SUCCESS"]);
     let mut d = TestDaemon::start(&api, |c| c.poll.backoff_max = Duration::from_secs(10)).await;
     api.set_override(Some(Reply::raw(429, "").retry_after("3")));

@@ -435,7 +435,7 @@ async fn a_stuck_scheduler_loop_stops_pinging_the_watchdog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watchdog_keeps_being_pinged_through_a_long_pause() {
-    let api = FakeApi::start().await;
+    let api = TimedApi::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(dir.path(), &api.uri());
     config.poll.backoff_max = Duration::from_secs(60);

@@ -43,7 +43,7 @@ struct Run {
     cluster: &'static sunopoll::testing::PgCluster,
     db: String,
     url: String,
-    api: FakeApi,
+    api: TimedApi,
     handler: Receiver,
     files: FileServer,
     config: BinConfig,
@@ -60,7 +60,7 @@ impl Run {
         let cluster = sunopoll::testing::postgres()?;
         let url = cluster.database();
         let db = db_name(&url);
-        let api = FakeApi::start().await;
+        let api = TimedApi::start().await;
         let handler = Receiver::start().await;
         // Answered after 1.5 s, inside the 2 s forward timeout: a delivery is in flight a while.
         handler.always(200, Duration::from_millis(1500));

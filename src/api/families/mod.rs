@@ -54,82 +54,9 @@ impl Flavor {
     }
 }
 
-/// A task's family as the store records it and `add --kind` names it. Which adapter a task is
-/// polled through follows from its kind and its account's [`Flavor`] ([`with_family!`]).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// Every music-shaped task (generate, extend, covers, add-vocals, …): `text`, `first`,
-    /// `complete` or `error`.
-    #[default]
-    Music,
-    /// Lyrics generation.
-    Lyrics,
-    /// WAV conversion.
-    Wav,
-    /// Vocal removal and stem separation.
-    Stems,
-    /// MIDI generation.
-    Midi,
-    /// Music videos.
-    Mp4,
-    /// Cover images.
-    Cover,
-}
-
-impl Kind {
-    /// Every kind, in the order the README lists them.
-    pub const ALL: [Kind; 7] = [
-        Kind::Music,
-        Kind::Lyrics,
-        Kind::Wav,
-        Kind::Stems,
-        Kind::Midi,
-        Kind::Mp4,
-        Kind::Cover,
-    ];
-
-    /// The kind's name, as stored, shown and given to `add --kind`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Music => "music",
-            Kind::Lyrics => "lyrics",
-            Kind::Wav => "wav",
-            Kind::Stems => "stems",
-            Kind::Midi => "midi",
-            Kind::Mp4 => "mp4",
-            Kind::Cover => "cover",
-        }
-    }
-
-    /// Reads a kind's name.
-    pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    /// The names of every kind, for error messages.
-    pub fn names() -> String {
-        Kind::ALL.map(Kind::as_str).join(", ")
-    }
-}
-
-impl std::fmt::Display for Kind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// A task's family as the store records it (the name lives in the store, which keeps it for
+/// every task); the families are its adapters.
+pub use crate::store::Kind;
 
 /// Runs `$body` with `$f` bound to the adapter of kind `$kind` for flavour `$flavor`: one
 /// monomorphised copy of `$body` per family, so the poll path stays generic over [`Family`]

@@ -8,8 +8,8 @@ use tokio_postgres::Row;
 use super::codec::{count, limit as as_limit};
 use super::schema::DB_NOW;
 use super::{Sql, deliveries, events, execute, query, query_one, query_opt};
-use crate::api::families::Kind;
 use crate::events::Stage;
+use crate::store::Kind;
 use crate::store::{
     ArchiveCounts, ArchivedNotice, AssetFile, AssetSource, Claim, DueFile, Emitted, FileNext,
     FileRecord, FileState,

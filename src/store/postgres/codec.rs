@@ -9,8 +9,8 @@ use std::fmt;
 use bytes::BytesMut;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
-use crate::api::families::Kind;
 use crate::events::Stage;
+use crate::store::Kind;
 use crate::store::{FileState, PauseKind, TaskState};
 
 /// A stored spelling this build does not know.

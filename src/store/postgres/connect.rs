@@ -143,7 +143,7 @@ impl PgOptions {
     /// `sslmode=verify-full`) against the system's CAs, or the bundled Mozilla set when the
     /// system has none, plus `ca-file`.
     fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
-        crate::api::install_crypto_provider();
+        crate::tls::install_crypto_provider();
         let mut roots = rustls::RootCertStore::empty();
         let loaded = rustls_native_certs::load_native_certs();
         let (added, _) = roots.add_parsable_certificates(loaded.certs);

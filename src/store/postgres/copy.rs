@@ -452,8 +452,8 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
-    use crate::api::families::Kind;
     use crate::events::{NewEvent, Stage, error_event};
+    use crate::store::Kind;
     use crate::store::{
         AssetFile, AssetSource, AttemptRecord, DeliveryNext, FileNext, GateRow, PauseKind,
         PgOptions, Route, Store, StoreError, TaskSpec, TaskState, TaskUpdate,

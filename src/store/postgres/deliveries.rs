@@ -16,13 +16,13 @@ use tokio_postgres::Row;
 use super::codec::{count, limit as as_limit};
 use super::schema::DB_NOW;
 use super::{Sql, execute, query, query_opt};
-use crate::api::families::Kind;
-use crate::config::{TARGET_SUBMITTED_URL, TARGET_TASK_URL};
 use crate::events::Stage;
+use crate::store::Kind;
 use crate::store::{
     AttemptLog, AttemptRecord, Claim, DeliveryNext, DeliveryRecord, DueDelivery, Replay, Route,
     TargetSpec, TargetSummary, origin_of, webhook_id,
 };
+use crate::store::{TARGET_SUBMITTED_URL, TARGET_TASK_URL};
 
 /// Writes one pending delivery of event `seq` (`task`'s `stage`) along `route`, due at `due`.
 /// Returns 1 if it was new, 0 if that event already had a delivery to that target.

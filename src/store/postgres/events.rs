@@ -4,9 +4,9 @@
 use deadpool_postgres::GenericClient;
 
 use super::{Sql, notify, query, query_one, query_opt};
-use crate::api::families::Kind;
 use crate::events::Stage;
 use crate::store::EventRecord;
+use crate::store::Kind;
 
 /// Stores one event under the next sequence number, unless the task has one of that stage
 /// already (`None` then, and nothing changes), and tells every daemon (`Note::Events`, heard

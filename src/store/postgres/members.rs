@@ -13,8 +13,8 @@ use deadpool_postgres::GenericClient;
 use super::connect::{self, PgOptions};
 use super::schema::{self, DB_NOW};
 use super::{Sql, describe, execute, query, query_opt};
-use crate::config::{TARGET_SUBMITTED_URL, TARGET_TASK_URL};
 use crate::store::StoreError;
+use crate::store::{TARGET_SUBMITTED_URL, TARGET_TASK_URL};
 
 /// One target the member had registered, and what becomes of its pending deliveries.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,8 +9,8 @@ use tokio_postgres::Row;
 use super::codec::{count, limit as as_limit};
 use super::schema::DB_NOW;
 use super::{Sql, archive, deliveries, events, execute, query, query_one, query_opt};
-use crate::api::families::Kind;
 use crate::events::Stage;
+use crate::store::Kind;
 use crate::store::{
     AddResult, AddedTask, Applied, Asked, Claim, Counts, DueRow, Pruned, Schedule, StoreError,
     TaskCount, TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use super::{Note, PgOptions, Postgres};
-use crate::api::families::Kind;
 use crate::events::{NewEvent, Stage};
+use crate::store::Kind;
 use crate::store::{Backend, Route, TargetSpec, TaskSpec, TaskState, TaskUpdate};
 
 async fn daemons(n: usize, lease: Duration) -> Option<Vec<Postgres>> {
@@ -164,7 +164,7 @@ async fn each_daemon_hears_what_another_commits() {
         .add(
             vec!["x".into()],
             TaskSpec {
-                kind: crate::api::families::Kind::Wav,
+                kind: crate::store::Kind::Wav,
                 ..TaskSpec::music(None, None)
             },
             3000,

@@ -4,8 +4,8 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{Sql, deliveries};
-use crate::api::families::Kind;
 use crate::events::Stage;
+use crate::store::Kind;
 use crate::store::{
     ArchiveCounts, ArchivedNotice, AssetFile, AssetSource, DueFile, Emitted, FileNext, FileRecord,
     FileState, StoreError,

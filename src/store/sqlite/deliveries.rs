@@ -84,8 +84,8 @@ pub(super) fn due(
                 full,
                 i64::try_from(limit).unwrap_or(i64::MAX),
                 targets,
-                crate::config::TARGET_TASK_URL,
-                crate::config::TARGET_SUBMITTED_URL
+                crate::store::TARGET_TASK_URL,
+                crate::store::TARGET_SUBMITTED_URL
             ],
             |r| {
                 Ok(DueDelivery {
@@ -200,8 +200,8 @@ pub(super) fn fail_orphans(conn: &Connection, known: &[String], now: i64) -> Sql
         params![
             known,
             now,
-            crate::config::TARGET_TASK_URL,
-            crate::config::TARGET_SUBMITTED_URL
+            crate::store::TARGET_TASK_URL,
+            crate::store::TARGET_SUBMITTED_URL
         ],
     )?)
 }

@@ -4,8 +4,8 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{Sql, archive, deliveries, events};
-use crate::api::families::Kind;
 use crate::events::Stage;
+use crate::store::Kind;
 use crate::store::{
     AddResult, AddedTask, Applied, Asked, Counts, DueRow, Pruned, Schedule, StoreError, TaskCount,
     TaskRecord, TaskRow, TaskSpec, TaskState, TaskUpdate,
