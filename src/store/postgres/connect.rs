@@ -16,6 +16,12 @@ pub const POOL_SIZE: usize = 8;
 /// as a store fault: a database that does not answer must not hang the daemon's loops.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a session may sit idle inside a transaction before the server ends it: half the
+/// lease, and at least a second (see [`PgOptions::new`]).
+pub fn idle_in_transaction_timeout(lease: Duration) -> Duration {
+    (lease / 2).max(Duration::from_secs(1))
+}
+
 /// Everything needed to reach one database.
 #[derive(Clone)]
 pub struct PgOptions {
@@ -73,6 +79,23 @@ impl PgOptions {
         // A connection the server (or a firewall) dropped silently is noticed, not waited on.
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
+        // A daemon stopped in the middle of a transaction (SIGSTOP, a frozen VM) holds its row
+        // locks — a task's row, the event sequence — and every other daemon's writes would wait
+        // behind them for as long as it stays stopped: the whole queue would stall, not just its
+        // work. The server ends such a session once it has sat idle inside a transaction for
+        // half a lease (the transaction is rolled back; that daemon finds its connection gone
+        // and retries), so the others are free again before its leases even run out. Our
+        // transactions never wait on anything but the database between statements.
+        let idle = idle_in_transaction_timeout(lease);
+        let setting = format!(
+            "-c idle_in_transaction_session_timeout={}",
+            idle.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(given) if !given.trim().is_empty() => format!("{given} {setting}"),
+            _ => setting,
+        };
+        config.options(&options);
         Ok(PgOptions {
             config,
             lease,
@@ -278,4 +301,30 @@ fn tls_error(e: &tokio_postgres::Error) -> Option<&rustls::Error> {
         cause = c.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_urls_own_options_are_kept_beside_the_idle_transaction_timeout() {
+        let o = PgOptions::new(
+            "postgres://u@h/db?options=-csearch_path%3Dsunopoll",
+            None,
+            Duration::from_secs(30),
+            None,
+        )
+        .expect("options");
+        assert_eq!(
+            o.config.get_options(),
+            Some("-csearch_path=sunopoll -c idle_in_transaction_session_timeout=15000")
+        );
+        let plain = PgOptions::new("postgres://u@h/db", None, Duration::from_secs(30), None)
+            .expect("options");
+        assert_eq!(
+            plain.config.get_options(),
+            Some("-c idle_in_transaction_session_timeout=15000")
+        );
+    }
 }

@@ -693,3 +693,48 @@ async fn forgetting_a_member_gives_up_only_what_no_other_member_takes() {
     assert_eq!(unknown.members, [b.member().to_owned()]);
     b.close().await;
 }
+
+/// A daemon stopped inside a transaction must not stall everyone else behind its row locks:
+/// the server ends a session idle in a transaction for half a lease, and the others' writes go
+/// through; the stopped one's transaction is gone when it comes back.
+#[tokio::test]
+async fn a_transaction_left_open_by_a_stopped_daemon_does_not_stall_the_others() {
+    let lease = Duration::from_secs(2);
+    let Some(d) = daemons(2, lease).await else {
+        return;
+    };
+    let (a, b) = (&d[0], &d[1]);
+    add(a, &["t1"]).await;
+    let shown: String = b
+        .conn()
+        .await
+        .expect("conn")
+        .query_one("SHOW idle_in_transaction_session_timeout", &[])
+        .await
+        .expect("show")
+        .get(0);
+    assert_eq!(shown, "1s", "half the lease");
+    // A takes t1's row lock and stops (as if SIGSTOPped) before committing.
+    let mut conn = a.conn().await.expect("conn");
+    let tx = conn.transaction().await.expect("begin");
+    tx.execute("SELECT 1 FROM tasks WHERE id = 't1' FOR UPDATE", &[])
+        .await
+        .expect("lock");
+    // B's poll of t1 waits for the lock only until the server ends A's session.
+    let applied = tokio::time::timeout(
+        Duration::from_secs(20),
+        b.apply_poll("t1".into(), 2000, |_| done("t1")),
+    )
+    .await
+    .expect("B is not stalled behind A's open transaction")
+    .expect("apply");
+    assert!(applied.is_some());
+    assert!(
+        tx.commit().await.is_err(),
+        "A's transaction was ended by the server"
+    );
+    drop(conn);
+    for s in &d {
+        s.close().await;
+    }
+}
